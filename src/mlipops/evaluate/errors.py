@@ -1,0 +1,123 @@
+"""Energy/force MAE and RMSE on the held-out splits, per config_type; parity plots (PNG)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from ase import Atoms
+
+from mlipops.errors import StageInputError
+from mlipops.frames import labels
+from mlipops.models.potential import Potential
+from mlipops.params import EvaluateParams
+from mlipops.report import parity_plot, write_markdown, write_metrics
+from mlipops.train.loop import MODELS_DIR, load_split
+
+REPORT_DIR = Path("reports/evaluate")
+
+
+def predict(model: Potential, frames: list[Atoms], batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Energies [n_frames] and forces (list of [n_atoms, 3]) predicted in float64."""
+    energies, forces = [], []
+    dtype = next(model.parameters()).dtype
+    for k in range(0, len(frames), batch_size):
+        chunk = frames[k:k + batch_size]
+        b = Potential.collate([model.graph(a) for a in chunk], dtype)
+        out = model(b, forces=True)
+        energies.append(out["energy"].detach().numpy())
+        f = out["forces"].detach().numpy()
+        splits = np.cumsum([len(a) for a in chunk])[:-1]
+        forces += np.split(f, splits)
+    return (np.concatenate(energies) if energies else np.zeros(0)), forces
+
+
+def _errors(de: np.ndarray, df: np.ndarray) -> dict[str, float]:
+    return {"energy_mae_per_atom": float(np.mean(np.abs(de))), "energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))),
+            "force_mae": float(np.mean(np.abs(df))) if df.size else float("nan"),
+            "force_rmse": float(np.sqrt(np.mean(df**2))) if df.size else float("nan")}
+
+
+def split_metrics(model: Potential, frames: list[Atoms]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Per-split and per-config_type errors; frame table and force-component table for plots."""
+    e_pred, f_pred = predict(model, frames)
+    rows, frows = [], []
+    for a, e, f in zip(frames, e_pred, f_pred):
+        e_ref, f_ref, _ = labels(a)
+        n = len(a)
+        rows.append({"frame_id": a.info["frame_id"], "config_type": a.info["config_type"], "n_atoms": n,
+                     "e_ref_per_atom": e_ref / n, "e_pred_per_atom": e / n})
+        frows.append(pd.DataFrame({"config_type": a.info["config_type"], "f_ref": f_ref.ravel(), "f_pred": f.ravel()}))
+    ft = pd.DataFrame(rows)
+    fc = pd.concat(frows, ignore_index=True) if frows else pd.DataFrame(columns=["config_type", "f_ref", "f_pred"])
+    out: dict[str, float] = {}
+    nonfinite = int((~np.isfinite(ft["e_pred_per_atom"])).sum() + (~np.isfinite(fc["f_pred"])).sum())
+    out["n_nonfinite_predictions"] = nonfinite
+    out["n_frames"] = len(ft)
+    out |= _errors((ft.e_pred_per_atom - ft.e_ref_per_atom).to_numpy(), (fc.f_pred - fc.f_ref).to_numpy())
+    groups = defaultdict(dict)
+    for ct, g in ft.groupby("config_type"):
+        groups[ct]["frames"] = g
+    for ct, g in fc.groupby("config_type"):
+        groups[ct]["forces"] = g
+    for ct, g in sorted(groups.items()):
+        m = _errors((g["frames"].e_pred_per_atom - g["frames"].e_ref_per_atom).to_numpy(),
+                    (g["forces"].f_pred - g["forces"].f_ref).to_numpy())
+        out |= {f"{ct}.{k}": v for k, v in m.items()} | {f"{ct}.n_frames": len(g["frames"])}
+    return out, ft, fc
+
+
+def _log_to_mlflow(run_json: Path, metrics: dict) -> None:
+    from mlipops.train import tracking
+
+    info = json.loads(run_json.read_text())
+    c = tracking.client(info["tracking_uri"])
+    ts = int(time.time() * 1000)
+    from mlflow.entities import Metric
+
+    safe = {"eval_" + k.replace(".", "_"): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and np.isfinite(v)}
+    batch = [Metric(k, v, ts, 0) for k, v in safe.items()]
+    for k in range(0, len(batch), 500):
+        c.log_batch(info["run_id"], metrics=batch[k:k + 500])
+
+
+def run(p: EvaluateParams, model_name: str) -> dict:
+    t0 = time.perf_counter()
+    model_dir = MODELS_DIR / model_name
+    if not (model_dir / "config.json").is_file():
+        raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
+    model = Potential.load(model_dir, dtype=torch.float64)
+    splits = load_split()
+    metrics: dict = {}
+    table = []
+    for split in p.splits:
+        frames = splits.get(split, [])
+        if not frames:
+            metrics[f"{split}.n_frames"] = 0
+            continue
+        m, ft, fc = split_metrics(model, frames)
+        metrics |= {f"{split}.{k}": v for k, v in m.items()}
+        parity_plot(REPORT_DIR / f"parity_{split}_energy.png", ft.e_ref_per_atom, ft.e_pred_per_atom,
+                    ft.config_type, "energy per atom", "eV/atom", f"{model_name}: {split} energies")
+        parity_plot(REPORT_DIR / f"parity_{split}_forces.png", fc.f_ref, fc.f_pred, fc.config_type,
+                    "force component", "eV/Å", f"{model_name}: {split} forces")
+        for ct in sorted(ft.config_type.unique()):
+            table.append((split, ct, m[f"{ct}.n_frames"], m[f"{ct}.energy_mae_per_atom"], m[f"{ct}.energy_rmse_per_atom"],
+                          m[f"{ct}.force_mae"], m[f"{ct}.force_rmse"]))
+        table.append((split, "**all**", m["n_frames"], m["energy_mae_per_atom"], m["energy_rmse_per_atom"],
+                      m["force_mae"], m["force_rmse"]))
+    metrics["n_nonfinite_predictions"] = int(sum(v for k, v in metrics.items() if k.endswith("n_nonfinite_predictions")))
+    metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    write_metrics(REPORT_DIR, metrics)
+    _log_to_mlflow(model_dir / "run.json", metrics)
+    plots = [f"![{s} {q}](parity_{s}_{q}.png)" for s in p.splits if metrics.get(f"{s}.n_frames") for q in ("energy", "forces")]
+    write_markdown(REPORT_DIR / "summary.md", f"Evaluation of `{model_name}`", [
+        "Errors against the reference labels; energies per atom (eV/atom), forces per Cartesian component (eV/Å).",
+    ], table=(("split", "config_type", "frames", "E MAE", "E RMSE", "F MAE", "F RMSE"), table), extra=plots)
+    return metrics

@@ -1,0 +1,337 @@
+"""The canonical frame: schema, readers, writer, content hash, units.
+
+A frame is an :class:`ase.Atoms` whose ``info`` holds
+
+- ``frame_id``: sha256 of species, positions, cell and pbc rounded to 1e-6 (see :func:`frame_id`),
+- ``config_type``, ``source``, ``source_index`` (position in its source file),
+- ``oracle_name``, ``oracle_version``, ``oracle_settings`` (JSON) where the labels came from,
+- optional ``temperature_K``, ``split``,
+
+and whose labels sit in a :class:`~ase.calculators.singlepoint.SinglePointCalculator`
+(``energy`` eV total, ``forces`` eV/Å, ``stress`` eV/Å³ in ASE's sign and Voigt order).
+
+Units are ASE's throughout. Readers never crash on a bad frame: a frame that cannot be parsed is
+returned as a :class:`Rejected` record carrying its raw text, so nothing read is ever lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.units import GPa
+
+from mlipops.errors import FrameFormatError, MlipopsError
+
+# mlipops' own info keys; everything else a source carries is kept as it is.
+INFO_KEYS = ("frame_id", "config_type", "source", "source_index", "split", "oracle_name",
+             "oracle_version", "oracle_settings", "temperature_K")
+_ROUND = 1e-6
+
+
+@dataclass
+class Rejected:
+    """A frame read from a source but not usable as a structure (kept, never dropped)."""
+
+    source: str
+    source_index: int
+    check: str
+    reason: str
+    raw: str
+    frame_id: str | None = None
+    config_type: str | None = None
+
+
+def frame_id(atoms: Atoms) -> str:
+    """Content hash of a structure: sha256 over species, positions, cell and pbc, rounded to 1e-6 Å."""
+    h = hashlib.sha256()
+    h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
+    h.update(np.rint(np.asarray(atoms.positions, dtype=np.float64) / _ROUND).astype(np.int64).tobytes())
+    h.update(np.rint(np.asarray(atoms.cell.array, dtype=np.float64) / _ROUND).astype(np.int64).tobytes())
+    h.update(np.asarray(atoms.pbc, dtype=np.int8).tobytes())
+    return h.hexdigest()
+
+
+def labels(atoms: Atoms) -> tuple[float | None, np.ndarray | None, np.ndarray | None]:
+    """(energy, forces, stress) of a frame, None where absent. Never triggers a calculation."""
+    calc = atoms.calc
+    res = getattr(calc, "results", None) or {}
+    energy = res.get("energy", res.get("free_energy"))
+    forces = res.get("forces")
+    stress = res.get("stress")
+    if stress is not None:
+        stress = np.asarray(stress, dtype=float)
+        if stress.shape == (3, 3):
+            stress = stress.reshape(9)[[0, 4, 8, 5, 2, 1]]
+    return (None if energy is None else float(energy),
+            None if forces is None else np.asarray(forces, dtype=float), stress)
+
+
+def set_labels(atoms: Atoms, energy: float | None, forces: np.ndarray | None,
+               stress: np.ndarray | None = None) -> Atoms:
+    results = {}
+    if energy is not None:
+        results["energy"] = float(energy)
+    if forces is not None:
+        results["forces"] = np.asarray(forces, dtype=float)
+    if stress is not None:
+        results["stress"] = np.asarray(stress, dtype=float)
+    atoms.calc = SinglePointCalculator(atoms, **results) if results else None
+    return atoms
+
+
+def canonicalize(atoms: Atoms, *, source: str, source_index: int,
+                 default_config_type: str | None = None) -> Atoms:
+    """Bring a frame read from anywhere to the canonical schema (labels in a SinglePointCalculator).
+
+    Labels of the wrong shape are not silently fixed: forces whose shape differs from the
+    positions' are removed from the labels and their shape recorded in ``info['forces_shape']``
+    so the validate stage quarantines the frame with that reason.
+    """
+    energy, forces, stress = labels(atoms)
+    out = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    for k, v in atoms.info.items():
+        if isinstance(v, (str, int, float, bool, np.integer, np.floating, np.bool_)) or (
+            isinstance(v, np.ndarray) and v.ndim == 1
+        ):
+            out.info[k] = v
+    if forces is not None and forces.shape != (len(atoms), 3):
+        out.info["forces_shape"] = "x".join(str(s) for s in forces.shape)
+        forces = None
+    if stress is not None and stress.shape != (6,):
+        out.info["stress_shape"] = "x".join(str(s) for s in stress.shape)
+        stress = None
+    set_labels(out, energy, forces, stress)
+    out.info["frame_id"] = frame_id(out)
+    out.info["source"] = str(out.info.get("source", source))
+    out.info["source_index"] = int(source_index)
+    ct = out.info.get("config_type", default_config_type)
+    out.info["config_type"] = str(ct) if ct is not None else "unknown"
+    return out
+
+
+# ------------------------------------------------------------------------------------- readers
+def _split_extxyz(text: str, path: str) -> Iterable[tuple[int, int, str]]:
+    """Yield (frame index, first line number, raw text) of every frame of an (ext)xyz file."""
+    lines = text.splitlines(keepends=True)
+    i = 0
+    k = 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        head = lines[i].strip()
+        try:
+            n = int(head)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            raise FrameFormatError(
+                f"line {i + 1}: expected the number of atoms, found {head[:40]!r}",
+                file=path, frame=k, field="natoms") from None
+        if i + 2 + n > len(lines):
+            raise FrameFormatError(
+                f"line {i + 1}: file ends after {len(lines) - i - 2} of {n} atom lines (truncated?)",
+                file=path, frame=k, field="natoms")
+        yield k, i + 1, "".join(lines[i:i + 2 + n])
+        i += 2 + n
+        k += 1
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"unknown element or missing key {exc.args[0]!r} (field 'species')"
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {msg}"
+
+
+def read_extxyz(path: str | Path, *, source: str | None = None,
+                default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
+    """Read every frame of an extxyz file; unparseable frames come back as Rejected records."""
+    import ase.io
+
+    path = Path(path)
+    src = source or path.stem
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FrameFormatError("file not found", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
+    frames: list[Atoms] = []
+    rejected: list[Rejected] = []
+    for k, _line, raw in _split_extxyz(text, str(path)):
+        try:
+            atoms = ase.io.read(io.StringIO(raw), format="extxyz")
+        except Exception as exc:  # ASE raises many types on malformed frames
+            rejected.append(Rejected(src, k, "parse", f"{path} frame {k}: {_explain(exc)}", raw))
+            continue
+        frames.append(canonicalize(atoms, source=src, source_index=k,
+                                   default_config_type=default_config_type))
+    if not frames and not rejected:
+        raise FrameFormatError("contains no frames", file=str(path))
+    return frames, rejected
+
+
+def read_db(path: str | Path, *, source: str | None = None,
+            default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
+    """Read an ASE database file (``.db``/``.json`` written by ``ase.db``)."""
+    import ase.db
+
+    path = Path(path)
+    if not path.is_file():
+        raise FrameFormatError("file not found", file=str(path))
+    src = source or path.stem
+    frames, rejected = [], []
+    try:
+        con = ase.db.connect(str(path))
+        rows = list(con.select())
+    except Exception as exc:
+        raise FrameFormatError(f"not a readable ASE database: {_explain(exc)}", file=str(path)) from None
+    for k, row in enumerate(rows):
+        try:
+            atoms = row.toatoms(add_additional_information=False)
+            atoms.info.update({kk: vv for kk, vv in row.key_value_pairs.items()})
+        except Exception as exc:
+            rejected.append(Rejected(src, k, "parse", f"{path} row {row.id}: {_explain(exc)}", str(dict(row))))
+            continue
+        frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type))
+    return frames, rejected
+
+
+def _mlearn_atoms(doc: dict) -> Atoms:
+    struct = doc["structure"]
+    cell = np.asarray(struct["lattice"]["matrix"], dtype=float)
+    symbols, positions = [], []
+    for site in struct["sites"]:
+        species = site["species"]
+        symbols.append(species[0]["element"])
+        positions.append(site["xyz"] if "xyz" in site else np.asarray(site["abc"]) @ cell)
+    atoms = Atoms(symbols=symbols, positions=positions, cell=cell, pbc=True)
+    out = doc.get("outputs", {})
+    stress = None
+    if out.get("virial_stress") is not None:
+        v = np.asarray(out["virial_stress"], dtype=float)  # VASP kBar, xx yy zz xy yz zx
+        stress = -0.1 * GPa * v[[0, 1, 2, 4, 5, 3]]
+    set_labels(atoms, out.get("energy"), out.get("forces"), stress)
+    if "group" in doc:
+        atoms.info["config_type"] = doc["group"]
+    if "description" in doc:
+        atoms.info["description"] = str(doc["description"]).replace(" ", "_")
+    return atoms
+
+
+def read_mlearn_json(path: str | Path, *, source: str | None = None,
+                     default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
+    """Read mlearn's json format (a list of {structure (pymatgen dict), outputs, group, ...})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FrameFormatError("file not found", file=str(path))
+    try:
+        docs = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FrameFormatError(f"not valid JSON: {exc}", file=str(path)) from None
+    if not isinstance(docs, list):
+        raise FrameFormatError("expected a JSON list of structures (mlearn format)", file=str(path))
+    src = source or path.stem
+    frames, rejected = [], []
+    for k, doc in enumerate(docs):
+        try:
+            atoms = _mlearn_atoms(doc)
+        except Exception as exc:
+            rejected.append(Rejected(src, k, "parse", f"{path} frame {k}: {_explain(exc)}",
+                                     json.dumps(doc)[:100000]))
+            continue
+        frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type))
+    return frames, rejected
+
+
+def read_frames(path: str | Path, fmt: str = "auto", *, source: str | None = None,
+                default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
+    """Read a structure file of any supported format into canonical frames + rejected records."""
+    p = Path(path)
+    if fmt == "auto":
+        suffix = p.suffix.lower()
+        if suffix in (".xyz", ".extxyz"):
+            fmt = "extxyz"
+        elif suffix == ".db":
+            fmt = "db"
+        elif suffix == ".json":
+            fmt = "mlearn_json" if _looks_like_mlearn(p) else "db"
+        else:
+            raise FrameFormatError(f"cannot tell the format from suffix {suffix!r}; set 'format' "
+                                   "(extxyz, db, mlearn_json) in params.yaml", file=str(p))
+    reader = {"extxyz": read_extxyz, "db": read_db, "mlearn_json": read_mlearn_json}[fmt]
+    return reader(p, source=source, default_config_type=default_config_type)
+
+
+def _looks_like_mlearn(p: Path) -> bool:
+    try:
+        with p.open() as fh:
+            head = fh.read(4096).lstrip()
+    except OSError:
+        return False
+    return head.startswith("[") and '"structure"' in head
+
+
+# -------------------------------------------------------------------------------------- writer
+def write_extxyz(path: str | Path, frames: Iterable[Atoms]) -> int:
+    """Write frames as extxyz (labels from their SinglePointCalculator); returns the count."""
+    import ase.io
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = list(frames)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as fh:
+        for atoms in frames:
+            ase.io.write(fh, atoms, format="extxyz")
+    tmp.replace(path)
+    return len(frames)
+
+
+def to_extxyz_string(atoms: Atoms) -> str:
+    import ase.io
+
+    buf = io.StringIO()
+    ase.io.write(buf, atoms, format="extxyz")
+    return buf.getvalue()
+
+
+def file_md5(path: str | Path) -> str:
+    """md5 of a file's bytes: the hash DVC 3 records for it in dvc.lock (the dataset version)."""
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def oracle_info(name: str, version: str, settings: dict) -> dict[str, str]:
+    """The provenance keys that every labelled frame carries in ``info``."""
+    return {"oracle_name": name, "oracle_version": version,
+            "oracle_settings": json.dumps(settings, sort_keys=True, default=str)}
+
+
+def formula(atoms: Atoms) -> str:
+    return atoms.get_chemical_formula(mode="hill", empirical=False)
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_name(name: str) -> str:
+    return _SAFE.sub("_", name)
+
+
+__all__ = ["Rejected", "frame_id", "labels", "set_labels", "canonicalize", "read_extxyz", "read_db",
+           "read_mlearn_json", "read_frames", "write_extxyz", "to_extxyz_string", "oracle_info",
+           "formula", "MlipopsError", "INFO_KEYS"]

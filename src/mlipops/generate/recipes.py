@@ -1,0 +1,221 @@
+"""Dataset recipes: crystals by coordination, defects, liquid, reaction paths.
+
+Every frame carries ``config_type``:
+
+=================  =====================================================================
+``crystal_<s>``    perfect crystal ``s`` in {fcc (z=12), bcc (8), sc (6), diamond (4), hcp (12)}
+                   at its oracle equilibrium volume, isotropically and shear strained, rattled
+``vacancy``        fcc supercell with one atom removed, rattled (unrelaxed)
+``surface_<hkl>``  fcc (100)/(110)/(111) slabs with vacuum, rattled
+``adatom``         an atom in the fcc hollow of a (111) slab
+``liquid``         snapshots of oracle Langevin MD above the melting point (``temperature_K`` set)
+``path_adatom``    the adatom pulled straight out of the (111) surface (``path_coordinate``: height, Å)
+``path_dimer``     an isolated dimer stretched (``path_coordinate``: bond length, Å)
+=================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+from ase.build import add_adsorbate, bulk, fcc100, fcc110, fcc111
+from ase.data import atomic_numbers, covalent_radii
+
+from mlipops.frames import frame_id, write_extxyz
+from mlipops.oracles import Oracle, get_oracle
+from mlipops.params import GenerateParams
+from mlipops.report import progress, write_markdown, write_metrics
+
+RAW_DIR = Path("data/raw")
+REPORT_DIR = Path("reports/generate")
+
+# lattice constant in units of the nearest-neighbour distance d, and build options
+_SHAPES = {
+    "fcc": (math.sqrt(2.0), {"cubic": True}),
+    "bcc": (2.0 / math.sqrt(3.0), {"cubic": True}),
+    "sc": (1.0, {}),
+    "diamond": (4.0 / math.sqrt(3.0), {"cubic": True}),
+    "hcp": (1.0, {"orthorhombic": True}),
+}
+
+
+def _crystal(element: str, structure: str, d: float) -> Atoms:
+    factor, opts = _SHAPES[structure]
+    if structure == "hcp":
+        return bulk(element, "hcp", a=d, c=d * math.sqrt(8.0 / 3.0), **opts)
+    return bulk(element, structure, a=factor * d, **opts)
+
+
+def equilibrium_nn_distance(element: str, structure: str, oracle: Oracle) -> float:
+    """Nearest-neighbour distance minimising the oracle energy of ``structure`` (isotropic scan + parabola)."""
+    calc = oracle.calculator()
+    d0 = 2.0 * covalent_radii[atomic_numbers[element]]
+    scales = np.linspace(0.80, 1.20, 17)
+
+    def energy(d: float) -> float:
+        a = _crystal(element, structure, d)
+        a.calc = calc
+        return a.get_potential_energy() / len(a)
+
+    e = np.array([energy(d0 * s) for s in scales])
+    k = int(np.clip(np.argmin(e), 1, len(e) - 2))
+    x, y = d0 * scales[k - 1:k + 2], e[k - 1:k + 2]
+    c2, c1, _ = np.polyfit(x, y, 2)
+    return float(-c1 / (2 * c2)) if c2 > 0 else float(d0 * scales[k])
+
+
+def _supercell(atoms: Atoms, min_atoms: int) -> Atoms:
+    n = max(1, math.ceil((min_atoms / len(atoms)) ** (1.0 / 3.0)))
+    return atoms.repeat((n, n, n))
+
+
+def _tag(atoms: Atoms, config_type: str, **info) -> Atoms:
+    atoms.info["config_type"] = config_type
+    atoms.info.update(info)
+    return atoms
+
+
+def crystals(p: GenerateParams, oracle: Oracle, rng: np.random.Generator) -> tuple[list[Atoms], dict]:
+    frames, nn = [], {}
+    r = p.crystals
+    for s in r.structures:
+        d = equilibrium_nn_distance(p.element, s, oracle)
+        nn[s] = d
+        base = _supercell(_crystal(p.element, s, d), r.min_atoms)
+        strains = [("iso", e) for e in r.isotropic_strains] + [("shear", e) for e in r.shear_strains]
+        for kind, e in strains:
+            eps = np.eye(3) * e if kind == "iso" else np.array([[0, e, 0], [e, 0, 0], [0, 0, 0]]) / 2
+            a = base.copy()
+            a.set_cell(base.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+            for k in range(1 + r.rattles_per_strain):
+                b = a.copy()
+                if k:
+                    b.positions += rng.normal(0.0, r.rattle_stdev, b.positions.shape)
+                frames.append(_tag(b, f"crystal_{s}", strain_kind=kind, strain=float(e)))
+    return frames, nn
+
+
+def _slab(element: str, hkl: str, a: float, size, vacuum: float) -> Atoms:
+    builder = {"100": fcc100, "110": fcc110, "111": fcc111}[hkl]
+    return builder(element, size=tuple(size), a=a, vacuum=vacuum)
+
+
+def defects(p: GenerateParams, a_fcc: float, rng: np.random.Generator) -> list[Atoms]:
+    r = p.defects
+    frames = []
+    n = r.vacancy_supercell
+    perfect = bulk(p.element, "fcc", a=a_fcc, cubic=True).repeat((n, n, n))
+    for k in range(r.vacancy_cells):
+        v = perfect.copy()
+        del v[int(rng.integers(len(v)))]
+        v.positions += rng.normal(0.0, r.rattle_stdev, v.positions.shape)
+        frames.append(_tag(v, "vacancy"))
+    for hkl in r.slabs:
+        slab = _slab(p.element, hkl, a_fcc, r.slab_size, r.vacuum)
+        for k in range(1 + r.slab_rattles):
+            s = slab.copy()
+            if k:
+                s.positions += rng.normal(0.0, r.rattle_stdev, s.positions.shape)
+            frames.append(_tag(s, f"surface_{hkl}"))
+    if r.adatom:
+        slab = _slab(p.element, "111", a_fcc, r.slab_size, r.vacuum)
+        add_adsorbate(slab, p.element, height=a_fcc / math.sqrt(6.0), position="fcc")
+        for k in range(1 + r.slab_rattles):
+            s = slab.copy()
+            if k:
+                s.positions += rng.normal(0.0, r.rattle_stdev, s.positions.shape)
+            frames.append(_tag(s, "adatom"))
+    return frames
+
+
+def liquid(p: GenerateParams, oracle: Oracle, a_fcc: float, rng: np.random.Generator) -> list[Atoms]:
+    """Langevin MD with the oracle above the melting point; snapshots every ``interval`` steps."""
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+    r = p.liquid
+    if r.snapshots == 0:
+        return []
+    n = r.supercell
+    # ~5 % lower density than the crystal, as a liquid metal
+    atoms = bulk(p.element, "fcc", a=a_fcc * 1.05 ** (1 / 3), cubic=True).repeat((n, n, n))
+    atoms.positions += rng.normal(0.0, 0.25, atoms.positions.shape)  # break the lattice at once
+    atoms.calc = oracle.calculator()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=2 * r.temperature_K, rng=rng)
+    Stationary(atoms)
+    dyn = Langevin(atoms, r.timestep_fs * units.fs, temperature_K=r.temperature_K,
+                   friction=r.friction, fixcm=False, rng=rng)
+    frames = []
+    total = r.equilibration_steps + r.snapshots * r.interval
+    with progress("liquid MD", total) as bar:
+        for step in range(1, total + 1):
+            dyn.run(1)
+            bar(1)
+            if step > r.equilibration_steps and (step - r.equilibration_steps) % r.interval == 0:
+                snap = Atoms(numbers=atoms.numbers, positions=atoms.get_positions(wrap=True),
+                             cell=atoms.cell, pbc=True)
+                frames.append(_tag(snap, "liquid", temperature_K=float(r.temperature_K),
+                                   md_step=step))
+    return frames
+
+
+def paths(p: GenerateParams, a_fcc: float) -> list[Atoms]:
+    r = p.paths
+    frames = []
+    if r.adatom_points:
+        h0 = a_fcc / math.sqrt(6.0)
+        for k, h in enumerate(np.linspace(h0, h0 + r.adatom_max_height, r.adatom_points)):
+            slab = _slab(p.element, "111", a_fcc, p.defects.slab_size, p.defects.vacuum)
+            add_adsorbate(slab, p.element, height=float(h), position="fcc")
+            slab.center(vacuum=p.defects.vacuum, axis=2)
+            frames.append(_tag(slab, "path_adatom", path_coordinate=float(h), path_index=k))
+    if r.dimer_points:
+        lo, hi = r.dimer_range
+        for k, d in enumerate(np.linspace(lo, hi, r.dimer_points)):
+            dimer = Atoms(f"{p.element}2", positions=[[0, 0, 0], [0, 0, float(d)]], pbc=False)
+            frames.append(_tag(dimer, "path_dimer", path_coordinate=float(d), path_index=k))
+    return frames
+
+
+def build_dataset(p: GenerateParams) -> tuple[list[Atoms], dict]:
+    """Build and label every recipe; returns (frames, metadata)."""
+    rng = np.random.default_rng(p.seed)
+    oracle = get_oracle(p.oracle.calculator, p.oracle.kwargs)
+    structures, nn = crystals(p, oracle, rng)
+    d_fcc = nn.get("fcc") or equilibrium_nn_distance(p.element, "fcc", oracle)
+    a_fcc = d_fcc * math.sqrt(2.0)
+    unlabelled = structures + defects(p, a_fcc, rng) + paths(p, a_fcc)
+    frames = oracle.label(unlabelled) + oracle.label(liquid(p, oracle, a_fcc, rng))
+    for a in frames:
+        a.info["source"] = p.name
+        a.info["frame_id"] = frame_id(a)
+    meta = {"oracle": oracle.name, "oracle_version": oracle.version, "fcc_lattice_constant": a_fcc,
+            "nn_distance": nn}
+    return frames, meta
+
+
+def run(p: GenerateParams) -> dict:
+    t0 = time.perf_counter()
+    frames, meta = build_dataset(p)
+    out = RAW_DIR / f"{p.name}.extxyz"
+    write_extxyz(out, frames)
+    counts = Counter(a.info["config_type"] for a in frames)
+    metrics = {"n_frames": len(frames), "n_atoms": int(sum(len(a) for a in frames)),
+               "fcc_lattice_constant": meta["fcc_lattice_constant"],
+               "wall_time_s": round(time.perf_counter() - t0, 2)}
+    metrics.update({f"n_frames.{k}": v for k, v in sorted(counts.items())})
+    write_metrics(REPORT_DIR, metrics)
+    rows = [(k, v) for k, v in sorted(counts.items())]
+    write_markdown(REPORT_DIR / "summary.md", f"Generated dataset `{p.name}`", [
+        f"Oracle: `{meta['oracle']}` ({meta['oracle_version']}); element {p.element}; "
+        f"fcc lattice constant {meta['fcc_lattice_constant']:.4f} Å.",
+        "Equilibrium nearest-neighbour distances (Å): "
+        + json.dumps({k: round(v, 4) for k, v in meta["nn_distance"].items()}),
+    ], table=(("config_type", "frames"), rows))
+    return metrics

@@ -1,0 +1,180 @@
+"""The torch potential: E = Σ_i [E0_{s_i} + ε_{s_i}(Ĝ_i)], forces -∂E/∂R and stress ∂E/∂ε / V by autograd.
+
+ε_s is a per-species MLP on the standardized atom-centred descriptors Ĝ = (G - mean) / std, and
+E0_s a per-species reference energy fitted by least squares before training, so the network
+learns only what the composition does not explain.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.data import atomic_numbers
+from torch import nn
+
+from mlipops.descriptors import AtomCentredDescriptor, neighbor_list
+from mlipops.errors import MlipopsError
+
+CONFIG_FORMAT = "mlipops.potential/1"
+WEIGHTS = "weights.pt"
+CONFIG = "config.json"
+
+
+class AtomicEnergyMLP(nn.Module):
+    """ε_s(Ĝ): Linear → SiLU → ... → Linear(1)."""
+
+    def __init__(self, n_in: int, hidden: list[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(n_in, h), nn.SiLU()]
+            n_in = h
+        layers.append(nn.Linear(n_in, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:  # [n, n_features] -> [n]
+        return self.net(g).squeeze(-1)
+
+
+@dataclass
+class Graph:
+    """One frame prepared for the model (numpy; positions-independent neighbour topology)."""
+
+    species: np.ndarray  # [n_atoms] species index
+    positions: np.ndarray  # [n_atoms, 3]
+    cell: np.ndarray  # [3, 3]
+    edge_i: np.ndarray
+    edge_j: np.ndarray
+    shifts: np.ndarray  # [n_edges, 3] integer cell shifts
+    periodic: bool
+
+
+class Potential(nn.Module):
+    def __init__(self, species: list[str], descriptor: dict, hidden: list[int]):
+        super().__init__()
+        self.species = list(species)
+        self.descriptor_params = dict(descriptor)
+        self.hidden = list(hidden)
+        self.descriptor = AtomCentredDescriptor(len(species), **descriptor)
+        nf = self.descriptor.n_features
+        self.register_buffer("feature_mean", torch.zeros(nf))
+        self.register_buffer("feature_std", torch.ones(nf))
+        self.register_buffer("e0", torch.zeros(len(species)))
+        self.mlps = nn.ModuleList([AtomicEnergyMLP(nf, hidden) for _ in species])
+        self._z_to_index = {atomic_numbers[s]: k for k, s in enumerate(self.species)}
+
+    @property
+    def cutoff(self) -> float:
+        return self.descriptor.cutoff
+
+    # ------------------------------------------------------------------------------- preparation
+    def graph(self, atoms: Atoms) -> Graph:
+        try:
+            species = np.array([self._z_to_index[z] for z in atoms.numbers], dtype=np.int64)
+        except KeyError as exc:
+            from ase.data import chemical_symbols
+
+            raise MlipopsError(f"element {chemical_symbols[exc.args[0]]} is not one of the model's "
+                               f"species {self.species}", field="species") from None
+        i, j, S, _ = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, self.cutoff)
+        return Graph(species, np.asarray(atoms.positions, float), np.asarray(atoms.cell.array, float),
+                     i, j, S, bool(atoms.pbc.all() and atoms.cell.rank == 3))
+
+    @staticmethod
+    def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+        offsets = np.cumsum([0] + [len(g.species) for g in graphs[:-1]])
+        cat = np.concatenate
+        as_t = lambda x, dt=dtype: torch.as_tensor(x, dtype=dt, device=device)  # noqa: E731
+        return {
+            "species": as_t(cat([g.species for g in graphs]), torch.long),
+            "positions": as_t(cat([g.positions for g in graphs])),
+            "cell": as_t(np.stack([g.cell for g in graphs])),
+            "batch": as_t(cat([np.full(len(g.species), k) for k, g in enumerate(graphs)]), torch.long),
+            "edge_i": as_t(cat([g.edge_i + o for g, o in zip(graphs, offsets)]), torch.long),
+            "edge_j": as_t(cat([g.edge_j + o for g, o in zip(graphs, offsets)]), torch.long),
+            "shifts": as_t(cat([g.shifts for g in graphs])),
+            "n_atoms": as_t(np.array([len(g.species) for g in graphs])),
+            "periodic": torch.as_tensor([g.periodic for g in graphs], device=device),
+        }
+
+    # ----------------------------------------------------------------------------------- physics
+    def features(self, batch: dict, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        bi = batch["batch"][batch["edge_i"]]
+        vec = (positions[batch["edge_j"]] - positions[batch["edge_i"]]
+               + torch.einsum("ek,ekl->el", batch["shifts"], cell[bi]))  # [n_edges, 3]
+        return self.descriptor(batch["species"], batch["edge_i"], batch["edge_j"], vec)
+
+    def atomic_energies(self, batch: dict, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        g = (self.features(batch, positions, cell) - self.feature_mean) / self.feature_std
+        species = batch["species"]
+        eps = g.new_zeros(g.shape[0])
+        for k, mlp in enumerate(self.mlps):
+            m = species == k
+            if m.any():
+                eps = eps.index_put((m.nonzero().squeeze(1),), mlp(g[m]))
+        return eps + self.e0[species]  # [n_atoms]
+
+    def forward(self, batch: dict, forces: bool = True, stress: bool = False,
+                create_graph: bool = False) -> dict[str, torch.Tensor]:
+        n_frames = batch["cell"].shape[0]
+        pos_leaf = batch["positions"]
+        if forces or stress:
+            pos_leaf = pos_leaf.detach().requires_grad_(True)
+        positions, cell = pos_leaf, batch["cell"]
+        inputs = [pos_leaf]
+        if stress:
+            strain = torch.zeros_like(cell).requires_grad_(True)
+            sym = 0.5 * (strain + strain.transpose(1, 2))  # [n_frames, 3, 3]
+            positions = positions + torch.einsum("ni,nij->nj", positions, sym[batch["batch"]])
+            cell = cell + torch.bmm(cell, sym)
+            inputs.append(strain)
+        e_atom = self.atomic_energies(batch, positions, cell)  # [n_atoms]
+        energy = e_atom.new_zeros(n_frames).index_add_(0, batch["batch"], e_atom)  # [n_frames]
+        out = {"energy": energy, "atomic_energy": e_atom}
+        if forces or stress:
+            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+            if forces:
+                out["forces"] = -grads[0]  # [n_atoms, 3]
+            if stress:
+                vol = torch.abs(torch.linalg.det(batch["cell"]))
+                sigma = grads[1] / vol[:, None, None]
+                out["stress"] = sigma[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # [n_frames, 6] ASE Voigt
+        return out
+
+    # --------------------------------------------------------------------------------------- I/O
+    def config(self) -> dict:
+        return {"format": CONFIG_FORMAT, "species": self.species, "descriptor": self.descriptor_params,
+                "hidden": self.hidden}
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, directory / WEIGHTS)
+        cfg = self.config() | (extra or {})
+        (directory / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, dtype=torch.float64, device="cpu") -> "Potential":
+        """Load weights (``torch.load(weights_only=True)``) and JSON config; executes no code."""
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise MlipopsError("model file missing", file=str(p))
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MlipopsError(f"not valid JSON: {exc}", file=str(cfg_path)) from None
+        if cfg.get("format") != CONFIG_FORMAT:
+            raise MlipopsError(f"unsupported model format {cfg.get('format')!r} (expected {CONFIG_FORMAT})",
+                               file=str(cfg_path), field="format")
+        model = cls(cfg["species"], cfg["descriptor"], cfg["hidden"])
+        state = torch.load(w_path, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+        return model.to(dtype=dtype, device=device).eval()

@@ -1,0 +1,215 @@
+"""The one typed loader of ``params.yaml``.
+
+Each stage reads only its own section: ``load_params(path).train`` etc. Every value is validated
+on load; a bad value raises :class:`ParamsError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mlipops.errors import ParamsError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------- generate
+class OracleParams(_Section):
+    calculator: str = "emt"  # "emt" or an import path "package.module.Class"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class CrystalRecipe(_Section):
+    structures: list[Literal["fcc", "bcc", "sc", "diamond", "hcp"]] = ["fcc", "bcc", "sc", "diamond", "hcp"]
+    isotropic_strains: list[float] = [-0.04, -0.02, 0.0, 0.02, 0.04]
+    shear_strains: list[float] = [0.02, 0.04]
+    rattles_per_strain: int = Field(2, ge=0)
+    rattle_stdev: float = Field(0.03, ge=0.0)
+    min_atoms: int = Field(24, ge=1)
+
+
+class DefectRecipe(_Section):
+    vacancy_cells: int = Field(4, ge=0)
+    vacancy_supercell: int = Field(2, ge=2)
+    slabs: list[Literal["100", "110", "111"]] = ["100", "110", "111"]
+    slab_size: list[int] = [2, 2, 5]
+    slab_rattles: int = Field(2, ge=0)
+    vacuum: float = Field(6.0, gt=0.0)
+    adatom: bool = True
+    rattle_stdev: float = Field(0.05, ge=0.0)
+
+
+class LiquidRecipe(_Section):
+    temperature_K: float = Field(2200.0, gt=0.0)
+    supercell: int = Field(3, ge=1)
+    timestep_fs: float = Field(2.0, gt=0.0)
+    equilibration_steps: int = Field(300, ge=0)
+    snapshots: int = Field(20, ge=0)
+    interval: int = Field(20, ge=1)
+    friction: float = Field(0.02, gt=0.0)
+
+
+class PathRecipe(_Section):
+    adatom_points: int = Field(30, ge=0)
+    adatom_max_height: float = Field(6.0, gt=0.0)
+    dimer_points: int = Field(30, ge=0)
+    dimer_range: list[float] = [1.8, 6.0]
+
+
+class GenerateParams(_Section):
+    name: str = "cu_emt"
+    element: str = "Cu"
+    seed: int = 0
+    oracle: OracleParams = OracleParams()
+    crystals: CrystalRecipe = CrystalRecipe()
+    defects: DefectRecipe = DefectRecipe()
+    liquid: LiquidRecipe = LiquidRecipe()
+    paths: PathRecipe = PathRecipe()
+
+    @field_validator("element")
+    @classmethod
+    def _known_element(cls, v: str) -> str:
+        from ase.data import atomic_numbers
+
+        if v not in atomic_numbers:
+            raise ValueError(f"unknown element {v!r}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------- ingest
+class SourceParams(_Section):
+    path: str
+    format: Literal["auto", "extxyz", "db", "mlearn_json"] = "auto"
+    config_type: str | None = None  # used where a frame has none
+
+
+class SplitParams(_Section):
+    method: Literal["config_type", "random"] = "config_type"
+    test_config_types: list[str] = Field(default_factory=list)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class IngestParams(_Section):
+    sources: list[SourceParams]
+    split: SplitParams = SplitParams()
+
+
+# --------------------------------------------------------------------------------------- validate
+class ValidateParams(_Section):
+    allowed_species: list[str]
+    min_interatomic_distance: float = Field(1.0, gt=0.0)
+    max_abs_force: float = Field(50.0, gt=0.0)
+
+
+# ------------------------------------------------------------------------------------------ index
+class IndexParams(_Section):
+    coordination_cutoff: float = Field(3.0, gt=0.0)
+
+
+# ------------------------------------------------------------------------------------ descriptors
+class DescriptorParams(_Section):
+    cutoff: float = Field(5.0, gt=0.0)
+    n_radial: int = Field(8, ge=1)
+    r_min: float = Field(0.8, ge=0.0)
+    angular_cutoff: float = Field(4.0, gt=0.0)
+    n_angular: int = Field(4, ge=0)
+    max_l: int = Field(3, ge=0, le=4)
+
+    @field_validator("angular_cutoff")
+    @classmethod
+    def _angular_within(cls, v: float, info) -> float:
+        cutoff = info.data.get("cutoff")
+        if cutoff is not None and v > cutoff:
+            raise ValueError(f"angular_cutoff ({v}) must not exceed cutoff ({cutoff})")
+        return v
+
+
+# ------------------------------------------------------------------------------------------ train
+class TrainParams(_Section):
+    model_name: str = "cu"
+    seed: int = 0
+    hidden: list[int] = [32, 32]
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    energy_weight: float = Field(1.0, ge=0.0)
+    force_weight: float = Field(10.0, ge=0.0)
+    dtype: Literal["float32", "float64"] = "float32"
+    experiment: str = "mlipops"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+
+
+# --------------------------------------------------------------------------------------- evaluate
+class EvaluateParams(_Section):
+    splits: list[Literal["train", "val", "test"]] = ["val", "test"]
+
+
+# ---------------------------------------------------------------------------------------- promote
+class PromoteParams(_Section):
+    gates: dict[str, float] = Field(default_factory=dict)  # metric key -> maximum allowed value
+    registry_dir: str = "registry"
+
+
+class Params(_Section):
+    generate: GenerateParams = GenerateParams()
+    ingest: IngestParams
+    validate_: ValidateParams = Field(alias="validate")
+    index: IndexParams = IndexParams()
+    descriptors: DescriptorParams = DescriptorParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join("validate" if p == "validate_" else str(p) for p in first["loc"])
+    got = first.get("input")
+    got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    more = len(err.errors()) - 1
+    tail = f" [+{more} more]" if more > 0 else ""
+    return f"{path}: {loc}: {first['msg']}{got_txt}{tail}"
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml; raise ParamsError naming the file and key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError("file not found (run from the project root or pass --params)", file=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"not valid YAML: {str(exc).splitlines()[0]}", file=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ParamsError("top level must be a mapping of stage sections", file=str(path))
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_format_error(path, exc)) from None
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested params/metrics into dotted keys (for MLflow params and metrics.json)."""
+    if isinstance(d, BaseModel):
+        d = d.model_dump(by_alias=True)
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = d
+    return out

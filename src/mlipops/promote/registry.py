@@ -1,0 +1,168 @@
+"""Gate a trained model on its evaluation metrics; register a passing one.
+
+A passing model becomes a new version of the registered model in the MLflow Model Registry (tags:
+gates, data hash, git commit), gets alias ``champion`` (the previous champion keeps its version and
+gets alias ``previous``) and is copied to ``registry/<model>/v<N>/`` with its weights, JSON config,
+``model_card.md`` and ``gates.json``; ``registry/index.json`` lists versions and aliases. A failing
+model is not registered; ``reports/promote/decision.md`` says which gates failed and by how much.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from filelock import FileLock
+
+from mlipops.errors import StageInputError
+from mlipops.params import PromoteParams
+from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
+from mlipops.train import tracking
+from mlipops.train.loop import MODELS_DIR
+
+REPORT_DIR = Path("reports/promote")
+EVAL_DIR = Path("reports/evaluate")
+
+
+def check_gates(metrics: dict, gates: dict[str, float]) -> list[dict]:
+    """Each gate: metric ≤ threshold. A missing or non-finite metric fails. NaN predictions always fail."""
+    rows = []
+    all_gates = dict(gates)
+    all_gates.setdefault("n_nonfinite_predictions", 0)
+    for key, limit in all_gates.items():
+        value = metrics.get(key)
+        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+            rows.append({"gate": key, "value": value, "threshold": limit, "passed": False,
+                         "note": "metric missing or not finite in reports/evaluate/metrics.json"})
+            continue
+        ok = value <= limit
+        rows.append({"gate": key, "value": value, "threshold": limit, "passed": ok,
+                     "note": "" if ok else f"exceeds by {value - limit:.4g} ({(value / limit - 1) * 100 if limit else float('inf'):.0f} %)"})
+    return rows
+
+
+def _coverage_summary(index_path: Path) -> str:
+    if not index_path.is_file():
+        return "_coverage index missing_"
+    from mlipops.index import query
+
+    df = query("SELECT split, config_type, n_frames, n_atoms FROM coverage WHERE status = 'accepted'", index_path)
+    return md_table(tuple(df.columns), df.itertuples(index=False))
+
+
+def _update_index(registry_dir: Path, name: str, client) -> dict:
+    """Rewrite registry/index.json from the MLflow registry (the source of truth for versions/aliases)."""
+    path = registry_dir / "index.json"
+    index = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    rm = client.get_registered_model(name)
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    index["models"][name] = {
+        "versions": [{"version": v, "path": f"{name}/v{v}"} for v in versions
+                     if (registry_dir / name / f"v{v}").is_dir()],
+        "aliases": {a: int(v) for a, v in (rm.aliases or {}).items()},
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return index
+
+
+def _model_card(path: Path, name: str, version: int, run_info: dict, config: dict, gates: list[dict],
+                metrics: dict, coverage: str) -> None:
+    rows = [(g["gate"], g["value"], g["threshold"], "pass" if g["passed"] else "FAIL") for g in gates]
+    per_ct = sorted({k.split(".")[1] for k in metrics if k.startswith("test.") and k.count(".") == 2})
+    ct_rows = [(ct, metrics.get(f"test.{ct}.energy_mae_per_atom"), metrics.get(f"test.{ct}.force_mae"))
+               for ct in per_ct]
+    write_markdown(path, f"Model card: {name} v{version}", [
+        f"Registered {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from MLflow run `{run_info['run_id']}`.",
+        f"Data version (md5 of data/curated/accepted.extxyz, as in dvc.lock): `{run_info['data_md5']}`.",
+        f"Species {config['species']}; descriptor {json.dumps(config['descriptor'])}; "
+        f"hidden layers {config['hidden']}.",
+        "## Gates", md_table(("gate", "value", "threshold", "result"), rows),
+        "## Test errors per config_type", md_table(("config_type", "E MAE (eV/atom)", "F MAE (eV/Å)"), ct_rows),
+        "## Data coverage (accepted frames)", coverage,
+        "## Reports not yet produced", "Uncertainty (ensemble calibration) and melting point are not part "
+        "of this pipeline version: `uncertainty.json` and `melting_point.json` are missing, not faked.",
+        "## Load", f"```python\nfrom mlipops.models import MlipopsCalculator\n"
+        f"atoms.calc = MlipopsCalculator(\"registry/{name}/v{version}\")\n```",
+    ])
+
+
+def run(p: PromoteParams, model_name: str) -> dict:
+    t0 = time.perf_counter()
+    model_dir = MODELS_DIR / model_name
+    run_json = model_dir / "run.json"
+    if not run_json.is_file():
+        raise StageInputError("trained model missing: run `dvc repro train` first", file=str(run_json))
+    eval_metrics = read_metrics(EVAL_DIR)
+    if not eval_metrics:
+        raise StageInputError("evaluation metrics missing: run `dvc repro evaluate` first",
+                              file=str(EVAL_DIR / "metrics.json"))
+    run_info = json.loads(run_json.read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    gates = check_gates(eval_metrics, p.gates)
+    passed = all(g["passed"] for g in gates)
+    registry_dir = Path(p.registry_dir)
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    gate_rows = [(g["gate"], g["value"], g["threshold"], "pass" if g["passed"] else "FAIL", g["note"]) for g in gates]
+    metrics = {"promoted": passed, "n_gates": len(gates), "n_gates_failed": sum(not g["passed"] for g in gates)}
+    if not passed:
+        write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: REJECTED", [
+            f"MLflow run `{run_info['run_id']}` failed {metrics['n_gates_failed']} gate(s); it was not registered.",
+        ], table=(("gate", "value", "threshold", "result", "note"), gate_rows))
+        metrics["version"] = None
+        metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        write_metrics(REPORT_DIR, metrics)
+        (REPORT_DIR / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
+        return metrics
+
+    client = tracking.client(run_info["tracking_uri"])
+    registry_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(registry_dir / ".lock"), timeout=600):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            client.create_registered_model(model_name, description="mlipops potential")
+        existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_info['run_id']}'")
+        tags = {"gates": json.dumps({g["gate"]: g["value"] for g in gates}), "data.dvc_md5": run_info["data_md5"],
+                "git.commit": tracking.git_commit()}
+        if existing:
+            mv = existing[0]
+        else:
+            mv = client.create_model_version(model_name, source=f"{run_info['artifact_uri']}/model",
+                                             run_id=run_info["run_id"], tags=tags,
+                                             description=f"promoted by mlipops; gates {len(gates)}/{len(gates)} passed")
+        version = int(mv.version)
+        aliases = client.get_registered_model(model_name).aliases or {}
+        previous = aliases.get("champion")
+        if previous is not None and int(previous) != version:
+            client.set_registered_model_alias(model_name, "previous", str(previous))
+        client.set_registered_model_alias(model_name, "champion", str(version))
+        target = registry_dir / model_name / f"v{version}"
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for f in ("weights.pt", "config.json", "run.json"):
+            shutil.copy2(model_dir / f, target / f)
+        (target / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
+        for png in sorted(EVAL_DIR.glob("parity_*.png")):
+            shutil.copy2(png, target / png.name)
+        _model_card(target / "model_card.md", model_name, version, run_info, config, gates, eval_metrics,
+                    _coverage_summary(Path("data/index.duckdb")))
+        index = _update_index(registry_dir, model_name, client)
+    write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: PROMOTED as v{version}", [
+        f"MLflow run `{run_info['run_id']}` passed all {len(gates)} gates; registered model `{model_name}` "
+        f"version {version} has alias `champion`" + (f"; v{previous} is now `previous`." if previous and int(previous) != version else "."),
+        f"Files: `{target}`.",
+    ], table=(("gate", "value", "threshold", "result", "note"), gate_rows))
+    metrics |= {"version": version, "wall_time_s": round(time.perf_counter() - t0, 2),
+                "n_versions": len(index["models"][model_name]["versions"])}
+    write_metrics(REPORT_DIR, metrics)
+    (REPORT_DIR / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
+    return metrics
