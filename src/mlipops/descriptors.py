@@ -117,5 +117,5 @@ class AtomCentredDescriptor(nn.Module):
                 M = M.view(n_atoms, S, *m.shape[1:])
                 inv = (M[:, self.pair_a] * M[:, self.pair_b]).sum(-1)  # [n_atoms, n_pairs, n_angular]
                 feats.append(inv.reshape(n_atoms, -1))
-                tensor = (tensor[:, :, None] * u[:, None, :]).reshape(u.shape[0], -1)
+                tensor = (tensor[:, :, None] * u[:, None, :]).reshape(u.shape[0], 3 * tensor.shape[1])
         return torch.cat(feats, dim=1)

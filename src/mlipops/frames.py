@@ -71,7 +71,12 @@ def labels(atoms: Atoms) -> tuple[float | None, np.ndarray | None, np.ndarray | 
         stress = np.asarray(stress, dtype=float)
         if stress.shape == (3, 3):
             stress = stress.reshape(9)[[0, 4, 8, 5, 2, 1]]
-    return (None if energy is None else float(energy),
+    if energy is not None:
+        try:
+            energy = float(energy)
+        except (TypeError, ValueError):
+            raise ValueError(f"field 'energy' is not a number: {energy!r}") from None
+    return (energy,
             None if forces is None else np.asarray(forces, dtype=float), stress)
 
 
@@ -96,6 +101,11 @@ def canonicalize(atoms: Atoms, *, source: str, source_index: int,
     positions' are removed from the labels and their shape recorded in ``info['forces_shape']``
     so the validate stage quarantines the frame with that reason.
     """
+    if len(atoms) == 0:
+        raise ValueError("frame has no atoms (field 'natoms')")
+    for name, arr in (("positions", atoms.positions), ("cell", atoms.cell.array)):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"non-finite value (NaN or inf) in field '{name}'")
     energy, forces, stress = labels(atoms)
     out = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     for k, v in atoms.info.items():
@@ -171,11 +181,11 @@ def read_extxyz(path: str | Path, *, source: str | None = None,
     for k, _line, raw in _split_extxyz(text, str(path)):
         try:
             atoms = ase.io.read(io.StringIO(raw), format="extxyz")
+            frames.append(canonicalize(atoms, source=src, source_index=k,
+                                       default_config_type=default_config_type))
         except Exception as exc:  # ASE raises many types on malformed frames
             rejected.append(Rejected(src, k, "parse", f"{path} frame {k}: {_explain(exc)}", raw))
             continue
-        frames.append(canonicalize(atoms, source=src, source_index=k,
-                                   default_config_type=default_config_type))
     if not frames and not rejected:
         raise FrameFormatError("contains no frames", file=str(path))
     return frames, rejected
@@ -200,10 +210,10 @@ def read_db(path: str | Path, *, source: str | None = None,
         try:
             atoms = row.toatoms(add_additional_information=False)
             atoms.info.update({kk: vv for kk, vv in row.key_value_pairs.items()})
+            frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type))
         except Exception as exc:
             rejected.append(Rejected(src, k, "parse", f"{path} row {row.id}: {_explain(exc)}", str(dict(row))))
             continue
-        frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type))
     return frames, rejected
 
 
@@ -246,11 +256,11 @@ def read_mlearn_json(path: str | Path, *, source: str | None = None,
     for k, doc in enumerate(docs):
         try:
             atoms = _mlearn_atoms(doc)
+            frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type))
         except Exception as exc:
             rejected.append(Rejected(src, k, "parse", f"{path} frame {k}: {_explain(exc)}",
                                      json.dumps(doc)[:100000]))
             continue
-        frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type))
     return frames, rejected
 
 

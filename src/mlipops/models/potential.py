@@ -174,7 +174,7 @@ class Potential(nn.Module):
         if cfg.get("format") != CONFIG_FORMAT:
             raise MlipopsError(f"unsupported model format {cfg.get('format')!r} (expected {CONFIG_FORMAT})",
                                file=str(cfg_path), field="format")
-        model = cls(cfg["species"], cfg["descriptor"], cfg["hidden"])
+        model = cls(cfg["species"], cfg["descriptor"], cfg["hidden"]).to(dtype=dtype, device=device)
         state = torch.load(w_path, map_location=device, weights_only=True)
-        model.load_state_dict(state)
-        return model.to(dtype=dtype, device=device).eval()
+        model.load_state_dict(state)  # into `dtype` tensors: float64 weights keep full precision
+        return model.eval()

@@ -1,0 +1,47 @@
+"""Shared fixtures for the unit tests (all prefixed ``u_`` to stay clear of other test modules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def u_repo_root() -> Path:
+    """The project root (holds params.yaml)."""
+    return REPO
+
+
+@pytest.fixture
+def u_mlearn_dir() -> Path:
+    """The shared mlearn DFT data directory; the test is skipped when it is absent."""
+    d = (Path(__file__).parents[1] / "../shared/datasets/mlearn").resolve()
+    if not (d / "Mo_test.extxyz").is_file():
+        pytest.skip(f"mlearn data not found at {d} (expected ../shared/datasets/mlearn/Mo_test.extxyz "
+                    "relative to the project root)")
+    return d
+
+
+@pytest.fixture
+def u_rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def u_make_potential():
+    """Factory: a freshly initialised float64 Potential (seeded, default descriptor settings)."""
+    import torch
+
+    from mlipops.models import Potential
+    from mlipops.params import DescriptorParams
+
+    def make(species=("Cu",), hidden=(16, 16), seed=0, **descriptor):
+        torch.manual_seed(seed)
+        d = DescriptorParams(**descriptor).model_dump()
+        return Potential(list(species), d, list(hidden)).to(torch.float64).eval()
+
+    return make

@@ -1,0 +1,197 @@
+"""End-to-end: the real `dvc repro` of the whole pipeline in a temporary git + DVC repository.
+
+Tiny settings (a few frames, a few epochs), every component real: DVC, great-expectations, DuckDB
+file, torch training logged to an MLflow sqlite store, the MLflow Model Registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["generate", "ingest", "validate", "index", "train", "evaluate", "promote"]
+
+TINY = {
+    "generate": {
+        "crystals": {"structures": ["fcc", "bcc", "sc"], "isotropic_strains": [-0.02, 0.0, 0.02],
+                     "shear_strains": [0.02], "rattles_per_strain": 1, "min_atoms": 8},
+        "defects": {"vacancy_cells": 1, "vacancy_supercell": 2, "slabs": ["111"], "slab_size": [2, 2, 3],
+                    "slab_rattles": 0, "adatom": True},
+        "liquid": {"supercell": 2, "equilibration_steps": 10, "snapshots": 3, "interval": 5},
+        "paths": {"adatom_points": 4, "dimer_points": 4},
+    },
+    "train": {"epochs": 3, "hidden": [8], "batch_size": 4},
+    "descriptors": {"n_radial": 4, "n_angular": 2, "max_l": 2},
+    "promote": {"gates": {"val.force_mae": 5.0, "val.energy_mae_per_atom": 5.0}},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "gates" else v
+    return out
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "mlipops-test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@mlipops.invalid"
+    return env
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def _ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([a-z_]+)'", output)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    d = tmp_path_factory.mktemp("e2e") / "repo"
+    d.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
+    for rel in ("src/mlipops/quality/suite.json", "src/mlipops/index/schema.sql"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, d / rel)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], d)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], d)
+    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(d.parent / "dvc-storage")], d)
+    _run(["git", "add", "-A"], d)
+    _run(["git", "commit", "-qm", "tiny pipeline"], d)
+    res = _run([sys.executable, "-m", "dvc", "repro"], d)
+    assert _ran_stages(res.stdout) == STAGES
+    return d
+
+
+def test_outputs_exist(repo: Path):
+    for rel in ("data/raw/cu_emt.extxyz", "data/ingested/frames.extxyz", "data/curated/accepted.extxyz",
+                "data/curated/quarantine.parquet", "data/index.duckdb", "mlflow.db",
+                "registry/cu/v1/weights.pt", "registry/cu/v1/config.json", "registry/cu/v1/model_card.md",
+                "registry/index.json", "reports/evaluate/parity_test_forces.png"):
+        assert (repo / rel).is_file(), rel
+    for stage in STAGES:
+        m = json.loads((repo / "reports" / stage / "metrics.json").read_text())
+        assert m, stage
+
+
+def test_dvc_metrics_show(repo: Path):
+    res = _run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo)
+    shown = json.dumps(json.loads(res.stdout))
+    for stage in STAGES:
+        assert f"reports/{stage}/metrics.json" in shown
+
+
+def test_nothing_lost(repo: Path):
+    from mlipops.frames import read_extxyz
+
+    ingest = json.loads((repo / "reports/ingest/metrics.json").read_text())
+    accepted, _ = read_extxyz(repo / "data/curated/accepted.extxyz")
+    q = pd.read_parquet(repo / "data/curated/quarantine.parquet")
+    raw, _ = read_extxyz(repo / "data/raw/cu_emt.extxyz")
+    assert ingest["n_read"] == len(raw)
+    assert len(accepted) + len(q) == len(raw)
+    assert {a.info["split"] for a in accepted} == {"train", "val", "test"}
+
+
+def test_index_tables(repo: Path):
+    import duckdb
+
+    con = duckdb.connect(str(repo / "data/index.duckdb"), read_only=True)
+    try:
+        n_frames = con.execute("SELECT count(*) FROM frames WHERE status = 'accepted'").fetchone()[0]
+        n_atoms = con.execute("SELECT count(*) FROM atoms").fetchone()[0]
+        cov = con.execute("SELECT config_type, n_frames FROM coverage").df()
+        z_fcc = con.execute("SELECT median(coordination) FROM atoms JOIN frames USING (frame_id) "
+                            "WHERE config_type = 'crystal_fcc'").fetchone()[0]
+    finally:
+        con.close()
+    from mlipops.frames import read_extxyz
+
+    accepted, _ = read_extxyz(repo / "data/curated/accepted.extxyz")
+    assert n_frames == len(accepted)
+    assert n_atoms == sum(len(a) for a in accepted)
+    assert {"crystal_fcc", "vacancy", "liquid", "path_dimer"} <= set(cov.config_type)
+    assert z_fcc == 12
+
+
+def test_mlflow_run_and_registry(repo: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mlipops")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["train.epochs"] == "3"
+    assert len(client.get_metric_history(run.info.run_id, "val_force_mae")) == 3
+    assert run.data.tags["data.dvc_md5"] == json.loads((repo / "data/models/cu/run.json").read_text())["data_md5"]
+    assert len(run.data.tags["git.commit"]) == 40
+    mv = client.get_model_version_by_alias("cu", "champion")
+    assert int(mv.version) == 1 and mv.run_id == run.info.run_id
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/weights.pt", "model/config.json"} <= arts
+    index = json.loads((repo / "registry/index.json").read_text())
+    assert index["models"]["cu"]["aliases"] == {"champion": 1}
+
+
+def test_registry_model_is_usable(repo: Path):
+    from ase.build import bulk
+
+    from mlipops.models import MlipopsCalculator
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+    atoms.rattle(0.02, seed=0)
+    atoms.calc = MlipopsCalculator(repo / "registry/cu/v1")
+    assert abs(atoms.get_forces().sum(axis=0)).max() < 1e-6  # translation invariance
+    assert atoms.get_stress().shape == (6,)
+
+
+def test_second_repro_is_noop_and_params_rerun_exactly_dependants(repo: Path):
+    res = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    assert _ran_stages(res.stdout) == []
+    assert "up to date" in res.stdout
+
+    # a train param changes -> only train is out of date (downstream follows its outputs)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], repo).stdout)
+    assert set(status) == {"train"}
+    params["train"]["epochs"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    # a promote gate changes to an impossible value -> only promote reruns, and it rejects the model
+    params["promote"]["gates"]["val.force_mae"] = 1e-9
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    res = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    assert _ran_stages(res.stdout) == ["promote"]
+    decision = (repo / "reports/promote/decision.md").read_text()
+    assert "REJECTED" in decision and "val.force_mae" in decision
+    m = json.loads((repo / "reports/promote/metrics.json").read_text())
+    assert m["promoted"] is False and m["n_gates_failed"] == 1
+    assert (repo / "registry/cu/v1/weights.pt").is_file()  # persisted, not wiped by DVC
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    assert [int(v.version) for v in client.search_model_versions("name='cu'")] == [1]
