@@ -69,13 +69,13 @@ def repo(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("e2e") / "repo"
     d.mkdir()
     shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
-    for rel in ("src/mlipops/quality/suite.json", "src/mlipops/index/schema.sql"):
-        (d / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, d / rel)
+    shutil.copy(ROOT / ".dvcignore", d / ".dvcignore")
+    shutil.copytree(ROOT / "src", d / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], d)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], d)
+    _run([sys.executable, "-m", "dvc", "init", "-q", "--force"], d)
+    shutil.copy(ROOT / ".dvcignore", d / ".dvcignore")
     _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(d.parent / "dvc-storage")], d)
     _run(["git", "add", "-A"], d)
     _run(["git", "commit", "-qm", "tiny pipeline"], d)

@@ -122,7 +122,7 @@ def canonicalize(atoms: Atoms, *, source: str, source_index: int,
     set_labels(out, energy, forces, stress)
     out.info["frame_id"] = frame_id(out)
     out.info["source"] = str(out.info.get("source", source))
-    out.info["source_index"] = int(source_index)
+    out.info["source_index"] = int(out.info.get("source_index", source_index))
     ct = out.info.get("config_type", default_config_type)
     out.info["config_type"] = str(ct) if ct is not None else "unknown"
     return out
@@ -247,7 +247,7 @@ def read_mlearn_json(path: str | Path, *, source: str | None = None,
         raise FrameFormatError("file not found", file=str(path))
     try:
         docs = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FrameFormatError(f"not valid JSON: {exc}", file=str(path)) from None
     if not isinstance(docs, list):
         raise FrameFormatError("expected a JSON list of structures (mlearn format)", file=str(path))

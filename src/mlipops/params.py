@@ -100,7 +100,7 @@ class SplitParams(_Section):
 
 
 class IngestParams(_Section):
-    sources: list[SourceParams]
+    sources: list[SourceParams] = Field(min_length=1)
     split: SplitParams = SplitParams()
 
 
@@ -193,7 +193,13 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ParamsError(f"not valid YAML: {str(exc).splitlines()[0]}", file=str(path)) from None
+        mark, ctx, ctx_mark = (getattr(exc, a, None) for a in ("problem_mark", "context", "context_mark"))
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        also = f" ({ctx} from line {ctx_mark.line + 1})" if ctx and ctx_mark is not None else (f" ({ctx})" if ctx else "")
+        raise ParamsError(f"not valid YAML: {where}{what}{also}", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"cannot read: {exc}", file=str(path)) from None
     if not isinstance(raw, dict):
         raise ParamsError("top level must be a mapping of stage sections", file=str(path))
     try:

@@ -27,7 +27,7 @@ from ase import Atoms, units
 from ase.build import add_adsorbate, bulk, fcc100, fcc110, fcc111
 from ase.data import atomic_numbers, covalent_radii
 
-from mlipops.frames import frame_id, write_extxyz
+from mlipops.frames import write_extxyz
 from mlipops.oracles import Oracle, get_oracle
 from mlipops.params import GenerateParams
 from mlipops.report import progress, write_markdown, write_metrics
@@ -194,7 +194,8 @@ def build_dataset(p: GenerateParams) -> tuple[list[Atoms], dict]:
     frames = oracle.label(unlabelled) + oracle.label(liquid(p, oracle, a_fcc, rng))
     for a in frames:
         a.info["source"] = p.name
-        a.info["frame_id"] = frame_id(a)
+        a.info.pop("adsorbate_info", None)  # ase.build's slab metadata; not a frame property
+    # frame_id is not stored here: extxyz keeps 8 decimals, so ingest computes it from the file
     meta = {"oracle": oracle.name, "oracle_version": oracle.version, "fcc_lattice_constant": a_fcc,
             "nn_distance": nn}
     return frames, meta
