@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from ase import Atoms
 
@@ -116,7 +115,3 @@ def run(p: IngestParams) -> dict:
         f"val {p.split.val_fraction}, test {p.split.test_fraction}, seed {p.split.seed}.",
     ], table=(("config_type", "split", "frames"), [(c, s, n) for (c, s), n in sorted(table.items())]))
     return metrics
-
-
-def atoms_count(frames: list[Atoms]) -> int:
-    return int(np.sum([len(a) for a in frames]))
