@@ -277,8 +277,8 @@ PARAMS_ERRORS = {
 }
 
 JOBS: dict[str, tuple[list, str | None, list[list[str]]]] = {
-    "quarantine": (QUARANTINE_FILES, None, [["ingest"], ["validate"]]),
-    "all_bad": (["all_bad.extxyz"], None, [["ingest"], ["validate"]]),
+    "quarantine": (QUARANTINE_FILES, None, [["ingest"], ["validate"], ["index"]]),
+    "all_bad": (["all_bad.extxyz"], None, [["ingest"], ["validate"], ["index"]]),
     "validate_first": (["good.extxyz"], None, [["validate"]]),
     "params_ok": (["good.extxyz"], "ok_minimal.yaml", [["ingest"]]),
     "params_path": (["good.extxyz"], None, [["validate", "--params", "conf/custom.yaml"],
@@ -313,7 +313,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, list[subprocess.CompletedPro
 
 # ---------------------------------------------------------- CLI: quarantine, count invariant
 def test_pipeline_runs_clean(runs):
-    root, (r_ingest, r_validate) = runs["quarantine"]
+    root, (r_ingest, r_validate, _) = runs["quarantine"]
     assert_ok(r_ingest, "ingest")
     assert_ok(r_validate, "validate")
     ingest_metrics = json.loads((root / "reports/ingest/metrics.json").read_text())
@@ -386,7 +386,7 @@ def test_accepted_plus_quarantined_equals_frames_read(runs):
 
 
 def test_every_frame_bad_still_accounts_for_all(runs):
-    root, (r_ingest, r_validate) = runs["all_bad"]
+    root, (r_ingest, r_validate, r_index) = runs["all_bad"]
     assert_ok(r_ingest, "ingest")
     assert json.loads((root / "reports/ingest/metrics.json").read_text())["n_frames"] == 0
     assert_ok(r_validate, "validate")
@@ -399,6 +399,26 @@ def test_every_frame_bad_still_accounts_for_all(runs):
     assert q["extxyz"].tolist() == split_frames(BAD / "all_bad.extxyz")
     m = json.loads((root / "reports/validate/metrics.json").read_text())
     assert (m["n_ingested"], m["n_accepted"], m["n_quarantined"]) == (2, 0, 2)
+    # no training atom at all: the hull cannot be built, said in one line; no index is left behind
+    assert "'train' split is empty" in error_line(r_index)
+    assert not (root / "data/index.duckdb").exists()
+
+
+def test_index_of_quarantined_corpus(runs):
+    """The index holds every frame (accepted and quarantined, with reasons) and a hull of the accepted."""
+    from mlipops.index import query
+
+    root, (_, _, r_index) = runs["quarantine"]
+    assert_ok(r_index, "index")
+    db = root / "data/index.duckdb"
+    fr = query("SELECT status, count(*) AS n FROM frames GROUP BY status ORDER BY status", db)
+    assert fr.values.tolist() == [["accepted", 20], ["quarantined", 13]]
+    reasons = query("SELECT quarantine_check FROM frames WHERE status = 'quarantined'", db)
+    assert reasons["quarantine_check"].notna().all()
+    n_atoms = query("SELECT count(*) AS n FROM atoms", db).loc[0, "n"]
+    n_acc = query("SELECT sum(n_atoms) AS n FROM frames WHERE status = 'accepted'", db).loc[0, "n"]
+    assert n_atoms == n_acc
+    assert query("SELECT count(*) AS n FROM hull", db).loc[0, "n"] == 1
 
 
 # ----------------------------------------------------------------- CLI: one-line user errors

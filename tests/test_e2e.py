@@ -121,9 +121,12 @@ def test_index_tables(repo: Path):
     try:
         n_frames = con.execute("SELECT count(*) FROM frames WHERE status = 'accepted'").fetchone()[0]
         n_atoms = con.execute("SELECT count(*) FROM atoms").fetchone()[0]
-        cov = con.execute("SELECT config_type, n_frames FROM coverage").df()
-        z_fcc = con.execute("SELECT median(coordination) FROM atoms JOIN frames USING (frame_id) "
-                            "WHERE config_type = 'crystal_fcc'").fetchone()[0]
+        cov = con.execute("SELECT config_type, n_frames FROM coverage_by_config").df()
+        z_fcc = con.execute("SELECT median(coordination) FROM atoms WHERE config_type = 'crystal_fcc'").fetchone()[0]
+        hull = con.execute("SELECT species, k, n_extreme_points FROM hull").fetchall()
+        gamma = con.execute("SELECT split, max(extrapolation_grade) FROM atoms GROUP BY split").fetchall()
+        dimer_out = con.execute("SELECT count(*) FROM extrapolating_atoms WHERE config_type = 'path_dimer'"
+                                ).fetchone()[0]
     finally:
         con.close()
     from mlipops.frames import read_extxyz
@@ -133,6 +136,13 @@ def test_index_tables(repo: Path):
     assert n_atoms == sum(len(a) for a in accepted)
     assert {"crystal_fcc", "vacancy", "liquid", "path_dimer"} <= set(cov.config_type)
     assert z_fcc == 12
+    assert len(hull) == 1 and hull[0][0] == "Cu" and hull[0][1] == 5 and hull[0][2] > 5
+    gamma = dict(gamma)
+    assert gamma["train"] <= 1 + 1e-7 < gamma["test"]
+    assert dimer_out > 0
+    metrics = json.loads((repo / "reports/index/metrics.json").read_text())
+    assert metrics["fraction_train_atoms_outside_hull"] == 0 and metrics["fraction_test_atoms_outside_hull"] > 0
+    assert (repo / "reports/index/projection.png").stat().st_size > 1000
 
 
 def test_mlflow_run_and_registry(repo: Path):

@@ -14,7 +14,7 @@ from mlipops.frames import Rejected, file_md5, frame_id, to_extxyz_string, write
 from mlipops.index.build import atom_rows, build_index, query
 from mlipops.ingest import rejected_frame
 from mlipops.oracles import get_oracle
-from mlipops.params import IndexParams
+from mlipops.params import DescriptorParams, IndexParams
 
 A = 3.61  # Å, fcc Cu lattice constant used throughout
 
@@ -50,7 +50,7 @@ def u_index(tmp_path_factory):
         Rejected("unit", 11, "parse", "unit frame 11: ValueError: bad line", "3\nnot a frame\n"),
     ])
     q.to_parquet(d / "quarantine.parquet", index=False)
-    stats = build_index(IndexParams(coordination_cutoff=3.0), d / "accepted.extxyz",
+    stats = build_index(IndexParams(coordination_cutoff=3.0), DescriptorParams(), d / "accepted.extxyz",
                         d / "quarantine.parquet", d / "index.duckdb")
     return {"dir": d, "db": d / "index.duckdb", "stats": stats, "frames": frames}
 
@@ -80,8 +80,13 @@ def test_tables_and_columns(u_index):
     finally:
         con.close()
     assert tables == {"datasets": "BASE TABLE", "frames": "BASE TABLE", "atoms": "BASE TABLE",
-                      "coverage": "VIEW"}
-    assert cols["atoms"] == ["frame_id", "atom_index", "species", "coordination", "nn_distance"]
+                      "hull": "BASE TABLE", "hull_points": "BASE TABLE",
+                      "coverage_by_config": "VIEW", "coverage_by_species_coordination": "VIEW",
+                      "coverage_by_temperature": "VIEW", "extrapolating_atoms": "VIEW"}
+    assert cols["atoms"] == ["frame_id", "atom_index", "split", "config_type", "species", "coordination", "nn_distance",
+                             "bond_angle_deviation", "nearest_crystal", "descriptor", "projection",
+                             "inside_hull", "extrapolation_grade", "hull_distance", "extrapolation_reason"]
+    assert {"species", "method", "k", "n_extreme_points", "explained_variance"} <= set(cols["hull"])
     assert {"frame_id", "dataset_id", "status", "split", "config_type", "n_atoms", "energy",
             "energy_per_atom", "max_force", "volume_per_atom", "temperature_K", "periodic",
             "quarantine_check", "quarantine_reason"} <= set(cols["frames"])
@@ -137,7 +142,7 @@ def test_atom_rows_isolated_atom_has_no_neighbour():
 
 
 def test_coverage_view(u_index):
-    cov = query("SELECT * FROM coverage", u_index["db"])
+    cov = query("SELECT * FROM coverage_by_config", u_index["db"])
     key = {(r.split, r.config_type, r.status): r for r in cov.itertuples()}
     fcc = key[("train", "crystal_fcc", "accepted")]
     assert fcc.n_frames == 1 and fcc.n_atoms == 32
@@ -148,15 +153,16 @@ def test_coverage_view(u_index):
     assert np.isnan(key[("val", "surface_111", "accepted")].min_volume_per_atom)
     assert cov["n_frames"].sum() == 6
     assert (cov["status"] == "quarantined").sum() >= 1
-    total = query("SELECT sum(n_frames) AS n FROM coverage WHERE status = 'accepted'", u_index["db"])
+    total = query("SELECT sum(n_frames) AS n FROM coverage_by_config WHERE status = 'accepted'", u_index["db"])
     assert int(total.loc[0, "n"]) == 4
 
 
 @pytest.mark.parametrize("sql", [
     "CREATE TABLE evil (a INTEGER)",
-    "INSERT INTO atoms VALUES ('x', 0, 'Cu', 12, 2.5)",
+    "INSERT INTO frames (frame_id, dataset_id, status) VALUES ('x', 'y', 'accepted')",
     "DELETE FROM frames",
-    "DROP VIEW coverage",
+    "DROP VIEW coverage_by_config",
+    "UPDATE atoms SET inside_hull = true",
 ])
 def test_query_refuses_writes(u_index, sql):
     with pytest.raises(MlipopsError, match="query failed"):
@@ -184,6 +190,135 @@ def test_query_on_missing_index(tmp_path):
 
 def test_build_index_requires_inputs(tmp_path):
     with pytest.raises(StageInputError):
-        build_index(IndexParams(), tmp_path / "accepted.extxyz", tmp_path / "quarantine.parquet",
+        build_index(IndexParams(), DescriptorParams(), tmp_path / "accepted.extxyz", tmp_path / "quarantine.parquet",
                     tmp_path / "index.duckdb")
     assert not (tmp_path / "index.duckdb").exists()
+
+
+# ------------------------------------------------------------------------------ hull in the index
+def test_hull_rows_and_training_atoms_inside(u_index):
+    db = u_index["db"]
+    hull = query("SELECT * FROM hull", db)
+    assert hull["species"].tolist() == ["Cu"]
+    h = hull.iloc[0]
+    assert h["k"] == 5 and h["method"] == "pca+lp" and h["training_split"] == "train"
+    assert h["n_train_atoms"] == 64 and 1 <= h["n_extreme_points"] <= 64
+    assert 0 < h["explained_variance"] <= 1 and len(h["explained_variance_ratio"]) == 5
+    n_pts = query("SELECT count(*) AS n FROM hull_points", db).loc[0, "n"]
+    assert n_pts == h["n_extreme_points"]
+    at = query("SELECT * FROM atoms", db)
+    assert (at["descriptor"].map(len) == 24).all() and (at["projection"].map(len) == 5).all()
+    train = at[at.split == "train"]
+    assert train["inside_hull"].all() and (train["extrapolation_grade"] <= 1 + 1e-7).all()
+    assert (train["hull_distance"] == 0).all() and train["extrapolation_reason"].isna().all()
+
+
+def test_dimer_and_surface_extrapolate(u_index):
+    db = u_index["db"]
+    ex = query("SELECT * FROM extrapolating_atoms", db)
+    assert set(ex["config_type"]) <= {"path_dimer", "surface_111"}
+    dimer = ex[ex.config_type == "path_dimer"]
+    assert len(dimer) == 2 and (dimer["extrapolation_grade"] > 1).all() and (dimer["hull_distance"] > 0).all()
+    assert (dimer["extrapolation_reason"] == "outside_hull").all()
+    assert ex["extrapolation_grade"].is_monotonic_decreasing
+    fr = query("SELECT config_type, n_atoms_outside_hull, max_extrapolation_grade FROM frames "
+               "WHERE status = 'accepted'", db).set_index("config_type")
+    assert fr.loc["path_dimer", "n_atoms_outside_hull"] == 2
+    assert fr.loc["crystal_fcc", "n_atoms_outside_hull"] == 0
+
+
+def test_views_species_coordination_and_temperature(u_index):
+    db = u_index["db"]
+    z = query("SELECT * FROM coverage_by_species_coordination", db)
+    key = {(r.coordination, r.split): r for r in z.itertuples()}
+    assert key[(12, "train")].n_atoms >= 32 and key[(1, "test")].n_atoms == 2
+    assert key[(1, "test")].n_outside_hull == 2
+    assert z["n_atoms"].sum() == u_index["stats"]["n_atoms"]
+    t = query("SELECT * FROM coverage_by_temperature", db)
+    assert t[["temperature_bin_K", "config_type", "n_frames", "n_atoms"]].values.tolist() == [[2000, "liquid", 1, 32]]
+    by_cfg = query("SELECT * FROM coverage_by_config WHERE status = 'accepted'", db).set_index("config_type")
+    assert by_cfg.loc["path_dimer", "fraction_outside_hull"] == 1.0
+    assert by_cfg.loc["crystal_fcc", "n_atoms_outside_hull"] == 0
+
+
+def test_bond_angle_deviation_column(u_index):
+    db = u_index["db"]
+    fid = {a.info["config_type"]: a.info["frame_id"] for a in u_index["frames"]}
+    fcc = query(f"SELECT * FROM atoms WHERE frame_id = '{fid['crystal_fcc']}'", db)
+    assert (fcc["bond_angle_deviation"] < 1e-6).all() and (fcc["nearest_crystal"] == "fcc").all()
+    slab = query(f"SELECT * FROM atoms WHERE frame_id = '{fid['surface_111']}'", db)
+    assert (slab.loc[slab.coordination == 9, "bond_angle_deviation"] > 1.0).all()
+
+
+def test_check_structures_new_and_unseen(u_index):
+    from mlipops.index import check_structures
+
+    frames = u_index["frames"]
+    df = check_structures([frames[0], frames[3]], u_index["db"])  # bulk fcc (trained on), dimer
+    assert len(df) == 34 and df["inside_hull"].iloc[:32].all() and not df["inside_hull"].iloc[32:].any()
+    ref = query("SELECT extrapolation_grade FROM atoms WHERE config_type = 'path_dimer' ORDER BY atom_index",
+                u_index["db"])
+    np.testing.assert_allclose(df["extrapolation_grade"].iloc[32:], ref["extrapolation_grade"], rtol=1e-5)
+    alloy = bulk("Cu", "fcc", a=A, cubic=True)
+    alloy[0].symbol = "Au"  # an element the index has never seen
+    df = check_structures([alloy], u_index["db"])
+    assert not df["inside_hull"].any() and np.isinf(df["extrapolation_grade"]).all()
+    assert set(df["extrapolation_reason"]) == {"unseen_species"}
+
+
+def test_empty_training_split_is_a_clear_error(tmp_path):
+    frames = _frames()
+    for a in frames:
+        a.info["split"] = "test"
+    write_extxyz(tmp_path / "accepted.extxyz", frames)
+    rejected_frame([]).to_parquet(tmp_path / "quarantine.parquet", index=False)
+    with pytest.raises(StageInputError, match="'train' split is empty"):
+        build_index(IndexParams(), DescriptorParams(), tmp_path / "accepted.extxyz",
+                    tmp_path / "quarantine.parquet", tmp_path / "index.duckdb")
+    assert not (tmp_path / "index.duckdb").exists()
+
+
+def test_rebuild_is_atomic(u_index, tmp_path):
+    import shutil
+
+    db = tmp_path / "index.duckdb"
+    shutil.copy(u_index["db"], db)
+    before = db.read_bytes()
+    bad = tmp_path / "accepted.extxyz"
+    bad.write_text("2\nthis is not extxyz\nCu 0 0 0\n")
+    rejected_frame([]).to_parquet(tmp_path / "quarantine.parquet", index=False)
+    with pytest.raises(MlipopsError, match="accepted.extxyz"):
+        build_index(IndexParams(), DescriptorParams(), bad, tmp_path / "quarantine.parquet", db)
+    assert db.read_bytes() == before and not (tmp_path / "index.tmp.duckdb").exists()
+
+
+def test_cli_query_file_json_and_hull_check(u_index, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    exe = [sys.executable, "-c", "from mlipops.cli import main; main()"]
+    db = str(u_index["db"])
+    sql = tmp_path / "q.sql"
+    sql.write_text("SELECT config_type, n_atoms_outside_hull FROM coverage_by_config\n"
+                   "WHERE status = 'accepted' ORDER BY config_type")
+    res = subprocess.run([*exe, "query", "--file", str(sql), "--db", db, "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert {r["config_type"]: r["n_atoms_outside_hull"] for r in rows}["path_dimer"] == 2
+    res = subprocess.run([*exe, "query", f"COPY frames TO '{tmp_path / 'x.csv'}'", "--db", db],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "query failed" in res.stderr
+    structure = tmp_path / "new.extxyz"
+    alloy = bulk("Cu", "fcc", a=A, cubic=True)
+    alloy[0].symbol = "Au"
+    write_extxyz(structure, [u_index["frames"][3], alloy])
+    res = subprocess.run([*exe, "hull", "check", str(structure), "--db", db, "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)  # stdout is pure JSON (HiGHS' banner must not leak into it)
+    assert len(rows) == 6 and all(not r["inside_hull"] for r in rows)
+    assert [r["extrapolation_grade"] is None for r in rows] == [False, False, True, True, True, True]
+    assert "6 of 6 atoms outside" in res.stderr
+    res = subprocess.run([*exe, "hull", "check", str(tmp_path / "missing.extxyz"), "--db", db],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "missing.extxyz" in res.stderr and "Traceback" not in res.stderr

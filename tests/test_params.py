@@ -57,6 +57,8 @@ def test_repo_params_load(u_repo_root, u_raw_params):
     ("ingest.split.val_fraction", 1.5),
     ("validate.max_abs_force", -1.0),
     ("index.coordination_cutoff", 0),
+    ("index.pca_components", 7),
+    ("index.pca_components", 0),
     ("generate.crystals.structures", ["fcc", "quasicrystal"]),
     ("generate.liquid.temperature_K", -5.0),
 ])

@@ -60,7 +60,8 @@ def index(params: Path = ParamsOpt):
     """Build the DuckDB coverage index data/index.duckdb."""
     from mlipops.index import run
 
-    _done("index", run(_params(params).index))
+    p = _params(params)
+    _done("index", run(p.index, p.descriptors))
 
 
 @app.command()
@@ -90,18 +91,37 @@ def promote(params: Path = ParamsOpt):
     _done("promote", run(p.promote, p.train.model_name))
 
 
-@app.command()
-def query(sql: str = typer.Argument(..., help="one SQL statement (read-only)"),
-          db: Path = typer.Option(Path("data/index.duckdb"), "--db", help="index file"),
-          csv: bool = typer.Option(False, "--csv", help="print CSV instead of a table"),
-          limit: int = typer.Option(200, "--limit", help="rows shown in the table (CSV prints all)")):
-    """Run read-only SQL on the coverage index, e.g. mlipops query "SELECT * FROM coverage"."""
-    from mlipops.index import query as run_query
-
-    df = run_query(sql, db)
+def _print_frame(df, csv: bool, as_json: bool, limit: int) -> None:
+    """A DataFrame as a table (rich), CSV or JSON records (inf/NaN as null) on stdout."""
     if csv:
         df.to_csv(sys.stdout, index=False)
         return
+    if as_json:
+        import json
+
+        import numpy as np
+
+        import pandas as pd
+
+        def clean(v):
+            if v is pd.NA or v is pd.NaT:
+                return None
+            if isinstance(v, (np.floating, float)):
+                return float(v) if np.isfinite(v) else None
+            if isinstance(v, np.integer):
+                return int(v)
+            if isinstance(v, np.bool_):
+                return bool(v)
+            if isinstance(v, np.ndarray):
+                return [clean(x) for x in v.tolist()]
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            return v if v is None or isinstance(v, (str, int, bool)) else str(v)
+
+        rows = [{c: clean(v) for c, v in zip(df.columns, row)} for row in df.itertuples(index=False)]
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return
+    import pandas as pd
     from rich.console import Console
     from rich.table import Table
 
@@ -109,11 +129,60 @@ def query(sql: str = typer.Argument(..., help="one SQL statement (read-only)"),
     for c in df.columns:
         table.add_column(str(c))
     for row in df.head(limit).itertuples(index=False):
-        table.add_row(*[f"{v:.6g}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[f"{v:.6g}" if isinstance(v, float) else "" if v is None or v is pd.NA else str(v)
+                        for v in row])
     console = Console(width=max(120, Console().width))
     console.print(table)
     if len(df) > limit:
-        console.print(f"... {len(df) - limit} more rows (use --limit or --csv)")
+        console.print(f"... {len(df) - limit} more rows (use --limit, --csv or --json)")
+
+
+DbOpt = typer.Option(Path("data/index.duckdb"), "--db", help="index file")
+CsvOpt = typer.Option(False, "--csv", help="print CSV instead of a table")
+JsonOpt = typer.Option(False, "--json", help="print JSON records instead of a table")
+LimitOpt = typer.Option(200, "--limit", help="rows shown in the table (CSV/JSON print all)")
+
+
+@app.command()
+def query(sql: str = typer.Argument(None, help="one SQL statement (read-only)"),
+          file: Path = typer.Option(None, "--file", "-f", help="read the SQL from this file"),
+          db: Path = DbOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt, limit: int = LimitOpt):
+    """Read-only SQL on the coverage index, e.g. mlipops query "SELECT * FROM coverage_by_config"."""
+    from mlipops.index import query as run_query
+
+    if (sql is None) == (file is None):
+        raise MlipopsError("give either an SQL statement or --file, not both", field="sql")
+    if file is not None:
+        try:
+            sql = file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MlipopsError(f"cannot read the query: {exc.strerror or exc}", file=str(file)) from None
+    _print_frame(run_query(sql, db), csv, as_json, limit)
+
+
+hull_app = typer.Typer(no_args_is_help=True, help="The descriptor-space convex hull of the training data.")
+app.add_typer(hull_app, name="hull")
+
+
+@hull_app.command("check")
+def hull_check(structure: Path = typer.Argument(..., help="structures to check (extxyz, ASE db, mlearn json)"),
+               db: Path = DbOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt, limit: int = LimitOpt):
+    """Extrapolation grade γ of every atom of new structures against the training hull."""
+    from mlipops.frames import read_frames
+    from mlipops.index import check_structures
+
+    if not structure.is_file():
+        raise MlipopsError("no such file", file=str(structure))
+    frames, bad = read_frames(structure)
+    for r in bad:
+        typer.echo(f"mlipops: skipped frame {r.source_index} of {structure}: {r.reason}", err=True)
+    if not frames:
+        raise MlipopsError("no readable frame", file=str(structure))
+    df = check_structures(frames, db)
+    _print_frame(df, csv, as_json, limit)
+    n_out = int((~df.inside_hull).sum())
+    typer.echo(f"{n_out} of {len(df)} atoms outside the training hull; max γ = "
+               f"{df.extrapolation_grade.max():.4g}", err=True)
 
 
 @app.command()

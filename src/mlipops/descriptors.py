@@ -89,6 +89,23 @@ class AtomCentredDescriptor(nn.Module):
         pairs = [(a, b) for a in range(n_species) for b in range(a, n_species)]
         self.register_buffer("pair_a", torch.tensor([p[0] for p in pairs], dtype=torch.long))
         self.register_buffer("pair_b", torch.tensor([p[1] for p in pairs], dtype=torch.long))
+        # r̂^{⊗l} is symmetric: keep one component per multi-index (x^a y^b z^c, a+b+c = l) weighted by
+        # √(multinomial multiplicity), so <M, M'> over the unique components equals the full 3^l sum
+        # (1+3+6+10 instead of 1+3+9+27 components up to l = 3). Not persistent: saved models stay valid.
+        expo, weight, group = [], [], []
+        for l in range(max_l + 1):
+            for a in range(l, -1, -1):
+                for b in range(l - a, -1, -1):
+                    c = l - a - b
+                    expo.append((a, b, c))
+                    weight.append(math.sqrt(math.factorial(l) / (math.factorial(a) * math.factorial(b)
+                                                                  * math.factorial(c))))
+                    group.append(l)
+        self.register_buffer("mono_expo", torch.tensor(expo, dtype=torch.long), persistent=False)
+        self._mono_weight = weight  # python floats: a float32 buffer would round √3 etc. for float64 models
+        onehot = torch.zeros(len(group), max_l + 1)
+        onehot[torch.arange(len(group)), torch.tensor(group)] = 1.0
+        self.register_buffer("mono_group", onehot, persistent=False)  # [n_mono, L+1]: sums by order l
 
     @property
     def n_features(self) -> int:
@@ -109,13 +126,100 @@ class AtomCentredDescriptor(nn.Module):
             keep = r < self.angular_cutoff
             ra = self.angular(r[keep])  # [n_ang_edges, n_angular]
             u = vec[keep] / r[keep, None]  # [n_ang_edges, 3]
-            slot_a = slot[keep]
-            tensor = torch.ones_like(u[:, :1])  # r̂^{⊗0}, [n_ang_edges, 1]
-            for _ in range(self.max_l + 1):
-                m = (ra[:, :, None] * tensor[:, None, :])  # [n_ang_edges, n_angular, 3^l]
-                M = vec.new_zeros(n_atoms * S, *m.shape[1:]).index_add_(0, slot_a, m)
-                M = M.view(n_atoms, S, *m.shape[1:])
-                inv = (M[:, self.pair_a] * M[:, self.pair_b]).sum(-1)  # [n_atoms, n_pairs, n_angular]
-                feats.append(inv.reshape(n_atoms, -1))
-                tensor = (tensor[:, :, None] * u[:, None, :]).reshape(u.shape[0], 3 * tensor.shape[1])
+            # powers u_d^p for p = 0..L by repeated products (pow(0, 0) would have a NaN gradient)
+            pw = [torch.ones_like(u)]
+            for _ in range(self.max_l):
+                pw.append(pw[-1] * u)
+            pw = torch.stack(pw, dim=2)  # [n_ang_edges, 3, L+1]
+            e = self.mono_expo
+            weight = torch.tensor(self._mono_weight, dtype=u.dtype, device=u.device)
+            mono = pw[:, 0, e[:, 0]] * pw[:, 1, e[:, 1]] * pw[:, 2, e[:, 2]] * weight
+            m = ra[:, :, None] * mono[:, None, :]  # [n_ang_edges, n_angular, n_mono]
+            M = vec.new_zeros(n_atoms * S, *m.shape[1:]).index_add_(0, slot[keep], m)
+            M = M.view(n_atoms, S, *m.shape[1:])
+            inv = (M[:, self.pair_a] * M[:, self.pair_b]) @ self.mono_group.to(u.dtype)  # [n, pairs, n_ang, L+1]
+            feats.append(inv.permute(0, 3, 1, 2).reshape(n_atoms, -1))  # l-major, as the features are documented
         return torch.cat(feats, dim=1)
+
+
+def frame_edges(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float,
+                z_to_index: dict[int, int], nl=None):
+    """Edges of one frame for the descriptor: (species index [n], i, j, vec [n_edges, 3], unseen [n]).
+
+    ``unseen[a]`` is True when atom a, or any neighbour within ``cutoff``, has an element outside
+    ``z_to_index``: such an atom's environment cannot be represented in the descriptor space at all.
+    Edges touching unseen elements are dropped, so the other atoms' descriptors stay exact.
+    ``nl``: a neighbour list (i, j, S, d) of this frame computed with a cutoff ≥ ``cutoff``, to reuse.
+    """
+    known = np.array([z in z_to_index for z in numbers.tolist()], dtype=bool)
+    sp = np.array([z_to_index.get(z, 0) for z in numbers.tolist()], dtype=np.int64)
+    i, j, S, d = neighbor_list(positions, cell, pbc, cutoff) if nl is None else nl
+    if nl is not None:
+        inside = d < cutoff
+        i, j, S = i[inside], j[inside], S[inside]
+    unseen = ~known
+    bad_edge = ~known[j]
+    if bad_edge.any():
+        unseen[i[bad_edge]] = True
+    keep = known[i] & known[j]
+    i, j, S = i[keep], j[keep], S[keep]
+    vec = positions[j] - positions[i] + S @ np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    return sp, i, j, vec, unseen
+
+
+class DescriptorBatcher:
+    """Descriptors of a stream of frames, without gradients, batched into chunks of about
+    ``chunk_atoms`` atoms (one neighbour list per frame, one descriptor call per chunk)."""
+
+    def __init__(self, species: list[str], settings: dict, chunk_atoms: int = 4000,
+                 dtype: torch.dtype = torch.float64):
+        from ase.data import atomic_numbers
+
+        self.z_to_index = {atomic_numbers[s]: k for k, s in enumerate(species)}
+        self.desc = AtomCentredDescriptor(len(species), **settings).to(dtype)
+        self.cutoff = self.desc.cutoff
+        self.dtype, self.chunk_atoms = dtype, chunk_atoms
+        self._g, self._u, self._buf, self._n_buf = [], [], [], 0
+
+    def add(self, atoms, nl=None) -> None:
+        """Queue one frame; ``nl`` is its neighbour list (i, j, S, d) if already computed (cutoff ≥ ours)."""
+        self._buf.append(frame_edges(atoms.numbers, np.asarray(atoms.positions, np.float64), atoms.cell.array,
+                                     atoms.pbc, self.cutoff, self.z_to_index, nl))
+        self._n_buf += len(atoms)
+        if self._n_buf >= self.chunk_atoms:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        offset, sps, ii, jj, vv = 0, [], [], [], []
+        for sp, i, j, vec, unseen in self._buf:
+            sps.append(sp), ii.append(i + offset), jj.append(j + offset), vv.append(vec)
+            self._u.append(unseen)
+            offset += len(sp)
+        with torch.no_grad():
+            g = self.desc(torch.from_numpy(np.concatenate(sps)), torch.from_numpy(np.concatenate(ii)),
+                          torch.from_numpy(np.concatenate(jj)), torch.from_numpy(np.concatenate(vv)).to(self.dtype))
+        self._g.append(g.numpy())
+        self._buf, self._n_buf = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(G [n_atoms_total, n_features], unseen [n_atoms_total]) of every frame added, in order."""
+        self._flush()
+        if not self._g:
+            return np.zeros((0, self.desc.n_features)), np.zeros(0, dtype=bool)
+        return np.concatenate(self._g), np.concatenate(self._u)
+
+
+def compute_descriptors(frames, species: list[str], settings: dict, chunk_atoms: int = 4000,
+                        dtype: torch.dtype = torch.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors of every atom of every frame, in frame order, without gradients.
+
+    ``species`` fixes the descriptor's species channels (the same order as the potential's), and
+    ``settings`` are the ``descriptors`` params. Returns (G [n_atoms_total, n_features],
+    unseen [n_atoms_total]); see :func:`frame_edges`.
+    """
+    batcher = DescriptorBatcher(species, settings, chunk_atoms, dtype)
+    for a in frames:
+        batcher.add(a)
+    return batcher.result()

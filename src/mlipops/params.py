@@ -114,6 +114,8 @@ class ValidateParams(_Section):
 # ------------------------------------------------------------------------------------------ index
 class IndexParams(_Section):
     coordination_cutoff: float = Field(3.0, gt=0.0)
+    pca_components: int = Field(5, ge=1, le=6)  # k of the descriptor-space hull (qhull cost explodes above 6)
+    training_split: str = "train"  # the split whose atoms span the hull
 
 
 # ------------------------------------------------------------------------------------ descriptors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,17 +13,20 @@ import pandas as pd
 from ase import Atoms
 
 from mlipops import __version__
-from mlipops.descriptors import neighbor_list
+from mlipops.descriptors import DescriptorBatcher, compute_descriptors, neighbor_list
 from mlipops.errors import MlipopsError, StageInputError
-from mlipops.frames import file_md5, formula, labels, read_extxyz
-from mlipops.params import IndexParams
+from mlipops.frames import file_md5, formula, frame_id, labels, read_extxyz
+from mlipops.index.hull import HullIndex, SpeciesHull, fit_hull_index
+from mlipops.params import DescriptorParams, IndexParams
 from mlipops.quality.validate import ACCEPTED, QUARANTINE
-from mlipops.report import write_markdown, write_metrics
+from mlipops.report import md_table, write_markdown, write_metrics
 
 SCHEMA = Path(__file__).with_name("schema.sql")
 INDEX = Path("data/index.duckdb")
 REPORT_DIR = Path("reports/index")
 NN_PROBE = 6.0  # Å, radius searched for the nearest neighbour
+ATOM_GEOMETRY_COLUMNS = ["frame_id", "atom_index", "split", "config_type", "species", "coordination", "nn_distance",
+                         "bond_angle_deviation", "nearest_crystal"]
 
 
 def _frame_row(a: Atoms, dataset_id: str, status: str) -> dict:
@@ -42,16 +46,50 @@ def _frame_row(a: Atoms, dataset_id: str, status: str) -> dict:
     }
 
 
-def atom_rows(a: Atoms, coordination_cutoff: float) -> pd.DataFrame:
-    probe = max(coordination_cutoff, NN_PROBE)
-    i, _, _, d = neighbor_list(a.positions, a.cell.array, a.pbc, probe)
-    n = len(a)
-    coordination = np.bincount(i[d < coordination_cutoff], minlength=n)
-    nn = np.full(n, np.inf)
-    np.minimum.at(nn, i, d)
-    return pd.DataFrame({"frame_id": a.info["frame_id"], "atom_index": np.arange(n, dtype=np.int32),
-                         "species": a.get_chemical_symbols(), "coordination": coordination.astype(np.int32),
-                         "nn_distance": np.where(np.isfinite(nn), nn, np.nan)})
+def _geometry(items: list[tuple[Atoms, tuple]], coordination_cutoff: float) -> dict[str, np.ndarray]:
+    """Per-atom geometry of several frames at once, from their neighbour lists (i, j, S, d):
+    coordination number, nearest-neighbour distance (NaN if none in the list), first-shell
+    bond-angle deviation. Batched over frames: the per-frame numpy overhead dominates otherwise."""
+    from mlipops.index.angles import deviation_from_bonds
+
+    offset, all_i, all_d, first_i, first_vec = 0, [], [], [], []
+    for a, (i, j, S, d) in items:
+        all_i.append(i + offset)
+        all_d.append(d)
+        f = (d < coordination_cutoff) & (d > 0.0)
+        first_i.append(i[f] + offset)
+        first_vec.append(a.positions[j[f]] - a.positions[i[f]] + S[f] @ a.cell.array)
+        offset += len(a)
+    n = offset
+    i, d = np.concatenate(all_i), np.concatenate(all_d)
+    fi, fvec = np.concatenate(first_i), np.concatenate(first_vec)
+    coordination = np.bincount(fi, minlength=n).astype(np.int32)
+    nn = np.full(n, np.nan)
+    if len(i):
+        order = np.lexsort((d, i))
+        centres, at = np.unique(i[order], return_index=True)
+        nn[centres] = d[order][at]
+    order = np.argsort(fi, kind="stable")
+    dev, crystal = deviation_from_bonds(n, fi[order], fvec[order])
+    return {"coordination": coordination, "nn_distance": nn, "bond_angle_deviation": dev,
+            "nearest_crystal": crystal}
+
+
+def _atom_columns(items: list[tuple[Atoms, tuple]], coordination_cutoff: float) -> dict[str, np.ndarray]:
+    """All ``atoms`` table columns but the hull's, for a batch of (frame, neighbour list)."""
+    frames = [a for a, _ in items]
+    counts = [len(a) for a in frames]
+    rep = lambda key: np.repeat(np.array([a.info.get(key) for a in frames], dtype=object), counts)  # noqa: E731
+    return {"frame_id": rep("frame_id"), "atom_index": np.concatenate([np.arange(c, dtype=np.int32) for c in counts]),
+            "split": rep("split"), "config_type": rep("config_type"),
+            "species": np.array([s for a in frames for s in a.get_chemical_symbols()], dtype=object),
+            **_geometry(items, coordination_cutoff)}
+
+
+def atom_rows(a: Atoms, coordination_cutoff: float, probe: float = NN_PROBE) -> pd.DataFrame:
+    """Geometry columns of one frame's atoms (neighbours searched within ``probe``)."""
+    nl = neighbor_list(a.positions, a.cell.array, a.pbc, max(coordination_cutoff, probe))
+    return pd.DataFrame(_atom_columns([(a, nl)], coordination_cutoff))
 
 
 def _quarantined_rows(q: pd.DataFrame, dataset_id: str) -> list[dict]:
@@ -61,7 +99,8 @@ def _quarantined_rows(q: pd.DataFrame, dataset_id: str) -> list[dict]:
     for r in q.itertuples(index=False):
         try:
             a = ase.io.read(io.StringIO(r.extxyz), format="extxyz")
-            a.info.update({"frame_id": r.frame_id, "split": r.split, "config_type": r.config_type,
+            fid = r.frame_id if isinstance(r.frame_id, str) and r.frame_id else frame_id(a)
+            a.info.update({"frame_id": fid, "split": r.split, "config_type": r.config_type,
                            "source": r.source, "source_index": r.source_index})
             row = _frame_row(a, dataset_id, "quarantined")
         except Exception:  # unparseable frame: its identity and reason are still indexed
@@ -73,42 +112,202 @@ def _quarantined_rows(q: pd.DataFrame, dataset_id: str) -> list[dict]:
     return rows
 
 
-def build_index(p: IndexParams, accepted: Path = ACCEPTED, quarantine: Path = QUARANTINE,
-                out: Path = INDEX) -> dict:
+def _list_array(values: np.ndarray, null_rows: np.ndarray | None = None):
+    """[n, m] float array -> an Arrow list<float32> column (NULL where ``null_rows``)."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    n, m = values.shape
+    offsets = np.arange(0, (n + 1) * m, m, dtype=np.int32)
+    mask = None if null_rows is None or not null_rows.any() else pa.array(null_rows)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1)), mask=mask)
+
+
+def _hull_tables(h: HullIndex, training_split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows, points = [], []
+    for s, sh in h.hulls.items():
+        rows.append({"species": s, "method": sh.method, "k": sh.k, "rank": sh.rank,
+                     "n_train_atoms": sh.n_train_atoms, "n_extreme_points": len(sh.points),
+                     "explained_variance": float(sh.explained_variance_ratio.sum()),
+                     "explained_variance_ratio": sh.explained_variance_ratio.tolist(),
+                     "training_split": training_split, "species_channels": list(h.species),
+                     "descriptor_settings": json.dumps(h.descriptor, sort_keys=True),
+                     "feature_mean": sh.feature_mean.tolist(), "feature_std": sh.feature_std.tolist(),
+                     "components": sh.components.tolist(), "centroid": sh.centroid.tolist()})
+        points += [{"species": s, "point_index": q, "coords": row.tolist()} for q, row in enumerate(sh.points)]
+    return pd.DataFrame(rows), pd.DataFrame(points, columns=["species", "point_index", "coords"])
+
+
+def extrapolation_reason(inside: np.ndarray, gamma: np.ndarray, unseen: np.ndarray) -> np.ndarray:
+    reason = np.where(inside, None, np.where(np.isinf(gamma), "off_training_subspace", "outside_hull"))
+    reason[unseen] = "unseen_species"
+    return reason.astype(object)
+
+
+def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = ACCEPTED,
+                quarantine: Path = QUARANTINE, out: Path = INDEX) -> dict:
+    """Build the whole index into a new file, then rename it over ``out`` (readers never see half)."""
     import duckdb
 
+    t0 = time.perf_counter()
     for path in (accepted, quarantine):
         if not path.is_file():
             raise StageInputError("curated data missing: run `dvc repro validate` first", file=str(path))
+    if accepted.stat().st_size == 0:
+        raise StageInputError(f"no accepted frames, so the {p.training_split!r} split is empty and the hull has "
+                              f"no training atoms (every frame is quarantined: see {quarantine})",
+                              file=str(accepted))
     frames, bad = read_extxyz(accepted)
     if bad:
         raise StageInputError(f"curated data is corrupt: {bad[0].reason}", file=str(accepted))
     q = pd.read_parquet(quarantine)
     dataset_id = file_md5(accepted)
+    t_read = time.perf_counter()
+
+    train_frames = [a for a in frames if a.info.get("split") == p.training_split]
+    if not train_frames:
+        raise StageInputError(f"the {p.training_split!r} split is empty: the hull needs training atoms "
+                              "(check ingest.split and the quarantine)", file=str(accepted), field="split")
+    species = sorted({s for a in train_frames for s in a.get_chemical_symbols()})
+    settings = descriptors.model_dump()
+    # one neighbour list per frame serves the geometry columns and the descriptor
+    radius = max(descriptors.cutoff, p.coordination_cutoff)
+    batcher = DescriptorBatcher(species, settings)
+    parts, pending, n_pending = [], [], 0
+    clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0}
+    for k, a in enumerate(frames):
+        t = time.perf_counter()
+        nl = neighbor_list(a.positions, a.cell.array, a.pbc, radius)
+        t1 = time.perf_counter()
+        batcher.add(a, nl)
+        t2 = time.perf_counter()
+        pending.append((a, nl))
+        n_pending += len(a)
+        if n_pending >= 4000 or k == len(frames) - 1:
+            parts.append(_atom_columns(pending, p.coordination_cutoff))
+            pending, n_pending = [], 0
+        clock["nl"] += t1 - t
+        clock["descriptors"] += t2 - t1
+        clock["geometry"] += time.perf_counter() - t2
+    t = time.perf_counter()
+    g, unseen = batcher.result()
+    t1 = time.perf_counter()
+    atom_df = pd.DataFrame({c: np.concatenate([pt[c] for pt in parts]) for c in ATOM_GEOMETRY_COLUMNS})
+    t_desc = time.perf_counter()
+    clock["descriptors"] += t1 - t
+    clock["geometry"] += t_desc - t1
+    split = atom_df["split"].to_numpy().astype(str)
+    is_train = split == p.training_split
+    symbols = atom_df["species"].to_numpy().astype(str)
+    hidx = fit_hull_index(symbols, g, is_train, species, settings, p.pca_components)
+    ev = hidx.evaluate(symbols, g, unseen)
+    t_hull = time.perf_counter()
+
+    inside, gamma = ev["inside_hull"], ev["extrapolation_grade"]
+    atom_df["inside_hull"] = inside
+    atom_df["extrapolation_grade"] = gamma
+    atom_df["hull_distance"] = ev["hull_distance"]
+    atom_df["extrapolation_reason"] = extrapolation_reason(inside, gamma, unseen)
+    per_frame = atom_df.groupby("frame_id", sort=False).agg(
+        n_atoms_outside_hull=("inside_hull", lambda x: int((~x).sum())),
+        max_extrapolation_grade=("extrapolation_grade", "max"))
     frame_df = pd.DataFrame([_frame_row(a, dataset_id, "accepted") for a in frames]
                             + _quarantined_rows(q, dataset_id))
-    atom_df = pd.concat([atom_rows(a, p.coordination_cutoff) for a in frames], ignore_index=True) \
-        if frames else pd.DataFrame(columns=["frame_id", "atom_index", "species", "coordination", "nn_distance"])
+    frame_df = frame_df.drop(columns=[c for c in per_frame.columns if c in frame_df]) \
+        .merge(per_frame, how="left", left_on="frame_id", right_index=True)
+    quarantined = frame_df["status"] != "accepted"  # a quarantined duplicate shares its twin's frame_id
+    frame_df.loc[quarantined, ["n_atoms_outside_hull", "max_extrapolation_grade"]] = np.nan
+    frame_df["n_atoms_outside_hull"] = frame_df["n_atoms_outside_hull"].astype("Int64")
     datasets = pd.DataFrame([{"dataset_id": dataset_id, "accepted_path": str(accepted),
                               "n_accepted": len(frames), "n_quarantined": len(q),
                               "created_at": datetime.now(timezone.utc).replace(tzinfo=None),
                               "mlipops_version": __version__}])
+    hull_df, points_df = _hull_tables(hidx, p.training_split)
+
+    import pyarrow as pa
+
+    atoms_tbl = pa.Table.from_pandas(atom_df, preserve_index=False)
+    atoms_tbl = atoms_tbl.append_column("descriptor", _list_array(g))
+    atoms_tbl = atoms_tbl.append_column("projection", _list_array(np.nan_to_num(ev["projection"]),
+                                                                  np.isnan(ev["projection"]).any(axis=1)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.duckdb")
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp))
     try:
         con.execute(SCHEMA.read_text())
-        for name, df in (("datasets", datasets), ("frames", frame_df), ("atoms", atom_df)):
+        for name, df in (("datasets", datasets), ("frames", frame_df), ("hull", hull_df),
+                         ("hull_points", points_df), ("atoms", atoms_tbl)):
             con.register("df_in", df)
             con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM df_in")
             con.unregister("df_in")
         con.execute("CHECKPOINT")
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    tmp.replace(out)
+    t_end = time.perf_counter()
+    by_split = {}
+    for sname in sorted(set(split.tolist())):
+        m = split == sname
+        by_split[f"n_{sname}_atoms"] = int(m.sum())
+        by_split[f"fraction_{sname}_atoms_outside_hull"] = round(float((~inside[m]).mean()), 4)
+    hull_stats = {}
+    for s, sh in hidx.hulls.items():
+        hull_stats[f"hull.{s}.n_extreme_points"] = len(sh.points)
+        hull_stats[f"hull.{s}.explained_variance"] = round(float(sh.explained_variance_ratio.sum()), 4)
+        hull_stats[f"hull.{s}.n_lp_solves"] = sh.solver().n_lp
+    return {"n_frames": len(frame_df), "n_accepted": len(frames), "n_quarantined": len(q),
+            "n_atoms": len(atom_df), "n_features": int(g.shape[1]), "k": int(ev["projection"].shape[1]),
+            "dataset_id": dataset_id, **by_split, **hull_stats,
+            "time.read_s": round(t_read - t0, 2), "time.neighbour_lists_s": round(clock["nl"], 2),
+            "time.geometry_s": round(clock["geometry"], 2), "time.descriptors_s": round(clock["descriptors"], 2),
+            "time.hull_s": round(t_hull - t_desc, 2),
+            "time.write_s": round(t_end - t_hull, 2)}
+
+
+def load_hull_index(path: Path = INDEX) -> HullIndex:
+    """The hulls stored in an index file (read-only), ready to evaluate new structures."""
+    con = connect_read_only(path)
+    try:
+        hull_df = con.execute("SELECT * FROM hull ORDER BY species").df()
+        pts = con.execute("SELECT species, coords FROM hull_points ORDER BY species, point_index").df()
     finally:
         con.close()
-    tmp.replace(out)
-    return {"n_frames": len(frame_df), "n_accepted": len(frames), "n_quarantined": len(q),
-            "n_atoms": len(atom_df), "dataset_id": dataset_id}
+    if hull_df.empty:
+        raise MlipopsError("the index holds no hull", file=str(path))
+    hulls = {}
+    for r in hull_df.itertuples(index=False):
+        p_s = np.array(pts.loc[pts.species == r.species, "coords"].tolist(), dtype=np.float64)
+        hulls[r.species] = SpeciesHull(
+            species=r.species, k=int(r.k), feature_mean=np.asarray(r.feature_mean, np.float64),
+            feature_std=np.asarray(r.feature_std, np.float64),
+            components=np.array([np.asarray(c, np.float64) for c in r.components]),
+            explained_variance_ratio=np.asarray(r.explained_variance_ratio, np.float64),
+            centroid=np.asarray(r.centroid, np.float64), points=p_s.reshape(-1, int(r.k)),
+            n_train_atoms=int(r.n_train_atoms), rank=int(r.rank), method=r.method)
+    first = hull_df.iloc[0]
+    return HullIndex(species=list(first.species_channels), descriptor=json.loads(first.descriptor_settings),
+                     hulls=hulls)
+
+
+def check_structures(frames: list[Atoms], path: Path = INDEX) -> pd.DataFrame:
+    """γ, membership and distance of every atom of new structures against the index's hulls."""
+    hidx = load_hull_index(path)
+    if not frames:
+        return pd.DataFrame(columns=["frame", "atom_index", "species", "inside_hull", "extrapolation_grade",
+                                     "hull_distance", "extrapolation_reason"])
+    g, unseen = compute_descriptors(frames, hidx.species, hidx.descriptor)
+    symbols = np.concatenate([np.array(a.get_chemical_symbols(), dtype=str) for a in frames])
+    ev = hidx.evaluate(symbols, g, unseen)
+    return pd.DataFrame({
+        "frame": np.concatenate([np.full(len(a), k) for k, a in enumerate(frames)]),
+        "atom_index": np.concatenate([np.arange(len(a)) for a in frames]),
+        "species": symbols, "inside_hull": ev["inside_hull"],
+        "extrapolation_grade": ev["extrapolation_grade"], "hull_distance": ev["hull_distance"],
+        "extrapolation_reason": extrapolation_reason(ev["inside_hull"], ev["extrapolation_grade"], unseen)})
 
 
 def connect_read_only(path: Path = INDEX):
@@ -125,7 +324,13 @@ def query(sql: str, path: Path = INDEX) -> pd.DataFrame:
 
     con = connect_read_only(path)
     try:
-        return con.execute(sql).df()
+        cur = con.execute(sql)
+        types = [str(d[1]) for d in (cur.description or [])]
+        df = cur.df()
+        for col, t in zip(list(df.columns), types):  # pandas turns HUGEINT (e.g. sum of integers) into
+            if t in ("HUGEINT", "UHUGEINT") and df[col].dtype.kind == "f":  # float: keep them integers
+                df[col] = df[col].astype("Int64")
+        return df
     except duckdb.Error as exc:
         msg = str(exc).splitlines()[0]
         raise MlipopsError(f"query failed: {msg}", file=str(path), field="sql") from None
@@ -133,16 +338,96 @@ def query(sql: str, path: Path = INDEX) -> pd.DataFrame:
         con.close()
 
 
-def run(p: IndexParams) -> dict:
+def _plots(db: Path, report_dir: Path) -> list[str]:
+    """PC1-PC2 projection (training vs the other splits, by inside_hull) and γ histograms per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    con = connect_read_only(db)
+    try:
+        df = con.execute("""SELECT species, split, inside_hull, extrapolation_grade,
+                                   projection[1] AS pc1, projection[2] AS pc2 FROM atoms""").df()
+        hull = con.execute("SELECT species, explained_variance_ratio FROM hull ORDER BY species").df()
+    finally:
+        con.close()
+    made = []
+    rng = np.random.default_rng(0)
+    species = hull.species.tolist()
+    fig, axes = plt.subplots(1, len(species), figsize=(5.5 * len(species), 5), squeeze=False)
+    for ax, (s, evr) in zip(axes[0], zip(species, hull.explained_variance_ratio)):
+        d = df[(df.species == s) & df.pc1.notna()]
+        if len(d) > 30000:
+            d = d.iloc[rng.choice(len(d), 30000, replace=False)]
+        tr = d[d.split == "train"]
+        ax.scatter(tr.pc1, tr.pc2, s=3, c="0.7", label=f"train (n={len(tr)})")
+        other = d[d.split != "train"]
+        for inside, colour in ((True, "tab:blue"), (False, "tab:red")):
+            o = other[other.inside_hull == inside]
+            ax.scatter(o.pc1, o.pc2, s=5, c=colour, alpha=0.6,
+                       label=f"val/test {'inside' if inside else 'outside'} hull (n={len(o)})")
+        evr = list(evr) + [0.0, 0.0]
+        ax.set_xlabel(f"PC1 ({100 * evr[0]:.1f} % of variance)")
+        ax.set_ylabel(f"PC2 ({100 * evr[1]:.1f} % of variance)")
+        ax.set_title(f"{s}: descriptor space (first 2 of k PCs)")
+        ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(report_dir / "projection.png", dpi=110)
+    plt.close(fig)
+    made.append("projection.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fin = df[np.isfinite(df.extrapolation_grade)]
+    lo = max(float(fin.extrapolation_grade.min()) if len(fin) else 1e-3, 1e-3)
+    hi = max(float(fin.extrapolation_grade.max()) if len(fin) else 10.0, 2.0)
+    bins = np.logspace(np.log10(lo), np.log10(hi), 50)
+    for split in sorted(df.split.dropna().unique()):
+        v = fin[fin.split == split].extrapolation_grade
+        ax.hist(v, bins=bins, histtype="step", density=True, label=f"{split} (n={len(v)})")
+    ax.axvline(1.0, color="k", ls="--", lw=0.8, label="hull boundary γ = 1")
+    ax.set_xscale("log")
+    ax.set_xlabel("extrapolation grade γ")
+    ax.set_ylabel("density of atoms")
+    ax.set_title("extrapolation grade per split")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(report_dir / "gamma_histogram.png", dpi=110)
+    plt.close(fig)
+    made.append("gamma_histogram.png")
+    return made
+
+
+def run(p: IndexParams, descriptors: DescriptorParams) -> dict:
     t0 = time.perf_counter()
-    stats = build_index(p)
-    cov = query("SELECT * FROM coverage")
+    stats = build_index(p, descriptors)
+    by_config = query("SELECT * FROM coverage_by_config")
+    hull = query("""SELECT species, k, rank, n_train_atoms, n_extreme_points, round(explained_variance, 4)
+                    AS explained_variance FROM hull ORDER BY species""")
+    by_z = query("""SELECT species, coordination, split, n_atoms, n_outside_hull, mean_nn_distance,
+                           mean_bond_angle_deviation, median_extrapolation_grade
+                    FROM coverage_by_species_coordination""")
+    by_t = query("SELECT * FROM coverage_by_temperature")
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    plots = _plots(INDEX, REPORT_DIR)
     metrics = {k: v for k, v in stats.items() if k != "dataset_id"} | {
         "wall_time_s": round(time.perf_counter() - t0, 2)}
     write_metrics(REPORT_DIR, metrics)
+
+    def table(df):
+        return md_table(tuple(df.columns), df.itertuples(index=False))
+
+    fractions = ", ".join(f"{k.split('_')[1]} {100 * v:.1f} %" for k, v in stats.items()
+                          if k.startswith("fraction_") and k.endswith("_outside_hull"))
     write_markdown(REPORT_DIR / "coverage.md", "Coverage index", [
         f"`{INDEX}` for dataset `{stats['dataset_id']}`: {stats['n_frames']} frames "
-        f"({stats['n_accepted']} accepted, {stats['n_quarantined']} quarantined), {stats['n_atoms']} atoms.",
-        "Query it with `mlipops query \"SELECT * FROM coverage\"`.",
-    ], table=(tuple(cov.columns), cov.itertuples(index=False)))
+        f"({stats['n_accepted']} accepted, {stats['n_quarantined']} quarantined), {stats['n_atoms']} atoms, "
+        f"{stats['n_features']} descriptor features projected on k = {stats['k']} principal components.",
+        f"Atoms outside the convex hull of the training atoms: {fractions}.",
+        "Query it with `mlipops query \"SELECT * FROM coverage_by_config\"`; "
+        "the method and its limits are in the README's index section.",
+    ], extra=["## Hull", table(hull), "## By split and config_type", table(by_config),
+              "## By species and coordination number", table(by_z),
+              "## By temperature (250 K bins)", table(by_t) if len(by_t) else "_no frame has a temperature_",
+              "## Plots", *[f"![{name}]({name})" for name in plots]])
     return metrics

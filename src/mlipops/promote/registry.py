@@ -50,7 +50,9 @@ def _coverage_summary(index_path: Path) -> str:
         return "_coverage index missing_"
     from mlipops.index import query
 
-    df = query("SELECT split, config_type, n_frames, n_atoms FROM coverage WHERE status = 'accepted'", index_path)
+    df = query("SELECT split, config_type, n_frames, n_atoms, n_atoms_outside_hull, fraction_outside_hull, "
+               "round(max_extrapolation_grade, 3) AS max_extrapolation_grade "
+               "FROM coverage_by_config WHERE status = 'accepted'", index_path)
     return md_table(tuple(df.columns), df.itertuples(index=False))
 
 
@@ -84,7 +86,7 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
         f"hidden layers {config['hidden']}.",
         "## Gates", md_table(("gate", "value", "threshold", "result"), rows),
         "## Test errors per config_type", md_table(("config_type", "E MAE (eV/atom)", "F MAE (eV/Å)"), ct_rows),
-        "## Data coverage (accepted frames)", coverage,
+        "## Data coverage (accepted frames; hull = convex hull of the training atoms in descriptor space)", coverage,
         "## Reports not yet produced", "Uncertainty (ensemble calibration) and melting point are not part "
         "of this pipeline version: `uncertainty.json` and `melting_point.json` are missing, not faked.",
         "## Load", f"```python\nfrom mlipops.models import MlipopsCalculator\n"
