@@ -30,6 +30,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_index.py
 
 ui: $(STAMP)
 	$(BIN)/mlipops ui

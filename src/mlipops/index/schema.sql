@@ -107,7 +107,6 @@ ORDER BY f.split, f.config_type, f.status;
 CREATE VIEW coverage_by_species_coordination AS
 SELECT species, coordination, split,
        count(*)                                  AS n_atoms,
-       count(DISTINCT frame_id)                  AS n_frames,
        count(*) FILTER (WHERE NOT inside_hull)   AS n_outside_hull,
        round(avg(nn_distance), 4)                AS mean_nn_distance,
        round(avg(bond_angle_deviation), 3)       AS mean_bond_angle_deviation,
