@@ -50,11 +50,24 @@ N_FRAMES = {
     "nan_positions.extxyz": 2,
     "energy_not_number.extxyz": 2,
     "all_bad.extxyz": 2,
+    "inf_forces.extxyz": 2,
+    "forces_not_number.extxyz": 2,
+    "zero_volume_cell.extxyz": 3,
+    "mixed_units.extxyz": 4,
+    "stress_wrong_shape.extxyz": 3,
+    "energy_out_of_range.extxyz": 3,
+    "net_force_corrupted.extxyz": 4,
+    "outside_box.extxyz": 3,
+    "one_atom.extxyz": 4,
 }
 QUARANTINE_FILES = [f for f in N_FRAMES if f != "all_bad.extxyz"]
 
 # (source, source_index) -> (stage, check, reason) of every frame that must be quarantined;
 # reason None: checked separately.
+ZERO_CELL = ("periodic cell is degenerate: the 3 periodic cell vector(s) span 0 Å^3 "
+             "(zero or collinear lattice vectors)")
+NET_FORCE = ("net force |ΣF| = {:.3g} eV/Å above 0.1 eV/Å "
+             "(forces must sum to zero: corrupted or mixed-up force labels?)")
 EXPECTED_QUARANTINE = {
     ("unknown_element", 1): (
         "ingest", "parse",
@@ -71,15 +84,56 @@ EXPECTED_QUARANTINE = {
     ("no_energy", 1): ("validate", "has_energy", "no energy label"),
     ("nan_energy", 1): ("validate", "finite_labels", "non-finite label (NaN or inf) in energy"),
     ("nan_energy", 3): ("validate", "finite_labels", "non-finite label (NaN or inf) in energy"),
-    ("nan_forces", 1): ("validate", "finite_labels", "non-finite label (NaN or inf) in forces"),
+    ("nan_forces", 1): (
+        "validate", "finite_labels",
+        "non-finite label (NaN or inf) in forces; atom 0: force (nan, 0.01, 0) not finite (+1 more atom)"),
     ("forces_wrong_shape", 1): (
         "validate", "forces_shape", "forces array shape differs from positions (4x2 vs 4x3)"),
     ("disallowed_species", 1): (
-        "validate", "species_allowed", "species Ag,Cu not all in validate.allowed_species"),
+        "validate", "species_allowed", "atom 1: species Ag not in validate.allowed_species ['Cu']"),
     ("overlapping_atoms", 1): (
         "validate", "min_distance", "atoms 0.300 Å apart (overlapping; minimum 1.5 Å)"),
-    ("huge_force", 1): ("validate", "max_force", "force component 120 eV/Å above 50.0 eV/Å"),
+    ("huge_force", 1): ("validate", "max_force", "atom 0: |F| = 120 eV/Å above 50.0 eV/Å (+1 more atom)"),
+    ("inf_forces", 1): (
+        "validate", "finite_labels",
+        "non-finite label (NaN or inf) in forces; atom 1: force (inf, -0.01, 0) not finite (+1 more atom)"),
+    ("forces_not_number", 1): (
+        "ingest", "parse",
+        "raw/forces_not_number.extxyz frame 1: ValueError: could not convert string to float: '0.0o0'"),
+    ("zero_volume_cell", 1): ("validate", "cell_volume", ZERO_CELL),
+    ("zero_volume_cell", 2): ("validate", "cell_volume", ZERO_CELL),
+    ("mixed_units", 2): (
+        "validate", "energy_range",
+        "energy -81.53 eV/atom below the range [-5, 0] eV/atom of Cu (validate.energy_per_atom_range.Cu)"),
+    ("mixed_units", 3): (
+        "validate", "energy_range,max_force",
+        "energy -3536 eV/atom below the range [-5, 0] eV/atom of Cu (validate.energy_per_atom_range.Cu); "
+        "atom 0: |F| = 51 eV/Å above 50.0 eV/Å"),
+    ("stress_wrong_shape", 1): (
+        "ingest", "parse",
+        "raw/stress_wrong_shape.extxyz frame 1: ValueError: Got info item stress, expecting special 3x3 matrix, "
+        "but value is not in the form of a 9-long numerical vector"),
+    ("stress_wrong_shape", 2): ("validate", "finite_labels", "non-finite label (NaN or inf) in stress"),
+    ("energy_out_of_range", 1): (
+        "validate", "energy_range",
+        "energy -35.41 eV/atom below the range [-5, 0] eV/atom of Cu (validate.energy_per_atom_range.Cu)"),
+    ("energy_out_of_range", 2): (
+        "validate", "energy_range",
+        "energy 3.541 eV/atom above the range [-5, 0] eV/atom of Cu (validate.energy_per_atom_range.Cu)"),
+    ("net_force_corrupted", 1): ("validate", "net_force", NET_FORCE.format(0.948)),
+    ("net_force_corrupted", 2): ("validate", "net_force", NET_FORCE.format(0.831)),
+    ("net_force_corrupted", 3): ("validate", "net_force", NET_FORCE.format(0.451)),
+    ("outside_box", 1): (
+        "validate", "box_margin",
+        "atom 3 lies 15 Å outside the cell along a non-periodic direction (margin 5.0 Å)"),
+    ("outside_box", 2): (
+        "validate", "box_margin",
+        "atom 3 lies 8 Å outside the cell along a non-periodic direction (margin 5.0 Å)"),
+    ("one_atom", 2): ("validate", "net_force", NET_FORCE.format(0.5)),
+    ("one_atom", 3): ("validate", "min_distance", "atoms 1.200 Å apart (overlapping; minimum 1.5 Å)"),
 }
+N_QUARANTINED = len(EXPECTED_QUARANTINE)  # 30
+N_CORPUS = 61
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -119,8 +173,11 @@ def make_project(root: Path, sources: list) -> Path:
         entries.append(entry)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["sources"] = entries
-    # the thresholds the expected reasons below quote, whatever the repository's values become
-    params["validate"].update(allowed_species=["Cu"], min_interatomic_distance=1.5, max_abs_force=50.0)
+    # the thresholds the expected reasons below quote, whatever the repository's values become;
+    # the corpus is DFT-like Cu (about -3.5 eV/atom), hence its own energy window
+    params["validate"].update(allowed_species=["Cu"], min_interatomic_distance=1.5, max_abs_force=50.0,
+                              energy_per_atom_range={"default": [-20.0, 5.0], "Cu": [-5.0, 0.0]},
+                              net_force_tolerance=0.1, box_margin=5.0, expected_test_config_types=[])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -147,7 +204,7 @@ def assert_ok(r: subprocess.CompletedProcess, stage: str) -> None:
 def test_corpus_frame_counts_match_the_files():
     for name, n in N_FRAMES.items():
         assert len(split_frames(BAD / name)) == n, name
-    assert sum(N_FRAMES[f] for f in QUARANTINE_FILES) == 33
+    assert sum(N_FRAMES[f] for f in QUARANTINE_FILES) == N_CORPUS
 
 
 @pytest.mark.parametrize("name, n_ok, bad_indices", [
@@ -165,6 +222,15 @@ def test_corpus_frame_counts_match_the_files():
     ("nan_positions.extxyz", 1, [1]),
     ("energy_not_number.extxyz", 1, [1]),
     ("all_bad.extxyz", 0, [0, 1]),
+    ("inf_forces.extxyz", 2, []),
+    ("forces_not_number.extxyz", 1, [1]),
+    ("zero_volume_cell.extxyz", 3, []),
+    ("mixed_units.extxyz", 4, []),
+    ("stress_wrong_shape.extxyz", 2, [1]),
+    ("energy_out_of_range.extxyz", 3, []),
+    ("net_force_corrupted.extxyz", 4, []),
+    ("outside_box.extxyz", 3, []),
+    ("one_atom.extxyz", 4, []),
 ])
 def test_read_extxyz_keeps_every_frame(name, n_ok, bad_indices):
     path = BAD / name
@@ -218,6 +284,9 @@ def test_corpus_frames_are_distinct_except_the_duplicate():
     ("truncated.extxyz", 1, "natoms", "line 7: file ends after 2 of 4 atom lines (truncated?)"),
     ("natoms_not_integer.extxyz", 1, "natoms", "line 7: expected the number of atoms, found 'four'"),
     ("empty.extxyz", None, None, "contains no frames"),
+    ("huge_natoms.extxyz", 1, "natoms", "line 7: file ends after 4 of 2000000000 atom lines (truncated?)"),
+    ("binary.extxyz", None, None,
+     "cannot read: 'utf-8' codec can't decode byte 0x8b in position 1: invalid start byte"),
 ])
 def test_read_extxyz_unreadable_files_raise(name, frame, field, message):
     with pytest.raises(FrameFormatError) as info:
@@ -249,6 +318,14 @@ SOURCE_ERRORS = {
         ["good.extxyz", "does_not_exist.extxyz"],
         "mlipops: error: raw/does_not_exist.extxyz: source listed in params.yaml ingest.sources[1] not found"),
     "empty_file": (["empty.extxyz"], "mlipops: error: raw/empty.extxyz: contains no frames"),
+    "huge_natoms": (
+        ["good.extxyz", "huge_natoms.extxyz"],
+        "mlipops: error: raw/huge_natoms.extxyz: frame 1: field 'natoms': line 7: "
+        "file ends after 4 of 2000000000 atom lines (truncated?)"),
+    "binary": (
+        ["good.extxyz", "binary.extxyz"],
+        "mlipops: error: raw/binary.extxyz: cannot read: 'utf-8' codec can't decode byte 0x8b in position 1: "
+        "invalid start byte"),
     "not_utf8": (
         ["not_utf8.extxyz"],
         "mlipops: error: raw/not_utf8.extxyz: cannot read: 'utf-8' codec can't decode byte 0xe9 in position 432: "
@@ -280,11 +357,19 @@ JOBS: dict[str, tuple[list, str | None, list[list[str]]]] = {
     "quarantine": (QUARANTINE_FILES, None, [["ingest"], ["validate"], ["index"]]),
     "all_bad": (["all_bad.extxyz"], None, [["ingest"], ["validate"], ["index"]]),
     "validate_first": (["good.extxyz"], None, [["validate"]]),
+    "dataset_check": (["good.extxyz"], None, [["ingest"], ["validate"]]),
     "params_ok": (["good.extxyz"], "ok_minimal.yaml", [["ingest"]]),
     "params_path": (["good.extxyz"], None, [["validate", "--params", "conf/custom.yaml"],
                                             ["ingest", "--params", "nope.yaml"]]),
     **{f"source:{k}": (srcs, None, [["ingest"]]) for k, (srcs, _) in SOURCE_ERRORS.items()},
     **{f"params:{k}": (["good.extxyz"], k, [["ingest"]]) for k in PARAMS_ERRORS},
+}
+
+# per-job changes to the params.yaml written by make_project
+PARAMS_OVERRIDES = {
+    # the test split (config_type 'rattled' of good.extxyz) lacks a declared config_type
+    "dataset_check": {"ingest": {"split": {"test_config_types": ["rattled"]}},
+                      "validate": {"expected_test_config_types": ["rattled", "vacancy"]}},
 }
 
 
@@ -297,6 +382,15 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, list[subprocess.CompletedPro
         root = make_project(tmp_path_factory.mktemp(name.replace(":", "_").replace(".", "_")), sources)
         if params_file:
             shutil.copy(PARAMS / params_file, root / "params.yaml")
+        if name in PARAMS_OVERRIDES:
+            params = yaml.safe_load((root / "params.yaml").read_text())
+            for section, values in PARAMS_OVERRIDES[name].items():
+                for key, value in values.items():
+                    if isinstance(value, dict):
+                        params[section][key].update(value)
+                    else:
+                        params[section][key] = value
+            (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         if name == "params_path":
             (root / "conf").mkdir()
             shutil.copy(PARAMS / "epochs_not_int.yaml", root / "conf" / "custom.yaml")
@@ -317,15 +411,24 @@ def test_pipeline_runs_clean(runs):
     assert_ok(r_ingest, "ingest")
     assert_ok(r_validate, "validate")
     ingest_metrics = json.loads((root / "reports/ingest/metrics.json").read_text())
-    assert (ingest_metrics["n_read"], ingest_metrics["n_frames"], ingest_metrics["n_rejected"]) == (33, 28, 5)
-    assert (ingest_metrics["n_rejected.parse"], ingest_metrics["n_rejected.duplicate"]) == (4, 1)
+    assert (ingest_metrics["n_read"], ingest_metrics["n_frames"], ingest_metrics["n_rejected"]) == (61, 54, 7)
+    assert (ingest_metrics["n_rejected.parse"], ingest_metrics["n_rejected.duplicate"]) == (6, 1)
     m = json.loads((root / "reports/validate/metrics.json").read_text())
-    assert (m["n_ingested"], m["n_accepted"], m["n_quarantined"]) == (33, 20, 13)
+    assert (m["n_ingested"], m["n_accepted"], m["n_quarantined"]) == (N_CORPUS, N_CORPUS - N_QUARANTINED, N_QUARANTINED)
     assert m["gx_success"] is False
+    assert m["dataset_checks_failed"] == 0
     assert {k: v for k, v in m.items() if k.startswith("n_quarantined.")} == {
-        "n_quarantined.parse": 4, "n_quarantined.duplicate": 1, "n_quarantined.has_energy": 1,
-        "n_quarantined.finite_labels": 3, "n_quarantined.forces_shape": 1,
-        "n_quarantined.species_allowed": 1, "n_quarantined.min_distance": 1, "n_quarantined.max_force": 1}
+        "n_quarantined.parse": 6, "n_quarantined.duplicate": 1, "n_quarantined.has_energy": 1,
+        "n_quarantined.finite_labels": 5, "n_quarantined.forces_shape": 1,
+        "n_quarantined.species_allowed": 1, "n_quarantined.min_distance": 2, "n_quarantined.max_force": 2,
+        "n_quarantined.cell_volume": 2, "n_quarantined.energy_range": 4, "n_quarantined.net_force": 4,
+        "n_quarantined.box_margin": 2}
+    summary = (root / "reports/validate/summary.md").read_text()
+    for section in ("## Frame table (54 rows)", "## Atom table", "## Dataset checks"):
+        assert section in summary
+    for check in ("energy_range", "net_force", "cell_volume", "box_margin", "species_allowed", "max_force",
+                  "test_split_config_types", "schema"):
+        assert f"| {check} |" in summary, check
 
 
 def test_quarantine_has_every_bad_frame_with_its_reason(runs):
@@ -333,7 +436,7 @@ def test_quarantine_has_every_bad_frame_with_its_reason(runs):
     q = pd.read_parquet(root / "data/curated/quarantine.parquet")
     assert {"check", "reason", "extxyz", "source", "source_index", "stage"} <= set(q.columns)
     got = {(r.source, int(r.source_index)): (r.stage, r.check, r.reason) for r in q.itertuples()}
-    assert len(got) == len(q) == 13
+    assert len(got) == len(q) == N_QUARANTINED
     assert set(got) == set(EXPECTED_QUARANTINE)
     for key, (stage, check, reason) in EXPECTED_QUARANTINE.items():
         assert got[key][:2] == (stage, check), key
@@ -373,10 +476,10 @@ def test_accepted_plus_quarantined_equals_frames_read(runs):
     accepted, unreadable = read_extxyz(root / "data/curated/accepted.extxyz")
     assert unreadable == []
     n_corpus = sum(len(split_frames(BAD / f)) for f in QUARANTINE_FILES)
-    assert len(accepted) + len(q) == n_corpus == 33
+    assert len(accepted) + len(q) == n_corpus == N_CORPUS
     got = {(a.info["source"], a.info["source_index"]) for a in accepted}
     expected = {(Path(f).stem, k) for f in QUARANTINE_FILES for k in range(N_FRAMES[f])} - set(EXPECTED_QUARANTINE)
-    assert len(got) == len(accepted) == 20
+    assert len(got) == len(accepted) == N_CORPUS - N_QUARANTINED
     assert got == expected
     # accepted frames keep their labels
     good0 = next(a for a in accepted if (a.info["source"], a.info["source_index"]) == ("good", 0))
@@ -412,7 +515,7 @@ def test_index_of_quarantined_corpus(runs):
     assert_ok(r_index, "index")
     db = root / "data/index.duckdb"
     fr = query("SELECT status, count(*) AS n FROM frames GROUP BY status ORDER BY status", db)
-    assert fr.values.tolist() == [["accepted", 20], ["quarantined", 13]]
+    assert fr.values.tolist() == [["accepted", N_CORPUS - N_QUARANTINED], ["quarantined", N_QUARANTINED]]
     reasons = query("SELECT quarantine_check FROM frames WHERE status = 'quarantined'", db)
     assert reasons["quarantine_check"].notna().all()
     n_atoms = query("SELECT count(*) AS n FROM atoms", db).loc[0, "n"]
@@ -429,6 +532,20 @@ def test_unreadable_source_is_one_line_error(runs, case):
     assert not (root / "data").exists() and not (root / "reports").exists()  # nothing half-written
     for p in (root / "raw").iterdir():
         assert p.read_bytes() == (BAD / p.name).read_bytes()  # inputs untouched
+
+
+def test_dataset_check_warns_and_quarantines_nothing(runs):
+    """A test split lacking a declared config_type: one warning line, nothing quarantined, exit 0."""
+    root, (r_ingest, r_validate) = runs["dataset_check"]
+    assert_ok(r_ingest, "ingest")
+    assert_ok(r_validate, "validate")
+    warnings = [line for line in r_validate.stderr.splitlines() if "warning" in line]
+    assert warnings == ["mlipops: warning: dataset check test_split_config_types: the test split holds no "
+                        "accepted frame of config_type(s) vacancy (validate.expected_test_config_types)"]
+    m = json.loads((root / "reports/validate/metrics.json").read_text())
+    assert (m["n_accepted"], m["n_quarantined"], m["dataset_checks_failed"]) == (3, 0, 1)
+    assert m["gx_success"] is True and m["dataset_check_failed.test_split_config_types"] == 1
+    assert "| test_split_config_types | FAIL |" in (root / "reports/validate/summary.md").read_text()
 
 
 def test_validate_without_ingest_is_one_line_error(runs):

@@ -52,7 +52,8 @@ def validate(params: Path = ParamsOpt):
     """Run the great-expectations suite; quarantine failing frames with their reason."""
     from mlipops.quality import run
 
-    _done("validate", run(_params(params).validate_))
+    p = _params(params)
+    _done("validate", run(p.validate_, p.descriptors))
 
 
 @app.command()

@@ -6,6 +6,7 @@ on load; a bad value raises :class:`ParamsError` naming the file and the dotted 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,10 +106,62 @@ class IngestParams(_Section):
 
 
 # --------------------------------------------------------------------------------------- validate
+# Per-composition energy window: VASP/PBE-like total energies per atom of solids lie in about
+# [-14, 0] eV/atom (W -13.0, Mo -10.9, Cu -3.7, Li -1.9) and EMT's in [0, 4]; compressed or
+# short-distance configurations rise a few eV above. [-20, 5] keeps all of those and still rejects
+# a factor-10 error, eV->kcal/mol (x23) on any |E| > 0.9 eV/atom, or an all-electron total energy
+# (thousands of eV/atom), which needs its own composition key.
+DEFAULT_ENERGY_PER_ATOM_RANGE = (-20.0, 5.0)
+_COMPOSITION_KEY = re.compile(r"[A-Z][a-z]?")
+
+
+def composition_key(symbols) -> str:
+    """The energy_per_atom_range key of a frame: its distinct elements, alphabetical, no counts."""
+    return "".join(sorted(set(symbols)))
+
+
+class OutlierParams(_Section):
+    """Cook's-distance outliers of the training split (``mlipops.quality.outliers``)."""
+    enabled: bool = True
+    training_split: str = "train"
+    cooks_threshold: float | None = Field(None, gt=0.0)  # None: 4/n
+    energy_residual_threshold: float = Field(12.0, gt=0.0)  # robust t of the energy per atom
+    force_residual_threshold: float = Field(25.0, gt=0.0)  # robust t of a force component
+    forces: bool = True
+    max_rounds: int = Field(5, ge=1, le=50)
+
+
 class ValidateParams(_Section):
     allowed_species: list[str]
     min_interatomic_distance: float = Field(1.0, gt=0.0)
-    max_abs_force: float = Field(50.0, gt=0.0)
+    max_abs_force: float = Field(50.0, gt=0.0)  # eV/Å, largest per-atom force norm |F_i|
+    # eV/atom, [low, high] by composition key ("Cu", "LiMo": elements in alphabetical order, no
+    # counts); "default" covers every composition without its own key (filled in when omitted)
+    energy_per_atom_range: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"default": DEFAULT_ENERGY_PER_ATOM_RANGE})
+    # eV/Å, largest |sum_i F_i| (translation invariance) on every frame with forces
+    net_force_tolerance: float = Field(0.05, gt=0.0)
+    # Å, how far an atom may lie outside the cell along a non-periodic direction with a cell vector
+    box_margin: float = Field(5.0, ge=0.0)
+    # config_types the test split must contain (a dataset-level check: warned, never quarantined)
+    expected_test_config_types: list[str] = Field(default_factory=list)
+    outliers: OutlierParams = OutlierParams()
+
+    @field_validator("energy_per_atom_range")
+    @classmethod
+    def _energy_ranges(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        from ase.data import atomic_numbers
+
+        for key, (low, high) in v.items():
+            if key != "default":
+                elements = _COMPOSITION_KEY.findall(key)
+                if "".join(elements) != key or any(e not in atomic_numbers for e in elements) \
+                        or elements != sorted(set(elements)):
+                    raise ValueError(f"key {key!r} is not a composition: write its elements in "
+                                     "alphabetical order without counts (e.g. 'Cu', 'LiMo') or use 'default'")
+            if not low < high:
+                raise ValueError(f"range of {key!r} must be [low, high] with low < high (got [{low}, {high}])")
+        return {"default": DEFAULT_ENERGY_PER_ATOM_RANGE} | dict(v)
 
 
 # ------------------------------------------------------------------------------------------ index

@@ -193,7 +193,7 @@ def robust_t(residual: np.ndarray, leverage: np.ndarray, groups: np.ndarray, min
 
 def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_threshold: float | None = None,
            energy_residual_threshold: float = 12.0, force_residual_threshold: float = 25.0,
-           forces: bool = True) -> OutlierReport:
+           forces: bool = True, max_rounds: int = 5) -> OutlierReport:
     """Examine ``frames`` (the training split, all labelled) and decide which are influential outliers.
 
     A frame is quarantined when one of its rows (its energy, or a force component of one of its
@@ -208,41 +208,63 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
               "force_cooks", "force_t", "force_residual", "force_dffit"):
         rows[c] = np.nan
     rows["force_atom"] = pd.array([pd.NA] * n, dtype="Int64")
+    rows["flag_round"] = pd.array([pd.NA] * n, dtype="Int64")
     report = OutlierReport(frames=rows)
     d = design(frames, species, settings, forces=forces) if n else None
     if n <= (d["x_energy"].shape[1] + 2 if d else 0) or d is None:
         report.notes.append(f"{n} training frames are too few for the surrogate: not examined")
         rows["quarantine"], rows["kind"], rows["reason"] = False, "not examined", None
         return report
-    es = ols_influence(d["y_energy"], d["x_energy"])
-    report.energy = es
-    thr_e = cooks_threshold if cooks_threshold is not None else 4.0 / es.n
-    t_e = robust_t(es.y - es.fitted, es.leverage, cts)
-    rows["energy_cooks"], rows["energy_t"], rows["energy_leverage"] = es.cooks, t_e, es.leverage
-    rows["energy_residual"], rows["energy_dffit"] = es.y - es.fitted, es.dffit
-    flag = (es.cooks > thr_e) & (np.abs(t_e) > energy_residual_threshold)
-    rows["energy_flag"] = flag
+    rows["energy_flag"] = False
     rows["force_flag"] = False
-    if forces and len(d["y_forces"]):
-        fs = ols_influence(d["y_forces"], d["x_forces"])
-        report.forces = fs
-        thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / fs.n
-        fr = d["force_frame"]
-        t_f = robust_t(fs.y - fs.fitted, fs.leverage, cts[fr])
-        score = pd.DataFrame({"frame": fr, "atom": d["force_atom"], "cooks": fs.cooks, "t": t_f,
-                              "res": fs.y - fs.fitted, "dffit": fs.dffit,
-                              "bad": (fs.cooks > thr_f) & (np.abs(t_f) > force_residual_threshold)})
-        score["abs_t"] = np.abs(score.t)
-        worst = score.loc[score.groupby("frame")["abs_t"].idxmax()]
-        at = worst.frame.to_numpy()
-        rows.loc[at, "force_cooks"] = worst.cooks.to_numpy()
-        rows.loc[at, "force_t"] = worst.t.to_numpy()
-        rows.loc[at, "force_residual"] = worst.res.to_numpy()
-        rows.loc[at, "force_dffit"] = worst.dffit.to_numpy()
-        rows.loc[at, "force_atom"] = worst.atom.to_numpy()
-        bad_frames = np.unique(fr[score.bad.to_numpy()])
-        rows.loc[bad_frames, "force_flag"] = True
+    keep = np.ones(n, dtype=bool)
+    for rnd in range(1, max_rounds + 1):
+        # least squares is not robust: a gross error (kcal/mol energies) drags the fit and hides the
+        # others, so refit without the frames already flagged until nothing new is found
+        report.rounds = rnd
+        idx = np.flatnonzero(keep)
+        if len(idx) <= d["x_energy"].shape[1] + 2:
+            report.notes.append(f"round {rnd}: {len(idx)} frames left, too few for the surrogate")
+            break
+        es = ols_influence(d["y_energy"][idx], d["x_energy"][idx])
+        report.energy = es
+        thr_e = cooks_threshold if cooks_threshold is not None else 4.0 / es.n
+        t_e = robust_t(es.y - es.fitted, es.leverage, cts[idx])
+        rows.loc[idx, "energy_cooks"], rows.loc[idx, "energy_t"] = es.cooks, t_e
+        rows.loc[idx, "energy_leverage"] = es.leverage
+        rows.loc[idx, "energy_residual"], rows.loc[idx, "energy_dffit"] = es.y - es.fitted, es.dffit
+        new_e = np.zeros(n, dtype=bool)
+        new_e[idx] = (es.cooks > thr_e) & (np.abs(t_e) > energy_residual_threshold)
+        new_f = np.zeros(n, dtype=bool)
+        if forces and len(d["y_forces"]):
+            rmask = keep[d["force_frame"]]
+            fs = ols_influence(d["y_forces"][rmask], d["x_forces"][rmask])
+            report.forces = fs
+            thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / fs.n
+            fr = d["force_frame"][rmask]
+            t_f = robust_t(fs.y - fs.fitted, fs.leverage, cts[fr])
+            score = pd.DataFrame({"frame": fr, "atom": d["force_atom"][rmask], "cooks": fs.cooks, "t": t_f,
+                                  "res": fs.y - fs.fitted, "dffit": fs.dffit,
+                                  "bad": (fs.cooks > thr_f) & (np.abs(t_f) > force_residual_threshold)})
+            score["abs_t"] = np.abs(score.t)
+            worst = score.loc[score.groupby("frame")["abs_t"].idxmax()]
+            at = worst.frame.to_numpy()
+            rows.loc[at, "force_cooks"] = worst.cooks.to_numpy()
+            rows.loc[at, "force_t"] = worst.t.to_numpy()
+            rows.loc[at, "force_residual"] = worst.res.to_numpy()
+            rows.loc[at, "force_dffit"] = worst.dffit.to_numpy()
+            rows.loc[at, "force_atom"] = worst.atom.to_numpy()
+            new_f[np.unique(fr[score.bad.to_numpy()])] = True
+        rows.loc[new_e, "energy_flag"] = True
+        rows.loc[new_f, "force_flag"] = True
+        new = new_e | new_f
+        if not new.any():
+            break
+        rows.loc[new, "flag_round"] = rnd
+        keep &= ~new
     rows["quarantine"] = rows["energy_flag"] | rows["force_flag"]
+    es = report.energy
+    thr_e = cooks_threshold if cooks_threshold is not None else 4.0 / es.n
     rows["kind"] = [_kind(r, es, energy_residual_threshold, thr_e) for r in rows.itertuples()]
     rows["reason"] = [_reason(r) if r.quarantine else None for r in rows.itertuples()]
     report.frames = rows

@@ -1,15 +1,34 @@
-"""Run the great-expectations suite (``suite.json``) on the per-frame table of the ingested data.
+"""Run the great-expectations suites (``suite.json``) on the ingested data.
 
-Every frame that fails any expectation goes to ``data/curated/quarantine.parquet`` with the
-failing ``check`` and a ``reason`` naming the values; the rest go to ``accepted.extxyz``. Frames
-rejected earlier by ingest (unparseable, duplicates) join the quarantine too, so
-accepted + quarantined = every frame read from the sources. Nothing is deleted.
+Three tables, one GX batch each, in one ephemeral Data Context: the frame table (one row per
+frame: labels, shapes, energy window, net force, cell, box, closest approach), the atom table (one
+row per atom: species, force norm, finite force, nearest-neighbour distance) and, after those, the
+frames that passed (dataset-level checks such as the test split's config_types).
+
+Every frame that fails a frame-level expectation, or has an atom failing an atom-level one, goes to
+``data/curated/quarantine.parquet`` with the failing ``check`` and a ``reason`` naming the values
+(and the atom); the rest go to ``accepted.extxyz``. Frames rejected earlier by ingest (unparseable,
+duplicates) join the quarantine too, so accepted + quarantined = every frame read from the sources.
+Nothing is deleted. A failing schema (table-level) expectation is a bug upstream and stops the
+stage; a failing dataset-level expectation is a warning and a metric (``dataset_checks_failed``).
+
+Physics conventions of the checks:
+
+- net force: translation invariance makes the forces of any isolated system sum to zero, periodic
+  or not (bulk, slab, molecule), so ``|sum_i F_i| <= net_force_tolerance`` applies to every frame
+  with forces. It fails only under an external field or when forces were zeroed on constrained
+  atoms before storing; neither is a correct label of the bare potential energy surface.
+- cell: the periodic cell vectors must span a non-zero volume (area, length for 2, 1 periodic
+  directions); along a non-periodic direction that has a cell vector, no atom may lie more than
+  ``box_margin`` outside the cell (distance perpendicular to the face).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,12 +36,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from ase import Atoms
+from ase.data import chemical_symbols
+from ase.geometry.cell import complete_cell
+from ase.geometry.minkowski_reduction import minkowski_reduce
 
 from mlipops.descriptors import neighbor_list
 from mlipops.errors import StageInputError
 from mlipops.frames import labels, read_extxyz, to_extxyz_string, write_extxyz
 from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS
-from mlipops.params import ValidateParams
+from mlipops.params import DescriptorParams, ValidateParams, composition_key
 from mlipops.report import md_table, write_markdown, write_metrics
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -34,48 +56,203 @@ QUARANTINE = CURATED / "quarantine.parquet"
 REPORT_DIR = Path("reports/validate")
 
 
-def _min_distance(a: Atoms, cutoff: float) -> float:
-    if len(a) < 2:
-        return float(cutoff)
-    _, _, _, d = neighbor_list(a.positions, a.cell.array, a.pbc, cutoff)
-    return float(d.min()) if len(d) else float(cutoff)
+# dtypes of the frame table (checked by the suite's schema expectations)
+FRAME_DTYPES = {
+    "frame_id": "str", "source": "str", "source_index": "int64", "config_type": "str", "split": "str",
+    "n_atoms": "int64", "composition": "str", "has_energy": "bool", "has_forces": "bool",
+    "forces_shape": "str", "forces_shape_ok": "bool", "stress_shape": "str", "stress_shape_ok": "bool",
+    "labels_finite": "bool", "bad_label": "str", "energy": "float64", "energy_per_atom": "float64",
+    "max_abs_force": "float64", "net_force": "float64", "min_distance": "float64", "n_periodic": "int64",
+    "cell_volume": "float64", "box_excess": "float64", "box_atom": "int64", "species": "str",
+    "species_allowed": "bool",
+}
+_DEGENERATE = 1e-9  # a cell measure below this fraction of the product of its vector lengths is zero
 
 
-def frame_table(frames: list[Atoms], allowed_species: list[str], distance_probe: float) -> pd.DataFrame:
-    """One row per frame with the columns the suite checks (labels, shapes, geometry, species)."""
+def _cell_measure(a: Atoms) -> tuple[float, int]:
+    """(measure, k) of the k periodic cell vectors: volume (k=3), area (2), length (1); NaN for k=0.
+
+    sqrt(det G) of their Gram matrix G; 0 when a periodic vector is zero or they are (numerically)
+    linearly dependent, which no neighbour search or volume can work with.
+    """
+    vectors = a.cell.array[np.asarray(a.pbc, dtype=bool)]
+    k = len(vectors)
+    if k == 0:
+        return math.nan, 0
+    lengths = np.linalg.norm(vectors, axis=1)
+    if not np.all(lengths > 0):
+        return 0.0, k
+    m = math.sqrt(max(float(np.linalg.det(vectors @ vectors.T)), 0.0))
+    return (0.0 if m <= _DEGENERATE * float(np.prod(lengths)) else m), k
+
+
+def _box_excess(a: Atoms) -> tuple[float, int]:
+    """Largest distance (Å) of an atom outside the cell along a non-periodic direction with a cell
+    vector, and that atom; (NaN, -1) when the frame has no such direction.
+
+    Distances are perpendicular to the cell faces: the fractional excess times the face spacing
+    1/|b_i| (b_i the reciprocal vector; = |a_i| for an orthogonal cell).
+    """
+    cell = a.cell.array
+    lengths = np.linalg.norm(cell, axis=1)
+    dirs = [i for i in range(3) if not a.pbc[i] and lengths[i] > 0]
+    if not dirs:
+        return math.nan, -1
+    full = complete_cell(cell)
+    if abs(np.linalg.det(full)) <= _DEGENERATE * float(np.prod(np.linalg.norm(full, axis=1))):
+        return math.nan, -1  # collinear vectors: no box to be outside of
+    recip = np.linalg.inv(full)[:, dirs]  # columns b_i with a_j . b_i = delta_ij
+    s = a.positions @ recip
+    excess = (np.maximum(np.maximum(-s, s - 1.0), 0.0) / np.linalg.norm(recip, axis=0)).max(axis=1)
+    k = int(np.argmax(excess))
+    return float(excess[k]), k
+
+
+def _nearest(a: Atoms, probe: float) -> np.ndarray:
+    """Per-atom distance to the nearest other atom or periodic image (NaN: none within ``probe``).
+
+    All NaN for a degenerate periodic cell (the cell_volume expectation reports it). A periodic
+    cell whose shortest lattice vector is below ``probe / 20`` (a cell in the wrong unit, say) is
+    not searched, which would list millions of images: every atom gets that vector's length, the
+    distance to its own image.
+    """
+    near = np.full(len(a), np.nan)
+    if a.pbc.any():
+        if not _cell_measure(a)[0] > 0:
+            return near
+        reduced = np.asarray(minkowski_reduce(a.cell.array, pbc=a.pbc)[0])
+        shortest = float(np.linalg.norm(reduced[np.asarray(a.pbc, dtype=bool)], axis=1).min())
+        if shortest < probe / 20.0:
+            return np.full(len(a), shortest)
+    if len(a) < 2 and not a.pbc.any():
+        return near
+    i, _, _, d = neighbor_list(a.positions, a.cell.array, a.pbc, probe)
+    if len(d):
+        np.fmin.at(near, i, d)
+    return near
+
+
+def _labels(frames: list[Atoms]) -> list[tuple[float | None, np.ndarray | None, np.ndarray | None]]:
+    return [labels(a) for a in frames]
+
+
+def frame_table(frames: list[Atoms], allowed_species: list[str], distance_probe: float, *,
+                nearest: list[np.ndarray] | None = None,
+                _labelled: list[tuple] | None = None) -> pd.DataFrame:
+    """One row per frame with the columns the frame suite checks (labels, shapes, geometry, species).
+
+    ``nearest``: per-atom nearest-neighbour distances per frame (computed here when not given).
+    The energy window columns (``energy_per_atom_min/max``, ``energy_range_key``) come from the
+    params and are added by :func:`validate_frames`.
+    """
     allowed = set(allowed_species)
+    lab = _labelled or _labels(frames)
     rows = []
-    for a in frames:
-        e, f, s = labels(a)
+    for k, a in enumerate(frames):
+        e, f, s = lab[k]
         bad = [name for name, v in (("energy", e), ("forces", f), ("stress", s))
                if v is not None and not np.all(np.isfinite(v))]
-        species = sorted(set(a.get_chemical_symbols()))
+        symbols = a.get_chemical_symbols()
+        near = nearest[k] if nearest is not None else _nearest(a, distance_probe)
+        f_ok = f is not None and f.size and np.all(np.isfinite(f))
+        volume, n_periodic = _cell_measure(a)
+        box, box_atom = _box_excess(a)
         rows.append({
             "frame_id": a.info["frame_id"], "source": a.info.get("source"),
             "source_index": int(a.info.get("source_index", -1)), "config_type": a.info.get("config_type"),
-            "split": a.info.get("split"), "n_atoms": len(a),
+            "split": a.info.get("split"), "n_atoms": len(a), "composition": composition_key(symbols),
             "has_energy": e is not None, "has_forces": f is not None or "forces_shape" in a.info,
             "forces_shape": a.info.get("forces_shape", f"{len(a)}x3" if f is not None else None),
             "forces_shape_ok": "forces_shape" not in a.info,
+            "stress_shape": a.info.get("stress_shape", "6" if s is not None else None),
+            "stress_shape_ok": "stress_shape" not in a.info,
             "labels_finite": not bad, "bad_label": ",".join(bad) or None,
-            "energy": e, "energy_per_atom": None if e is None else e / len(a),
-            "max_abs_force": float(np.max(np.abs(f))) if f is not None and f.size and np.all(np.isfinite(f)) else None,
-            "min_distance": _min_distance(a, distance_probe),
-            "species": ",".join(species), "species_allowed": set(species) <= allowed,
+            "energy": math.nan if e is None else e,
+            "energy_per_atom": e / len(a) if e is not None and math.isfinite(e) else math.nan,
+            "max_abs_force": float(np.max(np.abs(f))) if f_ok else math.nan,
+            "net_force": float(np.linalg.norm(f.sum(axis=0))) if f_ok else math.nan,
+            "min_distance": (float(np.nanmin(near)) if np.isfinite(near).any()
+                             else math.nan if a.pbc.any() and not volume > 0 else float(distance_probe)),
+            "n_periodic": n_periodic, "cell_volume": volume, "box_excess": box, "box_atom": box_atom,
+            "species": ",".join(sorted(set(symbols))), "species_allowed": set(symbols) <= allowed,
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(FRAME_DTYPES)).astype(FRAME_DTYPES)
 
 
-def _suite(context):
+def atom_table(frames: list[Atoms], distance_probe: float, *, nearest: list[np.ndarray] | None = None,
+               _labelled: list[tuple] | None = None) -> pd.DataFrame:
+    """One row per atom: ``frame`` (row of the frame table), ``atom`` (index in the frame),
+    ``species``, force components ``fx fy fz`` and norm ``force_norm`` (eV/Å; NaN where the frame
+    has no forces or a component is not finite), ``force_finite`` (NA where the frame has no
+    forces: that is the frame check ``has_forces``), ``min_distance`` (Å to the nearest atom or
+    image; NaN when none is within ``distance_probe``). Built with array operations per frame.
+    """
+    lab = _labelled or _labels(frames)
+    counts = np.array([len(a) for a in frames], dtype=np.int64)
+    total = int(counts.sum())
+    starts = np.cumsum(counts) - counts
+    frame = np.repeat(np.arange(len(frames), dtype=np.int64), counts)
+    atom = np.arange(total, dtype=np.int64) - np.repeat(starts, counts)
+    numbers = np.concatenate([a.numbers for a in frames]) if frames else np.zeros(0, dtype=int)
+    forces = [f if f is not None and f.shape == (len(a), 3) else None for a, (_, f, _) in zip(frames, lab)]
+    F = (np.concatenate([f if f is not None else np.full((len(a), 3), np.nan) for a, f in zip(frames, forces)])
+         if frames else np.zeros((0, 3)))
+    has = np.repeat(np.array([f is not None for f in forces], dtype=bool), counts)
+    finite = np.isfinite(F).all(axis=1)
+    if nearest is None:
+        nearest = [_nearest(a, distance_probe) for a in frames]
+    out = pd.DataFrame({
+        "frame": frame, "atom": atom,
+        "species": pd.array(np.asarray(chemical_symbols, dtype=object)[numbers], dtype="str"),
+        "fx": F[:, 0], "fy": F[:, 1], "fz": F[:, 2],
+        "force_norm": np.where(finite, np.linalg.norm(np.where(finite[:, None], F, 0.0), axis=1), np.nan),
+        "force_finite": pd.array(np.where(has, finite, False), dtype="boolean", copy=True),
+        "min_distance": np.concatenate(nearest) if frames else np.zeros(0),
+    })
+    out.loc[~has, "force_finite"] = pd.NA
+    return out
+
+
+def build_tables(frames: list[Atoms], p: ValidateParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The frame table and the atom table of ``frames`` (one neighbour search per frame)."""
+    probe = distance_probe(p)
+    lab = _labels(frames)
+    nearest = [_nearest(a, probe) for a in frames]
+    return (frame_table(frames, p.allowed_species, probe, nearest=nearest, _labelled=lab),
+            atom_table(frames, probe, nearest=nearest, _labelled=lab))
+
+
+def distance_probe(p: ValidateParams) -> float:
+    """Radius of the neighbour search behind ``min_distance`` (beyond it the exact value is moot)."""
+    return max(2.0 * p.min_interatomic_distance, 3.0)
+
+
+def energy_bounds(table: pd.DataFrame, p: ValidateParams) -> pd.DataFrame:
+    """``table`` plus each row's energy-per-atom window from ``validate.energy_per_atom_range``."""
+    ranges = p.energy_per_atom_range
+    key = table["composition"].where(table["composition"].isin(list(ranges)), "default")
+    out = table.copy()
+    out["energy_range_key"] = key.astype("str")
+    out["energy_per_atom_min"] = key.map({k: float(v[0]) for k, v in ranges.items()}).astype("float64")
+    out["energy_per_atom_max"] = key.map({k: float(v[1]) for k, v in ranges.items()}).astype("float64")
+    return out
+
+
+def _suite_spec() -> dict[str, dict]:
+    return {s["table"]: s for s in json.loads(SUITE.read_text())["suites"]}
+
+
+def _suite(context, spec: dict):
     import great_expectations as gx
 
-    spec = json.loads(SUITE.read_text())
     suite = gx.ExpectationSuite(name=spec["name"], expectations=spec["expectations"])
+    if len(suite.expectations) != len(spec["expectations"]):  # GX logs and drops an invalid one
+        raise StageInputError(f"great-expectations rejected an expectation of suite {spec['name']} "
+                              f"({len(suite.expectations)} of {len(spec['expectations'])} loaded)", file=str(SUITE))
     return context.suites.add(suite)
 
 
-def validate_frames(table: pd.DataFrame, p: ValidateParams) -> tuple[dict[int, list[tuple[str, str]]], dict]:
-    """Run the suite through great-expectations; return {row: [(check, reason)]} and the GX result."""
+def _context():
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
@@ -85,37 +262,193 @@ def validate_frames(table: pd.DataFrame, p: ValidateParams) -> tuple[dict[int, l
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
     except Exception:  # older/newer GX without this knob: progress bars are cosmetic
         pass
+    return context
+
+
+def _suite_parameters(p: ValidateParams) -> dict:
+    return {"min_interatomic_distance": p.min_interatomic_distance, "max_abs_force": p.max_abs_force,
+            "net_force_tolerance": p.net_force_tolerance, "box_margin": p.box_margin,
+            "allowed_species": list(p.allowed_species),
+            "expected_test_config_types": list(p.expected_test_config_types)}
+
+
+def _describe(cfg) -> str:
+    kw = cfg.kwargs
+    if "column_A" in kw:
+        return f"{kw['column_A']} ≥ {kw['column_B']}"
+    return kw.get("column") or "(table)"
+
+
+def _reason(template: str, row: dict, p: ValidateParams, extra: dict | None = None) -> str:
+    try:
+        return template.format(**row, **(extra or {}), p=p)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError):
+        return template
+
+
+def validate_frames(table: pd.DataFrame, p: ValidateParams, atoms: pd.DataFrame | None = None
+                    ) -> tuple[dict[int, list[tuple[str, str]]], dict]:
+    """Run the suites through great-expectations; return {row: [(check, reason)]} and the results.
+
+    ``table``: :func:`frame_table` rows; ``atoms``: :func:`atom_table` rows of the same frames
+    (its ``frame`` column is a row of ``table``), or None to skip the per-atom suite. A failing
+    frame-level expectation quarantines the row, a failing atom its frame (one reason per check
+    naming the first failing atom), a failing table-level (schema) expectation raises
+    :class:`StageInputError`; dataset-level expectations run on the rows that passed and are only
+    reported (``result["dataset_checks_failed"]``). Each check appears once per row.
+    """
+    context = _context()
     source = context.data_sources.add_pandas("mlipops")
-    asset = source.add_dataframe_asset(name="frames")
-    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
-        batch_parameters={"dataframe": table.reset_index(drop=True)})
-    suite = _suite(context)
-    params = {"min_interatomic_distance": p.min_interatomic_distance, "max_abs_force": p.max_abs_force}
-    result = batch.validate(suite, expectation_parameters=params,
-                            result_format={"result_format": "COMPLETE"})
-    meta = {e.get("kwargs", {}).get("column") + ":" + e["type"]: e["meta"]
-            for e in json.loads(SUITE.read_text())["expectations"]}
+    specs = _suite_spec()
+    params = _suite_parameters(p)
+    table = energy_bounds(table.reset_index(drop=True), p)
     failures: dict[int, list[tuple[str, str]]] = {}
-    table = table.reset_index(drop=True)
-    for r in result.results:
+    results: list[dict] = []
+    suites: dict[str, dict] = {}
+
+    def run_suite(kind: str, df: pd.DataFrame):
+        spec = specs[kind]
+        batch = source.add_dataframe_asset(name=kind).add_batch_definition_whole_dataframe("all").get_batch(
+            batch_parameters={"dataframe": df})
+        res = batch.validate(_suite(context, spec), expectation_parameters=params,
+                             result_format={"result_format": "COMPLETE"})
+        suites[spec["name"]] = {"success": bool(res.success), "statistics": res.statistics}
+        # a schema failure first: it explains any expectation that could not run on a bad column
+        for r in res.results:
+            cfg = r.expectation_config
+            if not r.success and cfg.meta.get("level") == "table":
+                detail = {k: v for k, v in r.result.items()
+                          if k in ("observed_value", "details", "unexpected_count", "partial_unexpected_list")}
+                raise StageInputError(f"the {kind} table fails schema check {cfg.type} ({_describe(cfg)}): "
+                                      f"{cfg.meta.get('reason')} {json.dumps(detail, default=str)}")
+        for r in res.results:
+            cfg = r.expectation_config
+            if r.exception_info and r.exception_info.get("raised_exception"):
+                raise StageInputError(f"great-expectations could not run {cfg.type} on {kind} column "
+                                      f"{_describe(cfg)}: {r.exception_info.get('exception_message')}")
+        return res
+
+    def record(kind: str, r, n_rows: int, n_frames: int | None, extra: dict | None = None) -> None:
+        d = r.to_json_dict()
         cfg = r.expectation_config
-        m = meta[f"{cfg.kwargs['column']}:{cfg.type}"]
-        if r.exception_info and r.exception_info.get("raised_exception"):
-            raise StageInputError(f"great-expectations could not run {cfg.type} on column "
-                                  f"{cfg.kwargs['column']}: {r.exception_info.get('exception_message')}")
-        for idx in r.result.get("unexpected_index_list") or []:
-            row = table.iloc[int(idx)].to_dict()
-            values = row | {"min_interatomic_distance": p.min_interatomic_distance,
-                            "max_abs_force_limit": p.max_abs_force}
-            try:
-                reason = m["reason"].format(**values)
-            except (KeyError, ValueError, TypeError):
-                reason = m["reason"]
-            failures.setdefault(int(idx), []).append((m["check"], reason))
-    return failures, result.to_json_dict()
+        d["mlipops"] = {"table": kind, "level": cfg.meta.get("level"), "check": cfg.meta.get("check"),
+                        "target": _describe(cfg), "failing_rows": n_rows, "failing_frames": n_frames,
+                        **(extra or {})}
+        results.append(d)
+
+    # frames: each failing row is quarantined
+    res = run_suite("frames", table)
+    for r in res.results:
+        m = r.expectation_config.meta
+        idx = sorted(int(i) for i in (r.result.get("unexpected_index_list") or []))
+        if m.get("level") == "frame":
+            for i in idx:
+                failures.setdefault(i, []).append((m["check"], _reason(m["reason"], table.iloc[i].to_dict(), p)))
+        record("frames", r, len(idx), len(idx) if m.get("level") == "frame" else None)
+
+    # atoms: a failing atom quarantines its frame; one reason per (frame, check) naming the first atom
+    if atoms is not None and len(atoms):
+        atoms = atoms.reset_index(drop=True)
+        res = run_suite("atoms", atoms)
+        for r in res.results:
+            m = r.expectation_config.meta
+            idx = np.sort(np.asarray(r.result.get("unexpected_index_list") or [], dtype=np.int64))
+            n_frames = 0
+            if m.get("level") == "frame" and len(idx):
+                frame_of = atoms["frame"].to_numpy()[idx]
+                rows, first, count = np.unique(frame_of, return_index=True, return_counts=True)
+                n_frames = len(rows)
+                for row, k, n in zip(rows.tolist(), first.tolist(), count.tolist()):
+                    text = _reason(m["reason"], atoms.iloc[int(idx[k])].to_dict(), p)
+                    if n > 1:
+                        text += f" (+{n - 1} more atom{'s' if n > 2 else ''})"
+                    failures.setdefault(int(row), []).append((m["check"], text))
+            record("atoms", r, len(idx), n_frames if m.get("level") == "frame" else None)
+
+    # dataset: on the frames that passed; reported, never quarantined
+    dataset_failed: list[dict] = []
+    accepted = table.drop(index=list(failures)).reset_index(drop=True)
+    res = run_suite("accepted_frames", accepted)
+    for r in res.results:
+        m = r.expectation_config.meta
+        extra = {}
+        if not r.success:
+            order = {v: i for i, v in enumerate(p.expected_test_config_types)}
+            missing = sorted(r.result.get("partial_missing_list") or [], key=lambda v: order.get(v, len(order)))
+            more = int(r.result.get("missing_count") or len(missing)) - len(missing)
+            text = _reason(m["reason"], {}, p, {"missing": ", ".join(map(str, missing))
+                                                + (f" and {more} more" if more > 0 else "")})
+            dataset_failed.append({"check": m["check"], "reason": text})
+            extra = {"reason": text}
+        record("accepted_frames", r, 0 if r.success else 1, None, extra)
+
+    merged: dict[int, list[tuple[str, str]]] = {}
+    for row in sorted(failures):
+        by_check: dict[str, list[str]] = {}
+        for check, text in failures[row]:
+            by_check.setdefault(check, []).append(text)
+        merged[row] = [(c, "; ".join(t)) for c, t in by_check.items()]
+    quarantining = [s for s in suites if s != specs["accepted_frames"]["name"]]
+    result = {"success": all(suites[s]["success"] for s in quarantining),
+              "dataset_success": not dataset_failed, "dataset_checks_failed": dataset_failed,
+              "suites": suites, "results": results}
+    return merged, result
 
 
-def run(p: ValidateParams) -> dict:
+def find_outliers(frames: list[Atoms], p: ValidateParams, descriptors: DescriptorParams | None):
+    """Cook's-distance outliers among the training-split frames that passed the suite.
+
+    Returns ({frame index in ``frames``: reason}, report or None, note)."""
+    o = p.outliers
+    if not o.enabled or descriptors is None:
+        return {}, None, "outlier detection disabled (validate.outliers.enabled)"
+    idx = [k for k, a in enumerate(frames) if a.info.get("split") == o.training_split]
+    if not idx:
+        return {}, None, f"no frame of the {o.training_split!r} split: nothing to examine"
+    sub = [frames[k] for k in idx]
+    species = sorted({s for a in sub for s in a.get_chemical_symbols()})
+    from mlipops.quality.outliers import detect
+
+    rep = detect(sub, species, descriptors.model_dump(), cooks_threshold=o.cooks_threshold,
+                 energy_residual_threshold=o.energy_residual_threshold,
+                 force_residual_threshold=o.force_residual_threshold, forces=o.forces, max_rounds=o.max_rounds)
+    flagged = {idx[int(r.frame)]: r.reason for r in rep.frames.itertuples() if r.quarantine}
+    rep.frames.insert(0, "source_index", [int(sub[int(f)].info.get("source_index", -1)) for f in rep.frames.frame])
+    rep.frames.insert(0, "source", [sub[int(f)].info.get("source") for f in rep.frames.frame])
+    return flagged, rep, "; ".join(rep.notes)
+
+
+def _cooks_plot(rep, path: Path, threshold: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = rep.frames
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (col, surrogate, title) in zip(axes, (("energy_cooks", rep.energy, "energy per atom"),
+                                                  ("force_cooks", rep.forces, "forces (largest |t| component)"))):
+        val = df[col].astype(float).clip(lower=1e-12)  # log axis: exact zeros drawn at the floor
+        for ct in sorted(df.config_type.astype(str).unique()):
+            m = (df.config_type.astype(str) == ct) & val.notna()
+            ax.scatter(df.index[m], val[m], s=10, label=ct)
+        q = df.quarantine.to_numpy(bool) & val.notna().to_numpy()
+        ax.scatter(df.index[q], val[q], s=60, facecolors="none", edgecolors="red", label="quarantined")
+        if surrogate is not None:
+            ax.axhline(threshold if threshold is not None else 4.0 / surrogate.n, color="k", ls="--", lw=0.8,
+                       label="Cook's threshold")
+        if val.notna().any():
+            ax.set_yscale("log")
+        ax.set_xlabel("training frame")
+        ax.set_ylabel("Cook's distance")
+        ax.set_title(f"Cook's distance: {title}")
+    axes[0].legend(fontsize=6, markerscale=1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
     t0 = time.perf_counter()
     if not INGESTED.is_file():
         raise StageInputError("ingested frames missing: run `dvc repro ingest` first", file=str(INGESTED))
@@ -123,8 +456,14 @@ def run(p: ValidateParams) -> dict:
     frames, unreadable = read_extxyz(INGESTED) if INGESTED.stat().st_size else ([], [])
     if unreadable:
         raise StageInputError(f"ingest output is corrupt: {unreadable[0].reason}", file=str(INGESTED))
-    table = frame_table(frames, p.allowed_species, max(2.0 * p.min_interatomic_distance, 3.0))
-    failures, gx_result = validate_frames(table, p) if frames else ({}, {"success": True, "results": []})
+    table, atoms = build_tables(frames, p)
+    failures, gx_result = (validate_frames(table, p, atoms) if frames else
+                           ({}, {"success": True, "dataset_success": True, "dataset_checks_failed": [],
+                                 "suites": {}, "results": []}))
+    passed = [k for k in range(len(frames)) if k not in failures]
+    outliers, out_rep, out_note = find_outliers([frames[k] for k in passed], p, descriptors)
+    for j, reason in outliers.items():
+        failures.setdefault(passed[j], []).append(("influential_outlier", reason))
     accepted, quarantined = [], []
     for k, a in enumerate(frames):
         if k in failures:
@@ -146,20 +485,114 @@ def run(p: ValidateParams) -> dict:
     quarantine.to_parquet(QUARANTINE, index=False)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     (REPORT_DIR / "validation_result.json").write_text(json.dumps(gx_result, indent=1, default=str))
+    dataset_failed = gx_result["dataset_checks_failed"]
+    for d in dataset_failed:  # dataset-level: a warning, nothing quarantined, the stage goes on
+        print(f"mlipops: warning: dataset check {d['check']}: {d['reason']}", file=sys.stderr)
     n_in = len(frames) + len(earlier)
     by_check = Counter(c for cs in quarantine["check"].fillna("") for c in cs.split(",") if c)
     metrics = {"n_ingested": n_in, "n_accepted": len(accepted), "n_quarantined": len(quarantine),
-               "gx_success": bool(gx_result["success"]), "wall_time_s": round(time.perf_counter() - t0, 2)}
+               "n_atoms_checked": len(atoms), "gx_success": bool(gx_result["success"]),
+               "dataset_checks_failed": len(dataset_failed), "wall_time_s": round(time.perf_counter() - t0, 2)}
     metrics.update({f"n_quarantined.{c}": n for c, n in sorted(by_check.items())})
+    metrics.update({f"dataset_check_failed.{d['check']}": 1 for d in dataset_failed})
+    cols = ["source", "source_index", "config_type", "kind", "quarantine", "energy_residual", "energy_t",
+            "energy_leverage", "energy_cooks", "force_atom", "force_residual", "force_t", "force_cooks", "reason"]
+    if out_rep is not None:
+        out_rep.frames[cols].to_csv(REPORT_DIR / "outliers.csv", index=False)
+        _cooks_plot(out_rep, REPORT_DIR / "cooks_distance.png", p.outliers.cooks_threshold)
+        metrics.update({"outliers.n_examined": len(out_rep.frames), "outliers.n_quarantined": len(outliers),
+                        "outliers.n_high_leverage_consistent": int((out_rep.frames.kind ==
+                                                                    "high leverage, consistent label").sum()),
+                        "outliers.energy_rmse_per_atom": out_rep.energy.rmse if out_rep.energy else None,
+                        "outliers.force_rmse": out_rep.forces.rmse if out_rep.forces else None,
+                        "outliers.rounds": out_rep.rounds})
+    else:
+        pd.DataFrame(columns=cols).to_csv(REPORT_DIR / "outliers.csv", index=False)
+        _empty_plot(REPORT_DIR / "cooks_distance.png", out_note)
     write_metrics(REPORT_DIR, metrics)
-    exp_rows = [(r["expectation_config"]["type"], r["expectation_config"]["kwargs"].get("column"),
-                 "pass" if r["success"] else "FAIL", r["result"].get("unexpected_count", 0))
-                for r in gx_result["results"]]
-    sample = quarantine[["source", "source_index", "config_type", "check", "reason"]].head(30)
-    write_markdown(REPORT_DIR / "summary.md", "Validation (great-expectations)", [
-        f"{n_in} frames in, {len(accepted)} accepted, {len(quarantine)} quarantined "
-        f"(kept with their raw text in `{QUARANTINE}`).",
-        md_table(("expectation", "column", "result", "failing frames"), exp_rows),
-        "## Quarantined frames (first 30)",
-    ], table=(tuple(sample.columns), sample.itertuples(index=False)))
+    _write_summary(gx_result, quarantine, n_in, len(accepted), len(table), len(atoms))
+    _append_outlier_summary(out_rep, out_note, p)
     return metrics
+
+
+def _empty_plot(path: Path, note: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.text(0.5, 0.5, note or "no outlier analysis", ha="center", va="center", wrap=True)
+    ax.set_axis_off()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _append_outlier_summary(rep, note: str, p: ValidateParams) -> None:
+    path = REPORT_DIR / "summary.md"
+    o = p.outliers
+    lines = ["", "## Influential outliers (Cook's distance of a linear surrogate, training split)", ""]
+    if rep is None or rep.energy is None:
+        lines.append(f"Not run: {note or 'no training frame to examine'}.")
+    else:
+        df = rep.frames
+        lines.append(
+            f"{len(df)} training frames examined. Surrogates (OLS, statsmodels): energy per atom RMSE "
+            f"{rep.energy.rmse:.4g} eV/atom over {rep.energy.p} coefficients"
+            + (f", forces RMSE {rep.forces.rmse:.4g} eV/Å over {rep.forces.n} components" if rep.forces else "")
+            + f". A frame is quarantined when Cook's D > {o.cooks_threshold or '4/n'} **and** its robust residual "
+            f"|t| > {o.energy_residual_threshold} (energy) or > {o.force_residual_threshold} (a force component); "
+            "see `src/mlipops/quality/outliers.py`. All numbers per frame: `reports/validate/outliers.csv`, "
+            "plot: `cooks_distance.png`.")
+        q = df[df.quarantine]
+        lines += ["", f"**Quarantined ({len(q)})**: the label disagrees with what every other frame implies "
+                  "(large residual) and it moves the fit (influence)."]
+        if len(q):
+            lines.append(md_table(("source", "index", "config_type", "reason"),
+                                  q[["source", "source_index", "config_type", "reason"]].itertuples(index=False)))
+        hl = df[df.kind == "high leverage, consistent label"].sort_values("energy_leverage", ascending=False)
+        lines += ["", f"**Kept: high leverage, consistent label ({len(hl)})**: rare configurations far from the "
+                  "rest in descriptor space whose labels agree with the surrogate. Not errors; more data like "
+                  "them would make the potential more reliable there."]
+        if len(hl):
+            t = hl[["source", "source_index", "config_type", "energy_leverage", "energy_t", "energy_cooks"]].head(20)
+            lines.append(md_table(("source", "index", "config_type", "leverage", "robust t", "Cook's D"),
+                                  [(a, b, c, f"{d:.3f}", f"{e:+.2f}", f"{f:.3g}") for a, b, c, d, e, f
+                                   in t.itertuples(index=False)]))
+    with path.open("a") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def _write_summary(gx_result: dict, quarantine: pd.DataFrame, n_in: int, n_accepted: int,
+                   n_frames: int, n_atoms: int) -> None:
+    """reports/validate/summary.md: every expectation of every suite with its outcome and counts."""
+    sections = {"frames": f"## Frame table ({n_frames} rows)", "atoms": f"## Atom table ({n_atoms} rows)",
+                "accepted_frames": "## Dataset checks (on the frames that passed; reported, never quarantined)"}
+    paragraphs = [
+        f"{n_in} frames in, {n_accepted} accepted, {len(quarantine)} quarantined "
+        f"(kept with their raw text in `{QUARANTINE}`). Expectations of level `table` (schema) stop the "
+        "stage when they fail; `frame` expectations quarantine the failing frames (an atom failure "
+        "quarantines its frame); `dataset` expectations are warnings.",
+    ]
+    for kind, title in sections.items():
+        rows = []
+        for r in gx_result["results"]:
+            m = r["mlipops"]
+            if m["table"] != kind:
+                continue
+            failing = m["failing_rows"] if kind != "accepted_frames" else m.get("reason", "")
+            row = [r["expectation_config"]["type"], m["target"], m["level"], m["check"],
+                   "pass" if r["success"] else "FAIL", failing]
+            if kind == "atoms":
+                row.append("" if m["failing_frames"] is None else m["failing_frames"])
+            rows.append(row)
+        header = ["expectation", "column", "level", "check", "result",
+                  "failing frames" if kind == "frames" else "failing atoms" if kind == "atoms" else "detail"]
+        if kind == "atoms":
+            header.append("frames quarantined")
+        paragraphs += [title, md_table(header, rows) if rows else "(not run: no frames)"]
+    sample = quarantine[["source", "source_index", "config_type", "check", "reason"]].head(30).copy()
+    sample["reason"] = sample["reason"].str.replace("|", "\\|", regex=False)  # |F| inside a table cell
+    paragraphs.append("## Quarantined frames (first 30)")
+    write_markdown(REPORT_DIR / "summary.md", "Validation (great-expectations)", paragraphs,
+                   table=(tuple(sample.columns), sample.itertuples(index=False)))
