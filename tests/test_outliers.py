@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ase.build import bulk
@@ -11,6 +13,7 @@ from mlipops.oracles import get_oracle
 from mlipops.params import DescriptorParams
 from mlipops.quality.outliers import detect, ols_influence, robust_t
 
+ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = DescriptorParams(n_radial=6, n_angular=3, max_l=2).model_dump()
 
 
@@ -116,3 +119,42 @@ def test_injected_errors_are_quarantined_with_reasons(u_frames):
     assert df.loc[10, "force_flag"] and "force on atom" in df.loc[10, "reason"]
     assert int(df.loc[20, "force_atom"]) == 3
     assert (df.loc[[4, 10, 20], "kind"] == "influential_outlier").all()
+
+
+def test_cli_check_gives_a_verdict_per_frame_and_writes_nothing(u_frames, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from mlipops.frames import write_extxyz
+
+    train = _copy(u_frames)
+    for a in train:
+        a.info["split"] = "train"
+    (tmp_path / "data/curated").mkdir(parents=True)
+    write_extxyz(tmp_path / "data/curated/accepted.extxyz", train)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    new = _copy(u_frames[:3])
+    e, f, s = labels(new[1])
+    set_labels(new[1], e + 0.2 * len(new[1]), f, s)  # a wrong energy
+    e, f, s = labels(new[2])
+    f = f.copy()
+    f[0] += [0.5, 0.0, 0.0]  # breaks Σ F = 0
+    set_labels(new[2], e, f, s)
+    write_extxyz(tmp_path / "new.extxyz", new)
+    (tmp_path / "broken.extxyz").write_text("3\nnot a frame\nCu 0 0 0\n")
+    before = sorted(p.name for p in (tmp_path / "data/curated").iterdir())
+    res = subprocess.run([sys.executable, "-c", "from mlipops.cli import main; main()", "check", "new.extxyz",
+                          "broken.extxyz", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    rows = {(r["file"], r["frame"]): r for r in json.loads(res.stdout)}
+    assert rows[("new.extxyz", 0)]["verdict"] == "accepted"
+    assert rows[("new.extxyz", 1)]["verdict"] == "would be quarantined"
+    assert rows[("new.extxyz", 1)]["checks"] == "influential_outlier"
+    assert "net_force" in rows[("new.extxyz", 2)]["checks"]
+    assert rows[("broken.extxyz", 0)]["verdict"] == "unreadable"
+    assert "4 frames: " in res.stderr
+    assert sorted(p.name for p in (tmp_path / "data/curated").iterdir()) == before
+    assert not (tmp_path / "reports").exists()

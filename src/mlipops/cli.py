@@ -161,6 +161,19 @@ def query(sql: str = typer.Argument(None, help="one SQL statement (read-only)"),
     _print_frame(run_query(sql, db), csv, as_json, limit)
 
 
+@app.command()
+def check(files: list[Path] = typer.Argument(..., help="structure files (extxyz, ASE db, mlearn json)"),
+          params: Path = ParamsOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt, limit: int = LimitOpt):
+    """What validate would do with new frames (suite + outliers vs the current training data); writes nothing."""
+    from mlipops.quality.check import check_files
+
+    p = _params(params)
+    df = check_files(files, p.validate_, p.descriptors)
+    _print_frame(df, csv, as_json, limit)
+    counts = df["verdict"].value_counts()
+    typer.echo(f"{len(df)} frames: " + ", ".join(f"{n} {v}" for v, n in counts.items()), err=True)
+
+
 hull_app = typer.Typer(no_args_is_help=True, help="The descriptor-space convex hull of the training data.")
 app.add_typer(hull_app, name="hull")
 
