@@ -578,3 +578,34 @@ def test_invalid_params_named_by_its_path_in_any_stage(runs):
     assert "(got 'abc')" in line
     assert error_line(r_missing) == ("mlipops: error: nope.yaml: file not found "
                                      "(run from the project root or pass --params)")
+
+
+# ----------------------------------------------------------------- quarantine release, recorded
+def test_quarantine_release_round_trip(tmp_path):
+    root = make_project(tmp_path, ["good.extxyz", "huge_force.extxyz"])
+    assert_ok(mlipops(root, "ingest"), "ingest")
+    assert_ok(mlipops(root, "validate"), "validate")
+    q = pd.read_parquet(root / "data/curated/quarantine.parquet")
+    hot = q[q["check"].str.contains("max_force")]
+    assert len(hot) == 1
+    fid = hot["frame_id"].iloc[0]
+    n_acc = json.loads((root / "reports/validate/metrics.json").read_text())["n_accepted"]
+    # an unknown frame and a missing reason are one-line errors; nothing is written
+    assert "not in the quarantine" in error_line(mlipops(root, "quarantine", "release", "0" * 64, "--why", "x"))
+    assert "say why" in error_line(mlipops(root, "quarantine", "release", fid, "--why", " "))
+    assert not (root / "data/quarantine_releases.yaml").exists()
+    r = mlipops(root, "quarantine", "release", fid[:16], "--why", "DFT rerun with tighter SCF gives the same force")
+    assert r.returncode == 0, r.stderr
+    assert "dvc repro" in r.stdout
+    doc = yaml.safe_load((root / "data/quarantine_releases.yaml").read_text())
+    (entry,) = doc["releases"]
+    assert entry["frame_id"] == fid and entry["checks"] == ["max_force"] and "tighter SCF" in entry["why"]
+    assert entry["released_at"] and entry["released_by"]
+    assert_ok(mlipops(root, "validate"), "validate")
+    m = json.loads((root / "reports/validate/metrics.json").read_text())
+    assert m["n_accepted"] == n_acc + 1 and m["n_released"] == 1
+    q2 = pd.read_parquet(root / "data/curated/quarantine.parquet")
+    assert fid not in set(q2["frame_id"])
+    assert "tighter SCF" in (root / "reports/validate/summary.md").read_text()
+    listed = mlipops(root, "quarantine", "list", "--csv")
+    assert listed.returncode == 0 and fid[:12] not in listed.stdout

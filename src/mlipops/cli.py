@@ -174,6 +174,37 @@ def check(files: list[Path] = typer.Argument(..., help="structure files (extxyz,
     typer.echo(f"{len(df)} frames: " + ", ".join(f"{n} {v}" for v, n in counts.items()), err=True)
 
 
+quarantine_app = typer.Typer(no_args_is_help=True, help="The quarantine of the validate stage.")
+app.add_typer(quarantine_app, name="quarantine")
+
+
+@quarantine_app.command("release")
+def quarantine_release(frame_id: str = typer.Argument(..., help="frame_id (or a unique prefix) of a quarantined frame"),
+                       why: str = typer.Option(..., "--why", help="why the frame is released (recorded)")):
+    """Release a quarantined frame: recorded in data/quarantine_releases.yaml, applied by the next dvc repro."""
+    from mlipops.quality.releases import RELEASES, release
+    from mlipops.quality.validate import QUARANTINE
+
+    e = release(frame_id, why, QUARANTINE)
+    typer.echo(f"released {e['frame_id'][:12]} ({e['source']} #{e['source_index']}, checks {','.join(e['checks'])}) "
+               f"into {RELEASES}; run `dvc repro` to apply it")
+
+
+@quarantine_app.command("list")
+def quarantine_list(csv: bool = CsvOpt, as_json: bool = JsonOpt, limit: int = LimitOpt):
+    """The quarantined frames with their checks and reasons."""
+    import pandas as pd
+
+    from mlipops.quality.validate import QUARANTINE
+
+    if not QUARANTINE.is_file():
+        raise MlipopsError("no quarantine: run `dvc repro validate` first", file=str(QUARANTINE))
+    q = pd.read_parquet(QUARANTINE)
+    q["frame_id"] = q["frame_id"].str.slice(0, 12)
+    _print_frame(q[["frame_id", "stage", "source", "source_index", "config_type", "check", "reason"]],
+                 csv, as_json, limit)
+
+
 hull_app = typer.Typer(no_args_is_help=True, help="The descriptor-space convex hull of the training data.")
 app.add_typer(hull_app, name="hull")
 

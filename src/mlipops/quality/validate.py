@@ -45,6 +45,7 @@ from mlipops.errors import StageInputError
 from mlipops.frames import labels, read_extxyz, to_extxyz_string, write_extxyz
 from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS
 from mlipops.params import DescriptorParams, ValidateParams, composition_key
+from mlipops.quality.releases import RELEASES, load_releases
 from mlipops.report import md_table, write_markdown, write_metrics
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -464,6 +465,16 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
     outliers, out_rep, out_note = find_outliers([frames[k] for k in passed], p, descriptors)
     for j, reason in outliers.items():
         failures.setdefault(passed[j], []).append(("influential_outlier", reason))
+    released = []  # frames released by hand: accepted despite the checks their release names
+    releases = load_releases(RELEASES)
+    for k in list(failures):
+        entry = releases.get(frames[k].info["frame_id"])
+        if entry and {c for c, _ in failures[k]} <= set(entry["checks"]):
+            released.append({"source": frames[k].info.get("source"),
+                             "source_index": frames[k].info.get("source_index"),
+                             "checks": ",".join(c for c, _ in failures[k]), "why": entry["why"],
+                             "released_by": entry.get("released_by"), "released_at": entry.get("released_at")})
+            del failures[k]
     accepted, quarantined = [], []
     for k, a in enumerate(frames):
         if k in failures:
@@ -509,9 +520,15 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
     else:
         pd.DataFrame(columns=cols).to_csv(REPORT_DIR / "outliers.csv", index=False)
         _empty_plot(REPORT_DIR / "cooks_distance.png", out_note)
+    metrics["n_released"] = len(released)
     write_metrics(REPORT_DIR, metrics)
     _write_summary(gx_result, quarantine, n_in, len(accepted), len(table), len(atoms))
     _append_outlier_summary(out_rep, out_note, p)
+    if released:
+        with (REPORT_DIR / "summary.md").open("a") as fh:
+            fh.write(f"\n## Released by hand ({len(released)}, from `{RELEASES}`)\n\n")
+            fh.write(md_table(("source", "index", "checks", "why", "by", "at"),
+                              [tuple(r.values()) for r in released]) + "\n")
     return metrics
 
 

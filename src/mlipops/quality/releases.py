@@ -1,0 +1,74 @@
+"""Releasing quarantined frames by hand, with a recorded reason.
+
+A release never edits the quarantine (a DVC output of the validate stage). It appends an entry to
+``data/quarantine_releases.yaml`` (tracked by git, a dependency of the validate stage): the frame_id,
+why, who and when, and the checks the frame had failed. On the next ``dvc repro`` the validate
+stage accepts the released frames despite those checks, and says so in its summary and metrics.
+A frame that later fails a *different* check is quarantined again: a release covers the checks
+it names, nothing else.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from mlipops.errors import MlipopsError
+
+RELEASES = Path("data/quarantine_releases.yaml")
+HEADER = ("# Quarantined frames released by hand (`mlipops quarantine release FRAME_ID --why ...`).\n"
+          "# The validate stage accepts a released frame despite the checks listed; keep this file in git.\n")
+
+
+def load_releases(path: Path = RELEASES) -> dict[str, dict]:
+    """{frame_id: entry}; an absent file means no releases."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MlipopsError(f"not valid YAML: {str(exc).splitlines()[0]}", file=str(path)) from None
+    entries = doc.get("releases") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "frame_id" in e and "checks" in e
+                                                for e in entries):
+        raise MlipopsError("expected 'releases:' as a list of entries with frame_id and checks", file=str(path),
+                           field="releases")
+    return {str(e["frame_id"]): e for e in entries}
+
+
+def release(frame_id: str, why: str, quarantine: Path, path: Path = RELEASES) -> dict:
+    """Record the release of one quarantined frame; returns the entry written."""
+    if not why or not why.strip():
+        raise MlipopsError("say why the frame is released (--why)", field="why")
+    if not quarantine.is_file():
+        raise MlipopsError("no quarantine: run `dvc repro validate` first", file=str(quarantine))
+    q = pd.read_parquet(quarantine)
+    rows = q[q["frame_id"] == frame_id] if len(frame_id) == 64 else q[q["frame_id"].str.startswith(frame_id)]
+    if rows.empty:
+        raise MlipopsError(f"frame {frame_id} is not in the quarantine", file=str(quarantine), field="frame_id")
+    if rows["frame_id"].nunique() > 1:
+        raise MlipopsError(f"prefix {frame_id} matches {rows['frame_id'].nunique()} frames: give more of the id",
+                           file=str(quarantine), field="frame_id")
+    row = rows.iloc[0]
+    if row.get("stage") == "ingest":
+        raise MlipopsError(f"frame {row['frame_id'][:12]} was rejected at ingest ({row['check']}: an unreadable "
+                           "frame or a duplicate); fix the source file instead", file=str(quarantine),
+                           field="frame_id")
+    releases = load_releases(path)
+    entry = {"frame_id": str(row["frame_id"]), "checks": str(row["check"]).split(","), "why": why.strip(),
+             "released_by": os.environ.get("GIT_AUTHOR_NAME") or getpass.getuser(),
+             "released_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "source": str(row["source"]), "source_index": int(row["source_index"]),
+             "reason_at_release": str(row["reason"])}
+    releases[entry["frame_id"]] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(HEADER + yaml.safe_dump({"releases": list(releases.values())}, sort_keys=False,
+                                           allow_unicode=True))
+    tmp.replace(path)
+    return entry
