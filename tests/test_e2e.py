@@ -71,6 +71,8 @@ def repo(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
     shutil.copy(ROOT / ".dvcignore", d / ".dvcignore")
     shutil.copytree(ROOT / "src", d / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (d / "data").mkdir()
+    shutil.copy(ROOT / "data/quarantine_releases.yaml", d / "data/quarantine_releases.yaml")  # git-tracked dep
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], d)
