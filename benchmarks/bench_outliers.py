@@ -65,10 +65,19 @@ def corrupt(frames, k: int, rng) -> dict[int, str]:
     """Corrupt k distinct frames in place; returns {index: kind}."""
     from mlipops.frames import labels, set_labels
 
-    idx = rng.choice(len(frames), size=min(k, len(frames)), replace=False)
+    # force corruptions only where there are forces to corrupt: flipping the exactly-zero forces of a
+    # perfect crystal changes nothing and is not an error
+    forced = [i for i, a in enumerate(frames) if np.abs(labels(a)[1]).max() > 0.05]
+    kinds = [KINDS[q % len(KINDS)] for q in range(min(k, len(frames)))]
+    n_force = sum(kd in ("forces_swapped", "forces_flipped") for kd in kinds)
+    fidx = list(rng.choice(forced, size=min(n_force, len(forced)), replace=False))
+    rest = [i for i in range(len(frames)) if i not in fidx]
+    eidx = list(rng.choice(rest, size=len(kinds) - len(fidx), replace=False))
+    idx = []
+    for kd in kinds:
+        idx.append(int(fidx.pop()) if kd in ("forces_swapped", "forces_flipped") and fidx else int(eidx.pop()))
     done = {}
-    for q, i in enumerate(idx):
-        kind = KINDS[q % len(KINDS)]
+    for kind, i in zip(kinds, idx):
         a = frames[i]
         e, f, s = labels(a)
         if kind == "energy_shift":

@@ -51,6 +51,14 @@ class Surrogate:
     n: int
     p: int
     rmse: float
+    cols: np.ndarray | None = None  # the independent columns of x used
+    beta: np.ndarray | None = None  # coefficients over ``cols``
+    xtx_inv: np.ndarray | None = None  # (X'X)^-1 over ``cols``: leverage of new rows
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prediction and prediction leverage x (X'X)^-1 x' of rows not in the fit."""
+        xr = x[:, self.cols]
+        return xr @ self.beta, np.einsum("ij,jk,ik->i", xr, self.xtx_inv, xr)
 
 
 @dataclass
@@ -95,7 +103,8 @@ def ols_influence(y: np.ndarray, x: np.ndarray) -> Surrogate:
         # statsmodels' resid_studentized_external refits per row, O(n²), minutes for 10⁴ force rows
         t_ext = r * np.sqrt((n - p - 1) / np.maximum(n - p - r**2, 1e-300))
     return Surrogate(y=y, fitted=res.fittedvalues, leverage=h, cooks=infl.cooks_distance[0],
-                     t_external=t_ext, dffit=dffit, n=n, p=p, rmse=float(np.sqrt(np.mean(e**2))))
+                     t_external=t_ext, dffit=dffit, n=n, p=p, rmse=float(np.sqrt(np.mean(e**2))),
+                     cols=cols, beta=np.asarray(res.params), xtx_inv=np.linalg.pinv(xr.T @ xr))
 
 
 def design(frames: list[Atoms], species: list[str], settings: dict, forces: bool = True,
@@ -262,6 +271,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
             break
         rows.loc[new, "flag_round"] = rnd
         keep &= ~new
+    _recheck(rows, d, keep, report, cts, energy_residual_threshold, force_residual_threshold)
     rows["quarantine"] = rows["energy_flag"] | rows["force_flag"]
     es = report.energy
     thr_e = cooks_threshold if cooks_threshold is not None else 4.0 / es.n
@@ -269,6 +279,50 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
     rows["reason"] = [_reason(r) if r.quarantine else None for r in rows.itertuples()]
     report.frames = rows
     return report
+
+
+def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10) -> dict:
+    def mad(x):
+        return 1.4826 * float(np.median(np.abs(x - np.median(x)))) if len(x) else np.nan
+
+    overall = mad(residual)
+    out = {None: overall if overall > 0 else 1e-12}
+    for g in pd.unique(groups):
+        m = groups == g
+        if m.sum() >= min_group and mad(residual[m]) > 0:
+            out[g] = mad(residual[m])
+    return out
+
+
+def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierReport, cts: np.ndarray,
+             t_e: float, t_f: float) -> None:
+    """Frames flagged in an early round were judged against a fit that gross errors still dragged;
+    re-judge them against the final fit (which excludes every flagged frame), as predictions with
+    their prediction leverage, and release those the clean fit explains."""
+    flagged = np.flatnonzero(~keep)
+    if not len(flagged) or report.energy is None or report.energy.beta is None:
+        return
+    es = report.energy
+    kept = np.flatnonzero(keep)
+    scale_e = _group_scale(es.y - es.fitted, cts[kept])
+    pred, h = es.predict(d["x_energy"][flagged])
+    r = d["y_energy"][flagged] - pred
+    sig = np.array([scale_e.get(c, scale_e[None]) for c in cts[flagged]])
+    te = r / (sig * np.sqrt(1.0 + h))
+    still_e = np.abs(te) > t_e
+    still_f = np.zeros(len(flagged), dtype=bool)
+    fs = report.forces
+    if fs is not None and fs.beta is not None and "x_forces" in d:
+        rmask = keep[d["force_frame"]]
+        scale_f = _group_scale(fs.y - fs.fitted, cts[d["force_frame"][rmask]])
+        for q, k in enumerate(flagged):
+            m = d["force_frame"] == k
+            pf, hf = fs.predict(d["x_forces"][m])
+            sf = scale_f.get(cts[k], scale_f[None])
+            tf = (d["y_forces"][m] - pf) / (sf * np.sqrt(1.0 + hf))
+            still_f[q] = np.abs(tf).max(initial=0.0) > t_f
+    rows.loc[flagged, "energy_flag"] = rows.loc[flagged, "energy_flag"].to_numpy() & still_e
+    rows.loc[flagged, "force_flag"] = rows.loc[flagged, "force_flag"].to_numpy() & still_f
 
 
 def _kind(r, es: Surrogate, t_thr: float, cooks_thr: float) -> str:
