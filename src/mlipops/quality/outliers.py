@@ -187,16 +187,8 @@ def robust_t(residual: np.ndarray, leverage: np.ndarray, groups: np.ndarray, min
     Why not the OLS scale: one gross error inflates it and masks the others, and a linear
     surrogate fits some kinds of structure (liquids) much worse than others (crystals), so one
     scale for all would flag every liquid frame."""
-    def mad(x):
-        return 1.4826 * float(np.median(np.abs(x - np.median(x)))) if len(x) else np.nan
-
-    overall = mad(residual)
-    sigma = np.full(len(residual), overall)
-    for g in pd.unique(groups):
-        m = groups == g
-        if m.sum() >= min_group:
-            sigma[m] = mad(residual[m])
-    sigma = np.where(sigma > 0, sigma, max(overall, 1e-12))
+    scale = _group_scale(residual, groups, min_group)
+    sigma = np.array([scale.get(g, scale[None]) for g in groups])
     return residual / (sigma * np.sqrt(np.clip(1.0 - leverage, 1e-12, None)))
 
 
@@ -282,6 +274,8 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
 
 
 def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10) -> dict:
+    """{group: 1.4826 MAD of its residuals} for groups of at least ``min_group`` rows with a nonzero
+    spread, and {None: the same over all rows} as the fallback."""
     def mad(x):
         return 1.4826 * float(np.median(np.abs(x - np.median(x)))) if len(x) else np.nan
 
