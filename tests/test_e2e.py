@@ -30,7 +30,7 @@ TINY = {
         "liquid": {"supercell": 2, "equilibration_steps": 10, "snapshots": 3, "interval": 5},
         "paths": {"adatom_points": 4, "dimer_points": 4},
     },
-    "train": {"epochs": 3, "hidden": [8], "batch_size": 4},
+    "train": {"epochs": 3, "hidden": [8], "batch_size": 4, "ensemble": {"members": 2}},
     "descriptors": {"n_radial": 4, "n_angular": 2, "max_l": 2},
     "promote": {"gates": {"val.force_mae": 5.0, "val.energy_mae_per_atom": 5.0}},
 }
@@ -153,10 +153,15 @@ def test_mlflow_run_and_registry(repo: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mlipops")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    assert len(runs) == 3  # the ensemble's parent run and its two members, nested
+    run = next(r for r in runs if r.data.tags.get("member") == "ensemble")
+    members = [r for r in runs if r is not run]
     assert run.data.params["train.epochs"] == "3"
-    assert len(client.get_metric_history(run.info.run_id, "val_force_mae")) == 3
+    for r in members:
+        assert r.data.tags["mlflow.parentRunId"] == run.info.run_id
+        assert len(client.get_metric_history(r.info.run_id, "val_force_mae")) == 3
+        assert r.data.tags["stage"] == "train" and r.data.tags["dataset"].startswith("data/curated/accepted.extxyz@")
+    assert "final_val_force_mae" in run.data.metrics
     assert run.data.tags["data.dvc_md5"] == json.loads((repo / "data/models/cu/run.json").read_text())["data_md5"]
     assert len(run.data.tags["git.commit"]) == 40
     mv = client.get_model_version_by_alias("cu", "champion")
@@ -177,6 +182,9 @@ def test_registry_model_is_usable(repo: Path):
     atoms.calc = MlipopsCalculator(repo / "registry/cu/v1")
     assert abs(atoms.get_forces().sum(axis=0)).max() < 1e-6  # translation invariance
     assert atoms.get_stress().shape == (6,)
+    assert atoms.calc.results["forces_std"].shape == (len(atoms), 3)  # a 2-member ensemble
+    with_alias = MlipopsCalculator.from_registry("cu@champion", registry_dir=repo / "registry")
+    assert with_alias.is_ensemble
 
 
 def test_second_repro_is_noop_and_params_rerun_exactly_dependants(repo: Path):

@@ -67,11 +67,11 @@ def index(params: Path = ParamsOpt):
 
 @app.command()
 def train(params: Path = ParamsOpt):
-    """Train the potential on the curated train split, tracked in MLflow."""
+    """Train the ensemble on the curated train split (Dask, MLflow); resumes an interrupted run."""
     from mlipops.train import run
 
     p = _params(params)
-    _done("train", run(p.train, p.descriptors))
+    _done("train", run(p.train, p.descriptors, p.compute))
 
 
 @app.command()

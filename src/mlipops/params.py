@@ -190,6 +190,11 @@ class DescriptorParams(_Section):
 
 
 # ------------------------------------------------------------------------------------------ train
+class EnsembleParams(_Section):
+    members: int = Field(5, ge=1)      # M potentials differing in seed (seed + k) and bootstrap resample
+    bootstrap: bool = True             # member k > 0 trains on a resample (with replacement) of the train split
+
+
 class TrainParams(_Section):
     model_name: str = "cu"
     seed: int = 0
@@ -197,13 +202,27 @@ class TrainParams(_Section):
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(3e-3, gt=0.0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
     weight_decay: float = Field(0.0, ge=0.0)
     energy_weight: float = Field(1.0, ge=0.0)
     force_weight: float = Field(10.0, ge=0.0)
+    stress_weight: float = Field(0.0, ge=0.0)  # on frames that carry a stress (eV/Å³, Voigt)
+    patience: int | None = Field(None, ge=1)  # early stopping: epochs without validation improvement
+    checkpoint_every: int = Field(5, ge=1)     # epochs between checkpoints (resume after a kill)
     dtype: Literal["float32", "float64"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    ensemble: EnsembleParams = EnsembleParams()
     experiment: str = "mlipops"
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: str = "mlartifacts"
+
+
+# ---------------------------------------------------------------------------------------- compute
+class ComputeParams(_Section):
+    scheduler_address: str | None = None  # a running Dask scheduler (tcp://host:8786); null: a LocalCluster
+    n_workers: int | None = Field(None, ge=1)  # LocalCluster workers; null: min(tasks, CPU cores)
+    threads_per_worker: int = Field(1, ge=1)  # torch threads per worker
 
 
 # --------------------------------------------------------------------------------------- evaluate
@@ -224,6 +243,7 @@ class Params(_Section):
     index: IndexParams = IndexParams()
     descriptors: DescriptorParams = DescriptorParams()
     train: TrainParams = TrainParams()
+    compute: ComputeParams = ComputeParams()
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
 

@@ -14,6 +14,7 @@ from ase import Atoms
 
 from mlipops.errors import StageInputError
 from mlipops.frames import labels
+from mlipops.models.ensemble import load_model
 from mlipops.models.potential import Potential
 from mlipops.params import EvaluateParams
 from mlipops.report import parity_plot, write_markdown, write_metrics
@@ -22,7 +23,7 @@ from mlipops.train.loop import MODELS_DIR, load_split
 REPORT_DIR = Path("reports/evaluate")
 
 
-def predict(model: Potential, frames: list[Atoms], batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
+def predict(model, frames: list[Atoms], batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
     """Energies [n_frames] and forces (list of [n_atoms, 3]) predicted in float64."""
     energies, forces = [], []
     dtype = next(model.parameters()).dtype
@@ -43,7 +44,7 @@ def _errors(de: np.ndarray, df: np.ndarray) -> dict[str, float]:
             "force_rmse": float(np.sqrt(np.mean(df**2))) if df.size else float("nan")}
 
 
-def split_metrics(model: Potential, frames: list[Atoms]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+def split_metrics(model, frames: list[Atoms]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Per-split and per-config_type errors; frame table and force-component table for plots."""
     e_pred, f_pred = predict(model, frames)
     rows, frows = [], []
@@ -92,7 +93,7 @@ def run(p: EvaluateParams, model_name: str) -> dict:
     model_dir = MODELS_DIR / model_name
     if not (model_dir / "config.json").is_file():
         raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
-    model = Potential.load(model_dir, dtype=torch.float64)
+    model = load_model(model_dir, dtype=torch.float64)
     splits = load_split()
     metrics: dict = {}
     table = []

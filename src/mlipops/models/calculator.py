@@ -1,37 +1,118 @@
-"""ASE calculator over a trained mlipops potential: usable in any ASE MD run or optimizer."""
+"""ASE calculator over a trained mlipops potential or ensemble: usable in any ASE MD run or optimizer.
+
+With an ensemble, ``energy``/``forces``/``stress`` are the committee mean and the results also hold
+``energy_std``, ``forces_std`` (per atom and component) and ``stress_std``
+(``atoms.calc.results["forces_std"]`` or ``calc.get_property("forces_std", atoms)``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
+from mlipops.errors import MlipopsError
+from mlipops.models.ensemble import Ensemble, load_model
 from mlipops.models.potential import Potential
+
+_URI = re.compile(r"^(?:registry:)?(?P<name>[A-Za-z0-9_.-]+)@(?P<ref>v\d+|[A-Za-z0-9_-]+)$")
+
+
+def resolve_model(uri: str | Path, registry_dir: str | Path = "registry") -> Path:
+    """A model directory from a path, or from ``NAME@alias`` / ``NAME@vN`` (``registry:`` prefix
+    optional) looked up in ``registry_dir/index.json``."""
+    path = Path(uri)
+    if path.is_dir():
+        return path
+    m = _URI.match(str(uri))
+    if m is None:
+        raise MlipopsError("no such model directory, and not a registry reference NAME@alias or NAME@vN",
+                           file=str(uri))
+    index_path = Path(registry_dir) / "index.json"
+    if not index_path.is_file():
+        raise MlipopsError("registry index missing (promote a model first)", file=str(index_path))
+    entry = json.loads(index_path.read_text()).get("models", {}).get(m["name"])
+    if entry is None:
+        raise MlipopsError(f"model {m['name']!r} is not in the registry", file=str(index_path))
+    ref = m["ref"]
+    version = int(ref[1:]) if re.fullmatch(r"v\d+", ref) else entry.get("aliases", {}).get(ref)
+    if version is None:
+        raise MlipopsError(f"{m['name']} has no alias {ref!r} (aliases: {sorted(entry.get('aliases', {}))})",
+                           file=str(index_path))
+    for v in entry.get("versions", []):
+        if int(v["version"]) == int(version):
+            return Path(registry_dir) / v["path"]
+    raise MlipopsError(f"{m['name']} has no version {version}", file=str(index_path))
+
+
+def default_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 class MlipopsCalculator(Calculator):
-    """``MlipopsCalculator("registry/cu/v1")`` or a directory holding weights.pt + config.json."""
+    """``MlipopsCalculator("data/models/cu")``, ``MlipopsCalculator("cu@champion")`` or a model object."""
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies",
+                              "energy_std", "forces_std", "stress_std"]
 
-    def __init__(self, model: str | Path | Potential, dtype: torch.dtype = torch.float64,
-                 device: str = "cpu", **kwargs):
+    def __init__(self, model: str | Path | Potential | Ensemble, dtype: torch.dtype = torch.float64,
+                 device: str = "cpu", registry_dir: str | Path = "registry", skin: float = 0.0, **kwargs):
+        """``skin`` (Å): build the neighbour list to cutoff + skin and reuse it until an atom has
+        moved more than skin/2 (a Verlet list; results are identical, MD steps skip the list)."""
         super().__init__(**kwargs)
-        self.model = model if isinstance(model, Potential) else Potential.load(model, dtype=dtype,
-                                                                               device=device)
+        if skin < 0:
+            raise MlipopsError(f"skin must be ≥ 0 (got {skin})", field="skin")
+        self.skin = float(skin)
+        self._cache = None  # (graph, reference positions, numbers, cell, pbc)
+        self.n_neighbour_lists = 0
+        device = default_device(device)
+        if isinstance(model, (Potential, Ensemble)):
+            self.model = model
+        else:
+            self.model = load_model(resolve_model(model, registry_dir), dtype=dtype, device=device)
         self.model = self.model.to(dtype=dtype, device=device).eval()
         self.dtype, self.device = dtype, device
+        self.is_ensemble = isinstance(self.model, Ensemble)
+
+    @classmethod
+    def from_registry(cls, ref: str, registry_dir: str | Path = "registry", **kwargs) -> "MlipopsCalculator":
+        return cls(resolve_model(ref, registry_dir), **kwargs)
+
+    def _graph(self, atoms):
+        pos = np.asarray(atoms.positions, dtype=np.float64)
+        c = self._cache
+        if (c is not None and self.skin > 0 and np.array_equal(c[2], atoms.numbers)
+                and np.array_equal(c[3], atoms.cell.array) and np.array_equal(c[4], atoms.pbc)
+                and float(np.max(np.linalg.norm(pos - c[1], axis=1), initial=0.0)) < 0.5 * self.skin):
+            return dataclasses.replace(c[0], positions=pos.copy())
+        g = self.model.graph(atoms, self.skin)
+        self.n_neighbour_lists += 1
+        self._cache = (g, pos.copy(), atoms.numbers.copy(), atoms.cell.array.copy(), atoms.pbc.copy())
+        return g
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         periodic = bool(self.atoms.pbc.all() and self.atoms.cell.rank == 3)
-        batch = Potential.collate([self.model.graph(self.atoms)], self.dtype, self.device)
-        out = self.model(batch, forces=True, stress=periodic and "stress" in properties)
+        want_stress = periodic and ("stress" in properties or "stress_std" in properties)
+        batch = Potential.collate([self._graph(self.atoms)], self.dtype, self.device)
+        out = self.model(batch, forces=True, stress=want_stress)
+
+        def np_(key):
+            return out[key].detach().cpu().numpy().astype(np.float64)
+
         e = float(out["energy"][0].detach().cpu())
-        self.results = {"energy": e, "free_energy": e,
-                        "forces": out["forces"].detach().cpu().numpy().astype(np.float64),
-                        "energies": out["atomic_energy"].detach().cpu().numpy().astype(np.float64)}
-        if "stress" in out:
-            self.results["stress"] = out["stress"][0].detach().cpu().numpy().astype(np.float64)
+        self.results = {"energy": e, "free_energy": e, "forces": np_("forces"), "energies": np_("atomic_energy")}
+        if want_stress:
+            self.results["stress"] = np_("stress")[0]
+        if self.is_ensemble:
+            self.results["energy_std"] = float(out["energy_std"][0].detach().cpu())
+            self.results["forces_std"] = np_("forces_std")
+            if want_stress:
+                self.results["stress_std"] = np_("stress_std")[0]

@@ -73,7 +73,9 @@ class Potential(nn.Module):
         return self.descriptor.cutoff
 
     # ------------------------------------------------------------------------------- preparation
-    def graph(self, atoms: Atoms) -> Graph:
+    def graph(self, atoms: Atoms, skin: float = 0.0) -> Graph:
+        """Neighbour topology within cutoff + ``skin`` (pairs beyond the cutoff contribute exactly
+        zero: the descriptors mask them), so a graph stays valid while no atom moves more than skin/2."""
         try:
             species = np.array([self._z_to_index[z] for z in atoms.numbers], dtype=np.int64)
         except KeyError as exc:
@@ -81,7 +83,7 @@ class Potential(nn.Module):
 
             raise MlipopsError(f"element {chemical_symbols[exc.args[0]]} is not one of the model's "
                                f"species {self.species}", field="species") from None
-        i, j, S, _ = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, self.cutoff)
+        i, j, S, _ = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, self.cutoff + skin)
         return Graph(species, np.asarray(atoms.positions, float), np.asarray(atoms.cell.array, float),
                      i, j, S, bool(atoms.pbc.all() and atoms.cell.rank == 3))
 
@@ -89,6 +91,7 @@ class Potential(nn.Module):
     def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
         offsets = np.cumsum([0] + [len(g.species) for g in graphs[:-1]])
         cat = np.concatenate
+        sp = cat([g.species for g in graphs]) if graphs else np.zeros(0, np.int64)
         as_t = lambda x, dt=dtype: torch.as_tensor(x, dtype=dt, device=device)  # noqa: E731
         return {
             "species": as_t(cat([g.species for g in graphs]), torch.long),
@@ -100,6 +103,9 @@ class Potential(nn.Module):
             "shifts": as_t(cat([g.shifts for g in graphs])),
             "n_atoms": as_t(np.array([len(g.species) for g in graphs])),
             "periodic": torch.as_tensor([g.periodic for g in graphs], device=device),
+            # atoms of each species, found on the host: no device sync in the per-species MLP dispatch
+            "species_atoms": [torch.as_tensor(np.flatnonzero(sp == k), dtype=torch.long, device=device)
+                              for k in range(int(sp.max()) + 1 if sp.size else 0)],
         }
 
     # ----------------------------------------------------------------------------------- physics
@@ -110,18 +116,26 @@ class Potential(nn.Module):
         return self.descriptor(batch["species"], batch["edge_i"], batch["edge_j"], vec)
 
     def atomic_energies(self, batch: dict, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        g = (self.features(batch, positions, cell) - self.feature_mean) / self.feature_std
+        return self.energies_from_features(batch, self.features(batch, positions, cell))
+
+    def energies_from_features(self, batch: dict, features: torch.Tensor) -> torch.Tensor:
+        """E0_s + ε_s(Ĝ) per atom [n_atoms] from the raw descriptors [n_atoms, n_features]."""
+        g = (features - self.feature_mean) / self.feature_std
         species = batch["species"]
-        eps = g.new_zeros(g.shape[0])
-        for k, mlp in enumerate(self.mlps):
-            m = species == k
-            if m.any():
-                eps = eps.index_put((m.nonzero().squeeze(1),), mlp(g[m]))
+        groups = batch.get("species_atoms")
+        if groups is None:  # a batch not made by collate
+            groups = [(species == k).nonzero().squeeze(1) for k in range(len(self.mlps))]
+        if len(self.mlps) == 1 and len(groups) == 1 and groups[0].numel() == g.shape[0]:
+            eps = self.mlps[0](g)
+        else:
+            eps = g.new_zeros(g.shape[0])
+            for k, idx in enumerate(groups[:len(self.mlps)]):
+                if idx.numel():
+                    eps = eps.index_put((idx,), self.mlps[k](g[idx]))
         return eps + self.e0[species]  # [n_atoms]
 
-    def forward(self, batch: dict, forces: bool = True, stress: bool = False,
-                create_graph: bool = False) -> dict[str, torch.Tensor]:
-        n_frames = batch["cell"].shape[0]
+    def strained_inputs(self, batch: dict, forces: bool, stress: bool):
+        """(positions, cell, leaves): positions and cell under a symmetric strain when stress is wanted."""
         pos_leaf = batch["positions"]
         if forces or stress:
             pos_leaf = pos_leaf.detach().requires_grad_(True)
@@ -133,6 +147,19 @@ class Potential(nn.Module):
             positions = positions + torch.einsum("ni,nij->nj", positions, sym[batch["batch"]])
             cell = cell + torch.bmm(cell, sym)
             inputs.append(strain)
+        return positions, cell, inputs
+
+    @staticmethod
+    def stress_from_grad(batch: dict, grad_strain: torch.Tensor) -> torch.Tensor:
+        """σ = (1/V) ∂E/∂ε in ASE's Voigt order (xx, yy, zz, yz, xz, xy) [n_frames, 6]."""
+        vol = torch.abs(torch.linalg.det(batch["cell"]))
+        sigma = grad_strain / vol[:, None, None]
+        return sigma[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+
+    def forward(self, batch: dict, forces: bool = True, stress: bool = False,
+                create_graph: bool = False) -> dict[str, torch.Tensor]:
+        n_frames = batch["cell"].shape[0]
+        positions, cell, inputs = self.strained_inputs(batch, forces, stress)
         e_atom = self.atomic_energies(batch, positions, cell)  # [n_atoms]
         energy = e_atom.new_zeros(n_frames).index_add_(0, batch["batch"], e_atom)  # [n_frames]
         out = {"energy": energy, "atomic_energy": e_atom}
@@ -141,9 +168,7 @@ class Potential(nn.Module):
             if forces:
                 out["forces"] = -grads[0]  # [n_atoms, 3]
             if stress:
-                vol = torch.abs(torch.linalg.det(batch["cell"]))
-                sigma = grads[1] / vol[:, None, None]
-                out["stress"] = sigma[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # [n_frames, 6] ASE Voigt
+                out["stress"] = self.stress_from_grad(batch, grads[1])  # [n_frames, 6] ASE Voigt
         return out
 
     # --------------------------------------------------------------------------------------- I/O

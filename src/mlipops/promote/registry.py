@@ -83,14 +83,16 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
         f"Registered {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from MLflow run `{run_info['run_id']}`.",
         f"Data version (md5 of data/curated/accepted.extxyz, as in dvc.lock): `{run_info['data_md5']}`.",
         f"Species {config['species']}; descriptor {json.dumps(config['descriptor'])}; "
-        f"hidden layers {config['hidden']}.",
+        f"hidden layers {config['hidden']}; "
+        + (f"an ensemble of {config['n_members']} members (mean prediction; `energy_std`/`forces_std` in the "
+           "calculator's results)." if config.get("n_members") else "a single potential (no uncertainty)."),
         "## Gates", md_table(("gate", "value", "threshold", "result"), rows),
         "## Test errors per config_type", md_table(("config_type", "E MAE (eV/atom)", "F MAE (eV/Å)"), ct_rows),
         "## Data coverage (accepted frames; hull = convex hull of the training atoms in descriptor space)", coverage,
         "## Reports not yet produced", "Uncertainty (ensemble calibration) and melting point are not part "
         "of this pipeline version: `uncertainty.json` and `melting_point.json` are missing, not faked.",
         "## Load", f"```python\nfrom mlipops.models import MlipopsCalculator\n"
-        f"atoms.calc = MlipopsCalculator(\"registry/{name}/v{version}\")\n```",
+        f"atoms.calc = MlipopsCalculator(\"registry/{name}/v{version}\")  # or MlipopsCalculator.from_registry(\"{name}@champion\")\n```",
     ])
 
 

@@ -1,5 +1,7 @@
-"""The ``train`` stage: fit the torch potential to the curated training split, tracked in MLflow."""
+"""The ``train`` stage: an ensemble of torch potentials fitted to the curated training split in
+parallel through Dask, tracked in MLflow, resumable from checkpoints."""
 
-from mlipops.train.loop import TrainResult, fit, run
+from mlipops.train.loop import TrainResult, fit
+from mlipops.train.run import run
 
 __all__ = ["fit", "run", "TrainResult"]

@@ -1,27 +1,36 @@
-"""Training loop: energy + force loss, Adam with cosine decay, best-on-validation weights, MLflow."""
+"""Training loop of one potential: energy + force (+ stress) loss, Adam/AdamW with a scheduler,
+early stopping on validation, best-on-validation weights, checkpoints that an interrupted run
+resumes from bit-for-bit.
+
+The ensemble, Dask and MLflow orchestration around it lives in :mod:`mlipops.train.run`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from ase import Atoms
 
-from mlipops.errors import StageInputError
+from mlipops.errors import MlipopsError, StageInputError
 from mlipops.frames import labels, read_extxyz
 from mlipops.models.potential import Graph, Potential
-from mlipops.params import DescriptorParams, TrainParams, flatten
-from mlipops.report import progress, write_markdown, write_metrics
-from mlipops.train import tracking
+from mlipops.params import DescriptorParams, TrainParams
 
 DATA = Path("data/curated/accepted.extxyz")
 MODELS_DIR = Path("data/models")
+CHECKPOINT_DIR = Path("data/checkpoints")
 REPORT_DIR = Path("reports/train")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CHECKPOINT_FORMAT = "mlipops.checkpoint/1"
 
 
 @dataclass
@@ -29,7 +38,14 @@ class Prepared:
     graphs: list[Graph]
     energy: np.ndarray  # [n_frames] eV
     forces: list[np.ndarray]
+    stress: list[np.ndarray | None]  # Voigt [6] eV/Å³ where the frame has one (periodic only)
     n_atoms: np.ndarray
+    config_type: np.ndarray  # [n_frames] str
+
+    def subset(self, idx) -> "Prepared":
+        idx = np.asarray(idx, dtype=int)
+        return Prepared([self.graphs[k] for k in idx], self.energy[idx], [self.forces[k] for k in idx],
+                        [self.stress[k] for k in idx], self.n_atoms[idx], self.config_type[idx])
 
 
 @dataclass
@@ -37,18 +53,31 @@ class TrainResult:
     model: Potential
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
+    stopped_early: bool = False
+    resumed_from_epoch: int = 0
     metrics: dict = field(default_factory=dict)
 
 
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StageInputError("train.device is 'cuda' but no CUDA device is available", field="train.device")
+    return device
+
+
 def prepare(model: Potential, frames: list[Atoms]) -> Prepared:
-    graphs, energy, forces = [], [], []
+    graphs, energy, forces, stress, cts = [], [], [], [], []
     for a in frames:
-        e, f, _ = labels(a)
+        e, f, s = labels(a)
         graphs.append(model.graph(a))
         energy.append(e)
-        forces.append(f)
-    return Prepared(graphs, np.array(energy, dtype=float), forces,
-                    np.array([len(g.species) for g in graphs]))
+        forces.append(np.zeros((len(a), 3)) if f is None else np.asarray(f, float))
+        periodic = bool(a.pbc.all() and a.cell.rank == 3)
+        stress.append(np.asarray(s, float).reshape(6) if s is not None and periodic and np.size(s) == 6 else None)
+        cts.append(str(a.info.get("config_type", "unknown")))
+    return Prepared(graphs, np.array(energy, dtype=float), forces, stress,
+                    np.array([len(g.species) for g in graphs], dtype=int), np.array(cts, dtype=object))
 
 
 def fit_reference_energies(model: Potential, data: Prepared) -> np.ndarray:
@@ -59,10 +88,10 @@ def fit_reference_energies(model: Potential, data: Prepared) -> np.ndarray:
 
 
 @torch.no_grad()
-def feature_statistics(model: Potential, data: Prepared, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_statistics(model: Potential, data: Prepared, dtype, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     feats = []
     for k in range(0, len(data.graphs), 32):
-        b = Potential.collate(data.graphs[k:k + 32], dtype)
+        b = Potential.collate(data.graphs[k:k + 32], dtype, device)
         feats.append(model.features(b, b["positions"], b["cell"]))
     g = torch.cat(feats)
     std = g.std(0)
@@ -74,90 +103,231 @@ def _batches(n: int, size: int, rng: np.random.Generator | None):
     return [idx[k:k + size] for k in range(0, n, size)]
 
 
-def _targets(data: Prepared, idx, dtype):
-    e = torch.as_tensor(data.energy[idx], dtype=dtype)
-    f = torch.as_tensor(np.concatenate([data.forces[k] for k in idx]), dtype=dtype)
-    n = torch.as_tensor(data.n_atoms[idx], dtype=dtype)
-    return e, f, n
+def _targets(data: Prepared, idx, dtype, device="cpu"):
+    e = torch.as_tensor(data.energy[idx], dtype=dtype, device=device)
+    f = torch.as_tensor(np.concatenate([data.forces[k] for k in idx]), dtype=dtype, device=device)
+    n = torch.as_tensor(data.n_atoms[idx], dtype=dtype, device=device)
+    has_s = np.array([data.stress[k] is not None for k in idx])
+    s = None
+    if has_s.any():
+        s = torch.as_tensor(np.stack([data.stress[k] if data.stress[k] is not None else np.zeros(6) for k in idx]),
+                            dtype=dtype, device=device)
+    return e, f, n, s, torch.as_tensor(has_s, device=device)
 
 
-def evaluate_split(model: Potential, data: Prepared, dtype, batch_size: int = 16) -> dict[str, float]:
-    """Energy-per-atom and force-component MAE/RMSE of ``model`` on prepared frames."""
-    de, df = [], []
+class _ErrorSums:
+    """Running sums of |ΔE|/N, (ΔE/N)², |ΔF|, ΔF² overall and per config_type."""
+
+    def __init__(self):
+        self.s = defaultdict(lambda: np.zeros(6))  # n_frames, Σ|de|, Σde², n_fcomp, Σ|df|, Σdf²
+
+    def add(self, cts, de: np.ndarray, df_per_frame: list[np.ndarray]):
+        for ct, e, f in zip(cts, de, df_per_frame):
+            row = np.array([1.0, abs(e), e * e, f.size, np.abs(f).sum(), (f * f).sum()])
+            self.s["__all__"] += row
+            self.s[ct] += row
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for ct, (n, ae, se, nf, af, sf) in self.s.items():
+            out[ct] = {"energy_mae_per_atom": float(ae / n), "energy_rmse_per_atom": float(np.sqrt(se / n)),
+                       "force_mae": float(af / nf) if nf else float("nan"),
+                       "force_rmse": float(np.sqrt(sf / nf)) if nf else float("nan"), "n_frames": int(n)}
+        return out
+
+
+def _split_forces(f: np.ndarray, n_atoms) -> list[np.ndarray]:
+    return np.split(f, np.cumsum(n_atoms)[:-1])
+
+
+def evaluate_split(model, data: Prepared, dtype, batch_size: int = 16, device="cpu",
+                   by_config: bool = False) -> dict:
+    """Energy-per-atom and force-component MAE/RMSE of ``model`` (a Potential or an Ensemble's
+    mean) on prepared frames; with ``by_config`` also ``{config_type: metrics}`` under ``by_config``."""
+    sums = _ErrorSums()
     for idx in _batches(len(data.graphs), batch_size, None):
-        b = Potential.collate([data.graphs[k] for k in idx], dtype)
+        b = Potential.collate([data.graphs[k] for k in idx], dtype, device)
         out = model(b, forces=True)
-        e, f, n = _targets(data, idx, dtype)
-        de.append(((out["energy"].detach() - e) / n).numpy())
-        df.append((out["forces"].detach() - f).numpy().ravel())
-    de, df = np.concatenate(de), np.concatenate(df)
-    return {"energy_mae_per_atom": float(np.mean(np.abs(de))),
-            "energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))),
-            "force_mae": float(np.mean(np.abs(df))), "force_rmse": float(np.sqrt(np.mean(df**2)))}
+        e, f, n, _, _ = _targets(data, idx, dtype, device)
+        de = ((out["energy"].detach() - e) / n).cpu().numpy()
+        df = (out["forces"].detach() - f).cpu().numpy()
+        sums.add(data.config_type[idx], de, _split_forces(df, data.n_atoms[idx]))
+    m = sums.metrics()
+    overall = {k: v for k, v in m.pop("__all__", {}).items() if k != "n_frames"} if m else {}
+    if by_config:
+        overall["by_config"] = m
+    return overall
 
 
-def fit(train: list[Atoms], val: list[Atoms], p: TrainParams, d: DescriptorParams,
-        log=None) -> TrainResult:
-    """Train a potential on ``train``, keep the weights with the best validation loss."""
-    torch.manual_seed(p.seed)
-    rng = np.random.default_rng(p.seed)
-    dtype = DTYPES[p.dtype]
-    species = sorted({s for a in train + val for s in a.get_chemical_symbols()},
-                     key=lambda s: Atoms(s).numbers[0])
-    model = Potential(species, d.model_dump(), p.hidden).to(dtype)
-    tr, va = prepare(model, train), prepare(model, val)
-    model.e0.copy_(torch.as_tensor(fit_reference_energies(model, tr), dtype=dtype))
-    mean, std = feature_statistics(model, tr, dtype)
+# ------------------------------------------------------------------------------------ checkpoints
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpointer:
+    """Atomic checkpoints of the whole training state every ``every`` epochs (``torch.save``;
+    read back with ``weights_only=True``). A checkpoint whose fingerprint (params, data hash,
+    member) differs from the run's is ignored, so changed settings never resume stale weights."""
+
+    def __init__(self, path: str | Path, key: str, every: int):
+        self.path, self.key, self.every = Path(path), key, every
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file: start afresh, say so
+            print(f"mlipops: ignoring unreadable checkpoint {self.path}: {str(exc).splitlines()[0][:200]}")
+            return None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("key") != self.key:
+            print(f"mlipops: ignoring checkpoint {self.path}: made with other settings or data")
+            return None
+        return state
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        torch.save(state | {"format": CHECKPOINT_FORMAT, "key": self.key}, tmp)
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _cpu_state(module_or_opt) -> dict:
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu().clone()
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [move(v) for v in x]
+        return x
+    return move(module_or_opt.state_dict())
+
+
+# ------------------------------------------------------------------------------------------- fit
+def init_model(train: Prepared, species: list[str], p: TrainParams, d: DescriptorParams, dtype, device) -> Potential:
+    model = Potential(species, d.model_dump(), p.hidden).to(dtype=dtype, device=device)
+    model.e0.copy_(torch.as_tensor(fit_reference_energies(model, train), dtype=dtype))
+    mean, std = feature_statistics(model, train, dtype, device)
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(std)
-    opt = torch.optim.Adam(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs, eta_min=p.learning_rate / 20)
+    return model
+
+
+def species_of(frames: list[Atoms]) -> list[str]:
+    return sorted({s for a in frames for s in a.get_chemical_symbols()}, key=lambda s: Atoms(s).numbers[0])
+
+
+def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainParams, d: DescriptorParams,
+        log: Callable[[dict], None] | None = None, checkpoint: Checkpointer | None = None,
+        species: list[str] | None = None, device: str | None = None, progress_cb=None) -> TrainResult:
+    """Train one potential on ``train``, keep the weights with the best validation loss.
+
+    ``train``/``val`` are frames or :class:`Prepared` data (then ``species`` is required).
+    ``log(row)`` receives each epoch's metrics; ``checkpoint`` makes the run resumable.
+    """
+    dtype = DTYPES[p.dtype]
+    device = resolve_device(device or p.device)
+    torch.manual_seed(p.seed)
+    rng = np.random.default_rng(p.seed)
+    if species is None:
+        if isinstance(train, Prepared):
+            raise MlipopsError("fit on prepared data needs the species list")
+        species = species_of(train + val)
+    if not isinstance(train, Prepared):
+        proto = Potential(species, d.model_dump(), p.hidden)
+        train, val = prepare(proto, train), prepare(proto, val)
+    if not train.graphs:
+        raise StageInputError("no training frames", field="split")
+    model = init_model(train, species, p, d, dtype, device)
+    opt_cls = torch.optim.AdamW if p.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
+    if p.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs, eta_min=p.learning_rate / 20)
+    elif p.scheduler == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, (p.patience or 10) // 3))
+    else:
+        sched = None
     result = TrainResult(model)
-    best, best_state = float("inf"), None
-    with progress("training", p.epochs) as bar:
-        for epoch in range(1, p.epochs + 1):
-            t0 = time.perf_counter()
-            model.train()
-            abs_e, abs_f, n_f = 0.0, 0.0, 0
-            for idx in _batches(len(tr.graphs), p.batch_size, rng):
-                b = Potential.collate([tr.graphs[k] for k in idx], dtype)
-                e, f, n = _targets(tr, idx, dtype)
-                out = model(b, forces=True, create_graph=True)
-                de = (out["energy"] - e) / n
-                dfor = out["forces"] - f
-                loss = p.energy_weight * (de**2).mean() + p.force_weight * (dfor**2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                abs_e += float(de.detach().abs().sum())
-                abs_f += float(dfor.detach().abs().sum())
-                n_f += dfor.numel()
-            sched.step()
-            model.eval()
-            row = {"epoch": epoch, "train_energy_mae_per_atom": abs_e / len(tr.graphs),
-                   "train_force_mae": abs_f / max(n_f, 1), "lr": opt.param_groups[0]["lr"]}
-            if va.graphs:
-                m = evaluate_split(model, va, dtype)
-                row.update({f"val_{k}": v for k, v in m.items()})
-                score = p.energy_weight * m["energy_rmse_per_atom"] ** 2 + p.force_weight * m["force_rmse"] ** 2
-            else:
-                score = -epoch  # no validation split: keep the last epoch
-            row["epoch_time_s"] = time.perf_counter() - t0
-            if not np.isfinite(score):
-                raise StageInputError(f"training diverged at epoch {epoch} (non-finite validation loss); "
-                                      "lower train.learning_rate", field="train.learning_rate")
-            if score < best:
-                best, result.best_epoch = score, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            result.history.append(row)
-            if log is not None:
-                log(row)
-            bar(1)
+    best, best_state, bad_epochs, start = float("inf"), None, 0, 1
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = json.loads(state["np_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        best, best_state, bad_epochs = state["best"], state["best_state"], state["bad_epochs"]
+        result.best_epoch, result.history = state["best_epoch"], list(state["history"])
+        start = result.resumed_from_epoch = state["epoch"] + 1
+    use_stress = p.stress_weight > 0 and any(s is not None for s in train.stress)
+    for epoch in range(start, p.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        sums = _ErrorSums()
+        for idx in _batches(len(train.graphs), p.batch_size, rng):
+            b = Potential.collate([train.graphs[k] for k in idx], dtype, device)
+            e, f, n, s, has_s = _targets(train, idx, dtype, device)
+            want_s = use_stress and s is not None
+            out = model(b, forces=True, stress=want_s, create_graph=True)
+            de = (out["energy"] - e) / n
+            dfor = out["forces"] - f
+            loss = p.energy_weight * (de**2).mean() + p.force_weight * (dfor**2).mean()
+            if want_s:
+                ds = (out["stress"] - s)[has_s]
+                loss = loss + p.stress_weight * (ds**2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums.add(train.config_type[idx], de.detach().cpu().numpy(),
+                     _split_forces(dfor.detach().cpu().numpy(), train.n_atoms[idx]))
+        tm = sums.metrics()
+        row = {"epoch": epoch, "lr": float(opt.param_groups[0]["lr"])}
+        row |= {f"train_{k}": v for k, v in tm.pop("__all__").items() if k != "n_frames"}
+        row |= {f"train_by_config/{ct}/{k}": v for ct, m in tm.items() for k, v in m.items() if k != "n_frames"}
+        if val.graphs:
+            m = evaluate_split(model, val, dtype, device=device, by_config=True)
+            row |= {f"val_{k}": v for k, v in m.items() if k != "by_config"}
+            row |= {f"val_by_config/{ct}/{k}": v for ct, mm in m["by_config"].items() for k, v in mm.items()
+                    if k != "n_frames"}
+            score = float(p.energy_weight * m["energy_rmse_per_atom"] ** 2 + p.force_weight * m["force_rmse"] ** 2)
+        else:
+            score = -epoch  # no validation split: keep the last epoch
+        if sched is not None:
+            sched.step(score) if p.scheduler == "plateau" else sched.step()
+        row["epoch_time_s"] = float(time.perf_counter() - t0)
+        if not np.isfinite(score):
+            raise StageInputError(f"training diverged at epoch {epoch} (non-finite validation loss); "
+                                  "lower train.learning_rate", field="train.learning_rate")
+        if score < best:
+            best, result.best_epoch, bad_epochs = score, epoch, 0
+            best_state = _cpu_state(model)
+        else:
+            bad_epochs += 1
+        result.history.append(row)
+        if log is not None:
+            log(row)
+        if progress_cb is not None:
+            progress_cb(epoch, row)
+        stop = p.patience is not None and bad_epochs >= p.patience
+        if checkpoint is not None and (epoch % checkpoint.every == 0) and epoch < p.epochs and not stop:
+            checkpoint.save({"epoch": epoch, "model": _cpu_state(model), "optimizer": _cpu_state(opt),
+                             "scheduler": sched.state_dict() if sched is not None else None,
+                             "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+                             "best": best, "best_state": best_state, "bad_epochs": bad_epochs,
+                             "best_epoch": result.best_epoch, "history": result.history})
+        if stop:
+            result.stopped_early = True
+            break
     model.load_state_dict(best_state)
     model.eval()
-    result.metrics = {"train": evaluate_split(model, tr, dtype)}
-    if va.graphs:
-        result.metrics["val"] = evaluate_split(model, va, dtype)
+    result.metrics = {"train": evaluate_split(model, train, dtype, device=device, by_config=True)}
+    if val.graphs:
+        result.metrics["val"] = evaluate_split(model, val, dtype, device=device, by_config=True)
     return result
 
 
@@ -175,70 +345,3 @@ def load_split(path: Path = DATA) -> dict[str, list[Atoms]]:
         raise StageInputError("no frames in the train split (check ingest.split)", file=str(path),
                               field="split")
     return out
-
-
-def learning_curve_plot(path: Path, history: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, unit in ((axes[0], "energy_mae_per_atom", "eV/atom"), (axes[1], "force_mae", "eV/Å")):
-        for split in ("train", "val"):
-            ys = [h.get(f"{split}_{key}") for h in history]
-            if any(y is not None for y in ys):
-                ax.semilogy(ep, ys, label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{key.replace('_', ' ')} ({unit})")
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run(p: TrainParams, d: DescriptorParams, data_path: Path = DATA) -> dict:
-    import mlflow
-
-    splits = load_split(data_path)
-    out_dir = MODELS_DIR / p.model_name
-    exp_id = tracking.experiment_id(p.tracking_uri, p.experiment, p.artifact_location)
-    data_md5 = tracking.file_md5(data_path)
-    t0 = time.perf_counter()
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{p.model_name}-train") as run:
-        mlflow.log_params({f"train.{k}": v for k, v in flatten(p).items()}
-                          | {f"descriptors.{k}": v for k, v in flatten(d).items()})
-        mlflow.set_tags({"mlipops.stage": "train", "mlipops.model_name": p.model_name,
-                         "data.path": str(data_path), "data.dvc_md5": data_md5,
-                         "git.commit": tracking.git_commit(),
-                         "data.n_train": len(splits["train"]), "data.n_val": len(splits["val"])})
-
-        def log(row):
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-
-        result = fit(splits["train"], splits["val"], p, d, log=log)
-        wall = time.perf_counter() - t0
-        final = {f"{s}.{k}": v for s, m in result.metrics.items() for k, v in m.items()}
-        mlflow.log_metrics({f"final_{k.replace('.', '_')}": v for k, v in final.items()}
-                           | {"best_epoch": result.best_epoch, "wall_time_s": wall})
-        extra = {"model_name": p.model_name, "trained_on": {"path": str(data_path), "dvc_md5": data_md5},
-                 "mlflow_run_id": run.info.run_id, "dtype": p.dtype}
-        result.model.save(out_dir, extra=extra)
-        mlflow.log_artifacts(str(out_dir), artifact_path="model")
-        run_info = {"run_id": run.info.run_id, "experiment_id": exp_id, "artifact_uri": run.info.artifact_uri,
-                    "tracking_uri": tracking.tracking_uri(p.tracking_uri), "data_md5": data_md5}
-        (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-    learning_curve_plot(REPORT_DIR / "learning_curve.png", result.history)
-    metrics = final | {"best_epoch": result.best_epoch, "epochs": p.epochs, "wall_time_s": round(wall, 2),
-                       "n_train": len(splits["train"]), "n_val": len(splits["val"])}
-    write_metrics(REPORT_DIR, metrics)
-    write_markdown(REPORT_DIR / "summary.md", f"Training of `{p.model_name}`", [
-        f"MLflow run `{run_info['run_id']}` in experiment `{p.experiment}`; data md5 `{data_md5}`.",
-        f"{len(splits['train'])} train / {len(splits['val'])} val frames, {p.epochs} epochs, "
-        f"best epoch {result.best_epoch}, {wall:.1f} s.",
-        "![learning curve](learning_curve.png)",
-    ], table=(("split", "energy MAE (eV/atom)", "force MAE (eV/Å)"),
-              [(s, m["energy_mae_per_atom"], m["force_mae"]) for s, m in result.metrics.items()]))
-    return metrics

@@ -1,0 +1,159 @@
+"""A committee of potentials: mean and spread of energy, forces and stress.
+
+Members share species, descriptor settings and architecture (they differ in seed, bootstrap
+resample, reference energies and feature standardization), so the descriptors of a batch are
+computed once and every member's atomic networks read them. Forces of all members come from one
+batched vector-Jacobian product through the descriptor (``is_grads_batched``), not M backward passes.
+
+Saved as one ``weights.pt`` (state dict ``members.<k>.*``, loaded with ``weights_only=True``) and one
+``config.json`` (``format: mlipops.ensemble/1``): the same two files as a single potential, so the
+registry handles both alike. :func:`load_model` reads either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from ase import Atoms
+from torch import nn
+
+from mlipops.errors import MlipopsError
+from mlipops.models.potential import CONFIG, CONFIG_FORMAT, WEIGHTS, Graph, Potential
+
+ENSEMBLE_FORMAT = "mlipops.ensemble/1"
+
+
+class Ensemble(nn.Module):
+    def __init__(self, members: list[Potential]):
+        super().__init__()
+        if not members:
+            raise MlipopsError("an ensemble needs at least one member")
+        ref = members[0]
+        for k, m in enumerate(members[1:], 1):
+            if m.species != ref.species or m.descriptor_params != ref.descriptor_params or m.hidden != ref.hidden:
+                raise MlipopsError(f"ensemble member {k} differs from member 0 in species, descriptor or "
+                                   "architecture; members must share them")
+        self.members = nn.ModuleList(members)
+
+    # the interface of a single Potential -------------------------------------------------------
+    @property
+    def species(self) -> list[str]:
+        return self.members[0].species
+
+    @property
+    def descriptor_params(self) -> dict:
+        return self.members[0].descriptor_params
+
+    @property
+    def hidden(self) -> list[int]:
+        return self.members[0].hidden
+
+    @property
+    def cutoff(self) -> float:
+        return self.members[0].cutoff
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def graph(self, atoms: Atoms, skin: float = 0.0) -> Graph:
+        return self.members[0].graph(atoms, skin)
+
+    collate = staticmethod(Potential.collate)
+
+    def forward(self, batch: dict, forces: bool = True, stress: bool = False,
+                create_graph: bool = False) -> dict[str, torch.Tensor]:
+        """Committee mean (``energy``, ``forces``, ``stress``, ``atomic_energy``), its spread
+        (``*_std``, sample standard deviation over members; 0 for one member) and the members'
+        values (``*_members``, leading dimension M)."""
+        ref = self.members[0]
+        n_frames, M = batch["cell"].shape[0], len(self.members)
+        positions, cell, inputs = ref.strained_inputs(batch, forces, stress)
+        g = ref.features(batch, positions, cell)  # computed once for all members
+        e_atom = torch.stack([m.energies_from_features(batch, g) for m in self.members])  # [M, n_atoms]
+        energy = e_atom.new_zeros(M, n_frames).index_add_(1, batch["batch"], e_atom)  # [M, n_frames]
+        out = {"energy_members": energy, "atomic_energy_members": e_atom}
+        if forces or stress:
+            grads = self._member_grads(energy.sum(1), inputs, create_graph)
+            if forces:
+                out["forces_members"] = -grads[0]  # [M, n_atoms, 3]
+            if stress:
+                out["stress_members"] = torch.stack([Potential.stress_from_grad(batch, gs) for gs in grads[1]])
+        for key in [k for k in out if k.endswith("_members")]:
+            base = key[: -len("_members")]
+            out[base] = out[key].mean(0)
+            out[f"{base}_std"] = out[key].std(0) if M > 1 else torch.zeros_like(out[base])
+        return out
+
+    @staticmethod
+    def _member_grads(energies: torch.Tensor, inputs: list[torch.Tensor], create_graph: bool):
+        """∂E_m/∂inputs for every member m: [M, *input.shape] per input."""
+        M = energies.shape[0]
+        if M == 1:
+            return [g.unsqueeze(0) for g in torch.autograd.grad(energies.sum(), inputs, create_graph=create_graph)]
+        eye = torch.eye(M, dtype=energies.dtype, device=energies.device)
+        try:
+            return list(torch.autograd.grad(energies, inputs, grad_outputs=eye, is_grads_batched=True,
+                                            create_graph=create_graph))
+        except RuntimeError:  # an op without a batching rule: one backward pass per member
+            per = [torch.autograd.grad(energies[m], inputs, retain_graph=True, create_graph=create_graph)
+                   for m in range(M)]
+            return [torch.stack([p[k] for p in per]) for k in range(len(inputs))]
+
+    # ----------------------------------------------------------------------------------- I/O
+    def config(self) -> dict:
+        return {"format": ENSEMBLE_FORMAT, "species": self.species, "descriptor": self.descriptor_params,
+                "hidden": self.hidden, "n_members": len(self.members)}
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, directory / WEIGHTS)
+        cfg = self.config() | (extra or {})
+        (directory / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        return directory
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Ensemble":
+        n = cfg.get("n_members")
+        if not isinstance(n, int) or n < 1:
+            raise MlipopsError(f"n_members must be a positive integer (got {n!r})", field="n_members")
+        return cls([Potential(cfg["species"], cfg["descriptor"], cfg["hidden"]) for _ in range(n)])
+
+
+def read_config(directory: str | Path) -> dict:
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise MlipopsError("model file missing", file=str(p))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MlipopsError(f"not valid JSON: {exc}", file=str(cfg_path)) from None
+    if not isinstance(cfg, dict) or cfg.get("format") not in (CONFIG_FORMAT, ENSEMBLE_FORMAT):
+        fmt = cfg.get("format") if isinstance(cfg, dict) else None
+        raise MlipopsError(f"unsupported model format {fmt!r} (expected {CONFIG_FORMAT} or {ENSEMBLE_FORMAT})",
+                           file=str(cfg_path), field="format")
+    for key in ("species", "descriptor", "hidden"):
+        if key not in cfg:
+            raise MlipopsError(f"model config lacks {key!r}", file=str(cfg_path), field=key)
+    return cfg
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float64, device: str = "cpu") -> Potential | Ensemble:
+    """A single potential or an ensemble from weights.pt + config.json; executes no code
+    (``torch.load(weights_only=True)``, JSON config)."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    model = (Ensemble.from_config(cfg) if cfg["format"] == ENSEMBLE_FORMAT
+             else Potential(cfg["species"], cfg["descriptor"], cfg["hidden"]))
+    model = model.to(dtype=dtype, device=device)
+    try:
+        state = torch.load(directory / WEIGHTS, map_location=device, weights_only=True)
+        model.load_state_dict(state)  # into `dtype` tensors: float64 weights keep full precision
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MlipopsError(f"cannot load weights: {first}", file=str(directory / WEIGHTS)) from None
+    return model.eval()

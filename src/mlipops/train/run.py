@@ -1,0 +1,364 @@
+"""The ``train`` stage: an ensemble of potentials trained in parallel through Dask, tracked in MLflow,
+resumable after a kill.
+
+MLflow layout (one experiment, ``train.experiment``): a parent run ``<model>-ensemble`` holding the
+params, the ensemble's final metrics, plots and the model files (artifact path ``model``: the same
+weights.pt + config.json the registry uses), and one nested run ``<model>-member-<k>`` per member with
+its per-epoch metrics (overall and per ``config_type``, train and val). Tags: ``stage``, ``dataset``,
+``member``, ``curriculum_phase``, ``model_name``, ``data.dvc_md5``, ``git.commit``.
+
+Resume: ``data/checkpoints/<model>/`` holds ``state.json`` (the run's fingerprint and MLflow run ids)
+and one checkpoint per member (every ``train.checkpoint_every`` epochs; ``member_<k>.done.pt`` once a
+member has finished). Running the stage again with the same params and data continues the same MLflow
+runs from the last checkpoints; finished members are not retrained. A different fingerprint starts
+afresh. The directory is removed when the ensemble is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlipops.models.ensemble import Ensemble
+from mlipops.models.potential import Potential
+from mlipops.params import ComputeParams, DescriptorParams, TrainParams, flatten
+from mlipops.report import parity_plot, progress, write_markdown, write_metrics
+from mlipops.train import tracking
+from mlipops.train.loop import (CHECKPOINT_DIR, DATA, DTYPES, MODELS_DIR, REPORT_DIR, Checkpointer, Prepared,
+                                _cpu_state, evaluate_split, fingerprint, fit, load_split, prepare, resolve_device,
+                                species_of)
+
+# params that do not change the numbers: a run may resume across them
+_NON_NUMERIC = {"experiment", "tracking_uri", "artifact_location", "device", "checkpoint_every"}
+
+
+def run_fingerprint(p: TrainParams, d: DescriptorParams, data_md5: str) -> str:
+    train = {k: v for k, v in p.model_dump().items() if k not in _NON_NUMERIC}
+    return fingerprint({"train": train, "descriptors": d.model_dump(), "data": data_md5})
+
+
+def bootstrap_indices(n: int, seed: int, member: int, enabled: bool, n_members: int) -> np.ndarray:
+    """Frames of member ``member``: a resample with replacement (seeded by seed and member) when
+    bootstrapping an ensemble of more than one member, else every frame once."""
+    if not enabled or n_members == 1:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, member, 0xB007]).integers(0, n, n))
+
+
+def _retrying(fn, *args, tries: int = 6, **kwargs):
+    """MLflow calls from several processes into one sqlite store can meet a lock: retry, never crash."""
+    for attempt in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            if attempt == tries - 1:
+                print(f"mlipops: MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on")
+                return None
+            time.sleep(0.1 * 2**attempt)
+
+
+def train_member(spec: dict) -> dict:
+    """One ensemble member, run in a Dask worker (or in-process). Logs to its own MLflow run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    torch.set_num_threads(spec["threads"])
+    p = TrainParams.model_validate(spec["train"]).model_copy(update={"seed": spec["train"]["seed"] + spec["member"]})
+    d = DescriptorParams.model_validate(spec["descriptors"])
+    k, species = spec["member"], spec["species"]
+    ckpt_dir = Path(spec["checkpoint_dir"])
+    done = Checkpointer(ckpt_dir / f"member_{k}.done.pt", spec["key"], 1)
+    finished = done.load()
+    if finished is not None:  # trained before an interruption of another member: do not redo it
+        return finished["result"] | {"skipped": True}
+    splits = load_split(Path(spec["data_path"]))
+    proto = Potential(species, d.model_dump(), p.hidden)
+    tr_all, va = prepare(proto, splits["train"]), prepare(proto, splits["val"])
+    idx = bootstrap_indices(len(tr_all.graphs), spec["train"]["seed"], k, spec["bootstrap"], spec["n_members"])
+    tr = tr_all.subset(idx)
+    run_id = spec.get("run_id")  # None: no MLflow (benchmarks)
+    client = MlflowClient(tracking_uri=spec["tracking_uri"]) if run_id else None
+    queue = None
+    if spec.get("queue"):
+        try:
+            from distributed import Queue
+
+            queue = Queue(spec["queue"])
+        except Exception:  # noqa: BLE001 - not in a Dask worker: no progress channel
+            queue = None
+
+    def log(row):
+        ts = int(time.time() * 1000)
+        batch = [Metric(key, float(v), ts, row["epoch"]) for key, v in row.items()
+                 if key != "epoch" and np.isfinite(v)]
+        for s in range(0, len(batch) if client is not None else 0, 500):
+            _retrying(client.log_batch, run_id, metrics=batch[s:s + 500])
+        if queue is not None:
+            _retrying(queue.put, (k, row["epoch"]), tries=2)
+
+    ckpt = Checkpointer(ckpt_dir / f"member_{k}.pt", spec["key"], p.checkpoint_every)
+    t0 = time.perf_counter()
+    result = fit(tr, va, p, d, log=log, checkpoint=ckpt, species=species, device=spec["device"])
+    wall = time.perf_counter() - t0
+    final = {f"final_{s}_{m}": v for s, ms in result.metrics.items() for m, v in ms.items() if m != "by_config"}
+    if client is not None:
+        ts = int(time.time() * 1000)
+        _retrying(client.log_batch, run_id, metrics=[Metric(key, float(v), ts, 0) for key, v in final.items()
+                                                     if np.isfinite(v)]
+                  + [Metric("best_epoch", result.best_epoch, ts, 0), Metric("wall_time_s", wall, ts, 0)])
+        _retrying(client.set_terminated, run_id, "FINISHED")
+    out = {"member": k, "state": _cpu_state(result.model), "history": result.history,
+           "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+           "resumed_from_epoch": result.resumed_from_epoch, "metrics": result.metrics,
+           "n_train": len(tr.graphs), "n_train_unique": int(len(np.unique(idx))), "wall_time_s": wall}
+    done.save({"result": out})
+    ckpt.remove()
+    return out
+
+
+def train_ensemble(data_path: str | Path, species: list[str], p: TrainParams, d: DescriptorParams,
+                   c: ComputeParams | None = None, checkpoint_dir: str | Path | None = None, key: str | None = None,
+                   tracking_uri: str | None = None, run_ids: list[str] | None = None):
+    """Train ``p.ensemble.members`` potentials on the train/val splits of ``data_path`` (an extxyz
+    whose frames carry ``split``) in parallel through Dask. Returns (Ensemble on the CPU, per-member
+    result dicts, timings). MLflow logging only when ``run_ids`` (one per member) are given."""
+    import tempfile
+
+    from mlipops.compute import dask_client
+
+    c = c or ComputeParams()
+    M = p.ensemble.members
+    tmp = None
+    if checkpoint_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="mlipops-ckpt-")
+        checkpoint_dir = tmp.name
+    key = key or run_fingerprint(p, d, tracking.file_md5(data_path))
+    queue_name = f"mlipops-train-{uuid.uuid4().hex[:8]}"
+    specs = [{"member": k, "n_members": M, "train": p.model_dump(), "descriptors": d.model_dump(),
+              "species": list(species), "data_path": str(Path(data_path).resolve()), "key": key,
+              "checkpoint_dir": str(Path(checkpoint_dir).resolve()), "tracking_uri": tracking_uri,
+              "run_id": run_ids[k] if run_ids else None, "bootstrap": p.ensemble.bootstrap,
+              "threads": c.threads_per_worker, "device": resolve_device(p.device), "queue": queue_name}
+             for k in range(M)]
+    timing = {}
+    t1 = time.perf_counter()
+    try:
+        with dask_client(c, M) as dc:
+            timing["cluster_start"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            futures = dc.map(train_member, specs, pure=False)
+            members = sorted(_gather(dc, futures, queue_name, M * p.epochs), key=lambda r: r["member"])
+            timing["members"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+        timing["cluster_stop"] = time.perf_counter() - t1
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    ensemble = Ensemble([Potential(species, d.model_dump(), p.hidden) for _ in range(M)]).to(DTYPES[p.dtype])
+    for k, r in enumerate(members):
+        ensemble.members[k].load_state_dict(r["state"])
+    return ensemble.eval(), members, timing
+
+
+def _run_state(ckpt_dir: Path, key: str) -> dict | None:
+    path = ckpt_dir / "state.json"
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return state if state.get("key") == key else None
+
+
+def _start_runs(client, exp_id: str, p: TrainParams, ckpt_dir: Path, key: str, tags: dict, params: dict,
+                resume: dict | None) -> dict:
+    if resume is not None:
+        for rid in [resume["parent_run_id"], *resume["member_run_ids"]]:
+            try:
+                if client.get_run(rid).info.status != "FINISHED":
+                    client.update_run(rid, status="RUNNING")
+            except Exception:  # noqa: BLE001 - a deleted run: start afresh
+                resume = None
+                break
+    if resume is not None:
+        return resume
+    parent = client.create_run(exp_id, run_name=f"{p.model_name}-ensemble",
+                               tags=tags | {"member": "ensemble", "mlipops.n_members": str(p.ensemble.members)})
+    members = []
+    for k in range(p.ensemble.members):
+        r = client.create_run(exp_id, run_name=f"{p.model_name}-member-{k}",
+                              tags=tags | {"member": str(k), "mlflow.parentRunId": parent.info.run_id})
+        members.append(r.info.run_id)
+        _retrying(client.log_batch, r.info.run_id, params=_params(params | {"member.index": k,
+                                                                            "member.seed": p.seed + k}))
+    _retrying(client.log_batch, parent.info.run_id, params=_params(params))
+    state = {"key": key, "parent_run_id": parent.info.run_id, "member_run_ids": members}
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    return state
+
+
+def _params(d: dict):
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in d.items()]
+
+
+def _gather(client, futures, queue_name: str, total: int) -> list[dict]:
+    from distributed import Queue
+
+    queue = Queue(queue_name, client=client)
+    seen: dict[int, int] = {}
+    with progress("training ensemble (member-epochs)", total) as bar:
+        while True:
+            for item in queue.get(batch=True):
+                k, epoch = item
+                bar(max(0, epoch - seen.get(k, 0)))
+                seen[k] = max(seen.get(k, 0), epoch)
+            if all(f.done() for f in futures):
+                break
+            time.sleep(0.3)
+    return client.gather(futures)
+
+
+def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, data_path: Path = DATA) -> dict:
+    import mlflow
+
+    c = c or ComputeParams()
+    t0 = time.perf_counter()
+    splits = load_split(data_path)
+    species = species_of(splits["train"] + splits["val"])
+    data_md5 = tracking.file_md5(data_path)
+    key = run_fingerprint(p, d, data_md5)
+    ckpt_dir = CHECKPOINT_DIR / p.model_name
+    resume = _run_state(ckpt_dir, key)
+    if resume is None and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # checkpoints of other settings or data: never resumed
+    uri = tracking.tracking_uri(p.tracking_uri)
+    client = tracking.client(p.tracking_uri)
+    exp_id = tracking.experiment_id(p.tracking_uri, p.experiment, p.artifact_location)
+    dataset = f"{data_path}@{data_md5[:8]}"
+    tags = {"stage": "train", "dataset": dataset, "curriculum_phase": "none", "model_name": p.model_name,
+            "mlipops.stage": "train", "mlipops.model_name": p.model_name, "data.path": str(data_path),
+            "data.dvc_md5": data_md5, "git.commit": tracking.git_commit(),
+            "data.n_train": str(len(splits["train"])), "data.n_val": str(len(splits["val"]))}
+    params = ({f"train.{k}": v for k, v in flatten(p).items()} | {f"descriptors.{k}": v for k, v in flatten(d).items()}
+              | {f"compute.{k}": v for k, v in flatten(c).items()})
+    state = _start_runs(client, exp_id, p, ckpt_dir, key, tags, params, resume)
+    device = resolve_device(p.device)
+    M = p.ensemble.members
+    if resume is not None:
+        print(f"mlipops: resuming training of {p.model_name} from {ckpt_dir} (MLflow run {state['parent_run_id']})")
+    timing = {"setup": time.perf_counter() - t0}
+    t1 = time.perf_counter()
+    ensemble, members, t_dask = train_ensemble(data_path, species, p, d, c, checkpoint_dir=ckpt_dir, key=key,
+                                               tracking_uri=uri, run_ids=state["member_run_ids"])
+    timing |= t_dask
+    t1 = time.perf_counter()
+    dtype = DTYPES[p.dtype]
+    ensemble = ensemble.to(device).eval()
+    proto = ensemble.members[0]
+    tr, va = prepare(proto, splits["train"]), prepare(proto, splits["val"])
+    ens_metrics = {"train": evaluate_split(ensemble, tr, dtype, device=device, by_config=True)}
+    if va.graphs:
+        ens_metrics["val"] = evaluate_split(ensemble, va, dtype, device=device, by_config=True)
+    wall = time.perf_counter() - t0
+    final = {f"{s}.{k}": v for s, m in ens_metrics.items() for k, v in m.items() if k != "by_config"}
+    by_config = {f"{s}.{ct}.{k}": v for s, m in ens_metrics.items() for ct, mm in m["by_config"].items()
+                 for k, v in mm.items()}
+    out_dir = MODELS_DIR / p.model_name
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    extra = {"model_name": p.model_name, "trained_on": {"path": str(data_path), "dvc_md5": data_md5},
+             "mlflow_run_id": state["parent_run_id"], "dtype": p.dtype,
+             "members": [{"seed": p.seed + r["member"], "best_epoch": r["best_epoch"], "n_train": r["n_train"],
+                          "n_train_unique": r["n_train_unique"]} for r in members]}
+    ensemble.to("cpu").save(out_dir, extra=extra)
+    plots = _plots(ensemble.to("cpu"), tr, va, members, dtype)
+    parent = state["parent_run_id"]
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_metrics({f"final_{k.replace('.', '_')}": v for k, v in final.items() if np.isfinite(v)}
+                           | {"wall_time_s": wall})
+        mlflow.log_artifacts(str(out_dir), artifact_path="model")
+        for png in plots:
+            mlflow.log_artifact(str(png), artifact_path="plots")
+        run_info = {"run_id": parent, "experiment_id": exp_id, "artifact_uri": mlflow.active_run().info.artifact_uri,
+                    "tracking_uri": uri, "data_md5": data_md5, "member_run_ids": state["member_run_ids"]}
+    (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    timing["finalize"] = time.perf_counter() - t1
+    timing["member_fit_max"] = max(r["wall_time_s"] for r in members)
+    metrics = final | {f"time.{k}_s": round(v, 2) for k, v in timing.items()} | {"n_members": M, "epochs": p.epochs, "wall_time_s": round(wall, 2), "device": device,
+                       "n_train": len(splits["train"]), "n_val": len(splits["val"]),
+                       "members_resumed": sum(1 for r in members if r["resumed_from_epoch"] or r.get("skipped")),
+                       "best_epochs": [r["best_epoch"] for r in members]}
+    write_metrics(REPORT_DIR, metrics | {"by_config": by_config})
+    member_rows = [(f"member {r['member']}", r["best_epoch"], r["n_train_unique"],
+                    r["metrics"].get("val", r["metrics"]["train"])["energy_mae_per_atom"],
+                    r["metrics"].get("val", r["metrics"]["train"])["force_mae"]) for r in members]
+    split_name = "val" if va.graphs else "train"
+    member_rows.append(("**ensemble mean**", "", len(splits["train"]), ens_metrics[split_name]["energy_mae_per_atom"],
+                        ens_metrics[split_name]["force_mae"]))
+    write_markdown(REPORT_DIR / "summary.md", f"Training of `{p.model_name}` ({M}-member ensemble)", [
+        f"MLflow parent run `{parent}` in experiment `{p.experiment}` (members are its nested runs); "
+        f"data md5 `{data_md5}`; device {device}.",
+        f"{len(splits['train'])} train / {len(splits['val'])} val frames, up to {p.epochs} epochs, {wall:.1f} s.",
+        f"Errors below on the {split_name} split (energy per atom in eV/atom, force components in eV/Å); "
+        "members train on bootstrap resamples (unique frames column).",
+        *[f"![{png.stem}]({png.name})" for png in plots],
+    ], table=(("model", "best epoch", "unique train frames", "E MAE", "F MAE"), member_rows))
+    return metrics
+
+
+def _plots(ensemble: Ensemble, tr: Prepared, va: Prepared, members: list[dict], dtype) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for ax, key, unit in ((axes[0], "energy_mae_per_atom", "eV/atom"), (axes[1], "force_mae", "eV/Å")):
+        for r in members:
+            ep = [h["epoch"] for h in r["history"]]
+            for split, ls in (("train", "-"), ("val", "--")):
+                ys = [h.get(f"{split}_{key}") for h in r["history"]]
+                if any(y is not None for y in ys):
+                    ax.semilogy(ep, ys, ls, color=f"C{r['member'] % 10}", lw=1,
+                                label=f"m{r['member']} {split}" if r["member"] < 3 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{key.replace('_', ' ')} ({unit})")
+        ax.legend(fontsize=7)
+    fig.suptitle("learning curves (solid: train, dashed: val)")
+    fig.tight_layout()
+    paths.append(REPORT_DIR / "learning_curve.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    data = va if va.graphs else tr
+    e_ref, e_pred, f_ref, f_pred, cts, fcts = [], [], [], [], [], []
+    for s in range(0, len(data.graphs), 16):
+        idx = np.arange(s, min(s + 16, len(data.graphs)))
+        b = Potential.collate([data.graphs[k] for k in idx], dtype)
+        out = ensemble(b, forces=True)
+        e_pred += list((out["energy"].detach().numpy() / data.n_atoms[idx]))
+        e_ref += list(data.energy[idx] / data.n_atoms[idx])
+        cts += list(data.config_type[idx])
+        f_pred.append(out["forces"].detach().numpy().ravel())
+        f_ref.append(np.concatenate([data.forces[k] for k in idx]).ravel())
+        fcts += [ct for k in idx for ct in [data.config_type[k]] * (3 * int(data.n_atoms[k]))]
+    split = "val" if va.graphs else "train"
+    paths.append(REPORT_DIR / "parity_energy.png")
+    parity_plot(paths[-1], np.array(e_ref), np.array(e_pred), cts, "energy per atom", "eV/atom",
+                f"ensemble mean, {split} energies")
+    paths.append(REPORT_DIR / "parity_forces.png")
+    parity_plot(paths[-1], np.concatenate(f_ref), np.concatenate(f_pred), fcts, "force component", "eV/Å",
+                f"ensemble mean, {split} forces")
+    return paths
