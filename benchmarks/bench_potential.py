@@ -50,18 +50,23 @@ def cell(n: int):
 
 def load(path: Path):
     from mlipops.models import Ensemble, Potential, load_model
-    from mlipops.params import load_params
 
     if (path / "weights.pt").is_file():
         m = load_model(path, dtype=torch.float64)
         src = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     else:
+        from mlipops.params import load_params
+
         d = load_params(ROOT / "params.yaml").descriptors
         torch.manual_seed(0)
         m = Potential(["Cu"], d.model_dump(), [32, 32]).double().eval()
         src = "untrained default architecture"
     single = m.members[0] if isinstance(m, Ensemble) else m
-    return single, (m if isinstance(m, Ensemble) else None), src
+    if not isinstance(m, Ensemble):  # time a 5-member committee all the same (speed does not need distinct weights)
+        import copy
+
+        m = Ensemble([copy.deepcopy(single) for _ in range(5)])
+    return single, m, src
 
 
 def _sync(device: str):
@@ -140,6 +145,33 @@ def bench(model, ensemble, atoms, device: str, dtype, repeat: int) -> dict:
     return out
 
 
+def train_step(model, frames, device: str, dtype, repeat: int, batch_size: int = 8) -> dict:
+    """One optimizer step of the energy + force loss (forces need a double backward) on a batch."""
+    from mlipops.frames import labels
+    from mlipops.models import Potential
+
+    m = model.to(device=device, dtype=dtype).train()
+    frames = frames[:batch_size]
+    b = Potential.collate([m.graph(a) for a in frames], dtype, device)
+    e = torch.tensor([labels(a)[0] for a in frames], dtype=dtype, device=device)
+    f = torch.as_tensor(np.concatenate([labels(a)[1] for a in frames]), dtype=dtype, device=device)
+    n = b["n_atoms"].to(dtype)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+
+    def step():
+        out = m(b, forces=True, create_graph=True)
+        loss = (((out["energy"] - e) / n) ** 2).mean() + 10 * ((out["forces"] - f) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    t = _time(step, device, repeat)
+    m.to("cpu", dtype=torch.float64).eval()
+    n_atoms = int(b["species"].numel())
+    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "batch_frames": len(frames),
+            "batch_atoms": n_atoms, "step_s": t, "atoms_per_s": n_atoms / t}
+
+
 def emt(atoms, repeat: int) -> float:
     from ase.calculators.emt import EMT
 
@@ -161,6 +193,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     ap.add_argument("--no-emt", action="store_true")
+    ap.add_argument("--train-step", action="store_true", help="also time one training step on a batch of 8 frames")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/bench/potential.json")
     args = ap.parse_args()
 
@@ -189,6 +222,19 @@ def main() -> None:
                       f"{r['md_step_atom_steps_per_s']:13.3g} {ens} {emt_txt}  "
                       f"{p['neighbour_list'] * 1e3:.1f} / {p['descriptor_forward'] * 1e3:.1f} / "
                       f"{p['network_forward'] * 1e3:.1f} / {p['backward'] * 1e3:.1f}", flush=True)
+    data = ROOT / "data/curated/accepted.extxyz"
+    if args.train_step and data.is_file():
+        from mlipops.frames import read_extxyz
+
+        frames = [a for a in read_extxyz(data)[0] if a.info.get("split") == "train"]
+        frames.sort(key=len, reverse=True)  # the largest training frames: a heavy batch
+        rec["train_step"] = []
+        for device in devices:
+            for dt in args.dtype:
+                r = train_step(model, frames, device, getattr(torch, dt), args.repeat)
+                rec["train_step"].append(r)
+                print(f"train step ({r['batch_frames']} frames, {r['batch_atoms']} atoms) {device} {dt}: "
+                      f"{r['step_s'] * 1e3:.1f} ms, {r['atoms_per_s']:.3g} atoms/s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rec, indent=2) + "\n")
     print(f"wrote {args.out}")
