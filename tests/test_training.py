@@ -368,3 +368,30 @@ def test_calculator_verlet_skin_reuses_the_list_with_identical_results():
     assert runs[0.0][2] == 16 and runs[0.6][2] < 4  # one list per step without a skin; reused with one
     with pytest.raises(MlipopsError, match="skin"):
         MlipopsCalculator(ens, skin=-1)
+
+
+def test_two_species_training_and_a_batch_without_one_species():
+    rng = np.random.default_rng(1)
+    frames = []
+    for k in range(10):
+        a = bulk("Cu", "fcc", a=3.7, cubic=True).repeat(2)
+        if k % 2 == 0:  # half the frames binary CuAu, half pure Cu (batches then lack Au)
+            a.numbers[rng.choice(len(a), 8, replace=False)] = 79
+        a.rattle(0.04, seed=k)
+        a.calc = EMT()
+        set_labels(a, a.get_potential_energy(), a.get_forces())
+        a.info.update(config_type="alloy" if k % 2 == 0 else "pure", split="val" if k >= 8 else "train")
+        frames.append(a)
+    tr, va = _split(frames)
+    r = fit(tr, va, _tp(epochs=3, batch_size=1), SMALL_D)
+    assert r.model.species == ["Cu", "Au"] and r.model.e0.shape == (2,)
+    # E0 are least-squares reference energies on the species counts of the training frames
+    counts = np.array([[np.sum(a.numbers == 29), np.sum(a.numbers == 79)] for a in tr], float)
+    e = np.array([a.get_potential_energy() for a in tr])
+    np.testing.assert_allclose(r.model.e0.numpy(), np.linalg.lstsq(counts, e, rcond=None)[0], rtol=1e-10)
+    pure = [a for a in tr if 79 not in a.numbers][0]
+    b = Potential.collate([r.model.graph(pure)], torch.float64)
+    assert len(b["species_atoms"]) == 1  # only Cu in this batch: the Au network is not called
+    out = r.model(b, forces=True)
+    alone = r.model(Potential.collate([r.model.graph(pure), r.model.graph(tr[0])], torch.float64), forces=True)
+    torch.testing.assert_close(out["energy"][0], alone["energy"][0])
