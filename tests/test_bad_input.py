@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,7 @@ EXPECTED_QUARANTINE = {
         "non-finite label (NaN or inf) in forces; atom 1: force (inf, -0.01, 0) not finite (+1 more atom)"),
     ("forces_not_number", 1): (
         "ingest", "parse",
-        "raw/forces_not_number.extxyz frame 1: ValueError: could not convert string to float: '0.0o0'"),
+        "raw/forces_not_number.extxyz frame 1: field 'forces': atom 2 (line 11): '0.0o0' is not a number"),
     ("zero_volume_cell", 1): ("validate", "cell_volume", ZERO_CELL),
     ("zero_volume_cell", 2): ("validate", "cell_volume", ZERO_CELL),
     ("mixed_units", 2): (
@@ -111,7 +112,8 @@ EXPECTED_QUARANTINE = {
         "atom 0: |F| = 51 eV/Å above 50.0 eV/Å"),
     ("stress_wrong_shape", 1): (
         "ingest", "parse",
-        "raw/stress_wrong_shape.extxyz frame 1: ValueError: Got info item stress, expecting special 3x3 matrix, "
+        "raw/stress_wrong_shape.extxyz frame 1: field 'stress': ValueError: Got info item stress, expecting special "
+        "3x3 matrix, "
         "but value is not in the form of a 9-long numerical vector"),
     ("stress_wrong_shape", 2): ("validate", "finite_labels", "non-finite label (NaN or inf) in stress"),
     ("energy_out_of_range", 1): (
@@ -244,6 +246,7 @@ def test_read_extxyz_keeps_every_frame(name, n_ok, bad_indices):
         assert r.check == "parse"
         assert r.raw == raw[r.source_index]  # the exact text of the file, nothing lost
         assert r.reason.startswith(f"{path} frame {r.source_index}: ")
+        assert re.search(r"field '\w+'", r.reason), r.reason  # every parse failure names its field
         assert "\n" not in r.reason
 
 
@@ -285,8 +288,11 @@ def test_corpus_frames_are_distinct_except_the_duplicate():
     ("natoms_not_integer.extxyz", 1, "natoms", "line 7: expected the number of atoms, found 'four'"),
     ("empty.extxyz", None, None, "contains no frames"),
     ("huge_natoms.extxyz", 1, "natoms", "line 7: file ends after 4 of 2000000000 atom lines (truncated?)"),
-    ("binary.extxyz", None, None,
-     "cannot read: 'utf-8' codec can't decode byte 0x8b in position 1: invalid start byte"),
+    ("binary.extxyz", 0, "natoms",
+     "line 1: not a text file (gzip-compressed: decompress it first): byte 0x8b at offset 1 is not UTF-8 "
+     "(invalid start byte)"),
+    ("not_utf8.extxyz", 1, "config_type",
+     "line 8: not UTF-8 text (re-save it as UTF-8): byte 0xe9 at offset 432 is not UTF-8 (invalid continuation byte)"),
 ])
 def test_read_extxyz_unreadable_files_raise(name, frame, field, message):
     with pytest.raises(FrameFormatError) as info:
@@ -295,9 +301,29 @@ def test_read_extxyz_unreadable_files_raise(name, frame, field, message):
     assert (exc.file, exc.frame, exc.field, exc.detail) == (str(BAD / name), frame, field, message)
 
 
-def test_read_extxyz_not_utf8_raises():
-    with pytest.raises(FrameFormatError, match="cannot read: 'utf-8' codec can't decode byte 0xe9"):
-        read_extxyz(BAD / "not_utf8.extxyz")
+def test_unreadable_file_messages_name_file_frame_and_field():
+    """The one-line error of a file that cannot be read names the file, the frame and the field."""
+    for name in ("truncated.extxyz", "natoms_not_integer.extxyz", "huge_natoms.extxyz", "binary.extxyz",
+                 "not_utf8.extxyz"):
+        with pytest.raises(FrameFormatError) as info:
+            read_extxyz(BAD / name)
+        text = str(info.value)
+        assert text.startswith(f"{BAD / name}: frame {info.value.frame}: field '{info.value.field}': "), text
+        assert info.value.frame is not None and info.value.field and "\n" not in text
+
+
+def test_non_numeric_values_name_their_field(tmp_path):
+    """A value that is not a number is reported with its field, atom and line, wherever it sits."""
+    head = ('Lattice="3.61 0.0 0.0 0.0 3.61 0.0 0.0 0.0 3.61" pbc="T T T" '
+            "Properties=species:S:1:pos:R:3:forces:R:3:tags:I:1 energy=-3.5")
+    cases = {"Cu 0.1x0 0.0 0.0 0.0 0.0 0.0 1": "field 'pos': atom 0 (line 3): '0.1x0' is not a number",
+             "Cu 0.1 0.0 0.0 0.0 0.0 zero 1": "field 'forces': atom 0 (line 3): 'zero' is not a number",
+             "Cu 0.1 0.0 0.0 0.0 0.0 0.0 one": "field 'tags': atom 0 (line 3): 'one' is not an integer"}
+    for q, (line, message) in enumerate(cases.items()):
+        path = tmp_path / f"case{q}.extxyz"
+        path.write_text(f"1\n{head}\n{line}\n")
+        frames, rejected = read_extxyz(path)
+        assert frames == [] and [r.reason for r in rejected] == [f"{path} frame 0: {message}"]
 
 
 # ------------------------------------------------------------------------------- CLI runs
@@ -324,12 +350,12 @@ SOURCE_ERRORS = {
         "file ends after 4 of 2000000000 atom lines (truncated?)"),
     "binary": (
         ["good.extxyz", "binary.extxyz"],
-        "mlipops: error: raw/binary.extxyz: cannot read: 'utf-8' codec can't decode byte 0x8b in position 1: "
-        "invalid start byte"),
+        "mlipops: error: raw/binary.extxyz: frame 0: field 'natoms': line 1: not a text file (gzip-compressed: "
+        "decompress it first): byte 0x8b at offset 1 is not UTF-8 (invalid start byte)"),
     "not_utf8": (
         ["not_utf8.extxyz"],
-        "mlipops: error: raw/not_utf8.extxyz: cannot read: 'utf-8' codec can't decode byte 0xe9 in position 432: "
-        "invalid continuation byte"),
+        "mlipops: error: raw/not_utf8.extxyz: frame 1: field 'config_type': line 8: not UTF-8 text (re-save it as "
+        "UTF-8): byte 0xe9 at offset 432 is not UTF-8 (invalid continuation byte)"),
     "not_utf8_as_json": (
         [{"path": "raw/not_utf8.extxyz", "format": "mlearn_json"}],
         "mlipops: error: raw/not_utf8.extxyz: not valid JSON: 'utf-8' codec can't decode byte 0xe9 in position 432: "
@@ -498,7 +524,7 @@ def test_every_frame_bad_still_accounts_for_all(runs):
     assert q["check"].tolist() == ["parse", "parse"]
     assert q["source_index"].tolist() == [0, 1]
     assert q["reason"].iloc[0] == "raw/all_bad.extxyz frame 0: unknown element or missing key 'Xx' (field 'species')"
-    assert q["reason"].iloc[1].startswith("raw/all_bad.extxyz frame 1: ValueError: could not convert string to float")
+    assert q["reason"].iloc[1] == "raw/all_bad.extxyz frame 1: field 'pos': atom 1 (line 10): 'abc' is not a number"
     assert q["extxyz"].tolist() == split_frames(BAD / "all_bad.extxyz")
     m = json.loads((root / "reports/validate/metrics.json").read_text())
     assert (m["n_ingested"], m["n_accepted"], m["n_quarantined"]) == (2, 0, 2)

@@ -11,7 +11,17 @@ from ase.build import bulk
 from mlipops.frames import frame_id, labels, set_labels
 from mlipops.oracles import get_oracle
 from mlipops.params import DescriptorParams
-from mlipops.quality.outliers import detect, ols_influence, robust_t
+from mlipops.quality.outliers import (
+    added_influence,
+    detect,
+    force_frame_stats,
+    frame_cooks,
+    gross_errors,
+    ols_influence,
+    residual_level,
+    robust_t,
+    tail_z,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = DescriptorParams(n_radial=6, n_angular=3, max_l=2).model_dump()
@@ -119,6 +129,118 @@ def test_injected_errors_are_quarantined_with_reasons(u_frames):
     assert df.loc[10, "force_flag"] and "force on atom" in df.loc[10, "reason"]
     assert int(df.loc[20, "force_atom"]) == 3
     assert (df.loc[[4, 10, 20], "kind"] == "influential_outlier").all()
+
+
+# ------------------------------------------------------------------- frame-level force tests
+def test_added_and_frame_cooks_equal_refits(u_rng):
+    """The closed forms behind the recheck and the frame test against brute-force refits."""
+    x = np.column_stack([np.ones(40), u_rng.standard_normal((40, 3))])
+    y = x @ np.array([0.5, 1.0, -2.0, 0.3]) + 0.1 * u_rng.standard_normal(40)
+    p = x.shape[1]
+    # a row added to a fit of the other 39: its Cook's D in the 40-row fit
+    fit = ols_influence(y[1:], x[1:])
+    pred, h0 = fit.predict(x[:1])
+    cooks, lev, dffit = added_influence(y[:1] - pred, h0, fit)
+    full = ols_influence(y, x)
+    # statsmodels' D uses the 40-row s²; the closed form the 39-row one: rescale to compare
+    s2_39 = np.sum((fit.y - fit.fitted) ** 2) / (39 - p)
+    s2_40 = np.sum((full.y - full.fitted) ** 2) / (40 - p)
+    assert cooks[0] * s2_39 / s2_40 == pytest.approx(full.cooks[0], rel=1e-8)
+    assert lev[0] == pytest.approx(full.leverage[0], rel=1e-10)
+    assert dffit[0] == pytest.approx(full.dffit[0], rel=1e-8)
+    # a block of rows (a "frame") dropped at once: D = Δβ' X'X Δβ / (p s²)
+    frame = np.repeat(np.arange(10), 4)
+    got, deleted = frame_cooks(x, y - full.fitted, frame, full, np.arange(10))
+    s2 = np.sum((y - full.fitted) ** 2) / (40 - p)
+    beta = np.linalg.lstsq(x, y, rcond=None)[0]
+    for f in range(10):
+        m = frame != f
+        db = beta - np.linalg.lstsq(x[m], y[m], rcond=None)[0]
+        assert got[f] == pytest.approx(db @ x.T @ x @ db / (p * s2), rel=1e-8)
+        beta_f = np.linalg.lstsq(x[m], y[m], rcond=None)[0]
+        np.testing.assert_allclose(deleted[~m], y[~m] - x[~m] @ beta_f, rtol=1e-8)
+
+
+def test_residual_level_follows_the_force_scale(u_rng):
+    """Hot frames have proportionally larger residuals: the level a + b P is recovered robustly."""
+    big_p = np.geomspace(0.1, 10.0, 60)
+    big_r = (0.02 + 0.03 * big_p) * np.exp(0.1 * u_rng.standard_normal(60))
+    big_r[[5, 40]] *= 50  # two bad frames do not move the robust line
+    level, coef = residual_level(big_r, big_p, np.array(["g"] * 60, dtype=object), np.ones(60, bool))
+    a, b, _ = coef[0]
+    assert a == pytest.approx(0.02, rel=0.3) and b == pytest.approx(0.03, rel=0.15)
+    z = tail_z(big_r / level, np.array(["g"] * 60, dtype=object), np.ones(60, bool))
+    assert set(np.flatnonzero(z > 5)) == {5, 40}
+    assert np.abs(np.delete(z, [5, 40])).max() < 4
+
+
+def test_force_frame_stats_on_a_flipped_and_a_displaced_frame(u_rng):
+    """χ² per component ≈ 1 for clean frames whatever their force scale, ≈ 4 P / level for flipped
+    forces; the per-atom statistic points at the one atom whose force is off."""
+    n_frames, n_atoms = 30, 8
+    scale = np.repeat(np.geomspace(0.3, 3.0, n_frames), 3 * n_atoms)  # cold to hot frames
+    pred = scale * u_rng.standard_normal(n_frames * n_atoms * 3)
+    res = 0.15 * pred + 0.05 * u_rng.standard_normal(len(pred))  # residual grows with the force scale
+    frame = np.repeat(np.arange(n_frames), 3 * n_atoms)
+    atom = np.tile(np.repeat(np.arange(n_atoms), 3), n_frames)
+    res[frame == 3] = -2 * pred[frame == 3] + res[frame == 3]  # label = -prediction: flipped
+    res[(frame == 7) & (atom == 5)] += 3.0  # one atom's force off by 3 eV/Å (stale after a move)
+    groups = np.array(["bulk"] * n_frames, dtype=object)
+    st = force_frame_stats(res, pred, frame, atom, groups, np.ones(n_frames, bool))
+    zf = tail_z(st.force_chi2.to_numpy(), groups, np.ones(n_frames, bool))
+    za = tail_z(st.atom_chi2.to_numpy(), groups, np.ones(n_frames, bool))
+    assert zf[3] > 5 and np.delete(zf, [3, 7]).max() < 4  # (one bad atom in 8 raises frame 7's χ² too)
+    assert st.force_rel[3] > 3 and st.force_rel.drop([3, 7]).max() < 0.1
+    assert np.argmax(za) == 7 and za[7] > 5 and int(st.atom_chi2_atom[7]) == 5
+    assert np.delete(za, [3, 7]).max() < 4
+
+
+def test_swapped_forces_and_a_displaced_atom_are_found_by_the_frame_tests(u_frames):
+    """With the per-component rule off, the frame tests alone find another frame's forces and a
+    moved atom with stale labels; the hot (rare but correct) frames stay."""
+    frames = _copy(u_frames)
+    e, _, s = labels(frames[30])
+    set_labels(frames[30], e, labels(frames[33])[1].copy(), s)  # forces of another frame (same size)
+    a = frames[40]
+    e, f, s = labels(a)
+    a.positions[6] += [0.3, 0.0, 0.1]  # moved, not relabelled
+    a.info["frame_id"] = frame_id(a)
+    set_labels(a, e, f, s)
+    rep = detect(frames, ["Cu"], SETTINGS, force_residual_threshold=1e9)
+    df = rep.frames
+    assert set(np.flatnonzero(df["quarantine"])) == {30, 40}, df.loc[df.quarantine, "reason"].tolist()
+    assert df.loc[30, "frame_flag"] and "forces of the whole frame" in df.loc[30, "reason"]
+    assert df.loc[40, "atom_flag"] and int(df.loc[40, "atom_chi2_atom"]) == 6
+    assert "concentrated on atom 6" in df.loc[40, "reason"]
+    assert not df.loc[df.config_type == "hot", "quarantine"].any()
+
+
+def test_clean_data_passes_the_frame_tests_with_margin(u_frames):
+    df = detect(_copy(u_frames), ["Cu"], SETTINGS).frames
+    assert df["force_chi2_z"].max() < 4 and df["atom_chi2_z"].max() < 3.5
+    assert not (df["frame_flag"] | df["atom_flag"]).any()
+
+
+def test_gross_error_does_not_mask_a_small_one(u_frames):
+    """A kcal/mol energy drags a least-squares fit and hides a 0.05 eV/atom error next to it; the
+    robust start leaves it out of the first fit, and both are quarantined with Cook's D."""
+    frames = _copy(u_frames)
+    e, f, s = labels(frames[12])
+    set_labels(frames[12], e * 23.0605 + 23.0605 * 4 * len(frames[12]), f, s)  # kcal/mol, off the window
+    e, f, s = labels(frames[50])
+    set_labels(frames[50], e + 0.05 * len(frames[50]), f, s)
+    assert gross_errors(*_energy_rows(frames), np.array([a.info["config_type"] for a in frames]), 200.0)[12]
+    df = detect(frames, ["Cu"], SETTINGS).frames
+    assert set(np.flatnonzero(df["quarantine"])) == {12, 50}
+    assert df.loc[12, "flag_round"] == 0 and "Cook's D" in df.loc[12, "reason"]
+    assert df.loc[50, "energy_residual"] == pytest.approx(0.05, abs=0.01)
+
+
+def _energy_rows(frames):
+    from mlipops.quality.outliers import design
+
+    d = design(frames, ["Cu"], SETTINGS, forces=False)
+    return d["y_energy"], d["x_energy"]
 
 
 def test_cli_check_gives_a_verdict_per_frame_and_writes_nothing(u_frames, tmp_path):

@@ -380,3 +380,20 @@ def test_mlearn_training_sets_pass_every_expectation(u_mlearn_dir, element):
     assert table["net_force"].max() < 1e-6 < p.net_force_tolerance
     low, high = p.energy_per_atom_range[element]
     assert low + 0.5 < table["energy_per_atom"].min() and table["energy_per_atom"].max() < high - 0.5
+
+
+def test_decide_is_the_stage_decision_and_writes_nothing(suite_run, tmp_path, monkeypatch):
+    """``decide`` (what ``mlipops validate`` and the injected-error benchmark call) gives the
+    suite's verdicts frame by frame, with check and reason, and touches no file."""
+    from mlipops.quality.validate import decide
+
+    monkeypatch.chdir(tmp_path)
+    dec = decide(suite_run["frames"], P, None)  # no descriptors: the outlier test is off
+    assert dec.failures == suite_run["failures"]
+    assert dec.outliers == {} and dec.outlier_report is None and "disabled" in dec.outlier_note
+    q = dec.quarantined(suite_run["frames"])
+    assert list(q.frame) == sorted(suite_run["failures"])
+    assert list(q.frame_id) == [suite_run["frames"][k].info["frame_id"] for k in q.frame]
+    for k, check in zip(q.frame, q.check):
+        assert check == ",".join(c for c, _ in suite_run["failures"][k])
+    assert list(tmp_path.iterdir()) == []

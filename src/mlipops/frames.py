@@ -156,11 +156,118 @@ def _split_extxyz(text: str, path: str) -> Iterable[tuple[int, int, str]]:
         k += 1
 
 
-def _explain(exc: Exception) -> str:
+def _explain(exc: Exception, raw: str | None = None, first_line: int | None = None) -> str:
+    """One line saying what is wrong with a frame, naming the field; ``raw`` (the frame's extxyz
+    text, starting at line ``first_line`` of its file) lets a bad value be located exactly."""
     if isinstance(exc, KeyError):
         return f"unknown element or missing key {exc.args[0]!r} (field 'species')"
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, ValueError) and raw is not None:
+        where = _bad_value(raw, first_line or 1)
+        if where is not None:
+            return where
+        item = re.match(r"Got info item (\w+)", msg)
+        if item:
+            return f"field '{item.group(1)}': {type(exc).__name__}: {msg}"
     return f"{type(exc).__name__}: {msg}"
+
+
+_PROPERTIES = re.compile(r"""(?:^|\s)Properties=(?:"([^"]*)"|(\S+))""", re.IGNORECASE)
+_LOGICAL = {"T", "F", "TRUE", "FALSE"}
+
+
+def _properties(comment: str) -> list[tuple[str, str, int]]:
+    """(name, type, columns) of each per-atom field of an extxyz comment line (ASE's default
+    ``species:S:1:pos:R:3`` when it has none)."""
+    m = _PROPERTIES.search(comment)
+    spec = (m.group(1) or m.group(2)) if m else "species:S:1:pos:R:3"
+    parts = spec.split(":")
+    out = []
+    for q in range(0, len(parts) - 2, 3):
+        try:
+            out.append((parts[q], parts[q + 1].upper(), int(parts[q + 2])))
+        except ValueError:
+            return []
+    return out
+
+
+def _bad_value(raw: str, first_line: int) -> str | None:
+    """'field '<name>': atom <i> (line <n>): '<token>' is not a number' for the first value of an
+    atom line that does not parse as its Properties type; None when every value does."""
+    lines = raw.splitlines()
+    if len(lines) < 2:
+        return None
+    props = _properties(lines[1])
+    if not props:
+        return None
+    for i, line in enumerate(lines[2:]):
+        tokens = line.split()
+        col = 0
+        for name, kind, n in props:
+            for token in tokens[col:col + n]:
+                try:
+                    if kind == "R":
+                        float(token)
+                    elif kind == "I":
+                        int(token)
+                    elif kind == "L" and token.upper() not in _LOGICAL:
+                        raise ValueError
+                except ValueError:
+                    what = {"R": "a number", "I": "an integer", "L": "a logical (T or F)"}[kind]
+                    return f"field '{name}': atom {i} (line {first_line + 2 + i}): {token!r} is not {what}"
+            col += n
+    return None
+
+
+_MAGIC = {b"\x1f\x8b": "gzip-compressed", b"BZh": "bzip2-compressed", b"\xfd7zXZ\x00": "xz-compressed",
+          b"PK\x03\x04": "a zip archive", b"\x89HDF": "an HDF5 file", b"SQLite format 3": "an SQLite database"}
+
+
+def _decode_error(path: Path, exc: UnicodeDecodeError) -> FrameFormatError:
+    """The file is not UTF-8 text: name the frame, the field and the line where the first bad byte
+    sits (found by the natoms lines of what precedes it), and say what the file seems to be."""
+    data = path.read_bytes()
+    pos = exc.start
+    bad_line = data.count(b"\n", 0, pos)  # 0-based line of the bad byte
+    lines = data.split(b"\n")
+    kind = next((what for magic, what in _MAGIC.items() if data.startswith(magic)), None)
+    if kind is None and b"\x00" in data[:4096]:
+        kind = "binary"
+    frame, field, i, k = 0, "natoms", 0, 0
+    while i < len(lines) and i <= bad_line:
+        if not lines[i].strip():
+            i += 1
+            continue
+        try:
+            n = int(lines[i].decode("utf-8", "replace").strip())
+        except ValueError:
+            frame, field = k, "natoms"
+            break
+        if bad_line <= i + 1 + n:
+            frame = k
+            if bad_line == i:
+                field = "natoms"
+            elif bad_line == i + 1:  # the comment line: the key whose value holds the byte
+                col = pos - (data.rfind(b"\n", 0, pos) + 1)
+                keys = re.findall(r"([A-Za-z_][\w-]*)=", lines[i + 1][:col].decode("utf-8", "replace"))
+                field = keys[-1] if keys else "comment"
+            else:  # an atom line: the Properties column that holds the byte
+                props = _properties(lines[i + 1].decode("utf-8", "replace"))
+                col = pos - (data.rfind(b"\n", 0, pos) + 1)
+                token = len(lines[bad_line][:col].split())
+                field, seen = "species", 0
+                for name, _, ncol in props:
+                    if token < seen + ncol:
+                        field = name
+                        break
+                    seen += ncol
+            break
+        i += 2 + n
+        k += 1
+    what = (f"not a text file ({kind}{': decompress it first' if 'compressed' in kind else ''})" if kind
+            else "not UTF-8 text (re-save it as UTF-8)")
+    return FrameFormatError(f"line {bad_line + 1}: {what}: byte 0x{data[pos]:02x} at offset {pos} is not UTF-8 "
+                            f"({exc.reason})", file=str(path), frame=frame, field=field)
 
 
 def read_extxyz(path: str | Path, *, source: str | None = None,
@@ -174,17 +281,19 @@ def read_extxyz(path: str | Path, *, source: str | None = None,
         text = path.read_text()
     except FileNotFoundError:
         raise FrameFormatError("file not found", file=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise _decode_error(path, exc) from None
+    except OSError as exc:
         raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
     frames: list[Atoms] = []
     rejected: list[Rejected] = []
-    for k, _line, raw in _split_extxyz(text, str(path)):
+    for k, line, raw in _split_extxyz(text, str(path)):
         try:
             atoms = ase.io.read(io.StringIO(raw), format="extxyz")
             frames.append(canonicalize(atoms, source=src, source_index=k,
                                        default_config_type=default_config_type))
         except Exception as exc:  # ASE raises many types on malformed frames
-            rejected.append(Rejected(src, k, "parse", f"{path} frame {k}: {_explain(exc)}", raw))
+            rejected.append(Rejected(src, k, "parse", f"{path} frame {k}: {_explain(exc, raw, line)}", raw))
             continue
     if not frames and not rejected:
         raise FrameFormatError("contains no frames", file=str(path))

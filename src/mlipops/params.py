@@ -129,6 +129,13 @@ class OutlierParams(_Section):
     force_residual_threshold: float = Field(25.0, gt=0.0)  # robust t of a force component
     forces: bool = True
     max_rounds: int = Field(5, ge=1, le=50)
+    # frame-level force tests, thresholds in robust standard deviations (log scale) into the upper
+    # tail of the frame statistic over the frames of the same config_type (None: test off)
+    frame_z_threshold: float | None = Field(5.0, gt=0.0)  # χ² per force component / expected level
+    atom_z_threshold: float | None = Field(4.0, gt=0.0)  # largest per-atom χ² / the frame's level
+    frame_min_relative_residual: float = Field(0.25, ge=0.0)  # Σ|F − F̂|² / Σ|F̂|² a frame flag needs
+    min_group_frames: int = Field(5, ge=2)  # a config_type with fewer frames is judged against all frames
+    energy_gross_threshold: float | None = Field(200.0, gt=0.0)  # robust t (robust fit): out of the first fit
 
 
 class ValidateParams(_Section):

@@ -20,6 +20,24 @@ residual threshold: a rare but correct configuration (a liquid frame among cryst
 cell at the edge of the data) has high leverage but a small residual, which raises D without being
 an error; it is kept and listed as "high leverage, consistent label".
 
+One wrong force component is one row among thousands; a whole frame of wrong forces (sign-flipped,
+another frame's, a displaced atom whose labels were not recomputed) is many rows each only
+moderately off. Two frame-level tests of the force residuals catch those (:func:`force_frame_stats`):
+
+- the frame's χ² per force component over the residual level expected for a frame of its
+  config_type *at its force scale* (the level grows with the forces: hot frames are fitted worse,
+  in proportion), together with a residual that is a sizeable fraction of the predicted forces;
+- the largest per-atom χ² of the frame over the same level: a residual concentrated on one atom.
+
+Their thresholds are not constants in eV/Å: each statistic is compared with the frames of the same
+config_type in the data itself, in robust standard deviations of its logarithm (:func:`tail_z`,
+corrected for small groups), so the tail of the clean frames' own distribution sets the cut. The
+frame-block Cook's distance (:func:`frame_cooks`) is reported with them.
+
+Masking: least squares follows gross errors. Before the first fit, energies grossly off a robust
+(Tukey biweight) fit are set aside (:func:`gross_errors`); every frame flagged early is re-judged
+against the final fit (:func:`_recheck`), with the Cook's distance it would have if added back.
+
 Limits: a linear surrogate is a coarse model. Frames it cannot fit for physical reasons
 (far-from-equilibrium geometries it has never seen) show up with large residuals too, which is
 why only the training split is examined and the thresholds are parameters; the report gives the
@@ -107,6 +125,19 @@ def ols_influence(y: np.ndarray, x: np.ndarray) -> Surrogate:
                      cols=cols, beta=np.asarray(res.params), xtx_inv=np.linalg.pinv(xr.T @ xr))
 
 
+# Descriptor rows depend on the structure only (not on the labels): kept per structure so that a
+# second examination of the same frames in one process (``mlipops check`` next to the training
+# data, repeated trials of a benchmark) does not recompute them. Bounded; cleared by clear_design_cache().
+_DESIGN_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
+_DESIGN_CACHE_ROWS = 500_000  # force rows kept at most (× F features × 8 bytes: 96 MB for F = 24)
+_cached_rows = [0]
+
+
+def clear_design_cache() -> None:
+    _DESIGN_CACHE.clear()
+    _cached_rows[0] = 0
+
+
 def design(frames: list[Atoms], species: list[str], settings: dict, forces: bool = True,
            chunk_atoms: int = 4000) -> dict[str, np.ndarray]:
     """Rows of both surrogates.
@@ -115,14 +146,22 @@ def design(frames: list[Atoms], species: list[str], settings: dict, forces: bool
     ``forces``: x_forces [3 N_total, F] (−∂S/∂r), y_forces [3 N_total], force_frame / force_atom /
     force_axis [3 N_total] (which frame, atom and axis each row is).
     """
+    import json
+
     from ase.data import atomic_numbers
 
-    from mlipops.frames import labels
+    from mlipops.frames import frame_id, labels
 
     z_to_index = {atomic_numbers[s]: k for k, s in enumerate(species)}
     desc = AtomCentredDescriptor(len(species), **settings).double()
     n_feat = desc.n_features
-    xe, ye, xf, yf, ff, fa, fx = [], [], [], [], [], [], []
+    context = (tuple(species), json.dumps(settings, sort_keys=True, default=str))
+    keys = [(frame_id(a), *context) for a in frames]
+    rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    for k, key in enumerate(keys):
+        hit = _DESIGN_CACHE.get(key)
+        if hit is not None and (hit[1] is not None or not forces):
+            rows[k] = hit
 
     def flush(chunk):
         if not chunk:
@@ -142,34 +181,47 @@ def design(frames: list[Atoms], species: list[str], settings: dict, forces: bool
         vec = pos_t[j_t] - pos_t[i_t] + torch.from_numpy(np.concatenate(shift))
         g = desc(torch.from_numpy(np.concatenate(sps)), i_t, j_t, vec)  # [N, F]
         own = torch.from_numpy(np.concatenate(owner))
-        s = g.new_zeros(len(chunk), n_feat).index_add_(0, own, g)  # per-frame summed descriptors
-        for q, (k, a) in enumerate(chunk):
-            counts = np.array([np.sum(a.numbers == atomic_numbers[sp]) for sp in species], float)
-            e, _, _ = labels(a)
-            xe.append(np.concatenate([counts, s[q].detach().numpy()]) / len(a))
-            ye.append(e / len(a))
+        s = g.new_zeros(len(chunk), n_feat).index_add_(0, own, g).detach().numpy()  # per-frame summed descriptors
+        jac = None
         if forces:
-            # each atom moves only its own frame's S: one batched backward gives every ∂S_k/∂r_iα
+            # each atom moves only its own frame's S: one backward per feature gives every ∂S_k/∂r_iα
             total = g.sum(0)
             jac = torch.stack([torch.autograd.grad(total[q], pos_t, retain_graph=q < n_feat - 1)[0]
                                for q in range(n_feat)])  # [F, N, 3]
-            xf.append(-jac.permute(1, 2, 0).reshape(-1, n_feat).numpy())
-            start = 0
-            for k, a in chunk:
-                _, f, _ = labels(a)
-                yf.append(np.asarray(f, np.float64).reshape(-1))
-                ff.append(np.full(3 * len(a), k)), fa.append(np.repeat(np.arange(len(a)), 3))
-                fx.append(np.tile(np.arange(3), len(a)))
-                start += len(a)
+            jac = -jac.permute(1, 2, 0).reshape(-1, n_feat).numpy()  # [3N, F]
+        start = 0
+        for q, (k, a) in enumerate(chunk):
+            counts = np.array([np.sum(a.numbers == atomic_numbers[sp]) for sp in species], float)
+            xe_k = np.concatenate([counts, s[q]]) / len(a)
+            xf_k = None if jac is None else jac[3 * start:3 * (start + len(a))].copy()
+            start += len(a)
+            rows[k] = (xe_k, xf_k)
+            n_rows = 0 if xf_k is None else len(xf_k)
+            old = _DESIGN_CACHE.get(keys[k])
+            if (old is None or (old[1] is None and xf_k is not None)) and _cached_rows[0] + n_rows <= _DESIGN_CACHE_ROWS:
+                _DESIGN_CACHE[keys[k]] = (xe_k, xf_k)
+                _cached_rows[0] += n_rows
 
     chunk, n_chunk = [], 0
     for k, a in enumerate(frames):
+        if k in rows:
+            continue
         chunk.append((k, a))
         n_chunk += len(a)
         if n_chunk >= chunk_atoms:
             flush(chunk)
             chunk, n_chunk = [], 0
     flush(chunk)
+    xe, ye, xf, yf, ff, fa, fx = [], [], [], [], [], [], []
+    for k, a in enumerate(frames):
+        e, f, _ = labels(a)
+        xe.append(rows[k][0])
+        ye.append(e / len(a))
+        if forces:
+            xf.append(rows[k][1])
+            yf.append(np.asarray(f, np.float64).reshape(-1))
+            ff.append(np.full(3 * len(a), k)), fa.append(np.repeat(np.arange(len(a)), 3))
+            fx.append(np.tile(np.arange(3), len(a)))
     out = {"x_energy": np.array(xe).reshape(len(xe), len(species) + n_feat), "y_energy": np.array(ye, float)}
     if forces:
         out |= {"x_forces": np.concatenate(xf) if xf else np.zeros((0, n_feat)),
@@ -192,33 +244,241 @@ def robust_t(residual: np.ndarray, leverage: np.ndarray, groups: np.ndarray, min
     return residual / (sigma * np.sqrt(np.clip(1.0 - leverage, 1e-12, None)))
 
 
+def force_frame_stats(res: np.ndarray, pred: np.ndarray, frame: np.ndarray, atom: np.ndarray,
+                      groups: np.ndarray, reference: np.ndarray, min_group: int = 5) -> pd.DataFrame:
+    """Per-frame statistics of the force residuals ``res`` = label − surrogate ``pred`` (rows =
+    force components; ``frame``/``atom`` of each row; ``groups`` the config_type *per frame*).
+
+    How large a frame's residuals should be depends on how hot it is: a linear surrogate misses a
+    roughly constant fraction of the force, so the mean squared residual per component R_f of the
+    frames of one config_type grows with their mean squared predicted force P_f (mlearn Mo AIMD:
+    R ≈ 0.02 + 0.025 P eV²/Å², from 300 to 6000 K). The expected level v_f = a_g + b_g P_f is fitted
+    per config_type g on the ``reference`` frames (Theil–Sen, robust to a minority of bad frames;
+    never below the 5th percentile of R in the group), from predicted forces only, which a wrong
+    label does not change. Then
+
+    - ``force_chi2`` = R_f / v_f: the frame's χ² per component on its expected level (≈ 1);
+      sign-flipped forces give ≈ 4 P_f / v_f, another frame's forces ≈ (P_f + P_f') / v_f;
+    - ``force_rel`` = Σ r² / Σ F̂²: the residual relative to the predicted forces (for the report);
+    - ``atom_chi2`` and ``atom_chi2_atom``: the largest |r_i|² / (3 v_f) over the frame's atoms and
+      that atom (``atom_residual`` = its |r_i|, eV/Å): a residual concentrated on one atom (a
+      displaced atom whose labels were not recomputed, one wrong force row).
+
+    NaN for frames without rows or whose forces are all (numerically) zero, in the labels and the
+    surrogate alike (a perfect crystal: nothing to test). The leverage of a single force row
+    (≈ p / rows) is negligible here.
+    """
+    n_frames = len(groups)
+    out = pd.DataFrame(np.nan, index=np.arange(n_frames),
+                       columns=["force_ms_residual", "force_ms_predicted", "force_level", "force_chi2",
+                                "force_rel", "atom_chi2", "atom_chi2_atom", "atom_residual"])
+    if not len(res):
+        return out
+    cnt = np.bincount(frame, minlength=n_frames).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.bincount(frame, res**2, minlength=n_frames)
+        p2 = np.bincount(frame, pred**2, minlength=n_frames)
+        y2 = np.bincount(frame, (res + pred) ** 2, minlength=n_frames)
+        big_r, big_p = r2 / cnt, p2 / cnt
+        rel = np.where(r2 > 0, r2 / p2, 0.0)
+        # forces that are zero in label and surrogate alike (a perfect crystal) have nothing to test
+        has = (cnt > 0) & ((y2 / cnt > _ZERO_FORCE**2) | (big_p > _ZERO_FORCE**2))
+    level, _ = residual_level(big_r, big_p, groups, reference & has, min_group)
+    order = np.lexsort((atom, frame))
+    f_sorted, a_sorted = frame[order], atom[order]
+    start = np.flatnonzero(np.r_[True, (f_sorted[1:] != f_sorted[:-1]) | (a_sorted[1:] != a_sorted[:-1])])
+    atom_r2 = np.add.reduceat(res[order] ** 2, start)  # [atoms with rows]
+    atom_frame, atom_index = f_sorted[start], a_sorted[start]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stat = atom_r2 / (3.0 * level[atom_frame])
+    worst = pd.DataFrame({"frame": atom_frame, "atom": atom_index, "stat": stat, "r2": atom_r2})
+    worst = worst[has[worst["frame"].to_numpy()]]
+    worst = worst.loc[worst.groupby("frame")["stat"].idxmax()]
+    fr = worst["frame"].to_numpy()
+    out.loc[has, "force_ms_residual"] = big_r[has]
+    out.loc[has, "force_ms_predicted"] = big_p[has]
+    out.loc[has, "force_level"] = level[has]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out.loc[has, "force_chi2"] = big_r[has] / level[has]
+    out.loc[has, "force_rel"] = rel[has]
+    out.loc[fr, "atom_chi2"] = worst["stat"].to_numpy()
+    out.loc[fr, "atom_chi2_atom"] = worst["atom"].to_numpy()
+    out.loc[fr, "atom_residual"] = np.sqrt(worst["r2"].to_numpy())
+    return out
+
+
+_ZERO_FORCE = 1e-6  # eV/Å: an rms force below this is zero (a symmetric structure)
+
+
+def residual_level(big_r: np.ndarray, big_p: np.ndarray, groups: np.ndarray, reference: np.ndarray,
+                   min_group: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Expected mean squared force residual per component of each frame: a_g + b_g P_f, with a_g,
+    b_g a Theil–Sen line of R on P over the ``reference`` frames of its group g (all reference frames
+    for a group with fewer than ``min_group``), slope ≥ 0, never below the group's 5th percentile of R
+    (nor zero). Returns the levels and, per frame, its group's (a_g, b_g, floor)."""
+    from scipy.stats import theilslopes
+
+    groups = np.asarray(groups, dtype=object)
+    ok = reference & np.isfinite(big_r) & np.isfinite(big_p)
+    level = np.full(len(big_r), np.nan)
+    coef = np.full((len(big_r), 3), np.nan)  # a_g, b_g, floor of each frame's group
+
+    def line(m):
+        r, p = big_r[m], big_p[m]
+        if len(r) >= 3 and np.ptp(p) > 0:
+            b, a, _, _ = theilslopes(r, p)
+            b = max(b, 0.0)
+            a = float(np.median(r - b * p))  # the intercept for the clipped slope
+        else:
+            b, a = 0.0, float(np.median(r)) if len(r) else np.nan
+        floor = float(np.quantile(r, 0.05)) if len(r) else np.nan
+        return a, b, max(floor, 1e-12)
+
+    everything = line(ok)
+    for gname in pd.unique(groups):
+        m = groups == gname
+        a, b, floor = line(ok & m) if (ok & m).sum() >= min_group else everything
+        level[m] = np.maximum(a + b * big_p[m], floor)
+        coef[m] = a, b, floor
+    return level, coef
+
+
+def tail_z(values: np.ndarray, groups: np.ndarray, reference: np.ndarray, min_group: int = 5,
+           floor: float = 1e-12) -> np.ndarray:
+    """How far each value lies in the upper tail of the reference frames of its group, robustly:
+    z = (log v − median_g log v) / (1.4826 MAD_g log v), over the ``reference`` frames of group g
+    (config_type) with a value above ``floor`` (frames with nothing to measure, e.g. exactly zero
+    forces, say nothing about the spread), or of all reference frames for a group with fewer than
+    ``min_group`` of them. The scale is never below the pooled within-group scale, so a group whose
+    frames happen to agree closely does not turn small differences into large z.
+
+    The reference is the data itself (the frames not flagged so far), so a threshold on z is a
+    threshold on the tail of the clean frames' own distribution, in units of its spread.
+    """
+    v = np.asarray(values, dtype=float)
+    lv = np.log10(np.clip(v, floor, None))
+    use = reference & np.isfinite(lv) & (v > floor)
+    z = np.full(len(v), np.nan)
+    if use.sum() < 3:
+        return z
+    groups = np.asarray(groups, dtype=object)
+    overall = float(np.median(lv[use]))
+    centre = {}
+    for gname in pd.unique(groups):
+        m = use & (groups == gname)
+        centre[gname] = float(np.median(lv[m])) if m.sum() >= min_group else None
+    c = np.array([overall if centre[gname] is None else centre[gname] for gname in groups])
+    dev = lv - c
+    pooled = max(1.4826 * float(np.median(np.abs(dev[use]))), 1e-6)
+    scale = np.full(len(v), pooled)
+    for gname, cg in centre.items():
+        m = groups == gname
+        if cg is not None:
+            scale[m] = max(1.4826 * float(np.median(np.abs(dev[use & m]))), pooled)
+    z = dev / scale
+    # a centre and a scale estimated from m frames are themselves uncertain: read z as a Student t
+    # with m − 1 degrees of freedom and return the normal deviate of the same tail probability
+    # (no change for large groups; a group of 6 frames needs z ≈ 7 for what 100 frames call 4)
+    from scipy.stats import norm, t as student
+
+    m_ref = np.array([(use & (groups == gname)).sum() if centre[gname] is not None else use.sum()
+                      for gname in groups], dtype=float)
+    with np.errstate(invalid="ignore"):
+        z = np.where(np.isfinite(z), norm.isf(student.sf(z, np.maximum(m_ref - 1, 1))), z)
+    z[~np.isfinite(lv)] = np.nan
+    return z
+
+
+def frame_cooks(x: np.ndarray, res: np.ndarray, frame: np.ndarray, fit: Surrogate,
+                frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frame-block influence of the rows ``x`` (residuals ``res``, frame of each row ``frame``) of
+    ``fit``, for each frame in ``frames``: Cook's distance of deleting all its rows at once,
+    D_f = Δβ' X'X Δβ / (p s²) with Δβ = (X'X)⁻¹ (I − X_f'X_f (X'X)⁻¹)⁻¹ X_f' e_f the change of the
+    coefficients when its rows X_f are dropped, and its deleted residuals e_f + X_f Δβ (the label
+    minus the prediction of a fit without the frame). Closed forms, no refit; returns
+    (D per frame, deleted residual per row)."""
+    out = np.full(len(frames), np.nan)
+    deleted = np.array(res, dtype=float, copy=True)
+    if fit.xtx_inv is None or fit.n <= fit.p:
+        return out, deleted
+    a = fit.xtx_inv
+    xtx = np.linalg.pinv(a)
+    s2 = float(np.sum((fit.y - fit.fitted) ** 2)) / (fit.n - fit.p)
+    order = np.argsort(frame, kind="stable")
+    bounds = np.searchsorted(frame[order], frames, side="left"), np.searchsorted(frame[order], frames, side="right")
+    for q, (lo, hi) in enumerate(zip(*bounds)):
+        rows = order[lo:hi]
+        if not len(rows):
+            continue
+        xf = x[rows][:, fit.cols]
+        m = np.eye(fit.p) - xf.T @ xf @ a
+        try:
+            db = a @ np.linalg.solve(m, xf.T @ res[rows])
+        except np.linalg.LinAlgError:
+            continue
+        out[q] = float(db @ xtx @ db) / (fit.p * max(s2, 1e-300))
+        deleted[rows] = res[rows] + xf @ db
+    return out, deleted
+
+
 def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_threshold: float | None = None,
            energy_residual_threshold: float = 12.0, force_residual_threshold: float = 25.0,
-           forces: bool = True, max_rounds: int = 5) -> OutlierReport:
+           forces: bool = True, max_rounds: int = 5, frame_z_threshold: float | None = 5.0,
+           atom_z_threshold: float | None = 4.0, min_group_frames: int = 5,
+           energy_gross_threshold: float | None = 200.0, frame_min_relative_residual: float = 0.25) -> OutlierReport:
     """Examine ``frames`` (the training split, all labelled) and decide which are influential outliers.
 
-    A frame is quarantined when one of its rows (its energy, or a force component of one of its
-    atoms) has Cook's distance above ``cooks_threshold`` (None: 4/n, n the rows of that surrogate)
-    and a robust residual (:func:`robust_t`) above the energy or force threshold.
+    A frame is quarantined when
+
+    - one of its rows (its energy, or a force component of one of its atoms) has Cook's distance
+      above ``cooks_threshold`` (None: 4/n, n the rows of that surrogate) and a robust residual
+      (:func:`robust_t`) above the energy or force threshold; or
+    - its forces as a whole disagree with the surrogate: ``force_chi2`` of :func:`force_frame_stats`
+      lies more than ``frame_z_threshold`` robust standard deviations into the upper tail of the
+      frames of its config_type (:func:`tail_z`) *and* the residual is a sizeable part of the force
+      the surrogate predicts for it (``force_rel`` > ``frame_min_relative_residual``; sign-flipped
+      forces give 4, another frame's forces ≥ 1): a frame the surrogate explains to 99 % is not
+      mislabelled, however unusual its small residual; or
+    - its force residual is concentrated on one atom: ``atom_chi2`` more than ``atom_z_threshold``
+      into the tail of its config_type's frames.
+
+    Before the first least-squares fit, frames whose energy is grossly off a robust fit (Tukey
+    biweight M-estimator, statsmodels ``RLM``: robust t above ``energy_gross_threshold``) are left
+    out of it: one kcal/mol energy drags an ordinary least-squares fit so far that it hides itself
+    and the others (masking). They are flagged provisionally and, like every frame flagged in an
+    early round, re-judged against the final fit (:func:`_recheck`).
+
+    None for a threshold switches that test off.
     """
     n = len(frames)
     cts = np.array([str(a.info.get("config_type")) for a in frames], dtype=object)
     rows = pd.DataFrame({"frame": np.arange(n), "config_type": cts,
                          "frame_id": [a.info.get("frame_id") for a in frames]})
     for c in ("energy_cooks", "energy_t", "energy_leverage", "energy_residual", "energy_dffit",
-              "force_cooks", "force_t", "force_residual", "force_dffit"):
+              "force_cooks", "force_t", "force_residual", "force_dffit", "force_frame_cooks", "force_chi2",
+              "force_chi2_z", "force_rel", "force_level", "atom_chi2", "atom_chi2_z", "atom_residual"):
         rows[c] = np.nan
     rows["force_atom"] = pd.array([pd.NA] * n, dtype="Int64")
+    rows["atom_chi2_atom"] = pd.array([pd.NA] * n, dtype="Int64")
     rows["flag_round"] = pd.array([pd.NA] * n, dtype="Int64")
     report = OutlierReport(frames=rows)
     d = design(frames, species, settings, forces=forces) if n else None
     if n <= (d["x_energy"].shape[1] + 2 if d else 0) or d is None:
         report.notes.append(f"{n} training frames are too few for the surrogate: not examined")
         rows["quarantine"], rows["kind"], rows["reason"] = False, "not examined", None
+        for c in ("energy_flag", "force_flag", "frame_flag", "atom_flag"):
+            rows[c] = False
         return report
-    rows["energy_flag"] = False
-    rows["force_flag"] = False
+    for c in ("energy_flag", "force_flag", "frame_flag", "atom_flag"):
+        rows[c] = False
     keep = np.ones(n, dtype=bool)
+    if energy_gross_threshold is not None:
+        gross = gross_errors(d["y_energy"], d["x_energy"], cts, energy_gross_threshold)
+        if gross.any() and (~gross).sum() > d["x_energy"].shape[1] + 2:
+            rows.loc[gross, "energy_flag"] = True
+            rows.loc[gross, "flag_round"] = 0
+            keep &= ~gross
+    tests = _FrameTests(d, cts, n, frame_z_threshold, atom_z_threshold, min_group_frames, frame_min_relative_residual)
     for rnd in range(1, max_rounds + 1):
         # least squares is not robust: a gross error (kcal/mol energies) drags the fit and hides the
         # others, so refit without the frames already flagged until nothing new is found
@@ -237,6 +497,8 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
         new_e = np.zeros(n, dtype=bool)
         new_e[idx] = (es.cooks > thr_e) & (np.abs(t_e) > energy_residual_threshold)
         new_f = np.zeros(n, dtype=bool)
+        new_frame = np.zeros(n, dtype=bool)
+        new_atom = np.zeros(n, dtype=bool)
         if forces and len(d["y_forces"]):
             rmask = keep[d["force_frame"]]
             fs = ols_influence(d["y_forces"][rmask], d["x_forces"][rmask])
@@ -256,21 +518,87 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
             rows.loc[at, "force_dffit"] = worst.dffit.to_numpy()
             rows.loc[at, "force_atom"] = worst.atom.to_numpy()
             new_f[np.unique(fr[score.bad.to_numpy()])] = True
+            flag_frame, flag_atom = tests.judge(fs, keep, rows)
+            new_frame, new_atom = flag_frame & keep, flag_atom & keep
         rows.loc[new_e, "energy_flag"] = True
         rows.loc[new_f, "force_flag"] = True
-        new = new_e | new_f
+        rows.loc[new_frame, "frame_flag"] = True
+        rows.loc[new_atom, "atom_flag"] = True
+        new = new_e | new_f | new_frame | new_atom
         if not new.any():
             break
         rows.loc[new, "flag_round"] = rnd
         keep &= ~new
-    _recheck(rows, d, keep, report, cts, energy_residual_threshold, force_residual_threshold)
-    rows["quarantine"] = rows["energy_flag"] | rows["force_flag"]
+    _recheck(rows, d, keep, report, cts, energy_residual_threshold, force_residual_threshold, tests, cooks_threshold)
+    rows["quarantine"] = rows["energy_flag"] | rows["force_flag"] | rows["frame_flag"] | rows["atom_flag"]
     es = report.energy
     thr_e = cooks_threshold if cooks_threshold is not None else 4.0 / es.n
     rows["kind"] = [_kind(r, es, energy_residual_threshold, thr_e) for r in rows.itertuples()]
-    rows["reason"] = [_reason(r) if r.quarantine else None for r in rows.itertuples()]
+    rows["reason"] = [_reason(r, tests) if r.quarantine else None for r in rows.itertuples()]
     report.frames = rows
     return report
+
+
+class _FrameTests:
+    """The frame-level force tests of :func:`detect` (``force_chi2`` & ``force_rel``, ``atom_chi2``),
+    judged against the current force fit for every frame, kept or already flagged."""
+
+    def __init__(self, d: dict, cts: np.ndarray, n: int, frame_z: float | None, atom_z: float | None,
+                 min_group: int, min_rel: float = 0.0):
+        self.d, self.cts, self.n, self.min_rel = d, cts, n, min_rel
+        self.frame_z, self.atom_z, self.min_group = frame_z, atom_z, min_group
+        self.last: pd.DataFrame | None = None
+
+    def judge(self, fs: Surrogate, keep: np.ndarray, rows: pd.DataFrame | None = None):
+        d, cts, n = self.d, self.cts, self.n
+        if fs.beta is None or (self.frame_z is None and self.atom_z is None):
+            return np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        ff = d["force_frame"]
+        pred = d["x_forces"][:, fs.cols] @ fs.beta
+        res = d["y_forces"] - pred
+        rmask = keep[ff]
+        st = force_frame_stats(res, pred, ff, d["force_atom"], cts, keep, self.min_group)
+        ref = keep.copy()
+        for c in ("force_chi2", "atom_chi2"):
+            st[c + "_z"] = tail_z(st[c].to_numpy(float), cts, ref, self.min_group)
+        kept = np.flatnonzero(keep)
+        st["force_frame_cooks"] = np.nan
+        st.loc[kept, "force_frame_cooks"] = frame_cooks(d["x_forces"][rmask], res[rmask], ff[rmask], fs, kept)[0]
+        self.last = st
+        if rows is not None:
+            for c in ("force_chi2", "force_chi2_z", "force_rel", "force_level", "atom_chi2", "atom_chi2_z",
+                      "atom_residual"):
+                rows[c] = st[c].to_numpy()
+            # Cook's D exists for the frames in this fit; a flagged frame keeps the value it had when flagged
+            fitted = st["force_frame_cooks"].notna().to_numpy()
+            rows.loc[fitted, "force_frame_cooks"] = st.loc[fitted, "force_frame_cooks"].to_numpy()
+            rows["atom_chi2_atom"] = pd.array(st["atom_chi2_atom"].to_numpy(), dtype="Int64") \
+                if st["atom_chi2_atom"].notna().all() else st["atom_chi2_atom"].round().astype("Int64")
+        zf, za = (st[c].to_numpy(float) for c in ("force_chi2_z", "atom_chi2_z"))
+        with np.errstate(invalid="ignore"):
+            frame = (np.nan_to_num(zf, nan=-np.inf) > self.frame_z) & (st["force_rel"].to_numpy(float) > self.min_rel) \
+                if self.frame_z is not None else np.zeros(n, dtype=bool)
+            atom = np.nan_to_num(za, nan=-np.inf) > self.atom_z if self.atom_z is not None else np.zeros(n, dtype=bool)
+        return frame, atom
+
+
+def gross_errors(y: np.ndarray, x: np.ndarray, groups: np.ndarray, threshold: float) -> np.ndarray:
+    """Rows whose label is grossly off a robust fit of y on x: statsmodels' RLM with Tukey's
+    biweight (which gives a gross error zero weight instead of following it), residuals as
+    :func:`robust_t` with the least-squares leverage; True where |t| > ``threshold``."""
+    import statsmodels.api as sm
+
+    cols = _independent_columns(x)
+    xr = x[:, cols]
+    if len(y) <= xr.shape[1] + 2:
+        return np.zeros(len(y), dtype=bool)
+    try:
+        fit = sm.RLM(y, xr, M=sm.robust.norms.TukeyBiweight()).fit()
+    except (ValueError, np.linalg.LinAlgError):  # a degenerate robust fit: no provisional flags
+        return np.zeros(len(y), dtype=bool)
+    h = np.einsum("ij,jk,ik->i", xr, np.linalg.pinv(xr.T @ xr), xr)
+    t = robust_t(np.asarray(fit.resid), h, groups)
+    return np.abs(t) > threshold
 
 
 def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10) -> dict:
@@ -288,35 +616,86 @@ def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10) 
     return out
 
 
+def added_influence(e0: np.ndarray, h0: np.ndarray, fit: Surrogate) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Influence measures of rows *not* in ``fit`` as if each were added to it alone: from the
+    prediction residual e0 and prediction leverage h0 = x (X'X)⁻¹ x', the row's leverage in the
+    augmented fit h = h0 / (1 + h0), its Cook's distance D = e0² h0 / (p s² (1 + h0)) (s² of ``fit``)
+    and the change of its own prediction when it is dropped again, h0 e0 / (1 + h0). Closed forms of
+    the rank-one update; no refit."""
+    s2 = float(np.sum((fit.y - fit.fitted) ** 2)) / max(fit.n - fit.p, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cooks = e0**2 * h0 / (fit.p * max(s2, 1e-300) * (1.0 + h0))
+    return cooks, h0 / (1.0 + h0), h0 * e0 / (1.0 + h0)
+
+
 def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierReport, cts: np.ndarray,
-             t_e: float, t_f: float) -> None:
-    """Frames flagged in an early round were judged against a fit that gross errors still dragged;
-    re-judge them against the final fit (which excludes every flagged frame), as predictions with
-    their prediction leverage, and release those the clean fit explains."""
+             t_e: float, t_f: float, tests: _FrameTests | None = None, cooks_threshold: float | None = None) -> None:
+    """Frames flagged in an early round (or left out from the start as gross errors) were judged
+    against a fit that gross errors still dragged; re-judge every test against the final fit (which
+    excludes every flagged frame), as predictions with their prediction leverage, and release those
+    the clean fit explains. The Cook's distances recorded for them are those of adding each alone
+    back to the final fit (:func:`added_influence`)."""
     flagged = np.flatnonzero(~keep)
     if not len(flagged) or report.energy is None or report.energy.beta is None:
         return
+    # energies: released one at a time, the most consistent first, each joining the fit before the
+    # next is judged. Rare frames vouch for each other: a high-leverage frame judged against a fit
+    # that also lacks its few neighbours in descriptor space looks wrong for leverage alone.
     es = report.energy
-    kept = np.flatnonzero(keep)
-    scale_e = _group_scale(es.y - es.fitted, cts[kept])
-    pred, h = es.predict(d["x_energy"][flagged])
-    r = d["y_energy"][flagged] - pred
-    sig = np.array([scale_e.get(c, scale_e[None]) for c in cts[flagged]])
-    te = r / (sig * np.sqrt(1.0 + h))
-    still_e = np.abs(te) > t_e
+    fit_idx = list(np.flatnonzero(keep))
+    pending = list(flagged)
+    verdict: dict[int, tuple] = {}
+    while pending:
+        if len(fit_idx) != es.n:
+            es = ols_influence(d["y_energy"][fit_idx], d["x_energy"][fit_idx])
+        scale_e = _group_scale(es.y - es.fitted, cts[fit_idx])
+        pred, h = es.predict(d["x_energy"][pending])
+        r = d["y_energy"][pending] - pred
+        sig = np.array([scale_e.get(c, scale_e[None]) for c in cts[pending]])
+        te = r / (sig * np.sqrt(1.0 + h))
+        cooks, lev, dffit = added_influence(r, h, es)
+        thr_e = cooks_threshold if cooks_threshold is not None else 4.0 / (es.n + 1)
+        bad = (np.abs(te) > t_e) & (cooks > thr_e)
+        for q, k in enumerate(pending):
+            verdict[k] = (bad[q], te[q], r[q], cooks[q], lev[q], dffit[q])
+        if bad.all():
+            break
+        q = int(np.argmin(np.where(bad, np.inf, np.abs(te))))
+        fit_idx.append(pending.pop(q))
+    report.energy = es
+    still_e = np.array([verdict[k][0] for k in flagged], dtype=bool)
+    # the numbers behind the verdict (for a released frame: when it was released)
+    for j, col in enumerate(("energy_t", "energy_residual", "energy_cooks", "energy_leverage", "energy_dffit"), 1):
+        rows.loc[flagged, col] = [verdict[k][j] for k in flagged]
     still_f = np.zeros(len(flagged), dtype=bool)
     fs = report.forces
     if fs is not None and fs.beta is not None and "x_forces" in d:
         rmask = keep[d["force_frame"]]
         scale_f = _group_scale(fs.y - fs.fitted, cts[d["force_frame"][rmask]])
+        thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / (fs.n + 1)
         for q, k in enumerate(flagged):
-            m = d["force_frame"] == k
+            m = np.flatnonzero(d["force_frame"] == k)
+            if not len(m):
+                continue
             pf, hf = fs.predict(d["x_forces"][m])
             sf = scale_f.get(cts[k], scale_f[None])
-            tf = (d["y_forces"][m] - pf) / (sf * np.sqrt(1.0 + hf))
-            still_f[q] = np.abs(tf).max(initial=0.0) > t_f
-    rows.loc[flagged, "energy_flag"] = rows.loc[flagged, "energy_flag"].to_numpy() & still_e
-    rows.loc[flagged, "force_flag"] = rows.loc[flagged, "force_flag"].to_numpy() & still_f
+            rf = d["y_forces"][m] - pf
+            tf = rf / (sf * np.sqrt(1.0 + hf))
+            cf, _, df_ = added_influence(rf, hf, fs)
+            w = int(np.argmax(np.abs(tf)))
+            still_f[q] = bool(np.any((np.abs(tf) > t_f) & (cf > thr_f)))
+            # the numbers behind the verdict: the worst component against the final fit
+            rows.loc[k, ["force_t", "force_residual", "force_cooks", "force_dffit"]] = [tf[w], rf[w], cf[w], df_[w]]
+            rows.loc[k, "force_atom"] = int(d["force_atom"][m[w]])
+    # every test again: a frame flagged early for one reason may be cleared of it and still fail
+    # another (swapped forces first seen as one large component, say)
+    rows.loc[flagged, "energy_flag"] = still_e
+    rows.loc[flagged, "force_flag"] = still_f
+    if tests is not None and fs is not None:
+        # the frame tests of every frame against the final fit, the kept frames as the reference
+        frame, atom = tests.judge(fs, keep, rows)
+        rows.loc[flagged, "frame_flag"] = frame[flagged]
+        rows.loc[flagged, "atom_flag"] = atom[flagged]
 
 
 def _kind(r, es: Surrogate, t_thr: float, cooks_thr: float) -> str:
@@ -328,7 +707,7 @@ def _kind(r, es: Surrogate, t_thr: float, cooks_thr: float) -> str:
     return "ok"
 
 
-def _reason(r) -> str:
+def _reason(r, tests: _FrameTests | None = None) -> str:
     parts = []
     if r.energy_flag:
         parts.append(f"energy {r.energy_residual:+.4f} eV/atom off the surrogate (robust t = {r.energy_t:.1f}, "
@@ -338,4 +717,17 @@ def _reason(r) -> str:
         parts.append(f"force on atom {int(r.force_atom)} {r.force_residual:+.3f} eV/Å off the surrogate "
                      f"(robust t = {r.force_t:.1f}, Cook's D = {r.force_cooks:.3g}; dropping it moves the "
                      f"prediction by {r.force_dffit:+.3f} eV/Å)")
+    zf = tests.frame_z if tests is not None else None
+    za = tests.atom_z if tests is not None else None
+    if r.frame_flag:
+        parts.append(f"forces of the whole frame off the surrogate: χ² per component {r.force_chi2:.3g} × the level "
+                     f"expected for its config_type and force scale (z = {r.force_chi2_z:.1f} > {zf}; residual "
+                     f"{r.force_rel:.2g} × the predicted forces: sign-flipped, swapped or mis-scaled forces?"
+                     + ("" if pd.isna(r.force_frame_cooks) else f"; frame Cook's D = {r.force_frame_cooks:.3g}")
+                     + ")")
+    if r.atom_flag:
+        parts.append(f"force residual concentrated on atom {int(r.atom_chi2_atom)}: "
+                     f"|ΔF| = {r.atom_residual:.3g} eV/Å, "
+                     f"{r.atom_chi2:.3g} × the frame's residual level (z = {r.atom_chi2_z:.1f} > {za}: a displaced "
+                     f"atom whose labels were not recomputed, or one wrong force row?)")
     return "; ".join(parts)

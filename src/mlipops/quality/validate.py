@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -412,7 +413,10 @@ def find_outliers(frames: list[Atoms], p: ValidateParams, descriptors: Descripto
 
     rep = detect(sub, species, descriptors.model_dump(), cooks_threshold=o.cooks_threshold,
                  energy_residual_threshold=o.energy_residual_threshold,
-                 force_residual_threshold=o.force_residual_threshold, forces=o.forces, max_rounds=o.max_rounds)
+                 force_residual_threshold=o.force_residual_threshold, forces=o.forces, max_rounds=o.max_rounds,
+                 frame_z_threshold=o.frame_z_threshold, atom_z_threshold=o.atom_z_threshold,
+                 min_group_frames=o.min_group_frames, energy_gross_threshold=o.energy_gross_threshold,
+                 frame_min_relative_residual=o.frame_min_relative_residual)
     flagged = {idx[int(r.frame)]: r.reason for r in rep.frames.itertuples() if r.quarantine}
     rep.frames.insert(0, "source_index", [int(sub[int(f)].info.get("source_index", -1)) for f in rep.frames.frame])
     rep.frames.insert(0, "source", [sub[int(f)].info.get("source") for f in rep.frames.frame])
@@ -449,6 +453,42 @@ def _cooks_plot(rep, path: Path, threshold: float | None) -> None:
     plt.close(fig)
 
 
+@dataclass
+class Decision:
+    """What the validate stage decides about a list of frames (see :func:`decide`)."""
+
+    failures: dict[int, list[tuple[str, str]]]  # frame index -> [(check, reason)], one entry per check
+    table: pd.DataFrame  # the frame table the suite ran on
+    atoms: pd.DataFrame  # the atom table
+    gx_result: dict  # the great-expectations results (as written to validation_result.json)
+    outliers: dict[int, str]  # frame index -> reason, the frames the outlier test quarantined
+    outlier_report: object | None  # mlipops.quality.outliers.OutlierReport, None when not run
+    outlier_note: str
+
+    def quarantined(self, frames: list[Atoms]) -> pd.DataFrame:
+        """One row per quarantined frame: ``frame`` (index), ``frame_id``, ``check`` (comma-joined)
+        and ``reason``, as the quarantine file records them."""
+        rows = [{"frame": k, "frame_id": frames[k].info.get("frame_id"), "check": ",".join(c for c, _ in v),
+                 "reason": "; ".join(r for _, r in v)} for k, v in sorted(self.failures.items())]
+        return pd.DataFrame(rows, columns=["frame", "frame_id", "check", "reason"])
+
+
+def decide(frames: list[Atoms], p: ValidateParams, descriptors: DescriptorParams | None = None) -> Decision:
+    """The validate stage's quarantine decision on ``frames``, writing nothing: the great-expectations
+    suites (frame and atom tables), then the Cook's-distance outlier test on the ``training_split``
+    frames that passed them. Quarantine releases (``data/quarantine_releases.yaml``) are not applied."""
+    table, atoms = build_tables(frames, p)
+    failures, gx_result = (validate_frames(table, p, atoms) if frames else
+                           ({}, {"success": True, "dataset_success": True, "dataset_checks_failed": [],
+                                 "suites": {}, "results": []}))
+    passed = [k for k in range(len(frames)) if k not in failures]
+    found, out_rep, out_note = find_outliers([frames[k] for k in passed], p, descriptors)
+    outliers = {passed[j]: reason for j, reason in found.items()}
+    for k, reason in outliers.items():
+        failures.setdefault(k, []).append(("influential_outlier", reason))
+    return Decision(failures, table, atoms, gx_result, outliers, out_rep, out_note)
+
+
 def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
     t0 = time.perf_counter()
     if not INGESTED.is_file():
@@ -457,14 +497,9 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
     frames, unreadable = read_extxyz(INGESTED) if INGESTED.stat().st_size else ([], [])
     if unreadable:
         raise StageInputError(f"ingest output is corrupt: {unreadable[0].reason}", file=str(INGESTED))
-    table, atoms = build_tables(frames, p)
-    failures, gx_result = (validate_frames(table, p, atoms) if frames else
-                           ({}, {"success": True, "dataset_success": True, "dataset_checks_failed": [],
-                                 "suites": {}, "results": []}))
-    passed = [k for k in range(len(frames)) if k not in failures]
-    outliers, out_rep, out_note = find_outliers([frames[k] for k in passed], p, descriptors)
-    for j, reason in outliers.items():
-        failures.setdefault(passed[j], []).append(("influential_outlier", reason))
+    decision = decide(frames, p, descriptors)
+    failures, table, atoms, gx_result = decision.failures, decision.table, decision.atoms, decision.gx_result
+    outliers, out_rep, out_note = decision.outliers, decision.outlier_report, decision.outlier_note
     released = []  # frames released by hand: accepted despite the checks their release names
     releases = load_releases(RELEASES)
     for k in list(failures):
@@ -507,7 +542,9 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
     metrics.update({f"n_quarantined.{c}": n for c, n in sorted(by_check.items())})
     metrics.update({f"dataset_check_failed.{d['check']}": 1 for d in dataset_failed})
     cols = ["source", "source_index", "config_type", "kind", "quarantine", "energy_residual", "energy_t",
-            "energy_leverage", "energy_cooks", "force_atom", "force_residual", "force_t", "force_cooks", "reason"]
+            "energy_leverage", "energy_cooks", "force_atom", "force_residual", "force_t", "force_cooks",
+            "force_chi2", "force_chi2_z", "force_rel", "force_frame_cooks", "atom_chi2_atom", "atom_residual",
+            "atom_chi2", "atom_chi2_z", "reason"]
     if out_rep is not None:
         out_rep.frames[cols].to_csv(REPORT_DIR / "outliers.csv", index=False)
         _cooks_plot(out_rep, REPORT_DIR / "cooks_distance.png", p.outliers.cooks_threshold)
@@ -558,8 +595,12 @@ def _append_outlier_summary(rep, note: str, p: ValidateParams) -> None:
             f"{rep.energy.rmse:.4g} eV/atom over {rep.energy.p} coefficients"
             + (f", forces RMSE {rep.forces.rmse:.4g} eV/Å over {rep.forces.n} components" if rep.forces else "")
             + f". A frame is quarantined when Cook's D > {o.cooks_threshold or '4/n'} **and** its robust residual "
-            f"|t| > {o.energy_residual_threshold} (energy) or > {o.force_residual_threshold} (a force component); "
-            "see `src/mlipops/quality/outliers.py`. All numbers per frame: `reports/validate/outliers.csv`, "
+            f"|t| > {o.energy_residual_threshold} (energy) or > {o.force_residual_threshold} (a force component), "
+            f"or when its forces as a whole are off (χ² per component over the level expected at its force scale "
+            f"more than z = {o.frame_z_threshold} robust SDs into the tail of its config_type, and residual > "
+            f"{o.frame_min_relative_residual} × the predicted forces) or the residual is concentrated on one atom "
+            f"(z > {o.atom_z_threshold}); see `src/mlipops/quality/outliers.py`. All numbers per frame: "
+            "`reports/validate/outliers.csv`, "
             "plot: `cooks_distance.png`.")
         q = df[df.quarantine]
         lines += ["", f"**Quarantined ({len(q)})**: the label disagrees with what every other frame implies "
