@@ -202,6 +202,17 @@ class EnsembleParams(_Section):
     bootstrap: bool = True             # member k > 0 trains on a resample (with replacement) of the train split
 
 
+class DispersionParams(_Section):
+    """Grimme D2 pair term added to the network (see mlipops.models.dispersion)."""
+    enabled: bool = False
+    s6: float = Field(0.75, gt=0.0)            # global scaling (0.75 for PBE)
+    damping: float = Field(20.0, gt=0.0)       # d of the Fermi damping
+    cutoff: float = Field(12.0, gt=0.0)        # Å, far beyond the network's cutoff
+    switch_width: float = Field(2.0, gt=0.0)   # Å over which the term is switched off before the cutoff
+    c6: dict[str, float] = Field(default_factory=dict)  # J nm^6 mol^-1 per element (default: Grimme's table)
+    r0: dict[str, float] = Field(default_factory=dict)  # Å per element (default: Grimme's table)
+
+
 class TrainParams(_Section):
     model_name: str = "cu"
     seed: int = 0
@@ -220,6 +231,7 @@ class TrainParams(_Section):
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     ensemble: EnsembleParams = EnsembleParams()
+    dispersion: DispersionParams = DispersionParams()
     experiment: str = "mlipops"
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: str = "mlartifacts"

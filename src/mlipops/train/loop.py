@@ -208,9 +208,37 @@ def _cpu_state(module_or_opt) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- fit
+def make_potential(species: list[str], p: TrainParams, d: DescriptorParams) -> Potential:
+    """An untrained potential of the params' architecture (with its D2 term when enabled)."""
+    from mlipops.models.dispersion import d2_settings
+
+    disp = None
+    if p.dispersion.enabled:
+        q = p.dispersion
+        disp = d2_settings(species, q.s6, q.damping, q.cutoff, q.switch_width, q.c6, q.r0)
+    return Potential(species, d.model_dump(), p.hidden, disp)
+
+
+@torch.no_grad()
+def physics_energies(model: Potential, data: Prepared, dtype, device="cpu") -> np.ndarray:
+    """Per-frame energy of the model's analytic terms (0 without any) [n_frames]."""
+    out = np.zeros(len(data.graphs))
+    if model.dispersion is None:
+        return out
+    for k in range(0, len(data.graphs), 32):
+        b = Potential.collate(data.graphs[k:k + 32], dtype, device)
+        e = model.physics_energies(b, b["positions"], b["cell"])
+        out[k:k + 32] = torch.zeros(len(b["n_atoms"]), dtype=e.dtype, device=e.device).index_add_(
+            0, b["batch"], e).cpu().numpy()
+    return out
+
+
 def init_model(train: Prepared, species: list[str], p: TrainParams, d: DescriptorParams, dtype, device) -> Potential:
-    model = Potential(species, d.model_dump(), p.hidden).to(dtype=dtype, device=device)
-    model.e0.copy_(torch.as_tensor(fit_reference_energies(model, train), dtype=dtype))
+    model = make_potential(species, p, d).to(dtype=dtype, device=device)
+    # the network learns E_ref - E_analytic: reference energies are fitted on what is left
+    target = Prepared(train.graphs, train.energy - physics_energies(model, train, dtype, device), train.forces,
+                      train.stress, train.n_atoms, train.config_type)
+    model.e0.copy_(torch.as_tensor(fit_reference_energies(model, target), dtype=dtype))
     mean, std = feature_statistics(model, train, dtype, device)
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(std)
@@ -238,7 +266,7 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
             raise MlipopsError("fit on prepared data needs the species list")
         species = species_of(train + val)
     if not isinstance(train, Prepared):
-        proto = Potential(species, d.model_dump(), p.hidden)
+        proto = make_potential(species, p, d)
         train, val = prepare(proto, train), prepare(proto, val)
     if not train.graphs:
         raise StageInputError("no training frames", field="split")

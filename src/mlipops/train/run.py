@@ -31,8 +31,8 @@ from mlipops.params import ComputeParams, DescriptorParams, TrainParams, flatten
 from mlipops.report import parity_plot, progress, write_markdown, write_metrics
 from mlipops.train import tracking
 from mlipops.train.loop import (CHECKPOINT_DIR, DATA, DTYPES, MODELS_DIR, REPORT_DIR, Checkpointer, Prepared,
-                                _cpu_state, evaluate_split, fingerprint, fit, load_split, prepare, resolve_device,
-                                species_of)
+                                _cpu_state, evaluate_split, fingerprint, fit, load_split, make_potential, prepare,
+                                resolve_device, species_of)
 
 # params that do not change the numbers: a run may resume across them
 _NON_NUMERIC = {"experiment", "tracking_uri", "artifact_location", "device", "checkpoint_every"}
@@ -78,7 +78,7 @@ def train_member(spec: dict) -> dict:
     if finished is not None:  # trained before an interruption of another member: do not redo it
         return finished["result"] | {"skipped": True}
     splits = load_split(Path(spec["data_path"]))
-    proto = Potential(species, d.model_dump(), p.hidden)
+    proto = make_potential(species, p, d)
     tr_all, va = prepare(proto, splits["train"]), prepare(proto, splits["val"])
     idx = bootstrap_indices(len(tr_all.graphs), spec["train"]["seed"], k, spec["bootstrap"], spec["n_members"])
     tr = tr_all.subset(idx)
@@ -160,7 +160,7 @@ def train_ensemble(data_path: str | Path, species: list[str], p: TrainParams, d:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    ensemble = Ensemble([Potential(species, d.model_dump(), p.hidden) for _ in range(M)]).to(DTYPES[p.dtype])
+    ensemble = Ensemble([make_potential(species, p, d) for _ in range(M)]).to(DTYPES[p.dtype])
     for k, r in enumerate(members):
         ensemble.members[k].load_state_dict(r["state"])
     return ensemble.eval(), members, timing
