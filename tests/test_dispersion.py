@@ -17,6 +17,8 @@ from mlipops.models.dispersion import D2_C6, D2_R0, J_NM6_PER_MOL_TO_EV_A6, d2_s
 from mlipops.params import DescriptorParams, DispersionParams, TrainParams
 from mlipops.train.loop import fit_reference_energies, init_model, physics_energies, prepare
 
+from conftest import randomize_output
+
 D = dict(cutoff=4.0, n_radial=4, r_min=0.8, angular_cutoff=3.5, n_angular=2, max_l=2)
 
 
@@ -42,7 +44,7 @@ def d2_reference(pos_a, pos_b, el="Cu", s6=0.75, d=20.0, rc=12.0, width=2.0):
 
 def _model(dispersion: bool, seed: int = 0) -> Potential:
     torch.manual_seed(seed)
-    m = Potential(["Cu"], D, [8, 8], d2_settings(["Cu"]) if dispersion else None).double().eval()
+    m = randomize_output(Potential(["Cu"], D, [8, 8], d2_settings(["Cu"]) if dispersion else None)).double().eval()
     with torch.no_grad():
         m.e0.fill_(-0.1)
     return m

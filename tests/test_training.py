@@ -28,6 +28,8 @@ from mlipops.params import DescriptorParams, TrainParams
 from mlipops.train.loop import Checkpointer, fit, prepare
 from mlipops.train.run import bootstrap_indices
 
+from conftest import randomize_output
+
 SMALL_D = DescriptorParams(cutoff=4.0, n_radial=4, angular_cutoff=3.5, n_angular=2, max_l=2)
 
 
@@ -51,7 +53,7 @@ def _members(n: int, seed0: int = 0, species=("Cu",)) -> list[Potential]:
     ms = []
     for k in range(n):
         torch.manual_seed(seed0 + k)
-        m = Potential(list(species), SMALL_D.model_dump(), [8, 8]).double()
+        m = randomize_output(Potential(list(species), SMALL_D.model_dump(), [8, 8])).double()
         with torch.no_grad():
             m.feature_mean.normal_()
             m.feature_std.uniform_(0.5, 2.0)

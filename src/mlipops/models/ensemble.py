@@ -33,9 +33,9 @@ class Ensemble(nn.Module):
         ref = members[0]
         for k, m in enumerate(members[1:], 1):
             if (m.species != ref.species or m.descriptor_params != ref.descriptor_params or m.hidden != ref.hidden
-                    or m.dispersion_params != ref.dispersion_params):
+                    or m.dispersion_params != ref.dispersion_params or m.baseline_spec != ref.baseline_spec):
                 raise MlipopsError(f"ensemble member {k} differs from member 0 in species, descriptor, "
-                                   "architecture or dispersion; members must share them")
+                                   "architecture, dispersion or baseline; members must share them")
         self.members = nn.ModuleList(members)
 
     # the interface of a single Potential -------------------------------------------------------
@@ -54,6 +54,15 @@ class Ensemble(nn.Module):
     @property
     def cutoff(self) -> float:
         return self.members[0].cutoff
+
+    @property
+    def baseline(self):
+        """The members' shared Δ-learning baseline (or None)."""
+        return self.members[0].baseline
+
+    @property
+    def baseline_spec(self) -> dict | None:
+        return self.members[0].baseline_spec
 
     def __len__(self) -> int:
         return len(self.members)
@@ -109,6 +118,7 @@ class Ensemble(nn.Module):
     def config(self) -> dict:
         return {"format": ENSEMBLE_FORMAT, "species": self.species, "descriptor": self.descriptor_params,
                 "hidden": self.hidden, "dispersion": self.members[0].dispersion_params,
+                "baseline": self.members[0].baseline_spec,
                 "n_members": len(self.members)}
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
@@ -124,8 +134,8 @@ class Ensemble(nn.Module):
         n = cfg.get("n_members")
         if not isinstance(n, int) or n < 1:
             raise MlipopsError(f"n_members must be a positive integer (got {n!r})", field="n_members")
-        return cls([Potential(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion"))
-                    for _ in range(n)])
+        return cls([Potential(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion"),
+                              cfg.get("baseline")) for _ in range(n)])
 
 
 def read_config(directory: str | Path) -> dict:
@@ -154,7 +164,8 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float64, device
     directory = Path(directory)
     cfg = read_config(directory)
     model = (Ensemble.from_config(cfg) if cfg["format"] == ENSEMBLE_FORMAT
-             else Potential(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion")))
+             else Potential(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion"),
+                            cfg.get("baseline")))
     model = model.to(dtype=dtype, device=device)
     try:
         state = torch.load(directory / WEIGHTS, map_location=device, weights_only=True)

@@ -18,6 +18,7 @@ from ase.data import atomic_numbers
 from torch import nn
 
 from mlipops.descriptors import AtomCentredDescriptor, neighbor_list
+from mlipops.models.baseline import Baseline
 from mlipops.models.dispersion import D2Dispersion
 from mlipops.errors import MlipopsError
 
@@ -27,7 +28,12 @@ CONFIG = "config.json"
 
 
 class AtomicEnergyMLP(nn.Module):
-    """ε_s(Ĝ): Linear → SiLU → ... → Linear(1)."""
+    """ε_s(Ĝ): Linear → SiLU → ... → Linear(1).
+
+    The output layer starts at zero, so an untrained model is exactly its reference energies (plus its
+    analytic terms and baseline): the network only ever adds what the data asks for (with a Δ-learning
+    baseline equal to the reference it stays exactly zero), and training starts from a physical model
+    rather than from random per-atom energies."""
 
     def __init__(self, n_in: int, hidden: list[int]):
         super().__init__()
@@ -35,7 +41,10 @@ class AtomicEnergyMLP(nn.Module):
         for h in hidden:
             layers += [nn.Linear(n_in, h), nn.SiLU()]
             n_in = h
-        layers.append(nn.Linear(n_in, 1))
+        out = nn.Linear(n_in, 1)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        layers.append(out)
         self.net = nn.Sequential(*layers)
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:  # [n, n_features] -> [n]
@@ -59,7 +68,8 @@ class Graph:
 
 
 class Potential(nn.Module):
-    def __init__(self, species: list[str], descriptor: dict, hidden: list[int], dispersion: dict | None = None):
+    def __init__(self, species: list[str], descriptor: dict, hidden: list[int], dispersion: dict | None = None,
+                 baseline: dict | None = None):
         super().__init__()
         self.species = list(species)
         self.descriptor_params = dict(descriptor)
@@ -73,6 +83,10 @@ class Potential(nn.Module):
         self._z_to_index = {atomic_numbers[s]: k for k, s in enumerate(self.species)}
         self.dispersion_params = dict(dispersion) if dispersion else None
         self.dispersion = D2Dispersion(dispersion) if dispersion else None
+        # Δ-learning: an ASE calculator whose labels the network's output is added to (not a torch term:
+        # MlipopsCalculator and the evaluation add it; training subtracts it from the targets)
+        self.baseline_spec = dict(baseline) if baseline else None
+        self.baseline = Baseline(baseline) if baseline else None
 
     @property
     def cutoff(self) -> float:
@@ -205,7 +219,7 @@ class Potential(nn.Module):
     # --------------------------------------------------------------------------------------- I/O
     def config(self) -> dict:
         return {"format": CONFIG_FORMAT, "species": self.species, "descriptor": self.descriptor_params,
-                "hidden": self.hidden, "dispersion": self.dispersion_params}
+                "hidden": self.hidden, "dispersion": self.dispersion_params, "baseline": self.baseline_spec}
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         directory = Path(directory)
@@ -230,8 +244,8 @@ class Potential(nn.Module):
         if cfg.get("format") != CONFIG_FORMAT:
             raise MlipopsError(f"unsupported model format {cfg.get('format')!r} (expected {CONFIG_FORMAT})",
                                file=str(cfg_path), field="format")
-        model = cls(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion")).to(dtype=dtype,
-                                                                                          device=device)
+        model = cls(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion"),
+                    cfg.get("baseline")).to(dtype=dtype, device=device)
         state = torch.load(w_path, map_location=device, weights_only=True)
         model.load_state_dict(state)  # into `dtype` tensors: float64 weights keep full precision
         return model.eval()

@@ -7,6 +7,7 @@ The ensemble, Dask and MLflow orchestration around it lives in :mod:`mlipops.tra
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from ase import Atoms
 
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.frames import labels, read_extxyz
+from mlipops.models.baseline import BASELINE_CACHE, baseline_spec
 from mlipops.models.potential import Graph, Potential
 from mlipops.params import DescriptorParams, TrainParams
 
@@ -41,11 +43,22 @@ class Prepared:
     stress: list[np.ndarray | None]  # Voigt [6] eV/Å³ where the frame has one (periodic only)
     n_atoms: np.ndarray
     config_type: np.ndarray  # [n_frames] str
+    # Δ-learning: the baseline's labels, already subtracted from energy/forces/stress above (None: no baseline)
+    base_energy: np.ndarray | None = None
+    base_forces: list[np.ndarray] | None = None
 
     def subset(self, idx) -> "Prepared":
         idx = np.asarray(idx, dtype=int)
         return Prepared([self.graphs[k] for k in idx], self.energy[idx], [self.forces[k] for k in idx],
-                        [self.stress[k] for k in idx], self.n_atoms[idx], self.config_type[idx])
+                        [self.stress[k] for k in idx], self.n_atoms[idx], self.config_type[idx],
+                        None if self.base_energy is None else self.base_energy[idx],
+                        None if self.base_forces is None else [self.base_forces[k] for k in idx])
+
+    def totals(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Reference energies and forces with the baseline added back (what the oracle said)."""
+        if self.base_energy is None:
+            return self.energy, self.forces
+        return self.energy + self.base_energy, [f + b for f, b in zip(self.forces, self.base_forces)]
 
 
 @dataclass
@@ -66,7 +79,9 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def prepare(model: Potential, frames: list[Atoms]) -> Prepared:
+def prepare(model: Potential, frames: list[Atoms], cache_dir: str | Path | None = BASELINE_CACHE) -> Prepared:
+    """Graphs and targets of ``frames`` for ``model``; with a Δ-learning baseline the targets are
+    E_ref − E_base, F_ref − F_base, σ_ref − σ_base (baseline labels cached in ``cache_dir``)."""
     graphs, energy, forces, stress, cts = [], [], [], [], []
     for a in frames:
         e, f, s = labels(a)
@@ -76,8 +91,26 @@ def prepare(model: Potential, frames: list[Atoms]) -> Prepared:
         periodic = bool(a.pbc.all() and a.cell.rank == 3)
         stress.append(np.asarray(s, float).reshape(6) if s is not None and periodic and np.size(s) == 6 else None)
         cts.append(str(a.info.get("config_type", "unknown")))
-    return Prepared(graphs, np.array(energy, dtype=float), forces, stress,
+    data = Prepared(graphs, np.array(energy, dtype=float), forces, stress,
                     np.array([len(g.species) for g in graphs], dtype=int), np.array(cts, dtype=object))
+    if model.baseline is not None and frames:
+        base = model.baseline.labels(frames, cache_dir)
+        data.base_energy = np.array([b["energy"] for b in base])
+        data.base_forces = [b["forces"] for b in base]
+        data.energy = data.energy - data.base_energy
+        data.forces = [f - b["forces"] for f, b in zip(data.forces, base)]
+        data.stress = [None if s is None or "stress" not in b else s - b["stress"] for s, b in zip(data.stress, base)]
+    return data
+
+
+def target_statistics(data: Prepared, n_species: int) -> dict[str, float]:
+    """What the network has to learn: the variance of E/N after the per-species E0 fit (eV/atom)², and
+    the mean square force component (eV/Å)², of the targets as prepared (with or without a baseline)."""
+    counts = np.stack([np.bincount(g.species, minlength=n_species) for g in data.graphs]).astype(float)
+    e0, *_ = np.linalg.lstsq(counts, data.energy, rcond=None)
+    resid = (data.energy - counts @ e0) / data.n_atoms
+    f = np.concatenate([x.ravel() for x in data.forces])
+    return {"energy_var_per_atom": float(np.var(resid)), "force_mean_square": float(np.mean(f * f))}
 
 
 def fit_reference_energies(model: Potential, data: Prepared) -> np.ndarray:
@@ -209,14 +242,16 @@ def _cpu_state(module_or_opt) -> dict:
 
 # ------------------------------------------------------------------------------------------- fit
 def make_potential(species: list[str], p: TrainParams, d: DescriptorParams) -> Potential:
-    """An untrained potential of the params' architecture (with its D2 term when enabled)."""
+    """An untrained potential of the params' architecture (with its D2 term and Δ-learning baseline
+    when enabled)."""
     from mlipops.models.dispersion import d2_settings
 
     disp = None
     if p.dispersion.enabled:
         q = p.dispersion
         disp = d2_settings(species, q.s6, q.damping, q.cutoff, q.switch_width, q.c6, q.r0)
-    return Potential(species, d.model_dump(), p.hidden, disp)
+    base = baseline_spec(p.baseline.calculator, p.baseline.kwargs) if p.baseline.calculator else None
+    return Potential(species, d.model_dump(), p.hidden, disp, base)
 
 
 @torch.no_grad()
@@ -236,8 +271,7 @@ def physics_energies(model: Potential, data: Prepared, dtype, device="cpu") -> n
 def init_model(train: Prepared, species: list[str], p: TrainParams, d: DescriptorParams, dtype, device) -> Potential:
     model = make_potential(species, p, d).to(dtype=dtype, device=device)
     # the network learns E_ref - E_analytic: reference energies are fitted on what is left
-    target = Prepared(train.graphs, train.energy - physics_energies(model, train, dtype, device), train.forces,
-                      train.stress, train.n_atoms, train.config_type)
+    target = dataclasses.replace(train, energy=train.energy - physics_energies(model, train, dtype, device))
     model.e0.copy_(torch.as_tensor(fit_reference_energies(model, target), dtype=dtype))
     mean, std = feature_statistics(model, train, dtype, device)
     model.feature_mean.copy_(mean)
@@ -251,11 +285,13 @@ def species_of(frames: list[Atoms]) -> list[str]:
 
 def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainParams, d: DescriptorParams,
         log: Callable[[dict], None] | None = None, checkpoint: Checkpointer | None = None,
-        species: list[str] | None = None, device: str | None = None, progress_cb=None) -> TrainResult:
+        species: list[str] | None = None, device: str | None = None, progress_cb=None,
+        init: Potential | None = None) -> TrainResult:
     """Train one potential on ``train``, keep the weights with the best validation loss.
 
     ``train``/``val`` are frames or :class:`Prepared` data (then ``species`` is required).
-    ``log(row)`` receives each epoch's metrics; ``checkpoint`` makes the run resumable.
+    ``log(row)`` receives each epoch's metrics; ``checkpoint`` makes the run resumable; ``init``
+    is a model to start from (a warm start, e.g. the previous curriculum phase) instead of a fresh one.
     """
     dtype = DTYPES[p.dtype]
     device = resolve_device(device or p.device)
@@ -270,7 +306,7 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
         train, val = prepare(proto, train), prepare(proto, val)
     if not train.graphs:
         raise StageInputError("no training frames", field="split")
-    model = init_model(train, species, p, d, dtype, device)
+    model = init.to(dtype=dtype, device=device) if init is not None else init_model(train, species, p, d, dtype, device)
     opt_cls = torch.optim.AdamW if p.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
     if p.scheduler == "cosine":
