@@ -31,6 +31,19 @@ def u_rng() -> np.random.Generator:
     return np.random.default_rng(12345)
 
 
+def randomize_output(model):
+    """A fresh Potential predicts exactly E0 (its output layers start at zero): give the output layers
+    random weights, as a trained network has, so that the physics tests see non-trivial forces."""
+    import torch
+
+    with torch.no_grad():
+        for mlp in model.mlps:
+            out = mlp.net[-1]
+            out.weight.normal_(0.0, out.in_features ** -0.5)
+            out.bias.normal_(0.0, 0.1)
+    return model
+
+
 @pytest.fixture
 def u_make_potential():
     """Factory: a freshly initialised float64 Potential (seeded, default descriptor settings)."""
@@ -42,6 +55,6 @@ def u_make_potential():
     def make(species=("Cu",), hidden=(16, 16), seed=0, **descriptor):
         torch.manual_seed(seed)
         d = DescriptorParams(**descriptor).model_dump()
-        return Potential(list(species), d, list(hidden)).to(torch.float64).eval()
+        return randomize_output(Potential(list(species), d, list(hidden))).to(torch.float64).eval()
 
     return make

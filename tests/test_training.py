@@ -28,6 +28,8 @@ from mlipops.params import DescriptorParams, TrainParams
 from mlipops.train.loop import Checkpointer, fit, prepare
 from mlipops.train.run import bootstrap_indices
 
+from conftest import randomize_output
+
 SMALL_D = DescriptorParams(cutoff=4.0, n_radial=4, angular_cutoff=3.5, n_angular=2, max_l=2)
 
 
@@ -51,7 +53,7 @@ def _members(n: int, seed0: int = 0, species=("Cu",)) -> list[Potential]:
     ms = []
     for k in range(n):
         torch.manual_seed(seed0 + k)
-        m = Potential(list(species), SMALL_D.model_dump(), [8, 8]).double()
+        m = randomize_output(Potential(list(species), SMALL_D.model_dump(), [8, 8])).double()
         with torch.no_grad():
             m.feature_mean.normal_()
             m.feature_std.uniform_(0.5, 2.0)
@@ -230,8 +232,8 @@ def test_early_stopping_stops_when_validation_stops_improving(frames, monkeypatc
     calls = {"n": 0}
     real = loop.evaluate_split
 
-    def worsening(model, data, dtype, batch_size=16, device="cpu", by_config=False):
-        m = real(model, data, dtype, batch_size, device, by_config)
+    def worsening(model, data, dtype, batch_size=16, device="cpu", by_config=False, frozen=None):
+        m = real(model, data, dtype, batch_size, device, by_config, frozen)
         calls["n"] += 1
         return m | {"energy_rmse_per_atom": 1.0 + calls["n"], "force_rmse": 1.0 + calls["n"]}
 
@@ -268,12 +270,15 @@ def test_checkpoint_resume_gives_the_uninterrupted_result(frames, tmp_path):
 
 
 # --------------------------------------------------------------------- the train stage: Dask + MLflow
+STAGE_EPOCHS = 120  # long enough (a few seconds) to be killed in the middle
+
+
 def _stage_dir(root: Path, frames) -> Path:
     root.mkdir(parents=True)
     write_extxyz(root / "data/curated/accepted.extxyz", frames)
     params = {"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]},
               "descriptors": SMALL_D.model_dump(),
-              "train": {"epochs": 12, "hidden": [8], "batch_size": 4, "dtype": "float64", "learning_rate": 0.01,
+              "train": {"epochs": STAGE_EPOCHS, "hidden": [8], "batch_size": 4, "dtype": "float64", "learning_rate": 0.01,
                         "checkpoint_every": 1, "device": "cpu", "ensemble": {"members": 2}},
               "compute": {"n_workers": 2}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -339,7 +344,7 @@ def test_train_stage_killed_mid_training_resumes_its_runs_and_result(frames, tmp
         assert r.data.tags["mlflow.parentRunId"] == state["parent_run_id"] and r.info.status == "FINISHED"
         assert {"stage", "dataset", "member", "curriculum_phase"} <= set(r.data.tags)
         steps = sorted({mm.step for mm in client.get_metric_history(rid, "val_force_mae")})
-        assert steps == list(range(1, 13))
+        assert steps == list(range(1, STAGE_EPOCHS + 1))
     arts = {a.path for a in client.list_artifacts(state["parent_run_id"], "model")}
     assert {"model/weights.pt", "model/config.json"} <= arts
 
@@ -400,3 +405,54 @@ def test_two_species_training_and_a_batch_without_one_species():
     out = r.model(b, forces=True)
     alone = r.model(Potential.collate([r.model.graph(pure), r.model.graph(tr[0])], torch.float64), forces=True)
     torch.testing.assert_close(out["energy"][0], alone["energy"][0])
+
+
+# ------------------------------------------------------------------ frozen descriptors (the fast path)
+def test_descriptor_jacobian_is_the_autograd_jacobian():
+    from mlipops.descriptors import AtomCentredDescriptor, descriptor_with_jacobian, neighbor_list
+
+    a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+    a.rattle(0.1, seed=1)
+    sp = torch.zeros(len(a), dtype=torch.long)
+    sp[::3] = 1
+    desc = AtomCentredDescriptor(2, cutoff=4.5, n_radial=5, n_angular=3, max_l=4, angular_cutoff=3.7).double()
+    i, j, S, _ = neighbor_list(a.positions, a.cell.array, a.pbc, 4.5)
+    vec = torch.as_tensor(a.positions[j] - a.positions[i] + S @ a.cell.array)
+    i, j = torch.as_tensor(i), torch.as_tensor(j)
+    G, J = descriptor_with_jacobian(desc, sp, i, j, vec)
+    v = vec.clone().requires_grad_(True)
+    G_ref = desc(sp, i, j, v)
+    total = G_ref.sum(0)  # each edge vector enters only its own centre atom's descriptor
+    J_ref = torch.stack([torch.autograd.grad(total[f], v, retain_graph=True)[0] for f in range(G.shape[1])], 1)
+    torch.testing.assert_close(G, G_ref.detach(), rtol=0, atol=1e-13)
+    torch.testing.assert_close(J, J_ref, rtol=0, atol=1e-12)
+
+
+def test_frozen_forward_equals_the_model_and_trains_identically(frames):
+    from mlipops.models.dispersion import d2_settings
+    from mlipops.train.loop import freeze, frozen_forward
+
+    two = []
+    for k, a in enumerate(frames[:6]):
+        b = a.copy()
+        b.numbers[::4] = 47  # Ag on every fourth site: two species
+        b.calc = EMT()
+        set_labels(b, b.get_potential_energy(), b.get_forces(), b.get_stress())
+        b.info.update(a.info)
+        two.append(b)
+    m = randomize_output(Potential(["Cu", "Ag"], SMALL_D.model_dump(), [8, 8], d2_settings(["Cu", "Ag"]))).double()
+    data = prepare(m, two)
+    fz = freeze(m, data, torch.float64)
+    idx = np.array([1, 3, 4])
+    b = Potential.collate([data.graphs[k] for k in idx], torch.float64)
+    ref = m(b, forces=True, stress=True)
+    out = frozen_forward(m, b, fz, idx, stress=True)
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(out[key], ref[key].detach(), rtol=0, atol=1e-10, msg=key)
+    # the same training, step for step, with and without the precomputed Jacobians
+    tr, va = _split(frames)
+    r_fast = fit(tr, va, _tp(epochs=3, stress_weight=10.0), SMALL_D)
+    r_slow = fit(tr, va, _tp(epochs=3, stress_weight=10.0, precompute_descriptors=False), SMALL_D)
+    for (k, v), w in zip(r_fast.model.state_dict().items(), r_slow.model.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=0, atol=1e-9, msg=k)
+    assert r_fast.history[-1]["val_force_mae"] == pytest.approx(r_slow.history[-1]["val_force_mae"], rel=1e-8)

@@ -142,6 +142,75 @@ class AtomCentredDescriptor(nn.Module):
         return torch.cat(feats, dim=1)
 
 
+def _edge_jacobian(fn, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values [n_edges, ...] of a row-wise function of the edge vectors and their derivatives
+    [n_edges, ..., 3] with respect to each row's own vector (three forward-mode products: exact,
+    since row e depends on vec_e only)."""
+    from torch.func import jvp
+
+    out, ders = None, []
+    for c in range(3):
+        t = torch.zeros_like(vec)
+        t[:, c] = 1.0
+        out, d = jvp(fn, (vec,), (t,))
+        ders.append(d)
+    return out, torch.stack(ders, dim=-1)
+
+
+def descriptor_with_jacobian(desc: "AtomCentredDescriptor", species: torch.Tensor, edge_i: torch.Tensor,
+                             edge_j: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G [n_atoms, n_features] and J [n_edges, n_features, 3] = ∂G_{edge_i[e]} / ∂vec_e, analytically.
+
+    G_i depends on the vectors of i's own edges only, so J holds the whole derivative of the
+    descriptors: forces and stress of any energy E(G) follow as -∂E/∂R = Σ_e (∂E/∂G_i · J_e) (±1 on
+    the edge's two atoms) and ε-derivative Σ_e vec_e ⊗ (∂E/∂G_i · J_e). Training on fixed frames
+    computes J once instead of differentiating the descriptor twice in every step.
+
+    Radial: ∂G_{i,s_j,n}/∂vec_e = ∂R_n(r_e)/∂vec_e. Angular, with m_e = R_n(r_e) r̂_e^{⊗l} (the moment
+    contributions, per unique monomial k): ∂G_{i,ab,n,l}/∂vec_e = Σ_{k∈l} (δ_{s_j a} M_{i,b,n,k} +
+    δ_{s_j b} M_{i,a,n,k}) ∂m_{e,n,k}/∂vec_e.
+    """
+    vec = vec.detach()
+    n_atoms, S, E = species.shape[0], desc.n_species, vec.shape[0]
+    sj = species[edge_j]
+    slot = edge_i * S + sj
+    rad, drad = _edge_jacobian(lambda v: desc.radial(torch.linalg.norm(v, dim=1)), vec)  # [E, nr], [E, nr, 3]
+    g_rad = vec.new_zeros(n_atoms * S, desc.n_radial).index_add_(0, slot, rad)
+    J = vec.new_zeros(E, desc.n_features, 3)
+    cols = sj[:, None] * desc.n_radial + torch.arange(desc.n_radial, device=vec.device)  # [E, nr]
+    J.scatter_(1, cols[:, :, None].expand(-1, -1, 3), drad)
+    feats = [g_rad.view(n_atoms, S * desc.n_radial)]
+    if desc.angular is not None:
+        keep = torch.linalg.norm(vec, dim=1) < desc.angular_cutoff
+        e = desc.mono_expo
+        weight = torch.tensor(desc._mono_weight, dtype=vec.dtype, device=vec.device)
+
+        def moment(v):  # [E_ang, n_angular, n_mono]
+            r = torch.linalg.norm(v, dim=1)
+            u = v / r[:, None]
+            pw = [torch.ones_like(u)]
+            for _ in range(desc.max_l):
+                pw.append(pw[-1] * u)
+            pw = torch.stack(pw, dim=2)
+            mono = pw[:, 0, e[:, 0]] * pw[:, 1, e[:, 1]] * pw[:, 2, e[:, 2]] * weight
+            return desc.angular(r)[:, :, None] * mono[:, None, :]
+
+        m, dm = _edge_jacobian(moment, vec[keep])  # [Ea, na, k], [Ea, na, k, 3]
+        M = vec.new_zeros(n_atoms * S, *m.shape[1:]).index_add_(0, slot[keep], m).view(n_atoms, S, *m.shape[1:])
+        group = desc.mono_group.to(vec.dtype)  # [k, L+1]
+        a, b = desc.pair_a, desc.pair_b
+        inv = torch.einsum("ipnk,kl->iplnk", M[:, a] * M[:, b], group).sum(-1)  # [n, P, L+1, na]
+        feats.append(inv.permute(0, 2, 1, 3).reshape(n_atoms, -1))  # l-major, as in forward()
+        ik, sk = edge_i[keep], sj[keep]
+        Mi = M[ik]  # [Ea, S, na, k]
+        A = ((sk[:, None] == a)[:, :, None, None] * Mi[:, b]
+             + (sk[:, None] == b)[:, :, None, None] * Mi[:, a])  # [Ea, P, na, k]
+        T = A[..., None] * dm[:, None]  # [Ea, P, na, k, 3]
+        ja = (T.transpose(3, 4) @ group).permute(0, 4, 1, 2, 3)  # Σ_k over each order l: [Ea, L+1, P, na, 3]
+        J[keep, S * desc.n_radial:] = ja.reshape(ja.shape[0], -1, 3)
+    return torch.cat(feats, dim=1), J
+
+
 def frame_edges(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float,
                 z_to_index: dict[int, int], nl=None):
     """Edges of one frame for the descriptor: (species index [n], i, j, vec [n_edges, 3], unseen [n]).

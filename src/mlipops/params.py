@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlipops.errors import ParamsError
 
@@ -202,6 +202,50 @@ class EnsembleParams(_Section):
     bootstrap: bool = True             # member k > 0 trains on a resample (with replacement) of the train split
 
 
+class DispersionParams(_Section):
+    """Grimme D2 pair term added to the network (see mlipops.models.dispersion)."""
+    enabled: bool = False
+    s6: float = Field(0.75, gt=0.0)            # global scaling (0.75 for PBE)
+    damping: float = Field(20.0, gt=0.0)       # d of the Fermi damping
+    cutoff: float = Field(12.0, gt=0.0)        # Å, far beyond the network's cutoff
+    switch_width: float = Field(2.0, gt=0.0)   # Å over which the term is switched off before the cutoff
+    c6: dict[str, float] = Field(default_factory=dict)  # J nm^6 mol^-1 per element (default: Grimme's table)
+    r0: dict[str, float] = Field(default_factory=dict)  # Å per element (default: Grimme's table)
+
+
+class BaselineParams(_Section):
+    """Δ-learning: the network learns E_ref - E_baseline (see mlipops.models.baseline)."""
+    calculator: str | None = None      # null: off; emt | lj | morse | package.module.Class (any ASE calculator)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class CurriculumPhase(_Section):
+    """One phase of curriculum training; unset fields take the final model's value."""
+    epochs: int = Field(ge=1)
+    cutoff: float | None = Field(None, gt=0.0)           # Å (default: descriptors.cutoff)
+    angular_cutoff: float | None = Field(None, gt=0.0)   # Å (default: min(descriptors.angular_cutoff, cutoff))
+    hidden: list[int] | None = None                      # default: train.hidden
+    learning_rate: float | None = Field(None, gt=0.0)    # default: train.learning_rate
+
+
+def growth_error(old: list[int], new: list[int]) -> str | None:
+    """Why ``old`` hidden widths cannot grow into ``new`` keeping the learnt function, or None.
+
+    Layers may widen (new units start with zero output) and layers may be appended after the last
+    one if each is at least twice as wide as the layer before it (it starts as an exact identity,
+    SiLU(x) - SiLU(-x) = x, on the first 2x its units)."""
+    if len(new) < len(old):
+        return f"hidden {new} has fewer layers than the previous phase's {old}"
+    for k, (a, b) in enumerate(zip(old, new)):
+        if b < a:
+            return f"layer {k} narrows from {a} to {b} units (layers may only widen)"
+    for k in range(max(len(old), 1), len(new)):
+        if new[k] < 2 * new[k - 1]:
+            return (f"appended layer {k} has {new[k]} units; it must have at least 2 x {new[k - 1]} (the layer "
+                    "before it) to start as an identity")
+    return None
+
+
 class TrainParams(_Section):
     model_name: str = "cu"
     seed: int = 0
@@ -219,10 +263,32 @@ class TrainParams(_Section):
     checkpoint_every: int = Field(5, ge=1)     # epochs between checkpoints (resume after a kill)
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    # train on fixed descriptors and their exact Jacobians, computed once (same numbers, 4-8x faster;
+    # off: differentiate the descriptor in every step, for data whose Jacobians would not fit in memory)
+    precompute_descriptors: bool = True
     ensemble: EnsembleParams = EnsembleParams()
+    dispersion: DispersionParams = DispersionParams()
+    baseline: BaselineParams = BaselineParams()
+    # curriculum training: phases trained in order, each warm-started from the previous one (empty: off;
+    # then `epochs` above is unused, each phase has its own). The last phase is the final model.
+    curriculum: list[CurriculumPhase] = Field(default_factory=list)
     experiment: str = "mlipops"
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: str = "mlartifacts"
+
+    @model_validator(mode="after")
+    def _curriculum_grows(self):
+        if not self.curriculum:
+            return self
+        widths = [ph.hidden if ph.hidden is not None else self.hidden for ph in self.curriculum]
+        if widths[-1] != self.hidden:
+            raise ValueError(f"the last curriculum phase is the final model: its hidden {widths[-1]} must equal "
+                             f"train.hidden {self.hidden} (or be left out)")
+        for k in range(1, len(widths)):
+            err = growth_error(widths[k - 1], widths[k])
+            if err:
+                raise ValueError(f"curriculum phase {k}: {err}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------- compute
@@ -255,6 +321,21 @@ class Params(_Section):
     promote: PromoteParams = PromoteParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _curriculum_ends_at_descriptors(self):
+        cur = self.train.curriculum
+        if cur:
+            last = cur[-1]
+            if last.cutoff is not None and last.cutoff != self.descriptors.cutoff:
+                raise ValueError(f"train.curriculum: the last phase is the final model: its cutoff {last.cutoff} must "
+                                 f"equal descriptors.cutoff {self.descriptors.cutoff} (or be left out)")
+            for k, ph in enumerate(cur):
+                cut = ph.cutoff if ph.cutoff is not None else self.descriptors.cutoff
+                if ph.angular_cutoff is not None and ph.angular_cutoff > cut:
+                    raise ValueError(f"train.curriculum phase {k}: angular_cutoff {ph.angular_cutoff} exceeds its "
+                                     f"cutoff {cut}")
+        return self
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -14,6 +14,7 @@ from ase import Atoms
 
 from mlipops.errors import StageInputError
 from mlipops.frames import labels
+from mlipops.models.baseline import add_baseline
 from mlipops.models.ensemble import load_model
 from mlipops.models.potential import Potential
 from mlipops.params import EvaluateParams
@@ -35,7 +36,8 @@ def predict(model, frames: list[Atoms], batch_size: int = 16) -> tuple[np.ndarra
         f = out["forces"].detach().numpy()
         splits = np.cumsum([len(a) for a in chunk])[:-1]
         forces += np.split(f, splits)
-    return (np.concatenate(energies) if energies else np.zeros(0)), forces
+    energies = np.concatenate(energies) if energies else np.zeros(0)
+    return add_baseline(model, frames, energies, forces)  # Δ-learning: + the baseline's labels (cached)
 
 
 def _errors(de: np.ndarray, df: np.ndarray) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """ASE calculator over a trained mlipops potential or ensemble: usable in any ASE MD run or optimizer.
 
-With an ensemble, ``energy``/``forces``/``stress`` are the committee mean and the results also hold
+A model trained by Δ-learning gets its baseline (an ASE calculator named in its config) added to
+every result. With an ensemble, ``energy``/``forces``/``stress`` are the committee mean and the results also hold
 ``energy_std``, ``forces_std`` (per atom and component) and ``stress_std``
 (``atoms.calc.results["forces_std"]`` or ``calc.get_property("forces_std", atoms)``).
 """
@@ -111,6 +112,18 @@ class MlipopsCalculator(Calculator):
         self.results = {"energy": e, "free_energy": e, "forces": np_("forces"), "energies": np_("atomic_energy")}
         if want_stress:
             self.results["stress"] = np_("stress")[0]
+        base = getattr(self.model, "baseline", None)
+        if base is not None:  # Δ-learning: the network predicts what the baseline leaves
+            b = base.compute(self.atoms, stress=want_stress, energies=True)
+            for key in ("energy", "free_energy"):
+                self.results[key] += b["energy"]
+            self.results["forces"] = self.results["forces"] + b["forces"]
+            if want_stress:
+                self.results["stress"] = self.results["stress"] + b["stress"]
+            if "energies" in b:
+                self.results["energies"] = self.results["energies"] + b["energies"]
+            else:  # no per-atom split of the baseline: no per-atom energies rather than wrong ones
+                del self.results["energies"]
         if self.is_ensemble:
             self.results["energy_std"] = float(out["energy_std"][0].detach().cpu())
             self.results["forces_std"] = np_("forces_std")

@@ -32,9 +32,10 @@ class Ensemble(nn.Module):
             raise MlipopsError("an ensemble needs at least one member")
         ref = members[0]
         for k, m in enumerate(members[1:], 1):
-            if m.species != ref.species or m.descriptor_params != ref.descriptor_params or m.hidden != ref.hidden:
-                raise MlipopsError(f"ensemble member {k} differs from member 0 in species, descriptor or "
-                                   "architecture; members must share them")
+            if (m.species != ref.species or m.descriptor_params != ref.descriptor_params or m.hidden != ref.hidden
+                    or m.dispersion_params != ref.dispersion_params or m.baseline_spec != ref.baseline_spec):
+                raise MlipopsError(f"ensemble member {k} differs from member 0 in species, descriptor, "
+                                   "architecture, dispersion or baseline; members must share them")
         self.members = nn.ModuleList(members)
 
     # the interface of a single Potential -------------------------------------------------------
@@ -54,6 +55,15 @@ class Ensemble(nn.Module):
     def cutoff(self) -> float:
         return self.members[0].cutoff
 
+    @property
+    def baseline(self):
+        """The members' shared Δ-learning baseline (or None)."""
+        return self.members[0].baseline
+
+    @property
+    def baseline_spec(self) -> dict | None:
+        return self.members[0].baseline_spec
+
     def __len__(self) -> int:
         return len(self.members)
 
@@ -72,6 +82,9 @@ class Ensemble(nn.Module):
         positions, cell, inputs = ref.strained_inputs(batch, forces, stress)
         g = ref.features(batch, positions, cell)  # computed once for all members
         e_atom = torch.stack([m.energies_from_features(batch, g) for m in self.members])  # [M, n_atoms]
+        phys = ref.physics_energies(batch, positions, cell)  # the same analytic terms for every member
+        if phys is not None:
+            e_atom = e_atom + phys
         energy = e_atom.new_zeros(M, n_frames).index_add_(1, batch["batch"], e_atom)  # [M, n_frames]
         out = {"energy_members": energy, "atomic_energy_members": e_atom}
         if forces or stress:
@@ -104,7 +117,9 @@ class Ensemble(nn.Module):
     # ----------------------------------------------------------------------------------- I/O
     def config(self) -> dict:
         return {"format": ENSEMBLE_FORMAT, "species": self.species, "descriptor": self.descriptor_params,
-                "hidden": self.hidden, "n_members": len(self.members)}
+                "hidden": self.hidden, "dispersion": self.members[0].dispersion_params,
+                "baseline": self.members[0].baseline_spec,
+                "n_members": len(self.members)}
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         directory = Path(directory)
@@ -119,7 +134,8 @@ class Ensemble(nn.Module):
         n = cfg.get("n_members")
         if not isinstance(n, int) or n < 1:
             raise MlipopsError(f"n_members must be a positive integer (got {n!r})", field="n_members")
-        return cls([Potential(cfg["species"], cfg["descriptor"], cfg["hidden"]) for _ in range(n)])
+        return cls([Potential(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion"),
+                              cfg.get("baseline")) for _ in range(n)])
 
 
 def read_config(directory: str | Path) -> dict:
@@ -148,7 +164,8 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float64, device
     directory = Path(directory)
     cfg = read_config(directory)
     model = (Ensemble.from_config(cfg) if cfg["format"] == ENSEMBLE_FORMAT
-             else Potential(cfg["species"], cfg["descriptor"], cfg["hidden"]))
+             else Potential(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion"),
+                            cfg.get("baseline")))
     model = model.to(dtype=dtype, device=device)
     try:
         state = torch.load(directory / WEIGHTS, map_location=device, weights_only=True)

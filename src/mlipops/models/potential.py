@@ -18,6 +18,8 @@ from ase.data import atomic_numbers
 from torch import nn
 
 from mlipops.descriptors import AtomCentredDescriptor, neighbor_list
+from mlipops.models.baseline import Baseline
+from mlipops.models.dispersion import D2Dispersion
 from mlipops.errors import MlipopsError
 
 CONFIG_FORMAT = "mlipops.potential/1"
@@ -26,7 +28,12 @@ CONFIG = "config.json"
 
 
 class AtomicEnergyMLP(nn.Module):
-    """ε_s(Ĝ): Linear → SiLU → ... → Linear(1)."""
+    """ε_s(Ĝ): Linear → SiLU → ... → Linear(1).
+
+    The output layer starts at zero, so an untrained model is exactly its reference energies (plus its
+    analytic terms and baseline): the network only ever adds what the data asks for (with a Δ-learning
+    baseline equal to the reference it stays exactly zero), and training starts from a physical model
+    rather than from random per-atom energies."""
 
     def __init__(self, n_in: int, hidden: list[int]):
         super().__init__()
@@ -34,7 +41,10 @@ class AtomicEnergyMLP(nn.Module):
         for h in hidden:
             layers += [nn.Linear(n_in, h), nn.SiLU()]
             n_in = h
-        layers.append(nn.Linear(n_in, 1))
+        out = nn.Linear(n_in, 1)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        layers.append(out)
         self.net = nn.Sequential(*layers)
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:  # [n, n_features] -> [n]
@@ -52,10 +62,14 @@ class Graph:
     edge_j: np.ndarray
     shifts: np.ndarray  # [n_edges, 3] integer cell shifts
     periodic: bool
+    disp_i: np.ndarray | None = None  # long-range pairs of the dispersion term (to its own cutoff)
+    disp_j: np.ndarray | None = None
+    disp_shifts: np.ndarray | None = None
 
 
 class Potential(nn.Module):
-    def __init__(self, species: list[str], descriptor: dict, hidden: list[int]):
+    def __init__(self, species: list[str], descriptor: dict, hidden: list[int], dispersion: dict | None = None,
+                 baseline: dict | None = None):
         super().__init__()
         self.species = list(species)
         self.descriptor_params = dict(descriptor)
@@ -67,6 +81,12 @@ class Potential(nn.Module):
         self.register_buffer("e0", torch.zeros(len(species)))
         self.mlps = nn.ModuleList([AtomicEnergyMLP(nf, hidden) for _ in species])
         self._z_to_index = {atomic_numbers[s]: k for k, s in enumerate(self.species)}
+        self.dispersion_params = dict(dispersion) if dispersion else None
+        self.dispersion = D2Dispersion(dispersion) if dispersion else None
+        # Δ-learning: an ASE calculator whose labels the network's output is added to (not a torch term:
+        # MlipopsCalculator and the evaluation add it; training subtracts it from the targets)
+        self.baseline_spec = dict(baseline) if baseline else None
+        self.baseline = Baseline(baseline) if baseline else None
 
     @property
     def cutoff(self) -> float:
@@ -83,9 +103,16 @@ class Potential(nn.Module):
 
             raise MlipopsError(f"element {chemical_symbols[exc.args[0]]} is not one of the model's "
                                f"species {self.species}", field="species") from None
-        i, j, S, _ = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, self.cutoff + skin)
-        return Graph(species, np.asarray(atoms.positions, float), np.asarray(atoms.cell.array, float),
-                     i, j, S, bool(atoms.pbc.all() and atoms.cell.rank == 3))
+        periodic = bool(atoms.pbc.all() and atoms.cell.rank == 3)
+        pos, cell = np.asarray(atoms.positions, float), np.asarray(atoms.cell.array, float)
+        if self.dispersion is None:
+            i, j, S, _ = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, self.cutoff + skin)
+            return Graph(species, pos, cell, i, j, S, periodic)
+        # one list to the longer cutoff; the descriptor's edges are its short part
+        i, j, S, d = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc,
+                                   max(self.cutoff, self.dispersion.cutoff) + skin)
+        short = d < self.cutoff + skin
+        return Graph(species, pos, cell, i[short], j[short], S[short], periodic, i, j, S)
 
     @staticmethod
     def collate(graphs: list[Graph], dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
@@ -106,7 +133,11 @@ class Potential(nn.Module):
             # atoms of each species, found on the host: no device sync in the per-species MLP dispatch
             "species_atoms": [torch.as_tensor(np.flatnonzero(sp == k), dtype=torch.long, device=device)
                               for k in range(int(sp.max()) + 1 if sp.size else 0)],
-        }
+        } | ({
+            "disp_edge_i": as_t(cat([g.disp_i + o for g, o in zip(graphs, offsets)]), torch.long),
+            "disp_edge_j": as_t(cat([g.disp_j + o for g, o in zip(graphs, offsets)]), torch.long),
+            "disp_shifts": as_t(cat([g.disp_shifts for g in graphs])),
+        } if graphs and all(g.disp_i is not None for g in graphs) else {})
 
     # ----------------------------------------------------------------------------------- physics
     def features(self, batch: dict, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
@@ -116,7 +147,21 @@ class Potential(nn.Module):
         return self.descriptor(batch["species"], batch["edge_i"], batch["edge_j"], vec)
 
     def atomic_energies(self, batch: dict, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        return self.energies_from_features(batch, self.features(batch, positions, cell))
+        e = self.energies_from_features(batch, self.features(batch, positions, cell))
+        phys = self.physics_energies(batch, positions, cell)
+        return e if phys is None else e + phys
+
+    def physics_energies(self, batch: dict, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor | None:
+        """Per-atom energies of the analytic terms (D2 dispersion) [n_atoms], or None without any."""
+        if self.dispersion is None:
+            return None
+        if "disp_edge_i" not in batch:
+            raise MlipopsError("this model has a dispersion term: build the batch from graphs made by "
+                               "its own graph()", field="dispersion")
+        i, j = batch["disp_edge_i"], batch["disp_edge_j"]
+        vec = (positions[j] - positions[i]
+               + torch.einsum("ek,ekl->el", batch["disp_shifts"], cell[batch["batch"][i]]))  # [n_pairs, 3]
+        return self.dispersion(batch["species"], i, j, vec)
 
     def energies_from_features(self, batch: dict, features: torch.Tensor) -> torch.Tensor:
         """E0_s + ε_s(Ĝ) per atom [n_atoms] from the raw descriptors [n_atoms, n_features]."""
@@ -174,7 +219,7 @@ class Potential(nn.Module):
     # --------------------------------------------------------------------------------------- I/O
     def config(self) -> dict:
         return {"format": CONFIG_FORMAT, "species": self.species, "descriptor": self.descriptor_params,
-                "hidden": self.hidden}
+                "hidden": self.hidden, "dispersion": self.dispersion_params, "baseline": self.baseline_spec}
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         directory = Path(directory)
@@ -199,7 +244,8 @@ class Potential(nn.Module):
         if cfg.get("format") != CONFIG_FORMAT:
             raise MlipopsError(f"unsupported model format {cfg.get('format')!r} (expected {CONFIG_FORMAT})",
                                file=str(cfg_path), field="format")
-        model = cls(cfg["species"], cfg["descriptor"], cfg["hidden"]).to(dtype=dtype, device=device)
+        model = cls(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion"),
+                    cfg.get("baseline")).to(dtype=dtype, device=device)
         state = torch.load(w_path, map_location=device, weights_only=True)
         model.load_state_dict(state)  # into `dtype` tensors: float64 weights keep full precision
         return model.eval()

@@ -7,6 +7,7 @@ The ensemble, Dask and MLflow orchestration around it lives in :mod:`mlipops.tra
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from ase import Atoms
 
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.frames import labels, read_extxyz
+from mlipops.models.baseline import BASELINE_CACHE, baseline_spec
 from mlipops.models.potential import Graph, Potential
 from mlipops.params import DescriptorParams, TrainParams
 
@@ -41,11 +43,22 @@ class Prepared:
     stress: list[np.ndarray | None]  # Voigt [6] eV/Å³ where the frame has one (periodic only)
     n_atoms: np.ndarray
     config_type: np.ndarray  # [n_frames] str
+    # Δ-learning: the baseline's labels, already subtracted from energy/forces/stress above (None: no baseline)
+    base_energy: np.ndarray | None = None
+    base_forces: list[np.ndarray] | None = None
 
     def subset(self, idx) -> "Prepared":
         idx = np.asarray(idx, dtype=int)
         return Prepared([self.graphs[k] for k in idx], self.energy[idx], [self.forces[k] for k in idx],
-                        [self.stress[k] for k in idx], self.n_atoms[idx], self.config_type[idx])
+                        [self.stress[k] for k in idx], self.n_atoms[idx], self.config_type[idx],
+                        None if self.base_energy is None else self.base_energy[idx],
+                        None if self.base_forces is None else [self.base_forces[k] for k in idx])
+
+    def totals(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Reference energies and forces with the baseline added back (what the oracle said)."""
+        if self.base_energy is None:
+            return self.energy, self.forces
+        return self.energy + self.base_energy, [f + b for f, b in zip(self.forces, self.base_forces)]
 
 
 @dataclass
@@ -66,7 +79,9 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def prepare(model: Potential, frames: list[Atoms]) -> Prepared:
+def prepare(model: Potential, frames: list[Atoms], cache_dir: str | Path | None = BASELINE_CACHE) -> Prepared:
+    """Graphs and targets of ``frames`` for ``model``; with a Δ-learning baseline the targets are
+    E_ref − E_base, F_ref − F_base, σ_ref − σ_base (baseline labels cached in ``cache_dir``)."""
     graphs, energy, forces, stress, cts = [], [], [], [], []
     for a in frames:
         e, f, s = labels(a)
@@ -76,8 +91,26 @@ def prepare(model: Potential, frames: list[Atoms]) -> Prepared:
         periodic = bool(a.pbc.all() and a.cell.rank == 3)
         stress.append(np.asarray(s, float).reshape(6) if s is not None and periodic and np.size(s) == 6 else None)
         cts.append(str(a.info.get("config_type", "unknown")))
-    return Prepared(graphs, np.array(energy, dtype=float), forces, stress,
+    data = Prepared(graphs, np.array(energy, dtype=float), forces, stress,
                     np.array([len(g.species) for g in graphs], dtype=int), np.array(cts, dtype=object))
+    if model.baseline is not None and frames:
+        base = model.baseline.labels(frames, cache_dir)
+        data.base_energy = np.array([b["energy"] for b in base])
+        data.base_forces = [b["forces"] for b in base]
+        data.energy = data.energy - data.base_energy
+        data.forces = [f - b["forces"] for f, b in zip(data.forces, base)]
+        data.stress = [None if s is None or "stress" not in b else s - b["stress"] for s, b in zip(data.stress, base)]
+    return data
+
+
+def target_statistics(data: Prepared, n_species: int) -> dict[str, float]:
+    """What the network has to learn: the variance of E/N after the per-species E0 fit (eV/atom)², and
+    the mean square force component (eV/Å)², of the targets as prepared (with or without a baseline)."""
+    counts = np.stack([np.bincount(g.species, minlength=n_species) for g in data.graphs]).astype(float)
+    e0, *_ = np.linalg.lstsq(counts, data.energy, rcond=None)
+    resid = (data.energy - counts @ e0) / data.n_atoms
+    f = np.concatenate([x.ravel() for x in data.forces])
+    return {"energy_var_per_atom": float(np.var(resid)), "force_mean_square": float(np.mean(f * f))}
 
 
 def fit_reference_energies(model: Potential, data: Prepared) -> np.ndarray:
@@ -136,18 +169,116 @@ class _ErrorSums:
         return out
 
 
+# ------------------------------------------------------------------------- frozen descriptors
+FROZEN_MAX_BYTES = 6e9  # above this the descriptor Jacobians are not stored: the plain autograd path
+
+
+@dataclass
+class Frozen:
+    """What does not change while a network trains on fixed frames: the descriptors G, their exact
+    Jacobians J = ∂G_i/∂vec_e (:func:`mlipops.descriptors.descriptor_with_jacobian`), the edge
+    vectors, and the analytic terms' energies, forces and stresses. A training step then needs
+    the network and one contraction per edge, not two passes through the descriptor."""
+
+    G: list[torch.Tensor]  # per frame [n_atoms, n_features]
+    J: list[torch.Tensor]  # per frame [n_edges, n_features, 3]
+    vec: list[torch.Tensor]  # per frame [n_edges, 3]
+    phys_energy: torch.Tensor  # [n_frames]
+    phys_forces: list[torch.Tensor]  # per frame [n_atoms, 3]
+    phys_stress: list[torch.Tensor]  # per frame [6] (zeros without an analytic term)
+
+
+def frozen_bytes(model: Potential, data: Prepared, dtype) -> float:
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return float(sum(len(g.edge_i) for g in data.graphs) * model.descriptor.n_features * 3 * itemsize)
+
+
+def freeze(model: Potential, data: Prepared, dtype, device="cpu", chunk_atoms: int = 4000) -> Frozen:
+    """Descriptors, Jacobians and analytic terms of every frame of ``data`` (see :class:`Frozen`)."""
+    from mlipops.descriptors import descriptor_with_jacobian
+
+    G, J, V, pe, pf, ps = [], [], [], [], [], []
+    k = 0
+    while k < len(data.graphs):
+        n, end = 0, k
+        while end < len(data.graphs) and (end == k or n + len(data.graphs[end].species) <= chunk_atoms):
+            n += len(data.graphs[end].species)
+            end += 1
+        graphs = data.graphs[k:end]
+        b = Potential.collate(graphs, dtype, device)
+        bi = b["batch"][b["edge_i"]]
+        vec = (b["positions"][b["edge_j"]] - b["positions"][b["edge_i"]]
+               + torch.einsum("ek,ekl->el", b["shifts"], b["cell"][bi]))
+        with torch.no_grad():
+            g, jac = descriptor_with_jacobian(model.descriptor, b["species"], b["edge_i"], b["edge_j"], vec)
+        na = np.cumsum([0] + [len(x.species) for x in graphs])
+        ne = np.cumsum([0] + [len(x.edge_i) for x in graphs])
+        for q in range(len(graphs)):
+            G.append(g[na[q]:na[q + 1]])
+            J.append(jac[ne[q]:ne[q + 1]])
+            V.append(vec[ne[q]:ne[q + 1]])
+        # the analytic terms (dispersion) at these fixed positions: constants of the training
+        n_frames = len(graphs)
+        if model.dispersion is None:
+            pe.append(torch.zeros(n_frames, dtype=dtype, device=device))
+            pf += [torch.zeros(len(x.species), 3, dtype=dtype, device=device) for x in graphs]
+            ps += [torch.zeros(6, dtype=dtype, device=device)] * n_frames
+        else:
+            periodic = b["periodic"]
+            positions, cell, inputs = model.strained_inputs(b, True, True)
+            e = model.physics_energies(b, positions, cell)
+            energy = e.new_zeros(n_frames).index_add_(0, b["batch"], e)
+            gpos, gstrain = torch.autograd.grad(energy.sum(), inputs)
+            stress = Potential.stress_from_grad(b, gstrain) * periodic[:, None]
+            pe.append(energy.detach())
+            pf += list(torch.split(-gpos.detach(), [len(x.species) for x in graphs]))
+            ps += list(stress.detach())
+        k = end
+    return Frozen(G, J, V, torch.cat(pe) if pe else torch.zeros(0, dtype=dtype, device=device), pf, ps)
+
+
+def frozen_forward(model: Potential, b: dict, fz: Frozen, idx, stress: bool = False,
+                   create_graph: bool = False) -> dict[str, torch.Tensor]:
+    """What ``model(b, forces=True, stress=stress)`` returns for frames ``idx`` of frozen data (the
+    batch ``b`` from ``Potential.collate`` of the same frames supplies the indices)."""
+    G = torch.cat([fz.G[k] for k in idx]).requires_grad_(True)
+    e_atom = model.energies_from_features(b, G)
+    n_frames = len(idx)
+    energy = e_atom.new_zeros(n_frames).index_add_(0, b["batch"], e_atom)
+    grad_g, = torch.autograd.grad(e_atom.sum(), G, create_graph=create_graph)  # ∂E/∂G [n_atoms, F]
+    ei, ej = b["edge_i"], b["edge_j"]
+    g_edge = torch.einsum("ef,efc->ec", grad_g[ei], torch.cat([fz.J[k] for k in idx]))  # ∂E/∂vec_e
+    zeros = g_edge.new_zeros(G.shape[0], 3)
+    forces = zeros.index_add(0, ei, g_edge) - zeros.index_add(0, ej, g_edge)
+    out = {"energy": energy + fz.phys_energy[idx],
+           "forces": forces + torch.cat([fz.phys_forces[k] for k in idx])}
+    if stress:
+        vec = torch.cat([fz.vec[k] for k in idx])
+        x = g_edge.new_zeros(n_frames, 3, 3).index_add_(0, b["batch"][ei], vec[:, :, None] * g_edge[:, None, :])
+        out["stress"] = (Potential.stress_from_grad(b, 0.5 * (x + x.transpose(1, 2)))
+                         + torch.stack([fz.phys_stress[k] for k in idx]))
+    return out
+
+
+def _forward(model, b: dict, fz: Frozen | None, idx, stress: bool = False, create_graph: bool = False):
+    if fz is None:
+        return model(b, forces=True, stress=stress, create_graph=create_graph)
+    return frozen_forward(model, b, fz, idx, stress, create_graph)
+
+
 def _split_forces(f: np.ndarray, n_atoms) -> list[np.ndarray]:
     return np.split(f, np.cumsum(n_atoms)[:-1])
 
 
 def evaluate_split(model, data: Prepared, dtype, batch_size: int = 16, device="cpu",
-                   by_config: bool = False) -> dict:
+                   by_config: bool = False, frozen: Frozen | None = None) -> dict:
     """Energy-per-atom and force-component MAE/RMSE of ``model`` (a Potential or an Ensemble's
-    mean) on prepared frames; with ``by_config`` also ``{config_type: metrics}`` under ``by_config``."""
+    mean) on prepared frames; with ``by_config`` also ``{config_type: metrics}`` under ``by_config``.
+    ``frozen``: the frames' frozen descriptors (a Potential only), the fast path of training."""
     sums = _ErrorSums()
     for idx in _batches(len(data.graphs), batch_size, None):
         b = Potential.collate([data.graphs[k] for k in idx], dtype, device)
-        out = model(b, forces=True)
+        out = _forward(model, b, frozen, idx)
         e, f, n, _, _ = _targets(data, idx, dtype, device)
         de = ((out["energy"].detach() - e) / n).cpu().numpy()
         df = (out["forces"].detach() - f).cpu().numpy()
@@ -208,9 +339,38 @@ def _cpu_state(module_or_opt) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- fit
+def make_potential(species: list[str], p: TrainParams, d: DescriptorParams) -> Potential:
+    """An untrained potential of the params' architecture (with its D2 term and Δ-learning baseline
+    when enabled)."""
+    from mlipops.models.dispersion import d2_settings
+
+    disp = None
+    if p.dispersion.enabled:
+        q = p.dispersion
+        disp = d2_settings(species, q.s6, q.damping, q.cutoff, q.switch_width, q.c6, q.r0)
+    base = baseline_spec(p.baseline.calculator, p.baseline.kwargs) if p.baseline.calculator else None
+    return Potential(species, d.model_dump(), p.hidden, disp, base)
+
+
+@torch.no_grad()
+def physics_energies(model: Potential, data: Prepared, dtype, device="cpu") -> np.ndarray:
+    """Per-frame energy of the model's analytic terms (0 without any) [n_frames]."""
+    out = np.zeros(len(data.graphs))
+    if model.dispersion is None:
+        return out
+    for k in range(0, len(data.graphs), 32):
+        b = Potential.collate(data.graphs[k:k + 32], dtype, device)
+        e = model.physics_energies(b, b["positions"], b["cell"])
+        out[k:k + 32] = torch.zeros(len(b["n_atoms"]), dtype=e.dtype, device=e.device).index_add_(
+            0, b["batch"], e).cpu().numpy()
+    return out
+
+
 def init_model(train: Prepared, species: list[str], p: TrainParams, d: DescriptorParams, dtype, device) -> Potential:
-    model = Potential(species, d.model_dump(), p.hidden).to(dtype=dtype, device=device)
-    model.e0.copy_(torch.as_tensor(fit_reference_energies(model, train), dtype=dtype))
+    model = make_potential(species, p, d).to(dtype=dtype, device=device)
+    # the network learns E_ref - E_analytic: reference energies are fitted on what is left
+    target = dataclasses.replace(train, energy=train.energy - physics_energies(model, train, dtype, device))
+    model.e0.copy_(torch.as_tensor(fit_reference_energies(model, target), dtype=dtype))
     mean, std = feature_statistics(model, train, dtype, device)
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(std)
@@ -223,11 +383,13 @@ def species_of(frames: list[Atoms]) -> list[str]:
 
 def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainParams, d: DescriptorParams,
         log: Callable[[dict], None] | None = None, checkpoint: Checkpointer | None = None,
-        species: list[str] | None = None, device: str | None = None, progress_cb=None) -> TrainResult:
+        species: list[str] | None = None, device: str | None = None, progress_cb=None,
+        init: Potential | None = None) -> TrainResult:
     """Train one potential on ``train``, keep the weights with the best validation loss.
 
     ``train``/``val`` are frames or :class:`Prepared` data (then ``species`` is required).
-    ``log(row)`` receives each epoch's metrics; ``checkpoint`` makes the run resumable.
+    ``log(row)`` receives each epoch's metrics; ``checkpoint`` makes the run resumable; ``init``
+    is a model to start from (a warm start, e.g. the previous curriculum phase) instead of a fresh one.
     """
     dtype = DTYPES[p.dtype]
     device = resolve_device(device or p.device)
@@ -238,11 +400,11 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
             raise MlipopsError("fit on prepared data needs the species list")
         species = species_of(train + val)
     if not isinstance(train, Prepared):
-        proto = Potential(species, d.model_dump(), p.hidden)
+        proto = make_potential(species, p, d)
         train, val = prepare(proto, train), prepare(proto, val)
     if not train.graphs:
         raise StageInputError("no training frames", field="split")
-    model = init_model(train, species, p, d, dtype, device)
+    model = init.to(dtype=dtype, device=device) if init is not None else init_model(train, species, p, d, dtype, device)
     opt_cls = torch.optim.AdamW if p.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
     if p.scheduler == "cosine":
@@ -265,6 +427,13 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
         result.best_epoch, result.history = state["best_epoch"], list(state["history"])
         start = result.resumed_from_epoch = state["epoch"] + 1
     use_stress = p.stress_weight > 0 and any(s is not None for s in train.stress)
+    fz_tr = fz_va = None
+    if p.precompute_descriptors:
+        need = frozen_bytes(model, train, dtype) + frozen_bytes(model, val, dtype)
+        if need <= FROZEN_MAX_BYTES:
+            fz_tr, fz_va = freeze(model, train, dtype, device), freeze(model, val, dtype, device)
+        else:
+            print(f"mlipops: descriptor Jacobians would take {need / 1e9:.1f} GB: training through autograd instead")
     for epoch in range(start, p.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -273,7 +442,7 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
             b = Potential.collate([train.graphs[k] for k in idx], dtype, device)
             e, f, n, s, has_s = _targets(train, idx, dtype, device)
             want_s = use_stress and s is not None
-            out = model(b, forces=True, stress=want_s, create_graph=True)
+            out = _forward(model, b, fz_tr, idx, stress=want_s, create_graph=True)
             de = (out["energy"] - e) / n
             dfor = out["forces"] - f
             loss = p.energy_weight * (de**2).mean() + p.force_weight * (dfor**2).mean()
@@ -290,7 +459,7 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
         row |= {f"train_{k}": v for k, v in tm.pop("__all__").items() if k != "n_frames"}
         row |= {f"train_by_config/{ct}/{k}": v for ct, m in tm.items() for k, v in m.items() if k != "n_frames"}
         if val.graphs:
-            m = evaluate_split(model, val, dtype, device=device, by_config=True)
+            m = evaluate_split(model, val, dtype, device=device, by_config=True, frozen=fz_va)
             row |= {f"val_{k}": v for k, v in m.items() if k != "by_config"}
             row |= {f"val_by_config/{ct}/{k}": v for ct, mm in m["by_config"].items() for k, v in mm.items()
                     if k != "n_frames"}
@@ -325,9 +494,9 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
             break
     model.load_state_dict(best_state)
     model.eval()
-    result.metrics = {"train": evaluate_split(model, train, dtype, device=device, by_config=True)}
+    result.metrics = {"train": evaluate_split(model, train, dtype, device=device, by_config=True, frozen=fz_tr)}
     if val.graphs:
-        result.metrics["val"] = evaluate_split(model, val, dtype, device=device, by_config=True)
+        result.metrics["val"] = evaluate_split(model, val, dtype, device=device, by_config=True, frozen=fz_va)
     return result
 
 

@@ -4,7 +4,9 @@ resumable after a kill.
 MLflow layout (one experiment, ``train.experiment``): a parent run ``<model>-ensemble`` holding the
 params, the ensemble's final metrics, plots and the model files (artifact path ``model``: the same
 weights.pt + config.json the registry uses), and one nested run ``<model>-member-<k>`` per member with
-its per-epoch metrics (overall and per ``config_type``, train and val). Tags: ``stage``, ``dataset``,
+its per-epoch metrics (overall and per ``config_type``, train and val). With ``train.curriculum`` each
+member run holds one nested run ``<model>-member-<k>-phase-<i>`` per phase (tag ``curriculum_phase: i``,
+the phase's own epoch numbers; the member run has all phases on one cumulative epoch axis). Tags: ``stage``, ``dataset``,
 ``member``, ``curriculum_phase``, ``model_name``, ``data.dvc_md5``, ``git.commit``.
 
 Resume: ``data/checkpoints/<model>/`` holds ``state.json`` (the run's fingerprint and MLflow run ids)
@@ -16,6 +18,7 @@ afresh. The directory is removed when the ensemble is saved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -31,8 +34,10 @@ from mlipops.params import ComputeParams, DescriptorParams, TrainParams, flatten
 from mlipops.report import parity_plot, progress, write_markdown, write_metrics
 from mlipops.train import tracking
 from mlipops.train.loop import (CHECKPOINT_DIR, DATA, DTYPES, MODELS_DIR, REPORT_DIR, Checkpointer, Prepared,
-                                _cpu_state, evaluate_split, fingerprint, fit, load_split, prepare, resolve_device,
-                                species_of)
+                                _cpu_state, evaluate_split, fingerprint, fit, load_split, make_potential, prepare,
+                                feature_statistics, resolve_device, species_of, target_statistics)
+from mlipops.models.baseline import BASELINE_CACHE
+from mlipops.train import curriculum
 
 # params that do not change the numbers: a run may resume across them
 _NON_NUMERIC = {"experiment", "tracking_uri", "artifact_location", "device", "checkpoint_every"}
@@ -78,10 +83,7 @@ def train_member(spec: dict) -> dict:
     if finished is not None:  # trained before an interruption of another member: do not redo it
         return finished["result"] | {"skipped": True}
     splits = load_split(Path(spec["data_path"]))
-    proto = Potential(species, d.model_dump(), p.hidden)
-    tr_all, va = prepare(proto, splits["train"]), prepare(proto, splits["val"])
-    idx = bootstrap_indices(len(tr_all.graphs), spec["train"]["seed"], k, spec["bootstrap"], spec["n_members"])
-    tr = tr_all.subset(idx)
+    cache = spec.get("baseline_cache", BASELINE_CACHE)
     run_id = spec.get("run_id")  # None: no MLflow (benchmarks)
     client = MlflowClient(tracking_uri=spec["tracking_uri"]) if run_id else None
     queue = None
@@ -93,38 +95,94 @@ def train_member(spec: dict) -> dict:
         except Exception:  # noqa: BLE001 - not in a Dask worker: no progress channel
             queue = None
 
-    def log(row):
-        ts = int(time.time() * 1000)
-        batch = [Metric(key, float(v), ts, row["epoch"]) for key, v in row.items()
-                 if key != "epoch" and np.isfinite(v)]
-        for s in range(0, len(batch) if client is not None else 0, 500):
-            _retrying(client.log_batch, run_id, metrics=batch[s:s + 500])
-        if queue is not None:
-            _retrying(queue.put, (k, row["epoch"]), tries=2)
+    def logger(run_ids: list[str], offset: int):
+        def log(row):
+            ts = int(time.time() * 1000)
+            for rid, step in zip(run_ids, (offset + row["epoch"], row["epoch"])):
+                batch = [Metric(key, float(v), ts, step) for key, v in row.items()
+                         if key != "epoch" and np.isfinite(v)]
+                for s in range(0, len(batch) if client is not None else 0, 500):
+                    _retrying(client.log_batch, rid, metrics=batch[s:s + 500])
+            if queue is not None:
+                _retrying(queue.put, (k, offset + row["epoch"]), tries=2)
+        return log
 
-    ckpt = Checkpointer(ckpt_dir / f"member_{k}.pt", spec["key"], p.checkpoint_every)
-    t0 = time.perf_counter()
-    result = fit(tr, va, p, d, log=log, checkpoint=ckpt, species=species, device=spec["device"])
-    wall = time.perf_counter() - t0
-    final = {f"final_{s}_{m}": v for s, ms in result.metrics.items() for m, v in ms.items() if m != "by_config"}
+    plan = curriculum.phases(p, d)
+    multi = len(plan) > 1
+    phase_runs = spec.get("phase_run_ids") or [None] * len(plan)
+    history, model, offset, walls, resumed, prev_d, last = [], None, 0, 0.0, 0, None, {}
+    idx = None
+    for i, (pp, dd) in enumerate(plan):
+        proto = make_potential(species, pp, dd)
+        tr_all, va = prepare(proto, splits["train"], cache), prepare(proto, splits["val"], cache)
+        if idx is None:  # the same resample in every phase
+            idx = bootstrap_indices(len(tr_all.graphs), spec["train"]["seed"], k, spec["bootstrap"], spec["n_members"])
+        tr = tr_all.subset(idx)
+        phase_done = Checkpointer(ckpt_dir / f"member_{k}_phase_{i}.done.pt", spec["key"], 1) if multi else None
+        st = phase_done.load() if phase_done is not None else None
+        if st is not None:  # this phase finished before an interruption
+            model = proto.to(DTYPES[pp.dtype])
+            model.load_state_dict(st["state"])
+            history += st["history"]
+            offset += pp.epochs
+            walls += st["wall"]
+            last = st["last"]
+            resumed = offset  # epochs done before this run (all phases so far)
+            prev_d = dd
+            continue
+        init = None
+        if model is not None:
+            init = curriculum.grow(model, pp.hidden, dd.model_dump(), seed=pp.seed * 1009 + i)
+            if dd != prev_d:  # new cutoff: new descriptors, standardised on the new values
+                mean, std = feature_statistics(init, tr, DTYPES[pp.dtype], spec["device"])
+                init.feature_mean.copy_(mean)
+                init.feature_std.copy_(std)
+        ckpt = Checkpointer(ckpt_dir / (f"member_{k}_phase_{i}.pt" if multi else f"member_{k}.pt"), spec["key"],
+                            pp.checkpoint_every)
+        rids = [r for r in (run_id, phase_runs[i]) if r] if client is not None else []
+        t0 = time.perf_counter()
+        result = fit(tr, va, pp, dd, log=logger(rids, offset), checkpoint=ckpt, species=species,
+                     device=spec["device"], init=init)
+        wall = time.perf_counter() - t0
+        rows = [h | {"epoch": offset + h["epoch"], "phase": i, "phase_epoch": h["epoch"]} for h in result.history]
+        model, walls, prev_d = result.model, walls + wall, dd
+        if result.resumed_from_epoch:
+            resumed = offset + result.resumed_from_epoch
+        last = {"metrics": result.metrics, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
+        if multi:
+            if client is not None and phase_runs[i]:
+                ts = int(time.time() * 1000)
+                _retrying(client.log_batch, phase_runs[i], metrics=[
+                    Metric(f"final_{s}_{m}", float(v), ts, 0) for s, ms in result.metrics.items()
+                    for m, v in ms.items() if m != "by_config" and np.isfinite(v)]
+                    + [Metric("best_epoch", result.best_epoch, ts, 0), Metric("wall_time_s", wall, ts, 0)])
+                _retrying(client.set_terminated, phase_runs[i], "FINISHED")
+            phase_done.save({"state": _cpu_state(model), "history": rows, "wall": wall, "last": last})
+        ckpt.remove()
+        history += rows
+        offset += pp.epochs
+    final = {f"final_{s}_{m}": v for s, ms in last["metrics"].items() for m, v in ms.items() if m != "by_config"}
     if client is not None:
         ts = int(time.time() * 1000)
         _retrying(client.log_batch, run_id, metrics=[Metric(key, float(v), ts, 0) for key, v in final.items()
                                                      if np.isfinite(v)]
-                  + [Metric("best_epoch", result.best_epoch, ts, 0), Metric("wall_time_s", wall, ts, 0)])
+                  + [Metric("best_epoch", offset - plan[-1][0].epochs + last["best_epoch"], ts, 0),
+                     Metric("wall_time_s", walls, ts, 0)])
         _retrying(client.set_terminated, run_id, "FINISHED")
-    out = {"member": k, "state": _cpu_state(result.model), "history": result.history,
-           "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-           "resumed_from_epoch": result.resumed_from_epoch, "metrics": result.metrics,
-           "n_train": len(tr.graphs), "n_train_unique": int(len(np.unique(idx))), "wall_time_s": wall}
+    out = {"member": k, "state": _cpu_state(model), "history": history,
+           "best_epoch": offset - plan[-1][0].epochs + last["best_epoch"], "stopped_early": last["stopped_early"],
+           "resumed_from_epoch": resumed, "metrics": last["metrics"], "n_phases": len(plan),
+           "n_train": len(tr.graphs), "n_train_unique": int(len(np.unique(idx))), "wall_time_s": walls}
     done.save({"result": out})
-    ckpt.remove()
+    for i in range(len(plan)):
+        (ckpt_dir / f"member_{k}_phase_{i}.done.pt").unlink(missing_ok=True)
     return out
 
 
 def train_ensemble(data_path: str | Path, species: list[str], p: TrainParams, d: DescriptorParams,
                    c: ComputeParams | None = None, checkpoint_dir: str | Path | None = None, key: str | None = None,
-                   tracking_uri: str | None = None, run_ids: list[str] | None = None):
+                   tracking_uri: str | None = None, run_ids: list[str] | None = None,
+                   phase_run_ids: list[list[str]] | None = None):
     """Train ``p.ensemble.members`` potentials on the train/val splits of ``data_path`` (an extxyz
     whose frames carry ``split``) in parallel through Dask. Returns (Ensemble on the CPU, per-member
     result dicts, timings). MLflow logging only when ``run_ids`` (one per member) are given."""
@@ -140,11 +198,16 @@ def train_ensemble(data_path: str | Path, species: list[str], p: TrainParams, d:
         checkpoint_dir = tmp.name
     key = key or run_fingerprint(p, d, tracking.file_md5(data_path))
     queue_name = f"mlipops-train-{uuid.uuid4().hex[:8]}"
+    cache = Path(BASELINE_CACHE).resolve()
+    if p.baseline.calculator:  # Δ-learning: label every frame with the baseline once, here, not in each member
+        splits = load_split(Path(data_path))
+        make_potential(species, p, d).baseline.labels(splits["train"] + splits["val"], cache)
     specs = [{"member": k, "n_members": M, "train": p.model_dump(), "descriptors": d.model_dump(),
               "species": list(species), "data_path": str(Path(data_path).resolve()), "key": key,
               "checkpoint_dir": str(Path(checkpoint_dir).resolve()), "tracking_uri": tracking_uri,
               "run_id": run_ids[k] if run_ids else None, "bootstrap": p.ensemble.bootstrap,
-              "threads": c.threads_per_worker, "device": resolve_device(p.device), "queue": queue_name}
+              "threads": c.threads_per_worker, "device": resolve_device(p.device), "queue": queue_name,
+              "baseline_cache": str(cache), "phase_run_ids": phase_run_ids[k] if phase_run_ids else None}
              for k in range(M)]
     timing = {}
     t1 = time.perf_counter()
@@ -153,14 +216,15 @@ def train_ensemble(data_path: str | Path, species: list[str], p: TrainParams, d:
             timing["cluster_start"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             futures = dc.map(train_member, specs, pure=False)
-            members = sorted(_gather(dc, futures, queue_name, M * p.epochs), key=lambda r: r["member"])
+            total = sum(ph.epochs for ph in p.curriculum) if p.curriculum else p.epochs
+            members = sorted(_gather(dc, futures, queue_name, M * total), key=lambda r: r["member"])
             timing["members"] = time.perf_counter() - t1
             t1 = time.perf_counter()
         timing["cluster_stop"] = time.perf_counter() - t1
     finally:
         if tmp is not None:
             tmp.cleanup()
-    ensemble = Ensemble([Potential(species, d.model_dump(), p.hidden) for _ in range(M)]).to(DTYPES[p.dtype])
+    ensemble = Ensemble([make_potential(species, p, d) for _ in range(M)]).to(DTYPES[p.dtype])
     for k, r in enumerate(members):
         ensemble.members[k].load_state_dict(r["state"])
     return ensemble.eval(), members, timing
@@ -180,7 +244,7 @@ def _run_state(ckpt_dir: Path, key: str) -> dict | None:
 def _start_runs(client, exp_id: str, p: TrainParams, ckpt_dir: Path, key: str, tags: dict, params: dict,
                 resume: dict | None) -> dict:
     if resume is not None:
-        for rid in [resume["parent_run_id"], *resume["member_run_ids"]]:
+        for rid in [resume["parent_run_id"], *resume["member_run_ids"], *sum(resume.get("phase_run_ids") or [], [])]:
             try:
                 if client.get_run(rid).info.status != "FINISHED":
                     client.update_run(rid, status="RUNNING")
@@ -199,7 +263,18 @@ def _start_runs(client, exp_id: str, p: TrainParams, ckpt_dir: Path, key: str, t
         _retrying(client.log_batch, r.info.run_id, params=_params(params | {"member.index": k,
                                                                             "member.seed": p.seed + k}))
     _retrying(client.log_batch, parent.info.run_id, params=_params(params))
-    state = {"key": key, "parent_run_id": parent.info.run_id, "member_run_ids": members}
+    phase_runs = []
+    for k, mid in enumerate(members if p.curriculum else []):  # each phase: a nested run under its member
+        ids = []
+        for i, ph in enumerate(p.curriculum):
+            r = client.create_run(exp_id, run_name=f"{p.model_name}-member-{k}-phase-{i}",
+                                  tags=tags | {"member": str(k), "curriculum_phase": str(i), "mlflow.parentRunId": mid})
+            _retrying(client.log_batch, r.info.run_id, params=_params(
+                {f"phase.{f}": v for f, v in ph.model_dump().items()} | {"member.index": k, "member.seed": p.seed + k}))
+            ids.append(r.info.run_id)
+        phase_runs.append(ids)
+    state = {"key": key, "parent_run_id": parent.info.run_id, "member_run_ids": members,
+             "phase_run_ids": phase_runs or None}
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     return state
@@ -245,7 +320,8 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     client = tracking.client(p.tracking_uri)
     exp_id = tracking.experiment_id(p.tracking_uri, p.experiment, p.artifact_location)
     dataset = f"{data_path}@{data_md5[:8]}"
-    tags = {"stage": "train", "dataset": dataset, "curriculum_phase": "none", "model_name": p.model_name,
+    tags = {"stage": "train", "dataset": dataset, "curriculum_phase": "all" if p.curriculum else "none",
+            "model_name": p.model_name,
             "mlipops.stage": "train", "mlipops.model_name": p.model_name, "data.path": str(data_path),
             "data.dvc_md5": data_md5, "git.commit": tracking.git_commit(),
             "data.n_train": str(len(splits["train"])), "data.n_val": str(len(splits["val"]))}
@@ -259,13 +335,19 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     timing = {"setup": time.perf_counter() - t0}
     t1 = time.perf_counter()
     ensemble, members, t_dask = train_ensemble(data_path, species, p, d, c, checkpoint_dir=ckpt_dir, key=key,
-                                               tracking_uri=uri, run_ids=state["member_run_ids"])
+                                               tracking_uri=uri, run_ids=state["member_run_ids"],
+                                               phase_run_ids=state.get("phase_run_ids"))
     timing |= t_dask
     t1 = time.perf_counter()
     dtype = DTYPES[p.dtype]
     ensemble = ensemble.to(device).eval()
     proto = ensemble.members[0]
     tr, va = prepare(proto, splits["train"]), prepare(proto, splits["val"])
+    target_stats = {}
+    if proto.baseline is not None:  # Δ-learning: how much the baseline leaves for the network to learn
+        e_tot, f_tot = tr.totals()
+        for tag, data in (("without", dataclasses.replace(tr, energy=e_tot, forces=f_tot)), ("with", tr)):
+            target_stats |= {f"target.{k}_{tag}_baseline": v for k, v in target_statistics(data, len(species)).items()}
     ens_metrics = {"train": evaluate_split(ensemble, tr, dtype, device=device, by_config=True)}
     if va.graphs:
         ens_metrics["val"] = evaluate_split(ensemble, va, dtype, device=device, by_config=True)
@@ -285,7 +367,7 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     parent = state["parent_run_id"]
     with mlflow.start_run(run_id=parent):
         mlflow.log_metrics({f"final_{k.replace('.', '_')}": v for k, v in final.items() if np.isfinite(v)}
-                           | {"wall_time_s": wall})
+                           | {k.replace(".", "_"): v for k, v in target_stats.items()} | {"wall_time_s": wall})
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
         for png in plots:
             mlflow.log_artifact(str(png), artifact_path="plots")
@@ -295,7 +377,7 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     timing["finalize"] = time.perf_counter() - t1
     timing["member_fit_max"] = max(r["wall_time_s"] for r in members)
-    metrics = final | {f"time.{k}_s": round(v, 2) for k, v in timing.items()} | {"n_members": M, "epochs": p.epochs, "wall_time_s": round(wall, 2), "device": device,
+    metrics = final | target_stats | {f"time.{k}_s": round(v, 2) for k, v in timing.items()} | {"n_members": M, "epochs": p.epochs, "wall_time_s": round(wall, 2), "device": device,
                        "n_train": len(splits["train"]), "n_val": len(splits["val"]),
                        "members_resumed": sum(1 for r in members if r["resumed_from_epoch"] or r.get("skipped")),
                        "best_epochs": [r["best_epoch"] for r in members]}
@@ -343,16 +425,19 @@ def _plots(ensemble: Ensemble, tr: Prepared, va: Prepared, members: list[dict], 
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     data = va if va.graphs else tr
+    e_tot, f_tot = data.totals()  # with a Δ-learning baseline: plot totals, not what the network learnt
+    e_base = e_tot - data.energy
     e_ref, e_pred, f_ref, f_pred, cts, fcts = [], [], [], [], [], []
     for s in range(0, len(data.graphs), 16):
         idx = np.arange(s, min(s + 16, len(data.graphs)))
         b = Potential.collate([data.graphs[k] for k in idx], dtype)
         out = ensemble(b, forces=True)
-        e_pred += list((out["energy"].detach().numpy() / data.n_atoms[idx]))
-        e_ref += list(data.energy[idx] / data.n_atoms[idx])
+        e_pred += list(((out["energy"].detach().numpy() + e_base[idx]) / data.n_atoms[idx]))
+        e_ref += list(e_tot[idx] / data.n_atoms[idx])
         cts += list(data.config_type[idx])
-        f_pred.append(out["forces"].detach().numpy().ravel())
-        f_ref.append(np.concatenate([data.forces[k] for k in idx]).ravel())
+        f_base = np.concatenate([f_tot[k] - data.forces[k] for k in idx])
+        f_pred.append((out["forces"].detach().numpy() + f_base).ravel())
+        f_ref.append(np.concatenate([f_tot[k] for k in idx]).ravel())
         fcts += [ct for k in idx for ct in [data.config_type[k]] * (3 * int(data.n_atoms[k]))]
     split = "val" if va.graphs else "train"
     paths.append(REPORT_DIR / "parity_energy.png")
