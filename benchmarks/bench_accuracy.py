@@ -22,12 +22,13 @@ Settings (full run) and why
 mlipops (``TrainParams`` / ``DescriptorParams`` below, ``ComputeParams(n_workers=2, threads_per_worker=1)``):
   descriptors cutoff 5.0 Å (params.yaml), n_radial 12, r_min 0.8, angular_cutoff 5.0, n_angular 8,
   max_l 4 -> 52 features per atom (the default 24 features plateau at a force MAE of about 0.165 eV/Å
-  on Mo validation; these reach about 0.157 in 40 epochs); networks [64, 64]; 100 epochs, batch 8,
-  Adam lr 3e-3 with cosine decay, patience 40, loss weights energy 1 / forces 10 (params.yaml),
-  float32. Cost measured in the full Mo run (2026-11-26): 6.4-7.2 s per member-epoch on one core
-  (174 frames, ~9,000 atoms; the force loss needs a double backward through the descriptors), 5
-  members on 2 workers = 3 rounds, so about 3 x 100 x 6.5 s = 33 min per element: over the 15-min
-  goal; ``--epochs 40`` fits it (best epochs were 93-100 of 100, so that costs accuracy).
+  on Mo validation; these reach about 0.157 in 40 epochs); networks [64, 64]; 300 epochs, batch 8,
+  Adam lr 3e-3 with cosine decay, patience 60, loss weights energy 1 / forces 10 (params.yaml),
+  float32. Cost: training runs on frozen descriptors (descriptors and their exact Jacobians computed
+  once per member, about 7 s for Mo), about 0.3 s per member-epoch on one core (174 frames, ~9,000
+  atoms; through plain autograd, a double backward through the descriptors, it was 1.9 s alone and
+  6.4-7.2 s with two members sharing the 2 cores: the first full run, 100 epochs, took 2185 s), 5
+  members on 2 workers = 3 rounds, so about 3 x (7 + 300 x 0.3 s) = 5 min per element (goal: < 15 min).
 MACE (mace-torch 0.3.x, ``pip install -e '.[peers]'``): MACE model, r_max 5.0, 8 Bessel radial
   functions, hidden irreps 32x0e+32x1o (num_channels 32, max_L 1), max_ell 3, correlation 3,
   2 interactions, radial MLP [32, 32, 32], E0s "average" (least squares per species, as ours),
@@ -85,8 +86,8 @@ CONFIG_ORDER = ["Elastic", "AIMD-NVT", "Vacancy", "Surface"]
 # ------------------------------------------------------------------------------------- settings
 OURS = {
     "full": {"descriptors": dict(cutoff=5.0, n_radial=12, r_min=0.8, angular_cutoff=5.0, n_angular=8, max_l=4),
-             "train": dict(hidden=[64, 64], epochs=100, batch_size=8, learning_rate=3e-3, scheduler="cosine",
-                           patience=40, energy_weight=1.0, force_weight=10.0, dtype="float32", device="cpu")},
+             "train": dict(hidden=[64, 64], epochs=300, batch_size=8, learning_rate=3e-3, scheduler="cosine",
+                           patience=60, energy_weight=1.0, force_weight=10.0, dtype="float32", device="cpu")},
     "quick": {"descriptors": dict(cutoff=5.0, n_radial=8, r_min=0.8, angular_cutoff=4.0, n_angular=4, max_l=3),
               "train": dict(hidden=[16, 16], epochs=2, batch_size=8, learning_rate=3e-3, scheduler="cosine",
                             patience=None, energy_weight=1.0, force_weight=10.0, dtype="float32", device="cpu")},

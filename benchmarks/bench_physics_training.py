@@ -33,7 +33,7 @@ Mo: mlearn ``Mo_training.extxyz`` split 90/10 (stratified by config_type, seed 0
    learnt function), 60 %; direct: cutoff 5.0 Å, [32, 32], all epochs. Same epochs in total.
 
 Settings: default descriptors (params.yaml), float32, batch 8, Adam lr 3e-3 with cosine decay, loss
-weights 1 / 10, ``--epochs`` (default 60), patience off, one model per job (no ensemble, no bootstrap).
+weights 1 / 10, ``--epochs`` (default 150), patience off, one model per job (no ensemble, no bootstrap).
 
     .venv/bin/python benchmarks/bench_physics_training.py                  # all three, Cu and Mo: ~25 min on 2 cores
     .venv/bin/python benchmarks/bench_physics_training.py --quick          # smoke run (~2 min): numbers mean nothing
@@ -366,7 +366,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="delta,dispersion,curriculum")
     ap.add_argument("--elements", default="Cu,Mo")
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=150)
     ap.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.25, 0.5, 1.0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
