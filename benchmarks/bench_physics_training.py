@@ -25,7 +25,9 @@ Mo: mlearn ``Mo_training.extxyz`` split 90/10 (stratified by config_type, seed 0
    gaps 2-9 Å and 10 single-slab frames, rattled. Two models, identical but for the analytic D2 term
    (``train.dispersion.enabled``, Grimme's 2006 C6), plus a third whose D2 s6·C6 is calibrated to
    the D3 tail of this slab pair at 6-12 Å (the ceiling of the D2 form here, not a prediction: it is
-   fitted on the same geometry family); test: the unrattled binding curve E(d) for d = 2..14 Å. The
+   fitted on the same geometry family), and Δ-learning on this system: EMT as the baseline (the
+   network learns only D3 inside its cutoff), without and with the D2 term; test: the unrattled
+   binding curve E(d) for d = 2..14 Å. The
    network's cutoff is 5 Å, so beyond it a model without a long-range term is flat by construction.
    (The mlearn Mo data are bulk and surfaces of a metal with no gap: nothing to measure there.)
 3. Curriculum vs the final architecture trained directly, 3 seeds each: phase 0 cutoff 3.5 Å,
@@ -39,8 +41,8 @@ weights 1 / 10, ``--epochs`` (default 150), patience off, one model per job (no 
     .venv/bin/python benchmarks/bench_physics_training.py --quick          # smoke run (~2 min): numbers mean nothing
     .venv/bin/python benchmarks/bench_physics_training.py --parts delta --elements Mo
 
-Writes reports/bench/physics_training.json (``--quick``: physics_training_quick.json) and
-reports/bench/dispersion_binding.png.
+Writes reports/bench/physics_training.json (``--quick``: physics_training_quick.json),
+reports/bench/delta_learning_curve.png and reports/bench/dispersion_binding.png.
 """
 
 from __future__ import annotations
@@ -266,6 +268,37 @@ def calibrated_c6(gaps=np.arange(6.0, 12.01, 1.0)) -> float:
     return float(np.dot(x, y) / np.dot(x, x))
 
 
+def plot_delta(delta: dict, path: Path = OUT / "delta_learning_curve.png") -> None:
+    """Error vs training-set size, with and without the baseline, per element (from the JSON)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(delta), figsize=(4.2 * len(delta), 6.4), squeeze=False)
+    for col, (element, r) in enumerate(sorted(delta.items())):
+        for row, (key, unit, scale) in enumerate((("energy_mae_per_atom", "meV/atom", 1000), ("force_mae", "eV/Å", 1))):
+            ax = axes[row, col]
+            for variant, color in (("plain", "C0"), ("morse", "C1")):
+                runs = sorted((x for x in r["runs"] if x["name"].startswith(variant + "@")), key=lambda x: x["n_train"])
+                n = [x["n_train"] for x in runs]
+                for split, ls in (("val", "-o"), ("test", "--s")):
+                    ax.loglog(n, [scale * x[split][key] for x in runs], ls, color=color, ms=4,
+                              label=f"{'no baseline' if variant == 'plain' else 'Morse baseline'}, {split}")
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.set_xticks(n, [str(v) for v in n])
+            ax.set_xlabel("training frames")
+            ax.set_ylabel(f"{key.replace('_', ' ')} ({unit})")
+            ax.set_title(element, fontsize=10)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def part_dispersion(d, args, cache: str) -> dict:
     data = dispersion_frames(args.seed)
     species = ["Cu"]
@@ -273,9 +306,12 @@ def part_dispersion(d, args, cache: str) -> dict:
     print(f"D2 form with s6·C6 calibrated to the D3(BJ) slab tail at 6-12 Å: {c6:.2f} J nm⁶/mol "
           f"(Grimme 2006 D2: 0.75 x 10.80 = 8.10)")
     jobs = []
-    for variant, disp in (("no_dispersion", {"enabled": False}), ("d2", {"enabled": True}),
-                          ("d2_calibrated_c6", {"enabled": True, "s6": 1.0, "c6": {"Cu": c6}})):
-        jobs.append({"name": variant, "train": base_train(args.epochs, seed=args.seed, dispersion=disp),
+    emt = {"calculator": "emt"}
+    for variant, disp, base in (("no_dispersion", {"enabled": False}, {}), ("d2", {"enabled": True}, {}),
+                                ("d2_calibrated_c6", {"enabled": True, "s6": 1.0, "c6": {"Cu": c6}}, {}),
+                                ("emt_baseline", {"enabled": False}, {"baseline": emt}),
+                                ("emt_baseline+d2", {"enabled": True}, {"baseline": emt})):
+        jobs.append({"name": variant, "train": base_train(args.epochs, seed=args.seed, dispersion=disp, **base),
                      "descriptors": d.model_dump(), "species": species, "train_frames": data["train"],
                      "val_frames": data["val"], "test_frames": data["test"], "cache": cache, "curve": True})
     res = run_jobs(jobs, args.workers)
@@ -312,7 +348,7 @@ def part_dispersion(d, args, cache: str) -> dict:
 
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         ax.plot(gaps, 1000 * (e_ref - e_ref[-1]) / n_surf, "k-", lw=2, label="EMT + D3(BJ) oracle")
-        for r, st in zip(res, ("--", ":", "-.")):
+        for r, st in zip(res, ("--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 2)))):
             ax.plot(gaps, 1000 * (np.array(r["curve_energy"]) - r["curve_energy"][-1]) / n_surf, st, lw=2,
                     label=r["name"])
         ax.axvline(d.cutoff, color="grey", lw=0.8)
@@ -383,8 +419,14 @@ def main() -> None:
     out_path = args.out or OUT / ("physics_training_quick.json" if args.quick else "physics_training.json")
     cache = str(ROOT / "data/cache/baseline")
     parts = args.parts.split(",")
-    result = {"settings": {"epochs": args.epochs, "fractions": args.fractions, "seeds": args.seeds,
-                           "workers": args.workers, "descriptors": d.model_dump(), "quick": args.quick}}
+    result = {}
+    if out_path.is_file():  # a run of some parts updates those parts and keeps the others
+        try:
+            result = json.loads(out_path.read_text())
+        except json.JSONDecodeError:
+            result = {}
+    result["settings"] = {"epochs": args.epochs, "fractions": args.fractions, "seeds": args.seeds,
+                          "workers": args.workers, "descriptors": d.model_dump(), "quick": args.quick}
 
     def save():
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +447,8 @@ def main() -> None:
         if "curriculum" in parts:
             result.setdefault("curriculum", {})[element] = part_curriculum(element, data, d, args, cache)
             save()
+    if "delta" in result:
+        plot_delta(result["delta"])
     if "dispersion" in parts:
         result["dispersion"] = part_dispersion(d, args, cache)
         save()

@@ -180,3 +180,36 @@ def test_training_and_the_ensemble_run_with_the_term(tmp_path):
     assert back.members[0].dispersion_params["cutoff"] == 8.0
     out = _eval(back, frames[0])
     assert float(np.abs(out["forces_std"]).max()) == 0.0
+
+
+def test_no_double_counting_the_network_learns_exactly_the_short_range_part():
+    """Labels made as short-range (EMT) + D2: the model with the D2 term trains the very same network,
+    weight for weight, as a model without it trained on the EMT labels alone."""
+    from mlipops.train.loop import fit
+
+    sr, full = [], []
+    for k, a0 in enumerate([3.55, 3.6, 3.65, 3.7, 3.62, 3.58]):
+        at = bulk("Cu", "fcc", a=a0, cubic=True)
+        at.rattle(0.05, seed=k)
+        at.calc = EMT()
+        e, f = at.get_potential_energy(), at.get_forces()
+        at.calc = None
+        set_labels(at, e, f)
+        at.info.update(config_type="fcc")
+        sr.append(at)
+    m = _model(True)  # its D2 term has the default settings, as the trained model's below
+    for at in sr:  # labels + the analytic D2 energy and forces
+        b = Potential.collate([m.graph(at)], torch.float64)
+        pos, cell, inputs = m.strained_inputs(b, True, False)
+        ed = m.physics_energies(b, pos, cell).sum()
+        fd = -torch.autograd.grad(ed, inputs)[0]
+        a2 = at.copy()
+        set_labels(a2, at.calc.results["energy"] + float(ed.detach()), at.calc.results["forces"] + fd.numpy())
+        a2.info.update(at.info)
+        full.append(a2)
+    kw = dict(hidden=[8], epochs=4, batch_size=2, dtype="float64", device="cpu", learning_rate=0.01)
+    with_d2 = fit(full[:4], full[4:], TrainParams(**kw, dispersion=DispersionParams(enabled=True)), DescriptorParams(**D))
+    plain = fit(sr[:4], sr[4:], TrainParams(**kw), DescriptorParams(**D))
+    for (k, v), w in zip(plain.model.state_dict().items(), with_d2.model.state_dict().values()):
+        torch.testing.assert_close(w, v, rtol=0, atol=1e-9, msg=k)
+    assert with_d2.history[-1]["val_force_mae"] == pytest.approx(plain.history[-1]["val_force_mae"], rel=1e-7)
