@@ -95,17 +95,30 @@ def train_member(spec: dict) -> dict:
         except Exception:  # noqa: BLE001 - not in a Dask worker: no progress channel
             queue = None
 
-    def logger(run_ids: list[str], offset: int):
-        def log(row):
+    class Logger:
+        """Per-epoch metrics to MLflow, sent in batches at each checkpoint epoch (one sqlite write per
+        run every ``checkpoint_every`` epochs instead of every epoch: with fast epochs the writes
+        dominated). Epochs after the last checkpoint are re-run, and re-logged, after a kill."""
+
+        def __init__(self, run_ids: list[str], offset: int, every: int):
+            self.run_ids, self.offset, self.every = run_ids, offset, every
+            self.pending: dict[str, list] = {rid: [] for rid in run_ids}
+
+        def __call__(self, row):
             ts = int(time.time() * 1000)
-            for rid, step in zip(run_ids, (offset + row["epoch"], row["epoch"])):
-                batch = [Metric(key, float(v), ts, step) for key, v in row.items()
-                         if key != "epoch" and np.isfinite(v)]
-                for s in range(0, len(batch) if client is not None else 0, 500):
-                    _retrying(client.log_batch, rid, metrics=batch[s:s + 500])
+            for rid, step in zip(self.run_ids, (self.offset + row["epoch"], row["epoch"])):
+                self.pending[rid] += [Metric(key, float(v), ts, step) for key, v in row.items()
+                                      if key != "epoch" and np.isfinite(v)]
+            if row["epoch"] % self.every == 0:
+                self.flush()
             if queue is not None:
-                _retrying(queue.put, (k, offset + row["epoch"]), tries=2)
-        return log
+                _retrying(queue.put, (k, self.offset + row["epoch"]), tries=2)
+
+        def flush(self):
+            for rid, batch in self.pending.items():
+                for s in range(0, len(batch) if client is not None else 0, 1000):
+                    _retrying(client.log_batch, rid, metrics=batch[s:s + 1000])
+                batch.clear()
 
     plan = curriculum.phases(p, d)
     multi = len(plan) > 1
@@ -141,8 +154,9 @@ def train_member(spec: dict) -> dict:
                             pp.checkpoint_every)
         rids = [r for r in (run_id, phase_runs[i]) if r] if client is not None else []
         t0 = time.perf_counter()
-        result = fit(tr, va, pp, dd, log=logger(rids, offset), checkpoint=ckpt, species=species,
-                     device=spec["device"], init=init)
+        log = Logger(rids, offset, pp.checkpoint_every)
+        result = fit(tr, va, pp, dd, log=log, checkpoint=ckpt, species=species, device=spec["device"], init=init)
+        log.flush()
         wall = time.perf_counter() - t0
         rows = [h | {"epoch": offset + h["epoch"], "phase": i, "phase_epoch": h["epoch"]} for h in result.history]
         model, walls, prev_d = result.model, walls + wall, dd
