@@ -349,7 +349,7 @@ def part_dispersion(d, args, cache: str) -> dict:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         ax.plot(gaps, 1000 * (e_ref - e_ref[-1]) / n_surf, "k-", lw=2, label="EMT + D3(BJ) oracle")
         for r, st in zip(res, ("--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 2)))):
-            ax.plot(gaps, 1000 * (np.array(r["curve_energy"]) - r["curve_energy"][-1]) / n_surf, st, lw=2,
+            ax.plot(gaps, 1000 * (np.array(r["curve_energy"]) - r["curve_energy"][-1]) / n_surf, linestyle=st, lw=2,
                     label=r["name"])
         ax.axvline(d.cutoff, color="grey", lw=0.8)
         ax.set_ylim(-60, 10)
