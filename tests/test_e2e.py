@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["generate", "ingest", "validate", "index", "train", "evaluate", "promote"]
+STAGES = ["generate", "ingest", "validate", "index", "train", "evaluate", "promote"]  # the main chain, in order
+METRICS = {s: f"reports/{s}/metrics.json" for s in STAGES} | {"defects": "reports/evaluate/defects/metrics.json",
+                                                              "uncertainty": "reports/evaluate/uncertainty/metrics.json"}
 
 TINY = {
     "generate": {
@@ -32,6 +34,9 @@ TINY = {
     },
     "train": {"epochs": 3, "hidden": [8], "batch_size": 4, "ensemble": {"members": 2}},
     "descriptors": {"n_radial": 4, "n_angular": 2, "max_l": 2},
+    # 3 epochs: the committee's σ means nothing yet, so the ranking gate is off (-1) but still computed
+    "evaluate": {"defects": {"epochs": 5, "control_vacancy_cells": 1, "control_slabs": 1},
+                 "uncertainty": {"min_spearman": -1.0}},
     "promote": {"gates": {"val.force_mae": 5.0, "val.energy_mae_per_atom": 5.0}},
 }
 
@@ -82,7 +87,8 @@ def repo(tmp_path_factory) -> Path:
     _run(["git", "add", "-A"], d)
     _run(["git", "commit", "-qm", "tiny pipeline"], d)
     res = _run([sys.executable, "-m", "dvc", "repro"], d)
-    assert _ran_stages(res.stdout) == STAGES
+    ran = _ran_stages(res.stdout)
+    assert set(ran) == set(STAGES) | {"defects"} and [s for s in ran if s in STAGES] == STAGES, ran
     return d
 
 
@@ -92,16 +98,28 @@ def test_outputs_exist(repo: Path):
                 "registry/cu/v1/weights.pt", "registry/cu/v1/config.json", "registry/cu/v1/model_card.md",
                 "registry/index.json", "reports/evaluate/parity_test_forces.png"):
         assert (repo / rel).is_file(), rel
-    for stage in STAGES:
-        m = json.loads((repo / "reports" / stage / "metrics.json").read_text())
+    for stage, rel in METRICS.items():
+        m = json.loads((repo / rel).read_text())
         assert m, stage
+    # the physics validation reports travel with the registered model
+    for rel in ("registry/cu/v1/defects/defects.json", "registry/cu/v1/defects/decomposition.png",
+                "registry/cu/v1/reaction_paths.json", "registry/cu/v1/paths/path_dimer.png",
+                "registry/cu/v1/uncertainty.json", "registry/cu/v1/uncertainty/calibration.png"):
+        assert (repo / rel).is_file(), rel
+    card = (repo / "registry/cu/v1/model_card.md").read_text()
+    assert "Trained on perfect crystals, tested on defects" in card and "**path_dimer**" in card
+    assert "## Uncertainty" in card and "σ_F ×" in card
+    gates = json.loads((repo / "registry/cu/v1/gates.json").read_text())
+    assert any(g["gate"].startswith("uncertainty.val.all.force_spearman") and g["passed"] for g in gates)
+    ev = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert ev["path.path_dimer.n_points"] == 4 and "path.path_adatom.exit_coordinate" in ev
 
 
 def test_dvc_metrics_show(repo: Path):
     res = _run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo)
     shown = json.dumps(json.loads(res.stdout))
-    for stage in STAGES:
-        assert f"reports/{stage}/metrics.json" in shown
+    for rel in METRICS.values():
+        assert rel in shown
 
 
 def test_nothing_lost(repo: Path):
@@ -153,6 +171,11 @@ def test_mlflow_run_and_registry(repo: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mlipops")
     runs = client.search_runs([exp.experiment_id])
+    studies = [r for r in runs if r.data.tags.get("stage") == "defects"]
+    assert len(studies) == 1  # the defects stage's perfect -> imperfect study, with its report
+    assert "all_force_mae_atom" in studies[0].data.metrics and studies[0].data.params["defects.epochs"] == "5"
+    assert "defects/defects.json" in {a.path for a in client.list_artifacts(studies[0].info.run_id, "defects")}
+    runs = [r for r in runs if r not in studies]
     assert len(runs) == 3  # the ensemble's parent run and its two members, nested
     run = next(r for r in runs if r.data.tags.get("member") == "ensemble")
     members = [r for r in runs if r is not run]

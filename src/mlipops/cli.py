@@ -74,13 +74,34 @@ def train(params: Path = ParamsOpt):
     _done("train", run(p.train, p.descriptors, p.compute))
 
 
-@app.command()
-def evaluate(params: Path = ParamsOpt):
-    """Errors per split and config_type, parity plots."""
+evaluate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                           help="Validate the trained model: errors, reaction paths; `defects` for the transfer study.")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+@evaluate_app.callback(invoke_without_command=True)
+def evaluate(ctx: typer.Context, params: Path = ParamsOpt):
+    """Errors per split and config_type, parity plots, reaction paths to the extrapolation exit point."""
+    if ctx.invoked_subcommand is not None:
+        return
     from mlipops.evaluate import run
 
     p = _params(params)
     _done("evaluate", run(p.evaluate, p.train.model_name))
+
+
+@evaluate_app.command("defects")
+def evaluate_defects(
+    params: Path = ParamsOpt,
+    data: list[Path] = typer.Option(None, "--data", help="labelled extxyz file(s) instead of the curated data "
+                                    "(e.g. a real DFT set; set evaluate.defects config_types for it)"),
+    out: Path = typer.Option(Path("reports/evaluate/defects"), "--out", help="report directory"),
+):
+    """Train on perfect crystals only, test on defects: the error diagnosed (z vs bond angles, hull), a
+    recommendation, and a control retraining with the recommended structures."""
+    from mlipops.evaluate.defects import run
+
+    _done("evaluate defects", run(_params(params), data or None, out))
 
 
 @app.command()

@@ -299,8 +299,41 @@ class ComputeParams(_Section):
 
 
 # --------------------------------------------------------------------------------------- evaluate
+class PathParams(_Section):
+    """Reaction coordinates followed to the point where the model leaves its training hull."""
+    config_types: list[str] = ["path_dimer", "path_adatom"]  # curated frames of these config_types, one path each,
+                                                               # ordered by info reaction_coordinate (or path_coordinate)
+    files: list[str] = []             # user paths: extxyz of ordered, labelled frames with info reaction_coordinate
+    tolerance_per_atom: float = Field(0.010, gt=0)  # eV/atom: |E_model - E_ref|/N beyond this is the tolerance point
+    sigma_k: float = Field(2.0, gt=0)  # the ensemble "rose" where sigma_k * σ_E/N reaches the tolerance
+
+
+class DefectParams(_Section):
+    """Trained on perfect crystals, tested on imperfect ones: the error diagnosed (coordination vs angles)."""
+    perfect_config_types: list[str] = ["crystal_fcc", "crystal_bcc", "crystal_sc", "crystal_diamond", "crystal_hcp"]
+    imperfect_config_types: list[str] = ["vacancy", "surface_100", "surface_110", "surface_111", "adatom"]
+    perfect_max_temperature_K: float | None = None  # perfect frames hotter than this are left out (MD snapshots)
+    epochs: int = Field(300, ge=1)    # each of the two single potentials (perfect-only, control)
+    control: Literal["recipes", "held_out", "none"] = "recipes"
+    # recipes: the recommended structures are generated and labelled by generate.oracle (rattled vacancy
+    #          cells, a rattled slab); held_out: a deterministic half of the imperfect frames is added to
+    #          training instead and the other half is the test (real DFT data without an oracle)
+    control_vacancy_cells: int = Field(4, ge=0)
+    control_slabs: int = Field(3, ge=0)
+    control_rattle_stdev: float = Field(0.08, gt=0)  # Å; larger than the test defects' (distorted angles)
+    control_seed: int = 1234
+
+
+class UncertaintyParams(_Section):
+    """Ensemble σ against the errors: ranking, calibration, a recalibration scale fitted on validation."""
+    min_spearman: float = Field(0.3, ge=-1, le=1)  # promotion fails when ρ(σ_F, |ΔF|) on validation is below
+
+
 class EvaluateParams(_Section):
     splits: list[Literal["train", "val", "test"]] = ["val", "test"]
+    uncertainty: UncertaintyParams = UncertaintyParams()
+    paths: PathParams = PathParams()
+    defects: DefectParams = DefectParams()
 
 
 # ---------------------------------------------------------------------------------------- promote

@@ -22,6 +22,15 @@ def _clean(v):
     return v
 
 
+def jsonable(o):
+    """Nested dicts/lists of numpy scalars -> plain JSON values (non-finite floats -> null)."""
+    if isinstance(o, dict):
+        return {str(k): jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in o]
+    return _clean(o)
+
+
 def write_metrics(report_dir: str | Path, metrics: dict) -> Path:
     """Write ``reports/<stage>/metrics.json`` with flat keys (for ``dvc metrics show``)."""
     report_dir = Path(report_dir)

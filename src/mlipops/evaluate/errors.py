@@ -18,7 +18,7 @@ from mlipops.models.baseline import add_baseline
 from mlipops.models.ensemble import load_model
 from mlipops.models.potential import Potential
 from mlipops.params import EvaluateParams
-from mlipops.report import parity_plot, write_markdown, write_metrics
+from mlipops.report import jsonable, parity_plot, write_markdown, write_metrics
 from mlipops.train.loop import MODELS_DIR, load_split
 
 REPORT_DIR = Path("reports/evaluate")
@@ -90,6 +90,53 @@ def _log_to_mlflow(run_json: Path, metrics: dict) -> None:
         c.log_batch(info["run_id"], metrics=batch[k:k + 500])
 
 
+def _uncertainty(p: EvaluateParams, model, splits: dict[str, list[Atoms]]) -> dict:
+    """Ensemble σ against the errors (reports/evaluate/uncertainty/); a single potential has no σ."""
+    import shutil
+
+    from mlipops.evaluate import uncertainty
+    from mlipops.models.ensemble import Ensemble
+
+    if not isinstance(model, Ensemble) or len(model) < 2 or not splits.get("val"):
+        if uncertainty.REPORT_DIR.exists():
+            shutil.rmtree(uncertainty.REPORT_DIR)
+        uncertainty.REPORT_DIR.mkdir(parents=True)
+        why = "no validation frames" if not splits.get("val") else "the model is not an ensemble of 2 or more members"
+        uncertainty.unavailable(why)
+        return {}
+    return uncertainty.run(model, splits, p.uncertainty.min_spearman)
+
+
+def _reaction_paths(p: EvaluateParams, model, curated: list[Atoms]) -> dict:
+    """Every configured path (curated config_types and user files) followed along its coordinate;
+    plots in reports/evaluate/paths/, the results in reports/evaluate/reaction_paths.json."""
+    import shutil
+
+    from mlipops.evaluate.reaction_path import collect_paths, evaluate_paths, read_user_path
+    from mlipops.index.build import INDEX, load_hull_index
+
+    paths = collect_paths(curated, p.paths.config_types)
+    for f in p.paths.files:
+        name, frames = read_user_path(f)
+        if name in paths:
+            raise StageInputError(f"path name {name!r} (the file stem) is also a config_type path", file=str(f),
+                                  field="evaluate.paths.files")
+        paths[name] = frames
+    plot_dir = REPORT_DIR / "paths"
+    if plot_dir.exists():
+        shutil.rmtree(plot_dir)
+    plot_dir.mkdir(parents=True)
+    results = evaluate_paths(model, paths, load_hull_index(INDEX) if paths else None, p.paths.tolerance_per_atom,
+                             p.paths.sigma_k, plot_dir) if paths else {}
+    out = {name: {"summary": r.summary(), "metrics": r.metrics(),
+                  "points": {"s": r.s.tolist(), "n_atoms": r.n_atoms.tolist(), "e_ref": r.e_ref.tolist(),
+                             "e_pred": r.e_pred.tolist(), "sigma": r.sigma.tolist(),
+                             "max_gamma": [float(g) if np.isfinite(g) else None for g in r.max_gamma]}}
+           for name, r in results.items()}
+    (REPORT_DIR / "reaction_paths.json").write_text(json.dumps(jsonable(out), indent=2) + "\n")
+    return results
+
+
 def run(p: EvaluateParams, model_name: str) -> dict:
     t0 = time.perf_counter()
     model_dir = MODELS_DIR / model_name
@@ -116,10 +163,20 @@ def run(p: EvaluateParams, model_name: str) -> dict:
         table.append((split, "**all**", m["n_frames"], m["energy_mae_per_atom"], m["energy_rmse_per_atom"],
                       m["force_mae"], m["force_rmse"]))
     metrics["n_nonfinite_predictions"] = int(sum(v for k, v in metrics.items() if k.endswith("n_nonfinite_predictions")))
+    path_results = _reaction_paths(p, model, [a for s in splits.values() for a in s])
+    unc = _uncertainty(p, model, {s: splits.get(s, []) for s in p.splits})
+    for name, r in path_results.items():
+        metrics |= {f"path.{name}.{k}": v for k, v in r.metrics().items()}
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
     write_metrics(REPORT_DIR, metrics)
-    _log_to_mlflow(model_dir / "run.json", metrics)
+    _log_to_mlflow(model_dir / "run.json", metrics | {f"uncertainty.{k}": v for k, v in unc.items()})
     plots = [f"![{s} {q}](parity_{s}_{q}.png)" for s in p.splits if metrics.get(f"{s}.n_frames") for q in ("energy", "forces")]
+    if path_results:
+        plots += ["## Reaction paths: where the model leaves its training hull",
+                  f"Tolerance {1000 * p.paths.tolerance_per_atom:g} meV/atom; the ensemble alarm is the first point where "
+                  f"{p.paths.sigma_k:g} σ_E/N reaches it; γ from the index's hull (`data/index.duckdb`)."]
+        for name, r in path_results.items():
+            plots += [f"**{name}**: {r.summary()}", f"![{name}](paths/{name}.png)"]
     write_markdown(REPORT_DIR / "summary.md", f"Evaluation of `{model_name}`", [
         "Errors against the reference labels; energies per atom (eV/atom), forces per Cartesian component (eV/Å).",
     ], table=(("split", "config_type", "frames", "E MAE", "E RMSE", "F MAE", "F RMSE"), table), extra=plots)

@@ -57,6 +57,18 @@ def default_device(device: str = "auto") -> str:
     return device
 
 
+def read_sigma_scale(directory: str | Path) -> dict[str, float]:
+    """The σ recalibration stored next to a promoted model (``uncertainty.json``), or {}."""
+    path = Path(directory) / "uncertainty.json"
+    if not path.is_file():
+        return {}
+    try:
+        scale = json.loads(path.read_text()).get("scale") or {}
+        return {k: float(scale[k]) for k in ("energy", "forces") if k in scale}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise MlipopsError(f"unreadable uncertainty scale: {exc}", file=str(path), field="scale") from None
+
+
 class MlipopsCalculator(Calculator):
     """``MlipopsCalculator("data/models/cu")``, ``MlipopsCalculator("cu@champion")`` or a model object."""
 
@@ -64,9 +76,13 @@ class MlipopsCalculator(Calculator):
                               "energy_std", "forces_std", "stress_std"]
 
     def __init__(self, model: str | Path | Potential | Ensemble, dtype: torch.dtype = torch.float64,
-                 device: str = "cpu", registry_dir: str | Path = "registry", skin: float = 0.0, **kwargs):
+                 device: str = "cpu", registry_dir: str | Path = "registry", skin: float = 0.0,
+                 sigma_scale: dict[str, float] | None = None, **kwargs):
         """``skin`` (Å): build the neighbour list to cutoff + skin and reuse it until an atom has
-        moved more than skin/2 (a Verlet list; results are identical, MD steps skip the list)."""
+        moved more than skin/2 (a Verlet list; results are identical, MD steps skip the list).
+        ``sigma_scale``: ``{"energy": s_E, "forces": s_F}`` multiplies ``energy_std`` / ``forces_std`` (the
+        recalibration of the evaluate stage); by default read from the model directory's
+        ``uncertainty.json`` (a promoted model has one), else 1. ``stress_std`` is not rescaled."""
         super().__init__(**kwargs)
         if skin < 0:
             raise MlipopsError(f"skin must be ≥ 0 (got {skin})", field="skin")
@@ -74,10 +90,15 @@ class MlipopsCalculator(Calculator):
         self._cache = None  # (graph, reference positions, numbers, cell, pbc)
         self.n_neighbour_lists = 0
         device = default_device(device)
+        self.sigma_scale = {"energy": 1.0, "forces": 1.0}
         if isinstance(model, (Potential, Ensemble)):
             self.model = model
         else:
-            self.model = load_model(resolve_model(model, registry_dir), dtype=dtype, device=device)
+            directory = resolve_model(model, registry_dir)
+            self.model = load_model(directory, dtype=dtype, device=device)
+            self.sigma_scale |= read_sigma_scale(directory)
+        if sigma_scale is not None:
+            self.sigma_scale |= {k: float(v) for k, v in sigma_scale.items()}
         self.model = self.model.to(dtype=dtype, device=device).eval()
         self.dtype, self.device = dtype, device
         self.is_ensemble = isinstance(self.model, Ensemble)
@@ -125,7 +146,7 @@ class MlipopsCalculator(Calculator):
             else:  # no per-atom split of the baseline: no per-atom energies rather than wrong ones
                 del self.results["energies"]
         if self.is_ensemble:
-            self.results["energy_std"] = float(out["energy_std"][0].detach().cpu())
-            self.results["forces_std"] = np_("forces_std")
+            self.results["energy_std"] = self.sigma_scale["energy"] * float(out["energy_std"][0].detach().cpu())
+            self.results["forces_std"] = self.sigma_scale["forces"] * np_("forces_std")
             if want_stress:
                 self.results["stress_std"] = np_("stress_std")[0]

@@ -26,6 +26,73 @@ from mlipops.train.loop import MODELS_DIR
 
 REPORT_DIR = Path("reports/promote")
 EVAL_DIR = Path("reports/evaluate")
+DEFECTS_DIR = EVAL_DIR / "defects"  # the defects stage: perfect -> imperfect transfer, diagnosed
+PATHS_JSON = EVAL_DIR / "reaction_paths.json"  # the evaluate stage: reaction paths to the hull's exit point
+PATHS_DIR = EVAL_DIR / "paths"
+UNCERTAINTY_DIR = EVAL_DIR / "uncertainty"  # the evaluate stage: ensemble σ ranked and calibrated
+
+
+def uncertainty_gate() -> dict:
+    """The uncertainty report's own gate (σ must rank the errors): a missing report fails."""
+    path = UNCERTAINTY_DIR / "uncertainty.json"
+    if not path.is_file():
+        return {"gate": "uncertainty.val.all.force_spearman (minimum)", "value": None, "threshold": None,
+                "passed": False, "note": f"{path} missing"}
+    rep = json.loads(path.read_text())
+    g = rep["gate"]
+    note = rep.get("reason", "") if not rep.get("available", True) else (
+        "" if g["passed"] else f"below the minimum {g.get('min')}: σ does not rank the errors")
+    return {"gate": "uncertainty.val.all.force_spearman (minimum)", "value": g.get("value"),
+            "threshold": g.get("min"), "passed": bool(g["passed"]), "note": note}
+
+
+def _validation_reports(target: Path) -> list[str]:
+    """Copy the physics-validation reports next to the model; their conclusions for the model card."""
+    lines = []
+    unc = UNCERTAINTY_DIR / "uncertainty.json"
+    if unc.is_file():
+        shutil.copy2(unc, target / "uncertainty.json")  # read by MlipopsCalculator: the σ recalibration
+        d = target / "uncertainty"
+        d.mkdir()
+        for f in UNCERTAINTY_DIR.iterdir():
+            if f.suffix in (".png", ".md") or f.name == "metrics.json":
+                shutil.copy2(f, d / f.name)
+        u = json.loads(unc.read_text())
+        if u.get("available", True):
+            m = u["metrics"]
+
+            def f(key: str, digits: int = 2) -> str:  # JSON null (a NaN metric) -> n/a
+                v = m.get(key) if key in m else u["scale"].get(key)
+                return "n/a" if v is None else f"{v:.{digits}f}"
+
+            lines += ["## Uncertainty (`uncertainty.json`, `uncertainty/`)",
+                      f"Ensemble σ recalibrated on {u['fit_split']}: σ_E × {f('energy', 3)}, σ_F × {f('forces', 3)} "
+                      f"(applied by `MlipopsCalculator`). Spearman ρ(σ, |error|) on validation: energies "
+                      f"{f('val.all.energy_spearman')}, forces {f('val.all.force_spearman')}; test forces "
+                      f"{f('test.all.force_spearman')}. Force 1σ coverage on test {f('test.all.force_coverage_1sigma')} raw, "
+                      f"{f('test.all.force_coverage_1sigma_recalibrated')} recalibrated (0.68 ideal)."]
+    if (DEFECTS_DIR / "defects.json").is_file():
+        d = target / "defects"
+        d.mkdir()
+        for f in ["defects.json", "summary.md", "metrics.json", *[q.name for q in DEFECTS_DIR.glob("*.png")]]:
+            if (DEFECTS_DIR / f).is_file():
+                shutil.copy2(DEFECTS_DIR / f, d / f)
+        rep = json.loads((DEFECTS_DIR / "defects.json").read_text())
+        lines += ["## Trained on perfect crystals, tested on defects (`defects/`)",
+                  "A single potential of this architecture trained on the perfect crystals only; its error on "
+                  "vacancies and surfaces diagnosed (full report: `defects/summary.md`).", *rep.get("conclusion", [])]
+    else:
+        lines += ["## Trained on perfect crystals, tested on defects", "_not produced (run `dvc repro defects`)_"]
+    if PATHS_JSON.is_file():
+        paths = json.loads(PATHS_JSON.read_text())
+        shutil.copy2(PATHS_JSON, target / PATHS_JSON.name)
+        if PATHS_DIR.is_dir():
+            shutil.copytree(PATHS_DIR, target / "paths")
+        lines += ["## Reaction paths: where the model leaves its training hull (`reaction_paths.json`, `paths/`)",
+                  *[f"**{name}**: {r.get('summary', '')}" for name, r in paths.items()]]
+    else:
+        lines += ["## Reaction paths", "_not produced (run `dvc repro evaluate`)_"]
+    return lines
 
 
 def check_gates(metrics: dict, gates: dict[str, float]) -> list[dict]:
@@ -74,7 +141,7 @@ def _update_index(registry_dir: Path, name: str, client) -> dict:
 
 
 def _model_card(path: Path, name: str, version: int, run_info: dict, config: dict, gates: list[dict],
-                metrics: dict, coverage: str) -> None:
+                metrics: dict, coverage: str, validation: list[str]) -> None:
     rows = [(g["gate"], g["value"], g["threshold"], "pass" if g["passed"] else "FAIL") for g in gates]
     per_ct = sorted({k.split(".")[1] for k in metrics if k.startswith("test.") and k.count(".") == 2})
     ct_rows = [(ct, metrics.get(f"test.{ct}.energy_mae_per_atom"), metrics.get(f"test.{ct}.force_mae"))
@@ -89,8 +156,9 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
         "## Gates", md_table(("gate", "value", "threshold", "result"), rows),
         "## Test errors per config_type", md_table(("config_type", "E MAE (eV/atom)", "F MAE (eV/Å)"), ct_rows),
         "## Data coverage (accepted frames; hull = convex hull of the training atoms in descriptor space)", coverage,
-        "## Reports not yet produced", "Uncertainty (ensemble calibration) and melting point are not part "
-        "of this pipeline version: `uncertainty.json` and `melting_point.json` are missing, not faked.",
+        *validation,
+        "## Reports not yet produced", "The melting point is not part of this pipeline version: "
+        "`melting_point.json` is missing, not faked.",
         "## Load", f"```python\nfrom mlipops.models import MlipopsCalculator\n"
         f"atoms.calc = MlipopsCalculator(\"registry/{name}/v{version}\")  # or MlipopsCalculator.from_registry(\"{name}@champion\")\n```",
     ])
@@ -108,7 +176,7 @@ def run(p: PromoteParams, model_name: str) -> dict:
                               file=str(EVAL_DIR / "metrics.json"))
     run_info = json.loads(run_json.read_text())
     config = json.loads((model_dir / "config.json").read_text())
-    gates = check_gates(eval_metrics, p.gates)
+    gates = check_gates(eval_metrics, p.gates) + [uncertainty_gate()]
     passed = all(g["passed"] for g in gates)
     registry_dir = Path(p.registry_dir)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
@@ -157,8 +225,9 @@ def run(p: PromoteParams, model_name: str) -> dict:
         (target / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
         for png in sorted(EVAL_DIR.glob("parity_*.png")):
             shutil.copy2(png, target / png.name)
+        validation = _validation_reports(target)
         _model_card(target / "model_card.md", model_name, version, run_info, config, gates, eval_metrics,
-                    _coverage_summary(Path("data/index.duckdb")))
+                    _coverage_summary(Path("data/index.duckdb")), validation)
         index = _update_index(registry_dir, model_name, client)
     write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: PROMOTED as v{version}", [
         f"MLflow run `{run_info['run_id']}` passed all {len(gates)} gates; registered model `{model_name}` "

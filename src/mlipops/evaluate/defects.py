@@ -1,0 +1,667 @@
+"""Trained on perfect, tested on imperfect: the transfer error of a potential, diagnosed.
+
+The experiment (``mlipops evaluate defects``, the ``defects`` stage):
+
+1. **Perfect-only model.** A single potential (the ``train`` params' architecture, ``evaluate.defects.epochs``
+   epochs) is trained on the perfect crystals only: the ``perfect_config_types`` of the train split
+   (fcc 12, bcc 8, sc 6, diamond 4, hcp 12 neighbours for the embedded copper), optionally below a
+   temperature. A convex hull of its training atoms in descriptor space (the index's method,
+   :mod:`mlipops.index.hull`) gives every test atom its extrapolation grade γ.
+2. **Imperfect test.** It predicts the ``imperfect_config_types`` (vacancies, slabs, adatoms). Per atom:
+   the force error |ΔF_i| (eV/Å), the coordination number z and the first-shell bond-angle deviation from
+   the nearest ideal crystal (degrees), computed by the index's own code (``index.build.atom_rows``,
+   the ``atoms`` table's columns), and γ. Per frame: |ΔE|/N (eV/atom), mean z and mean angle deviation.
+3. **Diagnosis.** The force error is regressed (OLS, statsmodels) on z (categorical: any dependence on
+   the coordination number, i.e. on the position along the coordination series the model saw) and on
+   the angle deviation (linear + quadratic). Each factor's share of the variance is its LMG share
+   (Lindeman, Merenda & Gold 1980: the R² a factor adds, averaged over both orders of entry; the two shares
+   add up to the full model's R², so correlated factors are split fairly), with the F-test p-value of
+   adding it last. The same on frame energies (mean z, mean angle) where there are enough frames.
+4. **Conclusion and recommendation**, generated from the numbers: per imperfect config_type, its error
+   relative to the perfect crystals' validation error, the dominant factor and the share of its atoms
+   outside the training hull; config_types whose error is elevated are recommended, with the recipe that
+   supplies what is missing: ``high_temperature_md`` (the liquid recipe) for frames hotter than any training
+   crystal (judged as their own group, ``<config_type>_hot``), else ``rattled_vacancy`` (bulk-like atoms missing a neighbour or
+   two, with distorted bond angles) or ``slab`` (surface-like atoms, z well below the crystals' bulk z),
+   from the coordination deficit of the worst quarter of its atoms.
+5. **Control.** The perfect-only model is retrained with the recommended structures added and the same
+   test is repeated: the error must drop where the diagnosis said. ``control: recipes`` generates
+   them with the dataset's oracle (``generate.oracle``: rattled fcc vacancy cells, rattled slabs of
+   ``generate.defects.slabs``; new structures, not the test frames); ``held_out`` (real DFT data, no
+   oracle) splits the imperfect frames in two by content hash, adds one half of the recommended
+   config_types to training and tests on the other half.
+
+Outputs: ``reports/evaluate/defects/{metrics.json, summary.md, defects.json, *.png}``; the promote stage
+copies ``defects.json`` and the plots next to the registered model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from ase import Atoms
+
+from mlipops.errors import MlipopsError, StageInputError
+from mlipops.frames import frame_id, labels
+from mlipops.params import DefectParams, DescriptorParams, GenerateParams, IndexParams, TrainParams
+
+REPORT_DIR = Path("reports/evaluate/defects")
+ELEVATED = 2.0  # an imperfect config_type whose force MAE exceeds ELEVATED x the perfect validation MAE ...
+OUTSIDE = 0.2  # ... or with more than this share of atoms outside the hull needs more data
+HOTTER_K = 200.0  # a test frame this much hotter than the hottest perfect training frame is "hotter than training"
+
+
+def group_of(a: Atoms, t_hot: float) -> str:
+    """The frame's diagnosis group: its config_type, with ``_hot`` when it is hotter than ``t_hot`` (K), so that
+    e.g. molten AIMD vacancy cells are judged apart from the cold ones."""
+    ct = str(a.info.get("config_type"))
+    t = a.info.get("temperature_K")
+    return f"{ct}_hot" if t is not None and float(t) > t_hot else ct
+MIN_ATOMS_FIT = 12  # fewer atoms (rows) than this: no regression
+MIN_FRAMES_FIT = 5
+
+
+# ----------------------------------------------------------------------------------------- data
+def _hash_half(a: Atoms) -> bool:
+    """A deterministic coin from the frame's content hash (the held-out control's split)."""
+    fid = a.info.get("frame_id") or frame_id(a)
+    return int(hashlib.sha256(fid.encode()).hexdigest()[:8], 16) % 2 == 0
+
+
+@dataclass
+class Sets:
+    train: list[Atoms]
+    val: list[Atoms]
+    test: list[Atoms]
+    pool: list[Atoms] = field(default_factory=list)  # held_out control: imperfect frames that may join training
+
+
+def select(frames: list[Atoms], p: DefectParams) -> Sets:
+    """Perfect train/val (from each frame's ``split`` when present, else 9:1 by content hash), imperfect
+    test (and the held-out control's pool)."""
+    perfect, imperfect = set(p.perfect_config_types), set(p.imperfect_config_types)
+    if perfect & imperfect:
+        raise MlipopsError(f"config_types both perfect and imperfect: {sorted(perfect & imperfect)}",
+                           field="evaluate.defects")
+    s = Sets([], [], [])
+    for a in frames:
+        ct = a.info.get("config_type")
+        if ct in perfect:
+            t = a.info.get("temperature_K")
+            if p.perfect_max_temperature_K is not None and t is not None and float(t) > p.perfect_max_temperature_K:
+                continue
+            split = a.info.get("split")
+            if split is None:
+                fid = a.info.get("frame_id") or frame_id(a)
+                split = "val" if int(hashlib.sha256(fid.encode()).hexdigest()[8:16], 16) % 10 == 0 else "train"
+            if split == "train":
+                s.train.append(a)
+            elif split == "val":
+                s.val.append(a)
+        elif ct in imperfect:
+            (s.pool if p.control == "held_out" and not _hash_half(a) else s.test).append(a)
+    if not s.train:
+        raise StageInputError(f"no perfect training frames (config_types {sorted(perfect)})",
+                              field="evaluate.defects.perfect_config_types")
+    if not s.test:
+        raise StageInputError(f"no imperfect test frames (config_types {sorted(imperfect)})",
+                              field="evaluate.defects.imperfect_config_types")
+    return s
+
+
+def hull_of(frames: list[Atoms], species: list[str], descriptor: dict, k: int):
+    """The convex hull (index method) of the atoms of ``frames``."""
+    from mlipops.descriptors import compute_descriptors
+    from mlipops.index.hull import fit_hull_index
+
+    g, _ = compute_descriptors(frames, species, descriptor)
+    symbols = np.concatenate([a.get_chemical_symbols() for a in frames])
+    return fit_hull_index(symbols, g, np.ones(len(symbols), bool), species, descriptor, min(k, 6))
+
+
+def full_coordination(frames: list[Atoms], coordination_cutoff: float) -> int:
+    """The bulk coordination number of the training crystals (99th percentile of their atoms' z)."""
+    from mlipops.index.build import atom_rows
+
+    z = np.concatenate([atom_rows(a, coordination_cutoff)["coordination"].to_numpy() for a in frames])
+    return int(np.percentile(z, 99))
+
+
+def atom_table(frames: list[Atoms], e_pred: np.ndarray, f_pred: list[np.ndarray], hull, coordination_cutoff: float,
+               z_full: int, t_hot: float = float("inf")) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-atom (force error, z, z deficit from the training crystals' bulk z, angle deviation, neighbours
+    within the descriptor cutoff, γ) and per-frame (energy error, means) tables."""
+    from mlipops.descriptors import compute_descriptors, neighbor_list
+    from mlipops.index.build import atom_rows
+
+    g, unseen = compute_descriptors(frames, hull.species, hull.descriptor)
+    symbols = np.concatenate([a.get_chemical_symbols() for a in frames])
+    ev = hull.evaluate(symbols, g, unseen)
+    rows, frows = [], []
+    for k, (a, e, f) in enumerate(zip(frames, e_pred, f_pred)):
+        e_ref, f_ref, _ = labels(a)
+        if e_ref is None or f_ref is None:
+            raise StageInputError("an imperfect test frame has no energy/forces", frame=k, field="energy")
+        geo = atom_rows(a, coordination_cutoff)
+        i = neighbor_list(a.positions, a.cell.array, a.pbc, float(hull.descriptor["cutoff"]))[0]
+        rows.append(pd.DataFrame({
+            "frame": k, "config_type": group_of(a, t_hot), "species": geo["species"].to_numpy(),
+            "z": geo["coordination"].to_numpy(), "angle_deviation": geo["bond_angle_deviation"].to_numpy(float),
+            "nearest_crystal": geo["nearest_crystal"].to_numpy(),
+            "z_deficit": z_full - geo["coordination"].to_numpy(),
+            "n_within_cutoff": np.bincount(i, minlength=len(a)),
+            "force_error": np.linalg.norm(np.asarray(f) - f_ref, axis=1)}))
+        t = a.info.get("temperature_K")
+        rows[-1]["temperature_K"] = np.nan if t is None else float(t)
+        frows.append({"frame": k, "config_type": group_of(a, t_hot), "n_atoms": len(a),
+                      "energy_error_per_atom": abs(float(e) - e_ref) / len(a)})
+    at = pd.concat(rows, ignore_index=True)
+    at["gamma"] = ev["extrapolation_grade"]
+    at["inside_hull"] = ev["inside_hull"]
+    fr = pd.DataFrame(frows)
+    agg = at.groupby("frame").agg(mean_z=("z", "mean"), mean_angle_deviation=("angle_deviation", "mean"),
+                                  fraction_outside_hull=("inside_hull", lambda x: 1.0 - x.mean()),
+                                  max_gamma=("gamma", "max"))
+    return at, fr.join(agg, on="frame")
+
+
+# ------------------------------------------------------------------------------------ diagnosis
+def _r2(y: np.ndarray, X: np.ndarray):
+    import warnings
+
+    import statsmodels.api as sm
+
+    with warnings.catch_warnings():  # collinear z levels: the pseudo-inverse fit is still the least-squares R²
+        warnings.simplefilter("ignore")
+        return sm.OLS(y, sm.add_constant(X, has_constant="add")).fit()
+
+
+def lmg_two(y: np.ndarray, X_z: np.ndarray, X_a: np.ndarray) -> dict:
+    """Shares of the variance of ``y`` explained by the two groups of regressors (LMG, averaged over
+    both orders of entry), the full R² and the F-test p-value of each group added last."""
+    full, z_only, a_only = _r2(y, np.hstack([X_z, X_a])), _r2(y, X_z), _r2(y, X_a)
+    r2f, r2z, r2a = (max(m.rsquared, 0.0) if np.isfinite(m.rsquared) else 0.0 for m in (full, z_only, a_only))
+    share_z = 0.5 * (r2z + (r2f - r2a))
+    share_a = 0.5 * (r2a + (r2f - r2z))
+
+    def p_added(small) -> float:
+        try:
+            if full.df_model <= small.df_model:
+                return float("nan")
+            return float(full.compare_f_test(small)[1])
+        except (ValueError, np.linalg.LinAlgError, ZeroDivisionError):
+            return float("nan")
+
+    return {"r2_full": r2f, "r2_z_only": r2z, "r2_angle_only": r2a, "share_z": max(share_z, 0.0),
+            "share_angle": max(share_a, 0.0), "p_z_added_last": p_added(a_only), "p_angle_added_last": p_added(z_only),
+            "n": int(len(y))}
+
+
+def _z_design(z: np.ndarray) -> np.ndarray:
+    levels = np.unique(z)
+    return np.stack([(z == v).astype(float) for v in levels[1:]], axis=1) if len(levels) > 1 else np.zeros((len(z), 0))
+
+
+def _angle_design(a: np.ndarray) -> np.ndarray:
+    s = a.std() or 1.0
+    x = (a - a.mean()) / s
+    return np.stack([x, x * x], axis=1)
+
+
+def decompose_atoms(at: pd.DataFrame) -> dict:
+    """Force error explained by z (categorical) vs angle deviation (quadratic), LMG shares."""
+    ok = at.dropna(subset=["angle_deviation"])
+    out = {"n_atoms": int(len(at)), "n_atoms_without_angle": int(len(at) - len(ok))}
+    if len(ok) < MIN_ATOMS_FIT or ok.force_error.var() == 0:
+        return out | {"r2_full": float("nan"), "share_z": float("nan"), "share_angle": float("nan")}
+    y = ok.force_error.to_numpy(float)
+    Xz, Xa = _z_design(ok.z.to_numpy()), _angle_design(ok.angle_deviation.to_numpy(float))
+    res = lmg_two(y, Xz, Xa)
+    # what the first shell cannot see: the neighbour count within the descriptor cutoff (2nd, 3rd shells)
+    Xn = _angle_design(ok.n_within_cutoff.to_numpy(float))
+    r2n = _r2(y, np.hstack([Xz, Xa, Xn])).rsquared if ok.n_within_cutoff.std() > 0 else res["r2_full"]
+    return out | res | {"r2_gain_beyond_first_shell": max(float(r2n) - res["r2_full"], 0.0)}
+
+
+def decompose_frames(fr: pd.DataFrame) -> dict:
+    ok = fr.dropna(subset=["mean_angle_deviation"])
+    if len(ok) < MIN_FRAMES_FIT or ok.energy_error_per_atom.var() == 0:
+        return {"n": int(len(ok)), "r2_full": float("nan"), "share_z": float("nan"), "share_angle": float("nan")}
+    return lmg_two(ok.energy_error_per_atom.to_numpy(float), ok[["mean_z"]].to_numpy(float),
+                   ok[["mean_angle_deviation"]].to_numpy(float))
+
+
+def _spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    m = ~(np.isnan(x) | np.isnan(y))
+    if m.sum() < 3 or np.ptp(x[m]) == 0 or np.ptp(y[m]) == 0:
+        return float("nan")
+    return float(spearmanr(x[m], y[m]).statistic)
+
+
+def diagnose(at: pd.DataFrame, fr: pd.DataFrame) -> dict[str, dict]:
+    """Per group (``all`` and each config_type, hot frames apart: :func:`group_of`): errors, hull statistics
+    and the decomposition."""
+    out = {}
+    groups = [("all", at, fr)] + [(ct, at[at.config_type == ct], fr[fr.config_type == ct])
+                                  for ct in sorted(at.config_type.unique())]
+    for name, a, f in groups:
+        worst = a.force_error >= a.force_error.quantile(0.75)
+        g = {"n_frames": int(len(f)), "n_atoms": int(len(a)),
+             "force_mae_atom": float(a.force_error.mean()),  # mean |ΔF_i| (vector norm), eV/Å
+             "energy_mae_per_atom": float(f.energy_error_per_atom.mean()),
+             "fraction_outside_hull": float(1.0 - a.inside_hull.mean()),
+             "fraction_outside_hull_worst_quarter": float(1.0 - a.inside_hull[worst].mean()),
+             "force_error_inside_hull": float(a.force_error[a.inside_hull].mean()) if a.inside_hull.any() else float("nan"),
+             "force_error_outside_hull": float(a.force_error[~a.inside_hull].mean()) if (~a.inside_hull).any() else float("nan"),
+             "spearman_force_error_gamma": _spearman(np.where(np.isinf(a.gamma), 1e300, a.gamma), a.force_error),
+             "mean_z": float(a.z.mean()), "mean_angle_deviation": float(a.angle_deviation.mean()),
+             "worst_quarter_median_z_deficit": float(np.nanmedian(a.z_deficit[worst])) if worst.any() else float("nan"),
+             "hot": bool(name.endswith("_hot")),
+             "atoms": decompose_atoms(a)}
+        if name == "all":
+            g["frames"] = decompose_frames(f)
+        out[name] = g
+    return out
+
+
+def dominant(d: dict) -> str | None:
+    """``angle``, ``z`` or ``outer_shells`` (the neighbour count within the cutoff adds more than either
+    first-shell factor); None when nothing explains the error."""
+    sz, sa = d["atoms"].get("share_z"), d["atoms"].get("share_angle")
+    if sz is None or sa is None or not (np.isfinite(sz) and np.isfinite(sa)):
+        return None
+    outer = d["atoms"].get("r2_gain_beyond_first_shell", 0.0)
+    if outer > max(sz, sa) and outer >= 0.1:
+        return "outer_shells"
+    if sz + sa < 0.05:
+        return None
+    return "angle" if sa >= sz else "z"
+
+
+def recommend(diag: dict[str, dict], perfect_force_mae: float) -> list[dict]:
+    """Config_types that need data, with the recipe that supplies what the diagnosis says is missing."""
+    recs = []
+    for ct, d in diag.items():
+        if ct == "all":
+            continue
+        ratio = d["force_mae_atom"] / perfect_force_mae if perfect_force_mae > 0 else float("inf")
+        if ratio < ELEVATED and d["fraction_outside_hull"] <= OUTSIDE:
+            continue
+        dom = dominant(d)
+        # frames hotter than any training crystal: hot MD (the liquid recipe); else bulk-like atoms with
+        # a neighbour or two missing need vacancy cells, surface-like atoms slabs
+        if d.get("hot"):
+            recipe = "high_temperature_md"
+        else:
+            recipe = "rattled_vacancy" if d["worst_quarter_median_z_deficit"] <= 2 else "slab"
+        why = (f"force error {ratio:.1f}x the perfect crystals', {100 * d['fraction_outside_hull']:.0f} % of its atoms "
+               f"outside the training hull; " + {"angle": "bond-angle distortion dominates",
+                                                  "z": "missing neighbours (low z) dominate",
+                                                  "outer_shells": "neighbours missing beyond the first shell dominate",
+                                                  None: "neither z nor angles explain it (add it as is)"}[dom]
+               + ("; its frames are hotter than any training crystal" if d.get("hot") else ""))
+        recs.append({"config_type": ct, "recipe": recipe, "dominant_factor": dom, "error_ratio": ratio, "reason": why})
+    return sorted(recs, key=lambda r: -r["error_ratio"])
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.0f} %"
+
+
+def conclusion(diag: dict[str, dict], perfect_force_mae: float, recs: list[dict]) -> list[str]:
+    """The diagnosis in words, generated from the numbers."""
+    lines = []
+    for ct, d in diag.items():
+        if ct == "all":
+            continue
+        at = d["atoms"]
+        dom = dominant(d)
+        lines.append(
+            f"**{ct}**: force error {d['force_mae_atom']:.3f} eV/Å per atom "
+            f"({d['force_mae_atom'] / perfect_force_mae:.1f}x the perfect crystals'), energy {1000 * d['energy_mae_per_atom']:.1f} meV/atom. "
+            f"Bond-angle deviation explains {_pct(at.get('share_angle'))} of the force-error variance, coordination "
+            f"{_pct(at.get('share_z'))} (together {_pct(at.get('r2_full'))}); "
+            f"{_pct(d['fraction_outside_hull'])} of its atoms lie outside the training hull "
+            f"({_pct(d['fraction_outside_hull_worst_quarter'])} of its worst quarter)."
+            + (" The error comes mainly from " + {
+                "angle": "angular distortion the perfect crystals never showed.",
+                "z": "coordination numbers between or below those seen.",
+                "outer_shells": "neighbours missing beyond the first shell (a surface or vacancy within the cutoff)."}[dom]
+               if dom else "")
+            + (f" Another {_pct(at['r2_gain_beyond_first_shell'])} is explained by the number of neighbours within the "
+               "descriptor cutoff: atoms whose first shell is complete but whose outer shells are cut by a surface or vacancy."
+               if at.get("r2_gain_beyond_first_shell", 0) >= 0.1 else ""))
+    a = diag["all"]
+    lines.append(
+        f"**All imperfect atoms**: {_pct(a['atoms'].get('share_angle'))} of the force-error variance is explained by "
+        f"bond-angle deviation and {_pct(a['atoms'].get('share_z'))} by coordination; atoms outside the hull have "
+        f"{a['force_error_outside_hull']:.3f} eV/Å mean error vs {a['force_error_inside_hull']:.3f} inside "
+        f"(Spearman ρ(error, γ) = {a['spearman_force_error_gamma']:.2f}).")
+    if recs:
+        lines.append("**Recommended additions**: " + "; ".join(
+            f"`{r['recipe']}` for `{r['config_type']}` ({r['reason']})" for r in recs) + ".")
+    else:
+        lines.append("**No additions recommended**: every imperfect config_type is within "
+                     f"{ELEVATED:g}x the perfect crystals' error and mostly inside the hull.")
+    return lines
+
+
+# ------------------------------------------------------------------------------------- control
+def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams) -> list[Atoms]:
+    """New labelled structures for the recommended recipes, from the dataset's oracle."""
+    from ase.build import bulk
+
+    from mlipops.generate.recipes import _slab, equilibrium_nn_distance
+    from mlipops.oracles import get_oracle
+
+    oracle = get_oracle(g.oracle.calculator, g.oracle.kwargs)
+    rng = np.random.default_rng(p.control_seed)
+    a_fcc = equilibrium_nn_distance(g.element, "fcc", oracle) * math.sqrt(2.0)
+    out = []
+    if "rattled_vacancy" in recipes:
+        n = g.defects.vacancy_supercell
+        perfect = bulk(g.element, "fcc", a=a_fcc, cubic=True).repeat((n, n, n))
+        for _ in range(p.control_vacancy_cells):
+            v = perfect.copy()
+            del v[int(rng.integers(len(v)))]
+            v.positions += rng.normal(0.0, p.control_rattle_stdev, v.positions.shape)
+            v.info["config_type"] = "control_rattled_vacancy"
+            out.append(v)
+    if "high_temperature_md" in recipes:
+        from mlipops.generate.recipes import liquid
+
+        for a in liquid(g, oracle, a_fcc, rng):  # snapshots of the oracle's own MD (generate.liquid)
+            a.info["config_type"] = "control_high_temperature_md"
+            out.append(a)
+    if "slab" in recipes:
+        for hkl in g.defects.slabs:
+            slab = _slab(g.element, hkl, a_fcc, g.defects.slab_size, g.defects.vacuum)
+            for _ in range(p.control_slabs):
+                s = slab.copy()
+                s.positions += rng.normal(0.0, p.control_rattle_stdev, s.positions.shape)
+                s.info["config_type"] = f"control_slab_{hkl}"
+                out.append(s)
+    return oracle.label(out)
+
+
+def _train(train: list[Atoms], val: list[Atoms], species: list[str], p: DefectParams, tp: TrainParams,
+           d: DescriptorParams):
+    from mlipops.train.loop import fit
+
+    q = tp.model_copy(update={"epochs": p.epochs, "curriculum": []})
+    return fit(train, val, q, d, species=species).model
+
+
+def _predict(model, frames):
+    """Energies and forces in float64 (the Δ-learning baseline added back)."""
+    import torch
+
+    from mlipops.evaluate.errors import predict
+
+    return predict(model.to(dtype=torch.float64), frames)
+
+
+@dataclass
+class DefectReport:
+    diagnosis: dict
+    recommendations: list[dict]
+    conclusion: list[str]
+    perfect_val_force_mae_atom: float
+    control: dict
+    atoms: pd.DataFrame
+    frames: pd.DataFrame
+    control_atoms: pd.DataFrame | None
+    timings: dict
+
+    def metrics(self) -> dict:
+        m = {"perfect_val_force_mae_atom": self.perfect_val_force_mae_atom, "n_recommended": len(self.recommendations)}
+        for ct, d in self.diagnosis.items():
+            for k in ("force_mae_atom", "energy_mae_per_atom", "fraction_outside_hull", "spearman_force_error_gamma"):
+                m[f"{ct}.{k}"] = d[k]
+            for k in ("share_z", "share_angle", "r2_full", "r2_gain_beyond_first_shell"):
+                m[f"{ct}.{k}"] = d["atoms"].get(k)
+        for k, v in self.control.items():
+            if isinstance(v, (int, float)):
+                m[f"control.{k}"] = v
+        return m | {f"time.{k}": v for k, v in self.timings.items()}
+
+    def to_json(self) -> dict:
+        return {"diagnosis": self.diagnosis, "recommendations": self.recommendations, "conclusion": self.conclusion,
+                "perfect_val_force_mae_atom": self.perfect_val_force_mae_atom, "control": self.control}
+
+
+def _perfect_force_mae(model, val: list[Atoms]) -> float:
+    if not val:
+        return float("nan")
+    _, f = _predict(model, val)
+    return float(np.mean([np.linalg.norm(fp - labels(a)[1], axis=1).mean() for a, fp in zip(val, f)]))
+
+
+def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: DescriptorParams, ip: IndexParams,
+             g: GenerateParams | None = None) -> DefectReport:
+    """The whole experiment on labelled frames: train perfect-only, diagnose, recommend, control."""
+    from mlipops.train.loop import species_of
+
+    t0 = time.perf_counter()
+    s = select(frames, p)
+    species = species_of(s.train + s.val + s.test + s.pool)
+    descriptor = d.model_dump()
+    model = _train(s.train, s.val, species, p, tp, d)
+    t_train = time.perf_counter()
+    hull = hull_of(s.train, species, descriptor, ip.pca_components)
+    e, f = _predict(model, s.test)
+    z_full = full_coordination(s.train, ip.coordination_cutoff)
+    temps = [float(a.info["temperature_K"]) for a in s.train if a.info.get("temperature_K") is not None]
+    t_max = max(temps, default=0.0)  # 0 K: static crystals
+    t_hot = t_max + HOTTER_K
+    at, fr = atom_table(s.test, e, f, hull, ip.coordination_cutoff, z_full, t_hot)
+    perfect_mae = _perfect_force_mae(model, s.val or s.train)
+    diag = diagnose(at, fr)
+    diag["all"] |= {"bulk_z": z_full, "perfect_max_temperature_K": t_max}
+    recs = recommend(diag, perfect_mae)
+    words = conclusion(diag, perfect_mae, recs)
+    t_diag = time.perf_counter()
+    control: dict = {"mode": p.control}
+    control_at = None
+    added: list[Atoms] = []
+    if p.control == "recipes" and recs:
+        if g is None:
+            raise MlipopsError("control: recipes needs the generate params (element, oracle)", field="evaluate.defects.control")
+        added = control_recipes({r["recipe"] for r in recs}, p, g)
+    elif p.control == "held_out" and recs:
+        want = {r["config_type"] for r in recs}
+        added = [a for a in s.pool if group_of(a, t_hot) in want]
+    if added:
+        model2 = _train(s.train + added, s.val, species, p, tp, d)
+        hull2 = hull_of(s.train + added, species, descriptor, ip.pca_components)
+        e2, f2 = _predict(model2, s.test)
+        control_at, fr2 = atom_table(s.test, e2, f2, hull2, ip.coordination_cutoff, z_full, t_hot)
+        diag2 = diagnose(control_at, fr2)
+        control |= {"n_added_frames": len(added), "n_added_atoms": int(sum(len(a) for a in added)),
+                    "added_config_types": sorted({group_of(a, t_hot) for a in added}),
+                    "perfect_val_force_mae_atom_after": _perfect_force_mae(model2, s.val or s.train),
+                    "per_config_type": {ct: {
+                        "force_mae_atom_before": diag[ct]["force_mae_atom"], "force_mae_atom_after": diag2[ct]["force_mae_atom"],
+                        "energy_mae_per_atom_before": diag[ct]["energy_mae_per_atom"],
+                        "energy_mae_per_atom_after": diag2[ct]["energy_mae_per_atom"],
+                        "fraction_outside_hull_before": diag[ct]["fraction_outside_hull"],
+                        "fraction_outside_hull_after": diag2[ct]["fraction_outside_hull"]} for ct in diag}}
+        b, a_ = diag["all"], diag2["all"]
+        control |= {"force_mae_atom_before": b["force_mae_atom"], "force_mae_atom_after": a_["force_mae_atom"],
+                    "force_error_drop": 1.0 - a_["force_mae_atom"] / b["force_mae_atom"],
+                    "energy_mae_per_atom_before": b["energy_mae_per_atom"],
+                    "energy_mae_per_atom_after": a_["energy_mae_per_atom"],
+                    "energy_error_drop": 1.0 - a_["energy_mae_per_atom"] / b["energy_mae_per_atom"]
+                    if b["energy_mae_per_atom"] > 0 else float("nan")}
+        words.append(f"**Control**: retrained with {len(added)} added frames ({', '.join(control['added_config_types'])}): "
+                     f"imperfect force error {b['force_mae_atom']:.3f} → {a_['force_mae_atom']:.3f} eV/Å "
+                     f"({_pct(control['force_error_drop'])} lower), energy {1000 * b['energy_mae_per_atom']:.1f} → "
+                     f"{1000 * a_['energy_mae_per_atom']:.1f} meV/atom; atoms outside the hull "
+                     f"{_pct(b['fraction_outside_hull'])} → {_pct(a_['fraction_outside_hull'])}.")
+    else:
+        control["skipped"] = ("control disabled" if p.control == "none" else "nothing recommended" if not recs
+                              else "no frames of the recommended config_types in the held-out pool")
+    t_end = time.perf_counter()
+    timings = {"train_s": round(t_train - t0, 1), "diagnose_s": round(t_diag - t_train, 1),
+               "control_s": round(t_end - t_diag, 1)}
+    return DefectReport(diag, recs, words, perfect_mae, control, at, fr, control_at, timings)
+
+
+# ---------------------------------------------------------------------------------------- plots
+def plot_geometry(at: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    cts = sorted(at.config_type.unique())
+    colours = {ct: plt.cm.tab10(k % 10) for k, ct in enumerate(cts)}
+    rng = np.random.default_rng(0)
+    for ct in cts:
+        a = at[at.config_type == ct]
+        for inside, marker in ((True, "o"), (False, "x")):
+            b = a[a.inside_hull == inside]
+            if len(b):
+                ax1.scatter(b.z + rng.uniform(-0.25, 0.25, len(b)), b.force_error, s=9, marker=marker,
+                            color=colours[ct], alpha=0.6, label=f"{ct} ({'in' if inside else 'out of'} hull)")
+                ax2.scatter(b.angle_deviation, b.force_error, s=9, marker=marker, color=colours[ct], alpha=0.6)
+    ax1.set_xlabel("coordination number z")
+    ax2.set_xlabel("bond-angle deviation from the nearest crystal (degrees)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("|ΔF_i| (eV/Å)")
+        ax.set_yscale("log")
+    ax1.legend(fontsize=6, ncol=2)
+    fig.suptitle("Perfect-only model on imperfect atoms: force error vs coordination and bond angles")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_decomposition(diag: dict, control: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(diag)
+    sz = [diag[n]["atoms"].get("share_z", np.nan) for n in names]
+    sa = [diag[n]["atoms"].get("share_angle", np.nan) for n in names]
+    rest = [1 - (np.nan_to_num(z) + np.nan_to_num(a)) for z, a in zip(sz, sa)]
+    fig, axes = plt.subplots(1, 2 if "per_config_type" in control else 1, figsize=(11, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    x = np.arange(len(names))
+    ax.bar(x, np.nan_to_num(sz), label="coordination z")
+    ax.bar(x, np.nan_to_num(sa), bottom=np.nan_to_num(sz), label="bond-angle deviation")
+    ax.bar(x, rest, bottom=np.nan_to_num(sz) + np.nan_to_num(sa), color="lightgrey", label="unexplained")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("share of force-error variance")
+    ax.legend(fontsize=8)
+    ax.set_title("What explains the error (LMG shares)")
+    if "per_config_type" in control:
+        ax = axes[0, 1]
+        pc = control["per_config_type"]
+        before = [pc[n]["force_mae_atom_before"] for n in names]
+        after = [pc[n]["force_mae_atom_after"] for n in names]
+        ax.bar(x - 0.2, before, 0.4, label="perfect only")
+        ax.bar(x + 0.2, after, 0.4, label="+ recommended structures")
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylabel("mean |ΔF_i| (eV/Å)")
+        ax.legend(fontsize=8)
+        ax.set_title("Control: error before and after adding the recommendation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(rep: DefectReport, out_dir: Path, title: str) -> dict:
+    from mlipops.report import jsonable, md_table, write_markdown, write_metrics
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_geometry(rep.atoms, out_dir / "force_error_vs_geometry.png")
+    plot_decomposition(rep.diagnosis, rep.control, out_dir / "decomposition.png")
+    metrics = rep.metrics()
+    write_metrics(out_dir, metrics)
+    (out_dir / "defects.json").write_text(json.dumps(jsonable(rep.to_json()), indent=2) + "\n")
+    rows = [(ct, d["n_frames"], d["n_atoms"], d["force_mae_atom"], 1000 * d["energy_mae_per_atom"],
+             d["atoms"].get("share_z"), d["atoms"].get("share_angle"), d["atoms"].get("r2_full"),
+             d["fraction_outside_hull"]) for ct, d in rep.diagnosis.items()]
+    extra = [md_table(("config_type", "frames", "atoms", "mean |ΔF_i| (eV/Å)", "E MAE (meV/atom)", "share z",
+                       "share angle", "R²", "outside hull"), rows)]
+    pc = rep.control.get("per_config_type")
+    if pc:
+        extra += ["## Control", md_table(("config_type", "|ΔF| before", "|ΔF| after", "E before (meV/atom)",
+                                          "E after (meV/atom)", "outside hull before", "after"),
+                                         [(ct, v["force_mae_atom_before"], v["force_mae_atom_after"],
+                                           1000 * v["energy_mae_per_atom_before"], 1000 * v["energy_mae_per_atom_after"],
+                                           v["fraction_outside_hull_before"], v["fraction_outside_hull_after"])
+                                          for ct, v in pc.items()])]
+    extra += ["![force error vs geometry](force_error_vs_geometry.png)", "![decomposition](decomposition.png)"]
+    write_markdown(out_dir / "summary.md", title, [
+        "A single potential trained on perfect crystals only, tested on imperfect structures. "
+        f"Perfect-crystal validation error: {rep.perfect_val_force_mae_atom:.4f} eV/Å (mean |ΔF_i|). "
+        "Shares: LMG decomposition of the per-atom force-error variance between coordination number "
+        "(categorical) and bond-angle deviation (quadratic); hull: the perfect training atoms' descriptor hull.",
+        *rep.conclusion], extra=extra)
+    return metrics
+
+
+def run(params, data: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> dict:
+    """The ``defects`` stage: the curated data (or ``data`` files, e.g. real DFT sets) through
+    :func:`transfer`; reports in ``out_dir``."""
+    from mlipops.frames import read_extxyz
+    from mlipops.train.loop import DATA
+
+    paths = list(data) if data else [DATA]
+    frames = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise StageInputError("data file missing" + (": run `dvc repro validate` first" if not data else ""),
+                                  file=str(path))
+        fr, rejected = read_extxyz(path)
+        if rejected:
+            raise StageInputError(f"{len(rejected)} unreadable frame(s); first: {rejected[0].reason}", file=str(path))
+        frames += fr
+    p = params.evaluate.defects
+    rep = transfer(frames, p, params.train, params.descriptors, params.index, params.generate)
+    metrics = write_report(rep, Path(out_dir), "Perfect → imperfect transfer: " + ", ".join(str(x) for x in paths))
+    log_to_mlflow(params, metrics, paths, Path(out_dir))
+    return metrics
+
+
+def log_to_mlflow(params, metrics: dict, data: list[Path], out_dir: Path) -> str:
+    """One MLflow run per study (tag ``stage=defects``): its settings, numbers and report files."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from mlipops.frames import file_md5
+    from mlipops.params import flatten
+    from mlipops.train import tracking
+
+    t = params.train
+    c = tracking.client(t.tracking_uri)
+    exp = tracking.experiment_id(t.tracking_uri, t.experiment, t.artifact_location)
+    run = c.create_run(exp, run_name="defects-transfer", tags={
+        "stage": "defects", "git.commit": tracking.git_commit(),
+        "data": ", ".join(str(x) for x in data), "data.md5": ", ".join(file_md5(x) for x in data)})
+    ts = int(time.time() * 1000)
+    settings = flatten(params.evaluate.defects, "defects.") | {f"train.{k}": v for k, v in flatten(t).items()
+                                                               if k in ("hidden", "learning_rate", "seed")}
+    batch = [Metric(k.replace(".", "_"), float(v), ts, 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    c.log_batch(run.info.run_id, metrics=batch[:1000], params=[Param(k, str(v)[:6000]) for k, v in settings.items()],
+                tags=[RunTag("mlipops.n_recommended", str(metrics.get("n_recommended")))])
+    c.log_artifacts(run.info.run_id, str(out_dir), artifact_path="defects")
+    c.set_terminated(run.info.run_id)
+    return run.info.run_id
