@@ -1,0 +1,455 @@
+"""Melting point by solid–liquid coexistence molecular dynamics (Morris et al., PRB 49, 3109 (1994)).
+
+One elongated periodic cell of ``supercell = (nx, ny, nz)`` conventional cells is split along z: the lower
+``nz // 2`` cells stay crystal, the others are melted, so the cell holds two (001) solid–liquid interfaces (one
+through the periodic boundary) and no free surface. Any ASE calculator (EMT, ``MlipopsCalculator``) drives ASE's MD.
+
+1. **Lattice.** ``a`` is given, or minimises the calculator's energy per atom (isotropic scan ±6 %, then ±2 %,
+   parabola through the 5 lowest points, like ``generate.recipes.equilibrium_nn_distance``). The parabola's
+   curvature gives the 0 K bulk modulus B = V E''(V) = 2c₂/(9κa) (V_atom = κa³), used only as the barostat's
+   compressibility. EMT Cu: a = 3.590 Å, B = 133 GPa.
+2. **Build** (:func:`build_coexistence_cell`). The crystal is scaled by 1 + ``expansion_guess`` (0.03: EMT Cu at
+   1300 K, zero pressure, Berendsen NPT: 12.65 Å³/atom, a = 3.70 Å) and the liquid half is stretched a further
+   ``liquid_stretch`` along z (0.09: EMT liquid Cu at 1300 K, 13.85 Å³/atom). The solid half is frozen
+   (``FixAtoms``); the other half gets Maxwell–Boltzmann velocities at ``t_melt`` and is melted by Langevin
+   (100 fs friction) at ``t_melt`` = 2.5 t_guess (2/3 of ``melt_steps``; at 2 t_guess a 3-cell slab next to the
+   frozen crystal stayed ~50 % ordered after 400 fs) and cooled to ``t_liquid`` (last 1/3). The constraint goes,
+   and the solid gets Maxwell–Boltzmann velocities at 2 ``t_solid``: it starts on its perfect lattice, and
+   equipartition moves half of that kinetic energy into potential energy within a phonon period.
+3. **Equilibrate** (``equilibration_steps``): NPH with ASE's ``Inhomogeneous_NPTBerendsen`` (the three cell
+   lengths relax independently to zero stress, time constant ``taup_fs``; its thermostat is switched off with
+   taut = 10¹² fs). The liquid carries no shear, so this sets the solid's lateral lattice constant at the
+   coexistence temperature and the z length at zero pressure: the guesses of item 2 need not be exact.
+4. **Production** (``production_steps``): NVE (velocity Verlet; default) in the equilibrated cell, or NPH (the
+   same Berendsen barostat). The energy (enthalpy) is conserved, so a two-phase system's temperature is pinned
+   at Tm: a hotter system melts some solid and cools, a colder one freezes some liquid and warms. NVE is the
+   default: an exact ensemble whose conserved energy checks the integrator and the calculator
+   (``drift_meV_per_atom_ps``; EMT Cu at 5 fs: |drift| < 0.05), while Berendsen NPH is not a true ensemble and
+   drifted by 0.25–0.4 meV/atom/ps. The NVE pressure stays small (EMT Cu: −0.3…+0.3 GPa; it is reported,
+   ``pressure_GPa``, since dTm/dP = Tm ΔV/L ≈ 80 K/GPa for EMT Cu: ΔV ≈ 1.2 Å³/atom, L ≈ 0.12 eV assumed).
+   Tm = ⟨T⟩ over production, with the kinetic T = 2E_kin/(3N k_B) of ``atoms.get_temperature()`` every
+   ``sample_interval`` steps.
+5. **Error of one run.** Block averaging: the integrated autocorrelation time τ of the production T series
+   (initial-positive-sequence sum) bounds the block length from below (⌈2τ⌉ samples), and the series is cut
+   into 5 blocks (4 at least; fewer, longer blocks than 2τ allows, because the interfaces relax on a 5–10 ps
+   scale that the autocorrelation sum of a short series misses); stderr = std(block means)/√n_blocks.
+6. **Coexistence check and retries.** Per atom, the Lechner–Dellago averaged q̄₆ (freud
+   ``Steinhardt(l=6, average=True)``, 12 nearest neighbours from a ``freud.locality.AABBQuery`` on a freud box
+   built from the ASE cell's lengths and angles). Solid-like: q̄₆ > ``q6_solid_threshold`` = 0.32, in the gap
+   measured on EMT Cu (256 atoms): perfect fcc 0.567; fcc at 1300 K mean 0.471, sd 0.029, min 0.373; liquid at
+   1300 K mean 0.158, sd 0.032, max 0.254; liquid at 1600 K mean 0.153, sd 0.040, max 0.262. The run is
+   accepted when the mean solid fraction over the last 10 % of the production samples lies in
+   [f_min, 1 − f_min] (``min_phase_fraction``). Otherwise it is rejected with its reason and rerun (new random
+   stream) from shifted start temperatures (:func:`next_attempt`): fully melted → ``t_solid`` and ``t_liquid``
+   both lowered by ``retry_step_K`` (too much energy), fully crystallised → raised; the step halves when the
+   direction flips. The energy balance (3k_B/2)(T_s + T_l) + L/2 = 3k_B Tm + (1 − f)L shows why the defaults
+   T_s = 0.8 t_guess, T_l = 1.2 t_guess end near f = 1/2 when t_guess ≈ Tm, and that a shift δ of both moves
+   f by 3k_B δ/L ≈ δ/500 K for copper (L ≈ 0.13 eV/atom).
+7. **Several seeds** (:func:`melting_point`): tm_mean and tm_std (ddof = 1) over the accepted runs, and the
+   combined standard error sqrt((tm_std² + mean_k stderr_k²)/n): the scatter between seeds plus the within-run
+   error, so that two or three seeds cannot report a spuriously small error (it overcounts by at most √2).
+   On EMT Cu the seeds scatter far more than one run's stderr says (item 5): 288 atoms, 5 ps: 1310 ± 5,
+   1265 ± 13, 1359 ± 4 K; 512 atoms, 8–10 ps: 1299 ± 3, 1330 ± 8, 1279 ± 4 K. Seeds are the error bar.
+
+Sizes. The liquid slab must be thicker than two interface widths: with 3 cells per phase (3 x 3 x 6) the
+liquid froze through at 1340–1450 K, above Tm. The cross-section must exceed the liquid's correlation length: with
+2 x 2 cells (7.4 Å) Tm came out 1360–1460 K. Use ≥ 3 x 3 lateral and ≥ 4 cells per phase (defaults 3 x 3 x 8);
+4 x 4 x 8 (512 atoms, 10 ps) for production numbers.
+
+Time step: 5 fs. Copper is heavy (63.5 u), its fastest phonon period is ~140 fs, ASE's Cu/EMT MD examples use
+5 fs, and the NVE drift above is negligible. Lighter elements or stiffer potentials need less.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+from ase import Atoms, units
+from ase.build import bulk
+from ase.calculators.calculator import Calculator
+from ase.constraints import FixAtoms
+from ase.data import atomic_numbers, covalent_radii, reference_states
+
+from mlipops.errors import MlipopsError, ParamsError
+
+
+@dataclass
+class CoexistenceSettings:
+    """Every knob of one coexistence run; the defaults are a quick run on EMT copper (see module doc)."""
+
+    element: str = "Cu"
+    lattice: str = "fcc"  # fcc | bcc (cubic conventional cell), hcp (orthorhombic cell)
+    a: float | None = None  # Å, 0 K lattice constant; None: minimise the calculator's energy
+    supercell: tuple[int, int, int] = (3, 3, 8)  # conventional cells; z is split: solid | liquid (module doc)
+    t_guess: float = 1300.0  # K, initial guess of Tm
+    t_solid: float | None = None  # K, solid half's start temperature; None: 0.8 t_guess
+    t_liquid: float | None = None  # K, liquid half's start temperature; None: 1.2 t_guess
+    t_melt: float | None = None  # K, the liquid half is melted at it first; None: 2.5 t_guess
+    timestep_fs: float = 5.0
+    melt_steps: int = 150
+    equilibration_steps: int = 250
+    production_steps: int = 1000  # 5 ps at 5 fs
+    sample_interval: int = 5  # steps between recorded samples (T, solid fraction)
+    ensemble: Literal["nph", "nve"] = "nve"
+    q6_solid_threshold: float = 0.32
+    min_phase_fraction: float = 0.15
+    max_retries: int = 2
+    retry_step_K: float = 150.0
+    expansion_guess: float = 0.03  # start lattice = a (1 + it); the NPH equilibration corrects it
+    liquid_stretch: float = 0.09  # extra z length of the liquid half before melting
+    taup_fs: float = 500.0  # Berendsen barostat time constant
+    seed: int = 0
+
+    def temperatures(self) -> tuple[float, float, float]:
+        """(t_solid, t_liquid, t_melt) with the defaults filled in."""
+        g = self.t_guess
+        return (self.t_solid if self.t_solid is not None else 0.8 * g,
+                self.t_liquid if self.t_liquid is not None else 1.2 * g,
+                self.t_melt if self.t_melt is not None else 2.5 * g)
+
+    def validate(self) -> "CoexistenceSettings":
+        def bad(name, why):
+            raise ParamsError(f"{why} (got {getattr(self, name)!r})", field=f"melting.{name}")
+        if self.lattice not in ("fcc", "bcc", "hcp"):
+            bad("lattice", "must be fcc, bcc or hcp")
+        if self.element not in atomic_numbers:
+            bad("element", "unknown chemical symbol")
+        if len(self.supercell) != 3 or min(self.supercell) < 1 or self.supercell[2] < 2:
+            bad("supercell", "needs three positive counts and at least 2 cells along z")
+        if self.ensemble not in ("nph", "nve"):
+            bad("ensemble", "must be 'nve' or 'nph'")
+        if self.sample_interval < 1:
+            bad("sample_interval", "must be >= 1")
+        for name in ("equilibration_steps", "production_steps"):
+            if getattr(self, name) % self.sample_interval or getattr(self, name) < 0:
+                bad(name, f"must be a non-negative multiple of sample_interval={self.sample_interval}")
+        if self.production_steps < 4 * self.sample_interval:
+            bad("production_steps", "needs at least 4 samples")
+        if not 0.0 <= self.min_phase_fraction < 0.5:
+            bad("min_phase_fraction", "must be in [0, 0.5)")
+        if self.timestep_fs <= 0 or self.t_guess <= 0:
+            bad("timestep_fs" if self.timestep_fs <= 0 else "t_guess", "must be positive")
+        return self
+
+
+@dataclass
+class CoexistenceRun:
+    """One accepted (or finally rejected) coexistence run; the arrays start when the halves are joined."""
+
+    seed: int
+    t_start_liquid: float  # K
+    temperatures: np.ndarray  # K, [n_samples]
+    times_fs: np.ndarray  # fs since joining, [n_samples]
+    solid_fraction: np.ndarray  # [n_samples]
+    tm: float  # K, mean T over production
+    tm_stderr: float  # K, block-averaging standard error of tm
+    coexisting: bool
+    rejected_reason: str | None
+    attempts: int
+    wall_s: float
+    n_atoms: int
+    t_start_solid: float = float("nan")  # K
+    production_start_fs: float = 0.0
+    final_solid_fraction: float = float("nan")  # mean over the last 10 % of production
+    pressure_GPa: float = float("nan")  # mean over production (ASE sign: positive = compressed)
+    drift_meV_per_atom_ps: float = float("nan")  # of the conserved energy over production: integrator check
+    history: list[dict] = field(default_factory=list)  # every attempt: temperatures, fraction, reason
+
+    def summary(self) -> dict:
+        """JSON-ready scalars (no traces)."""
+        keys = ("seed", "t_start_solid", "t_start_liquid", "tm", "tm_stderr", "coexisting", "rejected_reason",
+                "attempts", "wall_s", "n_atoms", "final_solid_fraction", "pressure_GPa", "drift_meV_per_atom_ps",
+                "history")
+        return {k: getattr(self, k) for k in keys}
+
+
+def lattice_constant(element: str, lattice: str, calc: Calculator, a: float | None = None) -> tuple[float, float]:
+    """(a, B): the 0 K lattice constant (Å) minimising the energy per atom and the bulk modulus (eV/Å³).
+
+    With ``a`` given only B is computed (a ±2 % scan around it)."""
+    if a is not None:
+        return float(a), _scan(element, lattice, calc, a, 0.02)[1]
+    ref = reference_states[atomic_numbers[element]] or {}
+    if ref.get("symmetry") == lattice and "a" in ref:
+        a_guess = float(ref["a"])
+    else:
+        nn = 2.0 * covalent_radii[atomic_numbers[element]]
+        a_guess = {"fcc": nn * math.sqrt(2.0), "bcc": nn * 2.0 / math.sqrt(3.0), "hcp": nn}[lattice]
+    for _ in range(4):  # recentre while the minimum lies near the edge of the ±6 % scan
+        a_min, _ = _scan(element, lattice, calc, a_guess, 0.06)
+        if abs(a_min / a_guess - 1.0) < 0.05:
+            break
+        a_guess = a_min
+    return _scan(element, lattice, calc, a_min, 0.02)  # refine around the minimum
+
+
+def _scan(element: str, lattice: str, calc: Calculator, center: float, span: float) -> tuple[float, float]:
+    """Parabola E(a) through the 5 lowest of 9 points in center (1 ± span): (a_min, B = V E''(V))."""
+    scan = center * np.linspace(1.0 - span, 1.0 + span, 9)
+    e = np.array([_energy_per_atom(_unit_cell(element, lattice, x), calc) for x in scan])
+    k = int(np.clip(np.argmin(e), 2, len(scan) - 3))
+    c2, c1, _ = np.polyfit(scan[k - 2:k + 3], e[k - 2:k + 3], 2)
+    a = float(-c1 / (2 * c2)) if c2 > 0 else float(scan[int(np.argmin(e))])
+    cell = _unit_cell(element, lattice, a)
+    kappa = cell.get_volume() / len(cell) / a**3  # V_atom = kappa a^3
+    bulk_modulus = float(2 * c2 / (9 * kappa * a))
+    if not (math.isfinite(a) and bulk_modulus > 0):
+        raise MlipopsError(f"the calculator's energy of {element} {lattice} has no minimum near a = {center:.3f} Å "
+                           f"(curvature {c2:.3g} eV/Å²)", field="melting.a")
+    return a, bulk_modulus
+
+
+def _unit_cell(element: str, lattice: str, a: float) -> Atoms:
+    if lattice == "hcp":
+        return bulk(element, "hcp", a=a, c=a * math.sqrt(8.0 / 3.0), orthorhombic=True)
+    return bulk(element, lattice, a=a, cubic=True)
+
+
+def _energy_per_atom(atoms: Atoms, calc: Calculator) -> float:
+    atoms.calc = calc
+    return float(atoms.get_potential_energy()) / len(atoms)
+
+
+def _maxwell_boltzmann(masses: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """Momenta [n, 3] (ASE units) drawn at ``temperature`` (K)."""
+    return rng.standard_normal((len(masses), 3)) * np.sqrt(masses * units.kB * temperature)[:, None]
+
+
+def build_coexistence_cell(s: CoexistenceSettings, calc: Calculator, rng: np.random.Generator) -> Atoms:
+    """The two-phase cell: solid (lower half of z, ``info['solid_mask']``) | melted liquid, velocities set."""
+    from ase.md.langevin import Langevin
+
+    s.validate()
+    t_solid, t_liquid, t_melt = s.temperatures()
+    a0, bulk_modulus = lattice_constant(s.element, s.lattice, calc, s.a)
+    a_t = a0 * (1.0 + s.expansion_guess)
+    atoms = _unit_cell(s.element, s.lattice, a_t).repeat(s.supercell)
+    nz = s.supercell[2]
+    lz = atoms.cell[2, 2]
+    z_split = lz * (nz // 2) / nz
+    z = atoms.positions[:, 2]
+    solid = z < z_split - 1e-6
+    atoms.positions[~solid, 2] = z_split + (z[~solid] - z_split) * (1.0 + s.liquid_stretch)
+    cell = atoms.cell.array.copy()
+    cell[2] *= (z_split + (lz - z_split) * (1.0 + s.liquid_stretch)) / lz
+    atoms.set_cell(cell, scale_atoms=False)
+    atoms.calc = calc
+    atoms.set_constraint(FixAtoms(mask=solid))
+    p = np.zeros((len(atoms), 3))
+    p[~solid] = _maxwell_boltzmann(atoms.get_masses()[~solid], t_melt, rng)
+    atoms.set_momenta(p)
+    n_hot = (2 * s.melt_steps) // 3
+    for temp, steps in ((t_melt, n_hot), (t_liquid, s.melt_steps - n_hot)):
+        if steps > 0:
+            dyn = Langevin(atoms, s.timestep_fs * units.fs, temperature_K=temp, friction=0.01 / units.fs,
+                           fixcm=False, rng=rng)  # 100 fs relaxation
+            dyn.run(steps)
+    atoms.set_constraint()
+    p = atoms.get_momenta()
+    p[solid] = _maxwell_boltzmann(atoms.get_masses()[solid], 2.0 * t_solid, rng)  # equipartition: half -> PE
+    p -= atoms.get_masses()[:, None] * (p.sum(axis=0) / atoms.get_masses().sum())  # no centre-of-mass drift
+    atoms.set_momenta(p)
+    atoms.info.update(solid_mask=solid, a0=a0, bulk_modulus=bulk_modulus, t_solid=t_solid, t_liquid=t_liquid)
+    return atoms
+
+
+def solid_fraction(atoms: Atoms, threshold: float) -> tuple[float, np.ndarray]:
+    """(fraction of atoms with averaged q̄6 > threshold, q̄6 per atom [n]); freud on the ASE cell, 12 neighbours."""
+    import freud
+
+    lengths_angles = atoms.cell.cellpar()
+    box = freud.box.Box.from_box_lengths_and_angles(*lengths_angles[:3], *np.radians(lengths_angles[3:]))
+    points = box.wrap(atoms.get_scaled_positions(wrap=True) @ box.to_matrix().T)  # same frame as freud's box
+    ql = freud.order.Steinhardt(l=6, average=True)
+    ql.compute(freud.locality.AABBQuery(box, points), neighbors={"num_neighbors": 12, "exclude_ii": True})
+    q6 = np.asarray(ql.particle_order, dtype=float)
+    return float(np.mean(q6 > threshold)), q6
+
+
+def block_stderr(x: np.ndarray) -> tuple[float, float]:
+    """(standard error of mean(x), integrated autocorrelation time in samples) by block averaging."""
+    x = np.asarray(x, dtype=float)
+    n = len(x)
+    d = x - x.mean()
+    if n < 4 or not np.any(d):
+        return 0.0, 1.0
+    acf = np.correlate(d, d, mode="full")[n - 1:] / (d @ d)
+    tau = 1.0
+    for k in range(1, n // 2):  # initial positive sequence: stop at the first non-positive value
+        if acf[k] <= 0:
+            break
+        tau += 2.0 * acf[k]
+    n_blocks = max(4, min(n // max(1, math.ceil(2 * tau)), 5))  # few, long blocks: see module doc, item 5
+    means = np.array([b.mean() for b in np.array_split(x, n_blocks)])
+    return float(means.std(ddof=1) / math.sqrt(n_blocks)), float(tau)
+
+
+def next_attempt(final_fraction: float, t_solid: float, t_liquid: float, step: float, last_direction: int,
+                 min_phase_fraction: float) -> tuple[str | None, float, float, float, int]:
+    """The rejection rule: (reason or None, next t_solid, next t_liquid, next step, direction).
+
+    Fully melted (solid fraction < f_min): too much energy, both start temperatures go down by ``step``;
+    fully crystallised (> 1 − f_min): up. The step halves when the direction flips (bisection)."""
+    if final_fraction < min_phase_fraction:
+        reason, direction = f"fully melted (solid fraction {final_fraction:.2f} < {min_phase_fraction})", -1
+    elif final_fraction > 1.0 - min_phase_fraction:
+        reason, direction = (f"fully crystallised (solid fraction {final_fraction:.2f} > "
+                             f"{1.0 - min_phase_fraction:.2f})"), +1
+    else:
+        return None, t_solid, t_liquid, step, 0
+    if last_direction and direction != last_direction:
+        step *= 0.5
+    return reason, t_solid + direction * step, t_liquid + direction * step, step, direction
+
+
+def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator) -> dict:
+    from ase.md.nptberendsen import Inhomogeneous_NPTBerendsen
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = build_coexistence_cell(s, calc_factory(), rng)
+    dt = s.timestep_fs * units.fs
+
+    def nph():
+        return Inhomogeneous_NPTBerendsen(atoms, dt, temperature_K=s.t_guess, taut=1e12 * units.fs,
+                                          pressure_au=0.0, taup=s.taup_fs * units.fs,
+                                          compressibility_au=1.0 / atoms.info["bulk_modulus"])
+
+    temps, times, fracs, press, etot = [], [], [], [], []
+
+    def record(t_fs: float, production: bool):
+        temps.append(atoms.get_temperature())
+        times.append(t_fs)
+        fracs.append(solid_fraction(atoms, s.q6_solid_threshold)[0])
+        if production:
+            press.append(-np.trace(atoms.get_stress(voigt=False, include_ideal_gas=True)) / 3 / units.GPa)
+            etot.append(atoms.get_total_energy() / len(atoms))  # NVE: E; NPH at P = 0: H = E + PV = E
+
+    record(0.0, False)
+    k = s.sample_interval
+    n_eq, n_prod = s.equilibration_steps // k, s.production_steps // k
+    dyn = nph()
+    for i in range(n_eq):
+        dyn.run(k)
+        record((i + 1) * k * s.timestep_fs, False)
+    dyn = nph() if s.ensemble == "nph" else VelocityVerlet(atoms, dt)
+    for i in range(n_prod):
+        dyn.run(k)
+        record((n_eq + i + 1) * k * s.timestep_fs, True)
+    temps, fracs = np.array(temps), np.array(fracs)
+    prod = slice(n_eq + 1, None)
+    tm_stderr, _ = block_stderr(temps[prod])
+    final = float(fracs[-max(1, n_prod // 10):].mean())
+    t_prod_ps = np.array(times[n_eq + 1:]) / 1000.0
+    drift = float(np.polyfit(t_prod_ps, etot, 1)[0]) * 1000.0  # meV/atom/ps of the conserved E (NVE) or H (NPH)
+    return dict(temperatures=temps, times_fs=np.array(times), solid_fraction=fracs, tm=float(temps[prod].mean()),
+                tm_stderr=tm_stderr, final_solid_fraction=final, drift_meV_per_atom_ps=drift,
+                pressure_GPa=float(np.mean(press)),
+                production_start_fs=n_eq * k * s.timestep_fs, n_atoms=len(atoms))
+
+
+def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, seed: int) -> CoexistenceRun:
+    """One coexistence run for ``seed``, rerun (new seed stream, shifted temperatures) while it does not coexist."""
+    s.validate()
+    t0 = time.perf_counter()
+    t_solid, t_liquid, _ = s.temperatures()
+    step, direction, history = s.retry_step_K, 0, []
+    for attempt in range(1, s.max_retries + 2):
+        rng = np.random.default_rng([seed, attempt])
+        trial = CoexistenceSettings(**{**s.__dict__, "t_solid": t_solid, "t_liquid": t_liquid, "seed": seed})
+        out = _one_attempt(calc_factory, trial, rng)
+        reason, ts_next, tl_next, step, direction = next_attempt(
+            out["final_solid_fraction"], t_solid, t_liquid, step, direction, s.min_phase_fraction)
+        history.append({"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid, "tm": out["tm"],
+                        "final_solid_fraction": out["final_solid_fraction"], "rejected_reason": reason})
+        if reason is None or attempt == s.max_retries + 1:
+            break
+        t_solid, t_liquid = ts_next, tl_next
+    return CoexistenceRun(seed=seed, t_start_liquid=t_liquid, t_start_solid=t_solid, coexisting=reason is None,
+                          rejected_reason=reason, attempts=attempt, wall_s=time.perf_counter() - t0,
+                          history=history, **out)
+
+
+def melting_point(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, seeds: Sequence[int]) -> dict:
+    """Independent runs, one per seed (one after another); statistics over the accepted ones (module doc, item 7).
+
+    Returns ``tm_mean``, ``tm_std`` (ddof 1; 0 for one run), ``tm_stderr`` = sqrt((tm_std² + mean stderr_k²)/n)
+    (K; NaN when no run coexisted), ``n_accepted``, ``n_rejected``, ``gaussians`` [(tm_k, stderr_k)] of the
+    accepted runs and ``runs`` (every :class:`CoexistenceRun`, rejected ones included; ``summary()`` for JSON)."""
+    from mlipops.report import progress
+
+    runs = []
+    with progress(f"coexistence runs ({s.element})", len(seeds)) as advance:
+        for seed in seeds:
+            runs.append(run_coexistence(calc_factory, s, int(seed)))
+            advance()
+    ok = [r for r in runs if r.coexisting]
+    tms = np.array([r.tm for r in ok])
+    errs = np.array([r.tm_stderr for r in ok])
+    n = len(ok)
+    std = float(tms.std(ddof=1)) if n > 1 else 0.0
+    return {"tm_mean": float(tms.mean()) if n else float("nan"), "tm_std": std if n else float("nan"),
+            "tm_stderr": float(math.sqrt((std**2 + np.mean(errs**2)) / n)) if n else float("nan"),
+            "n_accepted": n, "n_rejected": len(runs) - n, "gaussians": [(r.tm, r.tm_stderr) for r in ok],
+            "runs": runs}
+
+
+def prob_within(samples_or_gaussians, t_ref: float, window: float) -> float:
+    """P(|Tm − t_ref| ≤ window) under the combined distribution of Tm.
+
+    ``samples_or_gaussians``: a list of (mean, std) pairs — an equal-weight mixture of N(mean_k, std_k²), e.g.
+    one pair per ensemble member (its tm_mean and tm_stderr) — giving exactly
+    P = (1/K) Σ_k [Φ((t_ref + w − μ_k)/σ_k) − Φ((t_ref − w − μ_k)/σ_k)] (σ_k = 0: a point mass);
+    or a flat sequence of samples, giving the fraction of samples inside the window."""
+    from scipy.stats import norm
+
+    x = np.asarray(samples_or_gaussians, dtype=float)
+    if x.size == 0:
+        return float("nan")
+    if x.ndim == 1:
+        return float(np.mean(np.abs(x - t_ref) <= window))
+    if x.ndim != 2 or x.shape[1] != 2 or np.any(x[:, 1] < 0):
+        raise ValueError("expected samples or a list of (mean, std>=0) pairs")
+    mu, sd = x[:, 0], x[:, 1]
+    lo, hi = t_ref - window, t_ref + window
+    point = (mu >= lo) & (mu <= hi)
+    safe = np.where(sd > 0, sd, 1.0)
+    p = np.where(sd > 0, norm.cdf((hi - mu) / safe) - norm.cdf((lo - mu) / safe), point.astype(float))
+    return float(p.mean())
+
+
+def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "") -> Path:
+    """Temperature and solid fraction vs time, one colour per run, production shaded, Tm dashed (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    for i, r in enumerate(runs):
+        c = f"C{i % 10}"
+        t_ps = np.asarray(r.times_fs) / 1000.0
+        label = f"seed {r.seed}: Tm = {r.tm:.0f} ± {r.tm_stderr:.0f} K" + ("" if r.coexisting else " (rejected)")
+        ax.plot(t_ps, r.temperatures, color=c, lw=0.8, label=label, ls="-" if r.coexisting else ":")
+        ax.axhline(r.tm, color=c, ls="--", lw=1.0)
+        ax2.plot(t_ps, r.solid_fraction, color=c, lw=0.8)
+        if i == 0 and len(t_ps):
+            for a in (ax, ax2):
+                a.axvspan(r.production_start_fs / 1000.0, t_ps[-1], color="0.9", zorder=0,
+                          label="production" if a is ax else None)
+    ax.set_ylabel("temperature (K)")
+    ax2.set_ylabel("solid fraction (q̄6 rule)")
+    ax2.set_xlabel("time since joining the phases (ps)")
+    ax2.set_ylim(0, 1)
+    ax.set_title(title or "solid–liquid coexistence")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

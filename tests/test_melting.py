@@ -1,0 +1,162 @@
+"""Melting point by solid–liquid coexistence (mlipops.evaluate.melting) on ASE's EMT copper: the two-phase run,
+the q̄6 order parameter, the rejection/retry rule, the probability of a window and the trace plot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.md.langevin import Langevin
+from ase import units
+
+from mlipops.errors import MlipopsError
+from mlipops.evaluate import melting
+from mlipops.evaluate.melting import (CoexistenceRun, CoexistenceSettings, block_stderr, melting_point, next_attempt,
+                                      plot_traces, prob_within, run_coexistence, solid_fraction)
+
+torch.set_num_threads(1)
+
+# A smoke test of the machinery, not an accurate Tm: 192 atoms, 2 x 2 x 12 cells (6 per phase: thick slabs, so
+# the liquid does not freeze through as a 3 x 3 x 6 cell's did), 1.5 ps after joining; ~20 s on one free core.
+QUICK = CoexistenceSettings(supercell=(2, 2, 12), t_guess=1350.0, melt_steps=120, equilibration_steps=60,
+                            production_steps=240, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def quick_run() -> CoexistenceRun:
+    return run_coexistence(EMT, QUICK, seed=0)
+
+
+def test_coexistence_stays_two_phase_between_start_temperatures(quick_run):
+    r = quick_run
+    t_solid, t_liquid, _ = QUICK.temperatures()
+    assert r.n_atoms == 192 and r.attempts == 1
+    assert r.coexisting and r.rejected_reason is None, r.history
+    assert t_solid < r.tm < t_liquid, (t_solid, r.tm, t_liquid)
+    assert QUICK.min_phase_fraction <= r.final_solid_fraction <= 1 - QUICK.min_phase_fraction
+    assert 0.0 < r.tm_stderr < 100.0
+    n = 1 + (QUICK.equilibration_steps + QUICK.production_steps) // QUICK.sample_interval
+    assert r.temperatures.shape == r.times_fs.shape == r.solid_fraction.shape == (n,)
+    assert r.times_fs[-1] == pytest.approx((QUICK.equilibration_steps + QUICK.production_steps) * QUICK.timestep_fs)
+    assert r.production_start_fs == pytest.approx(QUICK.equilibration_steps * QUICK.timestep_fs)
+    assert 0.5 < r.solid_fraction[0] < 0.85  # at joining: the solid half is solid, most of the other half liquid
+    assert abs(r.drift_meV_per_atom_ps) < 1.0  # NVE at 5 fs conserves energy
+    assert abs(r.pressure_GPa) < 3.0  # GPa, not bar; 0.5-1.4 GPa in this short run (-0.3..0.3 with the defaults)
+
+
+def test_solid_fraction_separates_fcc_from_liquid():
+    crystal = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
+    crystal.rattle(0.05, seed=1)
+    f, q6 = solid_fraction(crystal, QUICK.q6_solid_threshold)
+    assert f > 0.95 and q6.shape == (256,) and 0.45 < q6.mean() < 0.6
+    # a liquid: random sequential addition at the liquid density (13.9 Å³/atom), then a short hot Langevin run
+    rng = np.random.default_rng(3)
+    n, length = 108, (108 * 13.9) ** (1 / 3)
+    pos = []
+    while len(pos) < n:
+        x = rng.uniform(0, length, 3)
+        d = np.array(pos) - x if pos else np.zeros((0, 3))
+        d -= length * np.round(d / length)
+        if not len(d) or np.min(np.linalg.norm(d, axis=1)) > 2.0:
+            pos.append(x)
+    liquid = Atoms("Cu108", positions=pos, cell=[length] * 3, pbc=True)
+    liquid.calc = EMT()
+    Langevin(liquid, 2 * units.fs, temperature_K=1600, friction=0.02 / units.fs, fixcm=False,
+             rng=np.random.default_rng(4)).run(40)
+    f_liq, q6_liq = solid_fraction(liquid, QUICK.q6_solid_threshold)
+    assert f_liq < 0.1 and q6_liq.mean() < 0.25
+    # a general (triclinic) cell gives the same answer as its cubic twin: the freud box follows the ASE cell
+    prim = bulk("Cu", "fcc", a=3.61).repeat((4, 4, 4))
+    assert solid_fraction(prim, QUICK.q6_solid_threshold)[0] == 1.0
+
+
+def test_rejection_rule_moves_the_start_temperatures():
+    f_min = 0.15
+    assert next_attempt(0.5, 1000.0, 1500.0, 150.0, 0, f_min) == (None, 1000.0, 1500.0, 150.0, 0)
+    reason, ts, tl, step, d = next_attempt(0.02, 1000.0, 1500.0, 150.0, 0, f_min)
+    assert "melted" in reason and (ts, tl, step, d) == (850.0, 1350.0, 150.0, -1)
+    reason, ts, tl, step, d = next_attempt(0.97, 1000.0, 1500.0, 150.0, 0, f_min)
+    assert "crystallised" in reason and (ts, tl, d) == (1150.0, 1650.0, +1)
+    # melted after a crystallised attempt: the direction flips and the step halves (bisection)
+    reason, ts, tl, step, d = next_attempt(0.0, 1150.0, 1650.0, 150.0, +1, f_min)
+    assert (ts, tl, step, d) == (1075.0, 1575.0, 75.0, -1)
+
+
+def test_fully_melted_run_is_rejected_and_retried_colder():
+    """A real EMT run far too hot: both attempts melt; the second starts retry_step_K colder."""
+    s = CoexistenceSettings(supercell=(3, 3, 6), t_guess=1350.0, t_solid=3500.0, t_liquid=3500.0, t_melt=3500.0,
+                            timestep_fs=4.0, melt_steps=30, equilibration_steps=0, production_steps=40,
+                            max_retries=1, retry_step_K=200.0)
+    r = run_coexistence(EMT, s, seed=1)
+    assert not r.coexisting and "fully melted" in r.rejected_reason
+    assert r.attempts == 2 and len(r.history) == 2
+    assert [h["t_start_liquid"] for h in r.history] == [3500.0, 3300.0] and r.t_start_liquid == 3300.0
+    assert all(h["final_solid_fraction"] < s.min_phase_fraction for h in r.history)
+
+
+def _fake_run(seed, tm, err, ok=True) -> CoexistenceRun:
+    t = np.arange(0.0, 100.0, 10.0)
+    return CoexistenceRun(seed=seed, t_start_liquid=1500.0, temperatures=np.full(10, tm), times_fs=t,
+                          solid_fraction=np.full(10, 0.5), tm=tm, tm_stderr=err, coexisting=ok,
+                          rejected_reason=None if ok else "fully melted", attempts=1, wall_s=1.0, n_atoms=216,
+                          production_start_fs=50.0)
+
+
+def test_melting_point_statistics_over_accepted_seeds(monkeypatch):
+    fake = {0: _fake_run(0, 1300.0, 10.0), 1: _fake_run(1, 1340.0, 20.0), 2: _fake_run(2, 2000.0, 5.0, ok=False)}
+    monkeypatch.setattr(melting, "run_coexistence", lambda f, s, seed: fake[seed])
+    out = melting_point(EMT, QUICK, [0, 1, 2])
+    assert out["n_accepted"] == 2 and out["n_rejected"] == 1 and len(out["runs"]) == 3
+    assert out["tm_mean"] == pytest.approx(1320.0)
+    assert out["tm_std"] == pytest.approx(np.std([1300.0, 1340.0], ddof=1))
+    assert out["tm_stderr"] == pytest.approx(np.sqrt((out["tm_std"] ** 2 + (100 + 400) / 2) / 2))
+    assert out["gaussians"] == [(1300.0, 10.0), (1340.0, 20.0)]
+
+
+def test_prob_within_exact_mixture():
+    assert prob_within([(1000.0, 50.0)], 1000.0, 50.0) == pytest.approx(0.682689, abs=1e-4)
+    mix = [(900.0, 10.0), (1100.0, 10.0)]
+    assert prob_within(mix, 1000.0, 50.0) == pytest.approx(0.0, abs=1e-4)
+    assert prob_within(mix, 900.0, 50.0) == pytest.approx(0.5, abs=1e-4)
+    assert prob_within([(1000.0, 0.0), (2000.0, 0.0)], 1010.0, 20.0) == 0.5  # zero width: point masses
+    rng = np.random.default_rng(0)
+    mix = [(1250.0, 40.0), (1320.0, 15.0), (1400.0, 60.0)]
+    k = rng.integers(0, 3, 200_000)
+    samples = np.array(mix)[k, 0] + np.array(mix)[k, 1] * rng.standard_normal(k.size)
+    exact = prob_within(mix, 1300.0, 50.0)
+    assert exact == pytest.approx(prob_within(samples, 1300.0, 50.0), abs=0.01)
+    assert 0.3 < exact < 0.7
+    with pytest.raises(ValueError):
+        prob_within([(1000.0, -1.0)], 1000.0, 50.0)
+
+
+def test_block_stderr_of_correlated_series():
+    """AR(1) series x_i = 0.9 x_(i-1) + noise: tau_int = (1 + 0.9) / (1 - 0.9) = 19 samples."""
+    from scipy.signal import lfilter
+
+    ratios, taus = [], []
+    for seed in range(8):
+        x = lfilter([1.0], [1.0, -0.9], np.random.default_rng(seed).standard_normal(4000))
+        err, tau = block_stderr(x)
+        ratios.append(err / np.sqrt(19.0 * x.var() / len(x)))
+        taus.append(tau)
+    assert 0.75 < np.mean(ratios) < 1.25 and 12 < np.mean(taus) < 30
+    err, tau = block_stderr(np.random.default_rng(9).standard_normal(4000))  # white noise: tau = 1
+    assert tau < 2 and err == pytest.approx(1 / np.sqrt(4000), rel=0.5)
+    assert block_stderr(np.full(10, 1300.0)) == (0.0, 1.0)
+
+
+def test_plot_traces_writes_png(quick_run, tmp_path):
+    path = plot_traces([quick_run, _fake_run(7, 1300.0, 10.0, ok=False)], tmp_path / "melt" / "traces.png",
+                       "EMT Cu coexistence")
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_settings_errors_name_the_field():
+    with pytest.raises(MlipopsError, match="melting.production_steps"):
+        CoexistenceSettings(production_steps=7).validate()
+    with pytest.raises(MlipopsError, match="melting.lattice"):
+        CoexistenceSettings(lattice="fluorite").validate()
