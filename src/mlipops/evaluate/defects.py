@@ -49,6 +49,7 @@ import pandas as pd
 from ase import Atoms
 
 from mlipops.errors import MlipopsError, StageInputError
+from mlipops.evaluate.errors import predict, spearman
 from mlipops.frames import frame_id, labels
 from mlipops.params import DefectParams, DescriptorParams, GenerateParams, IndexParams, TrainParams
 
@@ -238,16 +239,6 @@ def decompose_frames(fr: pd.DataFrame) -> dict:
                    ok[["mean_angle_deviation"]].to_numpy(float))
 
 
-def _spearman(x, y) -> float:
-    from scipy.stats import spearmanr
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    m = ~(np.isnan(x) | np.isnan(y))
-    if m.sum() < 3 or np.ptp(x[m]) == 0 or np.ptp(y[m]) == 0:
-        return float("nan")
-    return float(spearmanr(x[m], y[m]).statistic)
-
-
 def diagnose(at: pd.DataFrame, fr: pd.DataFrame) -> dict[str, dict]:
     """Per group (``all`` and each config_type, hot frames apart: :func:`group_of`): errors, hull statistics
     and the decomposition."""
@@ -263,7 +254,7 @@ def diagnose(at: pd.DataFrame, fr: pd.DataFrame) -> dict[str, dict]:
              "fraction_outside_hull_worst_quarter": float(1.0 - a.inside_hull[worst].mean()),
              "force_error_inside_hull": float(a.force_error[a.inside_hull].mean()) if a.inside_hull.any() else float("nan"),
              "force_error_outside_hull": float(a.force_error[~a.inside_hull].mean()) if (~a.inside_hull).any() else float("nan"),
-             "spearman_force_error_gamma": _spearman(np.where(np.isinf(a.gamma), 1e300, a.gamma), a.force_error),
+             "spearman_force_error_gamma": spearman(np.where(np.isinf(a.gamma), 1e300, a.gamma), a.force_error),
              "mean_z": float(a.z.mean()), "mean_angle_deviation": float(a.angle_deviation.mean()),
              "worst_quarter_median_z_deficit": float(np.nanmedian(a.z_deficit[worst])) if worst.any() else float("nan"),
              "hot": bool(name.endswith("_hot")),
@@ -405,8 +396,6 @@ def _train(train: list[Atoms], val: list[Atoms], species: list[str], p: DefectPa
 def _predict(model, frames):
     """Energies and forces in float64 (the Δ-learning baseline added back)."""
     import torch
-
-    from mlipops.evaluate.errors import predict
 
     return predict(model.to(dtype=torch.float64), frames)
 

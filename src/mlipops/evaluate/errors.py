@@ -24,20 +24,51 @@ from mlipops.train.loop import MODELS_DIR, load_split
 REPORT_DIR = Path("reports/evaluate")
 
 
+def predict_committee(model, frames: list[Atoms], forces: bool = True, batch_size: int = 16):
+    """The one batched prediction of the evaluate code, float64 arrays: energies [n_frames] and their
+    committee spread σ_E [n_frames] (0 for a single potential); with ``forces``, forces and σ_F (lists of
+    [n_atoms, 3]), else None. The Δ-learning baseline is added to the means (it has no spread)."""
+    param = next(model.parameters())
+    e, se, f, sf = [], [], [], []
+    with torch.set_grad_enabled(forces):
+        for k in range(0, len(frames), batch_size):
+            chunk = frames[k:k + batch_size]
+            out = model(Potential.collate([model.graph(a) for a in chunk], param.dtype, param.device), forces=forces)
+            e.append(out["energy"].detach().cpu().numpy())
+            std = out.get("energy_std")
+            se.append(np.zeros(len(chunk)) if std is None else std.detach().cpu().numpy())
+            if forces:
+                splits = np.cumsum([len(a) for a in chunk])[:-1]
+                fk = out["forces"].detach().cpu().numpy()
+                f += np.split(fk, splits)
+                fs = out.get("forces_std")
+                sf += np.split(np.zeros_like(fk) if fs is None else fs.detach().cpu().numpy(), splits)
+    energies = np.concatenate(e).astype(np.float64) if e else np.zeros(0)
+    sigma = np.concatenate(se).astype(np.float64) if se else np.zeros(0)
+    energies, f_total = add_baseline(model, frames, energies, f if forces else [np.zeros((len(a), 3)) for a in frames])
+    return energies, sigma, (f_total if forces else None), (sf if forces else None)
+
+
 def predict(model, frames: list[Atoms], batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Energies [n_frames] and forces (list of [n_atoms, 3]) predicted in float64."""
-    energies, forces = [], []
-    dtype = next(model.parameters()).dtype
-    for k in range(0, len(frames), batch_size):
-        chunk = frames[k:k + batch_size]
-        b = Potential.collate([model.graph(a) for a in chunk], dtype)
-        out = model(b, forces=True)
-        energies.append(out["energy"].detach().numpy())
-        f = out["forces"].detach().numpy()
-        splits = np.cumsum([len(a) for a in chunk])[:-1]
-        forces += np.split(f, splits)
-    energies = np.concatenate(energies) if energies else np.zeros(0)
-    return add_baseline(model, frames, energies, forces)  # Δ-learning: + the baseline's labels (cached)
+    """Energies [n_frames] and forces (list of [n_atoms, 3]), committee means, baseline included."""
+    energies, _, forces, _ = predict_committee(model, frames, True, batch_size)
+    return energies, forces
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation over the pairs where both are finite; NaN with fewer than 3 pairs or a
+    constant side."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(spearmanr(x[ok], y[ok]).statistic)
 
 
 def _errors(de: np.ndarray, df: np.ndarray) -> dict[str, float]:

@@ -29,15 +29,14 @@ later in that order.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from ase import Atoms
 
 from mlipops.errors import FrameFormatError, MlipopsError, StageInputError
+from mlipops.evaluate.errors import spearman
 from mlipops.frames import labels, read_extxyz, safe_name
 from mlipops.index.hull import INSIDE_TOL
 
@@ -169,17 +168,6 @@ def _growth_fit(x: np.ndarray, err: np.ndarray) -> tuple[float, float, float, in
     return float(rate), float(intercept), float(slope), int(ok.sum())
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(spearmanr(a[ok], b[ok])[0])
-
-
 def _verdict(s: str, first_or_last: str | None, inside: bool | None, gamma: float) -> str:
     where = ("hull membership not assessed (no hull index)" if inside is None else
              f"{'inside' if inside else 'outside'} the training hull (max γ {gamma:.3g})")
@@ -228,7 +216,7 @@ def analyse_path(name: str, s, n_atoms, e_ref, e_pred, sigma, max_gamma, toleran
         tolerance_index=i_tol, alarm_index=i_alarm, growth_rate=rate, growth_intercept=intercept,
         growth_n_points=n_fit, error_slope_per_atom=slope, lead_lag_coordinate=lag_s, lead_lag_points=lag_k,
         sigma_rose_before_error=None if i_tol is None else (i_alarm is not None and i_alarm <= i_tol),
-        sigma_error_spearman=_spearman(sigma / n_atoms, err), barrier_index=i_bar, barrier_inside=inside,
+        sigma_error_spearman=spearman(sigma / n_atoms, err), barrier_index=i_bar, barrier_inside=inside,
         barrier_at_endpoint=at_end, verdict=verdict)
 
 
@@ -236,8 +224,7 @@ def path_arrays(model, frames: list[Atoms], hull_index, batch_size: int = 16) ->
     """n_atoms, e_ref, e_pred (baseline included), sigma (ensemble energy std; 0 for one potential) and
     max_gamma (per-frame max of the atoms' γ; NaN when ``hull_index`` is None) of a path's frames."""
     from mlipops.descriptors import compute_descriptors
-    from mlipops.models.baseline import add_baseline
-    from mlipops.models.potential import Potential
+    from mlipops.evaluate.errors import predict_committee
 
     if not frames:
         raise MlipopsError("a path with no frames", field="reaction_coordinate")
@@ -250,16 +237,7 @@ def path_arrays(model, frames: list[Atoms], hull_index, batch_size: int = 16) ->
         if e is None:
             raise MlipopsError("reference energy missing: path frames must be labelled", frame=k, field="energy")
         e_ref[k] = e
-    param = next(model.parameters())
-    energy, sigma = [], []
-    with torch.no_grad():
-        for k in range(0, len(frames), batch_size):
-            chunk = frames[k:k + batch_size]
-            out = model(Potential.collate([model.graph(a) for a in chunk], param.dtype, param.device), forces=False)
-            energy.append(out["energy"].cpu().numpy())
-            std = out.get("energy_std")
-            sigma.append(np.zeros(len(chunk)) if std is None else std.cpu().numpy())
-    e_pred, _ = add_baseline(model, frames, np.concatenate(energy), [np.zeros((len(a), 3)) for a in frames])
+    e_pred, sigma, _, _ = predict_committee(model, frames, forces=False, batch_size=batch_size)
     n_atoms = np.array([len(a) for a in frames])
     max_gamma = np.full(len(frames), np.nan)
     if hull_index is not None:
@@ -268,7 +246,7 @@ def path_arrays(model, frames: list[Atoms], hull_index, batch_size: int = 16) ->
         gamma = hull_index.evaluate(symbols, g, unseen)["extrapolation_grade"]
         max_gamma = np.maximum.reduceat(gamma, np.concatenate([[0], np.cumsum(n_atoms)[:-1]]))
     return {"n_atoms": n_atoms, "e_ref": e_ref, "e_pred": np.asarray(e_pred, dtype=np.float64),
-            "sigma": np.concatenate(sigma), "max_gamma": max_gamma}
+            "sigma": sigma, "max_gamma": max_gamma}
 
 
 def _coordinate(a: Atoms, key: str) -> float:

@@ -29,37 +29,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from ase import Atoms
 
+from mlipops.evaluate.errors import predict_committee, spearman
 from mlipops.frames import labels
-from mlipops.models.baseline import add_baseline
-from mlipops.models.potential import Potential
 
 REPORT_DIR = Path("reports/evaluate/uncertainty")
 P_GRID = np.linspace(0.01, 0.99, 99)
 SIGMA_FLOOR = {"energy": 1e-4, "force": 1e-3}  # eV/atom, eV/Å
 
 
-def predict_with_std(model, frames: list[Atoms], batch_size: int = 16):
-    """Committee mean and spread: energies [n], σ_E [n], forces (list [n_i, 3]), σ_F (list [n_i, 3])."""
-    dtype = next(model.parameters()).dtype
-    e, se, f, sf = [], [], [], []
-    for k in range(0, len(frames), batch_size):
-        chunk = frames[k:k + batch_size]
-        out = model(Potential.collate([model.graph(a) for a in chunk], dtype), forces=True)
-        splits = np.cumsum([len(a) for a in chunk])[:-1]
-        e.append(out["energy"].detach().numpy())
-        se.append(out["energy_std"].detach().numpy())
-        f += np.split(out["forces"].detach().numpy(), splits)
-        sf += np.split(out["forces_std"].detach().numpy(), splits)
-    energies, forces = add_baseline(model, frames, np.concatenate(e), f)  # σ is the network's: the baseline is exact
-    return energies, np.concatenate(se), forces, sf
-
-
 def tables(model, frames: list[Atoms]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-frame energy table and per-atom force table (errors, σ, config_type)."""
-    e, se, f, sf = predict_with_std(model, frames)
+    e, se, f, sf = predict_committee(model, frames)
     rows, arows = [], []
     for a, ei, sei, fi, sfi in zip(frames, e, se, f, sf):
         e_ref, f_ref, _ = labels(a)
@@ -68,14 +50,6 @@ def tables(model, frames: list[Atoms]) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append({"config_type": ct, "err": (ei - e_ref) / n, "sigma": sei / n})
         arows.append(pd.DataFrame({"config_type": ct, "err_vec": list(fi - f_ref), "sigma_vec": list(sfi)}))
     return pd.DataFrame(rows), pd.concat(arows, ignore_index=True)
-
-
-def spearman(sigma: np.ndarray, abs_err: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if len(sigma) < 3 or np.ptp(sigma) == 0 or np.ptp(abs_err) == 0:
-        return float("nan")
-    return float(spearmanr(sigma, abs_err).statistic)
 
 
 def calibration_curve(err: np.ndarray, sigma: np.ndarray, p: np.ndarray = P_GRID) -> np.ndarray:
