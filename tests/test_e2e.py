@@ -21,7 +21,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["generate", "ingest", "validate", "index", "train", "evaluate", "promote"]  # the main chain, in order
 METRICS = {s: f"reports/{s}/metrics.json" for s in STAGES} | {"defects": "reports/evaluate/defects/metrics.json",
-                                                              "uncertainty": "reports/evaluate/uncertainty/metrics.json"}
+                                                              "uncertainty": "reports/evaluate/uncertainty/metrics.json",
+                                                              "melting": "reports/evaluate/melting/metrics.json"}
+SIDE = {"defects", "melting_reference", "melting"}  # stages off the main chain
 
 TINY = {
     "generate": {
@@ -36,7 +38,12 @@ TINY = {
     "descriptors": {"n_radial": 4, "n_angular": 2, "max_l": 2},
     # 3 epochs: the committee's σ means nothing yet, so the ranking gate is off (-1) but still computed
     "evaluate": {"defects": {"epochs": 5, "control_vacancy_cells": 1, "control_slabs": 1},
-                 "uncertainty": {"min_spearman": -1.0}},
+                 "uncertainty": {"min_spearman": -1.0},
+                 # 64 atoms, 0.4 ps: the plumbing, not a melting point (runs may well be rejected)
+                 "melting": {"quick": {"supercell": [2, 2, 4], "melt_steps": 15, "equilibration_steps": 20,
+                                       "production_steps": 40, "reference_seeds": 2, "member_seeds": 1},
+                             "max_retries": 0, "phase_steps": 40, "phase_snapshots": 3,
+                             "sweep": {"fractions": [0.0, 1.0]}}},
     "promote": {"gates": {"val.force_mae": 5.0, "val.energy_mae_per_atom": 5.0}},
 }
 
@@ -88,7 +95,7 @@ def repo(tmp_path_factory) -> Path:
     _run(["git", "commit", "-qm", "tiny pipeline"], d)
     res = _run([sys.executable, "-m", "dvc", "repro"], d)
     ran = _ran_stages(res.stdout)
-    assert set(ran) == set(STAGES) | {"defects"} and [s for s in ran if s in STAGES] == STAGES, ran
+    assert set(ran) == set(STAGES) | SIDE and [s for s in ran if s in STAGES] == STAGES, ran
     return d
 
 
@@ -104,11 +111,17 @@ def test_outputs_exist(repo: Path):
     # the physics validation reports travel with the registered model
     for rel in ("registry/cu/v1/defects/defects.json", "registry/cu/v1/defects/decomposition.png",
                 "registry/cu/v1/reaction_paths.json", "registry/cu/v1/paths/path_dimer.png",
-                "registry/cu/v1/uncertainty.json", "registry/cu/v1/uncertainty/calibration.png"):
+                "registry/cu/v1/uncertainty.json", "registry/cu/v1/uncertainty/calibration.png",
+                "registry/cu/v1/melting_point.json", "registry/cu/v1/melting/distribution.png",
+                "registry/cu/v1/melting/traces_members.png", "data/melting/reference.json"):
         assert (repo / rel).is_file(), rel
     card = (repo / "registry/cu/v1/model_card.md").read_text()
     assert "Trained on perfect crystals, tested on defects" in card and "**path_dimer**" in card
     assert "## Uncertainty" in card and "σ_F ×" in card
+    assert "## Melting point" in card and "Reference (emt)" in card and "not faked" not in card
+    melt = json.loads((repo / "registry/cu/v1/melting_point.json").read_text())
+    assert len(melt["members"]) == 2 and melt["reference"]["oracle"]["calculator"] == "emt"
+    assert melt["n_liquid_train_frames"] >= 1 and melt["window_K"] == 50.0
     gates = json.loads((repo / "registry/cu/v1/gates.json").read_text())
     assert any(g["gate"].startswith("uncertainty.val.all.force_spearman") and g["passed"] for g in gates)
     ev = json.loads((repo / "reports/evaluate/metrics.json").read_text())
@@ -208,6 +221,26 @@ def test_registry_model_is_usable(repo: Path):
     assert atoms.calc.results["forces_std"].shape == (len(atoms), 3)  # a 2-member ensemble
     with_alias = MlipopsCalculator.from_registry("cu@champion", registry_dir=repo / "registry")
     assert with_alias.is_ensemble
+
+
+def test_melting_sweep_runs_a_dvc_experiment_per_fraction(repo: Path):
+    """`mlipops evaluate melting-sweep`: the workspace's fraction (1.0) read in place, 0.0 run as a real
+    `dvc exp run --temp` (liquid frames moved to split `unused`, ensemble retrained, members melted) that leaves
+    the workspace untouched."""
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "reproduced"], repo)
+    lock = (repo / "dvc.lock").read_text()
+    _run([sys.executable, "-m", "mlipops.cli", "evaluate", "melting-sweep"], repo)
+    out = json.loads((repo / "reports/evaluate/melting_sweep/sweep.json").read_text())
+    by_f = {q["fraction"]: q for q in out["points"]}
+    assert set(by_f) == {0.0, 1.0}
+    assert by_f[1.0]["source"] == "workspace" and by_f[0.0]["source"] == "dvc exp liquid-keep-0"
+    assert by_f[0.0]["n_liquid_train_frames"] == 0 < by_f[1.0]["n_liquid_train_frames"]
+    assert by_f[0.0]["tm_ref"] == by_f[1.0]["tm_ref"]  # the reference came from the run cache, not rerun
+    assert (repo / "reports/evaluate/melting_sweep/sweep.png").is_file()
+    assert (repo / "dvc.lock").read_text() == lock  # the experiment ran in a temporary copy
+    exps = _run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout
+    assert "liquid-keep-0" in exps
 
 
 def test_second_repro_is_noop_and_params_rerun_exactly_dependants(repo: Path):

@@ -104,6 +104,39 @@ def evaluate_defects(
     _done("evaluate defects", run(_params(params), data or None, out))
 
 
+@evaluate_app.command("melting")
+def evaluate_melting(
+    params: Path = ParamsOpt,
+    reference: bool = typer.Option(False, "--reference", help="run the reference oracle instead (its Tm, latent "
+                                   "heat and phase snapshots in data/melting/; the `melting_reference` stage)"),
+):
+    """Melting point by solid-liquid coexistence for every ensemble member, against the reference oracle's:
+    Tm per member, ensemble mean ± std, P(|Tm - Tm_ref| <= window), the energy cause and the liquid coverage."""
+    from mlipops.evaluate import melting_reference, melting_stage
+
+    p = _params(params)
+    if reference:
+        _done("evaluate melting --reference", melting_reference.run_reference(p))
+    else:
+        _done("evaluate melting", melting_stage.run(p))
+
+
+@evaluate_app.command("melting-sweep")
+def evaluate_melting_sweep(
+    params: Path = ParamsOpt,
+    fraction: list[float] = typer.Option(None, "--fraction", help="fractions to run (default "
+                                         "evaluate.melting.sweep.fractions)"),
+    no_run: bool = typer.Option(False, "--no-run", help="only collect the experiments already run"),
+):
+    """Tm against liquid coverage: one `dvc exp run` per fraction of liquid training frames kept
+    (ingest.split.keep_in_train), then the table and plot in reports/evaluate/melting_sweep/."""
+    from mlipops.evaluate import melting_stage
+
+    out = melting_stage.run_sweep(_params(params), fraction or None, run_experiments=not no_run)
+    _done("evaluate melting-sweep", {f"fraction_{q['fraction']:g}.tm_mean": q.get("tm_mean") for q in out["points"]}
+          | {"wall_s": out["wall_s"]})
+
+
 @app.command()
 def promote(params: Path = ParamsOpt):
     """Check the gates; register a passing model (MLflow registry + registry/)."""

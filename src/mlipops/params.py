@@ -98,6 +98,18 @@ class SplitParams(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
+    # config_type -> fraction of its would-be training frames kept in training (stable hash draw); the rest get
+    # split "unused": indexed (their γ counts) but never trained on or evaluated. For coverage sweeps, e.g.
+    # `dvc exp run -S ingest.split.keep_in_train.liquid=0`.
+    keep_in_train: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("keep_in_train")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        for ct, f in v.items():
+            if not 0.0 <= f <= 1.0:
+                raise ValueError(f"keep_in_train.{ct} must be a fraction in [0, 1] (got {f})")
+        return v
 
 
 class IngestParams(_Section):
@@ -329,11 +341,67 @@ class UncertaintyParams(_Section):
     min_spearman: float = Field(0.3, ge=-1, le=1)  # promotion fails when ρ(σ_F, |ΔF|) on validation is below
 
 
+class MeltingPreset(_Section):
+    """Sizes of the coexistence runs (:mod:`mlipops.evaluate.melting`)."""
+    supercell: tuple[int, int, int] = (3, 3, 8)  # conventional cells; z split solid | liquid
+    melt_steps: int = Field(150, ge=0)
+    equilibration_steps: int = Field(250, ge=0)  # NPH: the cell relaxes at coexistence
+    production_steps: int = Field(1000, ge=20)  # NVE: Tm = <T>
+    reference_seeds: int = Field(2, ge=1)  # independent runs with the reference oracle
+    member_seeds: int = Field(1, ge=1)  # independent runs per ensemble member
+
+
+class MeltingSweepParams(_Section):
+    """Tm against liquid coverage: `mlipops evaluate melting-sweep` runs one `dvc exp` per fraction."""
+    config_type: str = "liquid"  # the frames whose share of training is swept
+    fractions: list[float] = [0.0, 0.25, 1.0]  # ingest.split.keep_in_train.<config_type>
+
+    @field_validator("fractions")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= f <= 1.0 for f in v):
+            raise ValueError(f"fractions must be a non-empty list of values in [0, 1] (got {v})")
+        return v
+
+
+class MeltingParams(_Section):
+    """Melting point by solid-liquid coexistence for the reference oracle and each ensemble member."""
+    preset: Literal["quick", "production"] = "quick"
+    quick: MeltingPreset = MeltingPreset()
+    production: MeltingPreset = MeltingPreset(supercell=(4, 4, 8), melt_steps=200, equilibration_steps=400,
+                                              production_steps=2000, reference_seeds=4, member_seeds=3)
+    lattice: Literal["fcc", "bcc", "hcp"] = "fcc"
+    t_guess: float = Field(1300.0, gt=0)  # K, start guess for every run (the reference's Tm is not used)
+    timestep_fs: float = Field(5.0, gt=0)
+    window_K: float = Field(50.0, gt=0)  # P(|Tm - Tm_ref| <= window)
+    q6_solid_threshold: float = Field(0.32, gt=0, lt=1)
+    min_phase_fraction: float = Field(0.15, ge=0, lt=0.5)
+    max_retries: int = Field(2, ge=0)
+    retry_step_K: float = Field(150.0, gt=0)
+    phase_steps: int = Field(400, ge=20)  # pure solid / pure liquid NPT MD at Tm_ref: latent heat, snapshots
+    phase_snapshots: int = Field(10, ge=1)  # labelled frames per phase from the second half of each run
+    seed: int = 0
+    sweep: MeltingSweepParams = MeltingSweepParams()
+
+    def settings(self, element: str, seed_offset: int = 0):
+        """The :class:`CoexistenceSettings` of the selected preset."""
+        from mlipops.evaluate.melting import CoexistenceSettings
+
+        pr = getattr(self, self.preset)
+        return CoexistenceSettings(
+            element=element, lattice=self.lattice, supercell=tuple(pr.supercell), t_guess=self.t_guess,
+            timestep_fs=self.timestep_fs, melt_steps=pr.melt_steps, equilibration_steps=pr.equilibration_steps,
+            production_steps=pr.production_steps, q6_solid_threshold=self.q6_solid_threshold,
+            min_phase_fraction=self.min_phase_fraction, max_retries=self.max_retries,
+            retry_step_K=self.retry_step_K, seed=self.seed + seed_offset).validate()
+
+
 class EvaluateParams(_Section):
     splits: list[Literal["train", "val", "test"]] = ["val", "test"]
     uncertainty: UncertaintyParams = UncertaintyParams()
     paths: PathParams = PathParams()
     defects: DefectParams = DefectParams()
+    melting: MeltingParams = MeltingParams()
 
 
 # ---------------------------------------------------------------------------------------- promote

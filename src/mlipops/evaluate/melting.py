@@ -362,6 +362,11 @@ def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettin
         rng = np.random.default_rng([seed, attempt])
         trial = CoexistenceSettings(**{**s.__dict__, "t_solid": t_solid, "t_liquid": t_liquid, "seed": seed})
         out = _one_attempt(calc_factory, trial, rng)
+        if not (np.all(np.isfinite(out["temperatures"])) and math.isfinite(out["tm"])):
+            reason = "MD unstable: non-finite temperature (the calculator's forces blew up)"
+            history.append({"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid,
+                            "tm": None, "final_solid_fraction": None, "rejected_reason": reason})
+            break  # another start temperature does not make a broken potential stable
         reason, ts_next, tl_next, step, direction = next_attempt(
             out["final_solid_fraction"], t_solid, t_liquid, step, direction, s.min_phase_fraction)
         history.append({"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid, "tm": out["tm"],
@@ -387,6 +392,11 @@ def melting_point(calc_factory: Callable[[], Calculator], s: CoexistenceSettings
         for seed in seeds:
             runs.append(run_coexistence(calc_factory, s, int(seed)))
             advance()
+    return summarize(runs)
+
+
+def summarize(runs: Sequence[CoexistenceRun]) -> dict:
+    """Statistics over the accepted runs (see :func:`melting_point`)."""
     ok = [r for r in runs if r.coexisting]
     tms = np.array([r.tm for r in ok])
     errs = np.array([r.tm_stderr for r in ok])
@@ -395,7 +405,16 @@ def melting_point(calc_factory: Callable[[], Calculator], s: CoexistenceSettings
     return {"tm_mean": float(tms.mean()) if n else float("nan"), "tm_std": std if n else float("nan"),
             "tm_stderr": float(math.sqrt((std**2 + np.mean(errs**2)) / n)) if n else float("nan"),
             "n_accepted": n, "n_rejected": len(runs) - n, "gaussians": [(r.tm, r.tm_stderr) for r in ok],
-            "runs": runs}
+            "runs": list(runs)}
+
+
+def failed_run(seed: int, reason: str, wall_s: float = 0.0) -> CoexistenceRun:
+    """A run that could not be carried out (the calculator raised, the MD blew up): rejected with the reason."""
+    empty = np.zeros(0)
+    return CoexistenceRun(seed=seed, t_start_liquid=float("nan"), temperatures=empty, times_fs=empty,
+                          solid_fraction=empty, tm=float("nan"), tm_stderr=float("nan"), coexisting=False,
+                          rejected_reason=reason, attempts=1, wall_s=wall_s, n_atoms=0,
+                          history=[{"attempt": 1, "rejected_reason": reason}])
 
 
 def prob_within(samples_or_gaussians, t_ref: float, window: float) -> float:
@@ -422,8 +441,86 @@ def prob_within(samples_or_gaussians, t_ref: float, window: float) -> float:
     return float(p.mean())
 
 
-def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "") -> Path:
-    """Temperature and solid fraction vs time, one colour per run, production shaded, Tm dashed (PNG)."""
+def phase_properties(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, temperature: float,
+                     steps: int = 600, snapshots: int = 10, seed: int = 0,
+                     supercell: tuple[int, int, int] | None = None) -> dict:
+    """Pure solid and pure liquid at ``temperature`` (Tm): the latent heat, ΔS_m and labelled snapshots.
+
+    Each phase: ``supercell`` (default nx x ny x nx of the coexistence cell's lateral size) conventional cells,
+    NPT (ASE's isotropic ``NPTBerendsen``, P = 0, taut 100 fs, taup ``s.taup_fs``) for ``steps``; the first half
+    equilibrates, the second half gives the mean potential energy and volume per atom (sampled every
+    ``s.sample_interval`` steps) and ``snapshots`` evenly spaced frames labelled by the same calculator (energy,
+    forces, stress; ``config_type`` ``melting_solid`` / ``melting_liquid``, ``temperature_K``). The liquid is
+    melted first exactly as the coexistence cell's liquid half (Langevin at ``t_melt``, then at ``temperature``).
+
+    L = ⟨e_liquid⟩ − ⟨e_solid⟩ + P ΔV with P = 0 (equal temperatures: the kinetic energies cancel) and
+    ΔS_m = L / T. A model whose liquid energy relative to the solid is off by δ per atom melts at
+    Tm + δ / ΔS_m to first order (G_l − G_s = ΔH − TΔS vanishes at Tm). Each phase also reports its mean
+    solid fraction (q̄6 rule) over the sampled half, so a liquid that froze or a solid that melted is visible."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.md.langevin import Langevin
+    from ase.md.nptberendsen import NPTBerendsen
+
+    s.validate()
+    rng = np.random.default_rng([seed, 7])
+    calc = calc_factory()
+    a0, bulk_modulus = lattice_constant(s.element, s.lattice, calc, s.a)
+    n = supercell or (s.supercell[0], s.supercell[1], s.supercell[0])
+    dt = s.timestep_fs * units.fs
+    _, _, t_melt = s.temperatures()
+    half = steps // 2
+    k = max(1, min(s.sample_interval, half))
+    out: dict = {"temperature_K": float(temperature), "supercell": list(n), "steps": int(steps), "a0": a0}
+    frames: list[Atoms] = []
+    for phase in ("solid", "liquid"):
+        atoms = _unit_cell(s.element, s.lattice, a0 * (1.0 + s.expansion_guess)).repeat(n)
+        atoms.calc = calc
+        if phase == "liquid":
+            atoms.set_cell(atoms.cell * (1.0 + s.liquid_stretch) ** (1.0 / 3.0), scale_atoms=True)
+            atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), t_melt, rng))
+            n_hot = (2 * s.melt_steps) // 3
+            for temp, m in ((t_melt, n_hot), (temperature, s.melt_steps - n_hot)):
+                if m > 0:
+                    Langevin(atoms, dt, temperature_K=temp, friction=0.01 / units.fs, fixcm=False, rng=rng).run(m)
+        else:
+            atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), 2.0 * temperature, rng))
+        dyn = NPTBerendsen(atoms, dt, temperature_K=temperature, taut=100.0 * units.fs, pressure_au=0.0,
+                           taup=s.taup_fs * units.fs, compressibility_au=1.0 / bulk_modulus)
+        dyn.run(half)
+        chunks = [min(k, steps - i) for i in range(half, steps, k)]
+        take = set(np.linspace(0, len(chunks) - 1, min(snapshots, len(chunks))).round().astype(int).tolist())
+        e, v, t, f = [], [], [], []
+        for j, m in enumerate(chunks):
+            dyn.run(m)
+            e.append(atoms.get_potential_energy() / len(atoms))
+            v.append(atoms.get_volume() / len(atoms))
+            t.append(atoms.get_temperature())
+            f.append(solid_fraction(atoms, s.q6_solid_threshold)[0])
+            if j in take:
+                snap = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions.copy(), cell=atoms.cell.copy(),
+                             pbc=True)
+                snap.calc = SinglePointCalculator(snap, energy=float(atoms.get_potential_energy()),
+                                                  forces=atoms.get_forces().copy(), stress=atoms.get_stress().copy())
+                snap.info.update(config_type=f"melting_{phase}", temperature_K=float(t[-1]))
+                frames.append(snap)
+        if not np.all(np.isfinite(e)):
+            raise MlipopsError(f"the {phase} NPT run at {temperature:.0f} K gave non-finite energies",
+                               field="melting.phase_steps")
+        out[phase] = {"energy_per_atom": float(np.mean(e)), "energy_stderr": block_stderr(np.array(e))[0],
+                      "volume_per_atom": float(np.mean(v)), "temperature": float(np.mean(t)),
+                      "solid_fraction": float(np.mean(f)), "n_atoms": len(atoms)}
+    latent = out["liquid"]["energy_per_atom"] - out["solid"]["energy_per_atom"]
+    out |= {"latent_heat_eV_per_atom": float(latent), "delta_s_eV_per_atom_K": float(latent / temperature),
+            "delta_s_kB": float(latent / temperature / units.kB),
+            "delta_v_A3_per_atom": out["liquid"]["volume_per_atom"] - out["solid"]["volume_per_atom"],
+            "frames": frames}
+    return out
+
+
+def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "",
+                labels: Sequence[str] | None = None, colors: Sequence[str] | None = None) -> Path:
+    """Temperature and solid fraction vs time, one colour per run (or ``colors``), production shaded, Tm dashed
+    (PNG). ``labels`` name the runs (default: their seeds); runs without a trace (failed) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,14 +529,19 @@ def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    shaded = False
     for i, r in enumerate(runs):
-        c = f"C{i % 10}"
+        if len(r.times_fs) == 0:
+            continue
+        c = colors[i] if colors is not None else f"C{i % 10}"
         t_ps = np.asarray(r.times_fs) / 1000.0
-        label = f"seed {r.seed}: Tm = {r.tm:.0f} ± {r.tm_stderr:.0f} K" + ("" if r.coexisting else " (rejected)")
+        name = labels[i] if labels is not None else f"seed {r.seed}"
+        label = f"{name}: Tm = {r.tm:.0f} ± {r.tm_stderr:.0f} K" + ("" if r.coexisting else " (rejected)")
         ax.plot(t_ps, r.temperatures, color=c, lw=0.8, label=label, ls="-" if r.coexisting else ":")
         ax.axhline(r.tm, color=c, ls="--", lw=1.0)
         ax2.plot(t_ps, r.solid_fraction, color=c, lw=0.8)
-        if i == 0 and len(t_ps):
+        if not shaded:
+            shaded = True
             for a in (ax, ax2):
                 a.axvspan(r.production_start_fs / 1000.0, t_ps[-1], color="0.9", zorder=0,
                           label="production" if a is ax else None)

@@ -50,6 +50,10 @@ def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
     split train/val/test by ``val_fraction`` / ``test_fraction``. ``random``: every frame by the
     fractions. The draw is a hash of (seed, frame_id), so a frame keeps its split when others are
     added or the sources are reordered.
+
+    ``keep_in_train`` {config_type: f}: of that config_type's training frames a stable (hashed) fraction f stays
+    in training and the rest get split ``unused`` (kept and indexed, never trained on or evaluated); the val
+    and test frames do not change, so a sweep over f is judged on the same frames.
     """
     held_out = set(rule.test_config_types) if rule.method == "config_type" else set()
     for a in frames:
@@ -59,6 +63,9 @@ def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
         u = _stable_unit(a.info["frame_id"], rule.seed)
         a.info["split"] = ("test" if u < rule.test_fraction
                            else "val" if u < rule.test_fraction + rule.val_fraction else "train")
+        keep = rule.keep_in_train.get(a.info["config_type"])
+        if a.info["split"] == "train" and keep is not None and _stable_unit("keep:" + a.info["frame_id"], rule.seed) >= keep:
+            a.info["split"] = "unused"
 
 
 def ingest(p: IngestParams) -> tuple[list[Atoms], pd.DataFrame, dict]:
@@ -101,7 +108,7 @@ def run(p: IngestParams) -> dict:
     by_split = Counter(a.info["split"] for a in frames)
     by_check = Counter(rejected["check"].tolist())
     metrics = dict(stats)
-    metrics.update({f"n_frames.{s}": by_split.get(s, 0) for s in ("train", "val", "test")})
+    metrics.update({f"n_frames.{s}": by_split.get(s, 0) for s in ("train", "val", "test", "unused")})
     metrics.update({f"n_rejected.{c}": n for c, n in sorted(by_check.items())})
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
     write_metrics(REPORT_DIR, metrics)

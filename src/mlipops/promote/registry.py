@@ -30,6 +30,7 @@ DEFECTS_DIR = EVAL_DIR / "defects"  # the defects stage: perfect -> imperfect tr
 PATHS_JSON = EVAL_DIR / "reaction_paths.json"  # the evaluate stage: reaction paths to the hull's exit point
 PATHS_DIR = EVAL_DIR / "paths"
 UNCERTAINTY_DIR = EVAL_DIR / "uncertainty"  # the evaluate stage: ensemble σ ranked and calibrated
+MELTING_DIR = EVAL_DIR / "melting"  # the melting stage: coexistence Tm per member against the reference
 
 
 def uncertainty_gate() -> dict:
@@ -83,6 +84,22 @@ def _validation_reports(target: Path) -> list[str]:
                   "vacancies and surfaces diagnosed (full report: `defects/summary.md`).", *rep.get("conclusion", [])]
     else:
         lines += ["## Trained on perfect crystals, tested on defects", "_not produced (run `dvc repro defects`)_"]
+    melt = MELTING_DIR / "melting_point.json"
+    if melt.is_file():
+        shutil.copy2(melt, target / "melting_point.json")
+        d = target / "melting"
+        d.mkdir()
+        for f in MELTING_DIR.iterdir():
+            if f.suffix in (".png", ".md") or f.name == "metrics.json":
+                shutil.copy2(f, d / f.name)
+        rep = json.loads(melt.read_text())
+        lines += ["## Melting point (`melting_point.json`, `melting/`)",
+                  f"Solid–liquid coexistence MD, preset `{rep.get('preset')}`, every ensemble member against the "
+                  "reference oracle (full report: `melting/summary.md`).", *rep.get("conclusion", []),
+                  "![Tm distribution](melting/distribution.png)"]
+    else:
+        lines += ["## Melting point", "_not produced (run `dvc repro melting`): `melting_point.json` is missing, "
+                  "not faked_"]
     if PATHS_JSON.is_file():
         paths = json.loads(PATHS_JSON.read_text())
         shutil.copy2(PATHS_JSON, target / PATHS_JSON.name)
@@ -157,8 +174,6 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
         "## Test errors per config_type", md_table(("config_type", "E MAE (eV/atom)", "F MAE (eV/Å)"), ct_rows),
         "## Data coverage (accepted frames; hull = convex hull of the training atoms in descriptor space)", coverage,
         *validation,
-        "## Reports not yet produced", "The melting point is not part of this pipeline version: "
-        "`melting_point.json` is missing, not faked.",
         "## Load", f"```python\nfrom mlipops.models import MlipopsCalculator\n"
         f"atoms.calc = MlipopsCalculator(\"registry/{name}/v{version}\")  # or MlipopsCalculator.from_registry(\"{name}@champion\")\n```",
     ])

@@ -1,0 +1,451 @@
+"""The melting point of each ensemble member against the reference oracle's (:mod:`melting_reference`).
+
+``mlipops evaluate melting`` (stage ``melting``) runs every ensemble member (``MlipopsCalculator`` over that one
+member's potential) for ``member_seeds`` seeds, all runs in parallel through Dask (``compute``), and reports:
+
+- per member: Tm (mean over its accepted seeds) and its statistical error (the combined standard error of
+  :func:`mlipops.evaluate.melting.summarize`: seed scatter and within-run block error);
+- the ensemble: mean and standard deviation (ddof 1) of the members' Tm, and the combined distribution, an
+  equal-weight mixture of N(Tm_k, err_k² + err_ref²) (the reference's own error widens every component), from
+  which P(|Tm − Tm_ref| ≤ ``window_K``) is exact (:func:`~mlipops.evaluate.melting.prob_within`);
+- the cause: each member's energy error on the reference's solid and liquid snapshots at Tm_ref, δ_k =
+  ⟨ΔE/N⟩_liquid − ⟨ΔE/N⟩_solid, predicts its bias δ_k / ΔS_m (see ``phase_properties``), set against the
+  measured Tm_k − Tm_ref;
+- coverage: the fraction of the index's liquid validation/test atoms inside the training hull (SQL on
+  ``data/index.duckdb``), and the fraction of the Tm snapshots' atoms inside it (γ ≤ 1, ``check_structures``).
+
+Reports in ``reports/evaluate/melting/`` (``melting_point.json``, ``metrics.json``, ``summary.md``, the traces and
+distribution plots); metrics ``melting.*`` on the model's MLflow run (``eval_melting_*``). The promote stage
+copies the JSON and the plots next to the registered model.
+
+``mlipops evaluate melting-sweep`` links coverage to the property: one ``dvc exp run`` per
+``evaluate.melting.sweep.fractions`` value of ``ingest.split.keep_in_train.<config_type>`` (liquid frames removed,
+a few, all), then Tm bias and spread against liquid coverage (``reports/evaluate/melting_sweep/``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from mlipops.errors import MlipopsError, StageInputError
+from mlipops.evaluate.melting import CoexistenceRun, plot_traces, prob_within, summarize
+from mlipops.evaluate.melting_reference import (PHASES, REFERENCE_JSON, MemberFactory, _run_from_json, _stats,
+                                                run_many)
+from mlipops.params import Params
+from mlipops.report import jsonable, write_markdown, write_metrics
+
+REPORT_DIR = Path("reports/evaluate/melting")
+SWEEP_DIR = Path("reports/evaluate/melting_sweep")
+
+
+# ------------------------------------------------------------------------------------------ members
+def read_reference() -> dict:
+    if not REFERENCE_JSON.is_file():
+        raise StageInputError("reference melting point missing: run `dvc repro melting_reference` first",
+                              file=str(REFERENCE_JSON))
+    try:
+        return json.loads(REFERENCE_JSON.read_text())
+    except json.JSONDecodeError as exc:
+        raise StageInputError(f"unreadable: {exc}", file=str(REFERENCE_JSON)) from None
+
+
+def phase_errors(model, frames: list[Atoms]) -> list[dict]:
+    """Per member: the mean energy error per atom on the solid and the liquid snapshots at Tm_ref (eV/atom)."""
+    from mlipops.evaluate.errors import predict_committee
+    from mlipops.models.ensemble import Ensemble
+
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    e_ref = np.array([a.get_potential_energy() for a in frames])
+    n = np.array([len(a) for a in frames], dtype=float)
+    ct = np.array([a.info.get("config_type") for a in frames])
+    out = []
+    for mem in members:
+        e, _, _, _ = predict_committee(mem, frames, forces=False)
+        err = (e - e_ref) / n
+        out.append({ph: float(err[ct == f"melting_{ph}"].mean()) if (ct == f"melting_{ph}").any() else float("nan")
+                    for ph in ("solid", "liquid")})
+    return out
+
+
+def liquid_coverage(index_path: Path, config_type: str = "liquid") -> dict:
+    """From the index: the fraction of ``config_type`` validation/test atoms inside the training hull, and the
+    number of its training frames."""
+    from mlipops.index.build import query
+
+    if not Path(index_path).is_file():
+        return {"liquid_coverage": None, "n_liquid_train_frames": None}
+    ct = config_type.replace("'", "''")
+    df = query(f"""SELECT avg(CASE WHEN inside_hull THEN 1.0 ELSE 0.0 END) AS inside, count(*) AS n
+                   FROM atoms WHERE config_type = '{ct}' AND split IN ('val', 'test')""", index_path)
+    nt = query(f"SELECT count(*) AS n FROM frames WHERE config_type = '{ct}' AND split = 'train' "
+               "AND status = 'accepted'", index_path)
+    inside = df.inside.iloc[0]
+    return {"liquid_coverage": None if inside is None or (isinstance(inside, float) and math.isnan(inside))
+            else float(inside), "n_liquid_atoms_assessed": int(df.n.iloc[0]), "n_liquid_train_frames": int(nt.n.iloc[0])}
+
+
+def snapshot_coverage(frames: list[Atoms], index_path: Path) -> dict:
+    """Fraction of the Tm snapshots' atoms inside the training hull, per phase (γ ≤ 1)."""
+    from mlipops.index.build import check_structures
+
+    if not frames or not Path(index_path).is_file():
+        return {}
+    df = check_structures(frames, index_path)
+    ct = np.array([frames[i].info.get("config_type") for i in df["frame"]])
+    return {f"coverage_{ph}_at_tm": float(df.inside_hull[ct == f"melting_{ph}"].mean())
+            for ph in ("solid", "liquid") if (ct == f"melting_{ph}").any()}
+
+
+def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
+        index_path: Path = Path("data/index.duckdb")) -> dict:
+    """Every member's Tm against the reference's; reports, plots and MLflow metrics (module doc)."""
+    import torch
+
+    from mlipops.frames import read_extxyz
+    from mlipops.models.ensemble import Ensemble, load_model
+    from mlipops.train.loop import MODELS_DIR
+
+    t0 = time.perf_counter()
+    m = p.evaluate.melting
+    model_name = model_name or p.train.model_name
+    model_dir = Path(model_dir or MODELS_DIR / model_name)
+    if not (model_dir / "config.json").is_file():
+        raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
+    ref = read_reference()
+    s = m.settings(p.generate.element)
+    preset = getattr(m, m.preset)
+    model = load_model(model_dir, dtype=torch.float64)
+    n_members = len(model) if isinstance(model, Ensemble) else 1
+    members = list(range(n_members)) if isinstance(model, Ensemble) else [None]
+    specs = [{"factory": MemberFactory(model_dir, k), "settings": s, "seed": m.seed + 1000 * (i + 1) + j, "member": i}
+             for i, k in enumerate(members) for j in range(preset.member_seeds)]
+    runs = run_many(specs, p.compute)
+    per_member = [member_stats(i, [r for r, sp in zip(runs, specs) if sp["member"] == i], ref) for i in range(n_members)]
+
+    frames, bad = read_extxyz(PHASES) if PHASES.is_file() else ([], [])
+    if bad:
+        raise StageInputError(f"{len(bad)} unreadable frame(s): {bad[0].reason}", file=str(PHASES))
+    phases = ref.get("phases") or {}
+    if frames and phases:
+        for pm, err in zip(per_member, phase_errors(model, frames)):
+            d = err["liquid"] - err["solid"]
+            pm |= {"energy_error_solid": err["solid"], "energy_error_liquid": err["liquid"],
+                   "delta_liquid_minus_solid": d, "bias_estimate": d / phases["delta_s_eV_per_atom_K"]}
+    result = combine(per_member, ref, m.window_K)
+    result |= liquid_coverage(index_path, m.sweep.config_type) | snapshot_coverage(frames, index_path)
+    result |= {"model": model_name, "preset": m.preset, "settings": s.__dict__, "members": per_member,
+               "reference": {k: ref.get(k) for k in ("available", "reason", "oracle", "tm_mean", "tm_std", "tm_stderr",
+                                                    "n_accepted", "n_rejected", "phases", "preset")},
+               "wall_s": round(time.perf_counter() - t0, 1)}
+    write_report(result, runs, specs, ref)
+    from mlipops.evaluate.errors import _log_to_mlflow
+
+    if (model_dir / "run.json").is_file():
+        _log_to_mlflow(model_dir / "run.json", {f"melting.{k}": v for k, v in flat_metrics(result).items()})
+    return flat_metrics(result)
+
+
+def member_stats(member: int, runs: list[CoexistenceRun], ref: dict) -> dict:
+    """A member's Tm and statistical error. Two or more accepted seeds: :func:`summarize` (their scatter and the
+    block errors). One: its block error combined with the reference's seed-to-seed scatter (same cell, same
+    protocol; one run's block error alone misses the scatter between seeds, see the melting module doc)."""
+    out = {"member": member, **_stats(summarize(runs)), "runs": [r.summary() for r in runs]}
+    scatter = ref.get("tm_std") if ref.get("available") and (ref.get("n_accepted") or 0) >= 2 else None
+    if out["n_accepted"] == 1 and scatter is not None:
+        out["tm_stderr"] = float(math.hypot(out["tm_stderr"], scatter))
+        out["error_method"] = "one seed: block error and the reference's seed scatter"
+    elif out["n_accepted"] == 1:
+        out["error_method"] = "one seed: block error only (no reference scatter): an underestimate"
+    else:
+        out["error_method"] = "seed scatter and block errors"
+    return out
+
+
+def combine(per_member: list[dict], ref: dict, window: float) -> dict:
+    """Ensemble statistics and P(|Tm − Tm_ref| ≤ window) of the mixture N(Tm_k, err_k² + err_ref²)."""
+    ok = [pm for pm in per_member if pm["n_accepted"] > 0]
+    tms = np.array([pm["tm_mean"] for pm in ok])
+    errs = np.array([pm["tm_stderr"] for pm in ok])
+    tm_ref = ref.get("tm_mean") if ref.get("available") else None
+    ref_err = float(ref.get("tm_stderr") or 0.0) if tm_ref is not None else 0.0
+    out = {"tm_mean": float(tms.mean()) if len(ok) else None,
+           "tm_std": float(tms.std(ddof=1)) if len(ok) > 1 else (0.0 if ok else None),
+           "n_members": len(per_member), "n_members_accepted": len(ok), "window_K": window,
+           # what the members' statistical errors alone would scatter their Tm by, and the disagreement beyond it
+           "noise_std": float(np.sqrt(np.mean(errs**2))) if ok else None,
+           "model_spread": float(np.sqrt(max(0.0, tms.var(ddof=1) - np.mean(errs**2)))) if len(ok) > 1 else None,
+           "tm_ref": tm_ref, "tm_ref_stderr": ref_err if tm_ref is not None else None}
+    if tm_ref is not None and ok:
+        sd = np.sqrt(errs**2 + ref_err**2)
+        out |= {"bias": out["tm_mean"] - tm_ref,
+                "p_within_window": prob_within(np.column_stack([tms, sd]), tm_ref, window),
+                "mixture": [[float(a), float(b)] for a, b in zip(tms, sd)]}
+    else:
+        out |= {"bias": None, "p_within_window": None,
+                "p_reason": "no reference Tm" if tm_ref is None else "no member run coexisted"}
+    est = [pm.get("bias_estimate") for pm in ok if pm.get("bias_estimate") is not None]
+    out["bias_estimate"] = float(np.mean(est)) if est else None
+    return out
+
+
+def flat_metrics(result: dict) -> dict:
+    keys = ("tm_mean", "tm_std", "noise_std", "model_spread", "tm_ref", "tm_ref_stderr", "bias", "bias_estimate",
+            "p_within_window", "window_K",
+            "n_members_accepted", "liquid_coverage", "n_liquid_train_frames", "coverage_solid_at_tm",
+            "coverage_liquid_at_tm", "wall_s")
+    out = {k: result.get(k) for k in keys if k in result}
+    ph = (result.get("reference") or {}).get("phases") or {}
+    if ph:
+        out["latent_heat_eV_per_atom"] = ph.get("latent_heat_eV_per_atom")
+        out["delta_s_kB"] = ph.get("delta_s_kB")
+    for pm in result["members"]:
+        for k in ("tm_mean", "tm_stderr", "bias_estimate", "n_rejected"):
+            if pm.get(k) is not None:
+                out[f"member.{pm['member']}.{k}"] = pm[k]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# ------------------------------------------------------------------------------------------ reports
+def plot_distribution(result: dict, path: Path) -> Path:
+    """The members' Tm (each a Gaussian of its error), their mixture, the reference with ±window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ok = [pm for pm in result["members"] if pm["n_accepted"] > 0]
+    tm_ref, w = result.get("tm_ref"), result["window_K"]
+    centres = [pm["tm_mean"] for pm in ok] + ([tm_ref] if tm_ref is not None else [])
+    if centres:
+        spread = max([pm["tm_stderr"] or 0.0 for pm in ok] + [w, 30.0])
+        x = np.linspace(min(centres) - 4 * spread, max(centres) + 4 * spread, 600)
+        mix = result.get("mixture") or [[pm["tm_mean"], pm["tm_stderr"]] for pm in ok]
+        total = np.zeros_like(x)
+        for i, (mu, sd) in enumerate(mix):
+            sd = max(sd, 1.0)
+            y = norm.pdf(x, mu, sd) / len(mix)
+            total += y
+            ax.plot(x, y, lw=0.8, color=f"C{i % 10}", label=f"member {ok[i]['member']}: {ok[i]['tm_mean']:.0f} ± "
+                    f"{ok[i]['tm_stderr']:.0f} K")
+        ax.plot(x, total, color="k", lw=1.6, label="combined")
+        if tm_ref is not None:
+            ax.axvline(tm_ref, color="crimson", lw=1.5, label=f"reference {tm_ref:.0f} ± {result['tm_ref_stderr']:.0f} K")
+            ax.axvspan(tm_ref - w, tm_ref + w, color="crimson", alpha=0.12,
+                       label=f"±{w:g} K: P = {result['p_within_window']:.2f}" if result.get("p_within_window")
+                       is not None else f"±{w:g} K")
+    ax.set_xlabel("melting point (K)")
+    ax.set_ylabel("probability density (1/K)")
+    ax.set_title(f"{result['model']}: Tm = {result['tm_mean']:.0f} ± {result['tm_std']:.0f} K (ensemble)"
+                 if result.get("tm_mean") is not None else f"{result['model']}: no member run coexisted")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v, digits: int = 0) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def conclusion(result: dict) -> list[str]:
+    """The results in words (summary and model card)."""
+    lines = []
+    if result.get("tm_ref") is None:
+        lines.append(f"No reference melting point: {result['reference'].get('reason', 'reference unavailable')}.")
+    else:
+        lines.append(f"Reference ({result['reference']['oracle']['calculator']}): Tm = {_fmt(result['tm_ref'])} ± "
+                     f"{_fmt(result['tm_ref_stderr'])} K.")
+    if result.get("tm_mean") is None:
+        lines.append("No member run kept both phases: no model melting point.")
+        return lines
+    lines.append(f"Ensemble ({result['n_members_accepted']}/{result['n_members']} members): Tm = "
+                 f"{_fmt(result['tm_mean'])} ± {_fmt(result['tm_std'])} K (mean ± standard deviation over members)"
+                 + (f"; bias {result['bias']:+.0f} K; P(|Tm − Tm_ref| ≤ {result['window_K']:g} K) = "
+                    f"{result['p_within_window']:.2f}." if result.get("bias") is not None else "."))
+    if result.get("model_spread") is not None:
+        lines.append(f"The members' statistical errors alone scatter Tm by {_fmt(result['noise_std'])} K; the "
+                     f"disagreement between members beyond that is {_fmt(result['model_spread'])} K"
+                     + (" (the committee's spread is within the noise of this preset)."
+                        if result["model_spread"] < 0.5 * result["noise_std"] else "."))
+    if result.get("bias_estimate") is not None:
+        lines.append(f"Energy cause: the members' liquid-minus-solid energy error at Tm_ref predicts a bias of "
+                     f"{result['bias_estimate']:+.0f} K (δE/ΔS_m), against {result['bias']:+.0f} K measured.")
+    if result.get("liquid_coverage") is not None:
+        lines.append(f"Liquid coverage: {100 * result['liquid_coverage']:.0f} % of the liquid validation/test atoms "
+                     f"lie inside the training hull ({result['n_liquid_train_frames']} liquid training frames)"
+                     + (f"; of the Tm snapshots' atoms {100 * result['coverage_liquid_at_tm']:.0f} % (liquid) and "
+                        f"{100 * result['coverage_solid_at_tm']:.0f} % (solid)." if "coverage_liquid_at_tm" in result
+                        else "."))
+    return lines
+
+
+def write_report(result: dict, runs: list[CoexistenceRun], specs: list[dict], ref: dict) -> None:
+    import shutil
+
+    if REPORT_DIR.exists():
+        shutil.rmtree(REPORT_DIR)
+    REPORT_DIR.mkdir(parents=True)
+    ref_runs = [_run_from_json(r) for r in ref.get("runs", [])]
+    plot_traces(ref_runs, REPORT_DIR / "traces_reference.png", title=f"reference "
+                f"({ref.get('oracle', {}).get('calculator')}): coexistence runs")
+    plot_traces(runs, REPORT_DIR / "traces_members.png", title=f"{result['model']} members: coexistence runs",
+                labels=[f"member {sp['member']} seed {sp['seed']}" for sp in specs],
+                colors=[f"C{sp['member'] % 10}" for sp in specs])
+    plot_distribution(result, REPORT_DIR / "distribution.png")
+    result["conclusion"] = conclusion(result)
+    (REPORT_DIR / "melting_point.json").write_text(json.dumps(jsonable(result), indent=2) + "\n")
+    write_metrics(REPORT_DIR, flat_metrics(result))
+    rows = [(pm["member"], _fmt(pm["tm_mean"]), _fmt(pm["tm_stderr"]), pm["n_accepted"], pm["n_rejected"],
+             _fmt(pm.get("energy_error_liquid") and 1000 * pm["energy_error_liquid"], 1),
+             _fmt(pm.get("energy_error_solid") and 1000 * pm["energy_error_solid"], 1), _fmt(pm.get("bias_estimate")),
+             "; ".join(r["rejected_reason"] for r in pm["runs"] if r["rejected_reason"]) or "")
+            for pm in result["members"]]
+    ph = (ref.get("phases") or {})
+    s = result["settings"]
+    write_markdown(REPORT_DIR / "summary.md", f"Melting point of `{result['model']}` (solid–liquid coexistence)", [
+        *result["conclusion"],
+        f"Preset `{result['preset']}`: {s['supercell'][0]}×{s['supercell'][1]}×{s['supercell'][2]} {s['lattice']} cells "
+        f"({runs[0].n_atoms if runs and runs[0].n_atoms else '?'} atoms), {s['timestep_fs']:g} fs steps: melt "
+        f"{s['melt_steps']}, NPH {s['equilibration_steps']}, NVE production {s['production_steps']}. A run counts "
+        f"only when both phases remain (solid fraction by averaged q̄6 > {s['q6_solid_threshold']} in "
+        f"[{s['min_phase_fraction']}, {1 - s['min_phase_fraction']:.2f}] at the end).",
+        (f"Reference phases at Tm_ref: latent heat {ph['latent_heat_eV_per_atom']:.4f} eV/atom, ΔS_m = "
+         f"{ph['delta_s_kB']:.2f} k_B, ΔV = {ph['delta_v_A3_per_atom']:.2f} Å³/atom." if ph else ""),
+        "Energy errors (meV/atom) are the members' mean (E_model − E_ref)/N on the reference's snapshots at Tm_ref; "
+        "the estimate is (liquid − solid)/ΔS_m.",
+    ], table=(("member", "Tm (K)", "error (K)", "accepted", "rejected", "ΔE liquid", "ΔE solid", "bias estimate (K)",
+               "rejections"), rows),
+        extra=["![distribution](distribution.png)", "![members](traces_members.png)",
+               "![reference](traces_reference.png)"])
+
+
+# ------------------------------------------------------------------------------------------ sweep
+def _git(*args: str) -> str:
+    import subprocess
+
+    r = subprocess.run(["git", *args], capture_output=True, text=True)
+    if r.returncode:
+        raise MlipopsError(f"git {' '.join(args)} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return r.stdout
+
+
+def _exp_file(ref: str, path: Path) -> dict | None:
+    try:
+        return json.loads(_git("show", f"{ref}:{path.as_posix()}"))
+    except (MlipopsError, json.JSONDecodeError):
+        return None
+
+
+def sweep_point(fraction: float, metrics: dict, result: dict | None, source: str) -> dict:
+    return {"fraction": fraction, "source": source, **{k: metrics.get(k) for k in (
+        "tm_mean", "tm_std", "tm_ref", "tm_ref_stderr", "bias", "bias_estimate", "p_within_window",
+        "liquid_coverage", "n_liquid_train_frames", "coverage_liquid_at_tm", "coverage_solid_at_tm",
+        "n_members_accepted")},
+        "members": [{k: pm.get(k) for k in ("member", "tm_mean", "tm_stderr", "bias_estimate")}
+                    for pm in (result or {}).get("members", [])]}
+
+
+def run_sweep(p: Params, fractions: list[float] | None = None, run_experiments: bool = True) -> dict:
+    """One ``dvc exp run --temp`` per fraction of ``ingest.split.keep_in_train.<config_type>`` (up to the
+    ``melting`` stage; the workspace's own value is read from the workspace), then the table and plot.
+
+    Experiments are named ``<config_type>-keep-<f>``; an existing one of that name on this commit is re-run
+    with ``--force`` (DVC's run cache restores every stage whose inputs did not change). The temporary
+    workspace imports ``mlipops`` from this checkout's ``src`` (editable install): do not edit it meanwhile."""
+    import os
+    import subprocess
+
+    sw = p.evaluate.melting.sweep
+    fractions = list(fractions if fractions is not None else sw.fractions)
+    key = f"ingest.split.keep_in_train.{sw.config_type}"
+    current = p.ingest.split.keep_in_train.get(sw.config_type, 1.0)
+    head = _git("rev-parse", "HEAD").strip()
+    points = []
+    t0 = time.perf_counter()
+    for f in fractions:
+        if abs(f - current) < 1e-12:
+            metrics_path = REPORT_DIR / "metrics.json"
+            if not metrics_path.is_file():
+                raise StageInputError("the workspace's melting report is missing: run `dvc repro melting` first",
+                                      file=str(metrics_path))
+            result = json.loads((REPORT_DIR / "melting_point.json").read_text())
+            points.append(sweep_point(f, json.loads(metrics_path.read_text()), result, "workspace"))
+            continue
+        name = f"{sw.config_type}-keep-{f:g}".replace(".", "p")
+        ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+        if run_experiments:
+            env = os.environ | {"PYTHONPATH": str(Path("src").resolve())}
+            cmd = ["dvc", "exp", "run", "--temp", "--force", "-n", name, "-S", f"{key}={f}", "melting"]
+            print("$ " + " ".join(cmd), flush=True)
+            r = subprocess.run(cmd, env=env)
+            if r.returncode:
+                raise MlipopsError(f"`{' '.join(cmd)}` failed with exit code {r.returncode}", field=key)
+        metrics = _exp_file(ref, REPORT_DIR / "metrics.json")
+        if metrics is None:
+            raise MlipopsError(f"experiment {name} has no melting metrics (ref {ref}); run without --no-run first",
+                               field=key)
+        points.append(sweep_point(f, metrics, _exp_file(ref, REPORT_DIR / "melting_point.json"), f"dvc exp {name}"))
+    out = {"config_type": sw.config_type, "param": key, "points": points, "commit": head,
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    write_sweep(out)
+    return out
+
+
+def write_sweep(out: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    SWEEP_DIR.mkdir(parents=True, exist_ok=True)
+    pts = sorted(out["points"], key=lambda q: q["fraction"])
+    (SWEEP_DIR / "sweep.json").write_text(json.dumps(jsonable(out), indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ok = [q for q in pts if q.get("tm_mean") is not None and q.get("liquid_coverage") is not None]
+    tm_ref = next((q["tm_ref"] for q in pts if q.get("tm_ref") is not None), None)
+    if tm_ref is not None:
+        ax.axhline(tm_ref, color="crimson", lw=1.2, label=f"reference {tm_ref:.0f} K")
+        ax.axhspan(tm_ref - 50, tm_ref + 50, color="crimson", alpha=0.1, label="±50 K")
+    if ok:
+        x = [100 * q["liquid_coverage"] for q in ok]
+        ax.errorbar(x, [q["tm_mean"] for q in ok], yerr=[q["tm_std"] or 0 for q in ok], fmt="o", color="k",
+                    capsize=4, label="ensemble Tm (± member std)")
+        for q, xi in zip(ok, x):
+            for mem in q["members"]:
+                if mem.get("tm_mean") is not None:
+                    ax.plot(xi, mem["tm_mean"], ".", color="0.5", ms=4)
+            ax.annotate(f"{q['n_liquid_train_frames']} liquid\ntraining frames", (xi, q["tm_mean"]), fontsize=7,
+                        xytext=(6, 6), textcoords="offset points")
+        est = [(xi, tm_ref + q["bias_estimate"]) for q, xi in zip(ok, x)
+               if q.get("bias_estimate") is not None and tm_ref is not None]
+        if est:
+            ax.plot(*zip(*est), "s", mfc="none", color="C0", label="Tm_ref + δE_liquid/ΔS_m")
+    ax.set_xlabel(f"{out['config_type']} coverage: validation/test atoms inside the training hull (%)")
+    ax.set_ylabel("melting point (K)")
+    ax.set_title("melting point against liquid coverage")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(SWEEP_DIR / "sweep.png", dpi=110)
+    plt.close(fig)
+    rows = [(q["fraction"], q.get("n_liquid_train_frames"), _fmt(q.get("liquid_coverage") and 100 * q["liquid_coverage"]),
+             _fmt(q.get("coverage_liquid_at_tm") and 100 * q["coverage_liquid_at_tm"]),
+             f"{_fmt(q.get('tm_mean'))} ± {_fmt(q.get('tm_std'))}", _fmt(q.get("bias")), _fmt(q.get("bias_estimate")),
+             _fmt(q.get("p_within_window"), 2), q["source"]) for q in pts]
+    write_markdown(SWEEP_DIR / "sweep.md", f"Melting point against {out['config_type']} coverage", [
+        f"Each row trains the ensemble with `{out['param']}` = fraction of its training frames kept (the rest "
+        "become split `unused`), then runs the coexistence melting point for every member. Coverage from the "
+        "index: the share of the liquid validation/test atoms inside the training hull; at Tm: the share of "
+        "the reference's liquid snapshots at Tm_ref inside it.",
+    ], table=(("fraction kept", "liquid train frames", "liquid coverage (%)", "liquid at Tm inside (%)",
+               "Tm ± std (K)", "bias (K)", "δE/ΔS_m (K)", "P(±50 K)", "source"), rows),
+        extra=["![sweep](sweep.png)"])

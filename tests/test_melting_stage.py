@@ -1,0 +1,151 @@
+"""The melting-point stages around the coexistence core: the reference's phase runs (latent heat, snapshots),
+member runs that fail, the ensemble statistics and P(±window), the liquid share of training (keep_in_train),
+and the sweep's table and plot. The pipeline wiring itself runs in test_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+from scipy.stats import norm
+
+from mlipops.errors import ParamsError
+from mlipops.evaluate import melting_stage
+from mlipops.evaluate.melting import CoexistenceSettings, phase_properties
+from mlipops.evaluate.melting_reference import coexistence_task
+from mlipops.ingest import assign_splits
+from mlipops.params import MeltingParams, SplitParams
+
+
+def test_phase_properties_emt_latent_heat_and_labelled_snapshots():
+    s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=120)
+    out = phase_properties(EMT, s, 1300.0, steps=80, snapshots=3, supercell=(2, 2, 2))
+    frames = out.pop("frames")
+    assert out["solid"]["solid_fraction"] > 0.8 and out["liquid"]["solid_fraction"] < 0.3
+    # EMT Cu at 1300 K: L = 0.13 eV/atom (600 steps, 108 atoms); Richards' rule ΔS_m ≈ k_B; the liquid is less dense
+    assert 0.05 < out["latent_heat_eV_per_atom"] < 0.25
+    assert 0.4 < out["delta_s_kB"] < 2.5
+    assert out["delta_v_A3_per_atom"] > 0
+    assert [a.info["config_type"] for a in frames] == ["melting_solid"] * 3 + ["melting_liquid"] * 3
+    for a in frames:  # labels are the calculator's, on a copy that no longer carries it
+        e = a.get_potential_energy()
+        b = a.copy()
+        b.calc = EMT()
+        assert b.get_potential_energy() == pytest.approx(e, abs=1e-8)
+        assert a.get_forces().shape == (32, 3) and a.get_stress().shape == (6,)
+
+
+class _Exploding(EMT):
+    """EMT that raises after a few force calls, like a potential leaving its domain."""
+
+    calls = 0
+
+    def calculate(self, *args, **kwargs):
+        type(self).calls += 1
+        if type(self).calls > 40:
+            raise FloatingPointError("descriptor overflow")
+        super().calculate(*args, **kwargs)
+
+
+def test_failing_calculator_becomes_a_rejected_run_not_a_crash():
+    s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=10, equilibration_steps=10, production_steps=20,
+                            max_retries=1, a=3.59)
+    r = coexistence_task({"factory": _Exploding, "settings": s, "seed": 3})
+    assert not r.coexisting and r.seed == 3
+    assert "FloatingPointError" in r.rejected_reason and "descriptor overflow" in r.rejected_reason
+    assert math.isnan(r.tm) and len(r.temperatures) == 0
+
+
+def _member(i, tm, err, n=2):
+    return {"member": i, "tm_mean": tm, "tm_std": 0.0, "tm_stderr": err, "n_accepted": n, "n_rejected": 0, "runs": []}
+
+
+def test_combine_mixture_probability_includes_reference_error():
+    members = [_member(0, 1300.0, 20.0), _member(1, 1380.0, 10.0), _member(2, float("nan"), float("nan"), n=0)]
+    ref = {"available": True, "tm_mean": 1320.0, "tm_stderr": 15.0}
+    out = melting_stage.combine(members, ref, 50.0)
+    assert out["tm_mean"] == pytest.approx(1340.0) and out["tm_std"] == pytest.approx(math.sqrt(3200.0))
+    assert out["n_members_accepted"] == 2 and out["bias"] == pytest.approx(20.0)
+    # by hand: each accepted member a Gaussian of width sqrt(err_k^2 + err_ref^2), equal weights
+    expect = 0.0
+    for mu, e in ((1300.0, 20.0), (1380.0, 10.0)):
+        sd = math.hypot(e, 15.0)
+        expect += 0.5 * (norm.cdf((1370.0 - mu) / sd) - norm.cdf((1270.0 - mu) / sd))
+    assert out["p_within_window"] == pytest.approx(expect, rel=1e-12)
+    none = melting_stage.combine(members, {"available": False, "tm_mean": None}, 50.0)
+    assert none["p_within_window"] is None and none["p_reason"] == "no reference Tm"
+    assert none["tm_mean"] == pytest.approx(1340.0)
+
+
+def test_flat_metrics_and_conclusion_are_consistent():
+    members = [_member(0, 1250.0, 12.0) | {"bias_estimate": -40.0}, _member(1, 1270.0, 8.0) | {"bias_estimate": -20.0}]
+    ref = {"available": True, "tm_mean": 1300.0, "tm_stderr": 10.0, "oracle": {"calculator": "emt"},
+           "phases": {"latent_heat_eV_per_atom": 0.13, "delta_s_kB": 1.19}}
+    result = melting_stage.combine(members, ref, 50.0) | {"members": members, "model": "cu", "reference": ref,
+                                                          "liquid_coverage": 0.9, "n_liquid_train_frames": 16}
+    m = melting_stage.flat_metrics(result)
+    assert m["bias"] == pytest.approx(-40.0) and m["bias_estimate"] == pytest.approx(-30.0)
+    assert m["member.1.tm_mean"] == 1270.0 and m["latent_heat_eV_per_atom"] == 0.13
+    text = " ".join(melting_stage.conclusion(result))
+    assert "Tm = 1300 ± 10 K" in text and "Tm = 1260 ± 14 K" in text and "bias -40 K" in text
+    assert "-30 K (δE/ΔS_m)" in text and "90 %" in text
+
+
+def test_keep_in_train_moves_a_stable_share_to_unused_and_leaves_val_test():
+    from ase import Atoms
+
+    frames = [Atoms("Cu", info={"frame_id": f"f{i:04d}", "config_type": "liquid" if i % 2 else "crystal_fcc"})
+              for i in range(2000)]
+    base = SplitParams(val_fraction=0.1, test_fraction=0.1)
+    assign_splits(frames, base)
+    before = [a.info["split"] for a in frames]
+    assign_splits(frames, base.model_copy(update={"keep_in_train": {"liquid": 0.25}}))
+    after = [a.info["split"] for a in frames]
+    for a, b0, b1 in zip(frames, before, after):
+        if b0 != "train" or a.info["config_type"] != "liquid":
+            assert b1 == b0  # val/test and other config_types untouched
+    liquid_train = [b for a, b in zip(frames, before) if b == "train" and a.info["config_type"] == "liquid"]
+    kept = sum(1 for a, b0, b1 in zip(frames, before, after) if b0 == "train" and b1 == "train"
+               and a.info["config_type"] == "liquid")
+    assert abs(kept / len(liquid_train) - 0.25) < 0.05
+    assert set(after) == {"train", "val", "test", "unused"}
+    again = [a.info["split"] for a in (assign_splits(frames, base.model_copy(update={"keep_in_train": {"liquid": 0.25}}))
+                                       or frames)]
+    assert again == after  # hashed, not random
+    assign_splits(frames, base.model_copy(update={"keep_in_train": {"liquid": 0.0}}))
+    assert not any(a.info["split"] == "train" and a.info["config_type"] == "liquid" for a in frames)
+    with pytest.raises(ValueError, match="keep_in_train.liquid"):
+        SplitParams(keep_in_train={"liquid": 1.5})
+
+
+def test_presets_validate_and_build_settings():
+    m = MeltingParams()
+    assert m.settings("Cu").supercell == (3, 3, 8)
+    prod = m.model_copy(update={"preset": "production"}).settings("Cu")
+    assert prod.supercell == (4, 4, 8) and prod.production_steps == 2000
+    bad = m.model_copy(update={"quick": m.quick.model_copy(update={"production_steps": 33})})
+    with pytest.raises(ParamsError, match="melting.production_steps"):
+        bad.settings("Cu")
+
+
+def test_sweep_table_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(melting_stage, "SWEEP_DIR", tmp_path / "sweep")
+    pts = [melting_stage.sweep_point(f, {"tm_mean": tm, "tm_std": sd, "tm_ref": 1300.0, "bias": tm - 1300.0,
+                                         "bias_estimate": est, "p_within_window": p, "liquid_coverage": cov,
+                                         "n_liquid_train_frames": n, "coverage_liquid_at_tm": cov - 0.1},
+                                     {"members": [{"member": 0, "tm_mean": tm - 10}, {"member": 1, "tm_mean": tm + 10}]},
+                                     src)
+           for f, tm, sd, est, p, cov, n, src in ((1.0, 1290.0, 14.0, -8.0, 0.9, 0.97, 16, "workspace"),
+                                                  (0.0, 1160.0, 60.0, -120.0, 0.05, 0.40, 0, "dvc exp liquid-keep-0"))]
+    melting_stage.write_sweep({"config_type": "liquid", "param": "ingest.split.keep_in_train.liquid", "points": pts})
+    out = json.loads((tmp_path / "sweep/sweep.json").read_text())
+    assert [q["fraction"] for q in out["points"]] == [1.0, 0.0]
+    md = (tmp_path / "sweep/sweep.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert len(rows) == 2 and rows[0].startswith("| 0 | 0 | 40 | 30 |")  # sorted by fraction
+    assert "1160 ± 60" in rows[0] and "| -140 | -120 | 0.05 |" in rows[0]
+    assert (tmp_path / "sweep/sweep.png").stat().st_size > 5000
+    assert np.isfinite(out["points"][0]["tm_mean"])
