@@ -280,3 +280,14 @@ def test_cli_check_gives_a_verdict_per_frame_and_writes_nothing(u_frames, tmp_pa
     assert "4 frames: " in res.stderr
     assert sorted(p.name for p in (tmp_path / "data/curated").iterdir()) == before
     assert not (tmp_path / "reports").exists()
+
+
+def test_last_round_flagging_frames_does_not_break_the_recheck(u_frames):
+    """With max_rounds = 1 the only round flags frames after its force fit: the recheck refits the forces on the
+    frames actually kept (it used to index the old fit's residuals with the new mask: IndexError)."""
+    frames = _copy(u_frames)
+    e, f, s = labels(frames[10])
+    set_labels(frames[10], e, -f, s)  # sign-flipped forces, flagged in round 1
+    rep = detect(frames, ["Cu"], SETTINGS, max_rounds=1)
+    assert rep.rounds == 1 and bool(rep.frames.loc[10, "quarantine"])
+    assert rep.forces.n < sum(len(a) * 3 for a in frames)  # the final force fit leaves the flagged frame out

@@ -98,8 +98,8 @@ class SplitParams(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
-    # config_type -> fraction of its would-be training frames kept in training (stable hash draw); the rest get
-    # split "unused": indexed (their γ counts) but never trained on or evaluated. For coverage sweeps, e.g.
+    # config_type -> fraction of its would-be training and validation frames kept (stable hash draw); the rest
+    # get split "unused": indexed (their γ counts), never trained on nor used for early stopping. Sweeps, e.g.
     # `dvc exp run -S ingest.split.keep_in_train.liquid=0`.
     keep_in_train: dict[str, float] = Field(default_factory=dict)
 

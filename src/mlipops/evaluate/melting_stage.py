@@ -11,7 +11,7 @@ member's potential) for ``member_seeds`` seeds, all runs in parallel through Das
 - the cause: each member's energy error on the reference's solid and liquid snapshots at Tm_ref, δ_k =
   ⟨ΔE/N⟩_liquid − ⟨ΔE/N⟩_solid, predicts its bias δ_k / ΔS_m (see ``phase_properties``), set against the
   measured Tm_k − Tm_ref;
-- coverage: the fraction of the index's liquid validation/test atoms inside the training hull (SQL on
+- coverage: the fraction of the index's liquid test atoms inside the training hull (SQL on
   ``data/index.duckdb``), and the fraction of the Tm snapshots' atoms inside it (γ ≤ 1, ``check_structures``).
 
 Reports in ``reports/evaluate/melting/`` (``melting_point.json``, ``metrics.json``, ``summary.md``, the traces and
@@ -74,15 +74,15 @@ def phase_errors(model, frames: list[Atoms]) -> list[dict]:
 
 
 def liquid_coverage(index_path: Path, config_type: str = "liquid") -> dict:
-    """From the index: the fraction of ``config_type`` validation/test atoms inside the training hull, and the
-    number of its training frames."""
+    """From the index: the fraction of ``config_type`` test atoms inside the training hull (the test split does
+    not change with ``keep_in_train``), and the number of its training frames."""
     from mlipops.index.build import query
 
     if not Path(index_path).is_file():
         return {"liquid_coverage": None, "n_liquid_train_frames": None}
     ct = config_type.replace("'", "''")
     df = query(f"""SELECT avg(CASE WHEN inside_hull THEN 1.0 ELSE 0.0 END) AS inside, count(*) AS n
-                   FROM atoms WHERE config_type = '{ct}' AND split IN ('val', 'test')""", index_path)
+                   FROM atoms WHERE config_type = '{ct}' AND split = 'test'""", index_path)
     nt = query(f"SELECT count(*) AS n FROM frames WHERE config_type = '{ct}' AND split = 'train' "
                "AND status = 'accepted'", index_path)
     inside = df.inside.iloc[0]
@@ -281,7 +281,7 @@ def conclusion(result: dict) -> list[str]:
         lines.append(f"Energy cause: the members' liquid-minus-solid energy error at Tm_ref predicts a bias of "
                      f"{result['bias_estimate']:+.0f} K (δE/ΔS_m), against {result['bias']:+.0f} K measured.")
     if result.get("liquid_coverage") is not None:
-        lines.append(f"Liquid coverage: {100 * result['liquid_coverage']:.0f} % of the liquid validation/test atoms "
+        lines.append(f"Liquid coverage: {100 * result['liquid_coverage']:.0f} % of the liquid test atoms "
                      f"lie inside the training hull ({result['n_liquid_train_frames']} liquid training frames)"
                      + (f"; of the Tm snapshots' atoms {100 * result['coverage_liquid_at_tm']:.0f} % (liquid) and "
                         f"{100 * result['coverage_solid_at_tm']:.0f} % (solid)." if "coverage_liquid_at_tm" in result
@@ -430,7 +430,7 @@ def write_sweep(out: dict) -> None:
                if q.get("bias_estimate") is not None and tm_ref is not None]
         if est:
             ax.plot(*zip(*est), "s", mfc="none", color="C0", label="Tm_ref + δE_liquid/ΔS_m")
-    ax.set_xlabel(f"{out['config_type']} coverage: validation/test atoms inside the training hull (%)")
+    ax.set_xlabel(f"{out['config_type']} coverage: test atoms inside the training hull (%)")
     ax.set_ylabel("melting point (K)")
     ax.set_title("melting point against liquid coverage")
     ax.legend(fontsize=7)
@@ -442,9 +442,9 @@ def write_sweep(out: dict) -> None:
              f"{_fmt(q.get('tm_mean'))} ± {_fmt(q.get('tm_std'))}", _fmt(q.get("bias")), _fmt(q.get("bias_estimate")),
              _fmt(q.get("p_within_window"), 2), q["source"]) for q in pts]
     write_markdown(SWEEP_DIR / "sweep.md", f"Melting point against {out['config_type']} coverage", [
-        f"Each row trains the ensemble with `{out['param']}` = fraction of its training frames kept (the rest "
+        f"Each row trains the ensemble with `{out['param']}` = fraction of its training and validation frames kept (the rest "
         "become split `unused`), then runs the coexistence melting point for every member. Coverage from the "
-        "index: the share of the liquid validation/test atoms inside the training hull; at Tm: the share of "
+        "index: the share of the liquid test atoms inside the training hull; at Tm: the share of "
         "the reference's liquid snapshots at Tm_ref inside it.",
     ], table=(("fraction kept", "liquid train frames", "liquid coverage (%)", "liquid at Tm inside (%)",
                "Tm ± std (K)", "bias (K)", "δE/ΔS_m (K)", "P(±50 K)", "source"), rows),

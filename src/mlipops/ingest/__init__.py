@@ -51,9 +51,10 @@ def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
     fractions. The draw is a hash of (seed, frame_id), so a frame keeps its split when others are
     added or the sources are reordered.
 
-    ``keep_in_train`` {config_type: f}: of that config_type's training frames a stable (hashed) fraction f stays
-    in training and the rest get split ``unused`` (kept and indexed, never trained on or evaluated); the val
-    and test frames do not change, so a sweep over f is judged on the same frames.
+    ``keep_in_train`` {config_type: f}: of that config_type's training and validation frames a stable (hashed)
+    fraction f stays and the rest get split ``unused`` (kept and indexed, never trained on, never used to pick
+    the best epoch: validation frames of a kind the model never sees would stop training early); the test
+    frames do not change, so a sweep over f is judged on the same frames.
     """
     held_out = set(rule.test_config_types) if rule.method == "config_type" else set()
     for a in frames:
@@ -64,7 +65,8 @@ def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
         a.info["split"] = ("test" if u < rule.test_fraction
                            else "val" if u < rule.test_fraction + rule.val_fraction else "train")
         keep = rule.keep_in_train.get(a.info["config_type"])
-        if a.info["split"] == "train" and keep is not None and _stable_unit("keep:" + a.info["frame_id"], rule.seed) >= keep:
+        if (a.info["split"] in ("train", "val") and keep is not None
+                and _stable_unit("keep:" + a.info["frame_id"], rule.seed) >= keep):
             a.info["split"] = "unused"
 
 

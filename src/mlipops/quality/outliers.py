@@ -671,6 +671,9 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
     fs = report.forces
     if fs is not None and fs.beta is not None and "x_forces" in d:
         rmask = keep[d["force_frame"]]
+        if int(rmask.sum()) != fs.n:  # the last round flagged frames after its fit (or stopped early): refit
+            fs = ols_influence(d["y_forces"][rmask], d["x_forces"][rmask])
+            report.forces = fs
         scale_f = _group_scale(fs.y - fs.fitted, cts[d["force_frame"][rmask]])
         thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / (fs.n + 1)
         for q, k in enumerate(flagged):
