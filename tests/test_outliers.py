@@ -291,3 +291,24 @@ def test_last_round_flagging_frames_does_not_break_the_recheck(u_frames):
     rep = detect(frames, ["Cu"], SETTINGS, max_rounds=1)
     assert rep.rounds == 1 and bool(rep.frames.loc[10, "quarantine"])
     assert rep.forces.n < sum(len(a) * 3 for a in frames)  # the final force fit leaves the flagged frame out
+
+
+def test_symmetric_zero_forces_do_not_collapse_the_residual_scale():
+    """Mostly unrattled strained crystals (forces zero by symmetry) and a few rattled ones: the zero rows
+    must not set the robust scale to zero (every real force would then be 'infinitely' off)."""
+    rng = np.random.default_rng(5)
+    frames = []
+    for k in range(40):
+        a = bulk("Cu", "fcc", a=3.61 * (1 + rng.uniform(-0.03, 0.03)), cubic=True).repeat(2)
+        if k % 5 == 0:
+            a.positions += rng.normal(0, 0.03, a.positions.shape)
+        a.info["config_type"] = "crystal_fcc"
+        frames.append(a)
+    frames = get_oracle("emt").label(frames)
+    for a in frames:
+        a.info["frame_id"] = frame_id(a)
+    df = detect(frames, ["Cu"], SETTINGS).frames
+    # (the energy surrogate fits the 32 perfect frames exactly and judges the rattled ones by that: a separate
+    # limit of the energy test, not this one)
+    forces = df["force_flag"] | df["frame_flag"] | df["atom_flag"]
+    assert not forces.any(), df.loc[forces, "reason"].tolist()

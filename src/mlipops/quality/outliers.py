@@ -232,14 +232,18 @@ def design(frames: list[Atoms], species: list[str], settings: dict, forces: bool
     return out
 
 
-def robust_t(residual: np.ndarray, leverage: np.ndarray, groups: np.ndarray, min_group: int = 10) -> np.ndarray:
+def robust_t(residual: np.ndarray, leverage: np.ndarray, groups: np.ndarray, min_group: int = 10,
+             informative: np.ndarray | None = None) -> np.ndarray:
     """Residuals in units of a robust scale: r / (σ_g √(1 − h)), σ_g = 1.4826 MAD of the residuals of
-    the row's group (config_type), or of all rows for groups smaller than ``min_group``.
+    the row's group (config_type), or of all rows for groups smaller than ``min_group``; only the
+    ``informative`` rows (default all) set the scale.
 
     Why not the OLS scale: one gross error inflates it and masks the others, and a linear
     surrogate fits some kinds of structure (liquids) much worse than others (crystals), so one
-    scale for all would flag every liquid frame."""
-    scale = _group_scale(residual, groups, min_group)
+    scale for all would flag every liquid frame. Why ``informative``: force components that are zero
+    by symmetry in label and surrogate alike (unrattled strained crystals) have zero residual; when they
+    are the majority of a group, its MAD is zero and every real force in it looks infinitely wrong."""
+    scale = _group_scale(residual, groups, min_group, informative)
     sigma = np.array([scale.get(g, scale[None]) for g in groups])
     return residual / (sigma * np.sqrt(np.clip(1.0 - leverage, 1e-12, None)))
 
@@ -292,7 +296,8 @@ def force_frame_stats(res: np.ndarray, pred: np.ndarray, frame: np.ndarray, atom
     with np.errstate(divide="ignore", invalid="ignore"):
         stat = atom_r2 / (3.0 * level[atom_frame])
     worst = pd.DataFrame({"frame": atom_frame, "atom": atom_index, "stat": stat, "r2": atom_r2})
-    worst = worst[has[worst["frame"].to_numpy()]]
+    # a frame whose group has no level (no reference frame to set it) has no statistic: not tested, as above
+    worst = worst[has[worst["frame"].to_numpy()] & np.isfinite(worst["stat"].to_numpy())]
     worst = worst.loc[worst.groupby("frame")["stat"].idxmax()]
     fr = worst["frame"].to_numpy()
     out.loc[has, "force_ms_residual"] = big_r[has]
@@ -505,7 +510,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
             report.forces = fs
             thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / fs.n
             fr = d["force_frame"][rmask]
-            t_f = robust_t(fs.y - fs.fitted, fs.leverage, cts[fr])
+            t_f = robust_t(fs.y - fs.fitted, fs.leverage, cts[fr], informative=_nonzero_force_rows(fs.y, fs.fitted))
             score = pd.DataFrame({"frame": fr, "atom": d["force_atom"][rmask], "cooks": fs.cooks, "t": t_f,
                                   "res": fs.y - fs.fitted, "dffit": fs.dffit,
                                   "bad": (fs.cooks > thr_f) & (np.abs(t_f) > force_residual_threshold)})
@@ -601,19 +606,26 @@ def gross_errors(y: np.ndarray, x: np.ndarray, groups: np.ndarray, threshold: fl
     return np.abs(t) > threshold
 
 
-def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10) -> dict:
-    """{group: 1.4826 MAD of its residuals} for groups of at least ``min_group`` rows with a nonzero
-    spread, and {None: the same over all rows} as the fallback."""
+def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10,
+                 informative: np.ndarray | None = None) -> dict:
+    """{group: 1.4826 MAD of its residuals} for groups of at least ``min_group`` (informative) rows with a
+    nonzero spread, and {None: the same over all rows} as the fallback; only ``informative`` rows count."""
     def mad(x):
         return 1.4826 * float(np.median(np.abs(x - np.median(x)))) if len(x) else np.nan
 
-    overall = mad(residual)
+    use = np.ones(len(residual), dtype=bool) if informative is None else np.asarray(informative, dtype=bool)
+    overall = mad(residual[use])
     out = {None: overall if overall > 0 else 1e-12}
     for g in pd.unique(groups):
-        m = groups == g
+        m = (groups == g) & use
         if m.sum() >= min_group and mad(residual[m]) > 0:
             out[g] = mad(residual[m])
     return out
+
+
+def _nonzero_force_rows(y: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """Force rows not zero by symmetry in both label and surrogate (see :func:`robust_t`)."""
+    return (np.abs(y) > _ZERO_FORCE) | (np.abs(fitted) > _ZERO_FORCE)
 
 
 def added_influence(e0: np.ndarray, h0: np.ndarray, fit: Surrogate) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -674,7 +686,8 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
         if int(rmask.sum()) != fs.n:  # the last round flagged frames after its fit (or stopped early): refit
             fs = ols_influence(d["y_forces"][rmask], d["x_forces"][rmask])
             report.forces = fs
-        scale_f = _group_scale(fs.y - fs.fitted, cts[d["force_frame"][rmask]])
+        scale_f = _group_scale(fs.y - fs.fitted, cts[d["force_frame"][rmask]],
+                               informative=_nonzero_force_rows(fs.y, fs.fitted))
         thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / (fs.n + 1)
         for q, k in enumerate(flagged):
             m = np.flatnonzero(d["force_frame"] == k)
