@@ -47,17 +47,22 @@ def uncertainty_gate() -> dict:
             "threshold": g.get("min"), "passed": bool(g["passed"]), "note": note}
 
 
+def _copy_report(report_json: Path, target: Path, subdir: str) -> None:
+    """The report's JSON next to the model, its plots, summary and metrics in ``target/subdir``."""
+    shutil.copy2(report_json, target / report_json.name)
+    d = target / subdir
+    d.mkdir()
+    for f in report_json.parent.iterdir():
+        if f.suffix in (".png", ".md") or f.name == "metrics.json":
+            shutil.copy2(f, d / f.name)
+
+
 def _validation_reports(target: Path) -> list[str]:
     """Copy the physics-validation reports next to the model; their conclusions for the model card."""
     lines = []
     unc = UNCERTAINTY_DIR / "uncertainty.json"
     if unc.is_file():
-        shutil.copy2(unc, target / "uncertainty.json")  # read by MlipopsCalculator: the σ recalibration
-        d = target / "uncertainty"
-        d.mkdir()
-        for f in UNCERTAINTY_DIR.iterdir():
-            if f.suffix in (".png", ".md") or f.name == "metrics.json":
-                shutil.copy2(f, d / f.name)
+        _copy_report(unc, target, "uncertainty")  # uncertainty.json is read by MlipopsCalculator: σ recalibration
         u = json.loads(unc.read_text())
         if u.get("available", True):
             m = u["metrics"]
@@ -86,12 +91,7 @@ def _validation_reports(target: Path) -> list[str]:
         lines += ["## Trained on perfect crystals, tested on defects", "_not produced (run `dvc repro defects`)_"]
     melt = MELTING_DIR / "melting_point.json"
     if melt.is_file():
-        shutil.copy2(melt, target / "melting_point.json")
-        d = target / "melting"
-        d.mkdir()
-        for f in MELTING_DIR.iterdir():
-            if f.suffix in (".png", ".md") or f.name == "metrics.json":
-                shutil.copy2(f, d / f.name)
+        _copy_report(melt, target, "melting")
         rep = json.loads(melt.read_text())
         lines += ["## Melting point (`melting_point.json`, `melting/`)",
                   f"Solid–liquid coexistence MD, preset `{rep.get('preset')}`, every ensemble member against the "
