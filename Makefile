@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # stage commands (`mlipops ...`) and dvc come from the project's venv
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro test test-all bench ui clean
+.PHONY: install repro test test-all bench ui clean browser
 
 install: $(STAMP)
 
@@ -22,10 +22,22 @@ repro: $(STAMP)
 	dvc repro
 	@cat reports/promote/decision.md
 
-test: $(STAMP)
+# the browser test (tests/test_ui_browser.py) drives Debian's headless chromium + chromedriver; install
+# them when missing (as root, or through sudo); without them that one test is skipped with the reason
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium + chromium-driver (apt-get) for the browser test"; \
+	    $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null \
+	      || echo "warning: could not install chromium; tests/test_ui_browser.py will be skipped"; \
+	  else echo "warning: chromium missing and no root/apt-get; tests/test_ui_browser.py will be skipped"; fi; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -m ''
 
 bench: $(STAMP)

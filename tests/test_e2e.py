@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["generate", "ingest", "validate", "index", "train", "evaluate", "promote"]  # the main chain, in order
 METRICS = {s: f"reports/{s}/metrics.json" for s in STAGES} | {"defects": "reports/evaluate/defects/metrics.json",
                                                               "uncertainty": "reports/evaluate/uncertainty/metrics.json",
-                                                              "melting": "reports/evaluate/melting/metrics.json"}
-SIDE = {"defects", "melting_reference", "melting"}  # stages off the main chain
+                                                              "melting": "reports/evaluate/melting/metrics.json",
+                                                              "nve": "reports/evaluate/nve/metrics.json"}
+SIDE = {"defects", "melting_reference", "melting", "nve"}  # stages off the main chain
 
 TINY = {
     "generate": {
@@ -43,8 +44,9 @@ TINY = {
                  "melting": {"quick": {"supercell": [2, 2, 4], "melt_steps": 15, "equilibration_steps": 20,
                                        "production_steps": 40, "reference_seeds": 2, "member_seeds": 1},
                              "max_retries": 0, "phase_steps": 40, "phase_snapshots": 3,
-                             "sweep": {"fractions": [0.0, 1.0]}}},
-    "promote": {"gates": {"val.force_mae": 5.0, "val.energy_mae_per_atom": 5.0}},
+                             "sweep": {"fractions": [0.0, 1.0]}},
+                 "nve": {"supercell": 2, "steps": 40, "discard_fs": 10.0}},
+    "promote": {"gates": {"val.force_mae": 5.0, "val.energy_mae_per_atom": 5.0, "nve:finite": {"min": 1}}},
 }
 
 
@@ -113,7 +115,8 @@ def test_outputs_exist(repo: Path):
                 "registry/cu/v1/reaction_paths.json", "registry/cu/v1/paths/path_dimer.png",
                 "registry/cu/v1/uncertainty.json", "registry/cu/v1/uncertainty/calibration.png",
                 "registry/cu/v1/melting_point.json", "registry/cu/v1/melting/distribution.png",
-                "registry/cu/v1/melting/traces_members.png", "data/melting/reference.json"):
+                "registry/cu/v1/melting/traces_members.png", "data/melting/reference.json",
+                "registry/cu/v1/nve/energy.png", "registry/cu/v1/nve/metrics.json"):
         assert (repo / rel).is_file(), rel
     card = (repo / "registry/cu/v1/model_card.md").read_text()
     assert "Trained on perfect crystals, tested on defects" in card and "**path_dimer**" in card
@@ -124,6 +127,8 @@ def test_outputs_exist(repo: Path):
     assert melt["n_liquid_train_frames"] >= 1 and melt["window_K"] == 50.0
     gates = json.loads((repo / "registry/cu/v1/gates.json").read_text())
     assert any(g["gate"].startswith("uncertainty.val.all.force_spearman") and g["passed"] for g in gates)
+    assert {"gate": "nve:finite", "value": 1, "threshold": 1.0, "bound": "min", "passed": True, "note": ""} in gates
+    assert "## Energy conservation" in card and "## Known limits" in card and "## Training settings" in card
     ev = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert ev["path.path_dimer.n_points"] == 4 and "path.path_adatom.exit_coordinate" in ev
 

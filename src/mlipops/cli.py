@@ -137,6 +137,14 @@ def evaluate_melting_sweep(
           | {"wall_s": out["wall_s"]})
 
 
+@evaluate_app.command("nve")
+def evaluate_nve(params: Path = ParamsOpt):
+    """Energy conservation: drift of E_tot in a short NVE run of the trained model (and of the reference)."""
+    from mlipops.evaluate.nve import run
+
+    _done("evaluate nve", run(_params(params)))
+
+
 @app.command()
 def promote(params: Path = ParamsOpt):
     """Check the gates; register a passing model (MLflow registry + registry/)."""
@@ -196,6 +204,48 @@ DbOpt = typer.Option(Path("data/index.duckdb"), "--db", help="index file")
 CsvOpt = typer.Option(False, "--csv", help="print CSV instead of a table")
 JsonOpt = typer.Option(False, "--json", help="print JSON records instead of a table")
 LimitOpt = typer.Option(200, "--limit", help="rows shown in the table (CSV/JSON print all)")
+
+
+registry_app = typer.Typer(no_args_is_help=True, help="The model registry (registry/index.json, MLflow Model Registry).")
+app.add_typer(registry_app, name="registry")
+RegistryOpt = typer.Option(None, "--registry", help="registry folder (default: promote.registry_dir of params.yaml)")
+
+
+def _registry_dir(registry: Path | None, params: Path) -> Path:
+    if registry is not None:
+        return registry
+    return Path(_params(params).promote.registry_dir) if params.is_file() else Path("registry")
+
+
+@registry_app.command("list")
+def registry_list(registry: Path = RegistryOpt, params: Path = ParamsOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt):
+    """Every registered version with its aliases, data version and gates."""
+    from mlipops.promote.catalog import versions_table
+
+    _print_frame(versions_table(_registry_dir(registry, params)), csv, as_json, 10_000)
+
+
+@registry_app.command("show")
+def registry_show(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NAME (= NAME@champion)"),
+                  registry: Path = RegistryOpt, params: Path = ParamsOpt):
+    """A version's model card (gates, coverage, validation reports) and its files."""
+    from mlipops.promote.catalog import show
+
+    typer.echo(show(ref, _registry_dir(registry, params)))
+
+
+@registry_app.command("load")
+def registry_load(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NAME (= NAME@champion)"),
+                  structure: Path = typer.Option(None, "--structure", "-s", help="structures to evaluate (extxyz, ASE db, mlearn json)"),
+                  registry: Path = RegistryOpt, params: Path = ParamsOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt):
+    """Load a registered model (weights_only torch.load + JSON config: no code is executed) and, with
+    --structure, print its energy, σ and largest force per frame."""
+    from mlipops.promote.catalog import load
+
+    summary, df = load(ref, _registry_dir(registry, params), structure)
+    typer.echo(summary, err=df is not None)
+    if df is not None:
+        _print_frame(df, csv, as_json, 10_000)
 
 
 @app.command()

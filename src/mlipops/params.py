@@ -396,18 +396,55 @@ class MeltingParams(_Section):
             retry_step_K=self.retry_step_K, seed=self.seed + seed_offset).validate()
 
 
+class NveParams(_Section):
+    """`mlipops evaluate nve`: energy conservation of the trained model in a short NVE run."""
+    element: str | None = None  # default: generate.element
+    structure: Literal["fcc", "bcc", "hcp", "sc", "diamond"] = "fcc"
+    supercell: int = Field(3, ge=1)  # repeats of the cubic cell (fcc: 4 N^3 atoms)
+    temperature_K: float = Field(1000.0, gt=0)  # Maxwell-Boltzmann at 2 T, equipartition -> about T
+    timestep_fs: float = Field(2.0, gt=0)
+    steps: int = Field(500, ge=10)
+    discard_fs: float = Field(100.0, ge=0)  # start-up transient left out of the drift fit
+    skin: float = Field(1.0, ge=0)  # Å, Verlet skin of the model's neighbour list
+    reference: bool = True  # the same run with the reference oracle (generate.oracle): the time step's own drift
+    seed: int = 0
+
+
 class EvaluateParams(_Section):
     splits: list[Literal["train", "val", "test"]] = ["val", "test"]
     uncertainty: UncertaintyParams = UncertaintyParams()
     paths: PathParams = PathParams()
     defects: DefectParams = DefectParams()
     melting: MeltingParams = MeltingParams()
+    nve: NveParams = NveParams()
 
 
 # ---------------------------------------------------------------------------------------- promote
+class GateBound(_Section):
+    """A gate's bound: the metric must be ≤ ``max`` and/or ≥ ``min``."""
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        if self.max is None and self.min is None:
+            raise ValueError("a gate needs `max` or `min`")
+        return self
+
+
 class PromoteParams(_Section):
-    gates: dict[str, float] = Field(default_factory=dict)  # metric key -> maximum allowed value
+    """``gates``: ``"[report:]metric": max`` or ``{max: x}`` / ``{min: x}``. ``report`` is a folder of
+    reports/evaluate/ (defects, melting, nve, uncertainty; none: reports/evaluate/metrics.json); a ``*``
+    in the metric matches one dotted part (a config_type), giving one gate per matching key."""
+    gates: dict[str, GateBound] = Field(default_factory=dict)
     registry_dir: str = "registry"
+
+    @field_validator("gates", mode="before")
+    @classmethod
+    def _numbers_are_max(cls, v):
+        if isinstance(v, dict):
+            return {k: {"max": b} if isinstance(b, (int, float)) and not isinstance(b, bool) else b for k, b in v.items()}
+        return v
 
 
 class Params(_Section):

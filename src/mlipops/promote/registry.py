@@ -10,7 +10,7 @@ model is not registered; ``reports/promote/decision.md`` says which gates failed
 from __future__ import annotations
 
 import json
-import math
+import os
 import shutil
 import time
 from datetime import datetime, timezone
@@ -20,6 +20,7 @@ from filelock import FileLock
 
 from mlipops.errors import StageInputError
 from mlipops.params import PromoteParams
+from mlipops.promote.gates import check_gates
 from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
 from mlipops.train import tracking
 from mlipops.train.loop import MODELS_DIR
@@ -31,6 +32,8 @@ PATHS_JSON = EVAL_DIR / "reaction_paths.json"  # the evaluate stage: reaction pa
 PATHS_DIR = EVAL_DIR / "paths"
 UNCERTAINTY_DIR = EVAL_DIR / "uncertainty"  # the evaluate stage: ensemble σ ranked and calibrated
 MELTING_DIR = EVAL_DIR / "melting"  # the melting stage: coexistence Tm per member against the reference
+NVE_DIR = EVAL_DIR / "nve"  # the nve stage: energy drift of a short NVE run
+INDEX = Path("data/index.duckdb")
 
 
 def uncertainty_gate() -> dict:
@@ -38,13 +41,13 @@ def uncertainty_gate() -> dict:
     path = UNCERTAINTY_DIR / "uncertainty.json"
     if not path.is_file():
         return {"gate": "uncertainty.val.all.force_spearman (minimum)", "value": None, "threshold": None,
-                "passed": False, "note": f"{path} missing"}
+                "bound": "min", "passed": False, "note": f"{path} missing"}
     rep = json.loads(path.read_text())
     g = rep["gate"]
     note = rep.get("reason", "") if not rep.get("available", True) else (
         "" if g["passed"] else f"below the minimum {g.get('min')}: σ does not rank the errors")
     return {"gate": "uncertainty.val.all.force_spearman (minimum)", "value": g.get("value"),
-            "threshold": g.get("min"), "passed": bool(g["passed"]), "note": note}
+            "threshold": g.get("min"), "bound": "min", "passed": bool(g["passed"]), "note": note}
 
 
 def _copy_report(report_json: Path, target: Path, subdir: str) -> None:
@@ -100,6 +103,21 @@ def _validation_reports(target: Path) -> list[str]:
     else:
         lines += ["## Melting point", "_not produced (run `dvc repro melting`): `melting_point.json` is missing, "
                   "not faked_"]
+    if (NVE_DIR / "metrics.json").is_file():
+        d = target / "nve"
+        d.mkdir()
+        for f in NVE_DIR.iterdir():
+            if f.suffix in (".png", ".md", ".json"):
+                shutil.copy2(f, d / f.name)
+        m = read_metrics(NVE_DIR)
+        ref = m.get("reference.energy_drift_meV_per_atom_per_ps")
+        lines += ["## Energy conservation (`nve/`)",
+                  f"NVE velocity Verlet, {m.get('n_atoms')} atoms at ~{m.get('mean_temperature_K', float('nan')):.0f} K, "
+                  f"{m.get('timestep_fs')} fs × {m.get('steps')} steps: drift "
+                  f"{m.get('energy_drift_meV_per_atom_per_ps', float('nan')):+.3g} meV/atom/ps"
+                  + (f" (reference oracle at the same time step: {ref:+.3g})." if ref is not None else ".")]
+    else:
+        lines += ["## Energy conservation", "_not produced (run `dvc repro nve`)_"]
     if PATHS_JSON.is_file():
         paths = json.loads(PATHS_JSON.read_text())
         shutil.copy2(PATHS_JSON, target / PATHS_JSON.name)
@@ -110,23 +128,6 @@ def _validation_reports(target: Path) -> list[str]:
     else:
         lines += ["## Reaction paths", "_not produced (run `dvc repro evaluate`)_"]
     return lines
-
-
-def check_gates(metrics: dict, gates: dict[str, float]) -> list[dict]:
-    """Each gate: metric ≤ threshold. A missing or non-finite metric fails. NaN predictions always fail."""
-    rows = []
-    all_gates = dict(gates)
-    all_gates.setdefault("n_nonfinite_predictions", 0)
-    for key, limit in all_gates.items():
-        value = metrics.get(key)
-        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
-            rows.append({"gate": key, "value": value, "threshold": limit, "passed": False,
-                         "note": "metric missing or not finite in reports/evaluate/metrics.json"})
-            continue
-        ok = value <= limit
-        rows.append({"gate": key, "value": value, "threshold": limit, "passed": ok,
-                     "note": "" if ok else f"exceeds by {value - limit:.4g} ({(value / limit - 1) * 100 if limit else float('inf'):.0f} %)"})
-    return rows
 
 
 def _coverage_summary(index_path: Path) -> str:
@@ -140,43 +141,94 @@ def _coverage_summary(index_path: Path) -> str:
     return md_table(tuple(df.columns), df.itertuples(index=False))
 
 
+def _known_limits(index_path: Path, threshold: float = 0.2) -> str:
+    """The config_types whose atoms lie outside the training hull (the model extrapolates there)."""
+    if not index_path.is_file():
+        return "_coverage index missing_"
+    from mlipops.index import query
+
+    df = query("SELECT config_type, string_agg(DISTINCT split, ',' ORDER BY split) AS splits, "
+               "sum(n_atoms_outside_hull) * 1.0 / sum(n_atoms) AS fraction_outside_hull, "
+               "round(max(max_extrapolation_grade), 3) AS max_extrapolation_grade FROM coverage_by_config "
+               f"WHERE status = 'accepted' GROUP BY config_type HAVING fraction_outside_hull > {threshold} "
+               "ORDER BY fraction_outside_hull DESC", index_path)
+    if df.empty:
+        return f"No config_type has more than {threshold:.0%} of its atoms outside the training hull."
+    return (f"Config_types with more than {threshold:.0%} of their atoms outside the training hull (γ > 1: "
+            "the model extrapolates there, trust its σ rather than its value):\n\n"
+            + md_table(tuple(df.columns), df.itertuples(index=False)))
+
+
+def _version_entry(registry_dir: Path, name: str, mv) -> dict:
+    d = registry_dir / name / f"v{mv.version}"
+    gates = json.loads((d / "gates.json").read_text()) if (d / "gates.json").is_file() else []
+    return {"version": int(mv.version), "path": f"{name}/v{mv.version}", "run_id": mv.run_id,
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "data_md5": (mv.tags or {}).get("data.dvc_md5"), "git_commit": (mv.tags or {}).get("git.commit"),
+            "n_gates": len(gates), "n_gates_passed": sum(bool(g.get("passed")) for g in gates)}
+
+
 def _update_index(registry_dir: Path, name: str, client) -> dict:
-    """Rewrite registry/index.json from the MLflow registry (the source of truth for versions/aliases)."""
+    """Rewrite registry/index.json from the MLflow registry (the source of truth for versions and aliases);
+    versions without their folder are left out. Written to a temporary file and renamed (atomic)."""
     path = registry_dir / "index.json"
-    index = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    try:
+        index = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    except ValueError:
+        index = {"models": {}}  # rebuilt from MLflow below (other models: re-added on their next promotion)
     rm = client.get_registered_model(name)
-    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    index["models"][name] = {
-        "versions": [{"version": v, "path": f"{name}/v{v}"} for v in versions
-                     if (registry_dir / name / f"v{v}").is_dir()],
+    mvs = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    index.setdefault("models", {})[name] = {
+        "versions": [_version_entry(registry_dir, name, mv) for mv in mvs
+                     if (registry_dir / name / f"v{mv.version}").is_dir()],
         "aliases": {a: int(v) for a, v in (rm.aliases or {}).items()},
     }
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return index
 
 
+def _gate_rows(gates: list[dict], note: bool = True) -> tuple:
+    header = ("gate", "bound", "value", "threshold", "result") + (("note",) if note else ())
+    rows = [(g["gate"], g.get("bound", "max"), g["value"], g["threshold"], "pass" if g["passed"] else "FAIL")
+            + ((g.get("note", ""),) if note else ()) for g in gates]
+    return header, rows
+
+
 def _model_card(path: Path, name: str, version: int, run_info: dict, config: dict, gates: list[dict],
-                metrics: dict, coverage: str, validation: list[str]) -> None:
-    rows = [(g["gate"], g["value"], g["threshold"], "pass" if g["passed"] else "FAIL") for g in gates]
+                metrics: dict, coverage: str, limits: str, validation: list[str], training: dict) -> None:
     per_ct = sorted({k.split(".")[1] for k in metrics if k.startswith("test.") and k.count(".") == 2})
     ct_rows = [(ct, metrics.get(f"test.{ct}.energy_mae_per_atom"), metrics.get(f"test.{ct}.force_mae"))
                for ct in per_ct]
     write_markdown(path, f"Model card: {name} v{version}", [
-        f"Registered {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from MLflow run `{run_info['run_id']}`.",
+        f"Registered {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from MLflow run `{run_info['run_id']}` "
+        f"(git commit `{tracking.git_commit()}`).",
         f"Data version (md5 of data/curated/accepted.extxyz, as in dvc.lock): `{run_info['data_md5']}`.",
         f"Species {config['species']}; descriptor {json.dumps(config['descriptor'])}; "
         f"hidden layers {config['hidden']}; "
         + (f"an ensemble of {config['n_members']} members (mean prediction; `energy_std`/`forces_std` in the "
            "calculator's results)." if config.get("n_members") else "a single potential (no uncertainty)."),
-        "## Gates", md_table(("gate", "value", "threshold", "result"), rows),
+        "## Training settings (`train.*` params of the MLflow run)",
+        md_table(("param", "value"), sorted(training.items())) if training else "_not recorded in MLflow_",
+        "## Gates", md_table(*_gate_rows(gates, note=False)),
         "## Test errors per config_type", md_table(("config_type", "E MAE (eV/atom)", "F MAE (eV/Å)"), ct_rows),
         "## Data coverage (accepted frames; hull = convex hull of the training atoms in descriptor space)", coverage,
+        "## Known limits", limits,
         *validation,
         "## Load", f"```python\nfrom mlipops.models import MlipopsCalculator\n"
         f"atoms.calc = MlipopsCalculator(\"registry/{name}/v{version}\")  # or MlipopsCalculator.from_registry(\"{name}@champion\")\n```",
     ])
+
+
+def _write_version(target: Path, model_dir: Path, gates: list[dict]) -> list[str]:
+    """The version's folder: weights, config, run info, gates, parity plots, validation reports."""
+    for f in ("weights.pt", "config.json", "run.json"):
+        shutil.copy2(model_dir / f, target / f)
+    (target / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
+    for png in sorted(EVAL_DIR.glob("parity_*.png")):
+        shutil.copy2(png, target / png.name)
+    return _validation_reports(target)
 
 
 def run(p: PromoteParams, model_name: str) -> dict:
@@ -191,16 +243,19 @@ def run(p: PromoteParams, model_name: str) -> dict:
                               file=str(EVAL_DIR / "metrics.json"))
     run_info = json.loads(run_json.read_text())
     config = json.loads((model_dir / "config.json").read_text())
-    gates = check_gates(eval_metrics, p.gates) + [uncertainty_gate()]
+    gates = check_gates(p.gates, EVAL_DIR) + [uncertainty_gate()]
     passed = all(g["passed"] for g in gates)
     registry_dir = Path(p.registry_dir)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    gate_rows = [(g["gate"], g["value"], g["threshold"], "pass" if g["passed"] else "FAIL", g["note"]) for g in gates]
+    header, gate_rows = _gate_rows(gates)
     metrics = {"promoted": passed, "n_gates": len(gates), "n_gates_failed": sum(not g["passed"] for g in gates)}
     if not passed:
+        champion = _champion(registry_dir, model_name)
         write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: REJECTED", [
-            f"MLflow run `{run_info['run_id']}` failed {metrics['n_gates_failed']} gate(s); it was not registered.",
-        ], table=(("gate", "value", "threshold", "result", "note"), gate_rows))
+            f"MLflow run `{run_info['run_id']}` failed {metrics['n_gates_failed']} of {len(gates)} gate(s); it was "
+            "not registered" + (f"; `{model_name}@champion` is still v{champion}." if champion else "."),
+            "Failed: " + "; ".join(f"`{g['gate']}` = {g['value']} ({g['note']})" for g in gates if not g["passed"]) + ".",
+        ], table=(header, gate_rows))
         metrics["version"] = None
         metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
         write_metrics(REPORT_DIR, metrics)
@@ -218,7 +273,7 @@ def run(p: PromoteParams, model_name: str) -> dict:
             client.create_registered_model(model_name, description="mlipops potential")
         existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_info['run_id']}'")
         tags = {"gates": json.dumps({g["gate"]: g["value"] for g in gates}), "data.dvc_md5": run_info["data_md5"],
-                "git.commit": tracking.git_commit()}
+                "git.commit": tracking.git_commit(), "gates.passed": f"{len(gates)}/{len(gates)}"}
         if existing:
             mv = existing[0]
         else:
@@ -226,31 +281,48 @@ def run(p: PromoteParams, model_name: str) -> dict:
                                              run_id=run_info["run_id"], tags=tags,
                                              description=f"promoted by mlipops; gates {len(gates)}/{len(gates)} passed")
         version = int(mv.version)
+        # the files first (into a temporary folder, renamed), the aliases last: an alias never points at a
+        # version whose folder is incomplete, even if this process dies in between
+        target = registry_dir / model_name / f"v{version}"
+        tmp = registry_dir / model_name / f".v{version}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        validation = _write_version(tmp, model_dir, gates)
+        _model_card(tmp / "model_card.md", model_name, version, run_info, config, gates, eval_metrics,
+                    _coverage_summary(INDEX), _known_limits(INDEX), validation, _training_params(client, run_info))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
         aliases = client.get_registered_model(model_name).aliases or {}
         previous = aliases.get("champion")
         if previous is not None and int(previous) != version:
             client.set_registered_model_alias(model_name, "previous", str(previous))
         client.set_registered_model_alias(model_name, "champion", str(version))
-        target = registry_dir / model_name / f"v{version}"
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-        for f in ("weights.pt", "config.json", "run.json"):
-            shutil.copy2(model_dir / f, target / f)
-        (target / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
-        for png in sorted(EVAL_DIR.glob("parity_*.png")):
-            shutil.copy2(png, target / png.name)
-        validation = _validation_reports(target)
-        _model_card(target / "model_card.md", model_name, version, run_info, config, gates, eval_metrics,
-                    _coverage_summary(Path("data/index.duckdb")), validation)
         index = _update_index(registry_dir, model_name, client)
     write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: PROMOTED as v{version}", [
         f"MLflow run `{run_info['run_id']}` passed all {len(gates)} gates; registered model `{model_name}` "
         f"version {version} has alias `champion`" + (f"; v{previous} is now `previous`." if previous and int(previous) != version else "."),
         f"Files: `{target}`.",
-    ], table=(("gate", "value", "threshold", "result", "note"), gate_rows))
+    ], table=(header, gate_rows))
     metrics |= {"version": version, "wall_time_s": round(time.perf_counter() - t0, 2),
                 "n_versions": len(index["models"][model_name]["versions"])}
     write_metrics(REPORT_DIR, metrics)
     (REPORT_DIR / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
     return metrics
+
+
+def _training_params(client, run_info: dict) -> dict:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        params = client.get_run(run_info["run_id"]).data.params
+    except MlflowException:
+        return {}
+    return {k.removeprefix("train."): v for k, v in params.items() if k.startswith("train.")}
+
+
+def _champion(registry_dir: Path, name: str) -> int | None:
+    try:
+        return json.loads((registry_dir / "index.json").read_text())["models"][name]["aliases"].get("champion")
+    except (OSError, ValueError, KeyError):
+        return None

@@ -267,11 +267,15 @@ def _start_runs(client, exp_id: str, p: TrainParams, ckpt_dir: Path, key: str, t
                 break
     if resume is not None:
         return resume
-    parent = client.create_run(exp_id, run_name=f"{p.model_name}-ensemble",
-                               tags=tags | {"member": "ensemble", "mlipops.n_members": str(p.ensemble.members)})
+    # names: the model, the ensemble, and the first 8 hex of the run key (settings + data): in the MLflow
+    # UI's run list and compare view two trainings of one model are told apart at a glance
+    tag = key[:8]
+    parent = client.create_run(exp_id, run_name=f"{p.model_name}-ensemble-{tag}",
+                               tags=tags | {"member": "ensemble", "mlipops.n_members": str(p.ensemble.members),
+                                            "mlipops.run_key": key})
     members = []
     for k in range(p.ensemble.members):
-        r = client.create_run(exp_id, run_name=f"{p.model_name}-member-{k}",
+        r = client.create_run(exp_id, run_name=f"{p.model_name}-{tag}-member-{k}",
                               tags=tags | {"member": str(k), "mlflow.parentRunId": parent.info.run_id})
         members.append(r.info.run_id)
         _retrying(client.log_batch, r.info.run_id, params=_params(params | {"member.index": k,
@@ -281,7 +285,7 @@ def _start_runs(client, exp_id: str, p: TrainParams, ckpt_dir: Path, key: str, t
     for k, mid in enumerate(members if p.curriculum else []):  # each phase: a nested run under its member
         ids = []
         for i, ph in enumerate(p.curriculum):
-            r = client.create_run(exp_id, run_name=f"{p.model_name}-member-{k}-phase-{i}",
+            r = client.create_run(exp_id, run_name=f"{p.model_name}-{tag}-member-{k}-phase-{i}",
                                   tags=tags | {"member": str(k), "curriculum_phase": str(i), "mlflow.parentRunId": mid})
             _retrying(client.log_batch, r.info.run_id, params=_params(
                 {f"phase.{f}": v for f, v in ph.model_dump().items()} | {"member.index": k, "member.seed": p.seed + k}))

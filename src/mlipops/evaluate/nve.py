@@ -1,0 +1,166 @@
+"""Energy conservation of the trained model in a short NVE run (a promotion gate).
+
+A potential whose energy is not a smooth function of the positions (a kink at the cutoff, a
+neighbour list missing pairs, non-conservative forces) heats or cools an NVE simulation: the total
+energy E = K + U drifts. We run velocity-Verlet MD of the ensemble's mean potential (what a user
+runs, ``MlipopsCalculator`` in float64 with its Verlet-skin neighbour list) on a hot fcc crystal,
+and the same run with the reference oracle:
+
+- ``energy_drift_meV_per_atom_per_ps``: slope of a least-squares line through E_tot(t)/N, over
+  the run after the first ``discard_fs`` (the start-up transient of the MB velocities);
+- ``energy_rms_meV_per_atom``: RMS of E_tot/N about that line (the integrator's bounded
+  fluctuation, ∝ dt² for a smooth potential);
+- the same two for the reference at the same time step. Velocity Verlet is symplectic: with a
+  smooth potential its energy error stays bounded and does not drift, so a model drift well above
+  the reference's is the model's own (non-smooth) fault, not the time step's.
+
+Non-finite energies or forces at any step make the drift NaN, which fails the gate. Reports:
+``reports/evaluate/nve/{metrics.json, summary.md, energy.png}``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mlipops.errors import StageInputError
+from mlipops.params import Params
+from mlipops.report import write_markdown, write_metrics
+
+REPORT_DIR = Path("reports/evaluate/nve")
+
+
+def nve_trace(atoms, calc, temperature_K: float, timestep_fs: float, steps: int, seed: int) -> dict:
+    """Velocity-Verlet run of ``atoms`` with ``calc``: time (fs) and E_tot, E_pot per atom (eV) per step.
+
+    Velocities: Maxwell-Boltzmann at 2 T (equipartition brings the crystal to about T), zero total
+    momentum. Stops at the first non-finite energy or force (``n_steps_done`` says where).
+    """
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.verlet import VelocityVerlet
+
+    a = atoms.copy()
+    a.calc = calc
+    MaxwellBoltzmannDistribution(a, temperature_K=2 * temperature_K, rng=np.random.default_rng(seed))
+    Stationary(a)
+    n = len(a)
+    t, e_tot, e_pot, temp = [], [], [], []
+    ok = {"finite": True}
+
+    def record():
+        ep = a.get_potential_energy()
+        f = a.get_forces()
+        ek = a.get_kinetic_energy()
+        if not (math.isfinite(ep) and np.isfinite(f).all()):
+            ok["finite"] = False
+            raise FloatingPointError
+        t.append(len(t) * timestep_fs)
+        e_tot.append((ep + ek) / n)
+        e_pot.append(ep / n)
+        temp.append(a.get_temperature())
+
+    dyn = VelocityVerlet(a, timestep=timestep_fs * units.fs)
+    dyn.attach(record, interval=1)
+    t0 = time.perf_counter()
+    try:
+        record()
+        dyn.run(steps)
+    except FloatingPointError:
+        pass
+    wall = time.perf_counter() - t0
+    return {"t_fs": t, "e_tot": e_tot, "e_pot": e_pot, "temperature": temp, "finite": ok["finite"],
+            "n_steps_done": max(len(t) - 1, 0), "wall_s": wall}
+
+
+def drift(trace: dict, discard_fs: float) -> dict:
+    """Drift (meV/atom/ps, least-squares slope) and RMS about the line (meV/atom) after ``discard_fs``."""
+    t = np.asarray(trace["t_fs"], dtype=float)
+    e = np.asarray(trace["e_tot"], dtype=float)
+    keep = t >= discard_fs
+    if not trace["finite"] or keep.sum() < 3:
+        return {"drift": float("nan"), "rms": float("nan"), "mean_temperature": float("nan")}
+    slope, icpt = np.polyfit(t[keep], e[keep], 1)
+    rms = float(np.sqrt(np.mean((e[keep] - (slope * t[keep] + icpt)) ** 2)))
+    return {"drift": float(slope) * 1e3 * 1e3, "rms": rms * 1e3,  # eV/fs -> meV/ps; eV -> meV
+            "mean_temperature": float(np.mean(np.asarray(trace["temperature"])[keep]))}
+
+
+def _plot(traces: dict[str, dict], path: Path, discard_fs: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, tr in traces.items():
+        e = np.asarray(tr["e_tot"])
+        if len(e):
+            ax.plot(np.asarray(tr["t_fs"]) / 1000, (e - e[0]) * 1e3, label=name)
+    ax.axvline(discard_fs / 1000, color="grey", lw=0.8, ls=":", label="fit starts")
+    ax.set_xlabel("time (ps)")
+    ax.set_ylabel("E_tot − E_tot(0) (meV/atom)")
+    ax.set_title("NVE energy conservation (velocity Verlet)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dict:
+    import torch
+    from ase.build import bulk
+
+    from mlipops.models.calculator import MlipopsCalculator
+    from mlipops.models.ensemble import load_model
+    from mlipops.oracles import get_oracle
+    from mlipops.train.loop import MODELS_DIR
+
+    t0 = time.perf_counter()
+    q = p.evaluate.nve
+    model_dir = Path(model_dir or MODELS_DIR / p.train.model_name)
+    if not (model_dir / "config.json").is_file():
+        raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
+    element = q.element or p.generate.element
+    atoms = bulk(element, q.structure, cubic=True).repeat(q.supercell)
+    model = MlipopsCalculator(load_model(model_dir, dtype=torch.float64), dtype=torch.float64, skin=q.skin)
+    traces = {"model": nve_trace(atoms, model, q.temperature_K, q.timestep_fs, q.steps, q.seed)}
+    if q.reference:
+        oracle = get_oracle(p.generate.oracle.calculator, p.generate.oracle.kwargs).calculator()
+        traces["reference"] = nve_trace(atoms, oracle, q.temperature_K, q.timestep_fs, q.steps, q.seed)
+    stats = {k: drift(tr, q.discard_fs) for k, tr in traces.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(traces, out / "energy.png", q.discard_fs)
+    m = stats["model"]
+    metrics = {"energy_drift_meV_per_atom_per_ps": m["drift"],
+               "abs_energy_drift_meV_per_atom_per_ps": abs(m["drift"]),
+               "energy_rms_meV_per_atom": m["rms"], "mean_temperature_K": m["mean_temperature"],
+               "finite": int(traces["model"]["finite"]), "n_steps_done": traces["model"]["n_steps_done"],
+               "n_atoms": len(atoms), "timestep_fs": q.timestep_fs, "steps": q.steps,
+               "model_ms_per_step": 1e3 * traces["model"]["wall_s"] / max(traces["model"]["n_steps_done"], 1)}
+    if "reference" in stats:
+        r = stats["reference"]
+        metrics |= {"reference.energy_drift_meV_per_atom_per_ps": r["drift"], "reference.energy_rms_meV_per_atom": r["rms"],
+                    "reference.mean_temperature_K": r["mean_temperature"]}
+    metrics["wall_s"] = round(time.perf_counter() - t0, 2)
+    write_metrics(out, metrics)
+    rows = [(name, s["drift"], s["rms"], s["mean_temperature"], traces[name]["n_steps_done"],
+             "yes" if traces[name]["finite"] else "NO") for name, s in stats.items()]
+    verdict = (f"The model stopped at step {traces['model']['n_steps_done']}: a non-finite energy or force."
+               if not traces["model"]["finite"] else
+               f"The model's total energy drifts by {m['drift']:+.3g} meV/atom/ps"
+               + (f" against {stats['reference']['drift']:+.3g} for the reference at the same time step"
+                  if "reference" in stats else "") + ".")
+    write_markdown(out / "summary.md", "NVE energy conservation", [
+        f"{len(atoms)}-atom {element} {q.structure} crystal, Maxwell–Boltzmann velocities at 2 × {q.temperature_K:g} K, "
+        f"velocity Verlet at {q.timestep_fs:g} fs for {q.steps} steps ({q.steps * q.timestep_fs / 1000:g} ps); drift = "
+        f"least-squares slope of E_tot/N after the first {q.discard_fs:g} fs; RMS about that line.",
+        verdict, "![E_tot(t)](energy.png)",
+    ], table=(("calculator", "drift (meV/atom/ps)", "RMS (meV/atom)", "mean T (K)", "steps", "finite"), rows))
+    return metrics
+
+
+__all__ = ["drift", "nve_trace", "run"]

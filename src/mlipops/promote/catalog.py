@@ -1,0 +1,101 @@
+"""Reading the registry: ``mlipops registry list|show|load`` (read-only; no MLflow needed).
+
+``registry/index.json`` is written by promotion (under the registry's file lock) from the MLflow
+Model Registry; these functions only read it and the version folders. A reference is
+``NAME@alias``, ``NAME@vN`` or a bare ``NAME`` (= ``NAME@champion``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from mlipops.errors import MlipopsError
+
+
+def read_index(registry_dir: Path) -> dict:
+    path = Path(registry_dir) / "index.json"
+    if not path.is_file():
+        raise MlipopsError("registry index missing (promote a model first: `dvc repro promote`)", file=str(path))
+    try:
+        index = json.loads(path.read_text())
+        index["models"].items()
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise MlipopsError(f"unreadable registry index: {exc}", file=str(path)) from None
+    return index
+
+
+def versions_table(registry_dir: Path) -> pd.DataFrame:
+    """One row per registered version: name, version, aliases, created, data md5, run, gates passed, path."""
+    rows = []
+    for name, entry in sorted(read_index(registry_dir)["models"].items()):
+        by_version: dict[int, list[str]] = {}
+        for alias, v in entry.get("aliases", {}).items():
+            by_version.setdefault(int(v), []).append(alias)
+        for v in entry.get("versions", []):
+            n = int(v["version"])
+            rows.append({"name": name, "version": n, "aliases": ",".join(sorted(by_version.get(n, []))),
+                         "created": v.get("created"), "data_md5": (v.get("data_md5") or "")[:12],
+                         "run_id": (v.get("run_id") or "")[:12],
+                         "gates": f"{v['n_gates_passed']}/{v['n_gates']}" if "n_gates" in v else "",
+                         "path": str(Path(registry_dir) / v["path"])})
+    return pd.DataFrame(rows, columns=["name", "version", "aliases", "created", "data_md5", "run_id", "gates", "path"])
+
+
+def _ref(ref: str) -> str:
+    return ref if "@" in ref or Path(ref).is_dir() else f"{ref}@champion"
+
+
+def resolve(ref: str, registry_dir: Path) -> Path:
+    from mlipops.models.calculator import resolve_model
+
+    read_index(registry_dir)
+    return resolve_model(_ref(ref), registry_dir)
+
+
+def show(ref: str, registry_dir: Path) -> str:
+    """The model card of the version, then its files."""
+    d = resolve(ref, registry_dir)
+    card = d / "model_card.md"
+    text = card.read_text() if card.is_file() else f"(no model card in {d})"
+    files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+    return f"{text}\n---\n{d}: {len(files)} files\n" + "\n".join(f"  {f}" for f in files)
+
+
+def load(ref: str, registry_dir: Path, structure: Path | None = None) -> tuple[str, pd.DataFrame | None]:
+    """Load the version with ``MlipopsCalculator`` (weights_only, JSON config) and, given structures,
+    evaluate them: energy, energy σ, largest force and its σ per frame."""
+    import numpy as np
+
+    from mlipops.frames import read_frames
+    from mlipops.models.calculator import MlipopsCalculator
+
+    d = resolve(ref, registry_dir)
+    calc = MlipopsCalculator(d)
+    cfg = json.loads((d / "config.json").read_text())
+    n_par = sum(p.numel() for p in calc.model.parameters())
+    summary = (f"{_ref(ref)} -> {d}: {'ensemble of ' + str(cfg['n_members']) if cfg.get('n_members') else 'single'} "
+               f"potential, species {cfg['species']}, cutoff {cfg['descriptor'].get('cutoff')} Å, {n_par} parameters, "
+               f"σ scale {calc.sigma_scale}")
+    if structure is None:
+        return summary, None
+    if not structure.is_file():
+        raise MlipopsError("no such file", file=str(structure))
+    frames, bad = read_frames(structure)
+    if not frames:
+        raise MlipopsError("no readable frame" + (f": {bad[0].reason}" if bad else ""), file=str(structure))
+    rows = []
+    for i, a in enumerate(frames):
+        a = a.copy()
+        a.calc = calc
+        e = a.get_potential_energy()
+        f = a.get_forces()
+        r = {"frame": i, "n_atoms": len(a), "energy": e, "energy_per_atom": e / len(a),
+             "max_force": float(np.linalg.norm(f, axis=1).max())}
+        if calc.is_ensemble:
+            r |= {"energy_std": float(calc.results["energy_std"]),
+                  "max_force_std": float(np.linalg.norm(calc.results["forces_std"], axis=1).max())}
+        rows.append(r)
+    return summary, pd.DataFrame(rows)
