@@ -377,19 +377,22 @@ def bo_scan(p: BoScanParams, path: ScanPath | None = None, oracle: Oracle | None
 
 
 # -------------------------------------------------------------------------------------- report
-def _plot(res: BoScan, path: Path) -> None:
+def _plot(res: BoScan, path: Path, margin: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sc = res.scan
-    floor = max(1e-6, float(np.nanmin(sc.gap[sc.gap > 0])) if np.any(sc.gap > 0) else 1e-6)
+    floor = max(1e-12, 0.5 * float(np.nanmin(sc.gap[sc.gap > 0]))) if np.any(sc.gap > 0) else 1e-12
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for k, r in enumerate(sc.regions):
         for a in (ax, ax2):
             a.axvspan(r.start, r.end, color="red", alpha=0.12, label="BO breakdown region" if k == 0 else None)
-            a.axvspan(r.start - res.scan.resolution, r.start, color="red", alpha=0.05)
+            for lo, hi in ((r.start - margin, r.start), (r.end, r.end + margin)):
+                if hi > lo and lo < res.path.s_max and hi > res.path.s_min:
+                    a.axvspan(max(lo, res.path.s_min), min(hi, res.path.s_max), color="orange", alpha=0.15,
+                              label="margin (no frames)" if k == 0 and lo < r.start else None)
     ax.semilogy(sc.s, np.clip(sc.gap, floor, None), "-", color="0.3", lw=1, label="ΔE₀₁ (scan)")
     ax.semilogy(sc.s, np.clip(sc.gap, floor, None), ".", color="0.3", ms=4, label=f"scan points ({sc.n_calls} calls)")
     ax.axhline(sc.epsilon, color="red", ls="--", lw=1, label=f"ε_BO = {sc.epsilon:.3f} eV")
@@ -428,7 +431,7 @@ def run(p: BoScanParams) -> dict:
     out = RAW_DIR / f"bo_scan_{p.name}.extxyz"
     write_extxyz(out, res.frames)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    _plot(res, REPORT_DIR / "gap.png")
+    _plot(res, REPORT_DIR / "gap.png", p.margin)
     import pandas as pd
 
     curve = pd.DataFrame({"s": sc.s, "gap_eV": sc.gap} | {f"E{k}_eV": sc.energies[:, k]
@@ -478,7 +481,7 @@ def run(p: BoScanParams) -> dict:
         "the shortest bond. The default copper pipeline does not ingest it.",
     ] + sc.notes
     write_markdown(REPORT_DIR / "summary.md", f"Born–Oppenheimer-aware scan `{p.name}`", paragraphs,
-                   table=(("s (Å)", "gap (eV)", "bo_breakdown", "energy (eV)", "max |F| (eV/Å)"),
+                   table=(("s (Å)", "gap (eV)", "bo_breakdown", "energy (eV)", "largest force component (eV/Å)"),
                           [(f"{a.info['path_coordinate']:.4f}", f"{a.info['bo_gap']:.4g}",
                             str(a.info["bo_breakdown"]), f"{a.get_potential_energy():.5f}",
                             f"{np.abs(a.get_forces()).max():.4g}") for a in res.frames]))
