@@ -24,7 +24,7 @@ METRICS = {s: f"reports/{s}/metrics.json" for s in STAGES} | {"defects": "report
                                                               "uncertainty": "reports/evaluate/uncertainty/metrics.json",
                                                               "melting": "reports/evaluate/melting/metrics.json",
                                                               "nve": "reports/evaluate/nve/metrics.json"}
-SIDE = {"defects", "melting_reference", "melting", "nve"}  # stages off the main chain
+SIDE = {"defects", "melting_reference", "melting", "nve", "bo_scan"}  # stages off the main chain
 
 TINY = {
     "generate": {

@@ -31,12 +31,31 @@ def _done(stage: str, metrics: dict) -> None:
     Console(stderr=True).print(f"[bold green]{stage}[/] done: " + ", ".join(f"{k}={metrics[k]}" for k in keys))
 
 
-@app.command()
-def generate(params: Path = ParamsOpt):
+generate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                           help="Build the embedded default dataset; `bo-scan` for Born-Oppenheimer-aware sampling.")
+app.add_typer(generate_app, name="generate")
+
+
+@generate_app.callback(invoke_without_command=True)
+def generate(ctx: typer.Context, params: Path = ParamsOpt):
     """Build the embedded default dataset (recipes in params.yaml), labelled by the oracle."""
+    if ctx.invoked_subcommand is not None:
+        return
     from mlipops.generate import run
 
     _done("generate", run(_params(params).generate))
+
+
+@generate_app.command("bo-scan")
+def generate_bo_scan(ctx: typer.Context, params: Path = typer.Option(
+        None, "--params", "-p", help="params file (default: the one given to `generate`, else params.yaml)")):
+    """Map the ground/first-excited gap along a path (adaptive scan, PySCF), mark where it falls below
+    ε_BO, sample training frames up to a margin before it and label the frames inside `bo_breakdown`
+    (params section bo_scan; data/raw/bo_scan_<name>.extxyz, reports/generate/bo_scan/)."""
+    from mlipops.generate.bo_aware import run
+
+    params = params or (ctx.parent.params.get("params") if ctx.parent else None) or Path("params.yaml")
+    _done("generate bo-scan", run(_params(params).bo_scan))
 
 
 @app.command()

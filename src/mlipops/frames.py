@@ -6,6 +6,10 @@ A frame is an :class:`ase.Atoms` whose ``info`` holds
 - ``config_type``, ``source``, ``source_index`` (position in its source file),
 - ``oracle_name``, ``oracle_version``, ``oracle_settings`` (JSON) where the labels came from,
 - optional ``temperature_K``, ``split``,
+- from an oracle with excited states (:mod:`mlipops.oracles.pyscf`): ``bo_gap`` (ΔE₀₁ = E₁ − E₀, eV),
+  ``excited_energies`` (eV, total energies of roots 1…n−1) and ``state_spin_square`` (⟨S²⟩ of roots
+  0…n−1), both 1-D arrays; from ``mlipops generate bo-scan`` also ``bo_epsilon`` (eV),
+  ``bo_breakdown`` (bool) and ``path_coordinate`` (Å),
 
 and whose labels sit in a :class:`~ase.calculators.singlepoint.SinglePointCalculator`
 (``energy`` eV total, ``forces`` eV/Å, ``stress`` eV/Å³ in ASE's sign and Voigt order).
@@ -33,7 +37,10 @@ from mlipops.errors import FrameFormatError, MlipopsError
 
 # mlipops' own info keys; everything else a source carries is kept as it is.
 INFO_KEYS = ("frame_id", "config_type", "source", "source_index", "split", "oracle_name",
-             "oracle_version", "oracle_settings", "temperature_K")
+             "oracle_version", "oracle_settings", "temperature_K", "bo_gap", "bo_epsilon", "bo_breakdown",
+             "excited_energies", "state_spin_square")
+# per-state info values: always 1-D arrays (extxyz reads a one-element array back as a scalar)
+_STATE_ARRAYS = ("excited_energies", "state_spin_square")
 _ROUND = 1e-6
 
 
@@ -113,6 +120,9 @@ def canonicalize(atoms: Atoms, *, source: str, source_index: int,
             isinstance(v, np.ndarray) and v.ndim == 1
         ):
             out.info[k] = v
+    for k in _STATE_ARRAYS:
+        if k in out.info:
+            out.info[k] = np.atleast_1d(np.asarray(out.info[k], dtype=float))
     if forces is not None and forces.shape != (len(atoms), 3):
         out.info["forces_shape"] = "x".join(str(s) for s in forces.shape)
         forces = None

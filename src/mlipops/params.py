@@ -85,6 +85,86 @@ class GenerateParams(_Section):
         return v
 
 
+# --------------------------------------------------------------------------------------- bo_scan
+# k_B in eV/K (ase.units.kB); a literal so that the params module needs no ASE import at load time
+_KB_EV = 8.617330337217213e-05
+# ε_BO default: 10 k_B T at 1000 K = 0.862 eV. At a gap of gap_kT k_B T the excited state's thermal
+# weight is exp(-gap_kT) (4.5e-5 for 10): below it, hot frames are no longer on one surface.
+DEFAULT_BO_GAP_KT = 10.0
+DEFAULT_BO_TEMPERATURE_K = 1000.0
+DEFAULT_BO_GAP_EV = round(DEFAULT_BO_GAP_KT * _KB_EV * DEFAULT_BO_TEMPERATURE_K, 4)
+
+
+class BoPathParams(_Section):
+    """The coordinate s of a BO-aware scan: a diatomic bond length, or arc length along extxyz images."""
+    kind: Literal["diatomic", "images"] = "diatomic"
+    elements: list[str] = ["H", "H"]           # diatomic: the two atoms
+    range: tuple[float, float] | None = None   # [s_min, s_max] Å; default diatomic [0.5, 6.0], images the whole path
+    file: str | None = None                    # images: extxyz of ordered images (linear interpolation between them)
+    config_type: str = "h2_dissociation"
+
+    @field_validator("elements")
+    @classmethod
+    def _two_known(cls, v: list[str]) -> list[str]:
+        from ase.data import atomic_numbers
+
+        if len(v) != 2 or any(e not in atomic_numbers for e in v):
+            raise ValueError(f"a diatomic needs two known elements (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.kind == "images" and not self.file:
+            raise ValueError("kind 'images' needs 'file' (an extxyz of the path's images)")
+        if self.range is not None:
+            lo, hi = self.range
+            if not lo < hi:
+                raise ValueError(f"range must be [s_min, s_max] with s_min < s_max (got {list(self.range)})")
+            if self.kind == "diatomic" and lo <= 0:
+                raise ValueError(f"a bond length range must be positive (got {list(self.range)})")
+        return self
+
+
+def _default_qc_oracle() -> "OracleParams":
+    return OracleParams(calculator="pyscf", kwargs={"basis": "sto-3g", "method": "casscf", "active_space": [2, 2],
+                                                    "n_states": 2, "states": "same_ms"})
+
+
+class BoScanParams(_Section):
+    """Born-Oppenheimer-aware sampling along a path (:mod:`mlipops.generate.bo_aware`)."""
+    name: str = "h2"                     # -> data/raw/bo_scan_<name>.extxyz, source bo_scan_<name>
+    oracle: OracleParams = Field(default_factory=_default_qc_oracle)
+    path: BoPathParams = BoPathParams()
+    coarse_points: int = Field(12, ge=3)           # the first, uniform grid
+    resolution: float = Field(0.01, gt=0.0)        # Å: crossings of ε bisected down to this width
+    gap_tolerance_eV: float = Field(0.1, gt=0.0)   # eV: refine where linear interpolation of the gap errs more
+    max_oracle_calls: int = Field(400, ge=3)       # a guard on the scan
+    target_temperature_K: float = Field(DEFAULT_BO_TEMPERATURE_K, gt=0.0)
+    gap_kT: float = Field(DEFAULT_BO_GAP_KT, gt=0.0)  # ε_BO = gap_kT k_B T_target ...
+    epsilon_eV: float | None = Field(None, gt=0.0)    # ... unless given here (eV)
+    margin: float = Field(0.1, ge=0.0)             # Å kept free of training frames before each region
+    min_spacing: float = Field(0.02, gt=0.0)       # Å between training frames where the gap is at ε
+    max_spacing: float = Field(0.25, gt=0.0)       # Å between training frames far from the cliff
+    spacing_per_eV: float = Field(0.1, gt=0.0)     # Å of spacing per eV of gap above ε
+    breakdown_frames: int = Field(4, ge=1)         # frames sampled inside each region (labelled bo_breakdown)
+
+    @property
+    def epsilon(self) -> float:
+        """ε_BO in eV."""
+        if self.epsilon_eV is not None:
+            return float(self.epsilon_eV)
+        return float(self.gap_kT * _KB_EV * self.target_temperature_K)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.margin < self.resolution:
+            raise ValueError(f"margin ({self.margin} Å) must be at least the resolution ({self.resolution} Å): "
+                             "the region's start is only known to within the resolution")
+        if self.min_spacing > self.max_spacing:
+            raise ValueError(f"min_spacing ({self.min_spacing}) exceeds max_spacing ({self.max_spacing})")
+        return self
+
+
 # ----------------------------------------------------------------------------------------- ingest
 class SourceParams(_Section):
     path: str
@@ -164,6 +244,10 @@ class ValidateParams(_Section):
     box_margin: float = Field(5.0, ge=0.0)
     # config_types the test split must contain (a dataset-level check: warned, never quarantined)
     expected_test_config_types: list[str] = Field(default_factory=list)
+    # eV: a frame whose ΔE₀₁ = E₁ − E₀ (info bo_gap, from an oracle with excited states) is below
+    # max(this, the frame's own bo_epsilon), or that its generator flagged bo_breakdown, is quarantined
+    # with check bo_breakdown (no single surface to fit). Frames without a gap are not affected.
+    bo_gap_min_eV: float = Field(DEFAULT_BO_GAP_EV, ge=0.0)
     outliers: OutlierParams = OutlierParams()
 
     @field_validator("energy_per_atom_range")
@@ -449,6 +533,7 @@ class PromoteParams(_Section):
 
 class Params(_Section):
     generate: GenerateParams = GenerateParams()
+    bo_scan: BoScanParams = BoScanParams()
     ingest: IngestParams
     validate_: ValidateParams = Field(alias="validate")
     index: IndexParams = IndexParams()

@@ -29,6 +29,15 @@ ATOM_GEOMETRY_COLUMNS = ["frame_id", "atom_index", "split", "config_type", "spec
                          "bond_angle_deviation", "nearest_crystal"]
 
 
+def _bo_gap(a: Atoms) -> float | None:
+    """ΔE₀₁ (eV) of a frame labelled with excited states, else None."""
+    try:
+        g = float(a.info["bo_gap"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return g if np.isfinite(g) else None
+
+
 def _frame_row(a: Atoms, dataset_id: str, status: str) -> dict:
     e, f, _ = labels(a)
     periodic = bool(a.pbc.all() and a.cell.rank == 3)
@@ -41,7 +50,7 @@ def _frame_row(a: Atoms, dataset_id: str, status: str) -> dict:
         "energy_per_atom": None if e is None else e / len(a),
         "max_force": None if f is None or not len(f) else float(np.linalg.norm(f, axis=1).max()),
         "volume_per_atom": a.get_volume() / len(a) if periodic else None,
-        "temperature_K": None if t is None else float(t), "periodic": periodic,
+        "temperature_K": None if t is None else float(t), "periodic": periodic, "bo_gap": _bo_gap(a),
         "quarantine_check": None, "quarantine_reason": None,
     }
 

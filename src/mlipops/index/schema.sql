@@ -26,6 +26,7 @@ CREATE TABLE frames (
     volume_per_atom   DOUBLE,             -- Å^3/atom, NULL for non-periodic frames
     temperature_K     DOUBLE,
     periodic          BOOLEAN,
+    bo_gap            DOUBLE,             -- eV, ΔE01 = E1 - E0 from an oracle with excited states; NULL if none
     n_atoms_outside_hull    INTEGER,      -- accepted frames: atoms with inside_hull = false
     max_extrapolation_grade DOUBLE,       -- accepted frames: largest γ of its atoms
     quarantine_check  VARCHAR,

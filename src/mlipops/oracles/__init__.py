@@ -6,8 +6,19 @@ The default is ASE's EMT. Any ASE calculator can be plugged in from ``params.yam
       calculator: ase.calculators.lj.LennardJones     # or ase.calculators.vasp.Vasp, ...
       kwargs: {sigma: 2.3, epsilon: 0.4, rc: 6.0}
 
+``calculator: pyscf`` is the quantum-chemistry oracle of :mod:`mlipops.oracles.pyscf` (molecules and
+clusters, with excited states; the ``qc`` extra)::
+
+    oracle:
+      calculator: pyscf
+      kwargs: {basis: sto-3g, active_space: [2, 2], n_states: 2, states: same_ms}
+
 Every labelled frame gets energy, forces and (for periodic cells) stress in a
 SinglePointCalculator, plus its provenance: ``oracle_name``, ``oracle_version``, ``oracle_settings``.
+An oracle whose calculator also returns ``excited_energies`` (eV, total energies of the roots above
+the labelled one) gives each frame ``info['bo_gap']`` = ΔE₀₁ = E₁ − E₀ (eV) and
+``info['excited_energies']`` (and ``info['state_spin_square']`` where the calculator returns it), which
+the validate stage checks against ``validate.bo_gap_min_eV``, whatever the oracle.
 """
 
 from __future__ import annotations
@@ -51,20 +62,39 @@ class Oracle:
                 energy = a.get_potential_energy()
                 forces = a.get_forces()
                 stress = a.get_stress(voigt=True) if a.pbc.all() and a.cell.rank == 3 else None
+            except OracleError as exc:
+                raise OracleError(f"{self.name}: {exc.detail}", frame=k, field=exc.field) from None
             except Exception as exc:
                 raise OracleError(f"{self.name} failed: {exc}", frame=k,
                                   field=str(atoms.info.get("config_type"))) from None
+            extra = excited_state_info(calc, energy)
             a.calc = None
             set_labels(a, energy, np.array(forces), None if stress is None else np.array(stress))
             a.info.update(prov)
+            a.info.update(extra)
             out.append(a)
         return out
+
+
+def excited_state_info(calc: Calculator, energy: float) -> dict[str, Any]:
+    """``bo_gap`` (ΔE₀₁, eV), ``excited_energies`` and ``state_spin_square`` of the calculator's last
+    results, for a calculator that returns ``excited_energies``; {} for any other."""
+    res = getattr(calc, "results", None) or {}
+    exc = res.get("excited_energies")
+    if exc is None or not len(np.atleast_1d(exc)):
+        return {}
+    exc = np.sort(np.atleast_1d(np.asarray(exc, dtype=float)))
+    out: dict[str, Any] = {"bo_gap": float(exc[0] - energy), "excited_energies": exc}
+    if res.get("state_spin_square") is not None:
+        out["state_spin_square"] = np.atleast_1d(np.asarray(res["state_spin_square"], dtype=float))
+    return out
 
 
 def _import(path: str):
     module, _, attr = path.rpartition(".")
     if not module:
-        raise OracleError(f"calculator {path!r} is neither 'emt' nor an import path 'package.module.Class'",
+        raise OracleError(f"calculator {path!r} is neither 'emt', 'pyscf' nor an import path "
+                          "'package.module.Class'",
                           field="generate.oracle.calculator")
     try:
         return getattr(importlib.import_module(module), attr), module
@@ -74,7 +104,7 @@ def _import(path: str):
 
 
 def get_oracle(calculator: str = "emt", kwargs: dict[str, Any] | None = None) -> Oracle:
-    """Build the oracle named in params: 'emt' or any ASE calculator by import path."""
+    """Build the oracle named in params: 'emt', 'pyscf' or any ASE calculator by import path."""
     import ase
 
     kwargs = dict(kwargs or {})
@@ -82,6 +112,12 @@ def get_oracle(calculator: str = "emt", kwargs: dict[str, Any] | None = None) ->
         from ase.calculators.emt import EMT
 
         return Oracle("emt", EMT, kwargs, f"ase-{ase.__version__}")
+    if calculator.lower() == "pyscf":
+        from mlipops.oracles.pyscf import PySCF, pyscf_version, resolve_settings
+
+        version = pyscf_version()
+        # the full settings (defaults filled in) are the provenance: method, basis, active space, states
+        return Oracle("pyscf", PySCF, resolve_settings(kwargs), f"pyscf-{version}")
     factory, module = _import(calculator)
     top = module.split(".")[0]
     try:

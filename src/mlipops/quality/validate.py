@@ -18,6 +18,11 @@ Physics conventions of the checks:
   or not (bulk, slab, molecule), so ``|sum_i F_i| <= net_force_tolerance`` applies to every frame
   with forces. It fails only under an external field or when forces were zeroed on constrained
   atoms before storing; neither is a correct label of the bare potential energy surface.
+- Born–Oppenheimer breakdown: a frame labelled by an oracle with excited states carries
+  ``bo_gap`` = ΔE₀₁ = E₁ − E₀ (eV). Where it is below ε_BO = max(``bo_gap_min_eV``, the frame's own
+  ``bo_epsilon``) the ground state is no single surface to fit, so the frame is quarantined with
+  check ``bo_breakdown``, as is any frame its generator flagged ``bo_breakdown`` (the inside of a
+  region found by ``mlipops generate bo-scan``). Frames without a gap are not affected.
 - cell: the periodic cell vectors must span a non-zero volume (area, length for 2, 1 periodic
   directions); along a non-periodic direction that has a cell vector, no atom may lie more than
   ``box_margin`` outside the cell (distance perpendicular to the face).
@@ -66,7 +71,7 @@ FRAME_DTYPES = {
     "labels_finite": "bool", "bad_label": "str", "energy": "float64", "energy_per_atom": "float64",
     "max_abs_force": "float64", "net_force": "float64", "min_distance": "float64", "n_periodic": "int64",
     "cell_volume": "float64", "box_excess": "float64", "box_atom": "int64", "species": "str",
-    "species_allowed": "bool",
+    "species_allowed": "bool", "bo_gap": "float64", "bo_epsilon": "float64", "bo_flagged": "bool",
 }
 _DEGENERATE = 1e-9  # a cell measure below this fraction of the product of its vector lengths is zero
 
@@ -134,6 +139,14 @@ def _nearest(a: Atoms, probe: float) -> np.ndarray:
     return near
 
 
+def _info_float(a: Atoms, key: str) -> float:
+    """``info[key]`` as a float, NaN when absent or not a number."""
+    try:
+        return float(a.info[key])
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+
+
 def _labels(frames: list[Atoms]) -> list[tuple[float | None, np.ndarray | None, np.ndarray | None]]:
     return [labels(a) for a in frames]
 
@@ -177,6 +190,8 @@ def frame_table(frames: list[Atoms], allowed_species: list[str], distance_probe:
                              else math.nan if a.pbc.any() and not volume > 0 else float(distance_probe)),
             "n_periodic": n_periodic, "cell_volume": volume, "box_excess": box, "box_atom": box_atom,
             "species": ",".join(sorted(set(symbols))), "species_allowed": set(symbols) <= allowed,
+            "bo_gap": _info_float(a, "bo_gap"), "bo_epsilon": _info_float(a, "bo_epsilon"),
+            "bo_flagged": bool(a.info.get("bo_breakdown", False)),
         })
     return pd.DataFrame(rows, columns=list(FRAME_DTYPES)).astype(FRAME_DTYPES)
 
@@ -237,6 +252,15 @@ def energy_bounds(table: pd.DataFrame, p: ValidateParams) -> pd.DataFrame:
     out["energy_range_key"] = key.astype("str")
     out["energy_per_atom_min"] = key.map({k: float(v[0]) for k, v in ranges.items()}).astype("float64")
     out["energy_per_atom_max"] = key.map({k: float(v[1]) for k, v in ranges.items()}).astype("float64")
+    return out
+
+
+def bo_bounds(table: pd.DataFrame, p: ValidateParams) -> pd.DataFrame:
+    """``table`` plus ``bo_gap_min``: the ε_BO each row's gap must reach, max(validate.bo_gap_min_eV, the
+    frame's own ``bo_epsilon``): a generator that chose a stricter ε for its physics keeps it, and no
+    frame goes below the project-wide floor."""
+    out = table.copy()
+    out["bo_gap_min"] = np.fmax(float(p.bo_gap_min_eV), out["bo_epsilon"].to_numpy(dtype=float))
     return out
 
 
@@ -303,7 +327,7 @@ def validate_frames(table: pd.DataFrame, p: ValidateParams, atoms: pd.DataFrame 
     source = context.data_sources.add_pandas("mlipops")
     specs = _suite_spec()
     params = _suite_parameters(p)
-    table = energy_bounds(table.reset_index(drop=True), p)
+    table = bo_bounds(energy_bounds(table.reset_index(drop=True), p), p)
     failures: dict[int, list[tuple[str, str]]] = {}
     results: list[dict] = []
     suites: dict[str, dict] = {}
