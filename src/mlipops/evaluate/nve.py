@@ -37,7 +37,8 @@ def nve_trace(atoms, calc, temperature_K: float, timestep_fs: float, steps: int,
     """Velocity-Verlet run of ``atoms`` with ``calc``: time (fs) and E_tot, E_pot per atom (eV) per step.
 
     Velocities: Maxwell-Boltzmann at 2 T (equipartition brings the crystal to about T), zero total
-    momentum. Stops at the first non-finite energy or force (``n_steps_done`` says where).
+    momentum. Stops at the first non-finite energy or force, or exception of the calculator
+    (``finite`` False, ``error`` the reason, ``n_steps_done`` where).
     """
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
@@ -49,31 +50,33 @@ def nve_trace(atoms, calc, temperature_K: float, timestep_fs: float, steps: int,
     Stationary(a)
     n = len(a)
     t, e_tot, e_pot, temp = [], [], [], []
-    ok = {"finite": True}
+
+    dyn = VelocityVerlet(a, timestep=timestep_fs * units.fs)
 
     def record():
+        if t and dyn.nsteps * timestep_fs == t[-1]:
+            return  # ASE calls the observers at the start of run() too: step 0 is already recorded
         ep = a.get_potential_energy()
         f = a.get_forces()
         ek = a.get_kinetic_energy()
         if not (math.isfinite(ep) and np.isfinite(f).all()):
-            ok["finite"] = False
-            raise FloatingPointError
-        t.append(len(t) * timestep_fs)
+            raise FloatingPointError(f"non-finite energy or force at step {dyn.nsteps}")
+        t.append(dyn.nsteps * timestep_fs)
         e_tot.append((ep + ek) / n)
         e_pot.append(ep / n)
         temp.append(a.get_temperature())
 
-    dyn = VelocityVerlet(a, timestep=timestep_fs * units.fs)
     dyn.attach(record, interval=1)
     t0 = time.perf_counter()
+    error = None
     try:
         record()
         dyn.run(steps)
-    except FloatingPointError:
-        pass
+    except Exception as exc:  # noqa: BLE001 - a potential that fails mid-run fails the gate, with the reason
+        error = f"{type(exc).__name__}: {exc}"
     wall = time.perf_counter() - t0
-    return {"t_fs": t, "e_tot": e_tot, "e_pot": e_pot, "temperature": temp, "finite": ok["finite"],
-            "n_steps_done": max(len(t) - 1, 0), "wall_s": wall}
+    return {"t_fs": t, "e_tot": e_tot, "e_pot": e_pot, "temperature": temp, "finite": error is None,
+            "error": error, "n_steps_done": max(len(t) - 1, 0), "wall_s": wall}
 
 
 def drift(trace: dict, discard_fs: float) -> dict:
@@ -149,7 +152,7 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dic
     write_metrics(out, metrics)
     rows = [(name, s["drift"], s["rms"], s["mean_temperature"], traces[name]["n_steps_done"],
              "yes" if traces[name]["finite"] else "NO") for name, s in stats.items()]
-    verdict = (f"The model stopped at step {traces['model']['n_steps_done']}: a non-finite energy or force."
+    verdict = (f"The model stopped after step {traces['model']['n_steps_done']}: {traces['model']['error']}."
                if not traces["model"]["finite"] else
                f"The model's total energy drifts by {m['drift']:+.3g} meV/atom/ps"
                + (f" against {stats['reference']['drift']:+.3g} for the reference at the same time step"

@@ -1,0 +1,83 @@
+"""The NVE energy-conservation check behind the `nve:*` promotion gates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.emt import EMT
+
+from mlipops.evaluate.nve import drift, nve_trace
+
+
+class NoisyEMT(Calculator):
+    """EMT with a random force added at every call: not the gradient of any energy, so it heats NVE MD."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, sigma: float, nan_after: int | None = None):
+        super().__init__()
+        self.sigma, self.nan_after, self.calls = sigma, nan_after, 0
+        self.emt = EMT()
+        self.rng = np.random.default_rng(0)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        a = self.atoms.copy()
+        a.calc = self.emt
+        self.calls += 1
+        e = a.get_potential_energy()
+        if self.nan_after is not None and self.calls > self.nan_after:
+            e = math.nan
+        self.results = {"energy": e, "forces": a.get_forces() + self.rng.normal(0, self.sigma, (len(a), 3))}
+
+
+def _cell():
+    return bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+
+
+def test_smooth_potential_conserves_energy_and_a_non_conservative_force_drifts():
+    smooth = nve_trace(_cell(), EMT(), temperature_K=600, timestep_fs=2.0, steps=300, seed=1)
+    s = drift(smooth, discard_fs=50)
+    assert smooth["finite"] and smooth["n_steps_done"] == 300 and len(smooth["e_tot"]) == 301
+    assert abs(s["drift"]) < 0.05  # meV/atom/ps: velocity Verlet on a smooth potential does not drift
+    assert 300 < s["mean_temperature"] < 900  # MB at 2T, equipartition -> about T
+    noisy = drift(nve_trace(_cell(), NoisyEMT(sigma=0.1), 600, 2.0, 300, seed=1), discard_fs=50)
+    # random kicks do random work: E_tot random-walks away (either sign over 0.5 ps), far beyond the smooth run
+    assert abs(noisy["drift"]) > 20 * max(abs(s["drift"]), 1e-3) and abs(noisy["drift"]) > 0.5
+    assert noisy["rms"] > 10 * s["rms"]
+
+
+def test_drift_is_the_fitted_slope_in_mev_per_atom_per_ps():
+    t = np.arange(0, 1001, 2.0)  # fs
+    trace = {"t_fs": t, "e_tot": 0.5 + 2e-6 * t, "temperature": np.full_like(t, 300.0), "finite": True}
+    d = drift(trace, discard_fs=100)
+    assert d["drift"] == pytest.approx(2.0)  # 2e-6 eV/fs = 2 meV/ps
+    assert d["rms"] == pytest.approx(0.0, abs=1e-9) and d["mean_temperature"] == 300.0
+
+
+def test_a_non_finite_energy_stops_the_run_and_fails_the_drift():
+    tr = nve_trace(_cell(), NoisyEMT(sigma=0.0, nan_after=20), 300, 2.0, 100, seed=0)
+    assert not tr["finite"] and tr["n_steps_done"] < 100
+    assert math.isnan(drift(tr, 0.0)["drift"])
+
+
+class Exploding(EMT):
+    def __init__(self, after: int):
+        super().__init__()
+        self.after, self.calls = after, 0
+
+    def calculate(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("atoms too close")
+        super().calculate(*args, **kwargs)
+
+
+def test_a_calculator_that_fails_mid_run_fails_the_gate_with_its_reason():
+    tr = nve_trace(_cell(), Exploding(after=10), 300, 2.0, 100, seed=0)
+    assert not tr["finite"] and "RuntimeError: atoms too close" in tr["error"] and 0 < tr["n_steps_done"] < 100
+    assert math.isnan(drift(tr, 0.0)["drift"])
