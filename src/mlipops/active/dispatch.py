@@ -131,7 +131,10 @@ def label_batch(frames: Sequence[Atoms], oracle, client, *, retries: int = 2, ba
         wake = min(d for _, _, d in active.values())
         if todo and len(active) < slots:
             wake = min(wake, todo[0][0])
-        finished, _ = wait(list(active), timeout=max(0.01, wake - time.monotonic()), return_when="FIRST_COMPLETED")
+        try:
+            finished = wait(list(active), timeout=max(0.01, wake - time.monotonic()), return_when="FIRST_COMPLETED").done
+        except TimeoutError:  # distributed.wait raises when nothing finished in time
+            finished = set()
         now = time.monotonic()
         for fut in list(active):
             k, attempt, deadline = active[fut]

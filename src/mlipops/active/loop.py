@@ -70,7 +70,7 @@ def build_structure(s: ActiveStructure, element: str) -> Atoms:
                 del a[0]
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ParamsError(f"cannot build {s.kind} {s.lattice} {element}: {exc}", field="active.structures") from None
-    a.info["structure"] = s.kind
+    a.info = {"structure": s.kind}
     return a
 
 
@@ -91,7 +91,7 @@ def _save_candidates(path: Path, cands: list[Atoms]) -> None:
 
 
 def _load_candidates(st: ActiveState) -> list[Atoms]:
-    if not st.candidates_file or not Path(st.candidates_file).is_file():
+    if not st.n_candidates or not st.candidates_file or not Path(st.candidates_file).is_file():
         return []
     frames, rejected = read_extxyz(st.candidates_file)
     if rejected:
@@ -116,6 +116,7 @@ class _Hull:
 
 def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, element: str, hull: _Hull | None,
               work_dir: Path, progress) -> None:
+    from ase.constraints import FixCom
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from ase.md.verlet import VelocityVerlet
@@ -137,9 +138,10 @@ def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, eleme
             MaxwellBoltzmannDistribution(atoms, temperature_K=md.temperatures_K[0], rng=rng)
             Stationary(atoms)
         atoms.calc = calc
+        atoms.set_constraint(FixCom())  # the centre of mass stays put (Langevin noise would move it)
         if md.dynamics == "langevin":
             dyn = Langevin(atoms, dt * units.fs, temperature_K=md.temperatures_K[0], friction=md.friction / units.fs,
-                           rng=rng)
+                           fixcm=False, rng=rng)
         else:
             dyn = VelocityVerlet(atoms, dt * units.fs)
         while st.md_step < total:
@@ -182,8 +184,9 @@ def _checkpoint(st: ActiveState, atoms: Atoms, rng, cands: list[Atoms], cand_pat
 
     _save_candidates(cand_path, cands)
     snap = it_dir / f"md_run{st.md_run}_step{st.md_step}.extxyz"
-    a = atoms.copy()  # positions and momenta, without the calculator
+    a = atoms.copy()  # positions and momenta, without the calculator and the constraint
     a.calc = None
+    a.set_constraint()
     tmp = snap.with_name(snap.name + ".tmp")
     ase.io.write(str(tmp), a, format="extxyz")
     tmp.replace(snap)
@@ -217,9 +220,12 @@ def _select_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, h
         for c in selected:
             c.info["gamma_max"] = float(np.max(hull.gamma(c)))
     path = _iter_dir(work_dir, st.iteration) / "selected.extxyz"
-    write_extxyz(path, selected)
-    frames, _ = read_extxyz(path)  # ids from the file's positions: the same as the label files will give
-    st.selected, st.selected_file, st.phase = [a.info["frame_id"] for a in frames], str(path), "label"
+    frames = []
+    if selected:
+        write_extxyz(path, selected)
+        frames, _ = read_extxyz(path)  # ids from the file's positions: the same as the label files will give
+    st.selected, st.selected_file = [a.info["frame_id"] for a in frames], (str(path) if frames else None)
+    st.phase = "label"
     st.save()
 
 
@@ -255,8 +261,9 @@ def _label_phase(p: ActiveParams, st: ActiveState, oracle, compute: ComputeParam
 
     labelled = [read_label(Path(st.labelled[a.info["frame_id"]])) for a in frames if a.info["frame_id"] in st.labelled]
     out = out_dir / f"active_{st.iteration}.extxyz"
-    write_extxyz(out, labelled)
-    return counts | {"labelled": len(labelled), "failed": len(st.failed), "file": str(out)}
+    if labelled:
+        write_extxyz(out, labelled)
+    return counts | {"labelled": len(labelled), "failed": len(st.failed), "file": str(out) if labelled else None}
 
 
 def run_loop(p: ActiveParams, compute: ComputeParams, oracle, model_dir: str | Path, element: str,
