@@ -234,6 +234,51 @@ def test_state_refuses_other_params(tmp_path):
         load_or_start(tmp_path / "state.json", "xyz")
 
 
+def test_md_phase_resumes_from_its_last_checkpoint(tmp_path):
+    """Interrupted after step 5 (checkpoints every 2 steps), the MD goes on from step 4's snapshot and
+    Langevin generator state and finds the same candidates as an uninterrupted run."""
+    from mlipops.active.loop import _load_candidates, _md_phase, params_fingerprint
+    from mlipops.params import ActiveParams
+
+    model_dir = tmp_path / "model"
+    _ensemble(3).save(model_dir)
+    calc = CommitteeCalculator(model_dir, skin=0.5)
+
+    def params(name):
+        return ActiveParams.model_validate({
+            "model": str(model_dir), "mode": "force", "sigma_force_eVA": 1e-3, "index": None,
+            "structures": [{"kind": "bulk", "supercell": 1}, {"kind": "vacancy", "supercell": 1}],
+            "md": {"temperatures_K": [300.0, 900.0], "steps_per_temperature": 4, "timestep_fs": 1.0,
+                   "checkpoint_every": 2}, "work_dir": str(tmp_path / name), "out_dir": str(tmp_path / "raw")})
+
+    pa, pb = params("a"), params("b")
+    sa = load_or_start(tmp_path / "a" / "state.json", params_fingerprint(pa, model_dir))
+    _md_phase(pa, sa, calc, "Cu", None, Path(pa.work_dir), None)
+    full = _load_candidates(sa)
+    assert len(full) >= 12 and sa.md_run == 2 and sa.md_steps_total == 16
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_5(st, stats, fires):
+        if st.md_run == 0 and st.md_step == 5:
+            raise Killed
+
+    fp = params_fingerprint(pb, model_dir)
+    with pytest.raises(Killed):
+        _md_phase(pb, load_or_start(tmp_path / "b" / "state.json", fp), calc, "Cu", None, Path(pb.work_dir),
+                  kill_at_step_5)
+    sb = load_or_start(tmp_path / "b" / "state.json", fp)
+    assert (sb.md_run, sb.md_step, sb.n_candidates) == (0, 4, 4) and Path(sb.md_snapshot).is_file()
+    _md_phase(pb, sb, calc, "Cu", None, Path(pb.work_dir), None)
+    resumed = _load_candidates(sb)
+    assert [(a.info["active_run"], a.info["active_step"]) for a in resumed] == \
+        [(a.info["active_run"], a.info["active_step"]) for a in full]
+    for a, b in zip(resumed, full):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-5)
+    assert not list((tmp_path / "b" / "iter_000").glob("md_run*.extxyz"))  # snapshots of finished runs removed
+
+
 # ------------------------------------------------------------------------------------------ kill + resume
 def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(tmp_path, u_repo_root):
     """The loop runs in a subprocess (`mlipops active run`); the driver is stopped (SIGSTOP) while an oracle

@@ -98,10 +98,15 @@ def label_batch(frames: Sequence[Atoms], oracle, client, *, retries: int = 2, ba
     for k, fid in enumerate(ids):
         path = label_path(label_dir, fid)
         if path.is_file():
-            done[k] = read_label(path)
-            result.reused += 1
-            notify(fid, "labelled", {"file": str(path), "reused": True})
-        elif k not in done and fid not in ids[:k]:
+            try:
+                done[k] = read_label(path)
+            except MlipopsError:  # cannot happen with atomic writes; kept aside and labelled again
+                path.replace(path.with_name(path.name + ".unreadable"))
+            else:
+                result.reused += 1
+                notify(fid, "labelled", {"file": str(path), "reused": True})
+                continue
+        if k not in done and fid not in ids[:k]:
             heapq.heappush(todo, (0.0, k, 1))
     slots = max(1, sum(client.nthreads().values()))
     active: dict = {}  # future -> (frame index, attempt, deadline)
@@ -145,7 +150,10 @@ def label_batch(frames: Sequence[Atoms], oracle, client, *, retries: int = 2, ba
                     done[k] = read_label(path)
                     notify(ids[k], "labelled", {"file": str(path), "attempts": attempt})
                 else:
-                    exc = fut.exception()
+                    try:
+                        exc = fut.exception()
+                    except Exception as err:  # a cancelled future has no exception to give
+                        exc = err
                     fail_or_retry(k, attempt, f"{type(exc).__name__}: {exc}" if exc is not None else fut.status)
             elif now >= deadline:
                 del active[fut]
