@@ -279,6 +279,49 @@ def test_md_phase_resumes_from_its_last_checkpoint(tmp_path):
     assert not list((tmp_path / "b" / "iter_000").glob("md_run*.extxyz"))  # snapshots of finished runs removed
 
 
+def test_gamma_mode_fires_outside_the_training_hull(tmp_path):
+    """A hull of bulk fcc only: the MD of a surface leaves it (γ > bound on every step), the MD of the
+    bulk at 300 K stays near it; selected frames carry their largest per-atom γ."""
+    from mlipops.active.loop import _Hull, _load_candidates, _md_phase, _select_phase, params_fingerprint
+    from mlipops.index.build import build_index
+    from mlipops.ingest import rejected_frame
+    from mlipops.params import ActiveParams, IndexParams
+
+    train = []
+    for k in range(4):
+        a = bulk("Cu", "fcc", a=3.61 * (1 + 0.01 * (k - 1.5)), cubic=True).repeat(2)
+        a.rattle(0.04, seed=k)
+        train.append(a)
+    train = get_oracle("emt").label(train)
+    for k, a in enumerate(train):
+        a.info.update(frame_id=frame_id(a), config_type="crystal_fcc", split="train", source="unit", source_index=k)
+    from mlipops.frames import write_extxyz
+
+    write_extxyz(tmp_path / "accepted.extxyz", train)
+    rejected_frame([]).to_parquet(tmp_path / "quarantine.parquet", index=False)
+    build_index(IndexParams(), DescriptorParams(), tmp_path / "accepted.extxyz", tmp_path / "quarantine.parquet",
+                tmp_path / "index.duckdb")
+    hull = _Hull(tmp_path / "index.duckdb")
+
+    model_dir = tmp_path / "model"
+    _ensemble(2).save(model_dir)
+    calc = CommitteeCalculator(model_dir, skin=0.5)
+    p = ActiveParams.model_validate({
+        "model": str(model_dir), "mode": "gamma", "gamma_max": 2.0, "index": str(tmp_path / "index.duckdb"),
+        "structures": [{"kind": "bulk", "supercell": 2}, {"kind": "surface", "supercell": 2, "layers": 4}],
+        "md": {"temperatures_K": [300.0], "steps_per_temperature": 3, "timestep_fs": 1.0, "checkpoint_every": 3},
+        "dedup_min_distance": 0.0, "max_batch": 10, "work_dir": str(tmp_path / "w"), "out_dir": str(tmp_path / "raw")})
+    st = load_or_start(tmp_path / "w" / "state.json", params_fingerprint(p, model_dir))
+    _md_phase(p, st, calc, "Cu", hull, Path(p.work_dir), None)
+    cands = _load_candidates(st)
+    assert {a.info["structure"] for a in cands} == {"surface"} and len(cands) == 3
+    assert all(a.info["gamma_max"] > 2.0 and a.info["config_type"] == "active_gamma" for a in cands)
+    _select_phase(p, st, calc, hull, Path(p.work_dir), Path(p.out_dir))
+    sel = read_extxyz(st.selected_file)[0]
+    assert len(sel) == 3 and all(a.info["gamma_max"] > 2.0 for a in sel)
+    assert [a.info["frame_id"] for a in sel] == st.selected and st.phase == "label"
+
+
 # ------------------------------------------------------------------------------------------ kill + resume
 def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(tmp_path, u_repo_root):
     """The loop runs in a subprocess (`mlipops active run`); the driver is stopped (SIGSTOP) while an oracle

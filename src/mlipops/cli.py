@@ -245,7 +245,20 @@ def active_run(params: Path = ParamsOpt,
     ref = model or a.model or str(Path("data/models") / p.train.model_name)
     model_dir = resolve_model(ref, p.promote.registry_dir)
     oracle = get_oracle(p.generate.oracle.calculator, p.generate.oracle.kwargs)
-    summary = run_loop(a, p.compute, oracle, model_dir, a.element or p.generate.element)
+    from rich.console import Console
+    from rich.progress import Progress
+
+    fired = [0]
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("active MD", total=len(a.structures) * len(a.md.temperatures_K) * a.md.steps_per_temperature)
+
+        def progress(st, stats, fires):
+            fired[0] += bool(fires)
+            bar.update(task, completed=st.md_run * len(a.md.temperatures_K) * a.md.steps_per_temperature + st.md_step,
+                       description=f"active iter {st.iteration} MD: σ_proj {stats['sigma_projected']:.3g} eV, "
+                                   f"max σ_F {stats['max_sigma_f']:.3g} eV/Å, {fired[0]} triggers")
+
+        summary = run_loop(a, p.compute, oracle, model_dir, a.element or p.generate.element, progress=progress)
     last = summary["history"][-1] if summary["history"] else {}
     _done("active run", {"iterations": summary["iterations"]} | {k: v for k, v in last.items() if k != "file"})
 
