@@ -277,6 +277,33 @@ def test_md_phase_resumes_from_its_last_checkpoint(tmp_path):
     for a, b in zip(resumed, full):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-5)
     assert not list((tmp_path / "b" / "iter_000").glob("md_run*.extxyz"))  # snapshots of finished runs removed
+    assert sb.md_stats["steps"] == sa.md_stats["steps"] == sb.md_steps_total == 16  # no step counted twice
+    assert sb.md_stats["max_sigma_f_max"] == pytest.approx(sa.md_stats["max_sigma_f_max"], rel=1e-4)
+
+
+def test_nve_md_with_the_committee_conserves_energy(tmp_path):
+    """NVE through the loop's MD: the committee-mean forces drive the atoms, total energy is conserved."""
+    from mlipops.active.loop import _md_phase, params_fingerprint
+    from mlipops.params import ActiveParams
+
+    model_dir = tmp_path / "model"
+    _ensemble(2).save(model_dir)
+    energies = []
+
+    class Recording(CommitteeCalculator):
+        def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+            super().calculate(atoms, properties, system_changes)
+            energies.append(self.results["energy"] + self.atoms.get_kinetic_energy())
+
+    p = ActiveParams.model_validate({
+        "model": str(model_dir), "mode": "projected", "index": None, "structures": [{"kind": "vacancy", "supercell": 1}],
+        "md": {"dynamics": "nve", "temperatures_K": [600.0], "steps_per_temperature": 20, "timestep_fs": 0.5,
+               "checkpoint_every": 20}, "work_dir": str(tmp_path / "w"), "out_dir": str(tmp_path / "raw")})
+    st = load_or_start(tmp_path / "w" / "state.json", params_fingerprint(p, model_dir))
+    _md_phase(p, st, Recording(model_dir), "Cu", None, Path(p.work_dir), None)
+    assert st.md_steps_total == 20 and len(energies) >= 20
+    kinetic_scale = 1.5 * 3 * units.kB * 600.0
+    assert np.ptp(energies) < 0.05 * kinetic_scale
 
 
 def test_gamma_mode_fires_outside_the_training_hull(tmp_path):
@@ -385,6 +412,10 @@ def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(t
     assert all(a.calc is not None and "forces" in a.calc.results for a in out)
     assert {a.info["config_type"] for a in out} == {"active_force"}
     final = json.loads(state_path.read_text())
+    assert json.loads((tmp_path / "active" / "iter_000" / "failed.json").read_text()) == []
     assert final["iteration"] == 1 and final["pending"] == [] and final["history"][0]["labelled"] == 5
-    assert final["history"][0]["reused_labels"] == len(written)
+    h = final["history"][0]
+    assert h["reused_labels"] == len(written) and h["oracle_calls"] == 5 - len(written) and h["failed"] == 0
+    assert h["md_steps"] == 8 and 5 <= h["triggers"] <= 8 and h["max_sigma_f.max"] > 1e-3
+    assert 0 <= h["sigma_projected.mean"] <= h["sigma_projected.max"]
     assert Counter(a.info["frame_id"] for a in out).most_common(1)[0][1] == 1

@@ -19,7 +19,8 @@ One iteration, in three phases, each persisted in ``<work_dir>/state.json`` (:mo
 ``label``
     The selected frames go to the oracle through Dask (:func:`~mlipops.active.dispatch.label_batch`:
     retries, time-outs, label files written on the worker); the labelled frames are written to
-    ``<out_dir>/active_<iteration>.extxyz`` in selection order, failures are kept in the state.
+    ``<out_dir>/active_<iteration>.extxyz`` in selection order, the frames that kept failing to
+    ``<work_dir>/iter_<i>/failed.json`` (frame id, attempts, last error).
 
 Retraining between iterations, the DVC stage, and MLflow logging are not part of this module yet.
 """
@@ -155,6 +156,7 @@ def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, eleme
             stats = committee_stats(calc.results["forces_members"], atoms.get_velocities(), dt)
             gamma = float(np.max(hull.gamma(atoms))) if (hull is not None and p.mode == "gamma") else None
             fires, reason = trigger.check(stats, gamma)
+            _accumulate(st.md_stats, stats, gamma)
             if fires:
                 c = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
                 c.info.update(config_type=f"active_{p.mode}", source="active", temperature_K=float(temperature),
@@ -175,6 +177,28 @@ def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, eleme
         st.save()
         if old:
             Path(old).unlink(missing_ok=True)
+
+
+def _accumulate(acc: dict, stats: dict, gamma: float | None) -> None:
+    """Running sums and maxima of the trigger statistics over the iteration's MD steps."""
+    values = {"sigma_projected": stats["sigma_projected"], "max_sigma_f": stats["max_sigma_f"]}
+    if gamma is not None:
+        values["gamma_max"] = gamma
+    acc["steps"] = acc.get("steps", 0) + 1
+    for k, v in values.items():
+        acc[f"{k}_sum"] = acc.get(f"{k}_sum", 0.0) + float(v)
+        acc[f"{k}_max"] = max(acc.get(f"{k}_max", float("-inf")), float(v))
+
+
+def trigger_summary(acc: dict) -> dict:
+    """Mean and maximum over the MD steps of each trigger statistic (eV, eV/Å, γ)."""
+    n = acc.get("steps", 0)
+    out = {}
+    for k in ("sigma_projected", "max_sigma_f", "gamma_max"):
+        if n and f"{k}_sum" in acc:
+            out[f"{k}.mean"] = acc[f"{k}_sum"] / n
+            out[f"{k}.max"] = acc[f"{k}_max"]
+    return out
 
 
 def _checkpoint(st: ActiveState, atoms: Atoms, rng, cands: list[Atoms], cand_path: Path, it_dir: Path) -> None:
@@ -260,6 +284,8 @@ def _label_phase(p: ActiveParams, st: ActiveState, oracle, compute: ComputeParam
     from mlipops.active.dispatch import read_label
 
     labelled = [read_label(Path(st.labelled[a.info["frame_id"]])) for a in frames if a.info["frame_id"] in st.labelled]
+    failures = [{"frame_id": fid} | rec for fid, rec in st.failed.items()]
+    (_iter_dir(work_dir, st.iteration) / "failed.json").write_text(json.dumps(failures, indent=1) + "\n")
     out = out_dir / f"active_{st.iteration}.extxyz"
     if labelled:
         write_extxyz(out, labelled)
@@ -284,8 +310,8 @@ def run_loop(p: ActiveParams, compute: ComputeParams, oracle, model_dir: str | P
             _md_phase(p, st, calc, element, hull, work_dir, progress)
             _select_phase(p, st, calc, hull, work_dir, out_dir)
         counts = _label_phase(p, st, oracle, compute, work_dir, out_dir)
-        st.history.append({"iteration": st.iteration, "md_steps": st.md_steps_total, "candidates": st.n_candidates,
-                           "selected": len(st.selected), **counts})
+        st.history.append({"iteration": st.iteration, "md_steps": st.md_steps_total, "triggers": st.n_candidates,
+                           "selected": len(st.selected), **counts, **trigger_summary(st.md_stats)})
         st.new_iteration()
         st.save()
     return {"iterations": st.iteration, "history": st.history}

@@ -3,7 +3,8 @@
 Fields: ``params_fingerprint`` (a state written with other params is refused), ``iteration``,
 ``phase`` of the iteration (``md`` → ``label`` → next iteration), MD progress (``md_run`` index of the
 structure, ``md_step`` within it, ``md_snapshot`` extxyz with positions and momenta, ``md_rng`` the
-Langevin generator's state, ``candidates`` file and count), ``selected`` (frame ids, in order, and the
+Langevin generator's state, ``candidates`` file and count, ``md_stats`` running sums and maxima of
+σ_proj and max σ_F), ``selected`` (frame ids, in order, and the
 file holding the frames), ``pending`` (submitted to the oracle, no result recorded yet),
 ``labelled`` (frame id → label file), ``failed`` (frame id → attempts and last error) and
 ``history`` (per-iteration summaries).
@@ -31,6 +32,7 @@ class ActiveState:
     md_snapshot: str | None = None
     md_rng: dict | None = None
     md_steps_total: int = 0
+    md_stats: dict = field(default_factory=dict)  # running sums and maxima of the trigger statistics
     candidates_file: str | None = None
     n_candidates: int = 0
     selected: list[str] = field(default_factory=list)
@@ -61,7 +63,7 @@ class ActiveState:
         self.phase = "md"
         self.md_run = self.md_step = self.md_steps_total = self.n_candidates = 0
         self.md_snapshot = self.md_rng = self.candidates_file = self.selected_file = None
-        self.selected, self.pending, self.labelled, self.failed = [], [], {}, {}
+        self.selected, self.pending, self.labelled, self.failed, self.md_stats = [], [], {}, {}, {}
 
 
 def load_or_start(path: str | Path, params_fingerprint: str) -> ActiveState:
