@@ -568,8 +568,8 @@ class ActiveParams(_Section):
     element: str | None = None  # default: generate.element
     iterations: int = Field(1, ge=1)
     mode: Literal["projected", "force", "gamma"] = "projected"
-    sigma_projected_eV: float = Field(0.05, gt=0)  # σ of the energy change of the next step (eV)
-    sigma_force_eVA: float = Field(0.3, gt=0)  # DP-GEN trust level on max_i σ_F,i (eV/Å)
+    sigma_projected_eV: float = Field(0.002, gt=0)  # σ of the energy change of the next step (eV)
+    sigma_force_eVA: float = Field(0.1, gt=0)  # DP-GEN trust level on max_i σ_F,i (eV/Å)
     gamma_max: float = Field(2.0, gt=0)  # hull extrapolation grade bound
     index: str | None = "data/index.duckdb"  # hull for γ (candidates; every step in mode gamma); null: none
     structures: list[ActiveStructure] = [ActiveStructure(kind="bulk"), ActiveStructure(kind="vacancy"),

@@ -75,8 +75,8 @@ class Trigger:
     (max σ_F > ``sigma_force_eVA``, eV/Å) or ``gamma`` (max γ > ``gamma_max``)."""
 
     mode: str = "projected"
-    sigma_projected_eV: float = 0.05
-    sigma_force_eVA: float = 0.3
+    sigma_projected_eV: float = 0.002
+    sigma_force_eVA: float = 0.1
     gamma_max: float = 2.0
 
     def __post_init__(self):
