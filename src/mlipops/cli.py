@@ -225,6 +225,44 @@ JsonOpt = typer.Option(False, "--json", help="print JSON records instead of a ta
 LimitOpt = typer.Option(200, "--limit", help="rows shown in the table (CSV/JSON print all)")
 
 
+active_app = typer.Typer(no_args_is_help=True, help="Active learning: committee MD, trigger, oracle calls (Dask).")
+app.add_typer(active_app, name="active")
+
+
+@active_app.command("run")
+def active_run(params: Path = ParamsOpt,
+               model: str = typer.Option(None, "--model", help="model directory or NAME@alias (default: "
+                                         "active.model, else data/models/<train.model_name>)")):
+    """Committee MD from the structures in params (section active), trigger on the velocity-projected
+    uncertainty (or σ_F, or γ), label a de-duplicated batch with the oracle (generate.oracle) through
+    Dask; writes data/raw/active_<iteration>.extxyz. Interrupted, it resumes from data/active/state.json."""
+    from mlipops.active.loop import run_loop
+    from mlipops.models.calculator import resolve_model
+    from mlipops.oracles import get_oracle
+
+    p = _params(params)
+    a = p.active
+    ref = model or a.model or str(Path("data/models") / p.train.model_name)
+    model_dir = resolve_model(ref, p.promote.registry_dir)
+    oracle = get_oracle(p.generate.oracle.calculator, p.generate.oracle.kwargs)
+    from rich.console import Console
+    from rich.progress import Progress
+
+    fired = [0]
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("active MD", total=len(a.structures) * len(a.md.temperatures_K) * a.md.steps_per_temperature)
+
+        def progress(st, stats, fires):
+            fired[0] += bool(fires)
+            bar.update(task, completed=st.md_run * len(a.md.temperatures_K) * a.md.steps_per_temperature + st.md_step,
+                       description=f"active iter {st.iteration} MD: σ_proj {stats['sigma_projected']:.3g} eV, "
+                                   f"max σ_F {stats['max_sigma_f']:.3g} eV/Å, {fired[0]} triggers")
+
+        summary = run_loop(a, p.compute, oracle, model_dir, a.element or p.generate.element, progress=progress)
+    last = summary["history"][-1] if summary["history"] else {}
+    _done("active run", {"iterations": summary["iterations"]} | {k: v for k, v in last.items() if k != "file"})
+
+
 registry_app = typer.Typer(no_args_is_help=True, help="The model registry (registry/index.json, MLflow Model Registry).")
 app.add_typer(registry_app, name="registry")
 RegistryOpt = typer.Option(None, "--registry", help="registry folder (default: promote.registry_dir of params.yaml)")

@@ -531,6 +531,60 @@ class PromoteParams(_Section):
         return v
 
 
+# --------------------------------------------------------------------------------------- active
+class ActiveStructure(_Section):
+    """A starting structure of the active-learning MD, built by ``ase.build`` from ``active.element``:
+    ``bulk`` (the cubic cell repeated ``supercell`` times), ``vacancy`` (the same, first atom removed)
+    or ``surface`` (a ``miller`` slab, ``supercell`` × ``supercell`` × ``layers``, ``vacuum`` Å each side)."""
+    kind: Literal["bulk", "vacancy", "surface"] = "bulk"
+    lattice: Literal["fcc", "bcc", "sc", "diamond"] = "fcc"
+    supercell: int = Field(2, ge=1)
+    miller: Literal["100", "110", "111"] = "111"
+    layers: int = Field(4, ge=2)
+    vacuum: float = Field(6.0, gt=0)
+
+
+class ActiveMdParams(_Section):
+    """MD with the committee: ``langevin`` (NVT) or ``nve``; each structure runs through
+    ``temperatures_K`` in order (a heating ramp), ``steps_per_temperature`` steps each."""
+    dynamics: Literal["langevin", "nve"] = "langevin"
+    temperatures_K: list[float] = [600.0, 1200.0, 1800.0]
+    steps_per_temperature: int = Field(50, ge=1)
+    timestep_fs: float = Field(2.0, gt=0)
+    friction: float = Field(0.02, gt=0)  # 1/fs, Langevin
+    checkpoint_every: int = Field(10, ge=1)  # steps between persisted MD snapshots
+
+    @field_validator("temperatures_K")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if not v or any(t <= 0 for t in v):
+            raise ValueError("temperatures_K must be a non-empty list of positive temperatures")
+        return v
+
+
+class ActiveParams(_Section):
+    """The active-learning loop (``mlipops active run``): committee MD, trigger, de-duplication, oracle."""
+    model: str | None = None  # model directory or NAME@alias; default data/models/<train.model_name>
+    element: str | None = None  # default: generate.element
+    iterations: int = Field(1, ge=1)
+    mode: Literal["projected", "force", "gamma"] = "projected"
+    sigma_projected_eV: float = Field(0.002, gt=0)  # σ of the energy change of the next step (eV)
+    sigma_force_eVA: float = Field(0.1, gt=0)  # DP-GEN trust level on max_i σ_F,i (eV/Å)
+    gamma_max: float = Field(2.0, gt=0)  # hull extrapolation grade bound
+    index: str | None = "data/index.duckdb"  # hull for γ (candidates; every step in mode gamma); null: none
+    structures: list[ActiveStructure] = [ActiveStructure(kind="bulk"), ActiveStructure(kind="vacancy"),
+                                         ActiveStructure(kind="surface")]
+    md: ActiveMdParams = ActiveMdParams()
+    dedup_min_distance: float = Field(0.05, ge=0)  # RMS descriptor-fingerprint distance
+    max_batch: int = Field(16, ge=1)  # frames labelled per iteration
+    retries: int = Field(2, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    timeout_s: float = Field(600.0, gt=0)
+    out_dir: str = "data/raw"  # active_<iteration>.extxyz
+    work_dir: str = "data/active"  # state.json, snapshots, candidates, label files
+    seed: int = 0
+
+
 class Params(_Section):
     generate: GenerateParams = GenerateParams()
     bo_scan: BoScanParams = BoScanParams()
@@ -542,6 +596,7 @@ class Params(_Section):
     compute: ComputeParams = ComputeParams()
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
+    active: ActiveParams = ActiveParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

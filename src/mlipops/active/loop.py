@@ -1,0 +1,317 @@
+"""The active-learning iterations: committee MD → trigger → de-duplicated batch → oracle (Dask) → data.
+
+One iteration, in three phases, each persisted in ``<work_dir>/state.json`` (:mod:`mlipops.active.state`):
+
+``md``
+    Every structure of ``active.structures`` runs MD (Langevin NVT through ``md.temperatures_K`` in
+    order, or NVE from Maxwell-Boltzmann velocities at the first temperature) with the ensemble
+    (:class:`~mlipops.active.committee.CommitteeCalculator`). After each step the committee statistics
+    (:func:`~mlipops.active.trigger.committee_stats`) go through the :class:`~mlipops.active.trigger.Trigger`;
+    a step that fires adds a copy of the structure to the candidates, with ``info``: ``config_type``
+    ``active_<mode>``, ``source`` ``active``, ``temperature_K``, ``active_iteration``, ``active_run``,
+    ``active_step``, ``sigma_projected`` (eV), ``max_sigma_f`` (eV/Å), ``trigger_reason``. Every
+    ``md.checkpoint_every`` steps the candidates, an MD snapshot (positions, momenta) and the Langevin
+    generator's state are saved, so a restart goes on from the last checkpoint.
+``select``
+    The candidates are de-duplicated on descriptor fingerprints (also against the frames of earlier
+    iterations' ``active_<i>.extxyz``), highest trigger statistic first, at most ``max_batch``; with
+    an index, each selected frame gets its largest per-atom hull grade ``gamma_max``.
+``label``
+    The selected frames go to the oracle through Dask (:func:`~mlipops.active.dispatch.label_batch`:
+    retries, time-outs, label files written on the worker); the labelled frames are written to
+    ``<out_dir>/active_<iteration>.extxyz`` in selection order, the frames that kept failing to
+    ``<work_dir>/iter_<i>/failed.json`` (frame id, attempts, last error).
+
+Retraining between iterations, the DVC stage, and MLflow logging are not part of this module yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+
+from mlipops.active.committee import CommitteeCalculator
+from mlipops.active.dispatch import label_batch
+from mlipops.active.state import ActiveState, load_or_start
+from mlipops.active.trigger import Trigger, committee_stats, deduplicate, fingerprints
+from mlipops.errors import ParamsError, StageInputError
+from mlipops.frames import read_extxyz, write_extxyz
+from mlipops.params import ActiveParams, ActiveStructure, ComputeParams
+
+# statistics used to rank candidates, per trigger mode
+_SCORE = {"projected": "sigma_projected", "force": "max_sigma_f", "gamma": "gamma_max"}
+# knobs that do not change what the loop computes: a state written with other values is still valid
+_OPERATIONAL = {"retries", "backoff_s", "timeout_s", "iterations"}
+
+
+def params_fingerprint(p: ActiveParams, model_dir: str | Path) -> str:
+    doc = {k: v for k, v in p.model_dump(mode="json").items() if k not in _OPERATIONAL}
+    doc["model_dir"] = str(Path(model_dir).resolve())
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_structure(s: ActiveStructure, element: str) -> Atoms:
+    """A starting structure (see :class:`~mlipops.params.ActiveStructure`)."""
+    from ase.build import bulk, fcc100, fcc110, fcc111
+
+    try:
+        if s.kind == "surface":
+            if s.lattice != "fcc":
+                raise ParamsError("surfaces are built for fcc only", field="active.structures.lattice")
+            make = {"100": fcc100, "110": fcc110, "111": fcc111}[s.miller]
+            a = make(element, size=(s.supercell, s.supercell, s.layers), vacuum=s.vacuum, periodic=True)
+            a.pbc = (True, True, False)
+        else:
+            a = bulk(element, s.lattice, cubic=True).repeat(s.supercell)
+            if s.kind == "vacancy":
+                del a[0]
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ParamsError(f"cannot build {s.kind} {s.lattice} {element}: {exc}", field="active.structures") from None
+    a.info = {"structure": s.kind}
+    return a
+
+
+def _iter_dir(work_dir: Path, it: int) -> Path:
+    d = work_dir / f"iter_{it:03d}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _read_plain(path: str | Path) -> Atoms:
+    import ase.io
+
+    return ase.io.read(str(path), format="extxyz")
+
+
+def _save_candidates(path: Path, cands: list[Atoms]) -> None:
+    write_extxyz(path, cands)  # tmp + rename
+
+
+def _load_candidates(st: ActiveState) -> list[Atoms]:
+    if not st.n_candidates or not st.candidates_file or not Path(st.candidates_file).is_file():
+        return []
+    frames, rejected = read_extxyz(st.candidates_file)
+    if rejected:
+        raise StageInputError("unreadable candidate frame", file=st.candidates_file, frame=rejected[0].source_index)
+    return frames[: st.n_candidates]  # a file written after the last saved state holds a few more
+
+
+class _Hull:
+    """Per-atom γ of structures against the index's hulls (loaded once)."""
+
+    def __init__(self, index: str | Path):
+        from mlipops.index.build import load_hull_index
+
+        self.h = load_hull_index(Path(index))
+
+    def gamma(self, atoms: Atoms) -> np.ndarray:
+        from mlipops.descriptors import compute_descriptors
+
+        g, unseen = compute_descriptors([atoms], self.h.species, self.h.descriptor)
+        return self.h.evaluate(np.array(atoms.get_chemical_symbols()), g, unseen)["extrapolation_grade"]
+
+
+def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, element: str, hull: _Hull | None,
+              work_dir: Path, progress) -> None:
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.verlet import VelocityVerlet
+
+    md, dt = p.md, p.md.timestep_fs
+    trigger = Trigger(p.mode, p.sigma_projected_eV, p.sigma_force_eVA, p.gamma_max)
+    it_dir = _iter_dir(work_dir, st.iteration)
+    cands = _load_candidates(st)
+    cand_path = it_dir / "candidates.extxyz"
+    total = len(md.temperatures_K) * md.steps_per_temperature
+    while st.md_run < len(p.structures):
+        rng = np.random.default_rng([p.seed, st.iteration, st.md_run])
+        if st.md_snapshot:
+            atoms = _read_plain(st.md_snapshot)
+            if st.md_rng:
+                rng.bit_generator.state = st.md_rng
+        else:
+            atoms = build_structure(p.structures[st.md_run], element)
+            MaxwellBoltzmannDistribution(atoms, temperature_K=md.temperatures_K[0], rng=rng)
+            Stationary(atoms)
+        atoms.calc = calc
+        atoms.set_constraint(FixCom())  # the centre of mass stays put (Langevin noise would move it)
+        if md.dynamics == "langevin":
+            dyn = Langevin(atoms, dt * units.fs, temperature_K=md.temperatures_K[0], friction=md.friction / units.fs,
+                           fixcm=False, rng=rng)
+        else:
+            dyn = VelocityVerlet(atoms, dt * units.fs)
+        while st.md_step < total:
+            temperature = md.temperatures_K[st.md_step // md.steps_per_temperature]
+            if md.dynamics == "langevin":
+                dyn.set_temperature(temperature_K=temperature)
+            dyn.run(1)
+            st.md_step += 1
+            st.md_steps_total += 1
+            atoms.get_forces()  # cached: the forces of the current positions
+            stats = committee_stats(calc.results["forces_members"], atoms.get_velocities(), dt)
+            gamma = float(np.max(hull.gamma(atoms))) if (hull is not None and p.mode == "gamma") else None
+            fires, reason = trigger.check(stats, gamma)
+            _accumulate(st.md_stats, stats, gamma)
+            if fires:
+                c = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+                c.info.update(config_type=f"active_{p.mode}", source="active", temperature_K=float(temperature),
+                              structure=str(atoms.info.get("structure", p.structures[st.md_run].kind)),
+                              active_iteration=st.iteration, active_run=st.md_run, active_step=st.md_step,
+                              sigma_projected=stats["sigma_projected"], max_sigma_f=stats["max_sigma_f"],
+                              trigger_reason=reason)
+                if gamma is not None:
+                    c.info["gamma_max"] = gamma
+                cands.append(c)
+            if progress is not None:
+                progress(st, stats, fires)
+            if st.md_step % md.checkpoint_every == 0 or st.md_step == total:
+                _checkpoint(st, atoms, rng, cands, cand_path, it_dir)
+        st.md_run += 1
+        st.md_step = 0
+        old, st.md_snapshot, st.md_rng = st.md_snapshot, None, None
+        st.save()
+        if old:
+            Path(old).unlink(missing_ok=True)
+
+
+def _accumulate(acc: dict, stats: dict, gamma: float | None) -> None:
+    """Running sums and maxima of the trigger statistics over the iteration's MD steps."""
+    values = {"sigma_projected": stats["sigma_projected"], "max_sigma_f": stats["max_sigma_f"]}
+    if gamma is not None:
+        values["gamma_max"] = gamma
+    acc["steps"] = acc.get("steps", 0) + 1
+    for k, v in values.items():
+        acc[f"{k}_sum"] = acc.get(f"{k}_sum", 0.0) + float(v)
+        acc[f"{k}_max"] = max(acc.get(f"{k}_max", float("-inf")), float(v))
+
+
+def trigger_summary(acc: dict) -> dict:
+    """Mean and maximum over the MD steps of each trigger statistic (eV, eV/Å, γ)."""
+    n = acc.get("steps", 0)
+    out = {}
+    for k in ("sigma_projected", "max_sigma_f", "gamma_max"):
+        if n and f"{k}_sum" in acc:
+            out[f"{k}.mean"] = acc[f"{k}_sum"] / n
+            out[f"{k}.max"] = acc[f"{k}_max"]
+    return out
+
+
+def _checkpoint(st: ActiveState, atoms: Atoms, rng, cands: list[Atoms], cand_path: Path, it_dir: Path) -> None:
+    """Candidates, then a new snapshot, then the state that names both (so a kill between any two
+    writes leaves a consistent state: the state always names complete files)."""
+    import ase.io
+
+    _save_candidates(cand_path, cands)
+    snap = it_dir / f"md_run{st.md_run}_step{st.md_step}.extxyz"
+    a = atoms.copy()  # positions and momenta, without the calculator and the constraint
+    a.calc = None
+    a.set_constraint()
+    tmp = snap.with_name(snap.name + ".tmp")
+    ase.io.write(str(tmp), a, format="extxyz")
+    tmp.replace(snap)
+    old = st.md_snapshot
+    st.md_snapshot, st.md_rng = str(snap), rng.bit_generator.state
+    st.candidates_file, st.n_candidates = str(cand_path), len(cands)
+    st.save()
+    if old and old != str(snap):
+        Path(old).unlink(missing_ok=True)
+
+
+def _previous_frames(out_dir: Path, iteration: int) -> list[Atoms]:
+    prev = []
+    for i in range(iteration):
+        f = out_dir / f"active_{i}.extxyz"
+        if f.is_file():
+            prev += read_extxyz(f)[0]
+    return prev
+
+
+def _select_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, hull: _Hull | None,
+                  work_dir: Path, out_dir: Path) -> None:
+    cands = _load_candidates(st)
+    model = calc.model
+    fps = fingerprints(cands, model.species, model.descriptor_params)
+    prev = fingerprints(_previous_frames(out_dir, st.iteration), model.species, model.descriptor_params)
+    scores = [float(c.info.get(_SCORE[p.mode], 0.0)) for c in cands]
+    chosen = deduplicate(cands, fps, p.dedup_min_distance, p.max_batch, previous=prev, scores=scores)
+    selected = [cands[k] for k in chosen]
+    if hull is not None:
+        for c in selected:
+            c.info["gamma_max"] = float(np.max(hull.gamma(c)))
+    path = _iter_dir(work_dir, st.iteration) / "selected.extxyz"
+    frames = []
+    if selected:
+        write_extxyz(path, selected)
+        frames, _ = read_extxyz(path)  # ids from the file's positions: the same as the label files will give
+    st.selected, st.selected_file = [a.info["frame_id"] for a in frames], (str(path) if frames else None)
+    st.phase = "label"
+    st.save()
+
+
+def _label_phase(p: ActiveParams, st: ActiveState, oracle, compute: ComputeParams, work_dir: Path,
+                 out_dir: Path) -> dict:
+    from mlipops.compute import dask_client
+
+    frames = read_extxyz(st.selected_file)[0] if st.selected_file else []
+    todo = [a for a in frames if a.info["frame_id"] not in st.labelled and a.info["frame_id"] not in st.failed]
+    label_dir = _iter_dir(work_dir, st.iteration) / "labels"
+    counts = {"oracle_calls": 0, "reused_labels": 0}
+
+    def on_update(fid: str, status: str, record: dict) -> None:
+        if status == "submitted" and fid not in st.pending:
+            st.pending.append(fid)
+        elif status in ("labelled", "failed"):
+            if fid in st.pending:
+                st.pending.remove(fid)
+            if status == "labelled":
+                st.labelled[fid] = record["file"]
+            else:
+                st.failed[fid] = {"attempts": record["attempts"], "error": record["error"]}
+        else:
+            return
+        st.save()
+
+    if todo:
+        with dask_client(compute, len(todo)) as client:
+            res = label_batch(todo, oracle, client, retries=p.retries, backoff_s=p.backoff_s, timeout_s=p.timeout_s,
+                              label_dir=label_dir, on_update=on_update)
+        counts = {"oracle_calls": res.oracle_calls, "reused_labels": res.reused}
+    from mlipops.active.dispatch import read_label
+
+    labelled = [read_label(Path(st.labelled[a.info["frame_id"]])) for a in frames if a.info["frame_id"] in st.labelled]
+    failures = [{"frame_id": fid} | rec for fid, rec in st.failed.items()]
+    (_iter_dir(work_dir, st.iteration) / "failed.json").write_text(json.dumps(failures, indent=1) + "\n")
+    out = out_dir / f"active_{st.iteration}.extxyz"
+    if labelled:
+        write_extxyz(out, labelled)
+    return counts | {"labelled": len(labelled), "failed": len(st.failed), "file": str(out) if labelled else None}
+
+
+def run_loop(p: ActiveParams, compute: ComputeParams, oracle, model_dir: str | Path, element: str,
+             progress=None) -> dict:
+    """Run (or resume) ``p.iterations`` iterations; returns a summary (per-iteration ``history``)."""
+    work_dir, out_dir = Path(p.work_dir), Path(p.out_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    st = load_or_start(work_dir / "state.json", params_fingerprint(p, model_dir))
+    calc = CommitteeCalculator(model_dir, skin=0.5)
+    hull = None
+    if p.index and Path(p.index).is_file():
+        hull = _Hull(p.index)
+    elif p.mode == "gamma":
+        raise StageInputError("trigger mode 'gamma' needs the coverage index (run `dvc repro index`)",
+                              file=str(p.index), field="active.index")
+    while st.iteration < p.iterations:
+        if st.phase == "md":
+            _md_phase(p, st, calc, element, hull, work_dir, progress)
+            _select_phase(p, st, calc, hull, work_dir, out_dir)
+        counts = _label_phase(p, st, oracle, compute, work_dir, out_dir)
+        st.history.append({"iteration": st.iteration, "md_steps": st.md_steps_total, "triggers": st.n_candidates,
+                           "selected": len(st.selected), **counts, **trigger_summary(st.md_stats)})
+        st.new_iteration()
+        st.save()
+    return {"iterations": st.iteration, "history": st.history}
