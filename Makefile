@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # stage commands (`mlipops ...`) and dvc come from the project's venv
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro test test-all bench ui clean browser
+.PHONY: install repro active test test-all bench ui clean browser
 
 install: $(STAMP)
 
@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,qc]'
 	touch $(STAMP)
 
+# every stage but `active` (active learning runs oracle calls and retrains: on demand, `make active`)
 repro: $(STAMP)
-	dvc repro
+	dvc repro promote bo_scan
 	@cat reports/promote/decision.md
+
+active: $(STAMP)
+	dvc repro active
+	@cat reports/active/summary.md
 
 # the browser test (tests/test_ui_browser.py) drives Debian's headless chromium + chromedriver; install
 # them when missing (as root, or through sudo); without them that one test is skipped with the reason

@@ -36,12 +36,14 @@ def log_lines(path: str | Path, kind: str) -> list[str]:
 
 class CountingEMT(EMT):
     """EMT that logs its calls; ``fail_every``: the n-th call (over all processes) raises when
-    n % fail_every == 0; ``always_fail``: every call raises; ``sleep_s``: each call first sleeps."""
+    n % fail_every == 0; ``always_fail``: every call raises; ``sleep_s``: each call first sleeps;
+    ``corrupt_every``: the n-th call's energy is 1000 eV too high (logged ``corrupt <frame_id>``)."""
 
     def __init__(self, counter: str, fail_every: int = 0, always_fail: bool = False, sleep_s: float = 0.0,
-                 **kwargs):
+                 corrupt_every: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.counter, self.fail_every, self.always_fail, self.sleep_s = counter, fail_every, always_fail, sleep_s
+        self.corrupt_every = corrupt_every
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=("positions",)):
         fid = str((atoms if atoms is not None else self.atoms).info.get("frame_id", "?"))
@@ -53,4 +55,9 @@ class CountingEMT(EMT):
             raise RuntimeError(f"oracle failure on call {n}")
         super().calculate(atoms, list(properties) + ["stress"] if atoms is not None and atoms.pbc.all()
                           else properties, system_changes)
+        if self.corrupt_every and n % self.corrupt_every == 0:  # a bad label: +1000 eV (a unit/offset error)
+            for key in ("energy", "free_energy"):
+                if key in self.results:
+                    self.results[key] += 1000.0
+            _append(self.counter, f"corrupt {fid}")
         _append(self.counter, f"end {fid}")

@@ -368,7 +368,7 @@ def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(t
                                "checkpoint_every": 2},
                         "dedup_min_distance": 0.0, "max_batch": 5, "retries": 1, "backoff_s": 0.1,
                         "timeout_s": 60.0, "out_dir": str(tmp_path / "raw"), "work_dir": str(tmp_path / "active"),
-                        "seed": 3}
+                        "seed": 3, "base_data": None, "holdout": {"enabled": False}, "mlflow": False}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mlipops.cli", "active", "run", "-p", str(tmp_path / "params.yaml")]

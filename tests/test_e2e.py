@@ -24,7 +24,7 @@ METRICS = {s: f"reports/{s}/metrics.json" for s in STAGES} | {"defects": "report
                                                               "uncertainty": "reports/evaluate/uncertainty/metrics.json",
                                                               "melting": "reports/evaluate/melting/metrics.json",
                                                               "nve": "reports/evaluate/nve/metrics.json"}
-SIDE = {"defects", "melting_reference", "melting", "nve", "bo_scan"}  # stages off the main chain
+SIDE = {"defects", "melting_reference", "melting", "nve", "bo_scan"}  # stages off the main chain (not active)
 
 TINY = {
     "generate": {
@@ -47,6 +47,13 @@ TINY = {
                              "sweep": {"fractions": [0.0, 1.0]}},
                  "nve": {"supercell": 2, "steps": 40, "discard_fs": 10.0}},
     "promote": {"gates": {"val.force_mae": 5.0, "val.energy_mae_per_atom": 5.0, "nve:finite": {"min": 1}}},
+    # run on demand only (test_active_stage): 4-atom cells, a few steps, one short warm start
+    "active": {"iterations": 1, "mode": "force", "sigma_force_eVA": 1e-4, "max_batch": 2, "dedup_min_distance": 0.0,
+               "structures": [{"kind": "bulk", "supercell": 1}, {"kind": "vacancy", "supercell": 1}],
+               "md": {"temperatures_K": [900.0], "steps_per_temperature": 4, "checkpoint_every": 2},
+               "retrain": {"epochs": 2, "patience": None},
+               "holdout": {"structures": [{"kind": "bulk", "supercell": 1}], "temperatures_K": [900.0],
+                           "steps_per_temperature": 10, "sample_every": 5}},
 }
 
 
@@ -95,7 +102,7 @@ def repo(tmp_path_factory) -> Path:
     _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(d.parent / "dvc-storage")], d)
     _run(["git", "add", "-A"], d)
     _run(["git", "commit", "-qm", "tiny pipeline"], d)
-    res = _run([sys.executable, "-m", "dvc", "repro"], d)
+    res = _run([sys.executable, "-m", "dvc", "repro", "promote", "bo_scan"], d)  # = `make repro`: all but active
     ran = _ran_stages(res.stdout)
     assert set(ran) == set(STAGES) | SIDE and [s for s in ran if s in STAGES] == STAGES, ran
     return d
@@ -249,23 +256,24 @@ def test_melting_sweep_runs_a_dvc_experiment_per_fraction(repo: Path):
 
 
 def test_second_repro_is_noop_and_params_rerun_exactly_dependants(repo: Path):
-    res = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    res = _run([sys.executable, "-m", "dvc", "repro", "promote", "bo_scan"], repo)
     assert _ran_stages(res.stdout) == []
     assert "up to date" in res.stdout
 
-    # a train param changes -> only train is out of date (downstream follows its outputs)
+    # a train param changes -> only train is out of date (downstream follows its outputs); the on-demand
+    # active stage has not run yet, so it is listed whatever changes
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["epochs"] = 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], repo).stdout)
-    assert set(status) == {"train"}
+    assert set(status) == {"train", "active"}
     params["train"]["epochs"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     # a promote gate changes to an impossible value -> only promote reruns, and it rejects the model
     params["promote"]["gates"]["val.force_mae"] = 1e-9
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    res = _run([sys.executable, "-m", "dvc", "repro"], repo)
+    res = _run([sys.executable, "-m", "dvc", "repro", "promote", "bo_scan"], repo)
     assert _ran_stages(res.stdout) == ["promote"]
     decision = (repo / "reports/promote/decision.md").read_text()
     assert "REJECTED" in decision and "val.force_mae" in decision
@@ -276,3 +284,42 @@ def test_second_repro_is_noop_and_params_rerun_exactly_dependants(repo: Path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     assert [int(v.version) for v in client.search_model_versions("name='cu'")] == [1]
+
+
+def test_active_stage_on_demand_resumes_and_grows(repo: Path):
+    """`dvc repro active` (= `make active`): labels, curated data, retrained committee and reports; a
+    second repro does nothing; more iterations resume the campaign (iteration 0's labels unchanged)."""
+    from mlflow import MlflowClient
+
+    from mlipops.frames import file_md5, read_extxyz
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    res = _run([sys.executable, "-m", "dvc", "repro", "active"], repo)
+    assert _ran_stages(res.stdout) == ["active"]  # its upstream is up to date
+    first = repo / "data/raw/active/active_0.extxyz"
+    out, bad = read_extxyz(first)
+    assert out and not bad and all("forces" in a.calc.results for a in out)
+    m = json.loads((repo / "reports/active/metrics.json").read_text())
+    assert m["iterations"] == 1 and m["oracle_calls_total"] == len(out) and "final.holdout.force_mae" in m
+    assert (repo / "reports/active/learning_curve.png").is_file()
+    st = json.loads((repo / "data/active/state.json").read_text())
+    assert st["iteration"] == 1 and st["model_dir"] == "data/active/iter_000/model"
+    assert (repo / st["model_dir"] / "weights.pt").is_file() and (repo / st["curated"]["index"]).is_file()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["active"]
+    assert {o["path"] for o in lock["outs"]} >= {"data/raw/active", "data/active"}
+    assert _ran_stages(_run([sys.executable, "-m", "dvc", "repro", "active"], repo).stdout) == []
+
+    md5_0 = file_md5(first)
+    params["active"]["iterations"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran_stages(_run([sys.executable, "-m", "dvc", "repro", "active"], repo).stdout) == ["active"]
+    assert file_md5(first) == md5_0 and (repo / "data/raw/active/active_1.extxyz").is_file()
+    st = json.loads((repo / "data/active/state.json").read_text())
+    assert st["iteration"] == 2 and len(st["history"]) == 2 and not (repo / "data/active/archive").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mlipops").experiment_id],
+                              filter_string="tags.`mlipops.stage` = 'active'", max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    iters = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in iters) == ["active-iter-0", "active-iter-1"]

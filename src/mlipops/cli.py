@@ -235,7 +235,9 @@ def active_run(params: Path = ParamsOpt,
                                          "active.model, else data/models/<train.model_name>)")):
     """Committee MD from the structures in params (section active), trigger on the velocity-projected
     uncertainty (or σ_F, or γ), label a de-duplicated batch with the oracle (generate.oracle) through
-    Dask; writes data/raw/active_<iteration>.extxyz. Interrupted, it resumes from data/active/state.json."""
+    Dask; writes data/raw/active/active_<iteration>.extxyz, curates it (ingest, validate, index), retrains
+    the committee warm-started and scores it on a fixed held-out trajectory; reports in reports/active/.
+    Interrupted, it resumes from data/active/state.json."""
     from mlipops.active.loop import run_loop
     from mlipops.models.calculator import resolve_model
     from mlipops.oracles import get_oracle
@@ -258,9 +260,15 @@ def active_run(params: Path = ParamsOpt,
                        description=f"active iter {st.iteration} MD: σ_proj {stats['sigma_projected']:.3g} eV, "
                                    f"max σ_F {stats['max_sigma_f']:.3g} eV/Å, {fired[0]} triggers")
 
-        summary = run_loop(a, p.compute, oracle, model_dir, a.element or p.generate.element, progress=progress)
+        summary = run_loop(p, oracle, model_dir, a.element or p.generate.element, progress=progress)
+    from mlipops.active.report import write_report
+
+    write_report(summary, p)
     last = summary["history"][-1] if summary["history"] else {}
-    _done("active run", {"iterations": summary["iterations"]} | {k: v for k, v in last.items() if k != "file"})
+    keep = {"oracle_calls_total": "oracle_calls", "labelled": "labelled", "failed": "failed",
+            "curate.n_quarantined_new": "quarantined", "holdout.force_mae": "holdout_force_mae_eVA", "model": "model"}
+    _done("active run", {"iterations": summary["iterations"], "triggers": last.get("triggers")}
+          | {v: (round(last[k], 5) if isinstance(last[k], float) else last[k]) for k, v in keep.items() if k in last})
 
 
 registry_app = typer.Typer(no_args_is_help=True, help="The model registry (registry/index.json, MLflow Model Registry).")

@@ -562,12 +562,37 @@ class ActiveMdParams(_Section):
         return v
 
 
+class ActiveRetrainParams(_Section):
+    """Retraining between iterations: every member warm-started from its weights of the last iteration
+    (same architecture, standardisation and reference energies), on the curated data grown by the
+    iteration's labels. Loss weights, batch size, optimizer and bootstrap come from ``train``."""
+    enabled: bool = True
+    epochs: int = Field(60, ge=1)
+    learning_rate: float = Field(0.001, gt=0)  # below train.learning_rate: a warm start, not a fresh fit
+    patience: int | None = Field(20, ge=1)
+
+
+class ActiveHoldoutParams(_Section):
+    """The fixed held-out trajectory every iteration's model is scored on: the oracle's own Langevin MD
+    of ``structures`` through ``temperatures_K`` (the last one above melting gives a liquid part), a frame
+    every ``sample_every`` steps. Generated once (``<work_dir>/holdout.extxyz``) and never trained on."""
+    enabled: bool = True
+    file: str | None = None  # an extxyz with reference labels instead of generating one
+    structures: list[ActiveStructure] = [ActiveStructure(kind="bulk"), ActiveStructure(kind="surface", supercell=3)]
+    temperatures_K: list[float] = [800.0, 1600.0, 3000.0]
+    steps_per_temperature: int = Field(150, ge=1)
+    sample_every: int = Field(10, ge=1)
+    timestep_fs: float = Field(2.0, gt=0)
+    friction: float = Field(0.02, gt=0)
+    seed: int = 2026
+
+
 class ActiveParams(_Section):
     """The active-learning loop (``mlipops active run``): committee MD, trigger, de-duplication, oracle."""
     model: str | None = None  # model directory or NAME@alias; default data/models/<train.model_name>
     element: str | None = None  # default: generate.element
     iterations: int = Field(1, ge=1)
-    mode: Literal["projected", "force", "gamma"] = "projected"
+    mode: Literal["projected", "force", "gamma", "random"] = "projected"
     sigma_projected_eV: float = Field(0.002, gt=0)  # σ of the energy change of the next step (eV)
     sigma_force_eVA: float = Field(0.1, gt=0)  # DP-GEN trust level on max_i σ_F,i (eV/Å)
     gamma_max: float = Field(2.0, gt=0)  # hull extrapolation grade bound
@@ -580,9 +605,14 @@ class ActiveParams(_Section):
     retries: int = Field(2, ge=0)
     backoff_s: float = Field(1.0, ge=0)
     timeout_s: float = Field(600.0, gt=0)
-    out_dir: str = "data/raw"  # active_<iteration>.extxyz
-    work_dir: str = "data/active"  # state.json, snapshots, candidates, label files
+    out_dir: str = "data/raw/active"  # active_<iteration>.extxyz (a DVC-tracked output of the active stage)
+    work_dir: str = "data/active"  # state.json, snapshots, candidates, label files, curated data, models
     seed: int = 0
+    base_data: str | None = "data/curated/accepted.extxyz"  # the curated data the campaign grows;
+    base_quarantine: str = "data/curated/quarantine.parquet"  # null: label only (no curation, no retraining)
+    retrain: ActiveRetrainParams = ActiveRetrainParams()
+    holdout: ActiveHoldoutParams = ActiveHoldoutParams()
+    mlflow: bool = True  # a parent run per campaign, a nested run per iteration (train.tracking_uri)
 
 
 class Params(_Section):

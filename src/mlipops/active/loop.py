@@ -22,7 +22,15 @@ One iteration, in three phases, each persisted in ``<work_dir>/state.json`` (:mo
     ``<out_dir>/active_<iteration>.extxyz`` in selection order, the frames that kept failing to
     ``<work_dir>/iter_<i>/failed.json`` (frame id, attempts, last error).
 
-Retraining between iterations, the DVC stage, and MLflow logging are not part of this module yet.
+``curate``
+    The labelled file is ingested, validated and indexed on top of the campaign's curated data
+    (:mod:`mlipops.active.curate`); quarantined frames keep their reason.
+``train``
+    Every member is warm-started from its last weights on the grown data (:mod:`mlipops.active.retrain`);
+    the next iteration's MD runs with the new committee.
+``score``
+    The committee's errors on the fixed held-out trajectory (:mod:`mlipops.active.holdout`), logged with
+    every count of the iteration to a nested MLflow run, appended to ``history``.
 """
 
 from __future__ import annotations
@@ -39,18 +47,30 @@ from mlipops.active.dispatch import label_batch
 from mlipops.active.state import ActiveState, load_or_start
 from mlipops.active.trigger import Trigger, committee_stats, deduplicate, fingerprints
 from mlipops.errors import ParamsError, StageInputError
-from mlipops.frames import read_extxyz, write_extxyz
-from mlipops.params import ActiveParams, ActiveStructure, ComputeParams
+from mlipops.frames import file_md5, read_extxyz, write_extxyz
+from mlipops.params import ActiveParams, ActiveStructure, ComputeParams, Params
 
 # statistics used to rank candidates, per trigger mode
-_SCORE = {"projected": "sigma_projected", "force": "max_sigma_f", "gamma": "gamma_max"}
+_SCORE = {"projected": "sigma_projected", "force": "max_sigma_f", "gamma": "gamma_max", "random": "random_score"}
 # knobs that do not change what the loop computes: a state written with other values is still valid
-_OPERATIONAL = {"retries", "backoff_s", "timeout_s", "iterations"}
+_OPERATIONAL = {"retries", "backoff_s", "timeout_s", "iterations", "mlflow"}
 
 
-def params_fingerprint(p: ActiveParams, model_dir: str | Path) -> str:
+def params_fingerprint(p: ActiveParams, model_dir: str | Path, params: Params | None = None) -> str:
+    """What the campaign computes depends on: the active params (not the operational knobs), the seed
+    model, and, when it curates and retrains, the split rule, validation, index, descriptor and training
+    settings."""
     doc = {k: v for k, v in p.model_dump(mode="json").items() if k not in _OPERATIONAL}
     doc["model_dir"] = str(Path(model_dir).resolve())
+    weights = Path(model_dir) / "weights.pt"
+    doc["model_md5"] = file_md5(weights) if weights.is_file() else None  # a retrained seed model: a new campaign
+    if params is not None and p.base_data is not None:
+        doc["pipeline"] = {"split": params.ingest.split.model_dump(mode="json"),
+                           "validate": params.validate_.model_dump(mode="json"),
+                           "index": params.index.model_dump(mode="json"),
+                           "descriptors": params.descriptors.model_dump(mode="json"),
+                           "train": {k: v for k, v in params.train.model_dump(mode="json").items()
+                                     if k not in ("device", "tracking_uri", "experiment", "artifact_location")}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -166,6 +186,9 @@ def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, eleme
                               trigger_reason=reason)
                 if gamma is not None:
                     c.info["gamma_max"] = gamma
+                if p.mode == "random":  # a uniform draw of its own (the MD's generator is not touched)
+                    c.info["random_score"] = float(np.random.default_rng(
+                        [p.seed, st.iteration, st.md_run, st.md_step, 7]).random())
                 cands.append(c)
             if progress is not None:
                 progress(st, stats, fires)
@@ -292,26 +315,216 @@ def _label_phase(p: ActiveParams, st: ActiveState, oracle, compute: ComputeParam
     return counts | {"labelled": len(labelled), "failed": len(st.failed), "file": str(out) if labelled else None}
 
 
-def run_loop(p: ActiveParams, compute: ComputeParams, oracle, model_dir: str | Path, element: str,
-             progress=None) -> dict:
-    """Run (or resume) ``p.iterations`` iterations; returns a summary (per-iteration ``history``)."""
-    work_dir, out_dir = Path(p.work_dir), Path(p.out_dir)
+def _current_index(p: ActiveParams, st: ActiveState) -> Path | None:
+    idx = st.curated.get("index") or p.index
+    return Path(idx) if idx and Path(idx).is_file() else None
+
+
+def _curate_phase(params: Params, st: ActiveState, work_dir: Path) -> None:
+    from mlipops.active.curate import curate
+
+    p = params.active
+    out = st.info.get("file")
+    if p.base_data is not None and out:
+        prev_acc = st.curated.get("accepted") or p.base_data
+        prev_q = st.curated.get("quarantine") or p.base_quarantine
+        c = curate(out, prev_acc, prev_q, params, _iter_dir(work_dir, st.iteration) / "curated")
+        st.curated = {k: c.pop(k) for k in ("accepted", "quarantine", "index")}
+        st.info |= {f"curate.{k}": v for k, v in c.items()}
+    st.phase = "train"
+    st.save()
+
+
+def _train_phase(params: Params, st: ActiveState, seed_model: Path, work_dir: Path, ml: "_Tracker | None") -> None:
+    from mlipops.active.retrain import retrain
+
+    p = params.active
+    new = st.info.get("curate.n_accepted_new", 0)
+    if p.retrain.enabled and new and st.curated.get("accepted"):
+        it_dir = _iter_dir(work_dir, st.iteration)
+        members = ml.member_runs(st, _n_members(st.model_dir or seed_model)) if ml else None
+        m = retrain(st.model_dir or seed_model, st.curated["accepted"], params, it_dir / "model",
+                    it_dir / "checkpoints", run_ids=members, tracking_uri=ml.uri if ml else None)
+        st.model_dir = str(it_dir / "model")
+        st.info |= {f"train.{k}": v for k, v in m.items()}
+    st.phase = "score"
+    st.save()
+
+
+def _n_members(model_dir) -> int:
+    from mlipops.models.ensemble import read_config
+
+    return int(read_config(model_dir).get("n_members", 1))
+
+
+class _Tracker:
+    """MLflow runs of a campaign: a parent run, one nested run per iteration (its metrics: MD steps,
+    triggers, oracle calls, labels, curation counts, hold-out errors, trigger statistics), and the
+    retraining members nested under their iteration. Run ids live in the state, so a resumed campaign
+    logs into the same runs."""
+
+    def __init__(self, params: Params, st: ActiveState, fingerprint: str, model_dir: Path):
+        from mlipops.params import flatten
+        from mlipops.train import tracking
+
+        t = params.train
+        self.uri = tracking.tracking_uri(t.tracking_uri)
+        self.client = tracking.client(t.tracking_uri)
+        self.exp = tracking.experiment_id(t.tracking_uri, t.experiment, t.artifact_location)
+        self.tags = {"mlipops.stage": "active", "mlipops.model_name": t.model_name, "git.commit": tracking.git_commit(),
+                     "mlipops.active_fingerprint": fingerprint, "active.mode": params.active.mode}
+        if not st.mlflow.get("parent_run_id"):
+            r = self.client.create_run(self.exp, run_name=f"active-{t.model_name}-{params.active.mode}-{fingerprint[:8]}",
+                                       tags=self.tags | {"seed_model": str(model_dir)})
+            self._params(r.info.run_id, {f"active.{k}": v for k, v in flatten(params.active).items()})
+            st.mlflow["parent_run_id"] = r.info.run_id
+            st.save()
+        self.parent = st.mlflow["parent_run_id"]
+
+    def _params(self, run_id: str, d: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in d.items()]
+        for s in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[s:s + 100])
+
+    def iteration_run(self, st: ActiveState) -> str:
+        if not st.mlflow.get("iteration_run_id"):
+            r = self.client.create_run(self.exp, run_name=f"active-iter-{st.iteration}",
+                                       tags=self.tags | {"mlflow.parentRunId": self.parent,
+                                                         "active.iteration": str(st.iteration)})
+            st.mlflow["iteration_run_id"] = r.info.run_id
+            st.save()
+        return st.mlflow["iteration_run_id"]
+
+    def member_runs(self, st: ActiveState, n: int) -> list[str]:
+        if len(st.mlflow.get("member_run_ids") or []) != n:
+            parent = self.iteration_run(st)
+            ids = [self.client.create_run(self.exp, run_name=f"active-iter-{st.iteration}-member-{k}",
+                                          tags=self.tags | {"mlflow.parentRunId": parent, "member": str(k)}).info.run_id
+                   for k in range(n)]
+            st.mlflow["member_run_ids"] = ids
+            st.save()
+        return st.mlflow["member_run_ids"]
+
+    def log_iteration(self, st: ActiveState, row: dict) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        rid = self.iteration_run(st)
+        ts = int(time.time() * 1000)
+        nums = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and np.isfinite(v)}
+        self.client.log_batch(rid, metrics=[Metric(k.replace("/", "_"), v, ts, 0) for k, v in nums.items()])
+        # the parent carries the learning curve: step = oracle calls so far
+        curve = {k: nums[k] for k in ("holdout.force_mae", "holdout.energy_mae_per_atom",
+                                      "holdout.phase.liquid.force_mae", "labelled", "triggers") if k in nums}
+        self.client.log_batch(self.parent, metrics=[Metric(k, v, ts, int(nums.get("oracle_calls_total", 0)))
+                                                    for k, v in curve.items()])
+        self.client.set_terminated(rid, "FINISHED")
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.parent, "FINISHED")
+
+
+def _score(p: ActiveParams, holdout_frames, model_dir) -> dict:
+    from mlipops.active.holdout import errors
+
+    if holdout_frames is None:
+        return {}
+    return {f"holdout.{k}": v for k, v in errors(str(model_dir), holdout_frames).items()}
+
+
+def archive_campaign(work_dir: Path, out_dir: Path) -> Path:
+    """Move a campaign's files (everything in ``work_dir`` but earlier archives) and its labels
+    (``out_dir/active_*.extxyz``) to ``<work_dir>/archive/<UTC time>/``: nothing is deleted."""
+    import shutil
+    import time
+
+    dest = work_dir / "archive" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    k = 0
+    while dest.exists():
+        k += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{k}")
+    dest.mkdir(parents=True)
+    for f in sorted(work_dir.iterdir()):
+        if f.name != "archive":
+            shutil.move(str(f), str(dest / f.name))
+    labels = sorted(out_dir.glob("active_*.extxyz")) if out_dir.is_dir() else []
+    if labels:
+        (dest / "labels").mkdir()
+        for f in labels:
+            shutil.move(str(f), str(dest / "labels" / f.name))
+    return dest
+
+
+def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progress=None) -> dict:
+    """Run (or resume) ``active.iterations`` iterations; returns a summary (per-iteration ``history``).
+
+    Each iteration: MD with the current committee → trigger → de-duplicated batch → oracle (Dask) →
+    ``<out_dir>/active_<i>.extxyz`` → curation (ingest, validate, index: :mod:`mlipops.active.curate`)
+    → warm-started retraining (:mod:`mlipops.active.retrain`) → the new committee's errors on the fixed
+    held-out trajectory (:mod:`mlipops.active.holdout`). ``history[0]`` and later hold the numbers of each
+    iteration; ``initial`` the seed model's hold-out errors (0 oracle calls)."""
+    p, compute = params.active, params.compute
+    work_dir, out_dir, seed_model = Path(p.work_dir), Path(p.out_dir), Path(model_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    st = load_or_start(work_dir / "state.json", params_fingerprint(p, model_dir))
-    calc = CommitteeCalculator(model_dir, skin=0.5)
-    hull = None
-    if p.index and Path(p.index).is_file():
-        hull = _Hull(p.index)
-    elif p.mode == "gamma":
+    fp = params_fingerprint(p, model_dir, params)
+    try:
+        st = load_or_start(work_dir / "state.json", fp)
+    except StageInputError as exc:
+        if exc.field != "params_fingerprint":
+            raise
+        archive = archive_campaign(work_dir, out_dir)
+        print(f"mlipops: {work_dir / 'state.json'} belongs to a campaign of other params or another seed model; "
+              f"it is kept, with its labels, in {archive}; starting a new campaign")
+        st = load_or_start(work_dir / "state.json", fp)
+    if p.mode == "gamma" and _current_index(p, st) is None:
         raise StageInputError("trigger mode 'gamma' needs the coverage index (run `dvc repro index`)",
                               file=str(p.index), field="active.index")
+    holdout_frames = None
+    if p.holdout.enabled:
+        from mlipops.active.holdout import load_or_generate
+
+        holdout_frames, _ = load_or_generate(p.holdout, element, oracle, work_dir)
+    ml = _Tracker(params, st, fp, seed_model) if p.mlflow else None
+    if "initial" not in st.mlflow and holdout_frames is not None:
+        st.mlflow["initial"] = _score(p, holdout_frames, seed_model)
+        if ml:
+            ml.client.log_batch(ml.parent, metrics=[
+                __import__("mlflow").entities.Metric(k, v, 0, 0) for k, v in st.mlflow["initial"].items()
+                if k in ("holdout.force_mae", "holdout.energy_mae_per_atom", "holdout.phase.liquid.force_mae")])
+        st.save()
+    calc, calc_dir = None, None
     while st.iteration < p.iterations:
+        current = Path(st.model_dir) if st.model_dir else seed_model
+        if calc is None or calc_dir != current:
+            calc, calc_dir = CommitteeCalculator(current, skin=0.5), current
+        idx = _current_index(p, st)
+        hull = _Hull(idx) if idx is not None else None
         if st.phase == "md":
             _md_phase(p, st, calc, element, hull, work_dir, progress)
             _select_phase(p, st, calc, hull, work_dir, out_dir)
-        counts = _label_phase(p, st, oracle, compute, work_dir, out_dir)
-        st.history.append({"iteration": st.iteration, "md_steps": st.md_steps_total, "triggers": st.n_candidates,
-                           "selected": len(st.selected), **counts, **trigger_summary(st.md_stats)})
+        if st.phase == "label":
+            counts = _label_phase(p, st, oracle, compute, work_dir, out_dir)
+            st.oracle_calls_total += counts["oracle_calls"] + counts["reused_labels"]
+            st.info |= counts | {"oracle_calls_total": st.oracle_calls_total}
+            st.phase = "curate"
+            st.save()
+        if st.phase == "curate":
+            _curate_phase(params, st, work_dir)
+        if st.phase == "train":
+            _train_phase(params, st, seed_model, work_dir, ml)
+        row = {"iteration": st.iteration, "md_steps": st.md_steps_total, "triggers": st.n_candidates,
+               "selected": len(st.selected), **st.info, **trigger_summary(st.md_stats),
+               **_score(p, holdout_frames, st.model_dir or seed_model), "model": st.model_dir or str(seed_model)}
+        if ml:
+            ml.log_iteration(st, row)
+        st.history.append(row)
         st.new_iteration()
         st.save()
-    return {"iterations": st.iteration, "history": st.history}
+    if ml:
+        ml.finish()
+    return {"iterations": st.iteration, "history": st.history, "initial": st.mlflow.get("initial", {}),
+            "model": st.model_dir or str(seed_model), "curated": st.curated}

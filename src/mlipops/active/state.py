@@ -1,13 +1,15 @@
 """The active-learning loop's persisted state: one JSON file, rewritten atomically after every step.
 
 Fields: ``params_fingerprint`` (a state written with other params is refused), ``iteration``,
-``phase`` of the iteration (``md`` → ``label`` → next iteration), MD progress (``md_run`` index of the
+``phase`` of the iteration (``md`` → ``label`` → ``curate`` → ``train`` → ``score`` → next iteration), MD progress (``md_run`` index of the
 structure, ``md_step`` within it, ``md_snapshot`` extxyz with positions and momenta, ``md_rng`` the
 Langevin generator's state, ``candidates`` file and count, ``md_stats`` running sums and maxima of
 σ_proj and max σ_F), ``selected`` (frame ids, in order, and the
 file holding the frames), ``pending`` (submitted to the oracle, no result recorded yet),
 ``labelled`` (frame id → label file), ``failed`` (frame id → attempts and last error) and
-``history`` (per-iteration summaries).
+``history`` (per-iteration summaries), ``model_dir`` (the committee of the current iteration),
+``curated`` (the campaign's latest curated data), ``info`` (the iteration's numbers so far),
+``mlflow`` (run ids) and ``oracle_calls_total``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class ActiveState:
     labelled: dict[str, str] = field(default_factory=dict)
     failed: dict[str, dict] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    model_dir: str | None = None  # the committee the MD runs with (None: the seed model); retrained each iteration
+    curated: dict = field(default_factory=dict)  # the campaign's latest curated data: accepted, quarantine, index
+    info: dict = field(default_factory=dict)  # the current iteration's numbers (label, curate, train, hold-out)
+    mlflow: dict = field(default_factory=dict)  # parent run id; the current iteration's run and member runs
+    oracle_calls_total: int = 0
     path: str | None = None
 
     def save(self) -> None:
@@ -64,6 +71,8 @@ class ActiveState:
         self.md_run = self.md_step = self.md_steps_total = self.n_candidates = 0
         self.md_snapshot = self.md_rng = self.candidates_file = self.selected_file = None
         self.selected, self.pending, self.labelled, self.failed, self.md_stats = [], [], {}, {}, {}
+        self.info = {}
+        self.mlflow = {k: v for k, v in self.mlflow.items() if k in ("parent_run_id", "initial")}
 
 
 def load_or_start(path: str | Path, params_fingerprint: str) -> ActiveState:

@@ -20,7 +20,8 @@ femtosecond in that unit, so v[Å/fs] = v[ASE] · ``ase.units.fs``.
 The :class:`Trigger` fires on one of three criteria (``mode``): the projected uncertainty
 (``projected``, σ_proj > ``sigma_projected_eV``), a DP-GEN-style trust level on the largest
 per-atom force disagreement (``force``, max_i σ_F,i > ``sigma_force_eVA``) or the hull's
-extrapolation grade (``gamma``, max_i γ_i > ``gamma_max``).
+extrapolation grade (``gamma``, max_i γ_i > ``gamma_max``); ``random`` makes every step a candidate
+(the selection is then a random draw: the baseline the benchmark compares the triggers with).
 
 De-duplication (:func:`deduplicate`) works on per-frame fingerprints (:func:`fingerprint`): the
 per-species mean and standard deviation of the atoms' descriptors (:mod:`mlipops.descriptors`),
@@ -39,7 +40,7 @@ from ase import units
 
 from mlipops.errors import MlipopsError
 
-MODES = ("projected", "force", "gamma")
+MODES = ("projected", "force", "gamma", "random")
 
 
 def committee_stats(member_forces: np.ndarray, velocities: np.ndarray, dt_fs: float) -> dict:
@@ -90,6 +91,8 @@ class Trigger:
             x, t, what = stats["sigma_projected"], self.sigma_projected_eV, "sigma_projected"
         elif self.mode == "force":
             x, t, what = stats["max_sigma_f"], self.sigma_force_eVA, "max_sigma_f"
+        elif self.mode == "random":
+            return True, "random"
         else:
             if gamma_max is None:
                 raise MlipopsError("trigger mode 'gamma' needs the hull's γ (an index)", field="active.mode")

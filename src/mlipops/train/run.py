@@ -30,6 +30,7 @@ import torch
 
 from mlipops.models.ensemble import Ensemble
 from mlipops.models.potential import Potential
+from mlipops.errors import StageInputError
 from mlipops.params import ComputeParams, DescriptorParams, TrainParams, flatten
 from mlipops.report import parity_plot, progress, write_markdown, write_metrics
 from mlipops.train import tracking
@@ -144,6 +145,9 @@ def train_member(spec: dict) -> dict:
             prev_d = dd
             continue
         init = None
+        if i == 0 and spec.get("init_state") is not None:  # warm start (active learning): the member's last weights
+            init = proto.to(DTYPES[pp.dtype])
+            init.load_state_dict(spec["init_state"])
         if model is not None:
             init = curriculum.grow(model, pp.hidden, dd.model_dump(), seed=pp.seed * 1009 + i)
             if dd != prev_d:  # new cutoff: new descriptors, standardised on the new values
@@ -196,10 +200,12 @@ def train_member(spec: dict) -> dict:
 def train_ensemble(data_path: str | Path, species: list[str], p: TrainParams, d: DescriptorParams,
                    c: ComputeParams | None = None, checkpoint_dir: str | Path | None = None, key: str | None = None,
                    tracking_uri: str | None = None, run_ids: list[str] | None = None,
-                   phase_run_ids: list[list[str]] | None = None):
+                   phase_run_ids: list[list[str]] | None = None, init_states: list[dict] | None = None):
     """Train ``p.ensemble.members`` potentials on the train/val splits of ``data_path`` (an extxyz
     whose frames carry ``split``) in parallel through Dask. Returns (Ensemble on the CPU, per-member
-    result dicts, timings). MLflow logging only when ``run_ids`` (one per member) are given."""
+    result dicts, timings). MLflow logging only when ``run_ids`` (one per member) are given.
+    ``init_states`` (one state dict per member, of the params' architecture): each member starts from
+    its weights instead of a fresh initialisation (a warm start; the curriculum's first phase)."""
     import tempfile
 
     from mlipops.compute import dask_client
@@ -221,8 +227,12 @@ def train_ensemble(data_path: str | Path, species: list[str], p: TrainParams, d:
               "checkpoint_dir": str(Path(checkpoint_dir).resolve()), "tracking_uri": tracking_uri,
               "run_id": run_ids[k] if run_ids else None, "bootstrap": p.ensemble.bootstrap,
               "threads": c.threads_per_worker, "device": resolve_device(p.device), "queue": queue_name,
-              "baseline_cache": str(cache), "phase_run_ids": phase_run_ids[k] if phase_run_ids else None}
+              "baseline_cache": str(cache), "phase_run_ids": phase_run_ids[k] if phase_run_ids else None,
+              "init_state": init_states[k] if init_states else None}
              for k in range(M)]
+    if init_states is not None and len(init_states) != M:
+        raise StageInputError(f"{len(init_states)} initial states for {M} ensemble members",
+                              field="train.ensemble.members")
     timing = {}
     t1 = time.perf_counter()
     try:
