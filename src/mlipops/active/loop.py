@@ -363,6 +363,8 @@ class _Tracker:
     retraining members nested under their iteration. Run ids live in the state, so a resumed campaign
     logs into the same runs."""
 
+    CURVE = ("holdout.force_mae", "holdout.energy_mae_per_atom", "holdout.phase.liquid.force_mae")
+
     def __init__(self, params: Params, st: ActiveState, fingerprint: str, model_dir: Path):
         from mlipops.params import flatten
         from mlipops.train import tracking
@@ -418,11 +420,17 @@ class _Tracker:
                 and np.isfinite(v)}
         self.client.log_batch(rid, metrics=[Metric(k.replace("/", "_"), v, ts, 0) for k, v in nums.items()])
         # the parent carries the learning curve: step = oracle calls so far
-        curve = {k: nums[k] for k in ("holdout.force_mae", "holdout.energy_mae_per_atom",
-                                      "holdout.phase.liquid.force_mae", "labelled", "triggers") if k in nums}
+        curve = {k: nums[k] for k in (*self.CURVE, "labelled", "triggers") if k in nums}
         self.client.log_batch(self.parent, metrics=[Metric(k, v, ts, int(nums.get("oracle_calls_total", 0)))
                                                     for k, v in curve.items()])
         self.client.set_terminated(rid, "FINISHED")
+
+    def log_initial(self, scores: dict) -> None:
+        """The seed committee's hold-out errors: the learning curve's point at 0 oracle calls."""
+        from mlflow.entities import Metric
+
+        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), 0, 0) for k, v in scores.items()
+                                                    if k in self.CURVE])
 
     def finish(self) -> None:
         self.client.set_terminated(self.parent, "FINISHED")
@@ -492,9 +500,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
     if "initial" not in st.mlflow and holdout_frames is not None:
         st.mlflow["initial"] = _score(p, holdout_frames, seed_model)
         if ml:
-            ml.client.log_batch(ml.parent, metrics=[
-                __import__("mlflow").entities.Metric(k, v, 0, 0) for k, v in st.mlflow["initial"].items()
-                if k in ("holdout.force_mae", "holdout.energy_mae_per_atom", "holdout.phase.liquid.force_mae")])
+            ml.log_initial(st.mlflow["initial"])
         st.save()
     calc, calc_dir = None, None
     while st.iteration < p.iterations:
