@@ -53,5 +53,5 @@ ui: $(STAMP)
 	$(BIN)/mlipops ui
 
 clean:
-	rm -rf data/raw data/ingested data/curated data/models data/index.duckdb registry/*/ registry/index.json \
+	rm -rf data/raw data/ingested data/curated data/models data/index.duckdb data/active registry/*/ registry/index.json \
 	       reports/*/ mlflow.db mlartifacts .pytest_cache

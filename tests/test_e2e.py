@@ -235,6 +235,9 @@ def test_registry_model_is_usable(repo: Path):
     assert with_alias.is_ensemble
 
 
+# ~130 s on 2 cores (a DVC experiment per fraction): out of CI to keep the suite well inside 20 minutes;
+# `make test-all` runs it
+@pytest.mark.slow
 def test_melting_sweep_runs_a_dvc_experiment_per_fraction(repo: Path):
     """`mlipops evaluate melting-sweep`: the workspace's fraction (1.0) read in place, 0.0 run as a real
     `dvc exp run --temp` (liquid frames moved to split `unused`, ensemble retrained, members melted) that leaves

@@ -292,6 +292,9 @@ def _env():
     return env
 
 
+# ~100 s on 2 cores (a real `mlipops train` killed and restarted): out of CI (`make test-all` runs it); the
+# in-process resume of fit() is covered by test_checkpoint_resume_gives_the_uninterrupted_result
+@pytest.mark.slow
 def test_train_stage_killed_mid_training_resumes_its_runs_and_result(frames, tmp_path):
     from mlflow import MlflowClient
 
