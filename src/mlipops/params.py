@@ -586,6 +586,13 @@ class ActiveHoldoutParams(_Section):
     friction: float = Field(0.02, gt=0)
     seed: int = 2026
 
+    @field_validator("temperatures_K")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if not v or any(t <= 0 for t in v):
+            raise ValueError("temperatures_K must be a non-empty list of positive temperatures")
+        return v
+
 
 class ActiveParams(_Section):
     """The active-learning loop (``mlipops active run``): committee MD, trigger, de-duplication, oracle."""
