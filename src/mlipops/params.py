@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlipops.errors import ParamsError
 
@@ -532,6 +532,15 @@ class PromoteParams(_Section):
 
 
 # --------------------------------------------------------------------------------------- active
+def _positive_temperatures(v: list[float]) -> list[float]:
+    if not v or any(t <= 0 for t in v):
+        raise ValueError("temperatures_K must be a non-empty list of positive temperatures")
+    return v
+
+
+Temperatures = Annotated[list[float], AfterValidator(_positive_temperatures)]  # K, a ramp in order
+
+
 class ActiveStructure(_Section):
     """A starting structure of the active-learning MD, built by ``ase.build`` from ``active.element``:
     ``bulk`` (the cubic cell repeated ``supercell`` times), ``vacancy`` (the same, first atom removed)
@@ -548,18 +557,11 @@ class ActiveMdParams(_Section):
     """MD with the committee: ``langevin`` (NVT) or ``nve``; each structure runs through
     ``temperatures_K`` in order (a heating ramp), ``steps_per_temperature`` steps each."""
     dynamics: Literal["langevin", "nve"] = "langevin"
-    temperatures_K: list[float] = [600.0, 1200.0, 1800.0]
+    temperatures_K: Temperatures = [600.0, 1200.0, 1800.0]
     steps_per_temperature: int = Field(50, ge=1)
     timestep_fs: float = Field(2.0, gt=0)
     friction: float = Field(0.02, gt=0)  # 1/fs, Langevin
     checkpoint_every: int = Field(10, ge=1)  # steps between persisted MD snapshots
-
-    @field_validator("temperatures_K")
-    @classmethod
-    def _positive(cls, v: list[float]) -> list[float]:
-        if not v or any(t <= 0 for t in v):
-            raise ValueError("temperatures_K must be a non-empty list of positive temperatures")
-        return v
 
 
 class ActiveRetrainParams(_Section):
@@ -579,19 +581,12 @@ class ActiveHoldoutParams(_Section):
     enabled: bool = True
     file: str | None = None  # an extxyz with reference labels instead of generating one
     structures: list[ActiveStructure] = [ActiveStructure(kind="bulk"), ActiveStructure(kind="surface", supercell=3)]
-    temperatures_K: list[float] = [800.0, 1600.0, 3000.0]
+    temperatures_K: Temperatures = [800.0, 1600.0, 3000.0]
     steps_per_temperature: int = Field(150, ge=1)
     sample_every: int = Field(10, ge=1)
     timestep_fs: float = Field(2.0, gt=0)
     friction: float = Field(0.02, gt=0)
     seed: int = 2026
-
-    @field_validator("temperatures_K")
-    @classmethod
-    def _positive(cls, v: list[float]) -> list[float]:
-        if not v or any(t <= 0 for t in v):
-            raise ValueError("temperatures_K must be a non-empty list of positive temperatures")
-        return v
 
 
 class ActiveParams(_Section):
