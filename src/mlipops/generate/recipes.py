@@ -12,6 +12,24 @@ Every frame carries ``config_type``:
 ``path_adatom``    the adatom pulled straight out of the (111) surface (``path_coordinate``: height, Å)
 ``path_dimer``     an isolated dimer stretched (``path_coordinate``: bond length, Å)
 =================  =====================================================================
+
+**Bitwise the same file on every CPU.** Floating-point sums give different last bits on CPUs with
+different SIMD units or BLAS kernels (numpy's dispatch, OpenBLAS's kernels, FMA), and chaotic MD
+amplifies a last-bit difference into a different liquid within a few hundred steps. So every number
+that reaches the file is put on a fixed decimal grid at the point where it is made, far coarser than
+the last-bit noise (≈1e-15 relative) and far finer than anything physical:
+
+- geometries (positions, cells) on a 1e-8 Å grid *before* they are labelled (extxyz writes 8 decimals,
+  so the labels belong to exactly the geometry in the file);
+- labels: energies and forces on 1e-8 eV and eV/Å, stresses on 1e-10 eV/Å³ (1.6e-8 GPa), with the
+  sign of zero normalised (a symmetric crystal's forces are ±1e-17 noise: "-0.0" must not appear);
+- the MD state after every step: positions on 1e-6 Å, momenta on 1e-7 amu·Å/(ASE time) (the
+  Langevin noise per step is ~1e-2 of either): a last-bit difference cannot survive a step, so it
+  cannot grow.
+
+A coordinate lands within one last bit of a grid boundary with probability ~1e-9 per rounding, about
+1e-3 for a whole run of the default recipes; ``tests/test_generate_determinism.py`` runs the stage
+with numpy's SIMD dispatch and OpenBLAS's kernel restricted and checks the md5 in ``dvc.lock``.
 """
 
 from __future__ import annotations
@@ -45,6 +63,30 @@ _SHAPES = {
 }
 
 
+def snap(x, decimals: int):
+    """``x`` on a decimal grid, with -0.0 turned into 0.0 (numpy's round is exact arithmetic)."""
+    return np.round(np.asarray(x, dtype=float), decimals) + 0.0
+
+
+def canonical_geometry(atoms: Atoms) -> Atoms:
+    """Positions and cell on the 1e-8 Å grid of the extxyz file (in place; returns ``atoms``)."""
+    atoms.set_cell(snap(atoms.cell.array, 8), scale_atoms=False)
+    atoms.positions = snap(atoms.positions, 8)
+    return atoms
+
+
+def canonical_labels(frames: list[Atoms]) -> list[Atoms]:
+    """Labels on the file's grid: energy and forces 1e-8, stress 1e-10 (in place)."""
+    from mlipops.frames import set_labels
+
+    for a in frames:
+        r = a.calc.results
+        stress = r.get("stress")
+        set_labels(a, float(snap(r["energy"], 8)), snap(r["forces"], 8),
+                   None if stress is None else snap(stress, 10))
+    return frames
+
+
 def _crystal(element: str, structure: str, d: float) -> Atoms:
     factor, opts = _SHAPES[structure]
     if structure == "hcp":
@@ -66,8 +108,8 @@ def equilibrium_nn_distance(element: str, structure: str, oracle: Oracle) -> flo
     e = np.array([energy(d0 * s) for s in scales])
     k = int(np.clip(np.argmin(e), 1, len(e) - 2))
     x, y = d0 * scales[k - 1:k + 2], e[k - 1:k + 2]
-    c2, c1, _ = np.polyfit(x, y, 2)
-    return float(-c1 / (2 * c2)) if c2 > 0 else float(d0 * scales[k])
+    c2, c1, _ = np.polyfit(x, y, 2)  # LAPACK: last bits depend on the CPU, hence the grid
+    return float(snap(-c1 / (2 * c2) if c2 > 0 else d0 * scales[k], 8))
 
 
 def _supercell(atoms: Atoms, min_atoms: int) -> Atoms:
@@ -149,6 +191,7 @@ def liquid(p: GenerateParams, oracle: Oracle, a_fcc: float, rng: np.random.Gener
     atoms.calc = oracle.calculator()
     MaxwellBoltzmannDistribution(atoms, temperature_K=2 * r.temperature_K, rng=rng)
     Stationary(atoms)
+    _snap_state(atoms)
     dyn = Langevin(atoms, r.timestep_fs * units.fs, temperature_K=r.temperature_K,
                    friction=r.friction, fixcm=False, rng=rng)
     frames = []
@@ -156,6 +199,7 @@ def liquid(p: GenerateParams, oracle: Oracle, a_fcc: float, rng: np.random.Gener
     with progress("liquid MD", total) as bar:
         for step in range(1, total + 1):
             dyn.run(1)
+            _snap_state(atoms)  # a last-bit difference between CPUs cannot grow (module doc)
             bar(1)
             if step > r.equilibration_steps and (step - r.equilibration_steps) % r.interval == 0:
                 snap = Atoms(numbers=atoms.numbers, positions=atoms.get_positions(wrap=True),
@@ -163,6 +207,12 @@ def liquid(p: GenerateParams, oracle: Oracle, a_fcc: float, rng: np.random.Gener
                 frames.append(_tag(snap, "liquid", temperature_K=float(r.temperature_K),
                                    md_step=step))
     return frames
+
+
+def _snap_state(atoms: Atoms) -> None:
+    """The MD state on its grid: positions 1e-6 Å, momenta 1e-7 amu·Å/(ASE time unit)."""
+    atoms.set_positions(snap(atoms.positions, 6))
+    atoms.set_momenta(snap(atoms.get_momenta(), 7))
 
 
 def paths(p: GenerateParams, a_fcc: float) -> list[Atoms]:
@@ -191,7 +241,8 @@ def build_dataset(p: GenerateParams) -> tuple[list[Atoms], dict]:
     d_fcc = nn.get("fcc") or equilibrium_nn_distance(p.element, "fcc", oracle)
     a_fcc = d_fcc * math.sqrt(2.0)
     unlabelled = structures + defects(p, a_fcc, rng) + paths(p, a_fcc)
-    frames = oracle.label(unlabelled) + oracle.label(liquid(p, oracle, a_fcc, rng))
+    frames = [canonical_geometry(a) for a in unlabelled + liquid(p, oracle, a_fcc, rng)]
+    frames = canonical_labels(oracle.label(frames))
     for a in frames:
         a.info["source"] = p.name
         a.info.pop("adsorbate_info", None)  # ase.build's slab metadata; not a frame property
