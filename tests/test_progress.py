@@ -61,6 +61,7 @@ def test_heartbeat_absolute_position_new_total_note_and_estimate_from_the_first_
     clock, out = FakeClock(), io.StringIO()
     hb = Heartbeat("active campaign (MD steps)", 900, out, interval_s=10.0, clock=clock)
     hb.start()
+    hb.update(completed=0)  # a poll before any work: not the start of the rate
     clock.t += 50.0  # setup before the first step (a resumed campaign starts at step 300)
     hb.update(completed=300)
     clock.t += 10.0

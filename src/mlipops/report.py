@@ -108,18 +108,18 @@ class Heartbeat:
     :meth:`update` only records the position (cheap: called every MD step); :meth:`tick` writes a line
     when ``interval_s`` has passed since the last one (``progress`` calls it from a timer thread, so a
     log gets a line at a steady pace even when nothing advances); :meth:`start` and :meth:`finish`
-    write the first and the last line. The time left extrapolates the rate since the first update (start-up, and work
-    done before a resume, do not count)."""
+    write the first and the last line. The time left extrapolates the rate since the first update that moved
+    the position (start-up, and work done before a resume, do not count)."""
 
     def __init__(self, description: str, total: int, stream, interval_s: float, clock=time.monotonic):
         self.description, self.total, self.stream, self.interval_s, self.clock = description, total, stream, interval_s, clock
         self.completed, self.note = 0, ""
         self.t0 = self.last = None
-        self.ref = None  # (time, completed) just after the first update
+        self.ref = None  # (time, completed) just after the first update that moved the position
 
     def update(self, n: int = 1, *, completed: int | None = None, total: int | None = None, note: str | None = None):
-        self.completed = self.completed + n if completed is None else completed
-        if self.ref is None:
+        before, self.completed = self.completed, self.completed + n if completed is None else completed
+        if self.ref is None and self.completed != before:
             self.ref = (self.clock(), self.completed)
         if total is not None:
             self.total = total
