@@ -247,18 +247,20 @@ def active_run(params: Path = ParamsOpt,
     ref = model or a.model or str(Path("data/models") / p.train.model_name)
     model_dir = resolve_model(ref, p.promote.registry_dir)
     oracle = get_oracle(p.generate.oracle.calculator, p.generate.oracle.kwargs)
-    from rich.console import Console
-    from rich.progress import Progress
+    from mlipops.report import progress as campaign_progress
 
     fired = [0]
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("active MD", total=len(a.structures) * len(a.md.temperatures_K) * a.md.steps_per_temperature)
+    per_run = len(a.md.temperatures_K) * a.md.steps_per_temperature
+    per_iteration = len(a.structures) * per_run
+    # the whole campaign in MD steps: its label/curate/train phases are in the elapsed time, so the estimate
+    # of the time left covers them (the retraining also reports its own member-epochs)
+    with campaign_progress("active campaign (MD steps)", a.iterations * per_iteration) as advance:
 
         def progress(st, stats, fires):
             fired[0] += bool(fires)
-            bar.update(task, completed=st.md_run * len(a.md.temperatures_K) * a.md.steps_per_temperature + st.md_step,
-                       description=f"active iter {st.iteration} MD: σ_proj {stats['sigma_projected']:.3g} eV, "
-                                   f"max σ_F {stats['max_sigma_f']:.3g} eV/Å, {fired[0]} triggers")
+            advance(completed=st.iteration * per_iteration + st.md_run * per_run + st.md_step,
+                    note=f"iteration {st.iteration} MD: σ_proj {stats['sigma_projected']:.3g} eV, "
+                         f"max σ_F {stats['max_sigma_f']:.3g} eV/Å, {fired[0]} triggers")
 
         summary = run_loop(p, oracle, model_dir, a.element or p.generate.element, progress=progress)
     from mlipops.active.report import write_report

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from mlipops.errors import MlipopsError
 
 
 def _clean(v):
@@ -69,15 +75,157 @@ def write_markdown(path: str | Path, title: str, paragraphs: Sequence[str] = (),
     return path
 
 
-@contextmanager
-def progress(description: str, total: int):
-    """A rich progress bar; yields ``advance(n)``. Quiet when not attached to a terminal."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TextColumn
+PROGRESS_INTERVAL_S = 30.0  # s between two progress lines in a log (MLIPOPS_PROGRESS_INTERVAL_S overrides)
+_live: list = []  # the rich Progress of the outermost progress() on a terminal: nested ones add a task to it
+_write_lock = threading.Lock()
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True) as prog:
-        task = prog.add_task(description, total=total)
-        yield lambda n=1: prog.advance(task, n)
+
+def _hms(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+def _interval_from_env() -> float:
+    raw = os.environ.get("MLIPOPS_PROGRESS_INTERVAL_S")
+    if raw is None or not raw.strip():
+        return PROGRESS_INTERVAL_S
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise MlipopsError(f"must be a positive number of seconds, got {raw!r}", field="MLIPOPS_PROGRESS_INTERVAL_S")
+    return v
+
+
+class Heartbeat:
+    """Progress as plain lines for a log: ``<description>: 37/120 (31 %), 2m05s elapsed, ~3m40s left``.
+
+    :meth:`update` only records the position (cheap: called every MD step); :meth:`tick` writes a line
+    when ``interval_s`` has passed since the last one (``progress`` calls it from a timer thread, so a
+    log gets a line at a steady pace even when nothing advances); :meth:`start` and :meth:`finish`
+    write the first and the last line. The time left extrapolates the rate since the first update that moved
+    the position (start-up, and work done before a resume, do not count)."""
+
+    def __init__(self, description: str, total: int, stream, interval_s: float, clock=time.monotonic):
+        self.description, self.total, self.stream, self.interval_s, self.clock = description, total, stream, interval_s, clock
+        self.completed, self.note = 0, ""
+        self.t0 = self.last = None
+        self.ref = None  # (time, completed) just after the first update that moved the position
+
+    def update(self, n: int = 1, *, completed: int | None = None, total: int | None = None, note: str | None = None):
+        before, self.completed = self.completed, self.completed + n if completed is None else completed
+        if self.ref is None and self.completed != before:
+            self.ref = (self.clock(), self.completed)
+        if total is not None:
+            self.total = total
+        if note is not None:
+            self.note = note
+
+    def line(self, end: str | None = None) -> str:
+        now = self.clock()
+        done, total = self.completed, self.total
+        text = (f"{self.description}: {done}/{total} ({100 * done / total:.0f} %)" if total > 0
+                else f"{self.description}: {done}") + f", {_hms(now - self.t0)} elapsed"
+        if end:
+            text += f", {end}"
+        elif self.ref is not None and done > self.ref[1] and total > done:
+            text += f", ~{_hms((now - self.ref[0]) * (total - done) / (done - self.ref[1]))} left"
+        return text + (f", {self.note}" if self.note else "")
+
+    def _write(self, end: str | None = None):
+        text = self.line(end)
+        self.last = self.clock()
+        with _write_lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def start(self):
+        self.t0 = self.clock()
+        self._write()
+
+    def due_in(self) -> float:
+        """Seconds until the next line is due (<= 0: due now)."""
+        return self.last + self.interval_s - self.clock()
+
+    def tick(self) -> bool:
+        if self.due_in() > 0:
+            return False
+        self._write()
+        return True
+
+    def finish(self, ok: bool = True):
+        self._write("done" if ok else "stopped")
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False
+
+
+@contextmanager
+def progress(description: str, total: int, *, stream=None, interval_s: float | None = None):
+    """Progress of a long loop; yields ``advance(n=1, *, completed=None, total=None, note=None)`` (``completed``:
+    set the position instead of adding ``n``; ``total``: a new total, e.g. after a rerun; ``note``: text after
+    the numbers).
+
+    On a terminal (``stream``, default stdout): a transient rich bar (a nested call adds a bar to the live one).
+    Otherwise (a log file, a pipe: CI, ``dvc repro``): a :class:`Heartbeat` line at the start, then every
+    ``interval_s`` seconds (default ``MLIPOPS_PROGRESS_INTERVAL_S`` or 30 s) whether or not the loop advanced,
+    and a last line at the end."""
+    stream = sys.stdout if stream is None else stream
+    if _is_terminal(stream):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TextColumn
+
+        def bar(prog):
+            task = prog.add_task(description, total=total)
+
+            def advance(n=1, *, completed=None, total=None, note=None):
+                prog.update(task, advance=None if completed is not None else n, completed=completed, total=total,
+                            description=f"{description} {note}" if note else None)
+            return task, advance
+
+        if _live:  # one live display per console: a nested progress is a second bar of the outer one
+            task, advance = bar(_live[-1])
+            try:
+                yield advance
+            finally:
+                _live[-1].remove_task(task)
+            return
+        console = None if stream is sys.stdout else Console(file=stream)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), transient=True, console=console) as prog:
+            _live.append(prog)
+            try:
+                yield bar(prog)[1]
+            finally:
+                _live.pop()
+        return
+    hb = Heartbeat(description, total, stream, _interval_from_env() if interval_s is None else interval_s)
+    hb.start()
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(max(0.01, hb.due_in())):
+            hb.tick()
+
+    timer = threading.Thread(target=beat, name=f"progress: {description}", daemon=True)
+    timer.start()
+    ok = False
+    try:
+        yield hb.update
+        ok = True
+    finally:
+        stop.set()
+        timer.join()
+        hb.finish(ok)
 
 
 def parity_plot(path: str | Path, ref: np.ndarray, pred: np.ndarray, groups: Sequence[str],

@@ -386,11 +386,13 @@ def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams) -> li
 
 
 def _train(train: list[Atoms], val: list[Atoms], species: list[str], p: DefectParams, tp: TrainParams,
-           d: DescriptorParams):
+           d: DescriptorParams, what: str = "perfect-only"):
+    from mlipops.report import progress
     from mlipops.train.loop import fit
 
     q = tp.model_copy(update={"epochs": p.epochs, "curriculum": []})
-    return fit(train, val, q, d, species=species).model
+    with progress(f"defects: training the {what} potential (epochs)", p.epochs) as advance:
+        return fit(train, val, q, d, species=species, progress_cb=lambda epoch, row: advance(completed=epoch)).model
 
 
 def _predict(model, frames):
@@ -471,7 +473,7 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
         want = {r["config_type"] for r in recs}
         added = [a for a in s.pool if group_of(a, t_hot) in want]
     if added:
-        model2 = _train(s.train + added, s.val, species, p, tp, d)
+        model2 = _train(s.train + added, s.val, species, p, tp, d, "control")
         hull2 = hull_of(s.train + added, species, descriptor, ip.pca_components)
         e2, f2 = _predict(model2, s.test)
         control_at, fr2 = atom_table(s.test, e2, f2, hull2, ip.coordination_cutoff, z_full, t_hot)

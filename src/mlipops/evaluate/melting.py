@@ -307,7 +307,7 @@ def next_attempt(final_fraction: float, t_solid: float, t_liquid: float, step: f
     return reason, t_solid + direction * step, t_liquid + direction * step, step, direction
 
 
-def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator) -> dict:
+def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator, on_steps=None) -> dict:
     from ase.md.nptberendsen import Inhomogeneous_NPTBerendsen
     from ase.md.verlet import VelocityVerlet
 
@@ -336,10 +336,14 @@ def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator)
     for i in range(n_eq):
         dyn.run(k)
         record((i + 1) * k * s.timestep_fs, False)
+        if on_steps is not None:
+            on_steps((i + 1) * k)
     dyn = nph() if s.ensemble == "nph" else VelocityVerlet(atoms, dt)
     for i in range(n_prod):
         dyn.run(k)
         record((n_eq + i + 1) * k * s.timestep_fs, True)
+        if on_steps is not None:
+            on_steps((n_eq + i + 1) * k)
     temps, fracs = np.array(temps), np.array(fracs)
     prod = slice(n_eq + 1, None)
     tm_stderr, _ = block_stderr(temps[prod])
@@ -352,16 +356,21 @@ def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator)
                 production_start_fs=n_eq * k * s.timestep_fs, n_atoms=len(atoms))
 
 
-def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, seed: int) -> CoexistenceRun:
-    """One coexistence run for ``seed``, rerun (new seed stream, shifted temperatures) while it does not coexist."""
+def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, seed: int,
+                    on_steps: Callable[[int, int], None] | None = None) -> CoexistenceRun:
+    """One coexistence run for ``seed``, rerun (new seed stream, shifted temperatures) while it does not coexist.
+    ``on_steps(done, expected)`` (progress): every ``sample_interval`` steps, the equilibration + production MD
+    steps done in this run and those expected so far (one attempt's; a rerun adds another attempt's)."""
     s.validate()
     t0 = time.perf_counter()
     t_solid, t_liquid, _ = s.temperatures()
     step, direction, history = s.retry_step_K, 0, []
+    per = s.equilibration_steps + s.production_steps  # MD steps of one attempt (progress)
     for attempt in range(1, s.max_retries + 2):
         rng = np.random.default_rng([seed, attempt])
         trial = CoexistenceSettings(**{**s.__dict__, "t_solid": t_solid, "t_liquid": t_liquid, "seed": seed})
-        out = _one_attempt(calc_factory, trial, rng)
+        out = _one_attempt(calc_factory, trial, rng, on_steps and (lambda n: on_steps((attempt - 1) * per + n,
+                                                                                     attempt * per)))
         if not (np.all(np.isfinite(out["temperatures"])) and math.isfinite(out["tm"])):
             reason = "MD unstable: non-finite temperature (the calculator's forces blew up)"
             history.append({"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid,

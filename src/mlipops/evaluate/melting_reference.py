@@ -11,7 +11,9 @@ The runners here (:class:`MemberFactory`, :func:`run_many`) also serve the membe
 from __future__ import annotations
 
 import json
+import math
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +72,35 @@ def _single_thread():
         pass
 
 
+def _step_reporter(spec: dict):
+    """``on_steps`` of a run in a Dask worker: ``(index, done, expected)`` into the queue ``run_many`` reads
+    (at most every 2 s: a put is a round trip to the scheduler). None outside a worker."""
+    if not spec.get("queue"):
+        return None
+    try:
+        from distributed import Queue
+
+        queue = Queue(spec["queue"])
+    except Exception:  # noqa: BLE001 - not in a Dask worker: no progress channel
+        return None
+    last = [-math.inf]
+
+    def report(done: int, expected: int):
+        if time.monotonic() - last[0] >= 2.0:
+            last[0] = time.monotonic()
+            try:
+                queue.put((spec["index"], done, expected))
+            except Exception:  # noqa: BLE001 - progress is cosmetic: never fail a run for it
+                pass
+    return report
+
+
 def coexistence_task(spec: dict) -> CoexistenceRun:
     """One seed's coexistence run on a worker; any failure of the calculator or the MD becomes a rejected run."""
     _single_thread()
     t0 = time.perf_counter()
     try:
-        return run_coexistence(spec["factory"], spec["settings"], spec["seed"])
+        return run_coexistence(spec["factory"], spec["settings"], spec["seed"], on_steps=_step_reporter(spec))
     except MlipopsError as exc:
         return failed_run(spec["seed"], f"failed: {exc}", time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - a broken potential must not stop the other runs
@@ -84,19 +109,34 @@ def coexistence_task(spec: dict) -> CoexistenceRun:
 
 
 def run_many(specs: list[dict], compute) -> list[CoexistenceRun]:
-    """Every spec's coexistence run, in parallel through Dask (``compute``: ComputeParams); order kept."""
+    """Every spec's coexistence run, in parallel through Dask (``compute``: ComputeParams); order kept.
+    Progress in MD steps (equilibration + production of every run; a rerun adds its steps), sent by the workers."""
+    from distributed import Queue
+
     from mlipops.compute import dask_client
     from mlipops.report import progress
 
     if not specs:
         return []
+    name = f"mlipops-melting-{uuid.uuid4().hex[:8]}"
+    specs = [sp | {"queue": name, "index": i} for i, sp in enumerate(specs)]
+    expected = [sp["settings"].equilibration_steps + sp["settings"].production_steps for sp in specs]
+    done, finished = [0] * len(specs), set()
     with dask_client(compute, len(specs)) as client:
+        queue = Queue(name, client=client)
         futures = client.map(coexistence_task, specs, pure=False)
-        with progress("coexistence runs", len(specs)) as advance:
-            from distributed import as_completed
-
-            for _ in as_completed(futures):
-                advance()
+        with progress("coexistence runs (MD steps)", sum(expected)) as advance:
+            while len(finished) < len(futures):
+                for i, n, e in queue.get(batch=True):
+                    if i not in finished:
+                        done[i], expected[i] = n, max(e, expected[i])
+                for i, f in enumerate(futures):
+                    if i not in finished and f.done():
+                        finished.add(i)
+                        done[i] = expected[i]
+                advance(completed=sum(done), total=sum(expected), note=f"{len(finished)}/{len(futures)} runs done")
+                if len(finished) < len(futures):
+                    time.sleep(0.5)
         return client.gather(futures)
 
 

@@ -28,17 +28,18 @@ import numpy as np
 
 from mlipops.errors import StageInputError
 from mlipops.params import Params
-from mlipops.report import write_markdown, write_metrics
+from mlipops.report import progress, write_markdown, write_metrics
 
 REPORT_DIR = Path("reports/evaluate/nve")
 
 
-def nve_trace(atoms, calc, temperature_K: float, timestep_fs: float, steps: int, seed: int) -> dict:
+def nve_trace(atoms, calc, temperature_K: float, timestep_fs: float, steps: int, seed: int, advance=None) -> dict:
     """Velocity-Verlet run of ``atoms`` with ``calc``: time (fs) and E_tot, E_pot per atom (eV) per step.
 
     Velocities: Maxwell-Boltzmann at 2 T (equipartition brings the crystal to about T), zero total
     momentum. Stops at the first non-finite energy or force, or exception of the calculator
-    (``finite`` False, ``error`` the reason, ``n_steps_done`` where).
+    (``finite`` False, ``error`` the reason, ``n_steps_done`` where). ``advance``: a :func:`~mlipops.report.progress`
+    callback, given the step count.
     """
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
@@ -65,6 +66,8 @@ def nve_trace(atoms, calc, temperature_K: float, timestep_fs: float, steps: int,
         e_tot.append((ep + ek) / n)
         e_pot.append(ep / n)
         temp.append(a.get_temperature())
+        if advance is not None:
+            advance(completed=dyn.nsteps)
 
     dyn.attach(record, interval=1)
     t0 = time.perf_counter()
@@ -130,10 +133,12 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dic
     element = q.element or p.generate.element
     atoms = bulk(element, q.structure, cubic=True).repeat(q.supercell)
     model = MlipopsCalculator(load_model(model_dir, dtype=torch.float64), dtype=torch.float64, skin=q.skin)
-    traces = {"model": nve_trace(atoms, model, q.temperature_K, q.timestep_fs, q.steps, q.seed)}
+    with progress("NVE MD of the model (steps)", q.steps) as advance:
+        traces = {"model": nve_trace(atoms, model, q.temperature_K, q.timestep_fs, q.steps, q.seed, advance)}
     if q.reference:
         oracle = get_oracle(p.generate.oracle.calculator, p.generate.oracle.kwargs).calculator()
-        traces["reference"] = nve_trace(atoms, oracle, q.temperature_K, q.timestep_fs, q.steps, q.seed)
+        with progress("NVE MD of the reference (steps)", q.steps) as advance:
+            traces["reference"] = nve_trace(atoms, oracle, q.temperature_K, q.timestep_fs, q.steps, q.seed, advance)
     stats = {k: drift(tr, q.discard_fs) for k, tr in traces.items()}
     out.mkdir(parents=True, exist_ok=True)
     _plot(traces, out / "energy.png", q.discard_fs)
