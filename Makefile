@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # stage commands (`mlipops ...`) and dvc come from the project's venv
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro active test test-all bench ui clean browser
+.PHONY: install repro repro-strict active test test-all bench ui clean browser
 
 install: $(STAMP)
 
@@ -18,10 +18,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,qc]'
 	touch $(STAMP)
 
-# every stage but `active` (active learning runs oracle calls and retrains: on demand, `make active`)
+# every stage but `active` (active learning runs oracle calls and retrains: on demand, `make active`).
+# A rejected model is a result: promote writes all its outputs, decision.md says why, and this exits 0.
 repro: $(STAMP)
 	dvc repro promote bo_scan
 	@cat reports/promote/decision.md
+
+# for CI: `make repro`, then fail (the check exits 3, make itself non-zero) when the model was rejected,
+# read from reports/promote/metrics.json (promoted: 0/1); like `mlipops promote --strict`, without rerunning it
+repro-strict: repro
+	@$(BIN)/python -c 'import json, sys; sys.exit(0 if json.load(open("reports/promote/metrics.json"))["promoted"] else 3)' \
+	  || { echo "promotion rejected: see reports/promote/decision.md" >&2; exit 3; }
 
 active: $(STAMP)
 	dvc repro active

@@ -120,7 +120,7 @@ def main() -> None:
                  ("no-op dvc repro", f"{p['noop_repro_wall_s']:.2f} s", "< 10 s")]
         rows += [(f"  stage {s}", f"{t} s", "") for s, t in p["stage_wall_s"].items()]
         rows += [("val force MAE", f"{p['val_force_mae']:.4f} eV/Å", ""),
-                 ("promoted", str(p["promoted"]), "True")]
+                 ("promoted (metrics.json: 0/1)", str(p["promoted"]), "1")]
     i = result["inference_4000_atoms"]
     rows += [("EMT energy+forces, 4000 atoms", f"{i['emt_s']:.3f} s", ""),
              ("mlipops float32 energy+forces", f"{i['mlipops_float32_s']:.3f} s", "< EMT"),

@@ -411,8 +411,34 @@ def contract_problems(root: Path, dvc: dict, excused_modules: dict[str, str] = E
 # ------------------------------------------------------------------------------------------------ the tests
 
 
+def unneeded_code_deps(root: Path, dvc: dict, excused_imports: list[Excused] = EXCUSED_IMPORTS) -> list[str]:
+    """One line per code dep (a file or directory under src/) of which the stage's command runs nothing:
+    changing it would re-run the stage (the melting reference takes minutes) for no reason."""
+    pkg = Package(root / "src")
+    cli = Cli(pkg)
+    problems = []
+    for name, stage in (dvc.get("stages") or {}).items():
+        files: set[str] = set()
+        for argv in _commands(stage.get("cmd", "")):
+            if not argv or argv[0] != TOP:
+                continue
+            c = pkg.closure(cli.entries(argv[1:]), frozenset({cli.module}), lambda importer, imported, stage=name: any(
+                e.applies(stage, importer, imported) for e in excused_imports))
+            files |= {path.relative_to(root).as_posix() for path in c.files}
+        if not files:
+            continue
+        problems += [f"stage {name!r}: dep {d} holds no code its command runs" for d in _dep_paths(stage)
+                     if d.startswith(f"src/{TOP}") and not any(f == d or f.startswith(d + "/") for f in files)]
+    return problems
+
+
 def _dvc() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def test_no_stage_depends_on_code_it_does_not_run():
+    problems = unneeded_code_deps(ROOT, _dvc())
+    assert not problems, "dvc.yaml: code deps that only cause needless re-runs:\n" + "\n".join(problems)
 
 
 def test_every_stage_lists_the_code_its_command_runs():

@@ -136,6 +136,17 @@ def test_outputs_exist(repo: Path):
     assert any(g["gate"].startswith("uncertainty.val.all.force_spearman") and g["passed"] for g in gates)
     assert {"gate": "nve:finite", "value": 1, "threshold": 1.0, "bound": "min", "passed": True, "note": ""} in gates
     assert "## Energy conservation" in card and "## Known limits" in card and "## Training settings" in card
+    # every report a gate read was computed for this model (weights sha256) and data version
+    from mlipops.provenance import model_fingerprint, read_provenance
+
+    sha = model_fingerprint(repo / "data/models/cu")
+    data_md5 = json.loads((repo / "data/models/cu/run.json").read_text())["data_md5"]
+    for rel in ("", "uncertainty", "melting", "nve"):
+        prov = read_provenance(repo / "reports/evaluate" / rel)
+        assert (prov["model_weights_sha256"], prov["data_md5"], prov["applies_to"]) == (sha, data_md5, "model"), rel
+    prov = read_provenance(repo / "reports/evaluate/defects")
+    assert (prov["model_weights_sha256"], prov["data_md5"], prov["applies_to"]) == (None, data_md5, "architecture")
+    assert (repo / "registry/cu/v1/melting/provenance.json").is_file()
     ev = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert ev["path.path_dimer.n_points"] == 4 and "path.path_adatom.exit_coordinate" in ev
 
@@ -276,15 +287,18 @@ def test_second_repro_is_noop_and_params_rerun_exactly_dependants(repo: Path):
     # a promote gate changes to an impossible value -> only promote reruns, and it rejects the model
     params["promote"]["gates"]["val.force_mae"] = 1e-9
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from mlflow import MlflowClient
+
     res = _run([sys.executable, "-m", "dvc", "repro", "promote", "bo_scan"], repo)
     assert _ran_stages(res.stdout) == ["promote"]
     decision = (repo / "reports/promote/decision.md").read_text()
     assert "REJECTED" in decision and "val.force_mae" in decision
     m = json.loads((repo / "reports/promote/metrics.json").read_text())
-    assert m["promoted"] is False and m["n_gates_failed"] == 1
+    assert m["promoted"] == 0 and m["n_gates_failed"] == 1  # a result: the stage succeeded (dvc repro exit 0)
+    tags = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}").get_run(
+        json.loads((repo / "data/models/cu/run.json").read_text())["run_id"]).data.tags
+    assert tags["mlipops.promotion.decision"] == "rejected" and tags["mlipops.promotion.failed_gates"] == "val.force_mae"
     assert (repo / "registry/cu/v1/weights.pt").is_file()  # persisted, not wiped by DVC
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     assert [int(v.version) for v in client.search_model_versions("name='cu'")] == [1]
 

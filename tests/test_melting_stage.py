@@ -94,6 +94,49 @@ def test_flat_metrics_and_conclusion_are_consistent():
     assert "-30 K (δE/ΔS_m)" in text and "90 %" in text
 
 
+def test_bias_significance_on_numbers():
+    """se_ens² = max(s², mean err_k²)/n; σ = sqrt(se_ens² + err_ref²); excess = |bias| − max(window, 2σ)."""
+    tms, errs = np.array([1340.0, 1360.0, 1380.0]), np.array([10.0, 20.0, 20.0])
+    out = melting_stage.bias_significance(60.0, tms, errs, 12.0, 50.0)
+    # s² = 400 (ddof 1) > mean err² = 300: the members' spread rules; se_ens = sqrt(400/3)
+    assert out["tm_se_ensemble"] == pytest.approx(math.sqrt(400.0 / 3))
+    assert out["bias_combined_se"] == pytest.approx(math.sqrt(400.0 / 3 + 144.0))
+    assert out["bias_2sigma_K"] == pytest.approx(2 * math.sqrt(400.0 / 3 + 144.0))  # 33.3 K < the window
+    assert out["bias_significance_excess_K"] == pytest.approx(10.0) and out["abs_bias"] == 60.0
+    # members that agree better than their own errors: floored at the noise those errors predict
+    tight = melting_stage.bias_significance(-60.0, np.array([1240.0, 1241.0, 1239.0]), np.array([40.0, 40.0, 40.0]),
+                                            30.0, 50.0)
+    assert tight["tm_se_ensemble"] == pytest.approx(40.0 / math.sqrt(3))
+    sigma = math.sqrt(1600.0 / 3 + 900.0)
+    assert tight["bias_significance_excess_K"] == pytest.approx(60.0 - 2 * sigma)  # 2σ = 75.7 K > the window
+    one = melting_stage.bias_significance(10.0, np.array([1310.0]), np.array([25.0]), 0.0, 50.0)
+    assert one["tm_se_ensemble"] == pytest.approx(25.0)  # one member: its own error
+
+
+@pytest.mark.parametrize("tms, errs, ref_err, passes", [
+    ((1360.0, 1370.0, 1380.0), (20.0, 20.0, 20.0), 12.0, False),   # bias 70 K > window 50 K and > 2σ = 30 K
+    ((1330.0, 1340.0, 1350.0), (20.0, 20.0, 20.0), 12.0, True),    # bias 40 K within the window
+    ((1300.0, 1370.0, 1440.0), (40.0, 40.0, 40.0), 25.0, True),    # bias 70 K but 2σ = 95 K: not significant
+])
+def test_the_melting_gate_of_params_yaml_fails_only_a_significant_bias(tmp_path, u_repo_root, tms, errs, ref_err,
+                                                                        passes):
+    from mlipops.params import load_params
+    from mlipops.promote.gates import check_gates
+    from mlipops.report import write_metrics
+
+    members = [_member(k, tm, e, n=1) for k, (tm, e) in enumerate(zip(tms, errs))]
+    result = melting_stage.combine(members, {"available": True, "tm_mean": 1300.0, "tm_stderr": ref_err}, 50.0)
+    write_metrics(tmp_path / "melting", melting_stage.flat_metrics(result | {"members": members}))
+    key = "melting:bias_significance_excess_K"
+    gate = load_params(u_repo_root / "params.yaml").promote.gates[key]
+    (row,) = check_gates({key: gate}, tmp_path, always=False)
+    assert row["passed"] is passes and row["value"] == pytest.approx(result["bias_significance_excess_K"])
+    assert "p_within_window" in melting_stage.flat_metrics(result | {"members": members})  # still reported
+    text = " ".join(melting_stage.conclusion(result | {"members": members, "model": "cu", "n_members": 3,
+                                                       "reference": {"oracle": {"calculator": "emt"}}}))
+    assert ("(significant)" in text) is not passes
+
+
 def test_keep_in_train_moves_a_stable_share_to_unused_and_leaves_val_test():
     from ase import Atoms
 

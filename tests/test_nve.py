@@ -81,3 +81,34 @@ def test_a_calculator_that_fails_mid_run_fails_the_gate_with_its_reason():
     tr = nve_trace(_cell(), Exploding(after=10), 300, 2.0, 100, seed=0)
     assert not tr["finite"] and "RuntimeError: atoms too close" in tr["error"] and 0 < tr["n_steps_done"] < 100
     assert math.isnan(drift(tr, 0.0)["drift"])
+
+
+def test_the_report_records_the_model_it_was_computed_for(tmp_path):
+    """provenance.json next to metrics.json: the weights' sha256 and the data the model was trained on; the
+    promotion gates of another model's weights reject it."""
+    import json
+
+    import torch
+    import yaml
+
+    from mlipops.evaluate.nve import run
+    from mlipops.models import Ensemble, Potential
+    from mlipops.params import load_params
+    from mlipops.provenance import mismatch, model_fingerprint, read_provenance
+
+    torch.manual_seed(0)
+    d = {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1}
+    model_dir = Ensemble([Potential(["Cu"], d, [8]) for _ in range(2)]).save(tmp_path / "cu", extra={"model_name": "cu"})
+    (model_dir / "run.json").write_text(json.dumps({"run_id": "r", "data_md5": "a" * 32}))
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump({"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]},
+                                 "evaluate": {"nve": {"supercell": 1, "steps": 10, "discard_fs": 0.0, "reference": False}}}))
+    run(load_params(f), model_dir, out=tmp_path / "nve")
+    prov = read_provenance(tmp_path / "nve")
+    assert prov["stage"] == "nve" and prov["applies_to"] == "model" and prov["model_name"] == "cu"
+    assert prov["model_weights_sha256"] == model_fingerprint(model_dir) and prov["data_md5"] == "a" * 32
+    assert mismatch(tmp_path / "nve", {"model_weights_sha256": model_fingerprint(model_dir), "data_md5": "a" * 32}) is None
+    assert "was computed for model sha256" in mismatch(tmp_path / "nve", {"model_weights_sha256": "b" * 64,
+                                                                          "data_md5": "a" * 32})
+    assert "computed for data md5" in mismatch(tmp_path / "nve", {"model_weights_sha256": model_fingerprint(model_dir),
+                                                                   "data_md5": "c" * 32})

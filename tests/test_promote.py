@@ -1,7 +1,10 @@
-"""Promotion: gates, the MLflow Model Registry and registry/ kept in agreement, aliases, concurrency, CLI.
+"""Promotion: gates, the MLflow Model Registry and registry/ kept in agreement, aliases, concurrency, CLI;
+a rejection as a result (every output, exit 0, --strict), reports of another model, gates not applicable.
 
 Every test uses a real MLflow sqlite store and real (small, untrained) ensembles saved the way the
-train stage saves them; the evaluation reports are the project's own committed ones (reports/evaluate).
+train stage saves them. Hermetic: each test builds its own project in tmp_path, with evaluation reports
+in the evaluate stages' formats (metrics, provenance.json, uncertainty.json, ...) for that project's model;
+nothing is read from the working tree's reports/, data/ or registry/.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import yaml
 from mlipops.errors import ParamsError
 from mlipops.params import GateBound, PromoteParams, load_params
 from mlipops.promote.gates import check_gates
+from mlipops.provenance import model_identity, write_provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_D = {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1}
@@ -77,7 +81,10 @@ def test_gate_params_forms(tmp_path):
     assert p.gates == {"a": GateBound(max=0.5), "b": GateBound(min=1), "c": GateBound(min=0, max=2)}
     base = {"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]}}
     f = tmp_path / "params.yaml"
-    for bad in ({"x": {}}, {"x": {"maximum": 1}}, {"x": "low"}):
+    na = PromoteParams(gates={"melting:tm_mean": {"not_applicable": "no reference oracle for Si"}}).gates
+    assert na["melting:tm_mean"] == GateBound(not_applicable="no reference oracle for Si")
+    for bad in ({"x": {}}, {"x": {"maximum": 1}}, {"x": "low"}, {"x": {"not_applicable": ""}},
+                {"x": {"max": 1, "not_applicable": "why"}}, {"x": {"not_applicable": 3}}):
         f.write_text(yaml.safe_dump(base | {"promote": {"gates": bad}}))
         with pytest.raises(ParamsError) as err:
             load_params(f)
@@ -85,8 +92,77 @@ def test_gate_params_forms(tmp_path):
 
 
 # ------------------------------------------------------------------------------- promotion, for real
-def _project(root: Path, store: Path, registry: Path, gates: dict, seed: int) -> Path:
-    """A project with evaluation reports (the repo's own), and a small ensemble logged to a real MLflow run."""
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(64)  # the promote stage copies plots, it does not read them
+
+
+def _eval_reports(root: Path, model_dir: Path, main: dict | None = None, melting_bias: float = 20.0) -> Path:
+    """reports/evaluate/ for the model in ``model_dir``, in the formats the evaluate, uncertainty, defects, melting
+    and nve stages write, each with the provenance.json its stage writes (the melting report through the stage's
+    own combine/flat_metrics/conclusion)."""
+    from mlipops.evaluate import melting_stage
+    from mlipops.report import write_metrics
+
+    d = root / "reports/evaluate"
+    ids = model_identity(model_dir, "cu")
+    write_metrics(d, {"val.force_mae": 0.05, "val.energy_mae_per_atom": 0.004, "val.liquid.energy_mae_per_atom": 0.006,
+                      "val.crystal_fcc.energy_mae_per_atom": 0.002, "test.vacancy.force_mae": 0.06,
+                      "test.liquid.force_mae": 0.07, "n_nonfinite_predictions": 0,
+                      "path.path_adatom.exit_coordinate": 1.47} | (main or {}))
+    (d / "reaction_paths.json").write_text(json.dumps({"path_adatom": {"summary": "leaves its hull at 1.47 Å"}}))
+    for s in ("val", "test"):
+        for q in ("energy", "forces"):
+            (d / f"parity_{s}_{q}.png").write_bytes(PNG)
+    (d / "paths").mkdir()
+    (d / "paths/path_adatom.png").write_bytes(PNG)
+    write_provenance(d, "evaluate", **ids)
+
+    u = d / "uncertainty"
+    m = {"val.all.force_spearman": 0.6, "val.all.energy_spearman": 0.5, "test.all.force_spearman": 0.55,
+         "test.all.force_coverage_1sigma": 0.6, "test.all.force_coverage_1sigma_recalibrated": 0.67}
+    write_metrics(u, m | {"gate.passed": 1})
+    (u / "uncertainty.json").write_text(json.dumps({
+        "format": "mlipops.uncertainty/1", "scale": {"energy": 1.2, "forces": 1.5}, "fit_split": "val",
+        "gate": {"metric": "val.all.force_spearman", "value": 0.6, "min": 0.3, "passed": True}, "metrics": m}))
+    (u / "summary.md").write_text("# uncertainty\n")
+    for f in ("sigma_vs_error.png", "calibration.png"):
+        (u / f).write_bytes(PNG)
+    write_provenance(u, "evaluate", **ids)
+
+    x = d / "defects"
+    write_metrics(x, {"vacancy.force_mae_atom": 0.05, "n_recommended": 1})
+    (x / "defects.json").write_text(json.dumps({"conclusion": ["Vacancies: the error follows coordination."]}))
+    (x / "summary.md").write_text("# defects\n")
+    for f in ("force_error_vs_geometry.png", "decomposition.png"):
+        (x / f).write_bytes(PNG)
+    write_provenance(x, "defects", model_name=None, model_weights_sha256=None, data_md5=ids["data_md5"],
+                     applies_to="architecture")
+
+    ml = d / "melting"
+    members = [{"member": k, "tm_mean": 1300.0 + melting_bias + dt, "tm_stderr": 20.0, "tm_std": 0.0, "n_accepted": 1,
+                "n_rejected": 0, "runs": []} for k, dt in enumerate((-10.0, 0.0, 10.0))]
+    ref = {"available": True, "tm_mean": 1300.0, "tm_stderr": 12.0, "oracle": {"calculator": "emt"}}
+    result = melting_stage.combine(members, ref, 50.0) | {"members": members, "model": "cu", "preset": "quick",
+                                                          "reference": ref}
+    result["conclusion"] = melting_stage.conclusion(result)
+    write_metrics(ml, melting_stage.flat_metrics(result))
+    (ml / "melting_point.json").write_text(json.dumps(result))
+    (ml / "summary.md").write_text("# melting\n")
+    for f in ("distribution.png", "traces_members.png", "traces_reference.png"):
+        (ml / f).write_bytes(PNG)
+    write_provenance(ml, "melting", **ids)
+
+    n = d / "nve"
+    write_metrics(n, {"energy_drift_meV_per_atom_per_ps": 0.01, "abs_energy_drift_meV_per_atom_per_ps": 0.01,
+                      "finite": 1, "n_atoms": 32, "mean_temperature_K": 600.0, "timestep_fs": 2.0, "steps": 500})
+    (n / "summary.md").write_text("# nve\n")
+    (n / "energy.png").write_bytes(PNG)
+    write_provenance(n, "nve", **ids)
+    return d
+
+
+def _project(root: Path, store: Path, registry: Path, gates: dict, seed: int, reports: bool = True, **kw) -> Path:
+    """A project: a small ensemble logged to a real MLflow run, saved as the train stage saves it (run.json),
+    and (``reports``) its own evaluation reports (:func:`_eval_reports`, ``kw`` passed on)."""
     import mlflow
     import torch
     from mlflow import MlflowClient
@@ -94,8 +170,6 @@ def _project(root: Path, store: Path, registry: Path, gates: dict, seed: int) ->
     from mlipops.models import Ensemble, Potential
 
     root.mkdir(parents=True)
-    shutil.copytree(ROOT / "reports/evaluate", root / "reports/evaluate",
-                    ignore=shutil.ignore_patterns("melting_sweep"))
     (root / "params.yaml").write_text(yaml.safe_dump({
         "ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]}, "train": {"model_name": "cu"},
         "promote": {"registry_dir": str(registry), "gates": gates}}))
@@ -118,8 +192,10 @@ def _project(root: Path, store: Path, registry: Path, gates: dict, seed: int) ->
     client.set_terminated(run.info.run_id)
     mlflow.set_tracking_uri(uri)
     (model_dir / "run.json").write_text(json.dumps({
-        "run_id": run.info.run_id, "experiment_id": exp_id, "artifact_uri": run.info.artifact_uri,
-        "tracking_uri": uri, "data_md5": f"{seed:032x}", "member_run_ids": []}))
+        "run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": uri, "data_md5": f"{seed:032x}",
+        "member_run_ids": []}))
+    if reports:
+        _eval_reports(root, model_dir, **kw)
     return root
 
 
@@ -131,19 +207,23 @@ def _promote(project: Path, monkeypatch) -> dict:
     return run(p.promote, "cu")
 
 
-GOOD = {"val.force_mae": 0.1, "val.*.energy_mae_per_atom": 0.02, "melting:p_within_window": {"min": 0.2},
-        "uncertainty:test.all.force_spearman": {"min": 0.3}}
+GOOD = {"val.force_mae": 0.1, "val.*.energy_mae_per_atom": 0.02, "melting:bias_significance_excess_K": 0.0,
+        "melting:n_members_accepted": {"min": 3}, "uncertainty:test.all.force_spearman": {"min": 0.3},
+        "nve:abs_energy_drift_meV_per_atom_per_ps": 0.1, "defects:vacancy.force_mae_atom": 0.1,
+        "path.path_adatom.exit_coordinate": {"min": 1.4}}
 
-# the files a promoted version holds, given the repo's reports (defects, paths, uncertainty, melting, nve)
+# the files a promoted version holds, given _eval_reports (defects, paths, uncertainty, melting, nve)
 EXPECTED = {"weights.pt", "config.json", "run.json", "gates.json", "model_card.md", "uncertainty.json",
             "melting_point.json", "reaction_paths.json",
             *[f"parity_{s}_{q}.png" for s in ("val", "test") for q in ("energy", "forces")],
-            *[f"uncertainty/{f}" for f in ("calibration.png", "sigma_vs_error.png", "summary.md", "metrics.json")],
+            *[f"uncertainty/{f}" for f in ("calibration.png", "sigma_vs_error.png", "summary.md", "metrics.json",
+                                           "provenance.json")],
             *[f"defects/{f}" for f in ("defects.json", "summary.md", "metrics.json", "decomposition.png",
-                                       "force_error_vs_geometry.png")],
+                                       "force_error_vs_geometry.png", "provenance.json")],
             *[f"melting/{f}" for f in ("distribution.png", "traces_members.png", "traces_reference.png",
-                                       "summary.md", "metrics.json")],
-            *[f"paths/{f}" for f in ("path_adatom.png", "path_dimer.png")]}
+                                       "summary.md", "metrics.json", "provenance.json")],
+            *[f"nve/{f}" for f in ("energy.png", "summary.md", "metrics.json", "provenance.json")],
+            "paths/path_adatom.png"}
 
 
 def _files(d: Path) -> set[str]:
@@ -167,9 +247,6 @@ def _assert_mlflow_agrees(store: Path, registry: Path) -> dict:
 
 
 def test_promotion_files_aliases_and_a_failed_gate(tmp_path, monkeypatch):
-    if not (ROOT / "reports/evaluate/nve/metrics.json").is_file():
-        pytest.skip("the repo's reports/evaluate/nve is missing: run `dvc repro nve`")
-    EXPECTED.update({"nve/energy.png", "nve/summary.md", "nve/metrics.json"})
     store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
     a = _project(tmp_path / "a", store, registry, GOOD, seed=1)
     m = _promote(a, monkeypatch)
@@ -177,14 +254,20 @@ def test_promotion_files_aliases_and_a_failed_gate(tmp_path, monkeypatch):
     assert _files(registry / "cu/v1") == EXPECTED
     assert not list((registry / "cu").glob(".v*"))  # no temporary folder left
     gates = json.loads((registry / "cu/v1/gates.json").read_text())
-    assert {g["gate"] for g in gates} >= {"val.force_mae", "val.liquid.energy_mae_per_atom", "melting:p_within_window",
-                                         "n_nonfinite_predictions", "uncertainty.val.all.force_spearman (minimum)"}
+    assert {g["gate"] for g in gates} >= {"val.force_mae", "val.liquid.energy_mae_per_atom",
+                                         "melting:bias_significance_excess_K", "n_nonfinite_predictions",
+                                         "uncertainty.val.all.force_spearman (minimum)"}
+    assert all(g["passed"] for g in gates) and m["promoted"] == 1 and m["n_gates"] == len(gates)
     card = (registry / "cu/v1/model_card.md").read_text()
     for section in ("## Gates", "## Training settings", "## Data coverage", "## Known limits", "## Uncertainty",
                     "## Melting point", "## Energy conservation", "![Tm distribution](melting/distribution.png)"):
         assert section in card, section
     assert "| epochs | 3 |" in card  # from the MLflow run's params
+    assert model_identity(a / "data/models/cu")["model_weights_sha256"] in card
     assert _assert_mlflow_agrees(store, registry)["aliases"] == {"champion": 1}
+    assert _tags(store, a)[:2] == ("promoted", "1")
+    mv = _client(store).get_model_version("cu", "1")  # registered from the run's own artifact location
+    assert mv.source == _client(store).get_run(mv.run_id).info.artifact_uri + "/model"
 
     b = _project(tmp_path / "b", store, registry, GOOD, seed=2)
     assert _promote(b, monkeypatch)["version"] == 2
@@ -205,6 +288,160 @@ def test_promotion_files_aliases_and_a_failed_gate(tmp_path, monkeypatch):
     assert "exceeds the maximum by" in decision
     entry = _assert_mlflow_agrees(store, registry)
     assert entry["aliases"] == {"champion": 2, "previous": 1} and len(entry["versions"]) == 2
+    assert _tags(store, c) == ("rejected", None, "val.force_mae")
+
+
+def _client(store: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{store}")
+
+
+def _tags(store: Path, project: Path) -> tuple:
+    """The promotion tags of the project's training run: decision, version, failed gates."""
+    run_id = json.loads((project / "data/models/cu/run.json").read_text())["run_id"]
+    t = _client(store).get_run(run_id).data.tags
+    return tuple(t.get(f"mlipops.promotion.{k}") for k in ("decision", "version", "failed_gates"))
+
+
+def test_a_rejection_writes_every_output_exits_0_and_tags_the_run(tmp_path, monkeypatch):
+    """No registry yet, a gate fails: registry/ is created with an empty index (DVC's declared out), decision.md,
+    gates.json and metrics.json (promoted 0) are written, the exit status is 0 (3 with --strict), and the
+    training run is tagged with the decision and the failed gates."""
+    from typer.testing import CliRunner
+
+    from mlipops.cli import app
+
+    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
+    bad = GOOD | {"val.force_mae": 1e-9, "test.*.force_mae": 0.065}  # test.liquid fails as well
+    a = _project(tmp_path / "a", store, registry, bad, seed=1)
+    monkeypatch.chdir(a)
+    for args, code in ((["promote"], 0), (["promote", "--strict"], 3)):
+        for f in (a / "reports/promote").glob("*"):
+            f.unlink()
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == code, r.output
+        assert json.loads((registry / "index.json").read_text()) == {"models": {}}
+        assert {f.name for f in (a / "reports/promote").iterdir()} == {"decision.md", "gates.json", "metrics.json"}
+        m = json.loads((a / "reports/promote/metrics.json").read_text())
+        assert m["promoted"] == 0 and type(m["promoted"]) is int and m["version"] is None
+        assert m["n_gates_failed"] == 2 and m["n_gates_passed"] == m["n_gates"] - 2
+        gates = json.loads((a / "reports/promote/gates.json").read_text())
+        assert sorted(g["gate"] for g in gates if not g["passed"]) == ["test.liquid.force_mae", "val.force_mae"]
+        decision = (a / "reports/promote/decision.md").read_text()
+        assert "REJECTED" in decision and "failed 2 of" in decision and "tagged `mlipops.promotion.decision=rejected`" in decision
+    assert "--strict" in r.output and "rejected" in r.output
+    decision_tag, version_tag, failed_tag = _tags(store, a)
+    assert (decision_tag, version_tag) == ("rejected", None)
+    assert sorted(failed_tag.split(",")) == ["test.liquid.force_mae", "val.force_mae"]
+    assert not _client(store).search_registered_models()  # nothing registered
+
+    # a run MLflow does not know (e.g. another store): still a written decision, the failed tag said, no crash
+    info = json.loads((a / "data/models/cu/run.json").read_text())
+    (a / "data/models/cu/run.json").write_text(json.dumps(info | {"run_id": "0" * 32}))
+    m = _promote(a, monkeypatch)
+    assert m["promoted"] == 0
+    assert "was NOT tagged with this decision: MlflowException" in (a / "reports/promote/decision.md").read_text()
+
+
+def test_a_promotion_after_a_rejection_retags_the_run_and_keeps_the_registry(tmp_path, monkeypatch):
+    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
+    a = _project(tmp_path / "a", store, registry, GOOD | {"val.force_mae": 1e-9}, seed=1)
+    assert _promote(a, monkeypatch)["promoted"] == 0 and _tags(store, a)[0] == "rejected"
+    (a / "params.yaml").write_text((a / "params.yaml").read_text().replace("1.0e-09", "0.1"))
+    assert _promote(a, monkeypatch)["version"] == 1
+    assert _tags(store, a) == ("promoted", "1", "")
+    index = json.loads((registry / "index.json").read_text())
+    (a / "params.yaml").write_text((a / "params.yaml").read_text().replace("val.force_mae: 0.1", "val.force_mae: 1.0e-09"))
+    assert _promote(a, monkeypatch)["promoted"] == 0
+    assert json.loads((registry / "index.json").read_text()) == index  # the registry unchanged by a rejection
+    assert _tags(store, a) == ("rejected", None, "val.force_mae")
+
+
+def test_failed_gates_tag_is_cut_to_mlflow_limit():
+    from mlipops.promote.registry import _join_limited
+
+    keys = [f"test.config_{k:03d}.force_mae" for k in range(400)]
+    out = _join_limited(keys, 500)
+    assert len(out) <= 500 and out.startswith("test.config_000.force_mae,") and out.endswith(" more)")
+    kept = out.split(",")[:-1]
+    assert kept == keys[:len(kept)] and out.split(",")[-1] == f"…(+{400 - len(kept)} more)"
+    assert _join_limited(keys[:3], 500) == ",".join(keys[:3])
+
+
+def test_reports_of_another_model_or_data_version_fail_their_gates(tmp_path, monkeypatch):
+    """The melting report of another model (other weights), an nve report without provenance and a defects
+    report of other data: each fails all its gates and says why; the other reports' gates still pass."""
+    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
+    other = _project(tmp_path / "other", store, registry, GOOD, seed=7)
+    a = _project(tmp_path / "a", store, registry, GOOD, seed=1)
+    ev = a / "reports/evaluate"
+    shutil.rmtree(ev / "melting")
+    shutil.copytree(other / "reports/evaluate/melting", ev / "melting")  # passes on its own numbers
+    (ev / "nve/provenance.json").unlink()
+    write_provenance(ev / "defects", "defects", model_name=None, model_weights_sha256=None, data_md5="f" * 32,
+                     applies_to="architecture")
+    m = _promote(a, monkeypatch)
+    assert m["promoted"] == 0 and not (registry / "cu").exists()
+    rows = _by_gate(json.loads((a / "reports/promote/gates.json").read_text()))
+    mine, theirs = (model_identity(p / "data/models/cu")["model_weights_sha256"] for p in (a, other))
+    for gate in ("melting:bias_significance_excess_K", "melting:n_members_accepted"):
+        r = rows[gate]
+        assert not r["passed"] and r["value"] is not None  # the value is shown, but it is not this model's
+        assert (f"report reports/evaluate/melting was computed for model sha256 {theirs[:12]}… (cu) but the promoted "
+                f"model is {mine[:12]}… (cu)") in r["note"]
+    assert not rows["nve:abs_energy_drift_meV_per_atom_per_ps"]["passed"]
+    assert "reports/evaluate/nve has no provenance.json" in rows["nve:abs_energy_drift_meV_per_atom_per_ps"]["note"]
+    d = rows["defects:vacancy.force_mae_atom"]
+    assert not d["passed"] and "computed for data md5 ffffffffffff…" in d["note"]
+    assert {k for k, r in rows.items() if not r["passed"]} == {
+        "melting:bias_significance_excess_K", "melting:n_members_accepted", "nve:abs_energy_drift_meV_per_atom_per_ps",
+        "defects:vacancy.force_mae_atom"}
+    decision = (a / "reports/promote/decision.md").read_text()
+    assert "Reports not computed for this model or data version" in decision and theirs[:12] in decision
+
+    # the evaluate report of other weights fails the main gates and the uncertainty report's own gate too
+    shutil.rmtree(ev)
+    _eval_reports(a, other / "data/models/cu")
+    rows = _by_gate(check_gates(PromoteParams(gates=GOOD).gates, ev, expect=model_identity(a / "data/models/cu", "cu")))
+    assert not any(r["passed"] for r in rows.values())
+    from mlipops.promote.registry import uncertainty_gate
+
+    monkeypatch.chdir(a)
+    u = uncertainty_gate(model_identity(a / "data/models/cu", "cu"))
+    assert not u["passed"] and "reports/evaluate/uncertainty was computed for model sha256" in u["note"]
+    assert uncertainty_gate()["passed"]  # its own numbers pass: only the provenance fails it
+
+
+def test_a_gate_not_applicable_is_shown_with_its_reason_and_does_not_block(tmp_path, monkeypatch):
+    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
+    why = "no reference oracle for Si"
+    gates = GOOD | {"melting:bias_significance_excess_K": {"not_applicable": why},
+                    "melting:n_members_accepted": {"not_applicable": why},
+                    "n_nonfinite_predictions": {"not_applicable": "cannot be switched off"}}
+    a = _project(tmp_path / "a", store, registry, gates, seed=1)
+    # the melting report left there is another model's (the copper one, for a Si model): no gate reads it, and
+    # it does not travel with this model either
+    other = _project(tmp_path / "other", store, registry, GOOD, seed=7)
+    shutil.rmtree(a / "reports/evaluate/melting")
+    shutil.copytree(other / "reports/evaluate/melting", a / "reports/evaluate/melting")
+    m = _promote(a, monkeypatch)
+    assert m["promoted"] == 1 and m["n_gates_not_applicable"] == 2 and m["n_gates_failed"] == 0
+    rows = _by_gate(json.loads((a / "reports/promote/gates.json").read_text()))
+    na = rows["melting:bias_significance_excess_K"]
+    assert na["passed"] is None and na["bound"] == "n/a" and na["not_applicable"] == why
+    assert rows["n_nonfinite_predictions"]["passed"] is True  # the always-checked gate is checked anyway
+    decision = (a / "reports/promote/decision.md").read_text()
+    assert "| melting:bias_significance_excess_K | n/a | None | None | n/a | not applicable: no reference oracle for Si |" \
+        in decision
+    card = (registry / "cu/v1/model_card.md").read_text()
+    assert "| melting:bias_significance_excess_K | n/a | None | None | n/a |" in card
+    assert f"`melting:bias_significance_excess_K`: {why}" in card and "Not applicable" in card
+    assert "## Melting point\n\n_not included: report reports/evaluate/melting was computed for model sha256" in card
+    assert not (registry / "cu/v1/melting").exists() and not (registry / "cu/v1/melting_point.json").exists()
+    assert (registry / "cu/v1/nve/provenance.json").is_file()  # this model's reports do
+    entry = json.loads((registry / "index.json").read_text())["models"]["cu"]["versions"][0]
+    assert (entry["n_gates_passed"], entry["n_gates_not_applicable"]) == (entry["n_gates"], 2)
 
 
 def _env() -> dict:

@@ -103,7 +103,7 @@ def evaluate(ctx: typer.Context, params: Path = ParamsOpt):
     """Errors per split and config_type, parity plots, reaction paths to the extrapolation exit point."""
     if ctx.invoked_subcommand is not None:
         return
-    from mlipops.evaluate import run
+    from mlipops.evaluate.errors import run
 
     p = _params(params)
     _done("evaluate", run(p.evaluate, p.train.model_name))
@@ -164,13 +164,23 @@ def evaluate_nve(params: Path = ParamsOpt):
     _done("evaluate nve", run(_params(params)))
 
 
+STRICT_EXIT = 3  # `mlipops promote --strict` on a rejected model (2: a user error, 1: an internal one)
+
+
 @app.command()
-def promote(params: Path = ParamsOpt):
-    """Check the gates; register a passing model (MLflow registry + registry/)."""
+def promote(params: Path = ParamsOpt, strict: bool = typer.Option(
+        False, "--strict", help=f"exit {STRICT_EXIT} when the model is rejected (after writing every output); for CI")):
+    """Check the gates; register a passing model (MLflow registry + registry/). A rejected model is a result:
+    every output is written (reports/promote/decision.md says why) and the exit status is 0, unless --strict."""
     from mlipops.promote import run
 
     p = _params(params)
-    _done("promote", run(p.promote, p.train.model_name))
+    metrics = run(p.promote, p.train.model_name)
+    _done("promote", metrics)
+    if strict and not metrics["promoted"]:
+        typer.echo(f"mlipops: promotion rejected ({metrics['n_gates_failed']} gate(s) failed, --strict): "
+                   "see reports/promote/decision.md", err=True)
+        sys.exit(STRICT_EXIT)
 
 
 def _print_frame(df, csv: bool, as_json: bool, limit: int) -> None:

@@ -505,21 +505,29 @@ class EvaluateParams(_Section):
 
 # ---------------------------------------------------------------------------------------- promote
 class GateBound(_Section):
-    """A gate's bound: the metric must be ≤ ``max`` and/or ≥ ``min``."""
+    """A gate's bound: the metric must be ≤ ``max`` and/or ≥ ``min``; or the gate is declared not applicable
+    to this project, with the reason (``not_applicable``: neither passed nor failed, shown as n/a)."""
     max: float | None = None
     min: float | None = None
+    not_applicable: str | None = None
 
     @model_validator(mode="after")
     def _one_bound(self):
-        if self.max is None and self.min is None:
-            raise ValueError("a gate needs `max` or `min`")
+        if self.not_applicable is not None:
+            if not self.not_applicable.strip():
+                raise ValueError("`not_applicable` needs the reason (a non-empty string)")
+            if self.max is not None or self.min is not None:
+                raise ValueError("a gate is either bounded (`max`/`min`) or `not_applicable`, not both")
+        elif self.max is None and self.min is None:
+            raise ValueError("a gate needs `max` or `min` (or `not_applicable: <reason>`)")
         return self
 
 
 class PromoteParams(_Section):
-    """``gates``: ``"[report:]metric": max`` or ``{max: x}`` / ``{min: x}``. ``report`` is a folder of
-    reports/evaluate/ (defects, melting, nve, uncertainty; none: reports/evaluate/metrics.json); a ``*``
-    in the metric matches one dotted part (a config_type), giving one gate per matching key."""
+    """``gates``: ``"[report:]metric": max`` or ``{max: x}`` / ``{min: x}`` / ``{not_applicable: reason}``.
+    ``report`` is a folder of reports/evaluate/ (defects, melting, nve, uncertainty; none:
+    reports/evaluate/metrics.json); a ``*`` in the metric matches one dotted part (a config_type), giving one
+    gate per matching key."""
     gates: dict[str, GateBound] = Field(default_factory=dict)
     registry_dir: str = "registry"
 

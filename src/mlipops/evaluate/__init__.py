@@ -1,5 +1,6 @@
-"""The ``evaluate`` stage: errors of the trained potential per split and config_type, parity plots."""
+"""The evaluation stages: ``errors`` (the ``evaluate`` stage: errors per split and config_type, parity
+plots, reaction paths, uncertainty), ``defects``, ``melting_reference`` / ``melting_stage``, ``nve``.
 
-from mlipops.evaluate.errors import predict, run, split_metrics
-
-__all__ = ["predict", "run", "split_metrics"]
+Nothing is imported here: importing one stage's module must not pull in another's code (each stage's
+``dvc.yaml`` deps are its import closure, checked by ``tests/test_dvc_contract.py``).
+"""

@@ -628,6 +628,13 @@ def run(params, data: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> d
     p = params.evaluate.defects
     rep = transfer(frames, p, params.train, params.descriptors, params.index, params.generate)
     metrics = write_report(rep, Path(out_dir), "Perfect → imperfect transfer: " + ", ".join(str(x) for x in paths))
+    from mlipops.frames import file_md5
+    from mlipops.provenance import write_provenance
+
+    # about the architecture, not the promoted weights: the model judged here is trained by this stage itself
+    write_provenance(out_dir, "defects", model_name=None, model_weights_sha256=None, applies_to="architecture",
+                     data_md5=",".join(file_md5(x) for x in paths), data=[str(x) for x in paths],
+                     architecture={"hidden": list(params.train.hidden), "descriptors": params.descriptors.model_dump()})
     log_to_mlflow(params, metrics, paths, Path(out_dir))
     return metrics
 

@@ -19,7 +19,7 @@ from mlipops.models.ensemble import load_model
 from mlipops.models.potential import Potential
 from mlipops.params import EvaluateParams
 from mlipops.report import jsonable, parity_plot, write_markdown, write_metrics
-from mlipops.train.loop import MODELS_DIR, load_split
+from mlipops.train.loop import DATA, MODELS_DIR, load_split
 
 REPORT_DIR = Path("reports/evaluate")
 
@@ -168,6 +168,18 @@ def _reaction_paths(p: EvaluateParams, model, curated: list[Atoms]) -> dict:
     return results
 
 
+def _provenance(model_dir: Path, model_name: str) -> None:
+    """What reports/evaluate/ (metrics, reaction paths) and its uncertainty/ report were computed for: this
+    model's weights and the curated data it was scored on (the promote stage checks both)."""
+    from mlipops.evaluate import uncertainty
+    from mlipops.frames import file_md5
+    from mlipops.provenance import model_fingerprint, write_provenance
+
+    ids = {"model_name": model_name, "model_weights_sha256": model_fingerprint(model_dir), "data_md5": file_md5(DATA)}
+    write_provenance(REPORT_DIR, "evaluate", **ids)
+    write_provenance(uncertainty.REPORT_DIR, "evaluate", **ids)
+
+
 def run(p: EvaluateParams, model_name: str) -> dict:
     t0 = time.perf_counter()
     model_dir = MODELS_DIR / model_name
@@ -200,6 +212,7 @@ def run(p: EvaluateParams, model_name: str) -> dict:
         metrics |= {f"path.{name}.{k}": v for k, v in r.metrics().items()}
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
     write_metrics(REPORT_DIR, metrics)
+    _provenance(model_dir, model_name)
     _log_to_mlflow(model_dir / "run.json", metrics | {f"uncertainty.{k}": v for k, v in unc.items()})
     plots = [f"![{s} {q}](parity_{s}_{q}.png)" for s in p.splits if metrics.get(f"{s}.n_frames") for q in ("energy", "forces")]
     if path_results:

@@ -8,6 +8,8 @@ member's potential) for ``member_seeds`` seeds, all runs in parallel through Das
 - the ensemble: mean and standard deviation (ddof 1) of the members' Tm, and the combined distribution, an
   equal-weight mixture of N(Tm_k, err_k² + err_ref²) (the reference's own error widens every component), from
   which P(|Tm − Tm_ref| ≤ ``window_K``) is exact (:func:`~mlipops.evaluate.melting.prob_within`);
+- the bias's significance (:func:`bias_significance`, the promotion gate): |Tm_mean − Tm_ref| against
+  max(``window_K``, 2 × its combined standard error);
 - the cause: each member's energy error on the reference's solid and liquid snapshots at Tm_ref, δ_k =
   ⟨ΔE/N⟩_liquid − ⟨ΔE/N⟩_solid, predicts its bias δ_k / ΔS_m (see ``phase_properties``), set against the
   measured Tm_k − Tm_ref;
@@ -144,6 +146,9 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
                                                     "n_accepted", "n_rejected", "phases", "preset")},
                "wall_s": round(time.perf_counter() - t0, 1)}
     write_report(result, runs, specs, ref)
+    from mlipops.provenance import model_identity, write_provenance
+
+    write_provenance(REPORT_DIR, "melting", **model_identity(model_dir, model_name))  # data: the model's training data
     from mlipops.evaluate.errors import _log_to_mlflow
 
     if (model_dir / "run.json").is_file():
@@ -186,6 +191,7 @@ def combine(per_member: list[dict], ref: dict, window: float) -> dict:
         out |= {"bias": out["tm_mean"] - tm_ref,
                 "p_within_window": prob_within(np.column_stack([tms, sd]), tm_ref, window),
                 "mixture": [[float(a), float(b)] for a, b in zip(tms, sd)]}
+        out |= bias_significance(out["bias"], tms, errs, ref_err, window)
     else:
         out |= {"bias": None, "p_within_window": None,
                 "p_reason": "no reference Tm" if tm_ref is None else "no member run coexisted"}
@@ -194,9 +200,30 @@ def combine(per_member: list[dict], ref: dict, window: float) -> dict:
     return out
 
 
+def bias_significance(bias: float, tms: np.ndarray, errs: np.ndarray, ref_err: float, window: float) -> dict:
+    """Is the ensemble's bias Tm_mean − Tm_ref larger than the window *and* than its own noise?
+
+    Standard error of the ensemble mean over n accepted members: se_ens² = max(s², mean(err_k²)) / n, s the
+    members' standard deviation (ddof 1). The members are independent runs, so s² already estimates the model
+    spread plus the runs' noise (adding mean(err_k²) again would count the noise twice); with 3-5 members s is
+    itself uncertain, and 0 for one member, so it is floored at the noise their own errors predict.
+    combined_se = sqrt(se_ens² + err_ref²); ``bias_significance_excess_K`` = |bias| − max(window, 2 combined_se):
+    positive only when the bias exceeds both the window and 2σ (the promotion gate: ≤ 0). Unlike
+    P(|Tm − Tm_ref| ≤ window), whose quick-preset noise is of the order of any useful threshold, it does not
+    flip when the bias is within the measurement's error."""
+    n = len(tms)
+    s2 = float(tms.var(ddof=1)) if n > 1 else 0.0
+    se_ens = math.sqrt(max(s2, float(np.mean(errs**2))) / n)
+    combined = math.hypot(se_ens, ref_err)
+    bound = max(window, 2.0 * combined)
+    return {"tm_se_ensemble": se_ens, "bias_combined_se": combined, "bias_2sigma_K": 2.0 * combined,
+            "abs_bias": abs(bias), "bias_significance_excess_K": abs(bias) - bound}
+
+
 def flat_metrics(result: dict) -> dict:
     keys = ("tm_mean", "tm_std", "noise_std", "model_spread", "tm_ref", "tm_ref_stderr", "bias", "bias_estimate",
-            "p_within_window", "window_K",
+            "p_within_window", "window_K", "tm_se_ensemble", "bias_combined_se", "bias_2sigma_K", "abs_bias",
+            "bias_significance_excess_K",
             "n_members_accepted", "liquid_coverage", "n_liquid_train_frames", "coverage_solid_at_tm",
             "coverage_liquid_at_tm", "wall_s")
     out = {k: result.get(k) for k in keys if k in result}
@@ -272,6 +299,13 @@ def conclusion(result: dict) -> list[str]:
                  f"{_fmt(result['tm_mean'])} ± {_fmt(result['tm_std'])} K (mean ± standard deviation over members)"
                  + (f"; bias {result['bias']:+.0f} K; P(|Tm − Tm_ref| ≤ {result['window_K']:g} K) = "
                     f"{result['p_within_window']:.2f}." if result.get("bias") is not None else "."))
+    if result.get("bias_significance_excess_K") is not None:
+        x = result["bias_significance_excess_K"]
+        lines.append(f"Combined standard error of the bias {_fmt(result['bias_combined_se'])} K (ensemble mean "
+                     f"{_fmt(result['tm_se_ensemble'])} K, reference {_fmt(result['tm_ref_stderr'])} K): |bias| "
+                     + (f"exceeds both the ±{result['window_K']:g} K window and 2σ = {_fmt(result['bias_2sigma_K'])} K "
+                        f"by {x:.0f} K (significant)." if x > 0 else
+                        f"is within max(±{result['window_K']:g} K, 2σ = {_fmt(result['bias_2sigma_K'])} K) by {-x:.0f} K."))
     if result.get("model_spread") is not None:
         lines.append(f"The members' statistical errors alone scatter Tm by {_fmt(result['noise_std'])} K; the "
                      f"disagreement between members beyond that is {_fmt(result['model_spread'])} K"

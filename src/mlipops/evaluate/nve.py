@@ -155,6 +155,9 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dic
                     "reference.mean_temperature_K": r["mean_temperature"]}
     metrics["wall_s"] = round(time.perf_counter() - t0, 2)
     write_metrics(out, metrics)
+    from mlipops.provenance import model_identity, write_provenance
+
+    write_provenance(out, "nve", **model_identity(model_dir))  # its weights; data: what it was trained on
     rows = [(name, s["drift"], s["rms"], s["mean_temperature"], traces[name]["n_steps_done"],
              "yes" if traces[name]["finite"] else "NO") for name, s in stats.items()]
     verdict = (f"The model stopped after step {traces['model']['n_steps_done']}: {traces['model']['error']}."

@@ -8,6 +8,13 @@ that matches nothing fails. Each gate row: ``gate`` (the resolved key), ``value`
 
 A missing report or metric, or a non-finite value, fails: a gate is never passed by default.
 ``n_nonfinite_predictions ≤ 0`` is always checked (no NaN in any prediction of the evaluate stage).
+
+With ``expect`` (the promoted model's :func:`mlipops.provenance.model_identity`), every report's
+``provenance.json`` must name that model's weights and data version: a report of another model or data
+version, or without provenance, fails all its gates with a note saying so (``provenance`` in the row).
+A gate declared ``{not_applicable: reason}`` is neither passed nor failed: ``passed`` None, ``bound``
+``n/a``, ``not_applicable`` the reason; it never blocks a promotion (the always-checked gate cannot be
+declared not applicable).
 """
 
 from __future__ import annotations
@@ -55,32 +62,56 @@ def _row(key: str, value, bound: GateBound) -> list[dict]:
     return rows
 
 
-def check_gates(gates: dict[str, GateBound], eval_dir: Path = EVAL_DIR, always: bool = True) -> list[dict]:
+def _missing(key: str, bound: GateBound, note: str) -> dict:
+    return {"gate": key, "value": None, "threshold": bound.max if bound.max is not None else bound.min,
+            "bound": "max" if bound.max is not None else "min", "passed": False, "note": note}
+
+
+def not_applicable_row(key: str, reason: str) -> dict:
+    return {"gate": key, "value": None, "threshold": None, "bound": "n/a", "passed": None,
+            "not_applicable": reason, "note": f"not applicable: {reason}"}
+
+
+def report_dir(report: str, eval_dir: Path = EVAL_DIR) -> Path:
+    """The folder of a gate's report (``""``: reports/evaluate itself)."""
+    return eval_dir / report if report else eval_dir
+
+
+def check_gates(gates: dict[str, GateBound], eval_dir: Path = EVAL_DIR, always: bool = True,
+                expect: dict | None = None) -> list[dict]:
     """One row per (resolved key, bound); see the module doc."""
+    from mlipops.provenance import mismatch
+
     cache: dict = {}
+    wrong: dict = {}  # report -> why its provenance is not the promoted model's (None: it is)
     rows = []
-    for key, bound in ({**gates, **{k: v for k, v in ALWAYS.items() if k not in gates}} if always else gates).items():
+    merged = {**gates, **{k: v for k, v in ALWAYS.items() if k not in gates or gates[k].not_applicable}} \
+        if always else gates
+    for key, bound in merged.items():
+        if bound.not_applicable:
+            rows.append(not_applicable_row(key, bound.not_applicable))
+            continue
         report, _, metric = key.rpartition(":")
         metrics, path = _load(report, eval_dir, cache)
         if metrics is None:
-            rows.append({"gate": key, "value": None, "threshold": bound.max if bound.max is not None else bound.min,
-                         "bound": "max" if bound.max is not None else "min", "passed": False,
-                         "note": f"report missing: {path}"})
+            rows.append(_missing(key, bound, f"report missing: {path}"))
             continue
         if "*" in metric:
             pat = _pattern(metric)
             keys = sorted(k for k in metrics if pat.match(k))
-            if not keys:
-                rows.append({"gate": key, "value": None, "threshold": bound.max if bound.max is not None else bound.min,
-                             "bound": "max" if bound.max is not None else "min", "passed": False,
-                             "note": f"no metric of {path} matches"})
+            new = [] if keys else [_missing(key, bound, f"no metric of {path} matches")]
             for k in keys:
-                rows += _row(f"{report}:{k}" if report else k, metrics[k], bound)
-            continue
-        if metric not in metrics:
-            rows.append({"gate": key, "value": None, "threshold": bound.max if bound.max is not None else bound.min,
-                         "bound": "max" if bound.max is not None else "min", "passed": False,
-                         "note": f"metric missing in {path}"})
-            continue
-        rows += _row(key, metrics[metric], bound)
+                new += _row(f"{report}:{k}" if report else k, metrics[k], bound)
+        elif metric not in metrics:
+            new = [_missing(key, bound, f"metric missing in {path}")]
+        else:
+            new = _row(key, metrics[metric], bound)
+        if expect is not None:
+            if report not in wrong:
+                wrong[report] = mismatch(report_dir(report, eval_dir), expect)
+            if wrong[report]:
+                for r in new:
+                    r |= {"passed": False, "provenance": wrong[report],
+                          "note": wrong[report] + (f"; {r['note']}" if r.get("note") else "")}
+        rows += new
     return rows

@@ -5,6 +5,13 @@ gates, data hash, git commit), gets alias ``champion`` (the previous champion ke
 gets alias ``previous``) and is copied to ``registry/<model>/v<N>/`` with its weights, JSON config,
 ``model_card.md`` and ``gates.json``; ``registry/index.json`` lists versions and aliases. A failing
 model is not registered; ``reports/promote/decision.md`` says which gates failed and by how much.
+
+A rejection is a result, not an error: every declared output is written either way (``registry/``, created
+with an empty ``index.json`` when missing; ``decision.md``, ``gates.json``, ``metrics.json`` with
+``promoted`` 0 or 1) and the training run in MLflow gets tags ``mlipops.promotion.decision``
+(``promoted``/``rejected``), ``mlipops.promotion.failed_gates`` and ``mlipops.promotion.version``. The
+gates only read reports computed for this model and data version (``provenance.json``, see
+:mod:`mlipops.provenance`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from filelock import FileLock
 from mlipops.errors import StageInputError
 from mlipops.params import PromoteParams
 from mlipops.promote.gates import check_gates
+from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
 from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
 from mlipops.train import tracking
 from mlipops.train.loop import MODELS_DIR
@@ -36,18 +44,27 @@ NVE_DIR = EVAL_DIR / "nve"  # the nve stage: energy drift of a short NVE run
 INDEX = Path("data/index.duckdb")
 
 
-def uncertainty_gate() -> dict:
-    """The uncertainty report's own gate (σ must rank the errors): a missing report fails."""
+UNCERTAINTY_GATE = "uncertainty.val.all.force_spearman (minimum)"
+TAG = "mlipops.promotion."  # tags on the training run: decision, failed_gates, version
+
+
+def uncertainty_gate(expect: dict | None = None) -> dict:
+    """The uncertainty report's own gate (σ must rank the errors): a missing report, or one computed for
+    another model or data version (``expect``: the promoted model's identity), fails."""
     path = UNCERTAINTY_DIR / "uncertainty.json"
     if not path.is_file():
-        return {"gate": "uncertainty.val.all.force_spearman (minimum)", "value": None, "threshold": None,
+        return {"gate": UNCERTAINTY_GATE, "value": None, "threshold": None,
                 "bound": "min", "passed": False, "note": f"{path} missing"}
     rep = json.loads(path.read_text())
     g = rep["gate"]
     note = rep.get("reason", "") if not rep.get("available", True) else (
         "" if g["passed"] else f"below the minimum {g.get('min')}: σ does not rank the errors")
-    return {"gate": "uncertainty.val.all.force_spearman (minimum)", "value": g.get("value"),
-            "threshold": g.get("min"), "bound": "min", "passed": bool(g["passed"]), "note": note}
+    row = {"gate": UNCERTAINTY_GATE, "value": g.get("value"),
+           "threshold": g.get("min"), "bound": "min", "passed": bool(g["passed"]), "note": note}
+    wrong = mismatch(UNCERTAINTY_DIR, expect) if expect is not None else None
+    if wrong:
+        row |= {"passed": False, "provenance": wrong, "note": wrong + (f"; {note}" if note else "")}
+    return row
 
 
 def _copy_report(report_json: Path, target: Path, subdir: str) -> None:
@@ -56,15 +73,24 @@ def _copy_report(report_json: Path, target: Path, subdir: str) -> None:
     d = target / subdir
     d.mkdir()
     for f in report_json.parent.iterdir():
-        if f.suffix in (".png", ".md") or f.name == "metrics.json":
+        if f.suffix in (".png", ".md") or f.name in ("metrics.json", PROVENANCE):
             shutil.copy2(f, d / f.name)
 
 
-def _validation_reports(target: Path) -> list[str]:
-    """Copy the physics-validation reports next to the model; their conclusions for the model card."""
+def _validation_reports(target: Path, expect: dict) -> list[str]:
+    """Copy the physics-validation reports next to the model; their conclusions for the model card. A report
+    computed for another model or data version (one no gate read: its gate not applicable or not configured)
+    is left out, and the card says so."""
+    def foreign(d: Path, title: str) -> list[str]:
+        """The card's section for a report (present) of another model or data version, else []."""
+        why = mismatch(d, expect) if (d / "metrics.json").is_file() else None
+        return [f"## {title}", f"_not included: {why}_"] if why else []
+
     lines = []
     unc = UNCERTAINTY_DIR / "uncertainty.json"
-    if unc.is_file():
+    if skip := foreign(UNCERTAINTY_DIR, "Uncertainty"):
+        lines += skip
+    elif unc.is_file():
         _copy_report(unc, target, "uncertainty")  # uncertainty.json is read by MlipopsCalculator: σ recalibration
         u = json.loads(unc.read_text())
         if u.get("available", True):
@@ -80,10 +106,12 @@ def _validation_reports(target: Path) -> list[str]:
                       f"{f('val.all.energy_spearman')}, forces {f('val.all.force_spearman')}; test forces "
                       f"{f('test.all.force_spearman')}. Force 1σ coverage on test {f('test.all.force_coverage_1sigma')} raw, "
                       f"{f('test.all.force_coverage_1sigma_recalibrated')} recalibrated (0.68 ideal)."]
-    if (DEFECTS_DIR / "defects.json").is_file():
+    if skip := foreign(DEFECTS_DIR, "Trained on perfect crystals, tested on defects"):
+        lines += skip
+    elif (DEFECTS_DIR / "defects.json").is_file():
         d = target / "defects"
         d.mkdir()
-        for f in ["defects.json", "summary.md", "metrics.json", *[q.name for q in DEFECTS_DIR.glob("*.png")]]:
+        for f in ["defects.json", "summary.md", "metrics.json", PROVENANCE, *[q.name for q in DEFECTS_DIR.glob("*.png")]]:
             if (DEFECTS_DIR / f).is_file():
                 shutil.copy2(DEFECTS_DIR / f, d / f)
         rep = json.loads((DEFECTS_DIR / "defects.json").read_text())
@@ -93,7 +121,9 @@ def _validation_reports(target: Path) -> list[str]:
     else:
         lines += ["## Trained on perfect crystals, tested on defects", "_not produced (run `dvc repro defects`)_"]
     melt = MELTING_DIR / "melting_point.json"
-    if melt.is_file():
+    if skip := foreign(MELTING_DIR, "Melting point"):
+        lines += skip
+    elif melt.is_file():
         _copy_report(melt, target, "melting")
         rep = json.loads(melt.read_text())
         lines += ["## Melting point (`melting_point.json`, `melting/`)",
@@ -103,7 +133,9 @@ def _validation_reports(target: Path) -> list[str]:
     else:
         lines += ["## Melting point", "_not produced (run `dvc repro melting`): `melting_point.json` is missing, "
                   "not faked_"]
-    if (NVE_DIR / "metrics.json").is_file():
+    if skip := foreign(NVE_DIR, "Energy conservation"):
+        lines += skip
+    elif (NVE_DIR / "metrics.json").is_file():
         d = target / "nve"
         d.mkdir()
         for f in NVE_DIR.iterdir():
@@ -162,10 +194,12 @@ def _known_limits(index_path: Path, threshold: float = 0.2) -> str:
 def _version_entry(registry_dir: Path, name: str, mv) -> dict:
     d = registry_dir / name / f"v{mv.version}"
     gates = json.loads((d / "gates.json").read_text()) if (d / "gates.json").is_file() else []
+    applicable = [g for g in gates if not g.get("not_applicable")]
     return {"version": int(mv.version), "path": f"{name}/v{mv.version}", "run_id": mv.run_id,
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "data_md5": (mv.tags or {}).get("data.dvc_md5"), "git_commit": (mv.tags or {}).get("git.commit"),
-            "n_gates": len(gates), "n_gates_passed": sum(bool(g.get("passed")) for g in gates)}
+            "n_gates": len(applicable), "n_gates_passed": sum(bool(g.get("passed")) for g in applicable),
+            "n_gates_not_applicable": len(gates) - len(applicable)}
 
 
 def _update_index(registry_dir: Path, name: str, client) -> dict:
@@ -189,11 +223,22 @@ def _update_index(registry_dir: Path, name: str, client) -> dict:
     return index
 
 
+def _result(g: dict) -> str:
+    return "n/a" if g.get("not_applicable") else "pass" if g["passed"] else "FAIL"
+
+
 def _gate_rows(gates: list[dict], note: bool = True) -> tuple:
     header = ("gate", "bound", "value", "threshold", "result") + (("note",) if note else ())
-    rows = [(g["gate"], g.get("bound", "max"), g["value"], g["threshold"], "pass" if g["passed"] else "FAIL")
+    rows = [(g["gate"], g.get("bound", "max"), g["value"], g["threshold"], _result(g))
             + ((g.get("note", ""),) if note else ()) for g in gates]
     return header, rows
+
+
+def _not_applicable(gates: list[dict]) -> list[str]:
+    """The gates declared not applicable, with their reasons (decision.md and the model card)."""
+    na = [g for g in gates if g.get("not_applicable")]
+    return ["Not applicable (declared in `promote.gates`; neither passed nor failed): "
+            + "; ".join(f"`{g['gate']}`: {g['not_applicable']}" for g in na) + "."] if na else []
 
 
 def _model_card(path: Path, name: str, version: int, run_info: dict, config: dict, gates: list[dict],
@@ -204,14 +249,16 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
     write_markdown(path, f"Model card: {name} v{version}", [
         f"Registered {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from MLflow run `{run_info['run_id']}` "
         f"(git commit `{tracking.git_commit()}`).",
-        f"Data version (md5 of data/curated/accepted.extxyz, as in dvc.lock): `{run_info['data_md5']}`.",
+        f"Data version (md5 of data/curated/accepted.extxyz, as in dvc.lock): `{run_info['data_md5']}`; weights "
+        f"sha256 `{model_fingerprint(path.parent)}`. Every report a gate read, and every report below, was "
+        "computed for these weights and this data version (their `provenance.json`).",
         f"Species {config['species']}; descriptor {json.dumps(config['descriptor'])}; "
         f"hidden layers {config['hidden']}; "
         + (f"an ensemble of {config['n_members']} members (mean prediction; `energy_std`/`forces_std` in the "
            "calculator's results)." if config.get("n_members") else "a single potential (no uncertainty)."),
         "## Training settings (`train.*` params of the MLflow run)",
         md_table(("param", "value"), sorted(training.items())) if training else "_not recorded in MLflow_",
-        "## Gates", md_table(*_gate_rows(gates, note=False)),
+        "## Gates", md_table(*_gate_rows(gates, note=False)), *_not_applicable(gates),
         "## Test errors per config_type", md_table(("config_type", "E MAE (eV/atom)", "F MAE (eV/Å)"), ct_rows),
         "## Data coverage (accepted frames; hull = convex hull of the training atoms in descriptor space)", coverage,
         "## Known limits", limits,
@@ -221,17 +268,72 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
     ])
 
 
-def _write_version(target: Path, model_dir: Path, gates: list[dict]) -> list[str]:
+def _write_version(target: Path, model_dir: Path, gates: list[dict], expect: dict) -> list[str]:
     """The version's folder: weights, config, run info, gates, parity plots, validation reports."""
     for f in ("weights.pt", "config.json", "run.json"):
         shutil.copy2(model_dir / f, target / f)
     (target / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
     for png in sorted(EVAL_DIR.glob("parity_*.png")):
         shutil.copy2(png, target / png.name)
-    return _validation_reports(target)
+    return _validation_reports(target, expect)
+
+
+def _ensure_registry(registry_dir: Path) -> None:
+    """The declared out ``registry`` exists whatever the decision: created, with an empty but valid
+    ``index.json``, when missing; otherwise left as it is (under the registry's lock: never over a real index)."""
+    registry_dir.mkdir(parents=True, exist_ok=True)
+    path = registry_dir / "index.json"
+    if path.exists():
+        return
+    with FileLock(str(registry_dir / ".lock"), timeout=600):
+        if not path.exists():
+            tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"models": {}}, indent=2) + "\n")
+            tmp.replace(path)
+
+
+def _join_limited(items: list[str], limit: int) -> str:
+    """Comma-joined, cut at a whole item to fit ``limit`` characters, ending ``…(+N more)`` when cut."""
+    text = ",".join(items)
+    if len(text) <= limit:
+        return text
+    kept: list[str] = []
+    for k, item in enumerate(items):
+        if len(",".join(kept + [item])) + len(f",…(+{len(items) - k - 1} more)") > limit:
+            break
+        kept.append(item)
+    return ",".join(kept + [f"…(+{len(items) - len(kept)} more)"])
+
+
+def _tag_training_run(run_info: dict, promoted: bool, failed: list[str], version: int | None) -> str | None:
+    """The decision as tags of the MLflow training run; None when set, else why not (for decision.md)."""
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    try:
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+    except ImportError:  # pragma: no cover - older MLflow
+        MAX_TAG_VAL_LENGTH = 5000
+    try:
+        client = tracking.client(run_info["tracking_uri"])
+        tags = {"decision": "promoted" if promoted else "rejected",
+                "failed_gates": _join_limited(failed, MAX_TAG_VAL_LENGTH)}
+        if version is not None:
+            tags["version"] = str(version)
+        client.log_batch(run_info["run_id"], tags=[RunTag(TAG + k, v) for k, v in tags.items()])
+        if version is None:  # a rejected run no longer names the version an earlier promotion gave it
+            try:
+                client.delete_tag(run_info["run_id"], TAG + "version")
+            except MlflowException:
+                pass  # it had none
+    except MlflowException as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
 def run(p: PromoteParams, model_name: str) -> dict:
+    """Check the gates; register a passing model. Always writes registry/, decision.md, gates.json and
+    metrics.json (``promoted`` 0/1); a rejection returns normally (``mlipops promote --strict`` exits 3)."""
     t0 = time.perf_counter()
     model_dir = MODELS_DIR / model_name
     run_json = model_dir / "run.json"
@@ -243,18 +345,33 @@ def run(p: PromoteParams, model_name: str) -> dict:
                               file=str(EVAL_DIR / "metrics.json"))
     run_info = json.loads(run_json.read_text())
     config = json.loads((model_dir / "config.json").read_text())
-    gates = check_gates(p.gates, EVAL_DIR) + [uncertainty_gate()]
-    passed = all(g["passed"] for g in gates)
+    expect = {"model_name": model_name, "model_weights_sha256": model_fingerprint(model_dir),
+              "data_md5": run_info.get("data_md5")}
+    gates = check_gates(p.gates, EVAL_DIR, expect=expect) + [uncertainty_gate(expect)]
+    applicable = [g for g in gates if not g.get("not_applicable")]
+    failed = [g for g in applicable if not g["passed"]]
+    passed = not failed
     registry_dir = Path(p.registry_dir)
+    _ensure_registry(registry_dir)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     header, gate_rows = _gate_rows(gates)
-    metrics = {"promoted": passed, "n_gates": len(gates), "n_gates_failed": sum(not g["passed"] for g in gates)}
+    metrics = {"promoted": int(passed), "n_gates": len(applicable), "n_gates_passed": len(applicable) - len(failed),
+               "n_gates_failed": len(failed), "n_gates_not_applicable": len(gates) - len(applicable)}
     if not passed:
         champion = _champion(registry_dir, model_name)
+        tag_error = _tag_training_run(run_info, False, [g["gate"] for g in failed], None)
+        stale = [g for g in failed if g.get("provenance")]
         write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: REJECTED", [
-            f"MLflow run `{run_info['run_id']}` failed {metrics['n_gates_failed']} of {len(gates)} gate(s); it was "
+            f"MLflow run `{run_info['run_id']}` failed {len(failed)} of {len(applicable)} gate(s); it was "
             "not registered" + (f"; `{model_name}@champion` is still v{champion}." if champion else "."),
-            "Failed: " + "; ".join(f"`{g['gate']}` = {g['value']} ({g['note']})" for g in gates if not g["passed"]) + ".",
+            "Failed: " + "; ".join(f"`{g['gate']}` = {g['value']} ({g['note']})" for g in failed) + ".",
+            *(["Reports not computed for this model or data version (rerun their stages): "
+               + "; ".join(sorted({g["provenance"] for g in stale})) + "."] if stale else []),
+            *_not_applicable(gates),
+            "A rejection is a result: every output is written and the stage exits 0 (`mlipops promote --strict` "
+            "exits 3).",
+            (f"The MLflow training run was NOT tagged with this decision: {tag_error}." if tag_error else
+             f"The MLflow training run is tagged `{TAG}decision=rejected` with its failed gates."),
         ], table=(header, gate_rows))
         metrics["version"] = None
         metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
@@ -263,7 +380,6 @@ def run(p: PromoteParams, model_name: str) -> dict:
         return metrics
 
     client = tracking.client(run_info["tracking_uri"])
-    registry_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(registry_dir / ".lock"), timeout=600):
         from mlflow.exceptions import MlflowException
 
@@ -272,14 +388,18 @@ def run(p: PromoteParams, model_name: str) -> dict:
         except MlflowException:
             client.create_registered_model(model_name, description="mlipops potential")
         existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_info['run_id']}'")
-        tags = {"gates": json.dumps({g["gate"]: g["value"] for g in gates}), "data.dvc_md5": run_info["data_md5"],
-                "git.commit": tracking.git_commit(), "gates.passed": f"{len(gates)}/{len(gates)}"}
+        n_ok = f"{len(applicable)}/{len(applicable)}"
+        tags = {"gates": json.dumps({g["gate"]: g["value"] for g in applicable}), "data.dvc_md5": run_info["data_md5"],
+                "git.commit": tracking.git_commit(), "gates.passed": n_ok, "weights.sha256": expect["model_weights_sha256"]}
+        if len(gates) > len(applicable):
+            tags["gates.not_applicable"] = json.dumps({g["gate"]: g["not_applicable"] for g in gates
+                                                       if g.get("not_applicable")})
         if existing:
             mv = existing[0]
-        else:
-            mv = client.create_model_version(model_name, source=f"{run_info['artifact_uri']}/model",
-                                             run_id=run_info["run_id"], tags=tags,
-                                             description=f"promoted by mlipops; gates {len(gates)}/{len(gates)} passed")
+        else:  # the run's own artifact location (not a path stored in run.json: the project may have moved)
+            source = client.get_run(run_info["run_id"]).info.artifact_uri.rstrip("/") + "/model"
+            mv = client.create_model_version(model_name, source=source, run_id=run_info["run_id"], tags=tags,
+                                             description=f"promoted by mlipops; gates {n_ok} passed")
         version = int(mv.version)
         # the files first (into a temporary folder, renamed), the aliases last: an alias never points at a
         # version whose folder is incomplete, even if this process dies in between
@@ -287,7 +407,7 @@ def run(p: PromoteParams, model_name: str) -> dict:
         tmp = registry_dir / model_name / f".v{version}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        validation = _write_version(tmp, model_dir, gates)
+        validation = _write_version(tmp, model_dir, gates, expect)
         _model_card(tmp / "model_card.md", model_name, version, run_info, config, gates, eval_metrics,
                     _coverage_summary(INDEX), _known_limits(INDEX), validation, _training_params(client, run_info))
         if target.exists():
@@ -299,10 +419,13 @@ def run(p: PromoteParams, model_name: str) -> dict:
             client.set_registered_model_alias(model_name, "previous", str(previous))
         client.set_registered_model_alias(model_name, "champion", str(version))
         index = _update_index(registry_dir, model_name, client)
+    tag_error = _tag_training_run(run_info, True, [], version)
     write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: PROMOTED as v{version}", [
-        f"MLflow run `{run_info['run_id']}` passed all {len(gates)} gates; registered model `{model_name}` "
+        f"MLflow run `{run_info['run_id']}` passed all {len(applicable)} gates; registered model `{model_name}` "
         f"version {version} has alias `champion`" + (f"; v{previous} is now `previous`." if previous and int(previous) != version else "."),
+        *_not_applicable(gates),
         f"Files: `{target}`.",
+        *([f"The MLflow training run was NOT tagged with this decision: {tag_error}."] if tag_error else []),
     ], table=(header, gate_rows))
     metrics |= {"version": version, "wall_time_s": round(time.perf_counter() - t0, 2),
                 "n_versions": len(index["models"][model_name]["versions"])}
