@@ -277,7 +277,8 @@ def run(p: PromoteParams, model_name: str) -> dict:
         if existing:
             mv = existing[0]
         else:
-            mv = client.create_model_version(model_name, source=f"{run_info['artifact_uri']}/model",
+            source = tracking.get_run(client, run_info["run_id"], run_json).info.artifact_uri + "/model"
+            mv = client.create_model_version(model_name, source=source,
                                              run_id=run_info["run_id"], tags=tags,
                                              description=f"promoted by mlipops; gates {len(gates)}/{len(gates)} passed")
         version = int(mv.version)
