@@ -3,6 +3,7 @@ phases as nested MLflow runs, resume between phases)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -246,3 +247,9 @@ def test_curriculum_phases_are_nested_mlflow_runs(frames, tmp_path):
     member_steps = sorted({m.step for m in client.get_metric_history(phases[0].data.tags["mlflow.parentRunId"],
                                                                       "val_force_mae")})
     assert member_steps == [1, 2, 3, 4, 5]  # one cumulative axis over the phases
+    # the model's files name the store as configured, never an absolute path (a copied project reads its own)
+    info = json.loads((root / "data/models/cu/run.json").read_text())
+    assert info["tracking_uri"] == "sqlite:///mlflow.db" and "artifact_uri" not in info
+    assert by_id[info["run_id"]].data.tags["member"] == "ensemble"  # the parent run
+    for f in ("run.json", "config.json"):
+        assert str(root) not in (root / "data/models/cu" / f).read_text(), f

@@ -414,9 +414,10 @@ def hull_check(structure: Path = typer.Argument(..., help="structures to check (
 @app.command()
 def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"), params: Path = ParamsOpt):
     """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""
-    from mlipops.train.tracking import tracking_uri
+    from mlipops.train.tracking import relocate, tracking_uri
 
     p = _params(params).train
+    relocate(p.tracking_uri)  # a copied or moved project: its own store's artifact locations
     art = p.artifact_location
     art_uri = art if "://" in art else Path(art).resolve().as_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(p.tracking_uri),

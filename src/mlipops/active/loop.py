@@ -61,7 +61,8 @@ def params_fingerprint(p: ActiveParams, model_dir: str | Path, params: Params | 
     model, and, when it curates and retrains, the split rule, validation, index, descriptor and training
     settings."""
     doc = {k: v for k, v in p.model_dump(mode="json").items() if k not in _OPERATIONAL}
-    doc["model_dir"] = str(Path(model_dir).resolve())
+    md, root = Path(model_dir).resolve(), Path.cwd().resolve()  # project-relative: a moved project resumes
+    doc["model_dir"] = md.relative_to(root).as_posix() if md.is_relative_to(root) else str(md)
     weights = Path(model_dir) / "weights.pt"
     doc["model_md5"] = file_md5(weights) if weights.is_file() else None  # a retrained seed model: a new campaign
     if params is not None and p.base_data is not None:

@@ -111,6 +111,10 @@ def _log_to_mlflow(run_json: Path, metrics: dict) -> None:
 
     info = json.loads(run_json.read_text())
     c = tracking.client(info["tracking_uri"])
+    if tracking.find_run(c, info["run_id"]) is None:  # e.g. a `dvc exp run --temp` copy: reports only
+        print(f"mlipops: MLflow run {info['run_id']} ({run_json}) is not in the store {c.tracking_uri}: "
+              "the metrics are in the reports only")
+        return
     ts = int(time.time() * 1000)
     from mlflow.entities import Metric
 

@@ -397,7 +397,7 @@ def run(p: PromoteParams, model_name: str) -> dict:
         if existing:
             mv = existing[0]
         else:  # the run's own artifact location (not a path stored in run.json: the project may have moved)
-            source = client.get_run(run_info["run_id"]).info.artifact_uri.rstrip("/") + "/model"
+            source = tracking.get_run(client, run_info["run_id"], run_json).info.artifact_uri.rstrip("/") + "/model"
             mv = client.create_model_version(model_name, source=source, run_id=run_info["run_id"], tags=tags,
                                              description=f"promoted by mlipops; gates {n_ok} passed")
         version = int(mv.version)

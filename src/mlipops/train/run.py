@@ -399,8 +399,10 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
         for png in plots:
             mlflow.log_artifact(str(png), artifact_path="plots")
-        run_info = {"run_id": parent, "experiment_id": exp_id, "artifact_uri": mlflow.active_run().info.artifact_uri,
-                    "tracking_uri": uri, "data_md5": data_md5, "member_run_ids": state["member_run_ids"]}
+        # the store as configured (relative to the project root) and run ids: no absolute path, so a copied
+        # or moved project reads its own store (tracking.relocate); the artifact URI is the store's to say
+        run_info = {"run_id": parent, "experiment_id": exp_id, "tracking_uri": p.tracking_uri, "data_md5": data_md5,
+                    "member_run_ids": state["member_run_ids"]}
     (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     timing["finalize"] = time.perf_counter() - t1

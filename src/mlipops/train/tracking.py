@@ -1,14 +1,43 @@
-"""MLflow plumbing: the project's store (sqlite + local artifacts by default), provenance tags."""
+"""MLflow plumbing: the project's store (sqlite + local artifacts by default), provenance tags.
+
+The store is the project's: ``train.tracking_uri: sqlite:///mlflow.db`` and ``train.artifact_location:
+mlartifacts`` are relative to the project root (the working directory of every stage) and resolved
+when a stage runs; what the pipeline writes (``data/models/<name>/run.json``, the registry's copy of
+it) holds that configured URI and run ids, never an absolute path. ``MLFLOW_TRACKING_URI`` overrides
+the params (a user's tracking server).
+
+MLflow itself records absolute artifact locations in its sqlite file (experiments, runs, model
+versions, logged models, trace tags, the workspace's default root). A project copied or moved with its
+``mlflow.db`` and ``mlartifacts/`` would therefore log artifacts into, and register models from, the
+*original* project. :func:`client` relocates such a store first (:func:`relocate`): it finds the root
+the store was made in from each experiment's artifact location and the relative location it was
+created with (experiment tag ``mlipops.artifact_location``; stores made before the tag existed: the
+default ``mlartifacts``), and when that root is not this project's, rewrites the old root's prefix to
+this root in those columns, in one sqlite transaction. Only a project-local sqlite store is ever
+rewritten (a relative ``sqlite:///`` path inside the project, no ``MLFLOW_TRACKING_URI``); an absolute
+or shared sqlite path and any tracking server are left alone.
+"""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
-from pathlib import Path
+import urllib.parse
+from pathlib import Path, PurePosixPath
 
+from mlipops.errors import StageInputError
 from mlipops.frames import file_md5  # noqa: F401  (re-exported: the DVC hash of a data file)
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+ARTIFACT_TAG = "mlipops.artifact_location"  # experiment tag: its artifact location as configured (relative)
+DEFAULT_ARTIFACT_LOCATION = "mlartifacts"  # TrainParams' default: what a store without the tag was made with
+# MLflow's columns that hold artifact locations (table, column, row filter); those this MLflow lacks are skipped
+LOCATION_COLUMNS = (("experiments", "artifact_location", ""), ("runs", "artifact_uri", ""),
+                    ("model_versions", "source", ""), ("model_versions", "storage_location", ""),
+                    ("logged_models", "artifact_location", ""), ("workspaces", "default_artifact_root", ""),
+                    ("trace_tags", "value", "key = 'mlflow.artifactLocation'"))
 
 
 def tracking_uri(uri: str) -> str:
@@ -21,23 +50,137 @@ def tracking_uri(uri: str) -> str:
     return uri
 
 
+def project_store(uri: str) -> Path | None:
+    """The sqlite file of a project-local store (``sqlite:///<relative path>`` inside the project root,
+    not overridden by ``MLFLOW_TRACKING_URI``); None for anything else."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or not uri.startswith("sqlite:///") or uri.startswith("sqlite:////"):
+        return None
+    root = Path.cwd().resolve()
+    db = (root / uri[len("sqlite:///"):]).resolve()
+    return db if db.is_relative_to(root) else None
+
+
+def _local_path(loc: str | None) -> Path | None:
+    if not loc:
+        return None
+    if loc.startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(loc).path))
+    return Path(loc) if loc.startswith("/") else None
+
+
+def _moved_roots(con: sqlite3.Connection, root: Path) -> set[Path]:
+    """The project roots, other than ``root``, that the store's experiments were created in."""
+    rows = con.execute("SELECT e.artifact_location, t.value FROM experiments e LEFT JOIN experiment_tags t "
+                       "ON t.experiment_id = e.experiment_id AND t.key = ?", (ARTIFACT_TAG,)).fetchall()
+    old = set()
+    for loc, rel in rows:
+        path, rel = _local_path(loc), PurePosixPath(rel or DEFAULT_ARTIFACT_LOCATION)
+        n = len(rel.parts)
+        if (path is None or rel.is_absolute() or ":" in str(rel) or ".." in rel.parts or n == 0
+                or len(path.parts) <= n or path.parts[-n:] != rel.parts):
+            continue  # not made from a project-relative location: not ours to move
+        made_in = Path(*path.parts[:-n])
+        if made_in != root:
+            old.add(made_in)
+    return old
+
+
+def relocate(uri: str) -> list[Path]:
+    """Point a copied or moved project's own sqlite store at this project: every artifact location
+    under the root the store was made in (``file://`` URI or plain path) is rewritten to the same
+    place under the current root, in one transaction (concurrent stages: the second finds nothing to
+    do). Returns the old roots (empty: nothing moved, or not a project-local store)."""
+    db = project_store(uri)
+    if db is None or not db.is_file():
+        return []
+    root = Path.cwd().resolve()
+    con = sqlite3.connect(db, timeout=120, isolation_level=None)
+    try:
+        tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"experiments", "experiment_tags"} <= tables or not _moved_roots(con, root):
+            return []  # the usual case: one read, no lock
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            old = sorted(_moved_roots(con, root))
+            columns = {t: {r[1] for r in con.execute(f"PRAGMA table_info({t})")} for t, _, _ in LOCATION_COLUMNS}
+            n = 0
+            for o in old:
+                pairs = dict.fromkeys([(o.as_uri() + "/", root.as_uri() + "/"),
+                                       (f"file://{o}/", f"file://{root}/"), (f"{o}/", f"{root}/")])
+                for a, b in pairs:
+                    for table, col, where in LOCATION_COLUMNS:
+                        if col in columns[table]:
+                            n += con.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?) "
+                                             f"WHERE substr({col}, 1, ?) = ?" + (f" AND {where}" if where else ""),
+                                             (b, len(a) + 1, len(a), a)).rowcount
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()
+    if old:
+        try:  # this process's MLflow caches one artifact repository per run: drop the old locations
+            from mlflow.tracking._tracking_service import utils as mlflow_utils
+
+            mlflow_utils._artifact_repos_cache.clear()
+        except (ImportError, AttributeError):  # another MLflow: no such cache
+            pass
+        print(f"mlipops: this project was copied or moved from {', '.join(map(str, old))}: its MLflow store "
+              f"{db.name} now points at {root} ({n} artifact locations rewritten)")
+    return old
+
+
 def client(uri: str):
+    """The MLflow client of the store ``uri`` (also the fluent API's), relocated first when the project
+    was copied or moved (:func:`relocate`)."""
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri(uri))
-    return MlflowClient(tracking_uri=tracking_uri(uri))
+    relocate(uri)
+    resolved, env = tracking_uri(uri), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(resolved)  # the fluent API's store (mlflow.start_run) in this process; MLflow also
+    if env is None:  # exports it as MLFLOW_TRACKING_URI: keep that variable the user's (an override), so that a
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # later store, subprocess or copy is not sent to this one
+    return MlflowClient(tracking_uri=resolved)
 
 
 def experiment_id(uri: str, name: str, artifact_location: str) -> str:
+    """The experiment ``name``, created with ``artifact_location`` (relative: under the project root)
+    when missing; a relative location is recorded in the tag ``mlipops.artifact_location``."""
     c = client(uri)
+    relative = "://" not in artifact_location and not Path(artifact_location).is_absolute()
+    loc = Path(artifact_location).resolve().as_uri() if "://" not in artifact_location else artifact_location
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if (relative and ARTIFACT_TAG not in exp.tags
+                and _local_path(exp.artifact_location) == Path(artifact_location).resolve()):
+            c.set_experiment_tag(exp.experiment_id, ARTIFACT_TAG, artifact_location)  # a store made before the tag
         return exp.experiment_id
-    loc = artifact_location
-    if "://" not in loc:
-        loc = Path(loc).resolve().as_uri()
-    return c.create_experiment(name, artifact_location=loc)
+    return c.create_experiment(name, artifact_location=loc,
+                               tags={ARTIFACT_TAG: artifact_location} if relative else None)
+
+
+def find_run(c, run_id: str):
+    """The run ``run_id`` of the client's store, or None when the store does not hold it (a model trained
+    against another store, or fetched by ``dvc pull`` into a fresh project or a ``dvc exp run --temp`` copy)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def get_run(c, run_id: str, run_json: str | Path):
+    """The MLflow run that ``run_json`` names, from this project's store; a run it does not hold is an
+    error that says so."""
+    run = find_run(c, run_id)
+    if run is None:
+        raise StageInputError(f"MLflow run {run_id} is not in the tracking store {c.tracking_uri}: the model was "
+                              "trained against another store; retrain it here (`dvc repro -f train`) or point "
+                              "MLFLOW_TRACKING_URI at that store", file=str(run_json), field="run_id")
+    return run
 
 
 def git_commit() -> str:
