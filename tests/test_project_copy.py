@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from mlipops.provenance import model_identity, write_provenance
 from mlipops.train import tracking
 
 SMALL_D = {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1}
@@ -54,6 +55,9 @@ def _finished_project(root: Path, monkeypatch) -> Path:
     (ev / "metrics.json").write_text(json.dumps({"val.force_mae": 0.5, "n_nonfinite_predictions": 0}))
     (ev / "uncertainty/uncertainty.json").write_text(json.dumps(
         {"available": False, "reason": "not computed", "gate": {"passed": True, "value": None}}))
+    ids = model_identity(model_dir, "cu")  # the reports were computed for this model (promote checks it)
+    write_provenance(ev, "evaluate", **ids)
+    write_provenance(ev / "uncertainty", "evaluate", **ids)
     return root
 
 
