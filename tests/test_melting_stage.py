@@ -95,37 +95,52 @@ def test_flat_metrics_and_conclusion_are_consistent():
 
 
 def test_bias_significance_on_numbers():
-    """se_ens² = max(s², mean err_k²)/n; σ = sqrt(se_ens² + err_ref²); excess = |bias| − max(window, 2σ)."""
+    """se_ens² = max(s², mean err_k²)/n; σ = sqrt(se_ens² + err_ref²); excess = |bias| − max(window, t·σ) with
+    Student's t at the Welch–Satterthwaite degrees of freedom."""
+    from scipy.stats import t as student_t
+
     tms, errs = np.array([1340.0, 1360.0, 1380.0]), np.array([10.0, 20.0, 20.0])
-    out = melting_stage.bias_significance(60.0, tms, errs, 12.0, 50.0)
-    # s² = 400 (ddof 1) > mean err² = 300: the members' spread rules; se_ens = sqrt(400/3)
-    assert out["tm_se_ensemble"] == pytest.approx(math.sqrt(400.0 / 3))
-    assert out["bias_combined_se"] == pytest.approx(math.sqrt(400.0 / 3 + 144.0))
-    assert out["bias_2sigma_K"] == pytest.approx(2 * math.sqrt(400.0 / 3 + 144.0))  # 33.3 K < the window
+    out = melting_stage.bias_significance(60.0, tms, errs, 12.0, 50.0, n_ref=4)
+    # s² = 400 (ddof 1) > mean err² = 300: the members' spread rules (2 dof); se_ens = sqrt(400/3)
+    se = math.sqrt(400.0 / 3)
+    assert out["tm_se_ensemble"] == pytest.approx(se)
+    sigma = math.sqrt(se**2 + 144.0)
+    assert out["bias_combined_se"] == pytest.approx(sigma)
+    dof = sigma**4 / (se**4 / 2 + 12.0**4 / 3)
+    assert out["bias_dof"] == pytest.approx(dof)
+    assert out["bias_bound_K"] == pytest.approx(student_t.ppf(0.975, dof) * sigma)  # 45 K < the window
     assert out["bias_significance_excess_K"] == pytest.approx(10.0) and out["abs_bias"] == 60.0
-    # members that agree better than their own errors: floored at the noise those errors predict
+    # members that agree better than their own errors: floored at the noise those errors predict, whose
+    # degrees of freedom are the reference's (a one-seed member's error is the reference seeds' scatter)
     tight = melting_stage.bias_significance(-60.0, np.array([1240.0, 1241.0, 1239.0]), np.array([40.0, 40.0, 40.0]),
-                                            30.0, 50.0)
+                                            30.0, 50.0, n_ref=2)
     assert tight["tm_se_ensemble"] == pytest.approx(40.0 / math.sqrt(3))
     sigma = math.sqrt(1600.0 / 3 + 900.0)
-    assert tight["bias_significance_excess_K"] == pytest.approx(60.0 - 2 * sigma)  # 2σ = 75.7 K > the window
+    dof = sigma**4 / ((1600.0 / 3) ** 2 + 900.0**2)
+    assert tight["bias_dof"] == pytest.approx(dof) and 1.0 < dof < 2.0
+    assert tight["bias_significance_excess_K"] == pytest.approx(60.0 - student_t.ppf(0.975, dof) * sigma)
+    # two reference seeds are one degree of freedom: the bound is far wider than 2σ
+    assert tight["bias_t_factor"] > 4.0
     one = melting_stage.bias_significance(10.0, np.array([1310.0]), np.array([25.0]), 0.0, 50.0)
     assert one["tm_se_ensemble"] == pytest.approx(25.0)  # one member: its own error
 
 
-@pytest.mark.parametrize("tms, errs, ref_err, passes", [
-    ((1360.0, 1370.0, 1380.0), (20.0, 20.0, 20.0), 12.0, False),   # bias 70 K > window 50 K and > 2σ = 30 K
-    ((1330.0, 1340.0, 1350.0), (20.0, 20.0, 20.0), 12.0, True),    # bias 40 K within the window
-    ((1300.0, 1370.0, 1440.0), (40.0, 40.0, 40.0), 25.0, True),    # bias 70 K but 2σ = 95 K: not significant
+@pytest.mark.parametrize("tms, errs, ref_err, n_ref, passes", [
+    ((1400.0, 1410.0, 1420.0), (20.0, 20.0, 20.0), 12.0, 2, False),  # bias 110 K > window and > t·σ = 71 K
+    ((1360.0, 1370.0, 1380.0), (20.0, 20.0, 20.0), 12.0, 2, True),   # bias 70 K: within t·σ = 71 K (2 ref seeds)
+    ((1360.0, 1370.0, 1380.0), (20.0, 20.0, 20.0), 12.0, 8, False),  # the same bias against 8 ref seeds: t·σ 42 K
+    ((1330.0, 1340.0, 1350.0), (20.0, 20.0, 20.0), 12.0, 2, True),   # bias 40 K within the window
+    ((1300.0, 1370.0, 1440.0), (40.0, 40.0, 40.0), 25.0, 4, True),   # bias 70 K but t·σ ≈ 180 K: not significant
 ])
 def test_the_melting_gate_of_params_yaml_fails_only_a_significant_bias(tmp_path, u_repo_root, tms, errs, ref_err,
-                                                                        passes):
+                                                                        n_ref, passes):
     from mlipops.params import load_params
     from mlipops.promote.gates import check_gates
     from mlipops.report import write_metrics
 
     members = [_member(k, tm, e, n=1) for k, (tm, e) in enumerate(zip(tms, errs))]
-    result = melting_stage.combine(members, {"available": True, "tm_mean": 1300.0, "tm_stderr": ref_err}, 50.0)
+    result = melting_stage.combine(members, {"available": True, "tm_mean": 1300.0, "tm_stderr": ref_err,
+                                             "n_accepted": n_ref}, 50.0)
     write_metrics(tmp_path / "melting", melting_stage.flat_metrics(result | {"members": members}))
     key = "melting:bias_significance_excess_K"
     gate = load_params(u_repo_root / "params.yaml").promote.gates[key]
