@@ -102,6 +102,26 @@ def keep_run(name: str, project: Path, **info) -> dict:
     return info
 
 
+def _rederive_melting(eval_dir: Path) -> None:
+    """The melting gate's metrics recomputed from the run's member and reference numbers with this
+    checkout's formula (a run made before a change of the formula is judged by the current one)."""
+    import numpy as np
+
+    from mlipops.evaluate.melting_stage import bias_significance
+
+    mp, mj = eval_dir / "melting/metrics.json", eval_dir / "melting/melting_point.json"
+    if not (mp.is_file() and mj.is_file()):
+        return
+    m, rep = json.loads(mp.read_text()), json.loads(mj.read_text())
+    members = [pm for pm in rep.get("members", []) if pm.get("tm_mean") is not None]
+    if m.get("bias") is None or not members:
+        return
+    n_ref = int((rep.get("reference") or {}).get("n_accepted") or 2)
+    m |= bias_significance(m["bias"], np.array([pm["tm_mean"] for pm in members]),
+                           np.array([pm["tm_stderr"] for pm in members]), m["tm_ref_stderr"], m["window_K"], n_ref)
+    mp.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+
+
 def _gate_rows(run_dir: Path) -> list[dict]:
     """The gates of this checkout's params on one run's stored reports (threshold logic only: a run's
     reports are its own model's by construction)."""
@@ -109,6 +129,7 @@ def _gate_rows(run_dir: Path) -> list[dict]:
     from mlipops.promote.gates import check_gates
 
     p = load_params(ROOT / "params.yaml")
+    _rederive_melting(run_dir / "reports/evaluate")
     return check_gates(p.promote.gates, run_dir / "reports/evaluate")
 
 
@@ -138,7 +159,21 @@ def analyse() -> dict:
         g["stable"] = bool(g["all_pass"] and (g["worst_margin_in_spreads"] is None or g["worst_margin_in_spreads"] > 2))
         rows.append(g)
     rows.sort(key=lambda g: (g["stable"], g["worst_margin_in_spreads"] if g["worst_margin_in_spreads"] is not None else 0))
-    return {"runs": infos, "gates": rows}
+    info = {}
+    for key in INFO:  # the numbers behind the melting gate, over the runs
+        report, _, metric = key.rpartition(":")
+        vals = {}
+        for d in runs:
+            f = d / "reports/evaluate" / report / "metrics.json"
+            vals[d.name] = json.loads(f.read_text()).get(metric) if f.is_file() else None
+        xs = [v for v in vals.values() if isinstance(v, (int, float))]
+        info[key] = {"values": vals, "mean": sum(xs) / len(xs) if xs else None,
+                     "spread": _std(xs) if len(xs) > 1 else None}
+    return {"runs": infos, "gates": rows, "info": info}
+
+
+INFO = ["melting:tm_ref", "melting:tm_ref_stderr", "melting:tm_mean", "melting:tm_std", "melting:bias",
+        "melting:bias_combined_se", "melting:bias_t_factor", "melting:bias_bound_K", "melting:p_within_window"]
 
 
 def _std(xs):
@@ -180,6 +215,9 @@ def main() -> None:
         print(f"{g['gate'][:58]:58s} {g['bound']:5s} {_fmt(g['threshold']):>8s} {_fmt(g['mean']):>9s} "
               f"{_fmt(g['spread']):>9s} {_fmt(g['worst_margin']):>12s} {_fmt(g['worst_margin_in_spreads'], 3):>8s} "
               f"{'yes' if g['stable'] else 'NO'}")
+    for key, v in res["info"].items():
+        print(f"{key:40s} " + "  ".join(f"{n}={_fmt(x)}" for n, x in v["values"].items())
+              + f"   spread {_fmt(v['spread'])}")
     for r in res["runs"]:
         print(f"run {r['name']}: exit {r['returncode']}, {r['wall_s']} s, generate md5 {r.get('generate_md5')}")
     path = ROOT / "reports/bench/gate_stability.json"
