@@ -178,6 +178,10 @@ class SplitParams(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
+    # every config_type split by the fractions that has at least 3 frames gets at least this many in val and in
+    # test (the training draws nearest to the val/test cut move there): a per-config_type gate is never left
+    # without frames by the luck of the draw (20 liquid frames at 10 %: no test frame for 12 % of the seeds)
+    min_per_config_type: int = Field(1, ge=0)
     # config_type -> fraction of its would-be training and validation frames kept (stable hash draw); the rest
     # get split "unused": indexed (their γ counts), never trained on nor used for early stopping. Sweeps, e.g.
     # `dvc exp run -S ingest.split.keep_in_train.liquid=0`.

@@ -49,7 +49,8 @@ def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
     ``config_type``: frames whose config_type is in ``test_config_types`` are test; the rest are
     split train/val/test by ``val_fraction`` / ``test_fraction``. ``random``: every frame by the
     fractions. The draw is a hash of (seed, frame_id), so a frame keeps its split when others are
-    added or the sources are reordered.
+    added or the sources are reordered. A config_type of 3 frames or more that drew fewer than
+    ``min_per_config_type`` val or test frames gets them from its training draws nearest to the cut.
 
     ``keep_in_train`` {config_type: f}: of that config_type's training and validation frames a stable (hashed)
     fraction f stays and the rest get split ``unused`` (kept and indexed, never trained on, never used to pick
@@ -57,6 +58,7 @@ def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
     frames do not change, so a sweep over f is judged on the same frames.
     """
     held_out = set(rule.test_config_types) if rule.method == "config_type" else set()
+    groups: dict[str, list[tuple[float, Atoms]]] = {}
     for a in frames:
         if a.info["config_type"] in held_out:
             a.info["split"] = "test"
@@ -64,6 +66,24 @@ def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
         u = _stable_unit(a.info["frame_id"], rule.seed)
         a.info["split"] = ("test" if u < rule.test_fraction
                            else "val" if u < rule.test_fraction + rule.val_fraction else "train")
+        groups.setdefault(a.info["config_type"], []).append((u, a))
+    # at least min_per_config_type of every config_type (of 3 frames or more) in val and in test: taken from the
+    # training draws nearest to the cut (u just above it), else from the other evaluation split, never a split's
+    # last frame; the choice is as stable as the draw itself
+    for group in groups.values():
+        if len(group) < 3:
+            continue
+        for split, frac in (("test", rule.test_fraction), ("val", rule.val_fraction)):
+            need = rule.min_per_config_type - sum(a.info["split"] == split for _, a in group) if frac > 0 else 0
+            while need > 0:
+                counts = Counter(a.info["split"] for _, a in group)
+                donors = [ua for ua in group if ua[1].info["split"] != split and counts[ua[1].info["split"]] > 1]
+                if not donors:
+                    break
+                _, a = min(donors, key=lambda ua: (ua[1].info["split"] != "train", ua[0]))
+                a.info["split"] = split
+                need -= 1
+    for a in frames:
         keep = rule.keep_in_train.get(a.info["config_type"])
         if (a.info["split"] in ("train", "val") and keep is not None
                 and _stable_unit("keep:" + a.info["frame_id"], rule.seed) >= keep):
