@@ -131,7 +131,8 @@ def test_outputs_exist(repo: Path):
     assert "## Melting point" in card and "Reference (emt)" in card and "not faked" not in card
     melt = json.loads((repo / "registry/cu/v1/melting_point.json").read_text())
     assert len(melt["members"]) == 2 and melt["reference"]["oracle"]["calculator"] == "emt"
-    assert melt["n_liquid_train_frames"] >= 1 and melt["window_K"] == yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["melting"]["window_K"]
+    window = yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["melting"]["window_K"]
+    assert melt["n_liquid_train_frames"] >= 1 and melt["window_K"] == window
     gates = json.loads((repo / "registry/cu/v1/gates.json").read_text())
     assert any(g["gate"].startswith("uncertainty.val.all.force_spearman") and g["passed"] for g in gates)
     assert {"gate": "nve:finite", "value": 1, "threshold": 1.0, "bound": "min", "passed": True, "note": ""} in gates
