@@ -113,6 +113,42 @@ def fit_species_hull(species: str, g_train: np.ndarray, k: int) -> SpeciesHull:
                        n_train_atoms=len(g_train), rank=rank)
 
 
+_CHUNK_ROWS = 1 << 18  # rows of descriptors standardized/projected at a time at scale
+_LARGE_CELLS = 1 << 23  # training descriptor cells (atoms x features) above which the fit runs in chunks
+
+
+def _fit_species_hull_chunked(species: str, g: np.ndarray, idx: np.ndarray, k: int) -> SpeciesHull:
+    """:func:`fit_species_hull` on the rows ``idx`` of ``g``, a chunk of rows at a time (no copy of the
+    training descriptors, no n x F matrix but g): mean and standard deviation in two passes, the principal
+    components from the SVD of the R factor of the standardized rows (a tall-skinny QR: the singular
+    values and right singular vectors of z are those of R), the projection chunk by chunk."""
+    from scipy.linalg import qr
+
+    n, f = len(idx), g.shape[1]
+    k = int(min(k, f))
+    blocks = [idx[lo:lo + _CHUNK_ROWS] for lo in range(0, n, _CHUNK_ROWS)]
+    mean = sum(g[b].sum(axis=0) for b in blocks) / n
+    std = np.sqrt(sum(np.square(g[b] - mean).sum(axis=0) for b in blocks) / n)
+    std = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max(initial=0.0))), std, 1.0)
+    r = np.zeros((0, f))
+    for b in blocks:
+        r = qr(np.vstack([r, (g[b] - mean) / std]), mode="r")[0][:f]
+    _, s, vt = np.linalg.svd(r, full_matrices=False)
+    var = s**2
+    total = var.sum()
+    evr = var[:k] / total if total > 0 else np.zeros(k)
+    comps = vt[:k]
+    if comps.shape[0] < k:
+        comps = np.vstack([comps, np.zeros((k - comps.shape[0], comps.shape[1]))])
+        evr = np.concatenate([evr, np.zeros(k - len(evr))])
+    signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])
+    comps = comps * np.where(signs == 0, 1.0, signs)[:, None]
+    p = np.concatenate([((g[b] - mean) / std) @ comps.T for b in blocks])
+    pts, rank = extreme_points(p)
+    return SpeciesHull(species=species, k=k, feature_mean=mean, feature_std=std, components=comps,
+                       explained_variance_ratio=evr, centroid=p.mean(axis=0), points=pts, n_train_atoms=n, rank=rank)
+
+
 def _affine_frame(p: np.ndarray, rel_tol: float = 1e-9):
     """Mean, orthonormal basis [r, k] and rank r of the affine subspace spanned by the points."""
     mu = p.mean(axis=0)
@@ -380,11 +416,10 @@ class HullIndex:
         symbols = np.asarray(symbols)
         unseen = np.asarray(unseen, dtype=bool)
         for s, h in self.hulls.items():
-            m = (symbols == s) & ~unseen
-            if not m.any():
-                continue
-            x, ins, gam, d = h.evaluate(g[m])
-            proj[m], inside[m], gamma[m], dist[m] = x, ins, gam, d
+            rows = np.flatnonzero((symbols == s) & ~unseen)
+            for lo in range(0, len(rows), _CHUNK_ROWS):  # bounded temporaries on millions of atoms
+                b = rows[lo:lo + _CHUNK_ROWS]
+                proj[b], inside[b], gamma[b], dist[b] = h.evaluate(g[b])
         return {"projection": proj, "inside_hull": inside, "extrapolation_grade": gamma, "hull_distance": dist}
 
 
@@ -400,5 +435,7 @@ def fit_hull_index(symbols: np.ndarray, g: np.ndarray, is_train: np.ndarray, spe
     for s in species:
         m = is_train & (symbols == s)
         if m.any():
-            hulls[s] = fit_species_hull(s, g[m], k)
+            rows = np.flatnonzero(m)
+            hulls[s] = (fit_species_hull(s, g[rows], k) if len(rows) * g.shape[1] <= _LARGE_CELLS
+                        else _fit_species_hull_chunked(s, g, rows, k))
     return HullIndex(species=list(species), descriptor=dict(descriptor), hulls=hulls)

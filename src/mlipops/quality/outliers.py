@@ -55,6 +55,7 @@ import torch
 from ase import Atoms
 
 from mlipops.descriptors import AtomCentredDescriptor, frame_edges
+from mlipops.report import trim_memory
 
 
 @dataclass
@@ -759,6 +760,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
     rows["flag_round"] = pd.array([pd.NA] * n, dtype="Int64")
     report = OutlierReport(frames=rows)
     d = design(pool, species, settings, forces=forces, spill_dir=spill_dir) if n else None
+    trim_memory()  # the descriptor pass's temporaries
     if n <= (d["x_energy"].shape[1] + 2 if d else 0) or d is None:
         report.notes.append(f"{n} training frames are too few for the surrogate: not examined")
         rows["quarantine"], rows["kind"], rows["reason"] = False, "not examined", None

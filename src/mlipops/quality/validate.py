@@ -52,7 +52,7 @@ from mlipops.frames import labels, read_extxyz, to_extxyz_string, write_extxyz
 from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs
 from mlipops.params import DescriptorParams, ValidateParams, composition_key
 from mlipops.quality.releases import RELEASES, load_releases
-from mlipops.report import md_table, progress, write_markdown, write_metrics
+from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -638,6 +638,8 @@ def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int = 50
             advance(completed=max(1, round(size / 2**20)), note=f"{n} frames")
     table = pd.concat(tables, ignore_index=True) if tables else frame_table([], p.allowed_species, probe)
     atoms = pd.concat(atom_parts, ignore_index=True) if atom_parts else atom_table([], probe)
+    del tables, atom_parts
+    trim_memory()
     return table, atoms, FramePool.concat(pools), np.array(train_rows, dtype=np.int64), info
 
 
@@ -656,10 +658,12 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
             failures, gx_result = suite_decision(table, atoms, p)
             n_atoms_checked = len(atoms)
             del atoms  # the atom table (~70 bytes an atom) is not needed any more
+            trim_memory()
             advance(completed=1, note=f"outlier test on {len(train)} training frames")
             outliers, out_rep, out_note, lone = outlier_decision(failures, train, train_rows, p, descriptors,
                                                                  spill_dir=CURATED)
             del train
+            trim_memory()
             decision = Decision(failures, table, None, gx_result, outliers, out_rep, out_note, lone)
             advance(completed=2, note="writing accepted.extxyz and the quarantine")
             metrics = _write_outputs(decision, info, spool, p, t0, n_atoms_checked)
