@@ -377,6 +377,7 @@ def test_index_hull_at_scale_equals_the_direct_fit(monkeypatch):
     ev_ref = ref.evaluate(symbols, g, unseen)
     monkeypatch.setattr(H, "_LARGE_CELLS", 0)
     monkeypatch.setattr(H, "_CHUNK_ROWS", 97)
+    monkeypatch.setattr(H, "_QHULL_POINTS", 101)  # extreme points pruned 101 points at a time
     got = H.fit_hull_index(symbols, g, train, ["Cu"], settings, 4)
     a, b = ref.hulls["Cu"], got.hulls["Cu"]
     for f in ("feature_mean", "feature_std", "components", "explained_variance_ratio", "centroid"):

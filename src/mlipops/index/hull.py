@@ -159,8 +159,24 @@ def _affine_frame(p: np.ndarray, rel_tol: float = 1e-9):
     return mu, vt[:r], r
 
 
+_QHULL_POINTS = 1 << 18  # points given to qhull at once: more are pruned a chunk at a time
+
+
 def extreme_points(p: np.ndarray) -> tuple[np.ndarray, int]:
-    """The extreme points of the point set (a superset within qhull's precision) and its affine rank."""
+    """The extreme points of the point set (a superset within qhull's precision) and its affine rank.
+
+    Millions of points (the training atoms of a large set) are pruned a chunk at a time: the extreme points
+    of a union are those of (the extreme points found so far + the next chunk), so qhull never holds more
+    than :data:`_QHULL_POINTS` points and their facets."""
+    if len(p) > _QHULL_POINTS:
+        kept = p[:0]
+        for lo in range(0, len(p), _QHULL_POINTS):
+            kept, rank = _extreme_points(np.vstack([kept, p[lo:lo + _QHULL_POINTS]]))
+        return kept, rank
+    return _extreme_points(p)
+
+
+def _extreme_points(p: np.ndarray) -> tuple[np.ndarray, int]:
     from scipy.spatial import ConvexHull, QhullError
 
     u = np.unique(p, axis=0)

@@ -842,6 +842,9 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
             rows.loc[at, "force_atom"] = d["force_atom"][rmask][w]
             new_f[np.unique(fr[bad])] = True
             del res, t_f, bad
+            # what the rest of the test uses of the force fit: y, fitted, coefficients; the per-row influence
+            # measures (4 arrays of a float per force row, 7M rows at scale) are done with
+            fs.leverage = fs.cooks = fs.t_external = fs.dffit = None
             flag_frame, flag_atom = tests.judge(fs, keep, rows)
             new_frame, new_atom = flag_frame & keep, flag_atom & keep
         rows.loc[new_e, "energy_flag"] = True

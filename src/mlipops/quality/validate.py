@@ -436,9 +436,11 @@ def outlier_candidates(config_types, splits, p: ValidateParams) -> tuple[np.ndar
     return np.array([k for k in train if int(k) not in lone], dtype=np.int64), lone
 
 
-def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | None, spill_dir: Path | None = None):
+def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | None, spill_dir: Path | None = None,
+                  among: np.ndarray | None = None):
     """Cook's-distance outliers among the training-split frames that passed the suite (a list of ase.Atoms
-    or a :class:`~mlipops.quality.outliers.FramePool`), examined as :func:`outlier_candidates` says.
+    or a :class:`~mlipops.quality.outliers.FramePool`; ``among``: the indices of those that passed, default
+    all), examined as :func:`outlier_candidates` says.
 
     Returns ({frame index in ``frames``: reason}, report or None, note, {frame index: note} of the training
     frames not examined)."""
@@ -448,8 +450,10 @@ def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | Non
     if not o.enabled or descriptors is None:
         return {}, None, "outlier detection disabled (validate.outliers.enabled)", {}
     pool = FramePool.from_atoms(frames)
-    cts = np.array([None if c is None else str(c) for c in pool.info["config_type"]], dtype=object)
-    idx, lone = outlier_candidates(cts, pool.info["split"], p)
+    among = np.arange(len(pool)) if among is None else np.asarray(among, dtype=np.int64)
+    cts = np.array([None if c is None else str(c) for c in pool.info["config_type"][among]], dtype=object)
+    idx, lone = outlier_candidates(cts, pool.info["split"][among], p)
+    idx, lone = among[idx], {int(among[k]): note for k, note in lone.items()}
     if not len(idx):
         what = f"no frame of the {o.training_split!r} split" if not lone else \
             f"no two frames of one config_type in the {o.training_split!r} split"
@@ -536,13 +540,12 @@ def outlier_decision(failures: dict, train, train_rows: np.ndarray, p: ValidateP
 
     train = FramePool.from_atoms(train)
     train_rows = np.asarray(train_rows, dtype=np.int64)
-    ok = np.array([int(k) not in failures for k in train_rows], dtype=bool)
-    found, out_rep, out_note, lone = find_outliers(train.take(np.flatnonzero(ok)), p, descriptors, spill_dir)
-    passed = train_rows[ok]
-    outliers = {int(passed[j]): reason for j, reason in found.items()}
+    ok = np.flatnonzero([int(k) not in failures for k in train_rows])
+    found, out_rep, out_note, lone = find_outliers(train, p, descriptors, spill_dir, among=ok)
+    outliers = {int(train_rows[j]): reason for j, reason in found.items()}
     for k, reason in outliers.items():
         failures.setdefault(k, []).append(("influential_outlier", reason))
-    return outliers, out_rep, out_note, {int(passed[j]): note for j, note in lone.items()}
+    return outliers, out_rep, out_note, {int(train_rows[j]): note for j, note in lone.items()}
 
 
 def decide_tables(table: pd.DataFrame, atoms: pd.DataFrame, train, train_rows: np.ndarray, p: ValidateParams,
