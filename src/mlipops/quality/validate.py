@@ -49,7 +49,7 @@ from ase.geometry.minkowski_reduction import minkowski_reduce
 
 from mlipops.descriptors import neighbor_list
 from mlipops.errors import StageInputError
-from mlipops.frames import labels, read_extxyz, to_extxyz_string, write_extxyz
+from mlipops.frames import labels, read_extxyz, write_extxyz
 from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs
 from mlipops.params import DescriptorParams, ValidateParams, composition_key
 from mlipops.quality.releases import RELEASES, load_releases
@@ -579,7 +579,7 @@ class _Info(NamedTuple):
 
 
 class _Spool:
-    """The extxyz text of every frame (as :func:`~mlipops.frames.to_extxyz_string` writes it), in a file
+    """The extxyz text of every frame (as it stands in the ingested file), in a file
     beside the outputs, so that accepted.extxyz and the quarantine are written after the decision without
     holding the frames: one frame's text in memory at a time."""
 
@@ -617,7 +617,7 @@ def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int = 50
     size = path.stat().st_size
     n = 0
 
-    def flush(frames):
+    def flush(frames, texts):
         nonlocal n
         if not frames:
             return
@@ -631,24 +631,26 @@ def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int = 50
         if p.outliers.enabled and train:
             pools.append(FramePool.from_atoms([frames[q] for q in train]))
             train_rows.extend(n + q for q in train)
-        for a in frames:
-            spool.add(to_extxyz_string(a))
+        for a, text in zip(frames, texts):
+            spool.add(text)  # ingest wrote it: the frame's own text (ASE writes a read frame back to these bytes)
             info.append(_Info(*(a.info.get(k) for k in _Info._fields)))
         n += len(frames)
 
-    buf = []
+    buf, texts = [], []
     if size:
         with progress("validate: reading the ingested frames (MiB)", max(1, round(size / 2**20)),
                       quiet_start=True) as advance:
-            for a in iter_extxyz(path, progress=lambda pos: advance(completed=round(pos / 2**20),
-                                                                     note=f"{n + len(buf)} frames")):
+            for a, text in iter_extxyz(path, with_text=True,
+                                       progress=lambda pos: advance(completed=round(pos / 2**20),
+                                                                    note=f"{n + len(buf)} frames")):
                 if isinstance(a, Rejected):  # ingest wrote this file: a frame it cannot read back is corruption
                     raise StageInputError(f"ingest output is corrupt: {a.reason}", file=str(path))
                 buf.append(a)
+                texts.append(text)
                 if len(buf) >= chunk:
-                    flush(buf)
-                    buf = []
-            flush(buf)
+                    flush(buf, texts)
+                    buf, texts = [], []
+            flush(buf, texts)
             advance(completed=max(1, round(size / 2**20)), note=f"{n} frames")
     table = pd.concat(tables, ignore_index=True) if tables else frame_table([], p.allowed_species, probe)
     atoms = pd.concat(atom_parts, ignore_index=True) if atom_parts else atom_table([], probe)
