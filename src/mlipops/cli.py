@@ -328,18 +328,34 @@ def registry_load(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NA
 @app.command()
 def query(sql: str = typer.Argument(None, help="one SQL statement (read-only)"),
           file: Path = typer.Option(None, "--file", "-f", help="read the SQL from this file"),
-          db: Path = DbOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt, limit: int = LimitOpt):
-    """Read-only SQL on the coverage index, e.g. mlipops query "SELECT * FROM coverage_by_config"."""
+          db: Path = DbOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt,
+          limit: int = typer.Option(200, "--limit", help="rows fetched and printed (table, CSV or JSON)"),
+          timeout: float = typer.Option(60.0, "--timeout", help="seconds before the query is interrupted"),
+          memory_limit: str = typer.Option("1GB", "--memory-limit", help="DuckDB memory limit (nothing spills "
+                                                                         "to disk)")):
+    """Read-only SQL on the coverage index, e.g. mlipops query "SELECT * FROM coverage_by_config".
+    One SELECT statement; bounded in time, memory and rows; settings cannot be changed from SQL."""
     from mlipops.index import query as run_query
 
     if (sql is None) == (file is None):
         raise MlipopsError("give either an SQL statement or --file, not both", field="sql")
-    if file is not None:
+    if file is not None:  # a regular file of at most 1 MB of UTF-8 text (not /dev/zero, not a binary)
+        if not file.is_file():
+            raise MlipopsError("the query file is not a regular file" if file.exists() else "no such file",
+                               file=str(file))
         try:
-            sql = file.read_text()
+            with open(file, "rb") as fh:
+                raw = fh.read(2**20 + 1)
+            if len(raw) > 2**20:
+                raise MlipopsError("the query file is larger than 1 MB", file=str(file))
+            sql = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise MlipopsError(f"cannot read the query: {exc.strerror or exc}", file=str(file)) from None
-    _print_frame(run_query(sql, db), csv, as_json, limit)
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise MlipopsError(f"cannot read the query: {why}", file=str(file)) from None
+    df = run_query(sql, db, limit=limit, timeout_s=timeout, memory_limit=memory_limit)
+    _print_frame(df, csv, as_json, limit)
+    if df.attrs.get("truncated"):
+        typer.echo(f"showing {len(df)} of more than {len(df)} rows (raise --limit to see more)", err=True)
 
 
 @app.command()
