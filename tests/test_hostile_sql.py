@@ -8,7 +8,6 @@ renamed over it; dvc.yaml keeps the old one in place while the stage runs (``per
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -100,7 +99,8 @@ def test_configuration_is_locked(sql_db):
         assert s["temp_directory"] == "" and s["max_temp_directory_size"] == "0 bytes"  # nothing spills
         assert s["memory_limit"] == "953.6 MiB" and int(s["threads"]) <= 2  # 1GB = 10^9 bytes
         for sql in ("SET memory_limit = '100TB'", "SET threads = 64", "RESET memory_limit",
-                    "SET enable_external_access = true", "SET temp_directory = 'spill'", "SET lock_configuration = false"):
+                    "SET enable_external_access = true", "SET temp_directory = 'spill'",
+                    "SET lock_configuration = false"):
             with pytest.raises(Exception, match="configuration has been locked"):
                 con.execute(sql)
     finally:
@@ -182,7 +182,8 @@ def test_row_cap_fetches_limit_rows_only(sql_db):
 def _peak_rss_mb(root: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     """Run the CLI from a fresh parent that reports its one child's peak RSS (MB)."""
     probe = ("import resource, subprocess, sys; "
-             "r = subprocess.run([sys.executable, '-m', 'mlipops.cli', *sys.argv[1:]], capture_output=True, text=True); "
+             "r = subprocess.run([sys.executable, '-m', 'mlipops.cli', *sys.argv[1:]], capture_output=True, "
+             "text=True); "
              "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, file=sys.stderr); "
              "sys.exit(r.returncode)")
@@ -199,7 +200,8 @@ def test_cli_big_result_prints_the_limit_in_bounded_memory(sql_db):
     r, rss = _peak_rss_mb(root, "query", BIG, "--limit", "200")  # a table: CSV/JSON of old versions printed all
     wall = time.perf_counter() - t
     assert r.returncode == 0, r.stderr
-    assert [line.strip("│ ") for line in r.stdout.splitlines() if line.startswith("│")] == [str(i) for i in range(200)]
+    rows = [line.strip("│ ") for line in r.stdout.splitlines() if line.startswith("│")]
+    assert rows == [str(i) for i in range(200)]
     assert rss - base_rss < 150, f"20M-row query peaked at {rss:.0f} MB, SELECT 1 at {base_rss:.0f} MB"
     assert r.stderr == "showing 200 of more than 200 rows (raise --limit to see more)\n"
     assert wall < 60

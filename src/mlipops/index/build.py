@@ -428,7 +428,13 @@ def query(sql: str, path: Path = INDEX, *, limit: int | None = None, timeout_s: 
             raise MlipopsError(f"query failed: {_first_line(exc)}", **where) from None
         stmt = _one_select(statements, path)
         if timeout_s is not None:
-            timer = threading.Timer(timeout_s, con.interrupt)
+            def interrupt():  # DuckDB has no statement timeout: stop it from another thread
+                try:
+                    con.interrupt()
+                except duckdb.Error:  # finished and closed meanwhile
+                    pass
+
+            timer = threading.Timer(timeout_s, interrupt)
             timer.daemon = True
             timer.start()
         cur = con.execute(stmt.query)  # streams: rows are computed as they are fetched
@@ -446,7 +452,7 @@ def query(sql: str, path: Path = INDEX, *, limit: int | None = None, timeout_s: 
                 parts.append(chunk)
                 n += len(chunk)
             truncated = n > limit
-            df = pd.concat(parts, ignore_index=True).iloc[:limit]
+            df = pd.concat(parts, ignore_index=True).head(limit).copy()
         if timer is not None:
             timer.cancel()
         for col, t in zip(list(df.columns), types):  # pandas turns HUGEINT (e.g. sum of integers) into
