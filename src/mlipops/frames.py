@@ -416,8 +416,8 @@ class _Schema(ValueError):
     """A field of an mlearn entry missing or of the wrong type: 'field '<dotted path>': expected ...'."""
 
     def __init__(self, field: str, expected: str, value=None, missing: bool = False):
-        found = "it is missing" if missing else f"found {_kind_of(value)}"
-        super().__init__(f"field '{field}': expected {expected}, {found}")
+        super().__init__(f"field '{field}': missing (expected {expected})" if missing
+                         else f"field '{field}': expected {expected}, found {_kind_of(value)}")
 
 
 def _kind_of(value) -> str:
@@ -435,11 +435,9 @@ def _kind_of(value) -> str:
     return "an object" if isinstance(value, dict) else type(value).__name__
 
 
-def _member(obj: dict, key: str, field: str, optional: bool = False):
+def _member(obj: dict, key: str, field: str, expected: str):
     if key not in obj:
-        if optional:
-            return None
-        raise _Schema(field, "a value", missing=True)
+        raise _Schema(field, expected, missing=True)
     return obj[key]
 
 
@@ -481,21 +479,25 @@ def _mlearn_atoms(doc) -> Atoms:
     xyz Å or abc fractional), outputs: {energy eV, forces eV/Å, virial_stress kBar}, group, description}.
     A field of the wrong type raises ValueError 'field '<dotted path>': expected ..., found ...'."""
     doc = _obj(doc, "entry", "an mlearn entry with 'structure' and 'outputs'")
-    struct = _obj(_member(doc, "structure", "structure"), "structure", "a pymatgen Structure dict")
-    lattice = _obj(_member(struct, "lattice", "structure.lattice"), "structure.lattice", "with 'matrix'")
-    cell = _numbers(_member(lattice, "matrix", "structure.lattice.matrix"), "structure.lattice.matrix", (3, 3))
-    sites = _member(struct, "sites", "structure.sites")
+    struct = _obj(_member(doc, "structure", "structure", "a pymatgen Structure dict"), "structure",
+                  "a pymatgen Structure dict")
+    lattice = _obj(_member(struct, "lattice", "structure.lattice", "an object with 'matrix'"), "structure.lattice",
+                   "with 'matrix'")
+    cell = _numbers(_member(lattice, "matrix", "structure.lattice.matrix", "3 x 3 numbers (Å)"),
+                    "structure.lattice.matrix", (3, 3))
+    sites = _member(struct, "sites", "structure.sites", "a list of sites")
     if not isinstance(sites, list) or not sites:
         raise _Schema("structure.sites", "a non-empty list of sites", sites)
     symbols, positions = [], []
     for i, site in enumerate(sites):
         f = f"structure.sites[{i}]"
         site = _obj(site, f, "with 'species' and 'xyz' or 'abc'")
-        species = _member(site, "species", f"{f}.species")
+        species = _member(site, "species", f"{f}.species", "a list of {\"element\": ...}")
         if not isinstance(species, list) or not species:
             raise _Schema(f"{f}.species", "a non-empty list of {\"element\": ...}", species)
         first = _obj(species[0], f"{f}.species[0]", "with 'element'")
-        symbols.append(_element(_member(first, "element", f"{f}.species[0].element"), f"{f}.species[0].element"))
+        el = f"{f}.species[0].element"
+        symbols.append(_element(_member(first, "element", el, "an element symbol"), el))
         if "xyz" in site:
             positions.append(_numbers(site["xyz"], f"{f}.xyz", (3,)))
         elif "abc" in site:
@@ -503,7 +505,7 @@ def _mlearn_atoms(doc) -> Atoms:
         else:
             raise _Schema(f"{f}.xyz", "Cartesian coordinates (or 'abc', fractional)", missing=True)
     atoms = Atoms(symbols=symbols, positions=positions, cell=cell, pbc=True)
-    out = _obj(doc.get("outputs", {}) if doc.get("outputs") is not None else {}, "outputs", "energy, forces, stress")
+    out = {} if doc.get("outputs") is None else _obj(doc["outputs"], "outputs", "energy, forces, virial_stress")
     energy = out.get("energy")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))):
         raise _Schema("outputs.energy", "a number (eV)", energy)
