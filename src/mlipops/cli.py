@@ -412,14 +412,14 @@ def hull_check(structure: Path = typer.Argument(..., help="structures to check (
     """Extrapolation grade γ of every atom of new structures against the training hull."""
     from mlipops.frames import read_frames
     from mlipops.index import check_structures
+    from mlipops.index.hull import check_cells
 
-    if not structure.is_file():
-        raise MlipopsError("no such file", file=str(structure))
-    frames, bad = read_frames(structure)
+    frames, bad = read_frames(structure)  # a missing, non-regular or non-structure file: one line
     for r in bad:
         typer.echo(f"mlipops: skipped frame {r.source_index} of {structure}: {r.reason}", err=True)
     if not frames:
         raise MlipopsError("no readable frame", file=str(structure))
+    check_cells(frames, str(structure))
     df = check_structures(frames, db)
     _print_frame(df, csv, as_json, limit)
     n_out = int((~df.inside_hull).sum())

@@ -47,7 +47,7 @@ from mlipops.active.dispatch import label_batch
 from mlipops.active.state import ActiveState, load_or_start
 from mlipops.active.trigger import Trigger, committee_stats, deduplicate, fingerprints
 from mlipops.errors import ParamsError, StageInputError
-from mlipops.frames import file_md5, read_extxyz, write_extxyz
+from mlipops.frames import file_md5, read_extxyz, write_extxyz, write_manifest
 from mlipops.params import ActiveParams, ActiveStructure, ComputeParams, Params
 
 # statistics used to rank candidates, per trigger mode
@@ -313,6 +313,7 @@ def _label_phase(p: ActiveParams, st: ActiveState, oracle, compute: ComputeParam
     out = out_dir / f"active_{st.iteration}.extxyz"
     if labelled:
         write_extxyz(out, labelled)
+        write_manifest(out, labelled, "mlipops active run")  # its oracle_* survive curate and ingest
     return counts | {"labelled": len(labelled), "failed": len(st.failed), "file": str(out) if labelled else None}
 
 

@@ -55,7 +55,7 @@ import numpy as np
 from ase import Atoms
 
 from mlipops.errors import FrameFormatError, OracleError, ParamsError
-from mlipops.frames import labels, set_labels, write_extxyz
+from mlipops.frames import labels, set_labels, write_extxyz, write_manifest
 from mlipops.oracles import Oracle, get_oracle
 from mlipops.params import BoPathParams, BoScanParams
 from mlipops.report import md_table, write_markdown, write_metrics
@@ -430,6 +430,7 @@ def run(p: BoScanParams) -> dict:
     sc = res.scan
     out = RAW_DIR / f"bo_scan_{p.name}.extxyz"
     write_extxyz(out, res.frames)
+    write_manifest(out, res.frames, "mlipops generate bo-scan")  # its oracle_* survive ingest (mlipops.frames)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     _plot(res, REPORT_DIR / "gap.png", p.margin)
     import pandas as pd

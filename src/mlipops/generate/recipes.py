@@ -45,7 +45,7 @@ from ase import Atoms, units
 from ase.build import add_adsorbate, bulk, fcc100, fcc110, fcc111
 from ase.data import atomic_numbers, covalent_radii
 
-from mlipops.frames import write_extxyz
+from mlipops.frames import write_extxyz, write_manifest
 from mlipops.oracles import Oracle, get_oracle
 from mlipops.params import GenerateParams
 from mlipops.report import progress, write_markdown, write_metrics
@@ -257,6 +257,7 @@ def run(p: GenerateParams) -> dict:
     frames, meta = build_dataset(p)
     out = RAW_DIR / f"{p.name}.extxyz"
     write_extxyz(out, frames)
+    write_manifest(out, frames, "mlipops generate")  # its oracle_* survive ingest (mlipops.frames)
     counts = Counter(a.info["config_type"] for a in frames)
     metrics = {"n_frames": len(frames), "n_atoms": int(sum(len(a) for a in frames)),
                "fcc_lattice_constant": meta["fcc_lattice_constant"],

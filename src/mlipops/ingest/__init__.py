@@ -4,6 +4,11 @@ Outputs ``data/ingested/frames.extxyz`` (every usable frame, with ``split``) and
 ``data/ingested/rejected.parquet`` (every frame read but not usable: unparseable frames and exact
 duplicates, each with ``check``, ``reason`` and its raw text). Nothing read is ever dropped:
 frames read = frames written + rows rejected.
+
+Provenance is the pipeline's (:mod:`mlipops.frames`): a frame's ``source`` is its file's name (no
+two sources may share one), ``source_index`` its position there, ``split`` drawn here; ``oracle_*``
+is kept only from a source whose ``<file>.provenance.json`` manifest verifies (written by
+``mlipops generate`` / ``active run``); whatever else a file claims is kept as ``file_<key>``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import pandas as pd
 from ase import Atoms
 
 from mlipops.errors import FrameFormatError
-from mlipops.frames import Rejected, read_frames, to_extxyz_string, write_extxyz
+from mlipops.frames import Rejected, read_frames, source_name, to_extxyz_string, verified_manifest, write_extxyz
 from mlipops.params import IngestParams, SplitParams
 from mlipops.report import write_markdown, write_metrics
 
@@ -94,12 +99,18 @@ def ingest(p: IngestParams) -> tuple[list[Atoms], pd.DataFrame, dict]:
     frames: list[Atoms] = []
     rejected: list[Rejected] = []
     n_read = 0
+    names: dict[str, int] = {}
     for k, src in enumerate(p.sources):
         path = Path(src.path)
         if not path.exists():
             raise FrameFormatError(f"source listed in params.yaml ingest.sources[{k}] not found",
                                    file=str(path))
-        got, bad = read_frames(path, src.format, source=path.stem, default_config_type=src.config_type)
+        name = source_name(path)  # each frame's `source`: (source, source_index) names one frame
+        if name in names:
+            raise FrameFormatError(f"ingest.sources[{k}] has the source name {name!r} (the file's name) of "
+                                   f"ingest.sources[{names[name]}]: rename one file", file=str(path))
+        names[name] = k
+        got, bad = read_frames(path, src.format, source=name, default_config_type=src.config_type)
         n_read += len(got) + len(bad)
         frames += got
         rejected += bad
@@ -142,5 +153,8 @@ def run(p: IngestParams) -> dict:
         f"({dict(by_check) or 'none'}), kept with their raw text in `{REJECTED}`.",
         f"Split rule: `{p.split.method}`, test config_types {p.split.test_config_types}, "
         f"val {p.split.val_fraction}, test {p.split.test_fraction}, seed {p.split.seed}.",
+        "Provenance: `source` is the file's name, `source_index` the frame's position; `oracle_*` kept from "
+        + (", ".join(f"`{s.path}`" for s in p.sources if verified_manifest(s.path)) or "no source")
+        + " (its manifest verifies: written by mlipops); other values a file gave are kept as `file_<key>`.",
     ], table=(("config_type", "split", "frames"), [(c, s, n) for (c, s), n in sorted(table.items())]))
     return metrics
