@@ -77,12 +77,15 @@ class MlipopsCalculator(Calculator):
 
     def __init__(self, model: str | Path | Potential | Ensemble, dtype: torch.dtype = torch.float64,
                  device: str = "cpu", registry_dir: str | Path = "registry", skin: float = 0.0,
-                 sigma_scale: dict[str, float] | None = None, **kwargs):
+                 sigma_scale: dict[str, float] | None = None, trusted_calculators=None, **kwargs):
         """``skin`` (Å): build the neighbour list to cutoff + skin and reuse it until an atom has
         moved more than skin/2 (a Verlet list; results are identical, MD steps skip the list).
         ``sigma_scale``: ``{"energy": s_E, "forces": s_F}`` multiplies ``energy_std`` / ``forces_std`` (the
         recalibration of the evaluate stage); by default read from the model directory's
-        ``uncertainty.json`` (a promoted model has one), else 1. ``stress_std`` is not rescaled."""
+        ``uncertainty.json`` (a promoted model has one), else 1. ``stress_std`` is not rescaled.
+        ``trusted_calculators``: a model directory's config.json may name a Δ-learning baseline among the
+        built-ins (emt, lj, morse) only, unless its calculator is trusted here
+        (:func:`mlipops.models.schema.trusted_calculators` of the params)."""
         super().__init__(**kwargs)
         if skin < 0:
             raise MlipopsError(f"skin must be ≥ 0 (got {skin})", field="skin")
@@ -95,7 +98,7 @@ class MlipopsCalculator(Calculator):
             self.model = model
         else:
             directory = resolve_model(model, registry_dir)
-            self.model = load_model(directory, dtype=dtype, device=device)
+            self.model = load_model(directory, dtype=dtype, device=device, trusted_calculators=trusted_calculators)
             self.sigma_scale |= read_sigma_scale(directory)
         if sigma_scale is not None:
             self.sigma_scale |= {k: float(v) for k, v in sigma_scale.items()}
