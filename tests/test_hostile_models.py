@@ -224,20 +224,33 @@ def test_booby_trapped_weights_run_nothing(tmp_path, kind):
     assert "weights_only" not in msg and "trusted source" not in msg  # no advice to load it unsafely
 
 
-@pytest.mark.parametrize("damage", ["truncated", "text", "empty", "padded"])
+def _deflated(good: bytes) -> bytes:
+    """The same archive with its entries deflated (a zip bomb would be one)."""
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(good)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for e in src.infolist():
+            dst.writestr(e.filename, src.read(e))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "empty", "padded", "deflated"])
 def test_damaged_weights_are_one_line(tmp_path, damage):
     d = _model(tmp_path / "m")
     w = d / "weights.pt"
     good = w.read_bytes()
-    w.write_bytes({"truncated": good[: len(good) // 2], "text": b"hello, I am not a model\n", "empty": b"",
-                   "padded": good + b"\0" * (3 << 20)}[damage])
+    w.write_bytes({"truncated": lambda: good[: len(good) // 2], "text": lambda: b"hello, I am not a model\n",
+                   "empty": lambda: b"", "padded": lambda: good + b"\0" * (3 << 20),
+                   "deflated": lambda: _deflated(good)}[damage]())
     with pytest.raises(MlipopsError) as exc:
         load_model(d)
     msg = _one_line(exc, w)
     reason = msg.removeprefix(f"{w}: not a valid weights file: ")
     assert reason != msg and 0 < len(reason) <= 200, msg
-    assert {"truncated": "failed finding central directory", "text": "not a PyTorch zip archive",
-            "empty": "empty file", "padded": "more than the"}[damage] in reason, msg
+    assert {"truncated": "not a PyTorch zip archive", "text": "not a PyTorch zip archive", "empty": "empty file",
+            "padded": "more than the", "deflated": "compressed"}[damage] in reason, msg
 
 
 def test_weights_of_another_shape_name_the_tensor(tmp_path):
@@ -261,6 +274,17 @@ def test_hostile_weights_through_registry_load(tmp_path):
     line = error_line(mlipops(tmp_path, "registry", "load", "cu@v1", "-s", "s.extxyz"))
     assert not marker.exists()
     assert line.startswith(f"mlipops: error: {Path('registry/cu/v1/weights.pt')}: not a valid weights file: "), line
+
+
+@pytest.mark.parametrize("scale,message", [({"energy": "2"}, "expected a non-negative number, got '2'"),
+                                           ({"forces": -1.0}, "expected a non-negative number, got '-1.0'"),
+                                           ({"forces": float("nan")}, "expected a non-negative number, got 'nan'")])
+def test_uncertainty_scale_of_a_model_is_checked(tmp_path, scale, message):
+    d = _model(tmp_path / "m")
+    (d / "uncertainty.json").write_text(json.dumps({"scale": scale}))
+    with pytest.raises(MlipopsError) as exc:
+        MlipopsCalculator(d)
+    assert message in _one_line(exc, d / "uncertainty.json", f"scale.{next(iter(scale))}")
 
 
 def test_a_good_model_still_loads_everywhere(tmp_path):

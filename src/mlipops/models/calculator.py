@@ -20,6 +20,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from mlipops.errors import MlipopsError
 from mlipops.models.ensemble import Ensemble, load_model
 from mlipops.models.potential import Potential
+from mlipops.models.schema import MAX_CONFIG_BYTES
 
 _URI = re.compile(r"^(?:registry:)?(?P<name>[A-Za-z0-9_.-]+)@(?P<ref>v\d+|[A-Za-z0-9_-]+)$")
 
@@ -62,11 +63,17 @@ def read_sigma_scale(directory: str | Path) -> dict[str, float]:
     path = Path(directory) / "uncertainty.json"
     if not path.is_file():
         return {}
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise MlipopsError(f"more than {MAX_CONFIG_BYTES:,} bytes: not an uncertainty scale", file=str(path))
     try:
-        scale = json.loads(path.read_text()).get("scale") or {}
-        return {k: float(scale[k]) for k in ("energy", "forces") if k in scale}
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise MlipopsError(f"unreadable uncertainty scale: {exc}", file=str(path), field="scale") from None
+        scale = json.loads(path.read_bytes().decode("utf-8")).get("scale") or {}
+        out = {k: scale[k] for k in ("energy", "forces") if k in scale}
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise MlipopsError(f"unreadable uncertainty scale: {str(exc)[:200]}", file=str(path), field="scale") from None
+    for k, v in out.items():  # a factor on σ: finite, ≥ 0 (0 when the validation errors were all 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise MlipopsError(f"expected a non-negative number, got {str(v)[:60]!r}", file=str(path), field=f"scale.{k}")
+    return {k: float(v) for k, v in out.items()}
 
 
 class MlipopsCalculator(Calculator):

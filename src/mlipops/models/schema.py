@@ -19,6 +19,7 @@ import json
 import math
 import re
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -179,9 +180,9 @@ def _check_descriptor(file, d) -> dict:
                                   open_lo=True),
            "n_angular": _int(file, "descriptor.n_angular", d.get("n_angular", 4), 0, MAX_BASIS),
            "max_l": _int(file, "descriptor.max_l", d.get("max_l", 3), 0, MAX_ANGULAR_ORDER)}
-    if out["r_min"] >= cutoff or (out["n_angular"] and out["r_min"] >= out["angular_cutoff"]):
-        raise MlipopsError(f"r_min ({out['r_min']:g} Å) must lie below the cutoffs", file=str(file),
-                           field="descriptor.r_min")
+    if out["r_min"] >= cutoff or (out["n_angular"] and out["r_min"] == out["angular_cutoff"]):
+        raise MlipopsError(f"r_min ({out['r_min']:g} Å) must lie below the cutoff and differ from the angular "
+                           "cutoff (zero-width basis)", file=str(file), field="descriptor.r_min")
     return {k: out[k] for k in _DESCRIPTOR_KEYS if k in d}  # as written: the config round-trips unchanged
 
 
@@ -318,6 +319,15 @@ def load_weights(path: str | Path, model) -> None:
         magic = fh.read(4)
     if magic != b"PK\x03\x04":
         raise bad("empty file" if not magic else "not a PyTorch zip archive")
+    try:  # the archive's directory: stored (never inflated) entries, as torch.save writes them, within the cap
+        with zipfile.ZipFile(path) as zf:
+            entries = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise bad(f"not a PyTorch zip archive ({_reason(exc)})") from None
+    if (len(entries) > len(expected) + 16 or any(e.compress_type != zipfile.ZIP_STORED for e in entries)
+            or sum(e.file_size for e in entries) > cap):
+        raise bad(f"an archive of {len(entries)} entries, compressed or larger than the {len(expected)} tensors "
+                  "config.json describes")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not a second line on stderr
             warnings.simplefilter("ignore")
