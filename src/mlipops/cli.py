@@ -106,7 +106,9 @@ def evaluate(ctx: typer.Context, params: Path = ParamsOpt):
     from mlipops.evaluate.errors import run
 
     p = _params(params)
-    _done("evaluate", run(p.evaluate, p.train.model_name))
+    from mlipops.models.schema import trusted_calculators
+
+    _done("evaluate", run(p.evaluate, p.train.model_name, trusted_calculators(p)))
 
 
 @evaluate_app.command("defects")
@@ -172,10 +174,11 @@ def promote(params: Path = ParamsOpt, strict: bool = typer.Option(
         False, "--strict", help=f"exit {STRICT_EXIT} when the model is rejected (after writing every output); for CI")):
     """Check the gates; register a passing model (MLflow registry + registry/). A rejected model is a result:
     every output is written (reports/promote/decision.md says why) and the exit status is 0, unless --strict."""
+    from mlipops.models.schema import trusted_calculators
     from mlipops.promote import run
 
     p = _params(params)
-    metrics = run(p.promote, p.train.model_name)
+    metrics = run(p.promote, p.train.model_name, trusted_calculators(p))
     _done("promote", metrics)
     if strict and not metrics["promoted"]:
         typer.echo(f"mlipops: promotion rejected ({metrics['n_gates_failed']} gate(s) failed, --strict): "
@@ -315,11 +318,14 @@ def registry_show(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NA
 def registry_load(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NAME (= NAME@champion)"),
                   structure: Path = typer.Option(None, "--structure", "-s", help="structures to evaluate (extxyz, ASE db, mlearn json)"),
                   registry: Path = RegistryOpt, params: Path = ParamsOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt):
-    """Load a registered model (weights_only torch.load + JSON config: no code is executed) and, with
-    --structure, print its energy, σ and largest force per frame."""
+    """Load a registered model (weights_only torch.load + JSON config: no code is executed; a Δ-learning
+    baseline only among the built-ins or the one params.yaml names) and, with --structure, print its
+    energy, σ and largest force per frame."""
+    from mlipops.models.schema import trusted_calculators
     from mlipops.promote.catalog import load
 
-    summary, df = load(ref, _registry_dir(registry, params), structure)
+    trusted = trusted_calculators(_params(params)) if params.is_file() else {}
+    summary, df = load(ref, _registry_dir(registry, params), structure, trusted)
     typer.echo(summary, err=df is not None)
     if df is not None:
         _print_frame(df, csv, as_json, 10_000)

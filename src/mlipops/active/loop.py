@@ -344,7 +344,7 @@ def _train_phase(params: Params, st: ActiveState, seed_model: Path, work_dir: Pa
     new = st.info.get("curate.n_accepted_new", 0)
     if p.retrain.enabled and new and st.curated.get("accepted"):
         it_dir = _iter_dir(work_dir, st.iteration)
-        members = ml.member_runs(st, _n_members(st.model_dir or seed_model)) if ml else None
+        members = ml.member_runs(st, _n_members(st.model_dir or seed_model, params)) if ml else None
         m = retrain(st.model_dir or seed_model, st.curated["accepted"], params, it_dir / "model",
                     it_dir / "checkpoints", run_ids=members, tracking_uri=ml.uri if ml else None)
         st.model_dir = str(it_dir / "model")
@@ -353,10 +353,11 @@ def _train_phase(params: Params, st: ActiveState, seed_model: Path, work_dir: Pa
     st.save()
 
 
-def _n_members(model_dir) -> int:
+def _n_members(model_dir, params: Params) -> int:
     from mlipops.models.ensemble import read_config
+    from mlipops.models.schema import trusted_calculators
 
-    return int(read_config(model_dir).get("n_members", 1))
+    return int(read_config(model_dir, trusted_calculators(params)).get("n_members", 1))
 
 
 class _Tracker:
@@ -438,12 +439,12 @@ class _Tracker:
         self.client.set_terminated(self.parent, "FINISHED")
 
 
-def _score(p: ActiveParams, holdout_frames, model_dir) -> dict:
+def _score(p: ActiveParams, holdout_frames, model_dir, trusted=None) -> dict:
     from mlipops.active.holdout import errors
 
     if holdout_frames is None:
         return {}
-    return {f"holdout.{k}": v for k, v in errors(str(model_dir), holdout_frames).items()}
+    return {f"holdout.{k}": v for k, v in errors(str(model_dir), holdout_frames, trusted).items()}
 
 
 def archive_campaign(work_dir: Path, out_dir: Path) -> Path:
@@ -477,7 +478,10 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
     → warm-started retraining (:mod:`mlipops.active.retrain`) → the new committee's errors on the fixed
     held-out trajectory (:mod:`mlipops.active.holdout`). ``history[0]`` and later hold the numbers of each
     iteration; ``initial`` the seed model's hold-out errors (0 oracle calls)."""
+    from mlipops.models.schema import trusted_calculators
+
     p, compute = params.active, params.compute
+    trusted = trusted_calculators(params)  # the only baseline calculator besides the built-ins a model may name
     work_dir, out_dir, seed_model = Path(p.work_dir), Path(p.out_dir), Path(model_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     fp = params_fingerprint(p, model_dir, params)
@@ -500,7 +504,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
         holdout_frames, _ = load_or_generate(p.holdout, element, oracle, work_dir)
     ml = _Tracker(params, st, fp, seed_model) if p.mlflow else None
     if "initial" not in st.mlflow and holdout_frames is not None:
-        st.mlflow["initial"] = _score(p, holdout_frames, seed_model)
+        st.mlflow["initial"] = _score(p, holdout_frames, seed_model, trusted)
         if ml:
             ml.log_initial(st.mlflow["initial"])
         st.save()
@@ -508,7 +512,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
     while st.iteration < p.iterations:
         current = Path(st.model_dir) if st.model_dir else seed_model
         if calc is None or calc_dir != current:
-            calc, calc_dir = CommitteeCalculator(current, skin=0.5), current
+            calc, calc_dir = CommitteeCalculator(current, skin=0.5, trusted_calculators=trusted), current
         idx = _current_index(p, st)
         hull = _Hull(idx) if idx is not None else None
         if st.phase == "md":
@@ -526,7 +530,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
             _train_phase(params, st, seed_model, work_dir, ml)
         row = {"iteration": st.iteration, "md_steps": st.md_steps_total, "triggers": st.n_candidates,
                "selected": len(st.selected), **st.info, **trigger_summary(st.md_stats),
-               **_score(p, holdout_frames, st.model_dir or seed_model), "model": st.model_dir or str(seed_model)}
+               **_score(p, holdout_frames, st.model_dir or seed_model, trusted), "model": st.model_dir or str(seed_model)}
         if ml:
             ml.log_iteration(st, row)
         st.history.append(row)

@@ -28,14 +28,16 @@ def warm_start_settings(model_dir: str | Path, p: Params) -> tuple[TrainParams, 
     term differs from the model's (the warm start would learn another target)."""
     from mlipops.models.ensemble import Ensemble, load_model, read_config
     from mlipops.models.potential import Potential
+    from mlipops.models.schema import trusted_calculators
     from mlipops.train.loop import DTYPES, make_potential
 
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
+    trusted = trusted_calculators(p)
+    cfg = read_config(model_dir, trusted)
     dtype = cfg.get("dtype", "float32")
     if dtype not in DTYPES:
         raise StageInputError(f"unknown model dtype {dtype!r}", file=str(model_dir / "config.json"), field="dtype")
-    model = load_model(model_dir, dtype=DTYPES[dtype])
+    model = load_model(model_dir, dtype=DTYPES[dtype], trusted_calculators=trusted)
     members = model.members if isinstance(model, Ensemble) else [model]
     r = p.active.retrain
     tp = p.train.model_copy(update={

@@ -184,12 +184,13 @@ def _provenance(model_dir: Path, model_name: str) -> None:
     write_provenance(uncertainty.REPORT_DIR, "evaluate", **ids)
 
 
-def run(p: EvaluateParams, model_name: str) -> dict:
+def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
+    """``trusted_calculators``: the params' baseline calculator (:func:`mlipops.models.schema.trusted_calculators`)."""
     t0 = time.perf_counter()
     model_dir = MODELS_DIR / model_name
     if not (model_dir / "config.json").is_file():
         raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
-    model = load_model(model_dir, dtype=torch.float64)
+    model = load_model(model_dir, dtype=torch.float64, trusted_calculators=trusted_calculators)
     splits = load_split()
     metrics: dict = {}
     table = []

@@ -122,10 +122,13 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     ref = read_reference()
     s = m.settings(p.generate.element)
     preset = getattr(m, m.preset)
-    model = load_model(model_dir, dtype=torch.float64)
+    from mlipops.models.schema import trusted_calculators
+
+    trusted = trusted_calculators(p)
+    model = load_model(model_dir, dtype=torch.float64, trusted_calculators=trusted)
     n_members = len(model) if isinstance(model, Ensemble) else 1
     members = list(range(n_members)) if isinstance(model, Ensemble) else [None]
-    specs = [{"factory": MemberFactory(model_dir, k), "settings": s, "seed": m.seed + 1000 * (i + 1) + j, "member": i}
+    specs = [{"factory": MemberFactory(model_dir, k, trusted), "settings": s, "seed": m.seed + 1000 * (i + 1) + j, "member": i}
              for i, k in enumerate(members) for j in range(preset.member_seeds)]
     runs = run_many(specs, p.compute)
     per_member = [member_stats(i, [r for r, sp in zip(runs, specs) if sp["member"] == i], ref) for i in range(n_members)]

@@ -64,17 +64,20 @@ def show(ref: str, registry_dir: Path) -> str:
     return f"{text}\n---\n{d}: {len(files)} files\n" + "\n".join(f"  {f}" for f in files)
 
 
-def load(ref: str, registry_dir: Path, structure: Path | None = None) -> tuple[str, pd.DataFrame | None]:
-    """Load the version with ``MlipopsCalculator`` (weights_only, JSON config) and, given structures,
-    evaluate them: energy, energy σ, largest force and its σ per frame."""
+def load(ref: str, registry_dir: Path, structure: Path | None = None,
+         trusted_calculators=None) -> tuple[str, pd.DataFrame | None]:
+    """Load the version with ``MlipopsCalculator`` (weights_only, JSON config checked before anything is
+    built; a baseline among the built-ins or ``trusted_calculators``) and, given structures, evaluate them:
+    energy, energy σ, largest force and its σ per frame."""
     import numpy as np
 
     from mlipops.frames import read_frames
     from mlipops.models.calculator import MlipopsCalculator
+    from mlipops.models.ensemble import read_config
 
     d = resolve(ref, registry_dir)
-    calc = MlipopsCalculator(d)
-    cfg = json.loads((d / "config.json").read_text())
+    calc = MlipopsCalculator(d, trusted_calculators=trusted_calculators)
+    cfg = read_config(d, trusted_calculators)
     n_par = sum(p.numel() for p in calc.model.parameters())
     summary = (f"{_ref(ref)} -> {d}: {'ensemble of ' + str(cfg['n_members']) if cfg.get('n_members') else 'single'} "
                f"potential, species {cfg['species']}, cutoff {cfg['descriptor'].get('cutoff')} Å, {n_par} parameters, "

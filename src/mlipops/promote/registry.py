@@ -331,9 +331,13 @@ def _tag_training_run(run_info: dict, promoted: bool, failed: list[str], version
     return None
 
 
-def run(p: PromoteParams, model_name: str) -> dict:
+def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
     """Check the gates; register a passing model. Always writes registry/, decision.md, gates.json and
-    metrics.json (``promoted`` 0/1); a rejection returns normally (``mlipops promote --strict`` exits 3)."""
+    metrics.json (``promoted`` 0/1); a rejection returns normally (``mlipops promote --strict`` exits 3).
+    The model's config.json is checked as loading checks it (its baseline among the built-ins or
+    ``trusted_calculators``, the params' one): the registry never holds a model that cannot be loaded."""
+    from mlipops.models.ensemble import read_config
+
     t0 = time.perf_counter()
     model_dir = MODELS_DIR / model_name
     run_json = model_dir / "run.json"
@@ -344,7 +348,7 @@ def run(p: PromoteParams, model_name: str) -> dict:
         raise StageInputError("evaluation metrics missing: run `dvc repro evaluate` first",
                               file=str(EVAL_DIR / "metrics.json"))
     run_info = json.loads(run_json.read_text())
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir, trusted_calculators)
     expect = {"model_name": model_name, "model_weights_sha256": model_fingerprint(model_dir),
               "data_md5": run_info.get("data_md5")}
     gates = check_gates(p.gates, EVAL_DIR, expect=expect) + [uncertainty_gate(expect)]
