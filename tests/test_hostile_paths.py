@@ -184,8 +184,14 @@ def test_the_guard_refuses_everything_outside_data_registry_reports(tmp_path, mo
     with pytest.raises(MlipopsError, match="refusing to move to"):
         safe_move("data/models/cu", outside / "cu")
     assert (outside / "marker.txt").is_file() and (root / "src").is_dir() and (root / "params.yaml").is_file()
-    # a symlink inside data/ is removed itself, its target is not followed
-    (root / "data/link").symlink_to(outside, target_is_directory=True)
+    # a symlink inside data/ is removed itself, its target is not followed; `link/..` is judged as the file
+    # system resolves it (the parent of the link's target), not as text
+    (outside / "sub").mkdir()
+    (root / "data/link").symlink_to(outside / "sub", target_is_directory=True)
+    for bad in ("data/link/../marker.txt", "data/link/..", "data/models/..", "data/models/cu/../.."):
+        with pytest.raises(MlipopsError, match="refusing to remove"):
+            safe_remove(bad)
+    assert (outside / "marker.txt").is_file() and (root / "data/models").is_dir()
     safe_remove("data/link")
     assert not (root / "data/link").exists() and (outside / "marker.txt").is_file()
     # data/ itself a symlink out of the project: nothing is removed through it
@@ -231,23 +237,44 @@ def _registry(root: Path, path_in_index: str = "cu/v1") -> Path:
     return reg
 
 
-@pytest.mark.parametrize("ref", ["../../etc", "../../../../etc", "/etc", "registry/cu/../../..", "cu/../..",
-                                 "..", ".", "registry/cu", "registry:../x@v1", "../cu@v1", "cu@../../v1",
-                                 "registry/cu/v1/../../../victim"])
-def test_registry_show_refuses_references_outside_the_registry(tmp_path, ref):
-    """The old code listed the files of any folder given as a path (`registry show ../../../../etc`: 1,043 files
-    of /etc); every ``etc`` below lies outside the project and holds a marker file. References with a
-    ``/`` or ``..`` in NAME or alias were already refused."""
+OUTSIDE_REFS = ["../../etc", "../../../../etc", "/etc", "registry/cu/../../..", "cu/../..", "..", ".", "registry/cu",
+                "registry/cu/v1/../../../victim", "victim", "registry:../x@v1", "../cu@v1", "cu@../../v1", "cu/v1@x"]
+
+
+def _outside_layout(tmp_path: Path) -> Path:
+    """A project four levels down with a registry; every ``etc`` the references below reach lies outside the
+    project and holds a marker file (the old code listed the files of any folder: `registry show
+    ../../../../etc` printed 1,043 files of /etc)."""
     root = project(tmp_path / "a/b/c/proj")
     _registry(root)
     for d in (tmp_path / "etc", tmp_path / "a/b/etc", tmp_path / "victim"):
         victim(d)
     (root / "cu").mkdir()
     (root / "victim").symlink_to(tmp_path / "victim")
+    return root
+
+
+@pytest.mark.parametrize("ref", OUTSIDE_REFS[:3])
+def test_registry_show_refuses_references_outside_the_registry(tmp_path, ref):
+    root = _outside_layout(tmp_path)
     r = cli(root, "registry", "show", ref)
     line = one_line_error(r)
     assert "marker.txt" not in r.stdout + line and "passwd" not in r.stdout + line
     assert "registry" in line
+
+
+def test_no_reference_resolves_outside_the_registry(tmp_path, monkeypatch):
+    """In process, every form: paths, '..', absolute, NAME with '/', alias with '..' (the last four were
+    already refused by the old reference pattern)."""
+    from mlipops.promote.catalog import load, show
+
+    root = _outside_layout(tmp_path)
+    monkeypatch.chdir(root)
+    for ref in OUTSIDE_REFS:
+        for f in (show, load):
+            with pytest.raises(MlipopsError) as exc:
+                f(ref, Path("registry"))
+            assert "\n" not in str(exc.value) and "marker" not in str(exc.value), (ref, str(exc.value))
 
 
 def test_a_tampered_index_path_does_not_lead_out_of_the_registry(tmp_path):

@@ -27,7 +27,6 @@ Error messages quote at most :data:`SHOWN` characters of what the user wrote (:f
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -95,8 +94,11 @@ def writable_roots(root: str | Path | None = None) -> list[Path]:
 
 
 def _location(path: Path) -> Path:
-    """Where ``path`` itself lies (its parent resolved, its own name kept: a symlink is not followed)."""
-    path = Path(os.path.abspath(path))
+    """Where ``path`` itself lies: its parent resolved by the file system (``link/..`` is the link target's
+    parent, as the kernel sees it), its own name kept (a symlink to remove is not followed)."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        return path.resolve()
     return path.parent.resolve() / path.name
 
 
