@@ -207,6 +207,13 @@ def test_the_guard_refuses_everything_outside_data_registry_reports(tmp_path, mo
     assert ensure_writable("registry", strict=False) == Path("registry")
     with pytest.raises(MlipopsError):
         ensure_writable("registry")  # the folder itself: never removed
+    (root / "data/out").symlink_to(outside, target_is_directory=True)  # written through: where it leads counts
+    with pytest.raises(MlipopsError, match="refusing to write to"):
+        ensure_writable("data/out")
+    with pytest.raises(MlipopsError, match="refusing to move to"):
+        safe_move("data/models", "data/out/models")
+    safe_remove("data/out")  # removed: the link itself
+    assert (outside / "marker.txt").is_file() and not (root / "data/out").exists()
 
 
 def test_train_refuses_to_remove_outside_even_with_validation_bypassed(tmp_path, monkeypatch):

@@ -93,11 +93,12 @@ def writable_roots(root: str | Path | None = None) -> list[Path]:
     return out
 
 
-def _location(path: Path) -> Path:
-    """Where ``path`` itself lies: its parent resolved by the file system (``link/..`` is the link target's
-    parent, as the kernel sees it), its own name kept (a symlink to remove is not followed)."""
+def _location(path: Path, follow: bool) -> Path:
+    """Where ``path`` leads (``follow``: symlinks followed all the way), or where its own entry lies (its parent
+    resolved by the file system, ``link/..`` being the link target's parent as the kernel sees it, its own
+    name kept: a symlink to remove or move is not followed)."""
     path = Path(path)
-    if path.name in ("", ".", ".."):
+    if follow or path.name in ("", ".", ".."):
         return path.resolve()
     return path.parent.resolve() / path.name
 
@@ -119,11 +120,12 @@ def inside_error(value: str, root: str | Path, *, writable: bool, strict: bool =
     return f"{clip(value)} must lie {below} data/, registry/ or reports/ of the project (outputs are written there)"
 
 
-def ensure_writable(path: str | Path, *, what: str = "path", strict: bool = True) -> Path:
+def ensure_writable(path: str | Path, *, what: str = "write to", strict: bool = True, follow: bool = True) -> Path:
     """``path`` if it lies inside ``data/``, ``registry/`` or ``reports/`` of the current project (``strict``:
-    not one of those folders itself), else a one-line :class:`MlipopsError`. The path's own entry is judged
-    where it lies (a symlink to remove is not followed; its parent folders are)."""
-    loc = _location(Path(path))
+    not one of those folders itself), else a one-line :class:`MlipopsError`. Symlinks are followed (what is
+    written goes where they lead), but with ``follow=False`` the path's own entry is judged where it lies (an
+    entry to remove or move: a symlink is removed, not its target)."""
+    loc = _location(Path(path), follow)
     for r in writable_roots():
         if loc.is_relative_to(r) and not (strict and loc == r):
             return Path(path)
@@ -135,7 +137,7 @@ def safe_remove(path: str | Path, *, ignore_errors: bool = False) -> None:
     """Remove a file, a symlink (not its target) or a folder tree inside ``data/``, ``registry/`` or
     ``reports/`` of the current project; anything else is refused (:func:`ensure_writable`). A missing
     path is nothing to do."""
-    path = ensure_writable(path, what="remove")
+    path = ensure_writable(path, what="remove", follow=False)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         path.unlink(missing_ok=True)
     elif path.is_dir():
@@ -144,7 +146,7 @@ def safe_remove(path: str | Path, *, ignore_errors: bool = False) -> None:
 
 def safe_move(src: str | Path, dst: str | Path) -> None:
     """``shutil.move`` with both ends inside ``data/``, ``registry/`` or ``reports/`` (:func:`ensure_writable`)."""
-    ensure_writable(src, what="move")
+    ensure_writable(src, what="move", follow=False)
     ensure_writable(dst, what="move to")
     shutil.move(str(src), str(dst))
 

@@ -427,7 +427,7 @@ def _plot(res: BoScan, path: Path, margin: float) -> None:
 def run(p: BoScanParams) -> dict:
     """The ``bo_scan`` stage: scan, sample, write the frames and the report."""
     t0 = time.perf_counter()
-    out = ensure_writable(RAW_DIR / f"bo_scan_{p.name}.extxyz", what="write")  # bo_scan.name is a plain name
+    out = ensure_writable(RAW_DIR / f"bo_scan_{p.name}.extxyz", what="write", follow=False)  # tmp + rename
     res = bo_scan(p)
     sc = res.scan
     write_extxyz(out, res.frames)

@@ -255,7 +255,7 @@ def build_dataset(p: GenerateParams) -> tuple[list[Atoms], dict]:
 
 def run(p: GenerateParams) -> dict:
     t0 = time.perf_counter()
-    out = ensure_writable(RAW_DIR / f"{p.name}.extxyz", what="write")  # generate.name is a plain name
+    out = ensure_writable(RAW_DIR / f"{p.name}.extxyz", what="write", follow=False)  # tmp + rename
     frames, meta = build_dataset(p)
     write_extxyz(out, frames)
     counts = Counter(a.info["config_type"] for a in frames)
