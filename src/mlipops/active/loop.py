@@ -49,6 +49,7 @@ from mlipops.active.trigger import Trigger, committee_stats, deduplicate, finger
 from mlipops.errors import ParamsError, StageInputError
 from mlipops.frames import file_md5, read_extxyz, write_extxyz, write_manifest
 from mlipops.params import ActiveParams, ActiveStructure, ComputeParams, Params
+from mlipops.paths import ensure_writable, safe_move, safe_remove
 
 # statistics used to rank candidates, per trigger mode
 _SCORE = {"projected": "sigma_projected", "force": "max_sigma_f", "gamma": "gamma_max", "random": "random_score"}
@@ -200,7 +201,7 @@ def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, eleme
         old, st.md_snapshot, st.md_rng = st.md_snapshot, None, None
         st.save()
         if old:
-            Path(old).unlink(missing_ok=True)
+            safe_remove(old)
 
 
 def _accumulate(acc: dict, stats: dict, gamma: float | None) -> None:
@@ -243,7 +244,7 @@ def _checkpoint(st: ActiveState, atoms: Atoms, rng, cands: list[Atoms], cand_pat
     st.candidates_file, st.n_candidates = str(cand_path), len(cands)
     st.save()
     if old and old != str(snap):
-        Path(old).unlink(missing_ok=True)
+        safe_remove(old)
 
 
 def _previous_frames(out_dir: Path, iteration: int) -> list[Atoms]:
@@ -450,7 +451,6 @@ def _score(p: ActiveParams, holdout_frames, model_dir, trusted=None) -> dict:
 def archive_campaign(work_dir: Path, out_dir: Path) -> Path:
     """Move a campaign's files (everything in ``work_dir`` but earlier archives) and its labels
     (``out_dir/active_*.extxyz``) to ``<work_dir>/archive/<UTC time>/``: nothing is deleted."""
-    import shutil
     import time
 
     dest = work_dir / "archive" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -461,12 +461,12 @@ def archive_campaign(work_dir: Path, out_dir: Path) -> Path:
     dest.mkdir(parents=True)
     for f in sorted(work_dir.iterdir()):
         if f.name != "archive":
-            shutil.move(str(f), str(dest / f.name))
+            safe_move(f, dest / f.name)
     labels = sorted(out_dir.glob("active_*.extxyz")) if out_dir.is_dir() else []
     if labels:
         (dest / "labels").mkdir()
         for f in labels:
-            shutil.move(str(f), str(dest / "labels" / f.name))
+            safe_move(f, dest / "labels" / f.name)
     return dest
 
 
@@ -483,6 +483,8 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
     p, compute = params.active, params.compute
     trusted = trusted_calculators(params)  # the only baseline calculator besides the built-ins a model may name
     work_dir, out_dir, seed_model = Path(p.work_dir), Path(p.out_dir), Path(model_dir)
+    for d in (work_dir, out_dir):  # validated in params; checked again where the files go
+        ensure_writable(d, what="write to")
     work_dir.mkdir(parents=True, exist_ok=True)
     fp = params_fingerprint(p, model_dir, params)
     try:

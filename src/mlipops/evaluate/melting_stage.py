@@ -40,6 +40,7 @@ from mlipops.evaluate.melting import CoexistenceRun, plot_traces, prob_within, s
 from mlipops.evaluate.melting_reference import (PHASES, REFERENCE_JSON, MemberFactory, _run_from_json, _stats,
                                                 run_many)
 from mlipops.params import Params
+from mlipops.paths import safe_remove
 from mlipops.report import jsonable, write_markdown, write_metrics
 
 REPORT_DIR = Path("reports/evaluate/melting")
@@ -341,10 +342,7 @@ def conclusion(result: dict) -> list[str]:
 
 
 def write_report(result: dict, runs: list[CoexistenceRun], specs: list[dict], ref: dict) -> None:
-    import shutil
-
-    if REPORT_DIR.exists():
-        shutil.rmtree(REPORT_DIR)
+    safe_remove(REPORT_DIR)
     REPORT_DIR.mkdir(parents=True)
     ref_runs = [_run_from_json(r) for r in ref.get("runs", [])]
     plot_traces(ref_runs, REPORT_DIR / "traces_reference.png", title=f"reference "

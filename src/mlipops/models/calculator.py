@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -22,34 +21,17 @@ from mlipops.models.ensemble import Ensemble, load_model
 from mlipops.models.potential import Potential
 from mlipops.models.schema import MAX_CONFIG_BYTES
 
-_URI = re.compile(r"^(?:registry:)?(?P<name>[A-Za-z0-9_.-]+)@(?P<ref>v\d+|[A-Za-z0-9_-]+)$")
-
 
 def resolve_model(uri: str | Path, registry_dir: str | Path = "registry") -> Path:
-    """A model directory from a path, or from ``NAME@alias`` / ``NAME@vN`` (``registry:`` prefix
-    optional) looked up in ``registry_dir/index.json``."""
+    """A model directory from a path, or from ``NAME@alias`` / ``NAME@vN`` / ``NAME`` (``registry:`` prefix
+    optional) looked up in ``registry_dir/index.json``: only a real version folder inside the registry
+    (:func:`mlipops.paths.registry_version`)."""
+    from mlipops.paths import registry_version
+
     path = Path(uri)
     if path.is_dir():
         return path
-    m = _URI.match(str(uri))
-    if m is None:
-        raise MlipopsError("no such model directory, and not a registry reference NAME@alias or NAME@vN",
-                           file=str(uri))
-    index_path = Path(registry_dir) / "index.json"
-    if not index_path.is_file():
-        raise MlipopsError("registry index missing (promote a model first)", file=str(index_path))
-    entry = json.loads(index_path.read_text()).get("models", {}).get(m["name"])
-    if entry is None:
-        raise MlipopsError(f"model {m['name']!r} is not in the registry", file=str(index_path))
-    ref = m["ref"]
-    version = int(ref[1:]) if re.fullmatch(r"v\d+", ref) else entry.get("aliases", {}).get(ref)
-    if version is None:
-        raise MlipopsError(f"{m['name']} has no alias {ref!r} (aliases: {sorted(entry.get('aliases', {}))})",
-                           file=str(index_path))
-    for v in entry.get("versions", []):
-        if int(v["version"]) == int(version):
-            return Path(registry_dir) / v["path"]
-    raise MlipopsError(f"{m['name']} has no version {version}", file=str(index_path))
+    return registry_version(str(uri), registry_dir)
 
 
 def default_device(device: str = "auto") -> str:

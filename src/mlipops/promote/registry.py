@@ -27,6 +27,7 @@ from filelock import FileLock
 
 from mlipops.errors import StageInputError
 from mlipops.params import PromoteParams
+from mlipops.paths import ensure_writable, safe_remove
 from mlipops.promote.gates import check_gates
 from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
 from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
@@ -355,7 +356,7 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
     applicable = [g for g in gates if not g.get("not_applicable")]
     failed = [g for g in applicable if not g["passed"]]
     passed = not failed
-    registry_dir = Path(p.registry_dir)
+    registry_dir = ensure_writable(p.registry_dir, what="write the registry to", strict=False)
     _ensure_registry(registry_dir)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     header, gate_rows = _gate_rows(gates)
@@ -409,13 +410,12 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
         # version whose folder is incomplete, even if this process dies in between
         target = registry_dir / model_name / f"v{version}"
         tmp = registry_dir / model_name / f".v{version}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_remove(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         validation = _write_version(tmp, model_dir, gates, expect)
         _model_card(tmp / "model_card.md", model_name, version, run_info, config, gates, eval_metrics,
                     _coverage_summary(INDEX), _known_limits(INDEX), validation, _training_params(client, run_info))
-        if target.exists():
-            shutil.rmtree(target)
+        safe_remove(target)
         tmp.rename(target)
         aliases = client.get_registered_model(model_name).aliases or {}
         previous = aliases.get("champion")
