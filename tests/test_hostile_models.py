@@ -60,7 +60,9 @@ def _edit(directory: Path, **changes) -> None:
 
 def _registry(root: Path, **config) -> Path:
     """A project ``root`` whose registry holds ``cu@v1`` (config.json keys overridden by ``config``)."""
-    _model(root / "registry/cu/v1", **config)
+    d = _model(root / "registry/cu/v1", **config)
+    (d / "gates.json").write_text(json.dumps({"passed": True, "gates": []}))  # a promoted version's other files
+    (d / "model_card.md").write_text("# cu v1\n")
     (root / "registry/index.json").write_text(json.dumps({"models": {"cu": {
         "aliases": {"champion": 1}, "versions": [{"version": 1, "path": "cu/v1"}]}}}))
     write(root / "s.extxyz", bulk("Cu", "fcc", a=3.6, cubic=True))
