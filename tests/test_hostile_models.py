@@ -101,6 +101,13 @@ def test_popen_baseline_is_refused_before_anything_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_registry_load_refuses_a_device_as_structure_file(tmp_path):
+    """`-s /dev/zero` is refused before reading (it would never end) with one line, like every source."""
+    _registry(tmp_path)
+    line = error_line(mlipops(tmp_path, "registry", "load", "cu@v1", "-s", "/dev/zero"))
+    assert line.startswith("mlipops: error: /dev/zero: not a regular file"), line
+
+
 def test_popen_baseline_through_registry_load(tmp_path):
     marker = tmp_path / "PWNED"
     d = _registry(tmp_path, baseline=_popen(marker))

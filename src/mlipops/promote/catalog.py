@@ -97,9 +97,7 @@ def load(ref: str, registry_dir: Path, structure: Path | None = None,
                f"σ scale {calc.sigma_scale}")
     if structure is None:
         return summary, None
-    if not structure.is_file():
-        raise MlipopsError("no such file", file=str(structure))
-    frames, bad = read_frames(structure)
+    frames, bad = read_frames(structure)  # refuses missing and non-regular files (devices, FIFOs) in one line
     if not frames:
         raise MlipopsError("no readable frame" + (f": {bad[0].reason}" if bad else ""), file=str(structure))
     rows = []
