@@ -367,11 +367,12 @@ def query(sql: str = typer.Argument(None, help="one SQL statement (read-only)"),
 @app.command()
 def check(files: list[Path] = typer.Argument(..., help="structure files (extxyz, ASE db, mlearn json)"),
           params: Path = ParamsOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt, limit: int = LimitOpt):
-    """What validate would do with new frames (suite + outliers vs the current training data); writes nothing."""
+    """What ingest + validate would decide for each frame (its split, the suite, the outlier test next to the
+    current training data); writes nothing."""
     from mlipops.quality.check import check_files
 
     p = _params(params)
-    df = check_files(files, p.validate_, p.descriptors)
+    df = check_files(files, p.validate_, p.descriptors, p.ingest)
     _print_frame(df, csv, as_json, limit)
     counts = df["verdict"].value_counts()
     typer.echo(f"{len(df)} frames: " + ", ".join(f"{n} {v}" for v, n in counts.items()), err=True)

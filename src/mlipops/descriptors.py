@@ -231,6 +231,100 @@ def descriptor_with_jacobian(desc: "AtomCentredDescriptor", species: torch.Tenso
     return torch.cat(feats, dim=1), J
 
 
+def _incidence(rows: torch.Tensor, n_rows: int, weight: float, dtype: torch.dtype) -> torch.Tensor:
+    """Sparse [n_rows, len(rows)] matrix with ``weight`` at (rows[e], e): its product with per-edge values
+    sums them per row (a scatter-add, several times faster on the CPU than ``index_add_``)."""
+    order = torch.argsort(rows, stable=True)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
+    import warnings
+
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, order, torch.full((len(rows),), weight, dtype=dtype, device=rows.device),
+                                       (n_rows, len(rows)))
+
+
+def summed_descriptor_gradient(desc: "AtomCentredDescriptor", species: torch.Tensor, edge_i: torch.Tensor,
+                               edge_j: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """∂(Σ_i G_i)/∂r_a [n_atoms, 3, n_features]: the gradient of the summed descriptor of the atoms'
+    frames with respect to each atom's position, analytically in one pass over the edges (no autograd;
+    the same numbers as one backward pass per feature, to rounding, ~50x faster).
+
+    Each edge e = (i→j) contributes D_e = ∂G_i/∂vec_e to atom j and −D_e to atom i (vec_e = r_j − r_i + shift).
+    Radial: D_e = R_n'(r) û. Angular, with m_{e,n,k} = R_n(r) μ_k(û) (μ_k the weighted monomials of order l)
+    and C_{e,ab,n,k} = δ_{s_j a} M_{i,b,n,k} + δ_{s_j b} M_{i,a,n,k}: D_e = Σ_{k∈l} C_{e,ab,n,k} ∂m_{e,n,k}/∂vec_e,
+    ∂m/∂vec = R_n' μ_k û + (R_n / r) (I − û û') ∇_u μ_k.
+    """
+    n_atoms, S, dt = species.shape[0], desc.n_species, vec.dtype
+    vec = vec.detach()
+    r = (vec * vec).sum(1).sqrt()
+    u = vec / r[:, None]
+    sj = species[edge_j]
+
+    def basis_and_slope(basis: GaussianRadialBasis, r: torch.Tensor):  # R_n(r), R_n'(r): [E, n] each
+        dr = r[:, None] - basis.mu
+        g = torch.exp(-(dr**2) * basis.inv_two_sigma2)
+        c = basis.envelope.cutoff
+        inside = (r < c).to(dt)
+        fc = 0.5 * (torch.cos(math.pi * r / c) + 1.0) * inside
+        dfc = -0.5 * math.pi / c * torch.sin(math.pi * r / c) * inside
+        return g * fc[:, None], g * (-2.0 * basis.inv_two_sigma2 * dr * fc[:, None] + dfc[:, None])
+
+    def to_atoms(i, j, d):  # Σ_{e: j_e = a} d_e − Σ_{e: i_e = a} d_e, d [E, ...] -> [n_rows, ...]
+        flat = d.reshape(d.shape[0], -1)
+        out = _incidence(j, n_atoms, 1.0, dt) @ flat + _incidence(i, n_atoms, -1.0, dt) @ flat
+        return out.reshape(n_atoms, *d.shape[1:])
+
+    _, drad = basis_and_slope(desc.radial, r)
+    d_rad = drad[:, :, None] * u[:, None, :]  # [E, nr, 3]
+    if S > 1:  # the species channel of the neighbour: column block s_j
+        full = d_rad.new_zeros(len(r), S, desc.n_radial, 3)
+        full[torch.arange(len(r)), sj] = d_rad
+        d_rad = full
+    parts = [to_atoms(edge_i, edge_j, d_rad).reshape(n_atoms, S * desc.n_radial, 3)]
+    if desc.angular is not None:
+        keep = r < desc.angular_cutoff
+        ia, ja, sa, ra_, ua = edge_i[keep], edge_j[keep], sj[keep], r[keep], u[keep]
+        rb, drb = basis_and_slope(desc.angular, ra_)  # [Ea, na]
+        e = desc.mono_expo  # [K, 3]
+        weight = torch.tensor(desc._mono_weight, dtype=dt, device=u.device)
+        pw = [torch.ones_like(ua)]
+        for _ in range(desc.max_l):
+            pw.append(pw[-1] * ua)
+        pw = torch.stack(pw, dim=2)  # [Ea, 3, L+1]: u_d^p
+        px, py, pz = pw[:, 0, e[:, 0]], pw[:, 1, e[:, 1]], pw[:, 2, e[:, 2]]  # [Ea, K]
+        mono = px * py * pz * weight
+        # ∇_u of w x^a y^b z^c = w (a x^(a-1) y^b z^c, ...); the clamp reads x^0 where a = 0 (times 0)
+        low = [pw[:, d, (e[:, d] - 1).clamp(min=0)] * e[:, d].to(dt) for d in range(3)]
+        Z = torch.stack([mono, low[0] * py * pz * weight, px * low[1] * pz * weight, px * py * low[2] * weight],
+                        dim=2)  # [Ea, K, 4]: μ_k and ∇_u μ_k
+        m = rb[:, :, None] * mono[:, None, :]  # [Ea, na, K]
+        rows = ia * S + sa
+        M = (_incidence(rows, n_atoms * S, 1.0, dt) @ m.reshape(len(m), -1)).view(n_atoms, S, *m.shape[1:])
+        a, b = desc.pair_a, desc.pair_b
+        if S == 1:  # one pair (0, 0): C = 2 M_i
+            C = M.view(n_atoms, -1)[ia].view(len(ia), 1, *m.shape[1:]) * 2.0
+        else:
+            Mi = M[ia]  # [Ea, S, na, K]
+            C = ((sa[:, None] == a)[:, :, None, None] * Mi[:, b]
+                 + (sa[:, None] == b)[:, :, None, None] * Mi[:, a])  # [Ea, P, na, K]
+        P, na = C.shape[1], C.shape[2]
+        C = C.reshape(len(C), P * na, -1)
+        bounds = np.cumsum([0] + [(l + 1) * (l + 2) // 2 for l in range(desc.max_l + 1)])  # monomials by order
+        AB = torch.stack([torch.bmm(C[:, :, lo:hi], Z[:, lo:hi, :]) for lo, hi in zip(bounds[:-1], bounds[1:])],
+                         dim=2).view(len(C), P, na, desc.max_l + 1, 4)  # Σ_{k∈l} C μ_k, Σ_{k∈l} C ∇_u μ_k
+        A, B = AB[..., 0], AB[..., 1:]
+        # D = R' A û + (R / r) (B − (B·û) û) = (R / r) B + (R' A − (R / r) B·û) û
+        c = (rb / ra_[:, None])[:, None, :, None]  # [Ea, 1, na, 1]
+        uu = ua[:, None, None, None, :]
+        s_ = drb[:, None, :, None] * A - c * (B * uu).sum(-1)  # [Ea, P, na, L+1]
+        D = c[..., None] * B + s_[..., None] * uu  # [Ea, P, na, L+1, 3]
+        D = D.permute(0, 3, 1, 2, 4).reshape(len(D), -1, 3)  # l-major, as the features
+        parts.append(to_atoms(ia, ja, D))
+    return torch.cat(parts, dim=1).transpose(1, 2)
+
+
 def frame_edges(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float,
                 z_to_index: dict[int, int], nl=None):
     """Edges of one frame for the descriptor: (species index [n], i, j, vec [n_edges, 3], unseen [n]).

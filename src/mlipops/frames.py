@@ -54,7 +54,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from ase import Atoms
@@ -186,30 +186,64 @@ def canonicalize(atoms: Atoms, *, source: str, source_index: int,
 
 
 # ------------------------------------------------------------------------------------- readers
-def _split_extxyz(text: str, path: str) -> Iterable[tuple[int, int, str]]:
-    """Yield (frame index, first line number, raw text) of every frame of an (ext)xyz file."""
-    lines = text.splitlines(keepends=True)
-    i = 0
+MAX_LINE_BYTES = 1 << 20  # a longer line is no extxyz (a header, comment or atom line is far shorter)
+MAX_FRAME_BYTES = 1 << 28  # 256 MiB of text in one frame: refused before it is held in memory
+
+
+def _lines(fh, path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text with its end) of a binary file handle, read line by line, as
+    ``Path.read_text().splitlines(keepends=True)`` would give them (universal newlines, UTF-8), without
+    holding the file: a line over :data:`MAX_LINE_BYTES` (a binary file, ``/dev/zero``) is an error."""
+    number, offset = 0, 0
+    while True:
+        raw = fh.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES:
+            raise FrameFormatError(f"line {number + 1}: longer than {MAX_LINE_BYTES // 2**20} MiB without a "
+                                   "line break: not an (ext)xyz file", file=path, field="natoms")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:  # _decode_error wants the offset in the file
+            exc.start, exc.end = exc.start + offset, exc.end + offset
+            raise _decode_error(Path(path), exc) from None
+        offset += len(raw)
+        for line in text.replace("\r\n", "\n").replace("\r", "\n").splitlines(keepends=True):
+            number += 1
+            yield number, line
+
+
+def _split_extxyz(lines: Iterable[tuple[int, str]], path: str) -> Iterator[tuple[int, int, str]]:
+    """Yield (frame index, first line number, raw text) of every frame of an (ext)xyz file, from its
+    (line number, text) pairs (:func:`_lines`); one frame is held at a time."""
+    lines = iter(lines)
     k = 0
-    while i < len(lines):
-        if not lines[i].strip():
-            i += 1
+    for number, line in lines:
+        head = line.strip()
+        if not head:
             continue
-        head = lines[i].strip()
         try:
             n = int(head)
             if n < 0:
                 raise ValueError
         except ValueError:
             raise FrameFormatError(
-                f"line {i + 1}: expected the number of atoms, found {head[:40]!r}",
+                f"line {number}: expected the number of atoms, found {head[:40]!r}",
                 file=path, frame=k, field="natoms") from None
-        if i + 2 + n > len(lines):
-            raise FrameFormatError(
-                f"line {i + 1}: file ends after {len(lines) - i - 2} of {n} atom lines (truncated?)",
-                file=path, frame=k, field="natoms")
-        yield k, i + 1, "".join(lines[i:i + 2 + n])
-        i += 2 + n
+        frame, size = [line], len(line)
+        for _ in range(n + 1):
+            nxt = next(lines, None)
+            if nxt is None:
+                raise FrameFormatError(
+                    f"line {number}: file ends after {len(frame) - 2} of {n} atom lines (truncated?)",
+                    file=path, frame=k, field="natoms")
+            frame.append(nxt[1])
+            size += len(nxt[1])
+            if size > MAX_FRAME_BYTES:
+                raise FrameFormatError(
+                    f"line {number}: a frame of {n} atoms over {MAX_FRAME_BYTES // 2**20} MiB of text: too large "
+                    "to read", file=path, frame=k, field="natoms")
+        yield k, number, "".join(frame)
         k += 1
 
 
@@ -351,36 +385,64 @@ def _decode_error(path: Path, exc: UnicodeDecodeError, base: int = 0) -> FrameFo
                             f"({exc.reason})", file=str(path), frame=frame, field=field)
 
 
-def read_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
-                trust: Iterable[str] = PROVENANCE_KEYS) -> tuple[list[Atoms], list[Rejected]]:
-    """Read every frame of an extxyz file; unparseable frames come back as Rejected records.
-
-    ``trust``: see :func:`canonicalize`; the default keeps the provenance the file records, for
-    mlipops' own files. A file a user names goes through :func:`read_frames` instead."""
-    import ase.io
-
+def iter_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
+                progress: Callable[[int], None] | None = None,
+                trust: Iterable[str] = PROVENANCE_KEYS) -> Iterator[Atoms | Rejected]:
+    """Stream the frames of an extxyz file in order: canonical frames, and Rejected records for the
+    unparseable ones. Memory is bounded by the largest frame, not the file. ``progress(bytes)``: called
+    after each frame with the bytes read so far. ``trust``: see :func:`canonicalize`; the default keeps
+    the provenance the file records, for mlipops' own files. A file a user names goes through
+    :func:`read_frames` / :func:`iter_frames` instead."""
     path = Path(path)
-    src = source or path.stem
     try:
-        text = path.read_text()
+        fh = path.open("rb")
     except FileNotFoundError:
         raise FrameFormatError("file not found", file=str(path)) from None
-    except UnicodeDecodeError as exc:
-        raise _decode_error(path, exc) from None
     except OSError as exc:
         raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
+    with fh:
+        yield from _iter_handle(fh, str(path), source or path.stem, default_config_type, progress,
+                                {"trust": tuple(trust)})
+
+
+def parse_extxyz_text(text: str, *, source: str, name: str = "<text>",
+                      trust: Iterable[str] = PROVENANCE_KEYS) -> list[Atoms | Rejected]:
+    """The frames of extxyz text held in memory (e.g. a quarantined frame's ``extxyz``, mlipops' own), as
+    :func:`iter_extxyz` reads them from a file named ``name``."""
+    return list(_iter_handle(io.BytesIO(text.encode("utf-8")), name, source, None, None, {"trust": tuple(trust)}))
+
+
+def _iter_handle(fh, name: str, src: str, default_config_type: str | None,
+                 progress: Callable[[int], None] | None, canon: dict) -> Iterator[Atoms | Rejected]:
+    import ase.io
+
+    n = 0
+    try:
+        for k, line, raw in _split_extxyz(_lines(fh, name), name):
+            n += 1
+            if progress is not None:
+                progress(fh.tell())
+            try:
+                atoms = ase.io.read(io.StringIO(raw), format="extxyz")
+                out = canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type,
+                                   **canon)
+            except Exception as exc:  # ASE raises many types on malformed frames
+                out = Rejected(src, k, "parse", f"{name} frame {k}: {_explain(exc, raw, line)}", raw)
+            yield out
+    except OSError as exc:  # a directory, an unreadable device
+        raise FrameFormatError(f"cannot read: {exc}", file=name) from None
+    if not n:
+        raise FrameFormatError("contains no frames", file=name)
+
+
+def read_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
+                trust: Iterable[str] = PROVENANCE_KEYS) -> tuple[list[Atoms], list[Rejected]]:
+    """Read every frame of an extxyz file; unparseable frames come back as Rejected records
+    (:func:`iter_extxyz` into two lists)."""
     frames: list[Atoms] = []
     rejected: list[Rejected] = []
-    for k, line, raw in _split_extxyz(text, str(path)):
-        try:
-            atoms = ase.io.read(io.StringIO(raw), format="extxyz")
-            frames.append(canonicalize(atoms, source=src, source_index=k,
-                                       default_config_type=default_config_type, trust=trust))
-        except Exception as exc:  # ASE raises many types on malformed frames
-            rejected.append(Rejected(src, k, "parse", f"{path} frame {k}: {_explain(exc, raw, line)}", raw))
-            continue
-    if not frames and not rejected:
-        raise FrameFormatError("contains no frames", file=str(path))
+    for item in iter_extxyz(path, source=source, default_config_type=default_config_type, trust=trust):
+        (rejected if isinstance(item, Rejected) else frames).append(item)
     return frames, rejected
 
 
@@ -655,16 +717,9 @@ def _gunzip(path: Path, dest: Path) -> None:
         raise _gzip_error(path, exc) from None
 
 
-def read_frames(path: str | Path, fmt: str = "auto", *, source: str | None = None,
-                default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
-    """Read a structure file a user names (any supported format) into canonical frames + rejected records.
-
-    Provenance is the pipeline's (module doc): ``source`` (default: :func:`source_name`), the frame's
-    position, the content hash; ``oracle_*`` only from a file whose manifest verifies. The file must be
-    a regular file; ``fmt`` ``auto`` reads the format from the first bytes (the suffix breaks ties);
-    ``.gz`` is decompressed first.
-    """
-    p = Path(path)
+def _resolve(p: Path, fmt: str) -> tuple[str, str | None, bool]:
+    """(format, ASE db type, gzip) of a file a user names, from its first bytes (the suffix breaks ties);
+    one-line errors, quoting none of it, for what is not a regular structure file."""
     _regular(p)
     gz = p.suffix.lower() == ".gz"
     head = _head(p, gz)
@@ -691,6 +746,20 @@ def read_frames(path: str | Path, fmt: str = "auto", *, source: str | None = Non
             raise FrameFormatError("contains no frames", file=str(p))
         else:
             raise _not_structure(p, fmt, kind, head)
+    return fmt, db_type, gz
+
+
+def read_frames(path: str | Path, fmt: str = "auto", *, source: str | None = None,
+                default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
+    """Read a structure file a user names (any supported format) into canonical frames + rejected records.
+
+    Provenance is the pipeline's (module doc): ``source`` (default: :func:`source_name`), the frame's
+    position, the content hash; ``oracle_*`` only from a file whose manifest verifies. The file must be
+    a regular file; ``fmt`` ``auto`` reads the format from the first bytes (the suffix breaks ties);
+    ``.gz`` is decompressed first.
+    """
+    p = Path(path)
+    fmt, db_type, gz = _resolve(p, fmt)
     trust = ORACLE_KEYS if verified_manifest(p) else ()
     src = source or source_name(p)
     kw = {"db_type": db_type} if fmt == "db" else {}
@@ -710,6 +779,26 @@ def read_frames(path: str | Path, fmt: str = "auto", *, source: str | None = Non
     for r in rejected:
         r.reason = r.reason.replace(str(plain), str(p), 1)
     return frames, rejected
+
+
+def iter_frames(path: str | Path, fmt: str = "auto", *, source: str | None = None,
+                default_config_type: str | None = None,
+                progress: Callable[[int], None] | None = None) -> Iterator[Atoms | Rejected]:
+    """:func:`read_frames` as a stream: a plain extxyz file frame by frame in file order (bounded memory,
+    the same checks and provenance); the other formats and ``.gz`` are read whole, then their frames and
+    rejected records yielded. ``progress(bytes)`` is called with the bytes of the file read so far."""
+    p = Path(path)
+    fmt_, _, gz = _resolve(p, fmt)
+    if fmt_ == "extxyz" and not gz:
+        trust = ORACLE_KEYS if verified_manifest(p) else ()
+        yield from iter_extxyz(p, source=source or source_name(p), default_config_type=default_config_type,
+                               progress=progress, trust=trust)
+        return
+    frames, rejected = read_frames(p, fmt, source=source, default_config_type=default_config_type)
+    if progress is not None:
+        progress(p.stat().st_size)
+    yield from frames
+    yield from rejected
 
 
 def manifest_path(path: str | Path) -> Path:
@@ -800,7 +889,7 @@ def safe_name(name: str) -> str:
     return _SAFE.sub("_", name)
 
 
-__all__ = ["Rejected", "frame_id", "labels", "set_labels", "canonicalize", "read_extxyz", "read_db",
-           "read_mlearn_json", "read_frames", "source_name", "write_extxyz", "to_extxyz_string", "oracle_info",
-           "write_manifest", "verified_manifest", "formula", "MlipopsError", "INFO_KEYS", "PROVENANCE_KEYS",
-           "ORACLE_KEYS"]
+__all__ = ["Rejected", "frame_id", "labels", "set_labels", "canonicalize", "iter_extxyz", "iter_frames",
+           "parse_extxyz_text", "read_extxyz", "read_db", "read_mlearn_json", "read_frames", "source_name",
+           "write_extxyz", "to_extxyz_string", "oracle_info", "write_manifest", "verified_manifest", "formula",
+           "MlipopsError", "INFO_KEYS", "PROVENANCE_KEYS", "ORACLE_KEYS"]

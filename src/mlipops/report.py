@@ -137,7 +137,10 @@ class Heartbeat:
             text += f", ~{_hms((now - self.ref[0]) * (total - done) / (done - self.ref[1]))} left"
         return text + (f", {self.note}" if self.note else "")
 
+    written = False  # a line has been written
+
     def _write(self, end: str | None = None):
+        self.written = True
         text = self.line(end)
         self.last = self.clock()
         with _write_lock:
@@ -170,7 +173,7 @@ def _is_terminal(stream) -> bool:
 
 
 @contextmanager
-def progress(description: str, total: int, *, stream=None, interval_s: float | None = None):
+def progress(description: str, total: int, *, stream=None, interval_s: float | None = None, quiet_start: bool = False):
     """Progress of a long loop; yields ``advance(n=1, *, completed=None, total=None, note=None)`` (``completed``:
     set the position instead of adding ``n``; ``total``: a new total, e.g. after a rerun; ``note``: text after
     the numbers).
@@ -178,7 +181,8 @@ def progress(description: str, total: int, *, stream=None, interval_s: float | N
     On a terminal (``stream``, default stdout): a transient rich bar (a nested call adds a bar to the live one).
     Otherwise (a log file, a pipe: CI, ``dvc repro``): a :class:`Heartbeat` line at the start, then every
     ``interval_s`` seconds (default ``MLIPOPS_PROGRESS_INTERVAL_S`` or 30 s) whether or not the loop advanced,
-    and a last line at the end."""
+    and a last line at the end. ``quiet_start``: no line at the start, and none at the end unless one was
+    written: work that ends (or fails, with its one-line error) within an interval prints nothing."""
     stream = sys.stdout if stream is None else stream
     if _is_terminal(stream):
         from rich.console import Console
@@ -209,7 +213,10 @@ def progress(description: str, total: int, *, stream=None, interval_s: float | N
                 _live.pop()
         return
     hb = Heartbeat(description, total, stream, _interval_from_env() if interval_s is None else interval_s)
-    hb.start()
+    if quiet_start:
+        hb.t0 = hb.last = hb.clock()
+    else:
+        hb.start()
     stop = threading.Event()
 
     def beat():
@@ -225,7 +232,8 @@ def progress(description: str, total: int, *, stream=None, interval_s: float | N
     finally:
         stop.set()
         timer.join()
-        hb.finish(ok)
+        if not quiet_start or hb.written:
+            hb.finish(ok)
 
 
 def parity_plot(path: str | Path, ref: np.ndarray, pred: np.ndarray, groups: Sequence[str],

@@ -14,6 +14,7 @@ is kept only from a source whose ``<file>.provenance.json`` manifest verifies (w
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,9 +23,9 @@ import pandas as pd
 from ase import Atoms
 
 from mlipops.errors import FrameFormatError
-from mlipops.frames import Rejected, read_frames, source_name, to_extxyz_string, verified_manifest, write_extxyz
+from mlipops.frames import Rejected, iter_frames, source_name, to_extxyz_string, verified_manifest
 from mlipops.params import IngestParams, SplitParams
-from mlipops.report import write_markdown, write_metrics
+from mlipops.report import progress, write_markdown, write_metrics
 
 OUT_DIR = Path("data/ingested")
 FRAMES = OUT_DIR / "frames.extxyz"
@@ -48,8 +49,8 @@ def _stable_unit(frame_id: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
-    """Set ``info['split']`` in place by the declared rule.
+def draw_splits(frame_ids: list[str], config_types: list[str], rule: SplitParams) -> list[str]:
+    """The split of each frame (given by its frame_id and config_type, in ingest order) by the declared rule.
 
     ``config_type``: frames whose config_type is in ``test_config_types`` are test; the rest are
     split train/val/test by ``val_fraction`` / ``test_fraction``. ``random``: every frame by the
@@ -63,89 +64,197 @@ def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
     frames do not change, so a sweep over f is judged on the same frames.
     """
     held_out = set(rule.test_config_types) if rule.method == "config_type" else set()
-    groups: dict[str, list[tuple[float, Atoms]]] = {}
-    for a in frames:
-        if a.info["config_type"] in held_out:
-            a.info["split"] = "test"
+    split: list[str] = [""] * len(frame_ids)
+    groups: dict[str, list[tuple[float, int]]] = {}
+    for q, (fid, ct) in enumerate(zip(frame_ids, config_types)):
+        if ct in held_out:
+            split[q] = "test"
             continue
-        u = _stable_unit(a.info["frame_id"], rule.seed)
-        a.info["split"] = ("test" if u < rule.test_fraction
-                           else "val" if u < rule.test_fraction + rule.val_fraction else "train")
-        groups.setdefault(a.info["config_type"], []).append((u, a))
+        u = _stable_unit(fid, rule.seed)
+        split[q] = ("test" if u < rule.test_fraction
+                    else "val" if u < rule.test_fraction + rule.val_fraction else "train")
+        groups.setdefault(ct, []).append((u, q))
     # at least min_per_config_type of every config_type (of 3 frames or more) in val and in test: taken from the
     # training draws nearest to the cut (u just above it), else from the other evaluation split, never a split's
     # last frame; the choice is as stable as the draw itself
     for group in groups.values():
         if len(group) < 3:
             continue
-        for split, frac in (("test", rule.test_fraction), ("val", rule.val_fraction)):
-            need = rule.min_per_config_type - sum(a.info["split"] == split for _, a in group) if frac > 0 else 0
+        for name, frac in (("test", rule.test_fraction), ("val", rule.val_fraction)):
+            need = rule.min_per_config_type - sum(split[q] == name for _, q in group) if frac > 0 else 0
             while need > 0:
-                counts = Counter(a.info["split"] for _, a in group)
-                donors = [ua for ua in group if ua[1].info["split"] != split and counts[ua[1].info["split"]] > 1]
+                counts = Counter(split[q] for _, q in group)
+                donors = [uq for uq in group if split[uq[1]] != name and counts[split[uq[1]]] > 1]
                 if not donors:
                     break
-                _, a = min(donors, key=lambda ua: (ua[1].info["split"] != "train", ua[0]))
-                a.info["split"] = split
+                _, q = min(donors, key=lambda uq: (split[uq[1]] != "train", uq[0]))
+                split[q] = name
                 need -= 1
-    for a in frames:
-        keep = rule.keep_in_train.get(a.info["config_type"])
-        if (a.info["split"] in ("train", "val") and keep is not None
-                and _stable_unit("keep:" + a.info["frame_id"], rule.seed) >= keep):
-            a.info["split"] = "unused"
+    for q, (fid, ct) in enumerate(zip(frame_ids, config_types)):
+        keep = rule.keep_in_train.get(ct)
+        if split[q] in ("train", "val") and keep is not None and _stable_unit("keep:" + fid, rule.seed) >= keep:
+            split[q] = "unused"
+    return split
+
+
+def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
+    """Set ``info['split']`` of ``frames`` in place by the declared rule (:func:`draw_splits`)."""
+    splits = draw_splits([a.info["frame_id"] for a in frames], [a.info["config_type"] for a in frames], rule)
+    for a, s in zip(frames, splits):
+        a.info["split"] = s
+
+
+# the split is not known until every frame is read: frames are written with this value in its place
+_SPLIT_MARK = "__mlipops_split__"
+_MARK_RE = re.compile(r"(?:(?<=\s)|^)split=" + _SPLIT_MARK + r"(?=\s|$)")
+
+
+class _Spool:
+    """The unique frames as extxyz text, written as they are read (split marked), in an unnamed temporary
+    file beside the output; :meth:`write` copies them to ``path`` with their splits filled in. Holds one
+    frame in memory (and any frame whose own values contain the mark, kept to be written at the end)."""
+
+    def __init__(self, directory: Path):
+        import tempfile
+
+        self.fh = tempfile.TemporaryFile(dir=directory)  # no name: nothing is left behind, even after kill -9
+        self.sizes: list[int] = []
+        self.kept: dict[int, Atoms] = {}
+
+    def add(self, a: Atoms) -> None:
+        a.info["split"] = _SPLIT_MARK
+        text = to_extxyz_string(a)
+        lines = text.split("\n", 2)
+        if len(lines) < 3 or len(_MARK_RE.findall(lines[1])) != 1:
+            self.kept[len(self.sizes)] = a
+            self.sizes.append(0)
+            return
+        data = text.encode("utf-8")
+        self.fh.write(data)
+        self.sizes.append(len(data))
+
+    def write(self, path: Path, splits: list[str]) -> None:
+        self.fh.flush()
+        self.fh.seek(0)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        try:
+            with tmp.open("wb") as out:
+                for k, (size, split) in enumerate(zip(self.sizes, splits)):
+                    if k in self.kept:
+                        self.kept[k].info["split"] = split
+                        text = to_extxyz_string(self.kept[k])
+                    else:
+                        head, comment, body = self.fh.read(size).decode("utf-8").split("\n", 2)
+                        text = "\n".join((head, _MARK_RE.sub("split=" + split, comment), body))
+                    out.write(text.encode("utf-8"))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(path)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], list[str], int]:
+    """Read every source as a stream and de-duplicate: ``keep(frame)`` gets each unique frame in order.
+    Returns (rejected: the unreadable frames, then the duplicates; frame_ids and config_types of the
+    unique frames; frames read). Memory: one frame, and the identity of every frame kept."""
+    names: dict[str, int] = {}
+    for k, src in enumerate(p.sources):
+        if not Path(src.path).exists():
+            raise FrameFormatError(f"source listed in params.yaml ingest.sources[{k}] not found",
+                                   file=str(src.path))
+        name = source_name(src.path)  # each frame's `source`: (source, source_index) names one frame
+        if name in names:
+            raise FrameFormatError(f"ingest.sources[{k}] has the source name {name!r} (the file's name) of "
+                                   f"ingest.sources[{names[name]}]: rename one file", file=str(src.path))
+        names[name] = k
+    sizes = [Path(src.path).stat().st_size for src in p.sources]
+    unreadable: list[Rejected] = []
+    duplicates: list[Rejected] = []
+    seen: dict[str, tuple[str, int]] = {}  # frame_id -> (source, source_index) of its first occurrence
+    ids: list[str] = []
+    cts: list[str] = []
+    n_read = 0
+    with progress("ingest (MiB read)", max(1, round(sum(sizes) / 2**20)), quiet_start=True) as advance:
+        for k, src in enumerate(p.sources):
+            path = Path(src.path)
+            done = sum(sizes[:k])
+
+            def moved(pos: int, done=done) -> None:
+                advance(completed=round((done + pos) / 2**20), note=f"{n_read} frames, {len(ids)} unique")
+
+            for a in iter_frames(path, src.format, source=source_name(path), default_config_type=src.config_type,
+                                 progress=moved):
+                n_read += 1
+                if isinstance(a, Rejected):
+                    unreadable.append(a)
+                    continue
+                fid = a.info["frame_id"]
+                if fid in seen:
+                    first = seen[fid]
+                    duplicates.append(Rejected(
+                        a.info["source"], a.info["source_index"], "duplicate",
+                        f"same structure as {first[0]} frame {first[1]} (frame_id {fid[:12]})",
+                        to_extxyz_string(a), fid, a.info["config_type"]))
+                    continue
+                seen[fid] = (a.info["source"], a.info["source_index"])
+                ids.append(fid)
+                cts.append(a.info["config_type"])
+                keep(a)
+            moved(sizes[k])
+    return unreadable + duplicates, ids, cts, n_read
 
 
 def ingest(p: IngestParams) -> tuple[list[Atoms], pd.DataFrame, dict]:
+    """Read, de-duplicate and split every source in memory (writes nothing): (frames, rejected table, stats)."""
     frames: list[Atoms] = []
-    rejected: list[Rejected] = []
-    n_read = 0
-    names: dict[str, int] = {}
-    for k, src in enumerate(p.sources):
-        path = Path(src.path)
-        if not path.exists():
-            raise FrameFormatError(f"source listed in params.yaml ingest.sources[{k}] not found",
-                                   file=str(path))
-        name = source_name(path)  # each frame's `source`: (source, source_index) names one frame
-        if name in names:
-            raise FrameFormatError(f"ingest.sources[{k}] has the source name {name!r} (the file's name) of "
-                                   f"ingest.sources[{names[name]}]: rename one file", file=str(path))
-        names[name] = k
-        got, bad = read_frames(path, src.format, source=name, default_config_type=src.config_type)
-        n_read += len(got) + len(bad)
-        frames += got
-        rejected += bad
-    seen: dict[str, Atoms] = {}
-    unique: list[Atoms] = []
-    for a in frames:
-        fid = a.info["frame_id"]
-        if fid in seen:
-            first = seen[fid]
-            rejected.append(Rejected(
-                a.info["source"], a.info["source_index"], "duplicate",
-                f"same structure as {first.info['source']} frame {first.info['source_index']} "
-                f"(frame_id {fid[:12]})", to_extxyz_string(a), fid, a.info["config_type"]))
-            continue
-        seen[fid] = a
-        unique.append(a)
-    assign_splits(unique, p.split)
-    stats = {"n_read": n_read, "n_frames": len(unique), "n_rejected": len(rejected)}
-    return unique, rejected_frame(rejected), stats
+    rejected, ids, cts, n_read = _read_sources(p, frames.append)
+    for a, s in zip(frames, draw_splits(ids, cts, p.split)):
+        a.info["split"] = s
+    stats = {"n_read": n_read, "n_frames": len(frames), "n_rejected": len(rejected)}
+    return frames, rejected_frame(rejected), stats
+
+
+def made_dirs(path: Path) -> list[Path]:
+    """The directories ``path.mkdir(parents=True)`` is about to create (to remove them if the stage fails)."""
+    out = []
+    for d in [path, *path.parents]:
+        if d.exists():
+            break
+        out.append(d)
+    return out
 
 
 def run(p: IngestParams) -> dict:
+    """The stage: frames are written as they are read (bounded memory), then given their splits."""
     t0 = time.perf_counter()
-    frames, rejected, stats = ingest(p)
-    write_extxyz(FRAMES, frames)
+    created = made_dirs(OUT_DIR)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    spool = _Spool(OUT_DIR)
+    try:
+        rejected, ids, cts, n_read = _read_sources(p, spool.add)
+        splits = draw_splits(ids, cts, p.split)
+        spool.write(FRAMES, splits)
+    except BaseException:
+        for d in created:  # nothing half-made is left: the directories this run made go again
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+    finally:
+        spool.close()
+    stats = {"n_read": n_read, "n_frames": len(ids), "n_rejected": len(rejected)}
+    rejected = rejected_frame(rejected)
     rejected.to_parquet(REJECTED, index=False)
-    by_split = Counter(a.info["split"] for a in frames)
+    table = Counter(zip(cts, splits))
+    by_split = Counter(splits)
     by_check = Counter(rejected["check"].tolist())
     metrics = dict(stats)
     metrics.update({f"n_frames.{s}": by_split.get(s, 0) for s in ("train", "val", "test", "unused")})
     metrics.update({f"n_rejected.{c}": n for c, n in sorted(by_check.items())})
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
     write_metrics(REPORT_DIR, metrics)
-    table = Counter((a.info["config_type"], a.info["split"]) for a in frames)
     write_markdown(REPORT_DIR / "summary.md", "Ingest", [
         f"Read {stats['n_read']} frames from {len(p.sources)} source(s): "
         + ", ".join(f"`{s.path}`" for s in p.sources) + ".",

@@ -47,6 +47,7 @@ numbers behind every decision.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -102,12 +103,27 @@ def _independent_columns(x: np.ndarray, rel_tol: float = 1e-10) -> np.ndarray:
     return np.sort(piv[:rank])
 
 
-def ols_influence(y: np.ndarray, x: np.ndarray) -> Surrogate:
-    """OLS of y on x (collinear columns dropped) with statsmodels' influence measures."""
+_STATSMODELS_MAX_CELLS = 4_000_000  # rows x columns fitted by statsmodels in memory; larger fits run in chunks
+
+
+def ols_influence(y: np.ndarray, x, rows: np.ndarray | None = None) -> Surrogate:
+    """OLS of y on x (collinear columns dropped) with statsmodels' influence measures.
+
+    ``rows`` (boolean, default all) selects the rows fitted; ``x`` is an array or a :class:`RowStore`.
+    Up to :data:`_STATSMODELS_MAX_CELLS` cells statsmodels fits it; a larger fit (the force surrogate of
+    a large training set: 7M rows) runs in chunks with the same closed forms (:func:`_ols_chunked`), never
+    holding more than one chunk of x and no n x n or p x n matrix."""
+    n_rows = int(np.count_nonzero(rows)) if rows is not None else len(y)
+    if isinstance(x, RowStore) or n_rows * x.shape[1] > _STATSMODELS_MAX_CELLS:
+        return _ols_chunked(y, x, rows)
+    if rows is not None:
+        y, x = y[rows], x[rows]
     import statsmodels.api as sm
     from statsmodels.stats.outliers_influence import OLSInfluence
 
     cols = _independent_columns(x)
+    if not len(cols):
+        return _no_fit(y)
     xr = x[:, cols]
     res = sm.OLS(y, xr).fit()
     infl = OLSInfluence(res)
@@ -125,6 +141,148 @@ def ols_influence(y: np.ndarray, x: np.ndarray) -> Surrogate:
                      cols=cols, beta=np.asarray(res.params), xtx_inv=np.linalg.pinv(xr.T @ xr))
 
 
+def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16) -> Surrogate:
+    """:func:`ols_influence` for many rows, in two passes over chunks of x: the R factor of [X y] by a
+    tall-skinny QR (R of the stacked R and the next chunk), then per row the fit, the residual e and the
+    leverage h = |x R⁻¹|²; Cook's D = r² h / (p (1 − h)) with r = e / (s √(1 − h)), s² = Σe² / (n − p),
+    as statsmodels defines them. Collinear columns are dropped as :func:`_independent_columns` does,
+    from R (X and R have the same column geometry: X'X = R'R)."""
+    from scipy.linalg import qr, solve_triangular
+
+    mask = np.ones(len(y), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    p_all = x.shape[1]
+    R = np.zeros((0, p_all + 1))
+    for lo, hi, block in _row_chunks(x, chunk):
+        m = mask[lo:hi]
+        if m.any():
+            R = qr(np.vstack([R, np.column_stack([block[m], y[lo:hi][m]])]), mode="r")[0][:p_all + 1]
+    if len(R) < p_all + 1:
+        R = np.vstack([R, np.zeros((p_all + 1 - len(R), p_all + 1))])
+    rx = R[:p_all, :p_all]
+    scale = np.linalg.norm(rx, axis=0)
+    _, rr, piv = qr(rx / np.where(scale > 0, scale, 1.0), mode="economic", pivoting=True)
+    d = np.abs(np.diag(rr))
+    rank = int((d > 1e-10 * max(d[0], 1e-300)).sum()) if len(d) else 0
+    cols = np.sort(piv[:rank])
+    if not rank:
+        return _no_fit(y[mask])
+    rc = qr(R[:, list(cols) + [p_all]], mode="r")[0]
+    r_x, z = rc[:rank, :rank], rc[:rank, rank]
+    beta = solve_triangular(r_x, z)
+    n, p = int(mask.sum()), rank
+    ys, fitted, h = np.empty(n), np.empty(n), np.empty(n)
+    k = 0
+    for lo, hi, block in _row_chunks(x, chunk):
+        m = mask[lo:hi]
+        xb = block[m][:, cols]
+        q = len(xb)
+        ys[k:k + q] = y[lo:hi][m]
+        fitted[k:k + q] = xb @ beta
+        h[k:k + q] = np.square(solve_triangular(r_x, xb.T, trans="T")).sum(axis=0)
+        k += q
+    e = ys - fitted
+    s2 = float(e @ e) / max(n - p, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = e / np.sqrt(s2 * (1.0 - h))
+        cooks = r**2 / p * h / (1.0 - h)
+        dffit = np.where(h < 1, h * e / (1 - h), np.nan)
+        t_ext = r * np.sqrt((n - p - 1) / np.maximum(n - p - r**2, 1e-300))
+    inv = solve_triangular(r_x, np.eye(p))
+    return Surrogate(y=ys, fitted=fitted, leverage=h, cooks=cooks, t_external=t_ext, dffit=dffit, n=n, p=p,
+                     rmse=float(np.sqrt(np.mean(e**2))), cols=cols, beta=beta, xtx_inv=inv @ inv.T)
+
+
+_LIGHT_REFIT_CELLS = 1_000_000  # rows x columns above which a refit without influence measures is used
+
+
+def _ols_fit(y: np.ndarray, x: np.ndarray) -> Surrogate:
+    """The least-squares fit of :func:`ols_influence` (same columns, coefficients, (X'X)⁻¹) without the
+    influence measures, by QR: what a refit that only predicts needs (leverage, Cook's D: NaN)."""
+    from scipy.linalg import qr, solve_triangular
+
+    cols = _independent_columns(x)
+    if not len(cols):
+        return _no_fit(y)
+    xr = x[:, cols]
+    q, r = qr(xr, mode="economic")
+    beta = solve_triangular(r, q.T @ y)
+    fitted = xr @ beta
+    e = y - fitted
+    inv = solve_triangular(r, np.eye(len(cols)))
+    nan = np.full(len(y), np.nan)
+    return Surrogate(y=y, fitted=fitted, leverage=nan, cooks=nan, t_external=nan, dffit=nan, n=len(y), p=len(cols),
+                     rmse=float(np.sqrt(np.mean(e**2))), cols=cols, beta=beta, xtx_inv=inv @ inv.T)
+
+
+def _no_fit(y: np.ndarray) -> Surrogate:
+    """The surrogate of a design without one nonzero column (every row the same zero descriptor, e.g. forces
+    that vanish by symmetry in every frame): it predicts 0 and no row has influence."""
+    n = len(y)
+    zero = np.zeros(n)
+    return Surrogate(y=y, fitted=zero, leverage=zero, cooks=zero, t_external=np.full(n, np.nan), dffit=zero, n=n, p=0,
+                     rmse=float(np.sqrt(np.mean(y**2))) if n else 0.0, cols=np.zeros(0, dtype=int), beta=np.zeros(0),
+                     xtx_inv=np.zeros((0, 0)))
+
+
+class RowStore:
+    """Float64 rows [n, m] in an anonymous temporary file, appended in blocks and read back in slices:
+    the force surrogate's design at scale (7M rows x 24 features = 1.4 GB) then lives in the page cache,
+    not in the process. Deleted when closed or garbage-collected (and by the OS if the process dies)."""
+
+    def __init__(self, n_cols: int, directory: str | Path | None = None):
+        import tempfile
+
+        self.fh = tempfile.TemporaryFile(dir=directory)
+        self.shape = (0, n_cols)
+
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=np.float64).reshape(-1, self.shape[1])
+        self.fh.seek(0, 2)
+        self.fh.write(block.tobytes())
+        self.shape = (self.shape[0] + len(block), self.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        lo, hi = max(lo, 0), min(hi, self.shape[0])
+        out = np.empty((max(hi - lo, 0), self.shape[1]))
+        self.fh.seek(lo * self.shape[1] * 8)
+        self.fh.readinto(memoryview(out).cast("B"))
+        return out
+
+    def __getitem__(self, index):
+        """Rows by slice, by sorted integer indices (read as one span) or by a boolean mask."""
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(self.shape[0])
+            return self.read(lo, hi)[::step]
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        if not len(index):
+            return np.zeros((0, self.shape[1]))
+        lo = int(index.min())
+        return self.read(lo, int(index.max()) + 1)[index - lo]
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _row_chunks(x, chunk: int):
+    """(lo, hi, rows lo:hi) of an array or a RowStore, ``chunk`` rows at a time."""
+    for lo in range(0, len(x), chunk):
+        hi = min(lo + chunk, len(x))
+        yield lo, hi, x.read(lo, hi) if isinstance(x, RowStore) else x[lo:hi]
+
+
+def predict_rows(x, cols: np.ndarray, beta: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """x[:, cols] @ beta for every row of an array or a RowStore, a chunk at a time."""
+    out = np.empty(len(x))
+    for lo, hi, block in _row_chunks(x, chunk):
+        out[lo:hi] = block[:, cols] @ beta
+    return out
+
+
 # Descriptor rows depend on the structure only (not on the labels): kept per structure so that a
 # second examination of the same frames in one process (``mlipops check`` next to the training
 # data, repeated trials of a benchmark) does not recompute them. Bounded; cleared by clear_design_cache().
@@ -138,97 +296,195 @@ def clear_design_cache() -> None:
     _cached_rows[0] = 0
 
 
-def design(frames: list[Atoms], species: list[str], settings: dict, forces: bool = True,
-           chunk_atoms: int = 4000) -> dict[str, np.ndarray]:
-    """Rows of both surrogates.
+@dataclass
+class FramePool:
+    """Frames as flat arrays: what the outlier test reads of each frame (positions, cell, labels,
+    config_type, identity). A list of ase.Atoms costs ~10 KB a frame; this ~60 bytes an atom, so the
+    training split of a 100,000-frame set fits in ~150 MB. Every frame has energy and forces."""
+
+    counts: np.ndarray  # [n] atoms per frame
+    numbers: np.ndarray  # [N] atomic numbers, frame after frame
+    positions: np.ndarray  # [N, 3] Å
+    forces: np.ndarray  # [N, 3] eV/Å
+    cells: np.ndarray  # [n, 3, 3] Å
+    pbcs: np.ndarray  # [n, 3] bool
+    energy: np.ndarray  # [n] eV
+    info: dict[str, np.ndarray]  # [n] object arrays: frame_id, config_type, split, source, source_index
+
+    INFO = ("frame_id", "config_type", "split", "source", "source_index")
+
+    @classmethod
+    def from_atoms(cls, frames) -> "FramePool":
+        from mlipops.frames import labels
+
+        if isinstance(frames, FramePool):
+            return frames
+        lab = [labels(a) for a in frames]
+        counts = np.array([len(a) for a in frames], dtype=np.int64)
+        cat = (lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape))  # noqa: E731
+        return cls(counts=counts, numbers=cat([a.numbers for a in frames], (0,)).astype(np.int64),
+                   positions=cat([np.asarray(a.positions, np.float64) for a in frames], (0, 3)),
+                   forces=cat([np.full((len(a), 3), np.nan) if f is None else np.asarray(f, np.float64).reshape(-1, 3)
+                               for a, (_, f, _) in zip(frames, lab)], (0, 3)),
+                   cells=np.array([a.cell.array for a in frames], dtype=np.float64).reshape(-1, 3, 3),
+                   pbcs=np.array([a.pbc for a in frames], dtype=bool).reshape(-1, 3),
+                   energy=np.array([np.nan if e is None else e for e, _, _ in lab], dtype=np.float64),
+                   info={k: np.array([a.info.get(k) for a in frames] + [None], dtype=object)[:-1] for k in cls.INFO})
+
+    @classmethod
+    def concat(cls, pools: list["FramePool"]) -> "FramePool":
+        if not pools:
+            return cls.from_atoms([])
+        return cls(counts=np.concatenate([q.counts for q in pools]), numbers=np.concatenate([q.numbers for q in pools]),
+                   positions=np.concatenate([q.positions for q in pools]),
+                   forces=np.concatenate([q.forces for q in pools]), cells=np.concatenate([q.cells for q in pools]),
+                   pbcs=np.concatenate([q.pbcs for q in pools]), energy=np.concatenate([q.energy for q in pools]),
+                   info={k: np.concatenate([q.info[k] for q in pools]) for k in cls.INFO})
+
+    def __post_init__(self):
+        self.starts = np.cumsum(self.counts) - self.counts  # [n] first atom of each frame
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def take(self, idx) -> "FramePool":
+        """The frames ``idx`` (in that order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        atoms = np.concatenate([np.arange(s, s + c) for s, c in zip(self.starts[idx], self.counts[idx])]) \
+            if len(idx) else np.zeros(0, dtype=np.int64)
+        return FramePool(counts=self.counts[idx], numbers=self.numbers[atoms], positions=self.positions[atoms],
+                         forces=self.forces[atoms], cells=self.cells[idx], pbcs=self.pbcs[idx], energy=self.energy[idx],
+                         info={k: v[idx] for k, v in self.info.items()})
+
+    def frame(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(numbers, positions, cell, pbc) of frame k."""
+        lo = int(self.starts[k])
+        hi = lo + int(self.counts[k])
+        return self.numbers[lo:hi], self.positions[lo:hi], self.cells[k], self.pbcs[k]
+
+    def species(self) -> list[str]:
+        from ase.data import chemical_symbols
+
+        return sorted({chemical_symbols[z] for z in np.unique(self.numbers).tolist()})
+
+
+def _structure_key(numbers, positions, cell, pbc) -> str:
+    """:func:`mlipops.frames.frame_id` of a frame given as arrays."""
+    from ase import Atoms
+
+    from mlipops.frames import frame_id
+
+    return frame_id(Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc))
+
+
+_SPILL_CELLS = 32 << 20  # force design cells (rows x F) above which x_forces goes to a RowStore (256 MB)
+
+
+def design(frames, species: list[str], settings: dict, forces: bool = True,
+           chunk_atoms: int = 1000, spill_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Rows of both surrogates, for ``frames`` (a list of ase.Atoms or a :class:`FramePool`).
 
     Returns x_energy [n_frames, n_species + F] (per atom), y_energy [n_frames] (eV/atom), and with
-    ``forces``: x_forces [3 N_total, F] (−∂S/∂r), y_forces [3 N_total], force_frame / force_atom /
-    force_axis [3 N_total] (which frame, atom and axis each row is).
+    ``forces``: x_forces [3 N_total, F] (−∂S/∂r; a :class:`RowStore` in ``spill_dir`` (None: the system's
+    temporary directory) when larger than 256 MB), y_forces [3 N_total], force_frame / force_atom / force_axis
+    [3 N_total] (which frame, atom and axis each row is; frame-major, so a frame's rows are contiguous) and
+    force_start [n_frames + 1] (the first row of each frame).
+
+    The force rows come from :func:`mlipops.descriptors.summed_descriptor_gradient` (analytic, one pass
+    over the edges); each atom moves only its own frame's S, so the gradient of the chunk's summed S is
+    every frame's.
     """
     import json
 
     from ase.data import atomic_numbers
 
-    from mlipops.frames import frame_id, labels
+    from mlipops.descriptors import summed_descriptor_gradient
 
+    pool = FramePool.from_atoms(frames)
+    n = len(pool)
     z_to_index = {atomic_numbers[s]: k for k, s in enumerate(species)}
     desc = AtomCentredDescriptor(len(species), **settings).double()
     n_feat = desc.n_features
+    counts, starts = pool.counts, pool.starts
+    total_rows = 3 * int(counts.sum())
+    # the cache serves repeated examinations of small sets (check, benchmarks); a large set skips it
+    use_cache = total_rows <= _DESIGN_CACHE_ROWS
     context = (tuple(species), json.dumps(settings, sort_keys=True, default=str))
-    keys = [(frame_id(a), *context) for a in frames]
-    rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-    for k, key in enumerate(keys):
-        hit = _DESIGN_CACHE.get(key)
+    keys = [(_structure_key(*pool.frame(k)), *context) for k in range(n)] if use_cache else [None] * n
+    spill = forces and total_rows * n_feat > _SPILL_CELLS
+    store = RowStore(n_feat, spill_dir) if spill else None
+    xe = np.zeros((n, len(species) + n_feat))
+    xf = None if not forces or spill else np.zeros((total_rows, n_feat))
+    done = np.zeros(n, dtype=bool)
+    for k in range(n):
+        hit = _DESIGN_CACHE.get(keys[k]) if use_cache else None
         if hit is not None and (hit[1] is not None or not forces):
-            rows[k] = hit
+            xe[k] = hit[0]
+            if forces:
+                xf[3 * starts[k]:3 * (starts[k] + counts[k])] = hit[1]
+            done[k] = True
 
     def flush(chunk):
         if not chunk:
             return
-        sps, ii, jj, shift, pos, owner = [], [], [], [], [], []
+        sps, ii, jj, vv, owner = [], [], [], [], []
         off = 0
-        for k, a in chunk:
-            sp, i, j, vec, _ = frame_edges(a.numbers, np.asarray(a.positions, np.float64), a.cell.array,
-                                           a.pbc, desc.cutoff, z_to_index)
-            p_ = np.asarray(a.positions, np.float64)
+        for q, k in enumerate(chunk):
+            numbers, pos, cell, pbc = pool.frame(k)
+            sp, i, j, vec, _ = frame_edges(numbers, pos, cell, pbc, desc.cutoff, z_to_index)
+            dpos = pos[j] - pos[i]
             sps.append(sp), ii.append(i + off), jj.append(j + off)
-            shift.append(vec - (p_[j] - p_[i]))
-            pos.append(p_), owner.append(np.full(len(a), len(owner)))
-            off += len(a)
-        pos_t = torch.tensor(np.concatenate(pos), requires_grad=forces)
-        i_t, j_t = torch.from_numpy(np.concatenate(ii)), torch.from_numpy(np.concatenate(jj))
-        vec = pos_t[j_t] - pos_t[i_t] + torch.from_numpy(np.concatenate(shift))
-        g = desc(torch.from_numpy(np.concatenate(sps)), i_t, j_t, vec)  # [N, F]
-        own = torch.from_numpy(np.concatenate(owner))
-        s = g.new_zeros(len(chunk), n_feat).index_add_(0, own, g).detach().numpy()  # per-frame summed descriptors
-        jac = None
-        if forces:
-            # each atom moves only its own frame's S: one backward per feature gives every ∂S_k/∂r_iα
-            total = g.sum(0)
-            jac = torch.stack([torch.autograd.grad(total[q], pos_t, retain_graph=q < n_feat - 1)[0]
-                               for q in range(n_feat)])  # [F, N, 3]
-            jac = -jac.permute(1, 2, 0).reshape(-1, n_feat).numpy()  # [3N, F]
+            vv.append(dpos + (vec - dpos))  # as positions[j] - positions[i] + shift: the energy rows' exact bits
+            owner.append(np.full(len(numbers), q))
+            off += len(numbers)
+        sp_t, i_t, j_t = (torch.from_numpy(np.concatenate(v)) for v in (sps, ii, jj))
+        vec = torch.from_numpy(np.concatenate(vv))
+        with torch.no_grad():
+            g = desc(sp_t, i_t, j_t, vec)  # [N, F]
+            own = torch.from_numpy(np.concatenate(owner))
+            s = g.new_zeros(len(chunk), n_feat).index_add_(0, own, g).numpy()  # per-frame summed descriptors
+            jac = -summed_descriptor_gradient(desc, sp_t, i_t, j_t, vec).reshape(-1, n_feat).numpy() \
+                if forces else None  # [3N, F], row 3 a + α
         start = 0
-        for q, (k, a) in enumerate(chunk):
-            counts = np.array([np.sum(a.numbers == atomic_numbers[sp]) for sp in species], float)
-            xe_k = np.concatenate([counts, s[q]]) / len(a)
-            xf_k = None if jac is None else jac[3 * start:3 * (start + len(a))].copy()
-            start += len(a)
-            rows[k] = (xe_k, xf_k)
-            n_rows = 0 if xf_k is None else len(xf_k)
-            old = _DESIGN_CACHE.get(keys[k])
-            if (old is None or (old[1] is None and xf_k is not None)) and _cached_rows[0] + n_rows <= _DESIGN_CACHE_ROWS:
-                _DESIGN_CACHE[keys[k]] = (xe_k, xf_k)
-                _cached_rows[0] += n_rows
+        for q, k in enumerate(chunk):
+            numbers = pool.frame(k)[0]
+            cnt = np.array([np.sum(numbers == atomic_numbers[sp]) for sp in species], float)
+            xe[k] = np.concatenate([cnt, s[q]]) / len(numbers)
+            xf_k = None if jac is None else jac[3 * start:3 * (start + len(numbers))]
+            start += len(numbers)
+            if xf is not None:
+                xf[3 * starts[k]:3 * (starts[k] + counts[k])] = xf_k
+            if use_cache:
+                n_rows = 0 if xf_k is None else len(xf_k)
+                old = _DESIGN_CACHE.get(keys[k])
+                if (old is None or (old[1] is None and xf_k is not None)) and \
+                        _cached_rows[0] + n_rows <= _DESIGN_CACHE_ROWS:
+                    _DESIGN_CACHE[keys[k]] = (xe[k].copy(), None if xf_k is None else xf_k.copy())
+                    _cached_rows[0] += n_rows
+        if store is not None:
+            store.append(jac)
 
     chunk, n_chunk = [], 0
-    for k, a in enumerate(frames):
-        if k in rows:
+    for k in range(n):
+        if done[k]:
             continue
-        chunk.append((k, a))
-        n_chunk += len(a)
+        chunk.append(k)
+        n_chunk += int(counts[k])
         if n_chunk >= chunk_atoms:
             flush(chunk)
             chunk, n_chunk = [], 0
     flush(chunk)
-    xe, ye, xf, yf, ff, fa, fx = [], [], [], [], [], [], []
-    for k, a in enumerate(frames):
-        e, f, _ = labels(a)
-        xe.append(rows[k][0])
-        ye.append(e / len(a))
-        if forces:
-            xf.append(rows[k][1])
-            yf.append(np.asarray(f, np.float64).reshape(-1))
-            ff.append(np.full(3 * len(a), k)), fa.append(np.repeat(np.arange(len(a)), 3))
-            fx.append(np.tile(np.arange(3), len(a)))
-    out = {"x_energy": np.array(xe).reshape(len(xe), len(species) + n_feat), "y_energy": np.array(ye, float)}
+    out = {"x_energy": xe, "y_energy": pool.energy / np.maximum(counts, 1)}
     if forces:
-        out |= {"x_forces": np.concatenate(xf) if xf else np.zeros((0, n_feat)),
-                "y_forces": np.concatenate(yf) if yf else np.zeros(0),
-                "force_frame": np.concatenate(ff) if ff else np.zeros(0, int),
-                "force_atom": np.concatenate(fa) if fa else np.zeros(0, int),
-                "force_axis": np.concatenate(fx) if fx else np.zeros(0, int)}
+        n_atoms = int(counts.sum())
+        small = np.int32 if n_atoms < 2**31 // 3 else np.int64  # one index per force row: 7M rows at scale
+        frame_of_atom = np.repeat(np.arange(n, dtype=small), counts)
+        out |= {"x_forces": store if store is not None else xf,
+                "y_forces": pool.forces.reshape(-1).astype(np.float64),
+                "force_frame": np.repeat(frame_of_atom, 3),
+                "force_atom": np.repeat((np.arange(n_atoms, dtype=np.int64) - np.repeat(starts, counts)).astype(small), 3),
+                "force_axis": np.tile(np.arange(3, dtype=np.int8), n_atoms),
+                "force_start": np.concatenate([3 * starts, [3 * n_atoms]]).astype(np.int64)}
     return out
 
 
@@ -244,7 +500,8 @@ def robust_t(residual: np.ndarray, leverage: np.ndarray, groups: np.ndarray, min
     by symmetry in label and surrogate alike (unrattled strained crystals) have zero residual; when they
     are the majority of a group, its MAD is zero and every real force in it looks infinitely wrong."""
     scale = _group_scale(residual, groups, min_group, informative)
-    sigma = np.array([scale.get(g, scale[None]) for g in groups])
+    codes, names = pd.factorize(np.asarray(groups, dtype=object), use_na_sentinel=False)
+    sigma = np.array([scale.get(g, scale[None]) for g in names], dtype=float)[codes] if len(codes) else np.zeros(0)
     return residual / (sigma * np.sqrt(np.clip(1.0 - leverage, 1e-12, None)))
 
 
@@ -288,7 +545,8 @@ def force_frame_stats(res: np.ndarray, pred: np.ndarray, frame: np.ndarray, atom
         # forces that are zero in label and surrogate alike (a perfect crystal) have nothing to test
         has = (cnt > 0) & ((y2 / cnt > _ZERO_FORCE**2) | (big_p > _ZERO_FORCE**2))
     level, _ = residual_level(big_r, big_p, groups, reference & has, min_group)
-    order = np.lexsort((atom, frame))
+    key = frame.astype(np.int64) * (int(atom.max()) + 1 if len(atom) else 1) + atom
+    order = np.arange(len(frame)) if _is_sorted(key) else np.lexsort((atom, frame))
     f_sorted, a_sorted = frame[order], atom[order]
     start = np.flatnonzero(np.r_[True, (f_sorted[1:] != f_sorted[:-1]) | (a_sorted[1:] != a_sorted[:-1])])
     atom_r2 = np.add.reduceat(res[order] ** 2, start)  # [atoms with rows]
@@ -315,6 +573,9 @@ def force_frame_stats(res: np.ndarray, pred: np.ndarray, frame: np.ndarray, atom
 _ZERO_FORCE = 1e-6  # eV/Å: an rms force below this is zero (a symmetric structure)
 
 
+_THEIL_SEN_MAX = 2000  # frames a Theil–Sen line is fitted to at most (4·10⁶ pairs)
+
+
 def residual_level(big_r: np.ndarray, big_p: np.ndarray, groups: np.ndarray, reference: np.ndarray,
                    min_group: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Expected mean squared force residual per component of each frame: a_g + b_g P_f, with a_g,
@@ -331,7 +592,12 @@ def residual_level(big_r: np.ndarray, big_p: np.ndarray, groups: np.ndarray, ref
     def line(m):
         r, p = big_r[m], big_p[m]
         if len(r) >= 3 and np.ptp(p) > 0:
-            b, a, _, _ = theilslopes(r, p)
+            # Theil–Sen takes every pair: O(m²) time and memory (10⁴ frames: 10⁸ slopes). Above
+            # _THEIL_SEN_MAX frames its slope is taken over that many, evenly spread over the group's P
+            # (the sorted P at equal steps), which keeps the range the slope is read from
+            sub = np.argsort(p, kind="stable")[np.round(np.linspace(0, len(p) - 1, _THEIL_SEN_MAX)).astype(int)] \
+                if len(p) > _THEIL_SEN_MAX else slice(None)
+            b, a, _, _ = theilslopes(r[sub], p[sub])
             b = max(b, 0.0)
             a = float(np.median(r - b * p))  # the intercept for the clipped slope
         else:
@@ -386,16 +652,17 @@ def tail_z(values: np.ndarray, groups: np.ndarray, reference: np.ndarray, min_gr
     # (no change for large groups; a group of 6 frames needs z ≈ 7 for what 100 frames call 4)
     from scipy.stats import norm, t as student
 
-    m_ref = np.array([(use & (groups == gname)).sum() if centre[gname] is not None else use.sum()
-                      for gname in groups], dtype=float)
+    n_ref = {gname: int((use & (groups == gname)).sum()) if cg is not None else int(use.sum())
+             for gname, cg in centre.items()}
+    m_ref = np.array([n_ref[gname] for gname in groups], dtype=float)
     with np.errstate(invalid="ignore"):
         z = np.where(np.isfinite(z), norm.isf(student.sf(z, np.maximum(m_ref - 1, 1))), z)
     z[~np.isfinite(lv)] = np.nan
     return z
 
 
-def frame_cooks(x: np.ndarray, res: np.ndarray, frame: np.ndarray, fit: Surrogate,
-                frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def frame_cooks(x, res: np.ndarray, frame: np.ndarray, fit: Surrogate,
+                frames: np.ndarray, deleted: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Frame-block influence of the rows ``x`` (residuals ``res``, frame of each row ``frame``) of
     ``fit``, for each frame in ``frames``: Cook's distance of deleting all its rows at once,
     D_f = Δβ' X'X Δβ / (p s²) with Δβ = (X'X)⁻¹ (I − X_f'X_f (X'X)⁻¹)⁻¹ X_f' e_f the change of the
@@ -403,13 +670,13 @@ def frame_cooks(x: np.ndarray, res: np.ndarray, frame: np.ndarray, fit: Surrogat
     minus the prediction of a fit without the frame). Closed forms, no refit; returns
     (D per frame, deleted residual per row)."""
     out = np.full(len(frames), np.nan)
-    deleted = np.array(res, dtype=float, copy=True)
-    if fit.xtx_inv is None or fit.n <= fit.p:
+    deleted = np.array(res, dtype=float, copy=True) if deleted else None
+    if fit.xtx_inv is None or fit.n <= fit.p or not fit.p:
         return out, deleted
     a = fit.xtx_inv
     xtx = np.linalg.pinv(a)
     s2 = float(np.sum((fit.y - fit.fitted) ** 2)) / (fit.n - fit.p)
-    order = np.argsort(frame, kind="stable")
+    order = np.arange(len(frame)) if _is_sorted(frame) else np.argsort(frame, kind="stable")
     bounds = np.searchsorted(frame[order], frames, side="left"), np.searchsorted(frame[order], frames, side="right")
     for q, (lo, hi) in enumerate(zip(*bounds)):
         rows = order[lo:hi]
@@ -422,15 +689,38 @@ def frame_cooks(x: np.ndarray, res: np.ndarray, frame: np.ndarray, fit: Surrogat
         except np.linalg.LinAlgError:
             continue
         out[q] = float(db @ xtx @ db) / (fit.p * max(s2, 1e-300))
-        deleted[rows] = res[rows] + xf @ db
+        if deleted is not None:
+            deleted[rows] = res[rows] + xf @ db
     return out, deleted
+
+
+def _is_sorted(a: np.ndarray) -> bool:
+    return bool(len(a) < 2 or np.all(a[1:] >= a[:-1]))
+
+
+def _first_max_per_run(values: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Index of the first largest value (NaN ignored, as pandas' idxmax) in each run of equal ``key``
+    (sorted, e.g. the frame of frame-major rows): one index per distinct key, in key order."""
+    if not len(values):
+        return np.zeros(0, dtype=np.int64)
+    if not _is_sorted(key):
+        order = np.argsort(key, kind="stable")
+        return order[_first_max_per_run(values[order], key[order])]
+    start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    run = np.repeat(np.arange(len(start)), np.diff(np.r_[start, len(key)]))
+    v = np.where(np.isnan(values), -np.inf, values)
+    best = np.maximum.reduceat(v, start)
+    hit = np.flatnonzero(v == best[run])
+    first = np.unique(run[hit], return_index=True)[1]
+    return hit[first]
 
 
 def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_threshold: float | None = None,
            energy_residual_threshold: float = 12.0, force_residual_threshold: float = 25.0,
            forces: bool = True, max_rounds: int = 5, frame_z_threshold: float | None = 5.0,
            atom_z_threshold: float | None = 4.0, min_group_frames: int = 5,
-           energy_gross_threshold: float | None = 200.0, frame_min_relative_residual: float = 0.25) -> OutlierReport:
+           energy_gross_threshold: float | None = 200.0, frame_min_relative_residual: float = 0.25,
+           spill_dir: str | Path | None = None) -> OutlierReport:
     """Examine ``frames`` (the training split, all labelled) and decide which are influential outliers.
 
     A frame is quarantined when
@@ -455,10 +745,11 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
 
     None for a threshold switches that test off.
     """
-    n = len(frames)
-    cts = np.array([str(a.info.get("config_type")) for a in frames], dtype=object)
-    rows = pd.DataFrame({"frame": np.arange(n), "config_type": cts,
-                         "frame_id": [a.info.get("frame_id") for a in frames]})
+    pool = FramePool.from_atoms(frames)
+    n = len(pool)
+    cts = np.array([str(c) for c in pool.info["config_type"]], dtype=object)
+    cts_code = pd.factorize(cts)[0]  # the same groups as cts, as integers (per force row: 7M of them at scale)
+    rows = pd.DataFrame({"frame": np.arange(n), "config_type": cts, "frame_id": pool.info["frame_id"]})
     for c in ("energy_cooks", "energy_t", "energy_leverage", "energy_residual", "energy_dffit",
               "force_cooks", "force_t", "force_residual", "force_dffit", "force_frame_cooks", "force_chi2",
               "force_chi2_z", "force_rel", "force_level", "atom_chi2", "atom_chi2_z", "atom_residual"):
@@ -467,7 +758,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
     rows["atom_chi2_atom"] = pd.array([pd.NA] * n, dtype="Int64")
     rows["flag_round"] = pd.array([pd.NA] * n, dtype="Int64")
     report = OutlierReport(frames=rows)
-    d = design(frames, species, settings, forces=forces) if n else None
+    d = design(pool, species, settings, forces=forces, spill_dir=spill_dir) if n else None
     if n <= (d["x_energy"].shape[1] + 2 if d else 0) or d is None:
         report.notes.append(f"{n} training frames are too few for the surrogate: not examined")
         rows["quarantine"], rows["kind"], rows["reason"] = False, "not examined", None
@@ -506,23 +797,22 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
         new_atom = np.zeros(n, dtype=bool)
         if forces and len(d["y_forces"]):
             rmask = keep[d["force_frame"]]
-            fs = ols_influence(d["y_forces"][rmask], d["x_forces"][rmask])
+            fs = ols_influence(d["y_forces"], d["x_forces"], rmask)
             report.forces = fs
             thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / fs.n
             fr = d["force_frame"][rmask]
-            t_f = robust_t(fs.y - fs.fitted, fs.leverage, cts[fr], informative=_nonzero_force_rows(fs.y, fs.fitted))
-            score = pd.DataFrame({"frame": fr, "atom": d["force_atom"][rmask], "cooks": fs.cooks, "t": t_f,
-                                  "res": fs.y - fs.fitted, "dffit": fs.dffit,
-                                  "bad": (fs.cooks > thr_f) & (np.abs(t_f) > force_residual_threshold)})
-            score["abs_t"] = np.abs(score.t)
-            worst = score.loc[score.groupby("frame")["abs_t"].idxmax()]
-            at = worst.frame.to_numpy()
-            rows.loc[at, "force_cooks"] = worst.cooks.to_numpy()
-            rows.loc[at, "force_t"] = worst.t.to_numpy()
-            rows.loc[at, "force_residual"] = worst.res.to_numpy()
-            rows.loc[at, "force_dffit"] = worst.dffit.to_numpy()
-            rows.loc[at, "force_atom"] = worst.atom.to_numpy()
-            new_f[np.unique(fr[score.bad.to_numpy()])] = True
+            res = fs.y - fs.fitted
+            t_f = robust_t(res, fs.leverage, cts_code[fr], informative=_nonzero_force_rows(fs.y, fs.fitted))
+            bad = (fs.cooks > thr_f) & (np.abs(t_f) > force_residual_threshold)
+            w = _first_max_per_run(np.abs(t_f), fr)  # each frame's row of largest |t| (rows are frame-major)
+            at = fr[w]
+            rows.loc[at, "force_cooks"] = fs.cooks[w]
+            rows.loc[at, "force_t"] = t_f[w]
+            rows.loc[at, "force_residual"] = res[w]
+            rows.loc[at, "force_dffit"] = fs.dffit[w]
+            rows.loc[at, "force_atom"] = d["force_atom"][rmask][w]
+            new_f[np.unique(fr[bad])] = True
+            del res, t_f, bad
             flag_frame, flag_atom = tests.judge(fs, keep, rows)
             new_frame, new_atom = flag_frame & keep, flag_atom & keep
         rows.loc[new_e, "energy_flag"] = True
@@ -534,7 +824,8 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
             break
         rows.loc[new, "flag_round"] = rnd
         keep &= ~new
-    _recheck(rows, d, keep, report, cts, energy_residual_threshold, force_residual_threshold, tests, cooks_threshold)
+    _recheck(rows, d, keep, report, cts, energy_residual_threshold, force_residual_threshold, tests, cooks_threshold,
+             cts_code)
     rows["quarantine"] = rows["energy_flag"] | rows["force_flag"] | rows["frame_flag"] | rows["atom_flag"]
     es = report.energy
     thr_e = cooks_threshold if cooks_threshold is not None else 4.0 / es.n
@@ -559,16 +850,17 @@ class _FrameTests:
         if fs.beta is None or (self.frame_z is None and self.atom_z is None):
             return np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         ff = d["force_frame"]
-        pred = d["x_forces"][:, fs.cols] @ fs.beta
+        pred = predict_rows(d["x_forces"], fs.cols, fs.beta)
         res = d["y_forces"] - pred
-        rmask = keep[ff]
         st = force_frame_stats(res, pred, ff, d["force_atom"], cts, keep, self.min_group)
         ref = keep.copy()
         for c in ("force_chi2", "atom_chi2"):
             st[c + "_z"] = tail_z(st[c].to_numpy(float), cts, ref, self.min_group)
         kept = np.flatnonzero(keep)
         st["force_frame_cooks"] = np.nan
-        st.loc[kept, "force_frame_cooks"] = frame_cooks(d["x_forces"][rmask], res[rmask], ff[rmask], fs, kept)[0]
+        # every row of a kept frame is in the fit: the frames' rows are found in the whole design
+        st.loc[kept, "force_frame_cooks"] = frame_cooks(d["x_forces"], res, ff, fs, kept, deleted=False)[0]
+        del pred, res
         self.last = st
         if rows is not None:
             for c in ("force_chi2", "force_chi2_z", "force_rel", "force_level", "atom_chi2", "atom_chi2_z",
@@ -616,8 +908,9 @@ def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10,
     use = np.ones(len(residual), dtype=bool) if informative is None else np.asarray(informative, dtype=bool)
     overall = mad(residual[use])
     out = {None: overall if overall > 0 else 1e-12}
-    for g in pd.unique(groups):
-        m = (groups == g) & use
+    codes, names = pd.factorize(np.asarray(groups, dtype=object), use_na_sentinel=False)
+    for c, g in enumerate(names):
+        m = (codes == c) & use
         if m.sum() >= min_group and mad(residual[m]) > 0:
             out[g] = mad(residual[m])
     return out
@@ -641,7 +934,8 @@ def added_influence(e0: np.ndarray, h0: np.ndarray, fit: Surrogate) -> tuple[np.
 
 
 def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierReport, cts: np.ndarray,
-             t_e: float, t_f: float, tests: _FrameTests | None = None, cooks_threshold: float | None = None) -> None:
+             t_e: float, t_f: float, tests: _FrameTests | None = None, cooks_threshold: float | None = None,
+             cts_code: np.ndarray | None = None) -> None:
     """Frames flagged in an early round (or left out from the start as gross errors) were judged
     against a fit that gross errors still dragged; re-judge every test against the final fit (which
     excludes every flagged frame), as predictions with their prediction leverage, and release those
@@ -658,8 +952,10 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
     pending = list(flagged)
     verdict: dict[int, tuple] = {}
     while pending:
-        if len(fit_idx) != es.n:
-            es = ols_influence(d["y_energy"][fit_idx], d["x_energy"][fit_idx])
+        if len(fit_idx) != es.n:  # a release: refit (the fit alone at scale: one per released frame)
+            es = ols_influence(d["y_energy"][fit_idx], d["x_energy"][fit_idx]) \
+                if len(fit_idx) * d["x_energy"].shape[1] <= _LIGHT_REFIT_CELLS else \
+                _ols_fit(d["y_energy"][fit_idx], d["x_energy"][fit_idx])
         scale_e = _group_scale(es.y - es.fitted, cts[fit_idx])
         pred, h = es.predict(d["x_energy"][pending])
         r = d["y_energy"][pending] - pred
@@ -682,19 +978,21 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
     still_f = np.zeros(len(flagged), dtype=bool)
     fs = report.forces
     if fs is not None and fs.beta is not None and "x_forces" in d:
+        codes = pd.factorize(cts)[0] if cts_code is None else cts_code
         rmask = keep[d["force_frame"]]
         if int(rmask.sum()) != fs.n:  # the last round flagged frames after its fit (or stopped early): refit
-            fs = ols_influence(d["y_forces"][rmask], d["x_forces"][rmask])
+            fs = ols_influence(d["y_forces"], d["x_forces"], rmask)
             report.forces = fs
-        scale_f = _group_scale(fs.y - fs.fitted, cts[d["force_frame"][rmask]],
+        scale_f = _group_scale(fs.y - fs.fitted, codes[d["force_frame"][rmask]],
                                informative=_nonzero_force_rows(fs.y, fs.fitted))
         thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / (fs.n + 1)
+        start = d.get("force_start")
         for q, k in enumerate(flagged):
-            m = np.flatnonzero(d["force_frame"] == k)
+            m = np.arange(start[k], start[k + 1]) if start is not None else np.flatnonzero(d["force_frame"] == k)
             if not len(m):
                 continue
             pf, hf = fs.predict(d["x_forces"][m])
-            sf = scale_f.get(cts[k], scale_f[None])
+            sf = scale_f.get(codes[k], scale_f[None])
             rf = d["y_forces"][m] - pf
             tf = rf / (sf * np.sqrt(1.0 + hf))
             cf, _, df_ = added_influence(rf, hf, fs)

@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +49,10 @@ from ase.geometry.minkowski_reduction import minkowski_reduce
 from mlipops.descriptors import neighbor_list
 from mlipops.errors import StageInputError
 from mlipops.frames import labels, read_extxyz, to_extxyz_string, write_extxyz
-from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS
+from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs
 from mlipops.params import DescriptorParams, ValidateParams, composition_key
 from mlipops.quality.releases import RELEASES, load_releases
-from mlipops.report import md_table, write_markdown, write_metrics
+from mlipops.report import md_table, progress, write_markdown, write_metrics
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -421,30 +421,50 @@ def validate_frames(table: pd.DataFrame, p: ValidateParams, atoms: pd.DataFrame 
     return merged, result
 
 
-def find_outliers(frames: list[Atoms], p: ValidateParams, descriptors: DescriptorParams | None):
-    """Cook's-distance outliers among the training-split frames that passed the suite.
+def outlier_candidates(config_types, splits, p: ValidateParams) -> tuple[np.ndarray, dict[int, str]]:
+    """The frames the outlier test examines, of frames that passed the suite (their config_type and split):
+    those of the ``training_split`` whose config_type at least one other of them shares. The surrogate
+    compares a frame with training frames of its kind: a kind the training data lacks (a dimer among
+    crystals) is new physics to a linear model, not a wrong label, so a lone frame of its config_type is
+    neither fitted nor judged. Returns (indices, {index: why a training frame is not examined})."""
+    o = p.outliers
+    train = np.flatnonzero(np.asarray(splits, dtype=object) == o.training_split)
+    kinds = Counter(config_types[k] for k in train)
+    lone = {int(k): f"outlier test not applicable: no other training frame of config_type {config_types[k]!r}"
+            for k in train if kinds[config_types[k]] < 2}
+    return np.array([k for k in train if int(k) not in lone], dtype=np.int64), lone
 
-    Returns ({frame index in ``frames``: reason}, report or None, note)."""
+
+def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | None, spill_dir: Path | None = None):
+    """Cook's-distance outliers among the training-split frames that passed the suite (a list of ase.Atoms
+    or a :class:`~mlipops.quality.outliers.FramePool`), examined as :func:`outlier_candidates` says.
+
+    Returns ({frame index in ``frames``: reason}, report or None, note, {frame index: note} of the training
+    frames not examined)."""
+    from mlipops.quality.outliers import FramePool, detect
+
     o = p.outliers
     if not o.enabled or descriptors is None:
-        return {}, None, "outlier detection disabled (validate.outliers.enabled)"
-    idx = [k for k, a in enumerate(frames) if a.info.get("split") == o.training_split]
-    if not idx:
-        return {}, None, f"no frame of the {o.training_split!r} split: nothing to examine"
-    sub = [frames[k] for k in idx]
-    species = sorted({s for a in sub for s in a.get_chemical_symbols()})
-    from mlipops.quality.outliers import detect
-
-    rep = detect(sub, species, descriptors.model_dump(), cooks_threshold=o.cooks_threshold,
+        return {}, None, "outlier detection disabled (validate.outliers.enabled)", {}
+    pool = FramePool.from_atoms(frames)
+    cts = np.array([None if c is None else str(c) for c in pool.info["config_type"]], dtype=object)
+    idx, lone = outlier_candidates(cts, pool.info["split"], p)
+    if not len(idx):
+        what = f"no frame of the {o.training_split!r} split" if not lone else \
+            f"no two frames of one config_type in the {o.training_split!r} split"
+        return {}, None, f"{what}: nothing to examine", lone
+    sub = pool.take(idx)
+    rep = detect(sub, sub.species(), descriptors.model_dump(), cooks_threshold=o.cooks_threshold,
                  energy_residual_threshold=o.energy_residual_threshold,
                  force_residual_threshold=o.force_residual_threshold, forces=o.forces, max_rounds=o.max_rounds,
                  frame_z_threshold=o.frame_z_threshold, atom_z_threshold=o.atom_z_threshold,
                  min_group_frames=o.min_group_frames, energy_gross_threshold=o.energy_gross_threshold,
-                 frame_min_relative_residual=o.frame_min_relative_residual)
-    flagged = {idx[int(r.frame)]: r.reason for r in rep.frames.itertuples() if r.quarantine}
-    rep.frames.insert(0, "source_index", [int(sub[int(f)].info.get("source_index", -1)) for f in rep.frames.frame])
-    rep.frames.insert(0, "source", [sub[int(f)].info.get("source") for f in rep.frames.frame])
-    return flagged, rep, "; ".join(rep.notes)
+                 frame_min_relative_residual=o.frame_min_relative_residual, spill_dir=spill_dir)
+    flagged = {int(idx[int(r.frame)]): r.reason for r in rep.frames.itertuples() if r.quarantine}
+    at = rep.frames.frame.to_numpy(dtype=np.int64)
+    rep.frames.insert(0, "source_index", [-1 if v is None else int(v) for v in sub.info["source_index"][at]])
+    rep.frames.insert(0, "source", sub.info["source"][at])
+    return flagged, rep, "; ".join(rep.notes), lone
 
 
 def _cooks_plot(rep, path: Path, threshold: float | None) -> None:
@@ -483,11 +503,12 @@ class Decision:
 
     failures: dict[int, list[tuple[str, str]]]  # frame index -> [(check, reason)], one entry per check
     table: pd.DataFrame  # the frame table the suite ran on
-    atoms: pd.DataFrame  # the atom table
+    atoms: pd.DataFrame | None  # the atom table (None once the stage has let it go)
     gx_result: dict  # the great-expectations results (as written to validation_result.json)
     outliers: dict[int, str]  # frame index -> reason, the frames the outlier test quarantined
     outlier_report: object | None  # mlipops.quality.outliers.OutlierReport, None when not run
     outlier_note: str
+    not_examined: dict[int, str] = field(default_factory=dict)  # training frames the outlier test left out, why
 
     def quarantined(self, frames: list[Atoms]) -> pd.DataFrame:
         """One row per quarantined frame: ``frame`` (index), ``frame_id``, ``check`` (comma-joined)
@@ -497,60 +518,200 @@ class Decision:
         return pd.DataFrame(rows, columns=["frame", "frame_id", "check", "reason"])
 
 
+_NO_GX = {"success": True, "dataset_success": True, "dataset_checks_failed": [], "suites": {}, "results": []}
+
+
+def suite_decision(table: pd.DataFrame, atoms: pd.DataFrame, p: ValidateParams) -> tuple[dict, dict]:
+    """The great-expectations suites on the frame and atom tables: ({row: [(check, reason)]}, results)."""
+    return validate_frames(table, p, atoms) if len(table) else ({}, dict(_NO_GX))
+
+
+def outlier_decision(failures: dict, train, train_rows: np.ndarray, p: ValidateParams,
+                     descriptors: DescriptorParams | None, spill_dir: Path | None = None):
+    """The outlier test on the training frames that passed the suites (``failures``, updated in place):
+    ``train`` (a list of ase.Atoms or a FramePool) holds the frames of rows ``train_rows``, at least every
+    frame of the training split. Returns ({row: reason}, report, note, {row: why not examined})."""
+    from mlipops.quality.outliers import FramePool
+
+    train = FramePool.from_atoms(train)
+    train_rows = np.asarray(train_rows, dtype=np.int64)
+    ok = np.array([int(k) not in failures for k in train_rows], dtype=bool)
+    found, out_rep, out_note, lone = find_outliers(train.take(np.flatnonzero(ok)), p, descriptors, spill_dir)
+    passed = train_rows[ok]
+    outliers = {int(passed[j]): reason for j, reason in found.items()}
+    for k, reason in outliers.items():
+        failures.setdefault(k, []).append(("influential_outlier", reason))
+    return outliers, out_rep, out_note, {int(passed[j]): note for j, note in lone.items()}
+
+
+def decide_tables(table: pd.DataFrame, atoms: pd.DataFrame, train, train_rows: np.ndarray, p: ValidateParams,
+                  descriptors: DescriptorParams | None, spill_dir: Path | None = None) -> Decision:
+    """The decision on the frames of ``table``/``atoms`` (:func:`build_tables`), writing nothing: the
+    great-expectations suites (:func:`suite_decision`), then the outlier test on the ``training_split``
+    frames that passed them (:func:`outlier_decision`; ``train``: the frames of rows ``train_rows``, at
+    least every frame of the training split; the suites need only the tables)."""
+    failures, gx_result = suite_decision(table, atoms, p)
+    outliers, out_rep, out_note, lone = outlier_decision(failures, train, train_rows, p, descriptors, spill_dir)
+    return Decision(failures, table, atoms, gx_result, outliers, out_rep, out_note, lone)
+
+
 def decide(frames: list[Atoms], p: ValidateParams, descriptors: DescriptorParams | None = None) -> Decision:
     """The validate stage's quarantine decision on ``frames``, writing nothing: the great-expectations
     suites (frame and atom tables), then the Cook's-distance outlier test on the ``training_split``
     frames that passed them. Quarantine releases (``data/quarantine_releases.yaml``) are not applied."""
     table, atoms = build_tables(frames, p)
-    failures, gx_result = (validate_frames(table, p, atoms) if frames else
-                           ({}, {"success": True, "dataset_success": True, "dataset_checks_failed": [],
-                                 "suites": {}, "results": []}))
-    passed = [k for k in range(len(frames)) if k not in failures]
-    found, out_rep, out_note = find_outliers([frames[k] for k in passed], p, descriptors)
-    outliers = {passed[j]: reason for j, reason in found.items()}
-    for k, reason in outliers.items():
-        failures.setdefault(k, []).append(("influential_outlier", reason))
-    return Decision(failures, table, atoms, gx_result, outliers, out_rep, out_note)
+    rows = [k for k, a in enumerate(frames) if a.info.get("split") == p.outliers.training_split]
+    return decide_tables(table, atoms, [frames[k] for k in rows], np.array(rows, dtype=np.int64), p, descriptors)
+
+
+class _Spool:
+    """The extxyz text of every frame (as :func:`~mlipops.frames.to_extxyz_string` writes it), in a file
+    beside the outputs, so that accepted.extxyz and the quarantine are written after the decision without
+    holding the frames: one frame's text in memory at a time."""
+
+    def __init__(self, directory: Path):
+        import tempfile
+
+        self.fh = tempfile.TemporaryFile(dir=directory)  # no name: nothing is left behind, even after kill -9
+        self.offsets = [0]
+
+    def add(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self.fh.write(data)
+        self.offsets.append(self.offsets[-1] + len(data))
+
+    def texts(self):
+        """(index, text) of every frame, in order."""
+        self.fh.flush()
+        self.fh.seek(0)
+        for k in range(len(self.offsets) - 1):
+            yield k, self.fh.read(self.offsets[k + 1] - self.offsets[k]).decode("utf-8")
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int = 500):
+    """Read the ingested frames as a stream, a chunk at a time: their frame and atom tables, their extxyz
+    text (to ``spool``), the info the outputs record, and the training split as a FramePool (for the
+    outlier test). Memory: the tables (~70 bytes an atom) and the training frames' arrays (~60 bytes an atom)."""
+    from mlipops.frames import Rejected, iter_extxyz
+    from mlipops.quality.outliers import FramePool
+
+    probe = distance_probe(p)
+    tables, atom_parts, pools, train_rows, info = [], [], [], [], []
+    size = path.stat().st_size
+    n = 0
+
+    def flush(frames):
+        nonlocal n
+        if not frames:
+            return
+        lab = _labels(frames)
+        nearest = [_nearest(a, probe) for a in frames]
+        tables.append(frame_table(frames, p.allowed_species, probe, nearest=nearest, _labelled=lab))
+        at = atom_table(frames, probe, nearest=nearest, _labelled=lab)
+        at["frame"] += n
+        atom_parts.append(at)
+        train = [q for q, a in enumerate(frames) if a.info.get("split") == p.outliers.training_split]
+        if p.outliers.enabled and train:
+            pools.append(FramePool.from_atoms([frames[q] for q in train]))
+            train_rows.extend(n + q for q in train)
+        for a in frames:
+            spool.add(to_extxyz_string(a))
+            info.append({k: a.info.get(k) for k in ("frame_id", "source", "source_index", "config_type", "split")})
+        n += len(frames)
+
+    buf = []
+    if size:
+        with progress("validate: reading the ingested frames (MiB)", max(1, round(size / 2**20)),
+                      quiet_start=True) as advance:
+            for a in iter_extxyz(path, progress=lambda pos: advance(completed=round(pos / 2**20),
+                                                                     note=f"{n + len(buf)} frames")):
+                if isinstance(a, Rejected):  # ingest wrote this file: a frame it cannot read back is corruption
+                    raise StageInputError(f"ingest output is corrupt: {a.reason}", file=str(path))
+                buf.append(a)
+                if len(buf) >= chunk:
+                    flush(buf)
+                    buf = []
+            flush(buf)
+            advance(completed=max(1, round(size / 2**20)), note=f"{n} frames")
+    table = pd.concat(tables, ignore_index=True) if tables else frame_table([], p.allowed_species, probe)
+    atoms = pd.concat(atom_parts, ignore_index=True) if atom_parts else atom_table([], probe)
+    return table, atoms, FramePool.concat(pools), np.array(train_rows, dtype=np.int64), info
 
 
 def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
     t0 = time.perf_counter()
     if not INGESTED.is_file():
         raise StageInputError("ingested frames missing: run `dvc repro ingest` first", file=str(INGESTED))
-    # an empty file: ingest rejected every frame read (they are all in INGEST_REJECTED)
-    frames, unreadable = read_extxyz(INGESTED) if INGESTED.stat().st_size else ([], [])
-    if unreadable:
-        raise StageInputError(f"ingest output is corrupt: {unreadable[0].reason}", file=str(INGESTED))
-    decision = decide(frames, p, descriptors)
-    failures, table, atoms, gx_result = decision.failures, decision.table, decision.atoms, decision.gx_result
+    created = made_dirs(CURATED)
+    CURATED.mkdir(parents=True, exist_ok=True)
+    spool = _Spool(CURATED)
+    try:
+        # an empty file: ingest rejected every frame read (they are all in INGEST_REJECTED)
+        table, atoms, train, train_rows, info = _stream_tables(INGESTED, p, spool)
+        with progress("validate: checks (steps)", 3, quiet_start=True) as advance:
+            advance(completed=0, note=f"great-expectations suites on {len(table)} frames, {len(atoms)} atoms")
+            failures, gx_result = suite_decision(table, atoms, p)
+            n_atoms_checked = len(atoms)
+            del atoms  # the atom table (~70 bytes an atom) is not needed any more
+            advance(completed=1, note=f"outlier test on {len(train)} training frames")
+            outliers, out_rep, out_note, lone = outlier_decision(failures, train, train_rows, p, descriptors,
+                                                                 spill_dir=CURATED)
+            del train
+            decision = Decision(failures, table, None, gx_result, outliers, out_rep, out_note, lone)
+            advance(completed=2, note="writing accepted.extxyz and the quarantine")
+            metrics = _write_outputs(decision, info, spool, p, t0, n_atoms_checked)
+            advance(completed=3, note="")
+    except BaseException:
+        for d in created:  # nothing half-made is left: the directories this run made go again
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+    finally:
+        spool.close()
+    return metrics
+
+
+def _write_outputs(decision: Decision, info: list[dict], spool: _Spool, p: ValidateParams, t0: float,
+                   n_atoms_checked: int) -> dict:
+    failures, table, gx_result = decision.failures, decision.table, decision.gx_result
     outliers, out_rep, out_note = decision.outliers, decision.outlier_report, decision.outlier_note
     released = []  # frames released by hand: accepted despite the checks their release names
     releases = load_releases(RELEASES)
     for k in list(failures):
-        entry = releases.get(frames[k].info["frame_id"])
+        entry = releases.get(info[k]["frame_id"])
         if entry and {c for c, _ in failures[k]} <= set(entry["checks"]):
-            released.append({"source": frames[k].info.get("source"),
-                             "source_index": frames[k].info.get("source_index"),
+            released.append({"source": info[k]["source"], "source_index": info[k]["source_index"],
                              "checks": ",".join(c for c, _ in failures[k]), "why": entry["why"],
                              "released_by": entry.get("released_by"), "released_at": entry.get("released_at")})
             del failures[k]
-    accepted, quarantined = [], []
-    for k, a in enumerate(frames):
-        if k in failures:
-            checks = failures[k]
-            quarantined.append({
-                "frame_id": a.info["frame_id"], "source": a.info.get("source"),
-                "source_index": int(a.info.get("source_index", -1)), "config_type": a.info.get("config_type"),
-                "split": a.info.get("split"), "check": ",".join(c for c, _ in checks),
-                "reason": "; ".join(r for _, r in checks), "extxyz": to_extxyz_string(a)})
-        else:
-            accepted.append(a)
+    quarantined = []
+    n_accepted = 0
+    tmp = ACCEPTED.with_suffix(ACCEPTED.suffix + ".tmp")
+    try:
+        with tmp.open("wb") as out:
+            for k, text in spool.texts():
+                if k in failures:
+                    checks, a = failures[k], info[k]
+                    quarantined.append({
+                        "frame_id": a["frame_id"], "source": a["source"],
+                        "source_index": int(a["source_index"] if a["source_index"] is not None else -1),
+                        "config_type": a["config_type"], "split": a["split"], "check": ",".join(c for c, _ in checks),
+                        "reason": "; ".join(r for _, r in checks), "extxyz": text})
+                else:
+                    out.write(text.encode("utf-8"))
+                    n_accepted += 1
+        tmp.replace(ACCEPTED)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     earlier = pd.read_parquet(INGEST_REJECTED) if INGEST_REJECTED.is_file() else pd.DataFrame(columns=REJECT_COLUMNS)
     quarantine = pd.concat([earlier, pd.DataFrame(quarantined, columns=REJECT_COLUMNS)], ignore_index=True)
     quarantine["stage"] = ["ingest"] * len(earlier) + ["validate"] * len(quarantined)
     quarantine = quarantine.astype({c: "string" for c in REJECT_COLUMNS if c != "source_index"} | {"stage": "string"})
     quarantine["source_index"] = quarantine["source_index"].astype("int64")
-    write_extxyz(ACCEPTED, accepted)
     QUARANTINE.parent.mkdir(parents=True, exist_ok=True)
     quarantine.to_parquet(QUARANTINE, index=False)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
@@ -558,10 +719,10 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
     dataset_failed = gx_result["dataset_checks_failed"]
     for d in dataset_failed:  # dataset-level: a warning, nothing quarantined, the stage goes on
         print(f"mlipops: warning: dataset check {d['check']}: {d['reason']}", file=sys.stderr)
-    n_in = len(frames) + len(earlier)
+    n_in = len(info) + len(earlier)
     by_check = Counter(c for cs in quarantine["check"].fillna("") for c in cs.split(",") if c)
-    metrics = {"n_ingested": n_in, "n_accepted": len(accepted), "n_quarantined": len(quarantine),
-               "n_atoms_checked": len(atoms), "gx_success": bool(gx_result["success"]),
+    metrics = {"n_ingested": n_in, "n_accepted": n_accepted, "n_quarantined": len(quarantine),
+               "n_atoms_checked": n_atoms_checked, "gx_success": bool(gx_result["success"]),
                "dataset_checks_failed": len(dataset_failed), "wall_time_s": round(time.perf_counter() - t0, 2)}
     metrics.update({f"n_quarantined.{c}": n for c, n in sorted(by_check.items())})
     metrics.update({f"dataset_check_failed.{d['check']}": 1 for d in dataset_failed})
@@ -583,7 +744,7 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
         _empty_plot(REPORT_DIR / "cooks_distance.png", out_note)
     metrics["n_released"] = len(released)
     write_metrics(REPORT_DIR, metrics)
-    _write_summary(gx_result, quarantine, n_in, len(accepted), len(table), len(atoms))
+    _write_summary(gx_result, quarantine, n_in, n_accepted, len(table), n_atoms_checked)
     _append_outlier_summary(out_rep, out_note, p)
     if released:
         with (REPORT_DIR / "summary.md").open("a") as fh:
