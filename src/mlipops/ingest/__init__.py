@@ -217,6 +217,13 @@ def ingest(p: IngestParams) -> tuple[list[Atoms], pd.DataFrame, dict]:
     return frames, rejected_frame(rejected), stats
 
 
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove those of ``dirs`` (deepest first, as :func:`made_dirs` lists them) that are empty."""
+    for d in dirs:
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+
+
 def made_dirs(path: Path) -> list[Path]:
     """The directories ``path.mkdir(parents=True)`` is about to create (to remove them if the stage fails)."""
     out = []
@@ -238,9 +245,7 @@ def run(p: IngestParams) -> dict:
         splits = draw_splits(ids, cts, p.split)
         spool.write(FRAMES, splits)
     except BaseException:
-        for d in created:  # nothing half-made is left: the directories this run made go again
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+        remove_empty(created)  # nothing half-made is left: the directories this run made go again
         raise
     finally:
         spool.close()
