@@ -116,6 +116,7 @@ def main() -> None:
     seed_model = wd / "seed_model"
     t_seed = train_seed(base, acc, seed_model, args.seed_members, args.seed_epochs)
     _, holdout_path = load_or_generate(base.active.holdout, "Cu", oracle, wd / "holdout")
+    os.chdir(wd)  # the campaigns' project: their outputs lie below its data/ (params paths stay inside a project)
     results, curves = {}, {}
     for mode in args.modes:
         doc = base.model_dump(by_alias=True, mode="json")
@@ -125,7 +126,7 @@ def main() -> None:
         doc["active"] |= {"mode": mode, "iterations": args.iterations, "max_batch": args.batch, "index": None,
                           "dedup_min_distance": dedup,
                           "md": doc["active"]["md"] | {"steps_per_temperature": args.steps},
-                          "out_dir": str(wd / mode / "raw"), "work_dir": str(wd / mode / "active"),
+                          "out_dir": f"data/{mode}/raw", "work_dir": f"data/{mode}/active",  # in wd (cwd)
                           "base_data": str(acc), "base_quarantine": str(q),
                           "retrain": doc["active"]["retrain"] | {"epochs": args.epochs},
                           "holdout": doc["active"]["holdout"] | {"file": str(holdout_path)}}

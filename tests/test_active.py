@@ -234,12 +234,13 @@ def test_state_refuses_other_params(tmp_path):
         load_or_start(tmp_path / "state.json", "xyz")
 
 
-def test_md_phase_resumes_from_its_last_checkpoint(tmp_path):
+def test_md_phase_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     """Interrupted after step 5 (checkpoints every 2 steps), the MD goes on from step 4's snapshot and
     Langevin generator state and finds the same candidates as an uninterrupted run."""
     from mlipops.active.loop import _load_candidates, _md_phase, params_fingerprint
     from mlipops.params import ActiveParams
 
+    monkeypatch.chdir(tmp_path)  # the project: work_dir and out_dir lie below its data/
     model_dir = tmp_path / "model"
     _ensemble(3).save(model_dir)
     calc = CommitteeCalculator(model_dir, skin=0.5)
@@ -249,10 +250,10 @@ def test_md_phase_resumes_from_its_last_checkpoint(tmp_path):
             "model": str(model_dir), "mode": "force", "sigma_force_eVA": 1e-3, "index": None,
             "structures": [{"kind": "bulk", "supercell": 1}, {"kind": "vacancy", "supercell": 1}],
             "md": {"temperatures_K": [300.0, 900.0], "steps_per_temperature": 4, "timestep_fs": 1.0,
-                   "checkpoint_every": 2}, "work_dir": str(tmp_path / name), "out_dir": str(tmp_path / "raw")})
+                   "checkpoint_every": 2}, "work_dir": f"data/{name}", "out_dir": "data/raw"})
 
     pa, pb = params("a"), params("b")
-    sa = load_or_start(tmp_path / "a" / "state.json", params_fingerprint(pa, model_dir))
+    sa = load_or_start(tmp_path / "data/a/state.json", params_fingerprint(pa, model_dir))
     _md_phase(pa, sa, calc, "Cu", None, Path(pa.work_dir), None)
     full = _load_candidates(sa)
     assert len(full) >= 12 and sa.md_run == 2 and sa.md_steps_total == 16
@@ -266,9 +267,9 @@ def test_md_phase_resumes_from_its_last_checkpoint(tmp_path):
 
     fp = params_fingerprint(pb, model_dir)
     with pytest.raises(Killed):
-        _md_phase(pb, load_or_start(tmp_path / "b" / "state.json", fp), calc, "Cu", None, Path(pb.work_dir),
+        _md_phase(pb, load_or_start(tmp_path / "data/b/state.json", fp), calc, "Cu", None, Path(pb.work_dir),
                   kill_at_step_5)
-    sb = load_or_start(tmp_path / "b" / "state.json", fp)
+    sb = load_or_start(tmp_path / "data/b/state.json", fp)
     assert (sb.md_run, sb.md_step, sb.n_candidates) == (0, 4, 4) and Path(sb.md_snapshot).is_file()
     _md_phase(pb, sb, calc, "Cu", None, Path(pb.work_dir), None)
     resumed = _load_candidates(sb)
@@ -276,16 +277,17 @@ def test_md_phase_resumes_from_its_last_checkpoint(tmp_path):
         [(a.info["active_run"], a.info["active_step"]) for a in full]
     for a, b in zip(resumed, full):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-5)
-    assert not list((tmp_path / "b" / "iter_000").glob("md_run*.extxyz"))  # snapshots of finished runs removed
+    assert not list((tmp_path / "data/b/iter_000").glob("md_run*.extxyz"))  # snapshots of finished runs removed
     assert sb.md_stats["steps"] == sa.md_stats["steps"] == sb.md_steps_total == 16  # no step counted twice
     assert sb.md_stats["max_sigma_f_max"] == pytest.approx(sa.md_stats["max_sigma_f_max"], rel=1e-4)
 
 
-def test_nve_md_with_the_committee_conserves_energy(tmp_path):
+def test_nve_md_with_the_committee_conserves_energy(tmp_path, monkeypatch):
     """NVE through the loop's MD: the committee-mean forces drive the atoms, total energy is conserved."""
     from mlipops.active.loop import _md_phase, params_fingerprint
     from mlipops.params import ActiveParams
 
+    monkeypatch.chdir(tmp_path)
     model_dir = tmp_path / "model"
     _ensemble(2).save(model_dir)
     energies = []
@@ -298,15 +300,15 @@ def test_nve_md_with_the_committee_conserves_energy(tmp_path):
     p = ActiveParams.model_validate({
         "model": str(model_dir), "mode": "projected", "index": None, "structures": [{"kind": "vacancy", "supercell": 1}],
         "md": {"dynamics": "nve", "temperatures_K": [600.0], "steps_per_temperature": 20, "timestep_fs": 0.5,
-               "checkpoint_every": 20}, "work_dir": str(tmp_path / "w"), "out_dir": str(tmp_path / "raw")})
-    st = load_or_start(tmp_path / "w" / "state.json", params_fingerprint(p, model_dir))
+               "checkpoint_every": 20}, "work_dir": "data/w", "out_dir": "data/raw"})
+    st = load_or_start(tmp_path / "data/w/state.json", params_fingerprint(p, model_dir))
     _md_phase(p, st, Recording(model_dir), "Cu", None, Path(p.work_dir), None)
     assert st.md_steps_total == 20 and len(energies) >= 20
     kinetic_scale = 1.5 * 3 * units.kB * 600.0
     assert np.ptp(energies) < 0.05 * kinetic_scale
 
 
-def test_gamma_mode_fires_outside_the_training_hull(tmp_path):
+def test_gamma_mode_fires_outside_the_training_hull(tmp_path, monkeypatch):
     """A hull of bulk fcc only: the MD of a surface leaves it (γ > bound on every step), the MD of the
     bulk at 300 K stays near it; selected frames carry their largest per-atom γ."""
     from mlipops.active.loop import _Hull, _load_candidates, _md_phase, _select_phase, params_fingerprint
@@ -330,6 +332,7 @@ def test_gamma_mode_fires_outside_the_training_hull(tmp_path):
                 tmp_path / "index.duckdb")
     hull = _Hull(tmp_path / "index.duckdb")
 
+    monkeypatch.chdir(tmp_path)
     model_dir = tmp_path / "model"
     _ensemble(2).save(model_dir)
     calc = CommitteeCalculator(model_dir, skin=0.5)
@@ -337,8 +340,8 @@ def test_gamma_mode_fires_outside_the_training_hull(tmp_path):
         "model": str(model_dir), "mode": "gamma", "gamma_max": 2.0, "index": str(tmp_path / "index.duckdb"),
         "structures": [{"kind": "bulk", "supercell": 2}, {"kind": "surface", "supercell": 2, "layers": 4}],
         "md": {"temperatures_K": [300.0], "steps_per_temperature": 3, "timestep_fs": 1.0, "checkpoint_every": 3},
-        "dedup_min_distance": 0.0, "max_batch": 10, "work_dir": str(tmp_path / "w"), "out_dir": str(tmp_path / "raw")})
-    st = load_or_start(tmp_path / "w" / "state.json", params_fingerprint(p, model_dir))
+        "dedup_min_distance": 0.0, "max_batch": 10, "work_dir": "data/w", "out_dir": "data/raw"})
+    st = load_or_start(tmp_path / "data/w/state.json", params_fingerprint(p, model_dir))
     _md_phase(p, st, calc, "Cu", hull, Path(p.work_dir), None)
     cands = _load_candidates(st)
     assert {a.info["structure"] for a in cands} == {"surface"} and len(cands) == 3
@@ -367,13 +370,13 @@ def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(t
                         "md": {"temperatures_K": [300.0, 900.0], "steps_per_temperature": 2, "timestep_fs": 1.0,
                                "checkpoint_every": 2},
                         "dedup_min_distance": 0.0, "max_batch": 5, "retries": 1, "backoff_s": 0.1,
-                        "timeout_s": 60.0, "out_dir": str(tmp_path / "raw"), "work_dir": str(tmp_path / "active"),
+                        "timeout_s": 60.0, "out_dir": "data/raw/active", "work_dir": "data/active",
                         "seed": 3, "base_data": None, "holdout": {"enabled": False}, "mlflow": False}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mlipops.cli", "active", "run", "-p", str(tmp_path / "params.yaml")]
-    state_path = tmp_path / "active" / "state.json"
-    label_dir = tmp_path / "active" / "iter_000" / "labels"
+    state_path = tmp_path / "data/active/state.json"
+    label_dir = tmp_path / "data/active/iter_000/labels"
 
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -407,12 +410,12 @@ def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(t
     ends = log_lines(counter, "end")
     assert calls_before == len(written) and len(ends) == len(selected)
     assert sorted(ends) == sorted(selected)  # every selected frame labelled by exactly one completed call
-    out, rejected = read_extxyz(tmp_path / "raw" / "active_0.extxyz")
+    out, rejected = read_extxyz(tmp_path / "data/raw/active/active_0.extxyz")
     assert not rejected and [a.info["frame_id"] for a in out] == selected
     assert all(a.calc is not None and "forces" in a.calc.results for a in out)
     assert {a.info["config_type"] for a in out} == {"active_force"}
     final = json.loads(state_path.read_text())
-    assert json.loads((tmp_path / "active" / "iter_000" / "failed.json").read_text()) == []
+    assert json.loads((tmp_path / "data/active/iter_000/failed.json").read_text()) == []
     assert final["iteration"] == 1 and final["pending"] == [] and final["history"][0]["labelled"] == 5
     h = final["history"][0]
     assert h["reused_labels"] == len(written) and h["oracle_calls"] == 5 - len(written) and h["failed"] == 0

@@ -68,10 +68,11 @@ def seed(tmp_path_factory):
 
 
 def _params(seed_dir: Path, run_dir: Path, **active) -> Params:
+    """The campaign's params; ``run_dir`` is the project (the tests chdir there): its outputs go below data/."""
     doc = load_params(ROOT / "params.yaml").model_dump(by_alias=True, mode="json")
     doc["descriptors"] = TINY_D
     doc["train"] |= {"hidden": [8], "batch_size": 4, "epochs": 8, "ensemble": {"members": 2, "bootstrap": True},
-                     "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}", "artifact_location": str(run_dir / "mlart")}
+                     "tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}", "artifact_location": "mlart"}
     doc["compute"] = {"scheduler_address": None, "n_workers": 2, "threads_per_worker": 1}
     doc["validate"]["outliers"]["min_group_frames"] = 3
     doc["active"] = doc["active"] | {
@@ -79,7 +80,7 @@ def _params(seed_dir: Path, run_dir: Path, **active) -> Params:
         "structures": [{"kind": "bulk", "supercell": 1}, {"kind": "vacancy", "supercell": 2}],
         "md": {"temperatures_K": [600.0, 1500.0], "steps_per_temperature": 4, "timestep_fs": 2.0, "checkpoint_every": 4},
         "dedup_min_distance": 0.0, "max_batch": 3, "retries": 1, "backoff_s": 0.1, "timeout_s": 60.0,
-        "out_dir": str(run_dir / "raw"), "work_dir": str(run_dir / "active"), "seed": 1,
+        "out_dir": "data/raw/active", "work_dir": "data/active", "seed": 1,
         "base_data": str(seed_dir / "accepted.extxyz"), "base_quarantine": str(seed_dir / "quarantine.parquet"),
         "retrain": {"enabled": True, "epochs": 3, "learning_rate": 0.001, "patience": None},
         "holdout": {"structures": [{"kind": "bulk", "supercell": 2}], "temperatures_K": [800.0, 4000.0],
@@ -97,7 +98,7 @@ def counting_oracle(tmp_path, monkeypatch):
     return make
 
 
-def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counting_oracle):
+def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counting_oracle, monkeypatch):
     """Two iterations end to end; the 2nd oracle call returns a label 1000 eV off."""
     from mlflow import MlflowClient
 
@@ -106,6 +107,8 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
     from mlipops.active.holdout import load_or_generate
 
     run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
     p = _params(seed, run)
     # the held-out trajectory from plain EMT (the counting oracle below is for the labels only)
     hold, hold_file = load_or_generate(p.active.holdout, "Cu", get_oracle("emt"), tmp_path / "holdout")
@@ -118,7 +121,7 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
     assert summary["iterations"] == 2 and len(hist) == 2
 
     # labels: one file per iteration, each frame labelled by exactly one completed call
-    labelled = [read_extxyz(run / "raw" / f"active_{i}.extxyz")[0] for i in range(2)]
+    labelled = [read_extxyz(run / "data/raw/active" / f"active_{i}.extxyz")[0] for i in range(2)]
     ids = [a.info["frame_id"] for fr in labelled for a in fr]
     assert sorted(ids) == sorted(log_lines(calls, "end")) and len(set(ids)) == len(ids) == sum(h["labelled"] for h in hist)
     corrupt = set(log_lines(calls, "corrupt"))
@@ -144,15 +147,15 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
     con.close()
     assert n == len(new) and nq == len(corrupt)
     # the pipeline's own files were not touched
-    assert not (tmp_path / "data").exists()
+    assert not (run / "data/curated").exists() and not (run / "data/index.duckdb").exists()
 
     # retraining: iteration i's model warm-started from iteration i-1's weights
-    m0, m1 = run / "active" / "iter_000" / "model", run / "active" / "iter_001" / "model"
+    m0, m1 = run / "data/active/iter_000/model", run / "data/active/iter_001/model"
     c0, c1 = (json.loads((m / "config.json").read_text()) for m in (m0, m1))
     assert c0["warm_started_from"]["weights_md5"] == file_md5(seed / "model" / "weights.pt")
     assert c1["warm_started_from"]["weights_md5"] == file_md5(m0 / "weights.pt")
     assert c1["trained_on"]["dvc_md5"] == file_md5(summary["curated"]["accepted"])
-    assert hist[1]["model"] == str(m1) and summary["model"] == str(m1)
+    assert run / hist[1]["model"] == m1 and run / summary["model"] == m1  # project-relative
     # the second iteration's MD ran with the first retrained committee (its candidates' statistics differ)
     assert hist[0]["max_sigma_f.max"] != hist[1]["max_sigma_f.max"]
 
@@ -188,13 +191,14 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
     assert len(log_lines(calls, "start")) == before and again["history"] == hist
 
 
-def test_warm_start_continues_from_the_weights(seed, tmp_path):
+def test_warm_start_continues_from_the_weights(seed, tmp_path, monkeypatch):
     """With a vanishing learning rate the retrained committee is the seed committee: nothing was
     re-initialised (weights, standardisation, reference energies)."""
     from mlipops.active.curate import curate
     from mlipops.active.retrain import retrain
     from mlipops.models.ensemble import load_model
 
+    monkeypatch.chdir(tmp_path)  # retrain writes (and replaces) its folders below the project's data/
     p = _params(seed, tmp_path)
     p = Params.model_validate(p.model_dump(by_alias=True) | {"active": p.active.model_copy(update={
         "retrain": p.active.retrain.model_copy(update={"epochs": 1, "learning_rate": 1e-12})})})
@@ -204,8 +208,8 @@ def test_warm_start_continues_from_the_weights(seed, tmp_path):
     write_extxyz(tmp_path / "new.extxyz", [a])
     c = curate(tmp_path / "new.extxyz", seed / "accepted.extxyz", seed / "quarantine.parquet", p, tmp_path / "cur")
     assert c["n_accepted_new"] == 1 and c["n_accepted"] == 17
-    retrain(seed / "model", c["accepted"], p, tmp_path / "m", tmp_path / "ck")
-    old, new = load_model(seed / "model").state_dict(), load_model(tmp_path / "m").state_dict()
+    retrain(seed / "model", c["accepted"], p, tmp_path / "data/m", tmp_path / "data/ck")
+    old, new = load_model(seed / "model").state_dict(), load_model(tmp_path / "data/m").state_dict()
     assert old.keys() == new.keys()
     for k in old:
         torch.testing.assert_close(new[k], old[k], rtol=1e-5, atol=1e-6)
@@ -222,7 +226,7 @@ def test_retrain_refuses_a_model_of_another_target(seed, tmp_path):
         warm_start_settings(seed / "model", Params.model_validate(doc))
 
 
-def test_a_campaign_of_other_params_is_archived_not_deleted(seed, tmp_path):
+def test_a_campaign_of_other_params_is_archived_not_deleted(seed, tmp_path, monkeypatch):
     """Also: the oracle calls go to an existing Dask scheduler (``compute.scheduler_address``, as on a
     real cluster) instead of a LocalCluster of the loop's own."""
     import logging
@@ -232,6 +236,8 @@ def test_a_campaign_of_other_params_is_archived_not_deleted(seed, tmp_path):
     from mlipops.active.loop import run_loop
 
     run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
                            silence_logs=logging.ERROR)
     p = _params(seed, run, iterations=1, base_data=None, mlflow=False, holdout={"enabled": False},
@@ -244,15 +250,15 @@ def test_a_campaign_of_other_params_is_archived_not_deleted(seed, tmp_path):
             assert c.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.task_prefixes)) >= 1  # tasks ran there
     finally:
         cluster.close()
-    labels = (run / "raw" / "active_0.extxyz").read_bytes()
+    labels = (run / "data/raw/active/active_0.extxyz").read_bytes()
     assert first["history"][0]["labelled"] >= 1 and "curate.n_accepted_new" not in first["history"][0]
     q = Params.model_validate(p.model_dump(by_alias=True) | {"active": p.active.model_copy(update={"seed": 7}),
                                                              "compute": {"n_workers": 1}})
     second = run_loop(q, oracle, seed / "model", "Cu")
-    arch = list((run / "active" / "archive").iterdir())
+    arch = list((run / "data/active/archive").iterdir())
     assert len(arch) == 1 and (arch[0] / "labels" / "active_0.extxyz").read_bytes() == labels
     assert (arch[0] / "state.json").is_file() and second["history"][0]["iteration"] == 0
-    assert (run / "raw" / "active_0.extxyz").read_bytes() != labels
+    assert (run / "data/raw/active/active_0.extxyz").read_bytes() != labels
 
 
 def test_projected_trigger_on_a_committee_wrong_along_the_velocities():

@@ -167,7 +167,7 @@ def test_a_file_without_line_breaks_is_one_line_of_error_in_bounded_memory(tmp_p
             read_extxyz(path)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert time.perf_counter() - t0 < 5.0
+        assert time.perf_counter() - t0 < 60.0  # a hang guard, not a timing: the old reader never ended
         assert peak < 4 << 20, f"{path}: {peak / 2**20:.1f} MB traced"
         assert "line 1: longer than 1 MiB without a line break" in str(info.value)
         assert "\n" not in str(info.value) and len(str(info.value)) < 300
@@ -178,7 +178,10 @@ def test_a_file_without_line_breaks_is_one_line_of_error_in_bounded_memory(tmp_p
     params["ingest"]["sources"] = [{"path": "raw/blob.extxyz"}]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     line = error_line(mlipops(root, "ingest"))
-    assert line.startswith("mlipops: error: raw/blob.extxyz: field 'natoms': line 1: longer than 1 MiB")
+    # a user's source is sniffed first (its first 4 KiB): a "first line" of digits with no line break in
+    # 4 KiB is no structure file, said without quoting it
+    assert line == ("mlipops: error: raw/blob.extxyz: not a structure file (expected extxyz, an ASE database or "
+                    "mlearn JSON): found text that is none of these (content not shown)"), line
     assert not (root / "data" / "ingested" / "frames.extxyz").exists()
     assert not [p for p in (root / "data" / "ingested").iterdir()] if (root / "data" / "ingested").exists() else True
 

@@ -165,7 +165,7 @@ def test_coverage_view(u_index):
     "UPDATE atoms SET inside_hull = true",
 ])
 def test_query_refuses_writes(u_index, sql):
-    with pytest.raises(MlipopsError, match="query failed"):
+    with pytest.raises(MlipopsError, match="query refused: (CREATE|INSERT|DELETE|DROP|UPDATE) statement"):
         query(sql, u_index["db"])
     assert len(query("SELECT * FROM atoms", u_index["db"])) == u_index["stats"]["n_atoms"]
 
@@ -308,7 +308,7 @@ def test_cli_query_file_json_and_hull_check(u_index, tmp_path):
     assert {r["config_type"]: r["n_atoms_outside_hull"] for r in rows}["path_dimer"] == 2
     res = subprocess.run([*exe, "query", f"COPY frames TO '{tmp_path / 'x.csv'}'", "--db", db],
                          capture_output=True, text=True)
-    assert res.returncode == 2 and "Traceback" not in res.stderr and "query failed" in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "query refused: COPY statement" in res.stderr
     structure = tmp_path / "new.extxyz"
     alloy = bulk("Cu", "fcc", a=A, cubic=True)
     alloy[0].symbol = "Au"

@@ -160,6 +160,17 @@ def _eval_reports(root: Path, model_dir: Path, main: dict | None = None, melting
     return d
 
 
+def _shared(tmp_path: Path, *names: str) -> tuple[Path, Path, dict[str, Path]]:
+    """An MLflow store, a registry and the roots of the projects ``names`` that share them. A project's
+    ``promote.registry_dir`` lies inside it (below data/, registry/ or reports/), so each project lies in the
+    data/ folder of the one before, and the registry in the last one."""
+    roots, parent = {}, tmp_path
+    for n in names:
+        roots[n] = parent / n
+        parent = roots[n] / "data"
+    return tmp_path / "mlflow.db", roots[names[-1]] / "registry", roots
+
+
 def _project(root: Path, store: Path, registry: Path, gates: dict, seed: int, reports: bool = True, **kw) -> Path:
     """A project: a small ensemble logged to a real MLflow run, saved as the train stage saves it (run.json),
     and (``reports``) its own evaluation reports (:func:`_eval_reports`, ``kw`` passed on)."""
@@ -169,10 +180,10 @@ def _project(root: Path, store: Path, registry: Path, gates: dict, seed: int, re
 
     from mlipops.models import Ensemble, Potential
 
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)  # a project inside another's data/ may hold the shared registry already
     (root / "params.yaml").write_text(yaml.safe_dump({
         "ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]}, "train": {"model_name": "cu"},
-        "promote": {"registry_dir": str(registry), "gates": gates}}))
+        "promote": {"registry_dir": os.path.relpath(registry, root), "gates": gates}}))
     torch.manual_seed(seed)
     members = [Potential(["Cu"], SMALL_D, [8]) for _ in range(2)]
     with torch.no_grad():  # a fresh output layer is zero: give the members distinct, non-zero outputs
@@ -247,8 +258,8 @@ def _assert_mlflow_agrees(store: Path, registry: Path) -> dict:
 
 
 def test_promotion_files_aliases_and_a_failed_gate(tmp_path, monkeypatch):
-    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
-    a = _project(tmp_path / "a", store, registry, GOOD, seed=1)
+    store, registry, at = _shared(tmp_path, "a", "b", "c")
+    a = _project(at["a"], store, registry, GOOD, seed=1)
     m = _promote(a, monkeypatch)
     assert m["promoted"] and m["version"] == 1
     assert _files(registry / "cu/v1") == EXPECTED
@@ -269,7 +280,7 @@ def test_promotion_files_aliases_and_a_failed_gate(tmp_path, monkeypatch):
     mv = _client(store).get_model_version("cu", "1")  # registered from the run's own artifact location
     assert mv.source == _client(store).get_run(mv.run_id).info.artifact_uri + "/model"
 
-    b = _project(tmp_path / "b", store, registry, GOOD, seed=2)
+    b = _project(at["b"], store, registry, GOOD, seed=2)
     assert _promote(b, monkeypatch)["version"] == 2
     entry = _assert_mlflow_agrees(store, registry)
     assert entry["aliases"] == {"champion": 2, "previous": 1}  # the alias moved; v1 kept as previous
@@ -280,7 +291,7 @@ def test_promotion_files_aliases_and_a_failed_gate(tmp_path, monkeypatch):
     assert resolve_model("cu@champion", registry) == registry / "cu/v2"
     assert resolve_model("cu@previous", registry) == registry / "cu/v1"
 
-    c = _project(tmp_path / "c", store, registry, GOOD | {"val.force_mae": 1e-9}, seed=3)
+    c = _project(at["c"], store, registry, GOOD | {"val.force_mae": 1e-9}, seed=3)
     m = _promote(c, monkeypatch)
     assert not m["promoted"] and m["version"] is None and m["n_gates_failed"] == 1
     decision = (c / "reports/promote/decision.md").read_text()
@@ -312,9 +323,9 @@ def test_a_rejection_writes_every_output_exits_0_and_tags_the_run(tmp_path, monk
 
     from mlipops.cli import app
 
-    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
+    store, registry, at = _shared(tmp_path, "a")
     bad = GOOD | {"val.force_mae": 1e-9, "test.*.force_mae": 0.065}  # test.liquid fails as well
-    a = _project(tmp_path / "a", store, registry, bad, seed=1)
+    a = _project(at["a"], store, registry, bad, seed=1)
     monkeypatch.chdir(a)
     for args, code in ((["promote"], 0), (["promote", "--strict"], 3)):
         for f in (a / "reports/promote").glob("*"):
@@ -345,8 +356,8 @@ def test_a_rejection_writes_every_output_exits_0_and_tags_the_run(tmp_path, monk
 
 
 def test_a_promotion_after_a_rejection_retags_the_run_and_keeps_the_registry(tmp_path, monkeypatch):
-    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
-    a = _project(tmp_path / "a", store, registry, GOOD | {"val.force_mae": 1e-9}, seed=1)
+    store, registry, at = _shared(tmp_path, "a")
+    a = _project(at["a"], store, registry, GOOD | {"val.force_mae": 1e-9}, seed=1)
     assert _promote(a, monkeypatch)["promoted"] == 0 and _tags(store, a)[0] == "rejected"
     (a / "params.yaml").write_text((a / "params.yaml").read_text().replace("1.0e-09", "0.1"))
     assert _promote(a, monkeypatch)["version"] == 1
@@ -372,9 +383,9 @@ def test_failed_gates_tag_is_cut_to_mlflow_limit():
 def test_reports_of_another_model_or_data_version_fail_their_gates(tmp_path, monkeypatch):
     """The melting report of another model (other weights), an nve report without provenance and a defects
     report of other data: each fails all its gates and says why; the other reports' gates still pass."""
-    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
-    other = _project(tmp_path / "other", store, registry, GOOD, seed=7)
-    a = _project(tmp_path / "a", store, registry, GOOD, seed=1)
+    store, registry, at = _shared(tmp_path, "other", "a")
+    other = _project(at["other"], store, registry, GOOD, seed=7)
+    a = _project(at["a"], store, registry, GOOD, seed=1)
     ev = a / "reports/evaluate"
     shutil.rmtree(ev / "melting")
     shutil.copytree(other / "reports/evaluate/melting", ev / "melting")  # passes on its own numbers
@@ -414,15 +425,15 @@ def test_reports_of_another_model_or_data_version_fail_their_gates(tmp_path, mon
 
 
 def test_a_gate_not_applicable_is_shown_with_its_reason_and_does_not_block(tmp_path, monkeypatch):
-    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
+    store, registry, at = _shared(tmp_path, "a", "other")
     why = "no reference oracle for Si"
     gates = GOOD | {"melting:bias_significance_excess_K": {"not_applicable": why},
                     "melting:n_members_accepted": {"not_applicable": why},
                     "n_nonfinite_predictions": {"not_applicable": "cannot be switched off"}}
-    a = _project(tmp_path / "a", store, registry, gates, seed=1)
+    a = _project(at["a"], store, registry, gates, seed=1)
     # the melting report left there is another model's (the copper one, for a Si model): no gate reads it, and
     # it does not travel with this model either
-    other = _project(tmp_path / "other", store, registry, GOOD, seed=7)
+    other = _project(at["other"], store, registry, GOOD, seed=7)
     shutil.rmtree(a / "reports/evaluate/melting")
     shutil.copytree(other / "reports/evaluate/melting", a / "reports/evaluate/melting")
     m = _promote(a, monkeypatch)
@@ -473,8 +484,8 @@ def test_concurrent_promotions_leave_a_consistent_registry(tmp_path):
     """Three `mlipops promote` processes at once, three models, one registry and one MLflow store."""
     import time
 
-    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
-    projects = [_project(tmp_path / f"p{k}", store, registry, GOOD, seed=10 + k) for k in range(3)]
+    store, registry, at = _shared(tmp_path, "p0", "p1", "p2")
+    projects = [_project(at[f"p{k}"], store, registry, GOOD, seed=10 + k) for k in range(3)]
     start = time.time() + 25  # after every process's imports (2 cores, 3 processes)
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(start)], cwd=p, env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in projects]
@@ -501,9 +512,9 @@ def test_registry_cli_list_show_load(tmp_path, monkeypatch):
 
     from mlipops.cli import app
 
-    store, registry = tmp_path / "mlflow.db", tmp_path / "registry"
-    _promote(_project(tmp_path / "a", store, registry, GOOD, seed=1), monkeypatch)
-    _promote(_project(tmp_path / "b", store, registry, GOOD, seed=2), monkeypatch)
+    store, registry, at = _shared(tmp_path, "a", "b")
+    _promote(_project(at["a"], store, registry, GOOD, seed=1), monkeypatch)
+    _promote(_project(at["b"], store, registry, GOOD, seed=2), monkeypatch)
     runner = CliRunner()
     r = runner.invoke(app, ["registry", "list", "--registry", str(registry), "--json"])
     assert r.exit_code == 0, r.output

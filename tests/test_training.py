@@ -152,6 +152,8 @@ def test_ensemble_save_load_and_calculator(tmp_path, cell):
 def test_registry_reference_resolves(tmp_path):
     reg = tmp_path / "registry"
     (reg / "cu/v2").mkdir(parents=True)
+    for f in ("weights.pt", "config.json", "gates.json", "model_card.md"):  # a version folder's files
+        (reg / "cu/v2" / f).write_text("")
     (reg / "index.json").write_text(json.dumps({"models": {"cu": {"aliases": {"champion": 2},
                                                                    "versions": [{"version": 2, "path": "cu/v2"}]}}}))
     assert resolve_model("cu@champion", reg) == reg / "cu/v2"

@@ -106,7 +106,9 @@ def evaluate(ctx: typer.Context, params: Path = ParamsOpt):
     from mlipops.evaluate.errors import run
 
     p = _params(params)
-    _done("evaluate", run(p.evaluate, p.train.model_name))
+    from mlipops.models.schema import trusted_calculators
+
+    _done("evaluate", run(p.evaluate, p.train.model_name, trusted_calculators(p)))
 
 
 @evaluate_app.command("defects")
@@ -172,10 +174,11 @@ def promote(params: Path = ParamsOpt, strict: bool = typer.Option(
         False, "--strict", help=f"exit {STRICT_EXIT} when the model is rejected (after writing every output); for CI")):
     """Check the gates; register a passing model (MLflow registry + registry/). A rejected model is a result:
     every output is written (reports/promote/decision.md says why) and the exit status is 0, unless --strict."""
+    from mlipops.models.schema import trusted_calculators
     from mlipops.promote import run
 
     p = _params(params)
-    metrics = run(p.promote, p.train.model_name)
+    metrics = run(p.promote, p.train.model_name, trusted_calculators(p))
     _done("promote", metrics)
     if strict and not metrics["promoted"]:
         typer.echo(f"mlipops: promotion rejected ({metrics['n_gates_failed']} gate(s) failed, --strict): "
@@ -315,11 +318,14 @@ def registry_show(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NA
 def registry_load(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NAME (= NAME@champion)"),
                   structure: Path = typer.Option(None, "--structure", "-s", help="structures to evaluate (extxyz, ASE db, mlearn json)"),
                   registry: Path = RegistryOpt, params: Path = ParamsOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt):
-    """Load a registered model (weights_only torch.load + JSON config: no code is executed) and, with
-    --structure, print its energy, σ and largest force per frame."""
+    """Load a registered model (weights_only torch.load + JSON config: no code is executed; a Δ-learning
+    baseline only among the built-ins or the one params.yaml names) and, with --structure, print its
+    energy, σ and largest force per frame."""
+    from mlipops.models.schema import trusted_calculators
     from mlipops.promote.catalog import load
 
-    summary, df = load(ref, _registry_dir(registry, params), structure)
+    trusted = trusted_calculators(_params(params)) if params.is_file() else {}
+    summary, df = load(ref, _registry_dir(registry, params), structure, trusted)
     typer.echo(summary, err=df is not None)
     if df is not None:
         _print_frame(df, csv, as_json, 10_000)
@@ -328,18 +334,34 @@ def registry_load(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NA
 @app.command()
 def query(sql: str = typer.Argument(None, help="one SQL statement (read-only)"),
           file: Path = typer.Option(None, "--file", "-f", help="read the SQL from this file"),
-          db: Path = DbOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt, limit: int = LimitOpt):
-    """Read-only SQL on the coverage index, e.g. mlipops query "SELECT * FROM coverage_by_config"."""
+          db: Path = DbOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt,
+          limit: int = typer.Option(200, "--limit", help="rows fetched and printed (table, CSV or JSON)"),
+          timeout: float = typer.Option(60.0, "--timeout", help="seconds before the query is interrupted"),
+          memory_limit: str = typer.Option("1GB", "--memory-limit", help="DuckDB memory limit (nothing spills "
+                                                                         "to disk)")):
+    """Read-only SQL on the coverage index, e.g. mlipops query "SELECT * FROM coverage_by_config".
+    One SELECT statement; bounded in time, memory and rows; settings cannot be changed from SQL."""
     from mlipops.index import query as run_query
 
     if (sql is None) == (file is None):
         raise MlipopsError("give either an SQL statement or --file, not both", field="sql")
-    if file is not None:
+    if file is not None:  # a regular file of at most 1 MB of UTF-8 text (not /dev/zero, not a binary)
+        if not file.is_file():
+            raise MlipopsError("the query file is not a regular file" if file.exists() else "no such file",
+                               file=str(file))
         try:
-            sql = file.read_text()
+            with open(file, "rb") as fh:
+                raw = fh.read(2**20 + 1)
+            if len(raw) > 2**20:
+                raise MlipopsError("the query file is larger than 1 MB", file=str(file))
+            sql = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise MlipopsError(f"cannot read the query: {exc.strerror or exc}", file=str(file)) from None
-    _print_frame(run_query(sql, db), csv, as_json, limit)
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise MlipopsError(f"cannot read the query: {why}", file=str(file)) from None
+    df = run_query(sql, db, limit=limit, timeout_s=timeout, memory_limit=memory_limit)
+    _print_frame(df, csv, as_json, limit)
+    if df.attrs.get("truncated"):
+        typer.echo(f"showing {len(df)} of more than {len(df)} rows (raise --limit to see more)", err=True)
 
 
 @app.command()
@@ -397,14 +419,14 @@ def hull_check(structure: Path = typer.Argument(..., help="structures to check (
     """Extrapolation grade γ of every atom of new structures against the training hull."""
     from mlipops.frames import read_frames
     from mlipops.index import check_structures
+    from mlipops.index.hull import check_cells
 
-    if not structure.is_file():
-        raise MlipopsError("no such file", file=str(structure))
-    frames, bad = read_frames(structure)
+    frames, bad = read_frames(structure)  # a missing, non-regular or non-structure file: one line
     for r in bad:
         typer.echo(f"mlipops: skipped frame {r.source_index} of {structure}: {r.reason}", err=True)
     if not frames:
         raise MlipopsError("no readable frame", file=str(structure))
+    check_cells(frames, str(structure))
     df = check_structures(frames, db)
     _print_frame(df, csv, as_json, limit)
     n_out = int((~df.inside_hull).sum())

@@ -16,6 +16,32 @@ and whose labels sit in a :class:`~ase.calculators.singlepoint.SinglePointCalcul
 
 Units are ASE's throughout. Readers never crash on a bad frame: a frame that cannot be parsed is
 returned as a :class:`Rejected` record carrying its raw text, so nothing read is ever lost.
+
+Provenance comes from the pipeline, never from a user's file. ``frame_id``, ``source``,
+``source_index``, ``split`` and ``oracle_*`` (:data:`PROVENANCE_KEYS`) say where a frame came from;
+a frame's ``info`` could claim anything (``source=cu_emt source_index=7 oracle_name=emt`` in a file
+of one's own). So :func:`read_frames`, the reader of files a user names (``ingest.sources``,
+``mlipops check``, ``hull check``, ``registry load -s``), sets ``frame_id`` from the content,
+``source`` from the file's name and ``source_index`` from the frame's position, and leaves
+``oracle_*`` and ``split`` unset; a value the file gave under one of these keys is kept as
+``file_<key>`` (``file_source=cu_emt``) when it differs from the pipeline's, for the record only.
+The one exception is verifiable: a file that ``mlipops generate``, ``generate bo-scan`` or
+``active run`` wrote gets a manifest next to it, ``<file>.provenance.json`` (:func:`write_manifest`),
+with the md5 of the bytes written, the writer and the oracle(s) that labelled them. When the file's
+md5 still equals the manifest's (:func:`verified_manifest`), mlipops itself wrote those exact bytes,
+so the frames' ``oracle_*`` are kept; ``source`` and ``source_index`` are still the pipeline's. Edit
+one byte of the file and its oracle is no longer trusted (moved to ``file_oracle_*``). A manifest is
+an integrity record against a forged or mislabelled frame, not a signature: whoever can write both
+files can forge both. mlipops' own intermediates (``data/ingested``, ``data/curated``, an active
+campaign's candidates and labels) are read with :func:`read_extxyz`, which keeps these keys
+(``trust=PROVENANCE_KEYS``, its default): only mlipops writes them.
+
+A file a user names is checked before it is read: it must be a regular file (a symlink is followed
+and its target checked: ``/dev/zero``, a FIFO or a directory is refused in one line before any byte
+is read), its first 4 KiB decide the format when ``format`` is ``auto`` (``[``/``{``: JSON, a
+number: extxyz, the SQLite header: an ASE database; the suffix only breaks ties), ``.gz`` is
+decompressed (at most :data:`MAX_DECOMPRESSED` bytes), and no error quotes a byte of a file that is
+not a structure file (an ``/etc/passwd`` named ``x.extxyz`` is "not a structure file", nothing more).
 """
 
 from __future__ import annotations
@@ -23,7 +49,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -42,6 +70,14 @@ INFO_KEYS = ("frame_id", "config_type", "source", "source_index", "split", "orac
 # per-state info values: always 1-D arrays (extxyz reads a one-element array back as a scalar)
 _STATE_ARRAYS = ("excited_energies", "state_spin_square")
 _ROUND = 1e-6
+# where a frame came from: set by the pipeline; a file's own values are kept as file_<key> (module doc)
+PROVENANCE_KEYS = ("frame_id", "source", "source_index", "split", "oracle_name", "oracle_version",
+                   "oracle_settings")
+ORACLE_KEYS = ("oracle_name", "oracle_version", "oracle_settings")
+MANIFEST_SUFFIX = ".provenance.json"
+MANIFEST_FORMAT = "mlipops.frames.manifest/1"
+MAX_DECOMPRESSED = 4 << 30  # bytes a .gz source may decompress to (a gzip bomb stops here)
+_HEAD = 4096  # bytes read to tell a file's format (and all that is read of a file that is not one)
 
 
 @dataclass
@@ -101,8 +137,14 @@ def set_labels(atoms: Atoms, energy: float | None, forces: np.ndarray | None,
 
 
 def canonicalize(atoms: Atoms, *, source: str, source_index: int,
-                 default_config_type: str | None = None) -> Atoms:
+                 default_config_type: str | None = None, trust: Iterable[str] = ()) -> Atoms:
     """Bring a frame read from anywhere to the canonical schema (labels in a SinglePointCalculator).
+
+    Provenance (module doc): ``frame_id`` is always the content hash; ``source`` and ``source_index``
+    are the given ones and ``split``/``oracle_*`` unset, unless the key is in ``trust`` (the keys of
+    :data:`PROVENANCE_KEYS` whose value in ``info`` is honoured: all of them for mlipops' own files,
+    :data:`ORACLE_KEYS` for a file with a verified manifest, none for a user's file). A value in
+    ``info`` under an untrusted key is kept as ``file_<key>`` where it differs from the pipeline's.
 
     Labels of the wrong shape are not silently fixed: forces whose shape differs from the
     positions' are removed from the labels and their shape recorded in ``info['forces_shape']``
@@ -130,9 +172,14 @@ def canonicalize(atoms: Atoms, *, source: str, source_index: int,
         out.info["stress_shape"] = "x".join(str(s) for s in stress.shape)
         stress = None
     set_labels(out, energy, forces, stress)
+    trust = set(trust)
+    claimed = {k: out.info.pop(k) for k in PROVENANCE_KEYS if k in out.info and k not in trust}
     out.info["frame_id"] = frame_id(out)
     out.info["source"] = str(out.info.get("source", source))
     out.info["source_index"] = int(out.info.get("source_index", source_index))
+    for k, v in claimed.items():
+        if k not in out.info or str(v) != str(out.info[k]):
+            out.info[f"file_{k}"] = v
     ct = out.info.get("config_type", default_config_type)
     out.info["config_type"] = str(ct) if ct is not None else "unknown"
     return out
@@ -204,7 +251,10 @@ def _explain(exc: Exception, raw: str | None = None, first_line: int | None = No
     """One line saying what is wrong with a frame, naming the field; ``raw`` (the frame's extxyz
     text, starting at line ``first_line`` of its file) lets a bad value be located exactly."""
     if isinstance(exc, KeyError):
-        return f"unknown element or missing key {exc.args[0]!r} (field 'species')"
+        key = exc.args[0] if exc.args else ""
+        if isinstance(key, str) and not key.isascii():
+            return f"field 'species': {_clip(key)!r} is not an element ({_non_ascii(key)})"
+        return f"unknown element or missing key {_clip(key)!r} (field 'species')"
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, ValueError) and raw is not None:
         where = _bad_value(raw, first_line or 1)
@@ -214,6 +264,23 @@ def _explain(exc: Exception, raw: str | None = None, first_line: int | None = No
         if item:
             return f"field '{item.group(1)}': {type(exc).__name__}: {msg}"
     return f"{type(exc).__name__}: {msg}"
+
+
+def _clip(value, n: int = 40):
+    """A value quoted in a message, at most ``n`` characters of it."""
+    return value[:n] + "..." if isinstance(value, str) and len(value) > n else value
+
+
+def _non_ascii(text: str) -> str:
+    """'contains non-ASCII character U+0421 — a Cyrillic letter?' for the first non-ASCII character:
+    a look-alike (Cyrillic С, Greek Α) typed or pasted into an element symbol."""
+    import unicodedata
+
+    ch = next(c for c in text if not c.isascii())
+    name = unicodedata.name(ch, "")
+    script = name.split()[0].capitalize() if name and "LETTER" in name else None
+    hint = f" — a {script} letter?" if script else ""
+    return f"contains non-ASCII character U+{ord(ch):04X}{hint}"
 
 
 _PROPERTIES = re.compile(r"""(?:^|\s)Properties=(?:"([^"]*)"|(\S+))""", re.IGNORECASE)
@@ -267,15 +334,19 @@ _MAGIC = {b"\x1f\x8b": "gzip-compressed", b"BZh": "bzip2-compressed", b"\xfd7zXZ
           b"PK\x03\x04": "a zip archive", b"\x89HDF": "an HDF5 file", b"SQLite format 3": "an SQLite database"}
 
 
-def _decode_error(path: Path, exc: UnicodeDecodeError) -> FrameFormatError:
+def _decode_error(path: Path, exc: UnicodeDecodeError, base: int = 0) -> FrameFormatError:
     """The file is not UTF-8 text: name the frame, the field and the line where the first bad byte
-    sits (found by the natoms lines of what precedes it), and say what the file seems to be."""
-    data = path.read_bytes()
-    pos = exc.start
+    sits (found by the natoms lines of what precedes it), and say what the file seems to be.
+
+    ``base``: the file offset of the text ``exc`` was raised on (a reader decoding in chunks). Only
+    the bytes up to the bad one are read, and none of them is quoted."""
+    pos = base + exc.start
+    with open(path, "rb") as fh:
+        data = fh.read(max(pos + 1, _HEAD))
     bad_line = data.count(b"\n", 0, pos)  # 0-based line of the bad byte
     lines = data.split(b"\n")
     kind = next((what for magic, what in _MAGIC.items() if data.startswith(magic)), None)
-    if kind is None and b"\x00" in data[:4096]:
+    if kind is None and b"\x00" in data[:_HEAD]:
         kind = "binary"
     frame, field, i, k = 0, "natoms", 0, 0
     while i < len(lines) and i <= bad_line:
@@ -316,11 +387,12 @@ def _decode_error(path: Path, exc: UnicodeDecodeError) -> FrameFormatError:
 
 def iter_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
                 progress: Callable[[int], None] | None = None, with_text: bool = False,
-                **canon) -> Iterator[Atoms | Rejected]:
+                trust: Iterable[str] = PROVENANCE_KEYS) -> Iterator:
     """Stream the frames of an extxyz file in order: canonical frames, and Rejected records for the
     unparseable ones. Memory is bounded by the largest frame, not the file. ``progress(bytes)``: called
-    after each frame with the bytes read so far; ``with_text``: yield (frame, its text in the file) pairs;
-    ``canon``: passed on to :func:`canonicalize`."""
+    after each frame with the bytes read so far; ``with_text``: yield (frame, its text in the file) pairs.
+    ``trust``: see :func:`canonicalize`; the default keeps the provenance the file records, for mlipops' own
+    files. A file a user names goes through :func:`read_frames` / :func:`iter_frames` instead."""
     path = Path(path)
     try:
         fh = path.open("rb")
@@ -329,13 +401,15 @@ def iter_extxyz(path: str | Path, *, source: str | None = None, default_config_t
     except OSError as exc:
         raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
     with fh:
-        yield from _iter_handle(fh, str(path), source or path.stem, default_config_type, progress, canon, with_text)
+        yield from _iter_handle(fh, str(path), source or path.stem, default_config_type, progress,
+                                {"trust": tuple(trust)}, with_text)
 
 
-def parse_extxyz_text(text: str, *, source: str, name: str = "<text>", **canon) -> list[Atoms | Rejected]:
-    """The frames of extxyz text held in memory (e.g. a quarantined frame's ``extxyz``), as
+def parse_extxyz_text(text: str, *, source: str, name: str = "<text>",
+                      trust: Iterable[str] = PROVENANCE_KEYS) -> list[Atoms | Rejected]:
+    """The frames of extxyz text held in memory (e.g. a quarantined frame's ``extxyz``, mlipops' own), as
     :func:`iter_extxyz` reads them from a file named ``name``."""
-    return list(_iter_handle(io.BytesIO(text.encode("utf-8")), name, source, None, None, canon))
+    return list(_iter_handle(io.BytesIO(text.encode("utf-8")), name, source, None, None, {"trust": tuple(trust)}))
 
 
 # ------------------------------------------------------------------- fast comment-line parsing
@@ -494,19 +568,20 @@ def _iter_handle(fh, name: str, src: str, default_config_type: str | None,
 
 
 def read_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
-                **canon) -> tuple[list[Atoms], list[Rejected]]:
+                trust: Iterable[str] = PROVENANCE_KEYS) -> tuple[list[Atoms], list[Rejected]]:
     """Read every frame of an extxyz file; unparseable frames come back as Rejected records
     (:func:`iter_extxyz` into two lists)."""
     frames: list[Atoms] = []
     rejected: list[Rejected] = []
-    for item in iter_extxyz(path, source=source, default_config_type=default_config_type, **canon):
+    for item in iter_extxyz(path, source=source, default_config_type=default_config_type, trust=trust):
         (rejected if isinstance(item, Rejected) else frames).append(item)
     return frames, rejected
 
 
-def read_db(path: str | Path, *, source: str | None = None,
-            default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
-    """Read an ASE database file (``.db``/``.json`` written by ``ase.db``)."""
+def read_db(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
+            trust: Iterable[str] = (), db_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
+    """Read an ASE database file (``.db``/``.json`` written by ``ase.db``); ``db_type`` (``db``,
+    ``json``) when the content, not the suffix, told the kind. ``trust``: see :func:`canonicalize`."""
     import ase.db
 
     path = Path(path)
@@ -515,7 +590,7 @@ def read_db(path: str | Path, *, source: str | None = None,
     src = source or path.stem
     frames, rejected = [], []
     try:
-        con = ase.db.connect(str(path))
+        con = ase.db.connect(str(path), type=db_type or "extract_from_name")
         rows = list(con.select())
     except Exception as exc:
         raise FrameFormatError(f"not a readable ASE database: {_explain(exc)}", file=str(path)) from None
@@ -523,38 +598,128 @@ def read_db(path: str | Path, *, source: str | None = None,
         try:
             atoms = row.toatoms(add_additional_information=False)
             atoms.info.update({kk: vv for kk, vv in row.key_value_pairs.items()})
-            frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type))
+            frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type,
+                                       trust=trust))
         except Exception as exc:
             rejected.append(Rejected(src, k, "parse", f"{path} row {row.id}: {_explain(exc)}", str(dict(row))))
             continue
     return frames, rejected
 
 
-def _mlearn_atoms(doc: dict) -> Atoms:
-    struct = doc["structure"]
-    cell = np.asarray(struct["lattice"]["matrix"], dtype=float)
+class _Schema(ValueError):
+    """A field of an mlearn entry missing or of the wrong type: 'field '<dotted path>': expected ...'."""
+
+    def __init__(self, field: str, expected: str, value=None, missing: bool = False):
+        super().__init__(f"field '{field}': missing (expected {expected})" if missing
+                         else f"field '{field}': expected {expected}, found {_kind_of(value)}")
+
+
+def _kind_of(value) -> str:
+    """What a JSON value is, without quoting it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _member(obj: dict, key: str, field: str, expected: str):
+    if key not in obj:
+        raise _Schema(field, expected, missing=True)
+    return obj[key]
+
+
+def _obj(value, field: str, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Schema(field, f"an object ({what})", value)
+    return value
+
+
+def _numbers(value, field: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    """A nested list of numbers of ``shape`` (None: any length) as an array; `field`[i] named on error."""
+    n = shape[0]
+    what = ("a list of " + (f"{n} " if n is not None else "")
+            + ("numbers" if len(shape) == 1 else "lists of " + " x ".join(str(s) for s in shape[1:]) + " numbers"))
+    if not isinstance(value, list) or (n is not None and len(value) != n):
+        raise _Schema(field, what, value)
+    if len(shape) == 1:
+        for i, x in enumerate(value):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise _Schema(f"{field}[{i}]", "a number", x)
+        return np.asarray(value, dtype=float)
+    return np.array([_numbers(v, f"{field}[{i}]", shape[1:]) for i, v in enumerate(value)], dtype=float).reshape(
+        (len(value),) + tuple(s if s is not None else -1 for s in shape[1:]))
+
+
+def _element(value, field: str) -> str:
+    from ase.data import atomic_numbers
+
+    if not isinstance(value, str):
+        raise _Schema(field, "an element symbol (a string)", value)
+    if value not in atomic_numbers:
+        hint = f" ({_non_ascii(value)})" if not value.isascii() else ""
+        raise ValueError(f"field '{field}': {_clip(value)!r} is not an element{hint}")
+    return value
+
+
+def _mlearn_atoms(doc) -> Atoms:
+    """One mlearn entry: {structure: pymatgen Structure dict (lattice.matrix Å, sites with species and
+    xyz Å or abc fractional), outputs: {energy eV, forces eV/Å, virial_stress kBar}, group, description}.
+    A field of the wrong type raises ValueError 'field '<dotted path>': expected ..., found ...'."""
+    doc = _obj(doc, "entry", "an mlearn entry with 'structure' and 'outputs'")
+    struct = _obj(_member(doc, "structure", "structure", "a pymatgen Structure dict"), "structure",
+                  "a pymatgen Structure dict")
+    lattice = _obj(_member(struct, "lattice", "structure.lattice", "an object with 'matrix'"), "structure.lattice",
+                   "with 'matrix'")
+    cell = _numbers(_member(lattice, "matrix", "structure.lattice.matrix", "3 x 3 numbers (Å)"),
+                    "structure.lattice.matrix", (3, 3))
+    sites = _member(struct, "sites", "structure.sites", "a list of sites")
+    if not isinstance(sites, list) or not sites:
+        raise _Schema("structure.sites", "a non-empty list of sites", sites)
     symbols, positions = [], []
-    for site in struct["sites"]:
-        species = site["species"]
-        symbols.append(species[0]["element"])
-        positions.append(site["xyz"] if "xyz" in site else np.asarray(site["abc"]) @ cell)
+    for i, site in enumerate(sites):
+        f = f"structure.sites[{i}]"
+        site = _obj(site, f, "with 'species' and 'xyz' or 'abc'")
+        species = _member(site, "species", f"{f}.species", "a list of {\"element\": ...}")
+        if not isinstance(species, list) or not species:
+            raise _Schema(f"{f}.species", "a non-empty list of {\"element\": ...}", species)
+        first = _obj(species[0], f"{f}.species[0]", "with 'element'")
+        el = f"{f}.species[0].element"
+        symbols.append(_element(_member(first, "element", el, "an element symbol"), el))
+        if "xyz" in site:
+            positions.append(_numbers(site["xyz"], f"{f}.xyz", (3,)))
+        elif "abc" in site:
+            positions.append(_numbers(site["abc"], f"{f}.abc", (3,)) @ cell)
+        else:
+            raise _Schema(f"{f}.xyz", "Cartesian coordinates (or 'abc', fractional)", missing=True)
     atoms = Atoms(symbols=symbols, positions=positions, cell=cell, pbc=True)
-    out = doc.get("outputs", {})
+    out = {} if doc.get("outputs") is None else _obj(doc["outputs"], "outputs", "energy, forces, virial_stress")
+    energy = out.get("energy")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))):
+        raise _Schema("outputs.energy", "a number (eV)", energy)
+    forces = None if out.get("forces") is None else _numbers(out["forces"], "outputs.forces", (len(atoms), 3))
     stress = None
     if out.get("virial_stress") is not None:
-        v = np.asarray(out["virial_stress"], dtype=float)  # VASP kBar, xx yy zz xy yz zx
+        v = _numbers(out["virial_stress"], "outputs.virial_stress", (6,))  # VASP kBar, xx yy zz xy yz zx
         stress = -0.1 * GPa * v[[0, 1, 2, 4, 5, 3]]
-    set_labels(atoms, out.get("energy"), out.get("forces"), stress)
+    set_labels(atoms, energy, forces, stress)
     if "group" in doc:
-        atoms.info["config_type"] = doc["group"]
+        atoms.info["config_type"] = str(doc["group"])
     if "description" in doc:
         atoms.info["description"] = str(doc["description"]).replace(" ", "_")
     return atoms
 
 
-def read_mlearn_json(path: str | Path, *, source: str | None = None,
-                     default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
-    """Read mlearn's json format (a list of {structure (pymatgen dict), outputs, group, ...})."""
+def read_mlearn_json(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
+                     trust: Iterable[str] = ()) -> tuple[list[Atoms], list[Rejected]]:
+    """Read mlearn's json format (a list of {structure (pymatgen dict), outputs, group, ...}); an entry
+    of the wrong schema is a Rejected record '<file>: entry <k>: field '<f>': expected ...'."""
     path = Path(path)
     if not path.is_file():
         raise FrameFormatError("file not found", file=str(path))
@@ -563,48 +728,203 @@ def read_mlearn_json(path: str | Path, *, source: str | None = None,
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FrameFormatError(f"not valid JSON: {exc}", file=str(path)) from None
     if not isinstance(docs, list):
-        raise FrameFormatError("expected a JSON list of structures (mlearn format)", file=str(path))
+        raise FrameFormatError(f"expected a JSON list of structures (mlearn format), found {_kind_of(docs)}",
+                               file=str(path))
     src = source or path.stem
     frames, rejected = [], []
     for k, doc in enumerate(docs):
         try:
             atoms = _mlearn_atoms(doc)
-            frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type))
+            frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type,
+                                       trust=trust))
         except Exception as exc:
-            rejected.append(Rejected(src, k, "parse", f"{path} frame {k}: {_explain(exc)}",
-                                     json.dumps(doc)[:100000]))
+            reason = str(exc) if isinstance(exc, _Schema) or str(exc).startswith("field '") else _explain(exc)
+            rejected.append(Rejected(src, k, "parse", f"{path}: entry {k}: {reason}", json.dumps(doc)[:100000]))
             continue
     return frames, rejected
 
 
+# ------------------------------------------------------------------ files a user names
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+_EXPECTED = "a structure file (extxyz, an ASE database or mlearn JSON)"
+
+
+def source_name(path: str | Path) -> str:
+    """The ``source`` of a file's frames: its name less the suffix (``x.extxyz.gz``: ``x``)."""
+    p = Path(path)
+    return Path(p.stem).stem if p.suffix.lower() == ".gz" else p.stem
+
+
+def _regular(path: Path) -> os.stat_result:
+    """stat of a regular file (a symlink followed); one-line errors before any byte is read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FrameFormatError("file not found" + (" (a broken symbolic link)" if path.is_symlink() else ""),
+                               file=str(path)) from None
+    except OSError as exc:
+        raise FrameFormatError(f"cannot read: {exc.strerror or type(exc).__name__}", file=str(path)) from None
+    if not stat.S_ISREG(st.st_mode):
+        what = next((name for test, name in _NOT_REGULAR if test(st.st_mode)), "not a plain file")
+        raise FrameFormatError(f"not a regular file ({what}): expected {_EXPECTED}", file=str(path))
+    return st
+
+
+def _gzip_error(path: Path, exc: Exception) -> FrameFormatError:
+    what = ("truncated (the gzip stream ends early)" if isinstance(exc, EOFError)
+            else "not gzip-compressed, though named .gz" if "gzip" in type(exc).__name__.lower()
+            or "Not a gzipped" in str(exc) else "corrupt gzip data")
+    return FrameFormatError(what, file=str(path))
+
+
+def _head(path: Path, gz: bool) -> bytes:
+    """The first bytes of a file (decompressed when ``gz``): all that is read to tell its format."""
+    import gzip
+    import zlib
+
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            return fh.read(_HEAD)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise _gzip_error(path, exc) from None
+    except OSError as exc:
+        raise FrameFormatError(f"cannot read: {exc.strerror or type(exc).__name__}", file=str(path)) from None
+
+
+def _sniff(head: bytes) -> str:
+    """What a file's first bytes say it is: ``extxyz`` (a first line that is a number), ``json``
+    (``[`` or ``{``), ``sqlite``, ``empty``, ``binary`` (a known compressed or binary format, or not
+    UTF-8: the reader of its suffix says which byte, quoting none) or ``text`` (anything else, NUL
+    bytes included: not a structure file)."""
+    if head.startswith(b"SQLite format 3\x00"):
+        return "sqlite"
+    if any(head.startswith(magic) for magic in _MAGIC):
+        return "binary"
+    body = head.lstrip()
+    if not body:
+        return "empty"
+    if body[:1] in (b"[", b"{"):
+        return "json"
+    line, newline, _ = body.partition(b"\n")
+    if re.fullmatch(rb"\d+\s*", line) and (newline or len(head) < _HEAD):
+        return "extxyz"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3 and b"\x00" not in head:  # not a character cut by the 4 KiB
+            return "binary"
+    return "text"
+
+
+def _not_structure(path: Path, fmt: str, kind: str, head: bytes) -> FrameFormatError:
+    """'not a structure file': what was expected, what the first bytes are; none of them quoted."""
+    expected = {"extxyz": "extxyz, a first line with the number of atoms", "db": "an ASE database",
+                "mlearn_json": "mlearn JSON, a list of structures"}.get(fmt, "extxyz, an ASE database or mlearn JSON")
+    if kind == "binary" or b"\x00" in head:
+        magic = next((what for m, what in _MAGIC.items() if head.startswith(m)), "binary data")
+        found = magic + (": decompress it or name it .gz" if magic == "gzip-compressed" else "")
+    else:
+        found = "text that is none of these" if fmt == "auto" else "other text"
+    return FrameFormatError(f"not a structure file (expected {expected}): found {found} (content not shown)",
+                            file=str(path))
+
+
+def _gunzip(path: Path, dest: Path) -> None:
+    """Decompress ``path`` into ``dest``, at most :data:`MAX_DECOMPRESSED` bytes."""
+    import gzip
+    import zlib
+
+    n = 0
+    try:
+        with gzip.open(path, "rb") as src, open(dest, "wb") as out:
+            while chunk := src.read(1 << 20):
+                n += len(chunk)
+                if n > MAX_DECOMPRESSED:
+                    raise FrameFormatError(f"decompresses to more than {MAX_DECOMPRESSED / 2**30:g} GiB "
+                                           "(the most a .gz source may hold): decompress it yourself",
+                                           file=str(path))
+                out.write(chunk)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise _gzip_error(path, exc) from None
+
+
+def _resolve(p: Path, fmt: str) -> tuple[str, str | None, bool]:
+    """(format, ASE db type, gzip) of a file a user names, from its first bytes (the suffix breaks ties);
+    one-line errors, quoting none of it, for what is not a regular structure file."""
+    _regular(p)
+    gz = p.suffix.lower() == ".gz"
+    head = _head(p, gz)
+    kind = _sniff(head)
+    suffix = Path(p.stem).suffix.lower() if gz else p.suffix.lower()
+    by_suffix = {".xyz": "extxyz", ".extxyz": "extxyz", ".db": "db",
+                 ".json": "mlearn_json" if kind == "json" and head.lstrip()[:1] == b"[" else "db"}.get(suffix)
+    db_type = None
+    if kind == "text":
+        raise _not_structure(p, fmt, kind, head)
+    if fmt == "extxyz" and kind in ("json", "sqlite"):
+        raise FrameFormatError(f"not extxyz: it looks like {'JSON' if kind == 'json' else 'an SQLite database'} "
+                               "(set its format to auto, db or mlearn_json)", file=str(p))
+    if fmt == "auto":
+        if kind == "extxyz":
+            fmt = "extxyz"
+        elif kind == "json":
+            fmt, db_type = ("mlearn_json", None) if head.lstrip()[:1] == b"[" else ("db", "json")
+        elif kind == "sqlite":
+            fmt, db_type = "db", "db"
+        elif by_suffix is not None:
+            fmt = by_suffix
+        elif kind == "empty":
+            raise FrameFormatError("contains no frames", file=str(p))
+        else:
+            raise _not_structure(p, fmt, kind, head)
+    return fmt, db_type, gz
+
+
 def read_frames(path: str | Path, fmt: str = "auto", *, source: str | None = None,
                 default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
-    """Read a structure file of any supported format into canonical frames + rejected records."""
+    """Read a structure file a user names (any supported format) into canonical frames + rejected records.
+
+    Provenance is the pipeline's (module doc): ``source`` (default: :func:`source_name`), the frame's
+    position, the content hash; ``oracle_*`` only from a file whose manifest verifies. The file must be
+    a regular file; ``fmt`` ``auto`` reads the format from the first bytes (the suffix breaks ties);
+    ``.gz`` is decompressed first.
+    """
     p = Path(path)
-    if fmt == "auto":
-        suffix = p.suffix.lower()
-        if suffix in (".xyz", ".extxyz"):
-            fmt = "extxyz"
-        elif suffix == ".db":
-            fmt = "db"
-        elif suffix == ".json":
-            fmt = "mlearn_json" if _looks_like_mlearn(p) else "db"
-        else:
-            raise FrameFormatError(f"cannot tell the format from suffix {suffix!r}; set 'format' "
-                                   "(extxyz, db, mlearn_json) in params.yaml", file=str(p))
+    fmt, db_type, gz = _resolve(p, fmt)
+    trust = ORACLE_KEYS if verified_manifest(p) else ()
+    src = source or source_name(p)
+    kw = {"db_type": db_type} if fmt == "db" else {}
     reader = {"extxyz": read_extxyz, "db": read_db, "mlearn_json": read_mlearn_json}[fmt]
-    return reader(p, source=source, default_config_type=default_config_type)
+    if not gz:
+        return reader(p, source=src, default_config_type=default_config_type, trust=trust, **kw)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mlipops-gz-") as tmp:
+        plain = Path(tmp) / p.stem
+        _gunzip(p, plain)
+        try:
+            frames, rejected = reader(plain, source=src, default_config_type=default_config_type, trust=trust, **kw)
+        except FrameFormatError as exc:  # name the file the user gave, not the temporary one
+            raise FrameFormatError(exc.detail.replace(str(plain), str(p)), file=str(p), frame=exc.frame,
+                                   field=exc.field) from None
+    for r in rejected:
+        r.reason = r.reason.replace(str(plain), str(p), 1)
+    return frames, rejected
 
 
 def iter_frames(path: str | Path, fmt: str = "auto", *, source: str | None = None,
                 default_config_type: str | None = None,
                 progress: Callable[[int], None] | None = None) -> Iterator[Atoms | Rejected]:
-    """:func:`read_frames` as a stream: extxyz frame by frame in file order (bounded memory); the other
-    formats are read whole, then their frames and rejected records yielded. ``progress(bytes)`` is
-    called with the bytes of the file read so far."""
+    """:func:`read_frames` as a stream: a plain extxyz file frame by frame in file order (bounded memory,
+    the same checks and provenance); the other formats and ``.gz`` are read whole, then their frames and
+    rejected records yielded. ``progress(bytes)`` is called with the bytes of the file read so far."""
     p = Path(path)
-    if fmt == "extxyz" or (fmt == "auto" and p.suffix.lower() in (".xyz", ".extxyz")):
-        yield from iter_extxyz(p, source=source, default_config_type=default_config_type, progress=progress)
+    fmt_, _, gz = _resolve(p, fmt)
+    if fmt_ == "extxyz" and not gz:
+        trust = ORACLE_KEYS if verified_manifest(p) else ()
+        yield from iter_extxyz(p, source=source or source_name(p), default_config_type=default_config_type,
+                               progress=progress, trust=trust)
         return
     frames, rejected = read_frames(p, fmt, source=source, default_config_type=default_config_type)
     if progress is not None:
@@ -613,13 +933,42 @@ def iter_frames(path: str | Path, fmt: str = "auto", *, source: str | None = Non
     yield from rejected
 
 
-def _looks_like_mlearn(p: Path) -> bool:
+def manifest_path(path: str | Path) -> Path:
+    return Path(str(path) + MANIFEST_SUFFIX)
+
+
+def write_manifest(path: str | Path, frames: Iterable[Atoms], writer: str) -> Path:
+    """``<path>.provenance.json`` for a file of labelled frames mlipops has just written (module doc):
+    the md5 of its bytes, the command that wrote it, the frame count and the oracle(s) of its frames."""
+    frames = list(frames)
+    oracles = sorted({tuple(str(a.info[k]) for k in ORACLE_KEYS) for a in frames
+                      if all(k in a.info for k in ORACLE_KEYS)})
+    doc = {"format": MANIFEST_FORMAT, "file": Path(path).name, "md5": file_md5(path), "writer": writer,
+           "n_frames": len(frames), "oracles": [dict(zip(ORACLE_KEYS, o)) for o in oracles]}
+    out = manifest_path(path)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def verified_manifest(path: str | Path) -> dict | None:
+    """The manifest of ``path`` if it is one (a small regular file, :data:`MANIFEST_FORMAT`) and its md5
+    is the file's: mlipops wrote these exact bytes. None otherwise (no manifest, or the file changed)."""
+    m = manifest_path(path)
     try:
-        with p.open() as fh:
-            head = fh.read(4096).lstrip()
+        st = os.stat(m)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:
+            return None
+        doc = json.loads(m.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+        return None
+    try:
+        return doc if doc.get("md5") == file_md5(path) else None
     except OSError:
-        return False
-    return head.startswith("[") and '"structure"' in head
+        return None
 
 
 # -------------------------------------------------------------------------------------- writer
@@ -673,6 +1022,6 @@ def safe_name(name: str) -> str:
 
 
 __all__ = ["Rejected", "frame_id", "labels", "set_labels", "canonicalize", "iter_extxyz", "iter_frames",
-           "read_extxyz", "read_db",
-           "read_mlearn_json", "read_frames", "write_extxyz", "to_extxyz_string", "oracle_info",
-           "formula", "MlipopsError", "INFO_KEYS"]
+           "parse_extxyz_text", "read_extxyz", "read_db", "read_mlearn_json", "read_frames", "source_name",
+           "write_extxyz", "to_extxyz_string", "oracle_info", "write_manifest", "verified_manifest", "formula",
+           "MlipopsError", "INFO_KEYS", "PROVENANCE_KEYS", "ORACLE_KEYS"]

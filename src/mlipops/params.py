@@ -2,6 +2,20 @@
 
 Each stage reads only its own section: ``load_params(path).train`` etc. Every value is validated
 on load; a bad value raises :class:`ParamsError` naming the file and the dotted key.
+
+The file is read as plain data: at most :data:`MAX_PARAMS_BYTES`, YAML's safe subset, no duplicate key
+(an error naming the key and both lines), anchors and aliases allowed but the document with every alias
+expanded limited to :data:`MAX_YAML_NODES` nodes (a "billion laughs" file is refused at once); an error
+quotes at most 200 characters of the file.
+
+Paths and names (see :mod:`mlipops.paths`): a value used as a file or folder name (``generate.name``,
+``bo_scan.name``, ``train.model_name``, ``evaluate.melting.sweep.config_type``) is letters, digits, ``_`` and
+``-``; a folder a stage writes, moves or removes (``active.out_dir``, ``active.work_dir``,
+``promote.registry_dir``) is a relative path that resolves, symlinks followed, inside ``data/``,
+``registry/`` or ``reports/`` of the project root (the folder holding params.yaml); ``train.artifact_location``
+lies inside the project (or is a remote store's URI). Read-only inputs (``ingest.sources``,
+``evaluate.paths.files``, ``bo_scan.path.file``, ``active.model``, ``active.base_data``,
+``active.base_quarantine``, ``active.index``, ``active.holdout.file``) may lie anywhere: they are never written.
 """
 
 from __future__ import annotations
@@ -11,11 +25,56 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from mlipops.errors import ParamsError
+from mlipops.paths import clip, cut, inside_error, name_error
 
 DEFAULT_PARAMS = Path("params.yaml")
+MAX_PARAMS_BYTES = 1_000_000  # params.yaml is a few kB
+MAX_YAML_NODES = 200_000  # nodes of the document with every alias expanded (params.yaml: about 600)
+
+
+def _name(v: str) -> str:
+    err = name_error(v)
+    if err:
+        raise ValueError(err)
+    return v
+
+
+def _root(info: ValidationInfo) -> Path:
+    """The project root: the folder of the params file being loaded (else the working directory)."""
+    root = (info.context or {}).get("root") if isinstance(info.context, dict) else None
+    return Path(root) if root is not None else Path.cwd()
+
+
+def _output_dir(strict: bool):
+    def check(v: str, info: ValidationInfo) -> str:
+        err = inside_error(v, _root(info), writable=True, strict=strict)
+        if err:
+            raise ValueError(err)
+        return v
+    return check
+
+
+def _project_path(v: str, info: ValidationInfo) -> str:
+    err = inside_error(v, _root(info), writable=False)
+    if err:
+        raise ValueError(err)
+    return v
+
+
+def _artifact_location(v: str, info: ValidationInfo) -> str:
+    if "://" in v and not v.lower().startswith("file:"):
+        return v  # a remote artifact store (s3://, gs://, http(s)://): the user's server, not a project path
+    return _project_path(v, info)
+
+
+# a file or folder name: letters, digits, '_' and '-'
+Name = Annotated[str, AfterValidator(_name)]
+# a folder a stage writes, moves files into or out of, or removes: inside data/, registry/ or reports/
+OutputDir = Annotated[str, AfterValidator(_output_dir(strict=True))]
 
 
 class _Section(BaseModel):
@@ -66,7 +125,7 @@ class PathRecipe(_Section):
 
 
 class GenerateParams(_Section):
-    name: str = "cu_emt"
+    name: Name = "cu_emt"  # -> data/raw/<name>.extxyz
     element: str = "Cu"
     seed: int = 0
     oracle: OracleParams = OracleParams()
@@ -100,7 +159,8 @@ class BoPathParams(_Section):
     kind: Literal["diatomic", "images"] = "diatomic"
     elements: list[str] = ["H", "H"]           # diatomic: the two atoms
     range: tuple[float, float] | None = None   # [s_min, s_max] Å; default diatomic [0.5, 6.0], images the whole path
-    file: str | None = None                    # images: extxyz of ordered images (linear interpolation between them)
+    file: str | None = None                    # images: extxyz of ordered images (linear interpolation between them;
+                                               # read only, may lie outside the project)
     config_type: str = "h2_dissociation"
 
     @field_validator("elements")
@@ -132,7 +192,7 @@ def _default_qc_oracle() -> "OracleParams":
 
 class BoScanParams(_Section):
     """Born-Oppenheimer-aware sampling along a path (:mod:`mlipops.generate.bo_aware`)."""
-    name: str = "h2"                     # -> data/raw/bo_scan_<name>.extxyz, source bo_scan_<name>
+    name: Name = "h2"                    # -> data/raw/bo_scan_<name>.extxyz, source bo_scan_<name>
     oracle: OracleParams = Field(default_factory=_default_qc_oracle)
     path: BoPathParams = BoPathParams()
     coarse_points: int = Field(12, ge=3)           # the first, uniform grid
@@ -167,7 +227,7 @@ class BoScanParams(_Section):
 
 # ----------------------------------------------------------------------------------------- ingest
 class SourceParams(_Section):
-    path: str
+    path: str  # read only: may lie outside the project (a shared dataset)
     format: Literal["auto", "extxyz", "db", "mlearn_json"] = "auto"
     config_type: str | None = None  # used where a frame has none
 
@@ -347,7 +407,7 @@ def growth_error(old: list[int], new: list[int]) -> str | None:
 
 
 class TrainParams(_Section):
-    model_name: str = "cu"
+    model_name: Name = "cu"  # -> data/models/<model_name>, data/checkpoints/<model_name>, registry/<model_name>
     seed: int = 0
     hidden: list[int] = [32, 32]
     epochs: int = Field(60, ge=1)
@@ -374,7 +434,8 @@ class TrainParams(_Section):
     curriculum: list[CurriculumPhase] = Field(default_factory=list)
     experiment: str = "mlipops"
     tracking_uri: str = "sqlite:///mlflow.db"
-    artifact_location: str = "mlartifacts"
+    # MLflow's artifact folder: inside the project (relative), or a remote store's URI (s3://...)
+    artifact_location: Annotated[str, AfterValidator(_artifact_location)] = "mlartifacts"
 
     @model_validator(mode="after")
     def _curriculum_grows(self):
@@ -403,7 +464,8 @@ class PathParams(_Section):
     """Reaction coordinates followed to the point where the model leaves its training hull."""
     config_types: list[str] = ["path_dimer", "path_adatom"]  # curated frames of these config_types, one path each,
                                                                # ordered by info reaction_coordinate (or path_coordinate)
-    files: list[str] = []             # user paths: extxyz of ordered, labelled frames with info reaction_coordinate
+    files: list[str] = []             # user paths (read only, may lie outside the project): extxyz of ordered,
+                                      # labelled frames with info reaction_coordinate
     tolerance_per_atom: float = Field(0.010, gt=0)  # eV/atom: |E_model - E_ref|/N beyond this is the tolerance point
     sigma_k: float = Field(2.0, gt=0)  # the ensemble "rose" where sigma_k * σ_E/N reaches the tolerance
 
@@ -441,7 +503,7 @@ class MeltingPreset(_Section):
 
 class MeltingSweepParams(_Section):
     """Tm against liquid coverage: `mlipops evaluate melting-sweep` runs one `dvc exp` per fraction."""
-    config_type: str = "liquid"  # the frames whose share of training is swept
+    config_type: Name = "liquid"  # the frames whose share of training is swept (names the `dvc exp`s)
     fractions: list[float] = [0.0, 0.25, 1.0]  # ingest.split.keep_in_train.<config_type>
 
     @field_validator("fractions")
@@ -533,7 +595,8 @@ class PromoteParams(_Section):
     reports/evaluate/metrics.json); a ``*`` in the metric matches one dotted part (a config_type), giving one
     gate per matching key."""
     gates: dict[str, GateBound] = Field(default_factory=dict)
-    registry_dir: str = "registry"
+    # written (versions, index.json, its lock): a relative path inside data/, registry/ or reports/
+    registry_dir: Annotated[str, AfterValidator(_output_dir(strict=False))] = "registry"
 
     @field_validator("gates", mode="before")
     @classmethod
@@ -591,7 +654,7 @@ class ActiveHoldoutParams(_Section):
     of ``structures`` through ``temperatures_K`` (the last one above melting gives a liquid part), a frame
     every ``sample_every`` steps. Generated once (``<work_dir>/holdout.extxyz``) and never trained on."""
     enabled: bool = True
-    file: str | None = None  # an extxyz with reference labels instead of generating one
+    file: str | None = None  # an extxyz with reference labels instead of generating one (read only: anywhere)
     structures: list[ActiveStructure] = [ActiveStructure(kind="bulk"), ActiveStructure(kind="surface", supercell=3)]
     temperatures_K: Temperatures = [800.0, 1600.0, 3000.0]
     steps_per_temperature: int = Field(150, ge=1)
@@ -619,9 +682,11 @@ class ActiveParams(_Section):
     retries: int = Field(2, ge=0)
     backoff_s: float = Field(1.0, ge=0)
     timeout_s: float = Field(600.0, gt=0)
-    out_dir: str = "data/raw/active"  # active_<iteration>.extxyz (a DVC-tracked output of the active stage)
-    work_dir: str = "data/active"  # state.json, snapshots, candidates, label files, curated data, models
+    # written (and archived: moved into work_dir/archive/): relative folders below data/, registry/ or reports/
+    out_dir: OutputDir = "data/raw/active"  # active_<iteration>.extxyz (a DVC-tracked output of the active stage)
+    work_dir: OutputDir = "data/active"  # state.json, snapshots, candidates, label files, curated data, models
     seed: int = 0
+    # read only (model, index, base_data, base_quarantine): they may lie anywhere, they are never written
     base_data: str | None = "data/curated/accepted.extxyz"  # the curated data the campaign grows;
     base_quarantine: str = "data/curated/quarantine.parquet"  # null: label only (no curation, no retraining)
     retrain: ActiveRetrainParams = ActiveRetrainParams()
@@ -662,35 +727,111 @@ class Params(_Section):
 
 def _format_error(path: Path, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join("validate" if p == "validate_" else str(p) for p in first["loc"])
+    loc = ".".join("validate" if p == "validate_" else cut(p, 60) for p in first["loc"])
     got = first.get("input")
-    got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    got_txt = "" if isinstance(got, dict) else f" (got {clip(got)})"
     more = len(err.errors()) - 1
     tail = f" [+{more} more]" if more > 0 else ""
-    return f"{path}: {loc}: {first['msg']}{got_txt}{tail}"
+    return f"{path}: {cut(loc)}: {cut(first['msg'], 400)}{got_txt}{tail}"
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Read and validate params.yaml; raise ParamsError naming the file and key on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError("file not found (run from the project root or pass --params)", file=str(path))
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _expanded_nodes(root: yaml.Node, limit: int) -> int:
+    """Nodes of the document with every alias expanded (capped at ``limit + 1``), in time linear in the
+    distinct nodes; a node that contains itself (a recursive alias) is an error."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_.discard(key)
+            size[key] = min(limit + 1, 1 + sum(size[id(c)] for c in _children(node)))
+        elif key not in size:
+            open_.add(key)
+            stack.append((node, True))
+            for c in _children(node):
+                if id(c) in open_:
+                    raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it "
+                                                      "(a recursive structure)", c.start_mark)
+                if id(c) not in size:
+                    stack.append((c, False))
+    return size[id(root)]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe subset, refusing a duplicate key in a mapping (merge keys ``<<`` excepted) and a
+    document whose aliases expand to more than :data:`MAX_YAML_NODES` nodes."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None and _expanded_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"the document expands to more than {MAX_YAML_NODES} values through its aliases "
+                "(anchors referenced over and over: a 'billion laughs')", node.start_mark)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {clip(key)} (first at line {first[key] + 1}, again at line "
+                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, max_bytes: int = MAX_PARAMS_BYTES):
+    """The YAML document of ``path`` as plain data (see :class:`_Loader`); :class:`ParamsError` naming the file,
+    the line and at most 200 characters of its text on any problem."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ParamsError(f"larger than {max_bytes // 1_000_000} MB: not a params file", file=str(path))
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"cannot read: {cut(exc)}", file=str(path)) from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
     except yaml.YAMLError as exc:
         mark, ctx, ctx_mark = (getattr(exc, a, None) for a in ("problem_mark", "context", "context_mark"))
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         also = f" ({ctx} from line {ctx_mark.line + 1})" if ctx and ctx_mark is not None else (f" ({ctx})" if ctx else "")
-        raise ParamsError(f"not valid YAML: {where}{what}{also}", file=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ParamsError(f"cannot read: {exc}", file=str(path)) from None
+        raise ParamsError(f"not valid YAML: {where}{cut(what)}{cut(also)}", file=str(path)) from None
+    except RecursionError:
+        raise ParamsError("not valid YAML: nested too deeply", file=str(path)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml; raise ParamsError naming the file and key on any problem. Paths are
+    judged against the project root, the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError("file not found (run from the project root or pass --params)", file=str(path))
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ParamsError("top level must be a mapping of stage sections", file=str(path))
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(raw, context={"root": path.resolve().parent})
     except ValidationError as exc:
         raise ParamsError(_format_error(path, exc)) from None
+    except RecursionError:
+        raise ParamsError("nested too deeply", file=str(path)) from None
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -114,13 +114,14 @@ def load_or_generate(p: ActiveHoldoutParams, element: str, oracle, work_dir: str
     return read_extxyz(path)[0], path
 
 
-def errors(model, frames: list[Atoms]) -> dict:
+def errors(model, frames: list[Atoms], trusted_calculators=None) -> dict:
     """The model's (ensemble mean's) errors on labelled ``frames``: force MAE/RMSE (eV/Å, per component),
     energy MAE per atom (eV/atom), overall and per ``phase`` (solid/liquid) and per ``structure``.
-    ``model``: a model directory, NAME@alias or a loaded model."""
+    ``model``: a model directory, NAME@alias or a loaded model (a directory's baseline among the built-ins
+    or ``trusted_calculators``)."""
     from mlipops.models import MlipopsCalculator
 
-    calc = MlipopsCalculator(model)
+    calc = MlipopsCalculator(model, trusted_calculators=trusted_calculators)
     groups: dict[str, list] = {}
     for a in frames:
         e_ref, f_ref, _ = labels(a)

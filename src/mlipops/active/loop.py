@@ -47,8 +47,9 @@ from mlipops.active.dispatch import label_batch
 from mlipops.active.state import ActiveState, load_or_start
 from mlipops.active.trigger import Trigger, committee_stats, deduplicate, fingerprints
 from mlipops.errors import ParamsError, StageInputError
-from mlipops.frames import file_md5, read_extxyz, write_extxyz
+from mlipops.frames import file_md5, read_extxyz, write_extxyz, write_manifest
 from mlipops.params import ActiveParams, ActiveStructure, ComputeParams, Params
+from mlipops.paths import ensure_writable, safe_move, safe_remove
 
 # statistics used to rank candidates, per trigger mode
 _SCORE = {"projected": "sigma_projected", "force": "max_sigma_f", "gamma": "gamma_max", "random": "random_score"}
@@ -200,7 +201,7 @@ def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, eleme
         old, st.md_snapshot, st.md_rng = st.md_snapshot, None, None
         st.save()
         if old:
-            Path(old).unlink(missing_ok=True)
+            safe_remove(old)
 
 
 def _accumulate(acc: dict, stats: dict, gamma: float | None) -> None:
@@ -243,7 +244,7 @@ def _checkpoint(st: ActiveState, atoms: Atoms, rng, cands: list[Atoms], cand_pat
     st.candidates_file, st.n_candidates = str(cand_path), len(cands)
     st.save()
     if old and old != str(snap):
-        Path(old).unlink(missing_ok=True)
+        safe_remove(old)
 
 
 def _previous_frames(out_dir: Path, iteration: int) -> list[Atoms]:
@@ -313,6 +314,7 @@ def _label_phase(p: ActiveParams, st: ActiveState, oracle, compute: ComputeParam
     out = out_dir / f"active_{st.iteration}.extxyz"
     if labelled:
         write_extxyz(out, labelled)
+        write_manifest(out, labelled, "mlipops active run")  # its oracle_* survive curate and ingest
     return counts | {"labelled": len(labelled), "failed": len(st.failed), "file": str(out) if labelled else None}
 
 
@@ -343,7 +345,7 @@ def _train_phase(params: Params, st: ActiveState, seed_model: Path, work_dir: Pa
     new = st.info.get("curate.n_accepted_new", 0)
     if p.retrain.enabled and new and st.curated.get("accepted"):
         it_dir = _iter_dir(work_dir, st.iteration)
-        members = ml.member_runs(st, _n_members(st.model_dir or seed_model)) if ml else None
+        members = ml.member_runs(st, _n_members(st.model_dir or seed_model, params)) if ml else None
         m = retrain(st.model_dir or seed_model, st.curated["accepted"], params, it_dir / "model",
                     it_dir / "checkpoints", run_ids=members, tracking_uri=ml.uri if ml else None)
         st.model_dir = str(it_dir / "model")
@@ -352,10 +354,11 @@ def _train_phase(params: Params, st: ActiveState, seed_model: Path, work_dir: Pa
     st.save()
 
 
-def _n_members(model_dir) -> int:
+def _n_members(model_dir, params: Params) -> int:
     from mlipops.models.ensemble import read_config
+    from mlipops.models.schema import trusted_calculators
 
-    return int(read_config(model_dir).get("n_members", 1))
+    return int(read_config(model_dir, trusted_calculators(params)).get("n_members", 1))
 
 
 class _Tracker:
@@ -437,18 +440,17 @@ class _Tracker:
         self.client.set_terminated(self.parent, "FINISHED")
 
 
-def _score(p: ActiveParams, holdout_frames, model_dir) -> dict:
+def _score(p: ActiveParams, holdout_frames, model_dir, trusted=None) -> dict:
     from mlipops.active.holdout import errors
 
     if holdout_frames is None:
         return {}
-    return {f"holdout.{k}": v for k, v in errors(str(model_dir), holdout_frames).items()}
+    return {f"holdout.{k}": v for k, v in errors(str(model_dir), holdout_frames, trusted).items()}
 
 
 def archive_campaign(work_dir: Path, out_dir: Path) -> Path:
     """Move a campaign's files (everything in ``work_dir`` but earlier archives) and its labels
     (``out_dir/active_*.extxyz``) to ``<work_dir>/archive/<UTC time>/``: nothing is deleted."""
-    import shutil
     import time
 
     dest = work_dir / "archive" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -459,12 +461,12 @@ def archive_campaign(work_dir: Path, out_dir: Path) -> Path:
     dest.mkdir(parents=True)
     for f in sorted(work_dir.iterdir()):
         if f.name != "archive":
-            shutil.move(str(f), str(dest / f.name))
+            safe_move(f, dest / f.name)
     labels = sorted(out_dir.glob("active_*.extxyz")) if out_dir.is_dir() else []
     if labels:
         (dest / "labels").mkdir()
         for f in labels:
-            shutil.move(str(f), str(dest / "labels" / f.name))
+            safe_move(f, dest / "labels" / f.name)
     return dest
 
 
@@ -476,8 +478,13 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
     → warm-started retraining (:mod:`mlipops.active.retrain`) → the new committee's errors on the fixed
     held-out trajectory (:mod:`mlipops.active.holdout`). ``history[0]`` and later hold the numbers of each
     iteration; ``initial`` the seed model's hold-out errors (0 oracle calls)."""
+    from mlipops.models.schema import trusted_calculators
+
     p, compute = params.active, params.compute
+    trusted = trusted_calculators(params)  # the only baseline calculator besides the built-ins a model may name
     work_dir, out_dir, seed_model = Path(p.work_dir), Path(p.out_dir), Path(model_dir)
+    for d in (work_dir, out_dir):  # validated in params; checked again where the files go
+        ensure_writable(d, what="write to")
     work_dir.mkdir(parents=True, exist_ok=True)
     fp = params_fingerprint(p, model_dir, params)
     try:
@@ -499,7 +506,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
         holdout_frames, _ = load_or_generate(p.holdout, element, oracle, work_dir)
     ml = _Tracker(params, st, fp, seed_model) if p.mlflow else None
     if "initial" not in st.mlflow and holdout_frames is not None:
-        st.mlflow["initial"] = _score(p, holdout_frames, seed_model)
+        st.mlflow["initial"] = _score(p, holdout_frames, seed_model, trusted)
         if ml:
             ml.log_initial(st.mlflow["initial"])
         st.save()
@@ -507,7 +514,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
     while st.iteration < p.iterations:
         current = Path(st.model_dir) if st.model_dir else seed_model
         if calc is None or calc_dir != current:
-            calc, calc_dir = CommitteeCalculator(current, skin=0.5), current
+            calc, calc_dir = CommitteeCalculator(current, skin=0.5, trusted_calculators=trusted), current
         idx = _current_index(p, st)
         hull = _Hull(idx) if idx is not None else None
         if st.phase == "md":
@@ -525,7 +532,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
             _train_phase(params, st, seed_model, work_dir, ml)
         row = {"iteration": st.iteration, "md_steps": st.md_steps_total, "triggers": st.n_candidates,
                "selected": len(st.selected), **st.info, **trigger_summary(st.md_stats),
-               **_score(p, holdout_frames, st.model_dir or seed_model), "model": st.model_dir or str(seed_model)}
+               **_score(p, holdout_frames, st.model_dir or seed_model, trusted), "model": st.model_dir or str(seed_model)}
         if ml:
             ml.log_iteration(st, row)
         st.history.append(row)

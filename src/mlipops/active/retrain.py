@@ -20,6 +20,7 @@ from pathlib import Path
 from mlipops.errors import StageInputError
 from mlipops.frames import file_md5
 from mlipops.params import DescriptorParams, Params, TrainParams
+from mlipops.paths import safe_remove
 
 
 def warm_start_settings(model_dir: str | Path, p: Params) -> tuple[TrainParams, DescriptorParams, list[str], list[dict]]:
@@ -28,14 +29,16 @@ def warm_start_settings(model_dir: str | Path, p: Params) -> tuple[TrainParams, 
     term differs from the model's (the warm start would learn another target)."""
     from mlipops.models.ensemble import Ensemble, load_model, read_config
     from mlipops.models.potential import Potential
+    from mlipops.models.schema import trusted_calculators
     from mlipops.train.loop import DTYPES, make_potential
 
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
+    trusted = trusted_calculators(p)
+    cfg = read_config(model_dir, trusted)
     dtype = cfg.get("dtype", "float32")
     if dtype not in DTYPES:
         raise StageInputError(f"unknown model dtype {dtype!r}", file=str(model_dir / "config.json"), field="dtype")
-    model = load_model(model_dir, dtype=DTYPES[dtype])
+    model = load_model(model_dir, dtype=DTYPES[dtype], trusted_calculators=trusted)
     members = model.members if isinstance(model, Ensemble) else [model]
     r = p.active.retrain
     tp = p.train.model_copy(update={
@@ -91,7 +94,7 @@ def retrain(model_dir: str | Path, data_path: str | Path, p: Params, out_dir: st
             m = evaluate_split(ensemble, prepare(ensemble.members[0], fr), dtype)
             metrics |= {f"{s}.{k}": v for k, v in m.items() if k != "by_config"}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    safe_remove(tmp, ignore_errors=True)
     ensemble.save(tmp, extra={"model_name": Path(model_dir).name, "dtype": tp.dtype,
                               "trained_on": {"path": str(data_path), "dvc_md5": file_md5(data_path)},
                               "warm_started_from": {"path": str(model_dir), "weights_md5": init_md5},
@@ -101,9 +104,9 @@ def retrain(model_dir: str | Path, data_path: str | Path, p: Params, out_dir: st
     sigma = Path(model_dir) / "uncertainty.json"
     if sigma.is_file():  # the σ recalibration of the seed model stays a fair first guess
         shutil.copy2(sigma, tmp / "uncertainty.json")
-    shutil.rmtree(out_dir, ignore_errors=True)
+    safe_remove(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    safe_remove(checkpoint_dir, ignore_errors=True)
     return metrics | {"best_epochs": [r["best_epoch"] for r in members], "epochs": tp.epochs,
                       "n_members": len(members), "wall_time_s": round(time.perf_counter() - t0, 2),
                       "time.members_s": round(timing.get("members", 0.0), 2)}

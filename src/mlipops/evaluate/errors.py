@@ -18,6 +18,7 @@ from mlipops.models.baseline import add_baseline
 from mlipops.models.ensemble import load_model
 from mlipops.models.potential import Potential
 from mlipops.params import EvaluateParams
+from mlipops.paths import safe_remove
 from mlipops.report import jsonable, parity_plot, write_markdown, write_metrics
 from mlipops.train.loop import DATA, MODELS_DIR, load_split
 
@@ -127,14 +128,11 @@ def _log_to_mlflow(run_json: Path, metrics: dict) -> None:
 
 def _uncertainty(p: EvaluateParams, model, splits: dict[str, list[Atoms]]) -> dict:
     """Ensemble σ against the errors (reports/evaluate/uncertainty/); a single potential has no σ."""
-    import shutil
-
     from mlipops.evaluate import uncertainty
     from mlipops.models.ensemble import Ensemble
 
     if not isinstance(model, Ensemble) or len(model) < 2 or not splits.get("val"):
-        if uncertainty.REPORT_DIR.exists():
-            shutil.rmtree(uncertainty.REPORT_DIR)
+        safe_remove(uncertainty.REPORT_DIR)
         uncertainty.REPORT_DIR.mkdir(parents=True)
         why = "no validation frames" if not splits.get("val") else "the model is not an ensemble of 2 or more members"
         uncertainty.unavailable(why)
@@ -145,8 +143,6 @@ def _uncertainty(p: EvaluateParams, model, splits: dict[str, list[Atoms]]) -> di
 def _reaction_paths(p: EvaluateParams, model, curated: list[Atoms]) -> dict:
     """Every configured path (curated config_types and user files) followed along its coordinate;
     plots in reports/evaluate/paths/, the results in reports/evaluate/reaction_paths.json."""
-    import shutil
-
     from mlipops.evaluate.reaction_path import collect_paths, evaluate_paths, read_user_path
     from mlipops.index.build import INDEX, load_hull_index
 
@@ -158,8 +154,7 @@ def _reaction_paths(p: EvaluateParams, model, curated: list[Atoms]) -> dict:
                                   field="evaluate.paths.files")
         paths[name] = frames
     plot_dir = REPORT_DIR / "paths"
-    if plot_dir.exists():
-        shutil.rmtree(plot_dir)
+    safe_remove(plot_dir)
     plot_dir.mkdir(parents=True)
     results = evaluate_paths(model, paths, load_hull_index(INDEX) if paths else None, p.paths.tolerance_per_atom,
                              p.paths.sigma_k, plot_dir) if paths else {}
@@ -184,12 +179,13 @@ def _provenance(model_dir: Path, model_name: str) -> None:
     write_provenance(uncertainty.REPORT_DIR, "evaluate", **ids)
 
 
-def run(p: EvaluateParams, model_name: str) -> dict:
+def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
+    """``trusted_calculators``: the params' baseline calculator (:func:`mlipops.models.schema.trusted_calculators`)."""
     t0 = time.perf_counter()
     model_dir = MODELS_DIR / model_name
     if not (model_dir / "config.json").is_file():
         raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
-    model = load_model(model_dir, dtype=torch.float64)
+    model = load_model(model_dir, dtype=torch.float64, trusted_calculators=trusted_calculators)
     splits = load_split()
     metrics: dict = {}
     table = []

@@ -45,8 +45,9 @@ class OracleFactory:
 class MemberFactory:
     """Picklable factory of an ``MlipopsCalculator`` over one ensemble member (``member=None``: the whole model)."""
 
-    def __init__(self, model_dir: str | Path, member: int | None):
+    def __init__(self, model_dir: str | Path, member: int | None, trusted_calculators=None):
         self.model_dir, self.member = str(Path(model_dir).resolve()), member
+        self.trusted_calculators = trusted_calculators  # the params' baseline calculator (models.schema)
 
     def __call__(self):
         import torch
@@ -54,7 +55,7 @@ class MemberFactory:
         from mlipops.models.calculator import MlipopsCalculator
         from mlipops.models.ensemble import Ensemble, load_model
 
-        model = load_model(self.model_dir, dtype=torch.float64)
+        model = load_model(self.model_dir, dtype=torch.float64, trusted_calculators=self.trusted_calculators)
         if self.member is not None and isinstance(model, Ensemble):
             model = model.members[self.member]
         return MlipopsCalculator(model, dtype=torch.float64, skin=1.0)  # Verlet list: MD steps skip the rebuild

@@ -40,6 +40,7 @@ from mlipops.evaluate.melting import CoexistenceRun, plot_traces, prob_within, s
 from mlipops.evaluate.melting_reference import (PHASES, REFERENCE_JSON, MemberFactory, _run_from_json, _stats,
                                                 run_many)
 from mlipops.params import Params
+from mlipops.paths import safe_remove
 from mlipops.report import jsonable, write_markdown, write_metrics
 
 REPORT_DIR = Path("reports/evaluate/melting")
@@ -122,10 +123,13 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     ref = read_reference()
     s = m.settings(p.generate.element)
     preset = getattr(m, m.preset)
-    model = load_model(model_dir, dtype=torch.float64)
+    from mlipops.models.schema import trusted_calculators
+
+    trusted = trusted_calculators(p)
+    model = load_model(model_dir, dtype=torch.float64, trusted_calculators=trusted)
     n_members = len(model) if isinstance(model, Ensemble) else 1
     members = list(range(n_members)) if isinstance(model, Ensemble) else [None]
-    specs = [{"factory": MemberFactory(model_dir, k), "settings": s, "seed": m.seed + 1000 * (i + 1) + j, "member": i}
+    specs = [{"factory": MemberFactory(model_dir, k, trusted), "settings": s, "seed": m.seed + 1000 * (i + 1) + j, "member": i}
              for i, k in enumerate(members) for j in range(preset.member_seeds)]
     runs = run_many(specs, p.compute)
     per_member = [member_stats(i, [r for r, sp in zip(runs, specs) if sp["member"] == i], ref) for i in range(n_members)]
@@ -338,10 +342,7 @@ def conclusion(result: dict) -> list[str]:
 
 
 def write_report(result: dict, runs: list[CoexistenceRun], specs: list[dict], ref: dict) -> None:
-    import shutil
-
-    if REPORT_DIR.exists():
-        shutil.rmtree(REPORT_DIR)
+    safe_remove(REPORT_DIR)
     REPORT_DIR.mkdir(parents=True)
     ref_runs = [_run_from_json(r) for r in ref.get("runs", [])]
     plot_traces(ref_runs, REPORT_DIR / "traces_reference.png", title=f"reference "

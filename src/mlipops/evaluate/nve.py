@@ -132,7 +132,10 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dic
         raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
     element = q.element or p.generate.element
     atoms = bulk(element, q.structure, cubic=True).repeat(q.supercell)
-    model = MlipopsCalculator(load_model(model_dir, dtype=torch.float64), dtype=torch.float64, skin=q.skin)
+    from mlipops.models.schema import trusted_calculators
+
+    model = MlipopsCalculator(load_model(model_dir, dtype=torch.float64, trusted_calculators=trusted_calculators(p)),
+                              dtype=torch.float64, skin=q.skin)
     with progress("NVE MD of the model (steps)", q.steps) as advance:
         traces = {"model": nve_trace(atoms, model, q.temperature_K, q.timestep_fs, q.steps, q.seed, advance)}
     if q.reference:

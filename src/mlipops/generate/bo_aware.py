@@ -55,9 +55,10 @@ import numpy as np
 from ase import Atoms
 
 from mlipops.errors import FrameFormatError, OracleError, ParamsError
-from mlipops.frames import labels, set_labels, write_extxyz
+from mlipops.frames import labels, set_labels, write_extxyz, write_manifest
 from mlipops.oracles import Oracle, get_oracle
 from mlipops.params import BoPathParams, BoScanParams
+from mlipops.paths import ensure_writable
 from mlipops.report import md_table, write_markdown, write_metrics
 
 RAW_DIR = Path("data/raw")
@@ -426,10 +427,11 @@ def _plot(res: BoScan, path: Path, margin: float) -> None:
 def run(p: BoScanParams) -> dict:
     """The ``bo_scan`` stage: scan, sample, write the frames and the report."""
     t0 = time.perf_counter()
+    out = ensure_writable(RAW_DIR / f"bo_scan_{p.name}.extxyz", what="write", follow=False)  # tmp + rename
     res = bo_scan(p)
     sc = res.scan
-    out = RAW_DIR / f"bo_scan_{p.name}.extxyz"
     write_extxyz(out, res.frames)
+    write_manifest(out, res.frames, "mlipops generate bo-scan")  # its oracle_* survive ingest (mlipops.frames)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     _plot(res, REPORT_DIR / "gap.png", p.margin)
     import pandas as pd

@@ -45,9 +45,10 @@ from ase import Atoms, units
 from ase.build import add_adsorbate, bulk, fcc100, fcc110, fcc111
 from ase.data import atomic_numbers, covalent_radii
 
-from mlipops.frames import write_extxyz
+from mlipops.frames import write_extxyz, write_manifest
 from mlipops.oracles import Oracle, get_oracle
 from mlipops.params import GenerateParams
+from mlipops.paths import ensure_writable
 from mlipops.report import progress, write_markdown, write_metrics
 
 RAW_DIR = Path("data/raw")
@@ -254,9 +255,10 @@ def build_dataset(p: GenerateParams) -> tuple[list[Atoms], dict]:
 
 def run(p: GenerateParams) -> dict:
     t0 = time.perf_counter()
+    out = ensure_writable(RAW_DIR / f"{p.name}.extxyz", what="write", follow=False)  # tmp + rename
     frames, meta = build_dataset(p)
-    out = RAW_DIR / f"{p.name}.extxyz"
     write_extxyz(out, frames)
+    write_manifest(out, frames, "mlipops generate")  # its oracle_* survive ingest (mlipops.frames)
     counts = Counter(a.info["config_type"] for a in frames)
     metrics = {"n_frames": len(frames), "n_atoms": int(sum(len(a) for a in frames)),
                "fcc_lattice_constant": meta["fcc_lattice_constant"],

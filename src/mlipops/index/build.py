@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -153,6 +155,35 @@ def extrapolation_reason(inside: np.ndarray, gamma: np.ndarray, unseen: np.ndarr
     return reason.astype(object)
 
 
+def build_path(out: Path = INDEX) -> Path:
+    """The file the index is built into before it is renamed over ``out``."""
+    return out.with_suffix(".tmp.duckdb")
+
+
+def _wal(db: Path) -> Path:
+    return db.with_name(db.name + ".wal")
+
+
+def _spill_dir(db: Path) -> Path:
+    """DuckDB's default directory for data spilled to disk: ``<database>.tmp/``."""
+    return db.with_name(db.name + ".tmp")
+
+
+def clear_build_leftovers(out: Path = INDEX) -> None:
+    """Remove what a failed or killed (kill -9) build leaves beside ``out``: the half-built file, its WAL and
+    its spill directory; and ``<out>.tmp/``, where queries of earlier mlipops versions spilled."""
+    import shutil
+
+    tmp = build_path(out)
+    for f in (tmp, _wal(tmp)):
+        f.unlink(missing_ok=True)
+    for d in (_spill_dir(tmp), _spill_dir(out)):
+        if d.is_symlink():
+            d.unlink()
+        elif d.is_dir():
+            shutil.rmtree(d)
+
+
 def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = ACCEPTED,
                 quarantine: Path = QUARANTINE, out: Path = INDEX) -> dict:
     """Build the whole index into a new file, then rename it over ``out`` (readers never see half)."""
@@ -286,9 +317,9 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
     atoms_tbl = atoms_tbl.append_column("descriptor", descriptor_col).append_column("projection", projection_col)
     del descriptor_col, projection_col
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.duckdb")
-    tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
+    tmp = build_path(out)
+    clear_build_leftovers(out)
+    con = duckdb.connect(str(tmp), config={"temp_directory": str(_spill_dir(tmp))})
     try:
         con.execute(SCHEMA.read_text())
         for name, df in (("datasets", datasets), ("frames", frame_df), ("hull", hull_df),
@@ -297,12 +328,12 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
             con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM df_in")
             con.unregister("df_in")
         con.execute("CHECKPOINT")
-    except BaseException:
         con.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    con.close()
-    tmp.replace(out)
+        _wal(out).unlink(missing_ok=True)  # a WAL beside the old index would be replayed into the new one
+        tmp.replace(out)  # atomic: readers (and a failed or killed build) see the old index or the new, never half
+    finally:
+        con.close()
+        clear_build_leftovers(out)
     t_end = time.perf_counter()
     by_split = {}
     for sname in sorted(set(split.tolist())):
@@ -365,31 +396,126 @@ def check_structures(frames: list[Atoms], path: Path = INDEX) -> pd.DataFrame:
         "extrapolation_reason": extrapolation_reason(ev["inside_hull"], ev["extrapolation_grade"], unseen)})
 
 
-def connect_read_only(path: Path = INDEX):
+QUERY_TIMEOUT_S = 60.0  # s, default time a query may run before it is interrupted
+QUERY_MEMORY_LIMIT = "1GB"  # DuckDB's memory limit for reading the index (nothing spills to disk)
+QUERY_THREADS = 2
+_MEMORY = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+
+
+def connect_read_only(path: Path = INDEX, memory_limit: str = QUERY_MEMORY_LIMIT):
+    """A read-only connection whose configuration SQL cannot change: no file, network or extension access,
+    memory bounded, no spilling (DuckDB writes ``<db>.tmp/`` otherwise, and a kill -9 leaves it behind),
+    at most QUERY_THREADS threads; ``lock_configuration`` then refuses every SET/RESET/PRAGMA of a setting."""
     import duckdb
 
     if not Path(path).is_file():
         raise MlipopsError("index not found: run `dvc repro index` first", file=str(path))
-    return duckdb.connect(str(path), read_only=True, config={"enable_external_access": False})
+    if not _MEMORY.fullmatch(str(memory_limit).strip()):
+        raise MlipopsError(f"memory limit {memory_limit!r} is not a size such as 500MB or 2GB", field="memory_limit")
+    config = {"enable_external_access": False, "autoinstall_known_extensions": False,
+              "autoload_known_extensions": False, "memory_limit": str(memory_limit).strip(),
+              "threads": min(QUERY_THREADS, os.cpu_count() or 1), "temp_directory": "",
+              "max_temp_directory_size": "0B", "lock_configuration": True}
+    try:
+        return duckdb.connect(str(path), read_only=True, config=config)
+    except duckdb.Error as exc:
+        raise MlipopsError(f"cannot open the index: {_first_line(exc)}", file=str(path)) from None
 
 
-def query(sql: str, path: Path = INDEX) -> pd.DataFrame:
-    """Run one read-only SQL statement on the index; writes and file access are refused."""
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _one_select(statements: list, path: Path):
+    """The one statement of a query, if it is a SELECT (WITH ..., FROM ..., VALUES, DESCRIBE, SHOW, SUMMARIZE
+    included): DuckDB's own parser says what each statement is, so no text trick passes a second one."""
     import duckdb
 
-    con = connect_read_only(path)
+    if not statements:
+        raise MlipopsError("query refused: no SQL statement given", file=str(path), field="sql")
+    kinds = [s.type.name for s in statements]
+    if len(statements) > 1:
+        raise MlipopsError(f"query refused: {len(statements)} statements ({', '.join(kinds)}); "
+                           "give exactly one SELECT statement", file=str(path), field="sql")
+    (stmt,) = statements
+    if stmt.type != duckdb.StatementType.SELECT:
+        text = " ".join(stmt.query.split()).rstrip(";")
+        text = text if len(text) <= 60 else text[:57] + "..."
+        raise MlipopsError(f"query refused: {kinds[0]} statement {text!r}; only one read-only SELECT "
+                           "(or WITH ... SELECT) statement is run", file=str(path), field="sql")
+    return stmt
+
+
+def query(sql: str, path: Path = INDEX, *, limit: int | None = None, timeout_s: float | None = QUERY_TIMEOUT_S,
+          memory_limit: str = QUERY_MEMORY_LIMIT) -> pd.DataFrame:
+    """Run one read-only SELECT statement on the index, bounded.
+
+    Refused before it runs: several statements, any statement but a SELECT (CREATE TEMP TABLE/MACRO, SET,
+    PRAGMA, ATTACH, COPY, INSTALL/LOAD, ...). While it runs: file and network access are off, the memory
+    limit holds (nothing spills to disk), the configuration is locked, and a timer interrupts it after
+    ``timeout_s`` seconds (None: no timeout). With ``limit``, at most ``limit`` rows are fetched (the rest
+    is never computed into memory) and ``df.attrs["truncated"]`` says whether there were more.
+    """
+    import threading
+
+    import duckdb
+
+    where = {"file": str(path), "field": "sql"}
+    if limit is not None and limit < 1:
+        raise MlipopsError(f"row limit must be at least 1, got {limit}", field="limit")
+    if timeout_s is not None and not timeout_s > 0:
+        raise MlipopsError(f"timeout must be positive, got {timeout_s} s", field="timeout")
+    con = connect_read_only(path, memory_limit)
+    timer = None
     try:
-        cur = con.execute(sql)
+        try:
+            statements = con.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise MlipopsError(f"query failed: {_first_line(exc)}", **where) from None
+        stmt = _one_select(statements, path)
+        if timeout_s is not None:
+            def interrupt():  # DuckDB has no statement timeout: stop it from another thread
+                try:
+                    con.interrupt()
+                except duckdb.Error:  # finished and closed meanwhile
+                    pass
+
+            timer = threading.Timer(timeout_s, interrupt)
+            timer.daemon = True
+            timer.start()
+        cur = con.execute(stmt.query)  # streams: rows are computed as they are fetched
         types = [str(d[1]) for d in (cur.description or [])]
-        df = cur.df()
+        truncated = False
+        if limit is None:
+            df = cur.df()
+        else:
+            parts, n = [], 0
+            while n <= limit:  # one more row than shown tells whether there are more
+                chunk = cur.fetch_df_chunk(1)  # one vector: 2048 rows
+                if not len(chunk):
+                    parts = parts or [chunk]  # an empty result keeps its columns
+                    break
+                parts.append(chunk)
+                n += len(chunk)
+            truncated = n > limit
+            df = pd.concat(parts, ignore_index=True).head(limit).copy()
+        if timer is not None:
+            timer.cancel()
         for col, t in zip(list(df.columns), types):  # pandas turns HUGEINT (e.g. sum of integers) into
             if t in ("HUGEINT", "UHUGEINT") and df[col].dtype.kind == "f":  # float: keep them integers
                 df[col] = df[col].astype("Int64")
+        df.attrs["truncated"] = truncated
         return df
+    except duckdb.InterruptException:
+        raise MlipopsError(f"query interrupted after {timeout_s:g} s (--timeout)", **where) from None
+    except duckdb.OutOfMemoryException:
+        raise MlipopsError(f"query needs more memory than its limit of {memory_limit} (--memory-limit; nothing "
+                           "spills to disk): add a LIMIT, aggregate, or select fewer columns", **where) from None
     except duckdb.Error as exc:
-        msg = str(exc).splitlines()[0]
-        raise MlipopsError(f"query failed: {msg}", file=str(path), field="sql") from None
+        raise MlipopsError(f"query failed: {_first_line(exc)}", **where) from None
     finally:
+        if timer is not None:
+            timer.cancel()
         con.close()
 
 

@@ -396,6 +396,19 @@ def _quiet_highs(highspy):
     return h
 
 
+def check_cells(frames, file: str) -> None:
+    """One-line error naming the file and frame of the first structure whose periodic cell is singular
+    (zero volume with periodic boundaries): no descriptor, hence no γ, exists for it."""
+    from mlipops.descriptors import SINGULAR_CELL, singular_cell
+    from mlipops.errors import FrameFormatError
+
+    for k, a in enumerate(frames):
+        if singular_cell(a.cell.array, a.pbc):
+            pbc = " ".join("T" if x else "F" for x in a.pbc)
+            raise FrameFormatError(f"{SINGULAR_CELL} (pbc {pbc}): periodic cell vectors zero or linearly dependent",
+                                   file=file, frame=int(a.info.get("source_index", k)), field="cell")
+
+
 def hull_distance(points: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Euclidean distance from each row of x to conv(points), by NNLS with Σλ = 1 as a stiff row."""
     from scipy.optimize import nnls

@@ -4,6 +4,11 @@ Outputs ``data/ingested/frames.extxyz`` (every usable frame, with ``split``) and
 ``data/ingested/rejected.parquet`` (every frame read but not usable: unparseable frames and exact
 duplicates, each with ``check``, ``reason`` and its raw text). Nothing read is ever dropped:
 frames read = frames written + rows rejected.
+
+Provenance is the pipeline's (:mod:`mlipops.frames`): a frame's ``source`` is its file's name (no
+two sources may share one), ``source_index`` its position there, ``split`` drawn here; ``oracle_*``
+is kept only from a source whose ``<file>.provenance.json`` manifest verifies (written by
+``mlipops generate`` / ``active run``); whatever else a file claims is kept as ``file_<key>``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import pandas as pd
 from ase import Atoms
 
 from mlipops.errors import FrameFormatError
-from mlipops.frames import Rejected, iter_frames, to_extxyz_string
+from mlipops.frames import Rejected, iter_frames, source_name, to_extxyz_string, verified_manifest
 from mlipops.params import IngestParams, SplitParams
 from mlipops.report import progress, write_markdown, write_metrics
 
@@ -155,10 +160,16 @@ def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], lis
     """Read every source as a stream and de-duplicate: ``keep(frame)`` gets each unique frame in order.
     Returns (rejected: the unreadable frames, then the duplicates; frame_ids and config_types of the
     unique frames; frames read). Memory: one frame, and the identity of every frame kept."""
+    names: dict[str, int] = {}
     for k, src in enumerate(p.sources):
         if not Path(src.path).exists():
             raise FrameFormatError(f"source listed in params.yaml ingest.sources[{k}] not found",
                                    file=str(src.path))
+        name = source_name(src.path)  # each frame's `source`: (source, source_index) names one frame
+        if name in names:
+            raise FrameFormatError(f"ingest.sources[{k}] has the source name {name!r} (the file's name) of "
+                                   f"ingest.sources[{names[name]}]: rename one file", file=str(src.path))
+        names[name] = k
     sizes = [Path(src.path).stat().st_size for src in p.sources]
     unreadable: list[Rejected] = []
     duplicates: list[Rejected] = []
@@ -174,7 +185,7 @@ def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], lis
             def moved(pos: int, done=done) -> None:
                 advance(completed=round((done + pos) / 2**20), note=f"{n_read} frames, {len(ids)} unique")
 
-            for a in iter_frames(path, src.format, source=path.stem, default_config_type=src.config_type,
+            for a in iter_frames(path, src.format, source=source_name(path), default_config_type=src.config_type,
                                  progress=moved):
                 n_read += 1
                 if isinstance(a, Rejected):
@@ -206,6 +217,13 @@ def ingest(p: IngestParams) -> tuple[list[Atoms], pd.DataFrame, dict]:
     return frames, rejected_frame(rejected), stats
 
 
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove those of ``dirs`` (deepest first, as :func:`made_dirs` lists them) that are empty."""
+    for d in dirs:
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+
+
 def made_dirs(path: Path) -> list[Path]:
     """The directories ``path.mkdir(parents=True)`` is about to create (to remove them if the stage fails)."""
     out = []
@@ -227,9 +245,7 @@ def run(p: IngestParams) -> dict:
         splits = draw_splits(ids, cts, p.split)
         spool.write(FRAMES, splits)
     except BaseException:
-        for d in created:  # nothing half-made is left: the directories this run made go again
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+        remove_empty(created)  # nothing half-made is left: the directories this run made go again
         raise
     finally:
         spool.close()
@@ -251,5 +267,8 @@ def run(p: IngestParams) -> dict:
         f"({dict(by_check) or 'none'}), kept with their raw text in `{REJECTED}`.",
         f"Split rule: `{p.split.method}`, test config_types {p.split.test_config_types}, "
         f"val {p.split.val_fraction}, test {p.split.test_fraction}, seed {p.split.seed}.",
+        "Provenance: `source` is the file's name, `source_index` the frame's position; `oracle_*` kept from "
+        + (", ".join(f"`{s.path}`" for s in p.sources if verified_manifest(s.path)) or "no source")
+        + " (its manifest verifies: written by mlipops); other values a file gave are kept as `file_<key>`.",
     ], table=(("config_type", "split", "frames"), [(c, s, n) for (c, s), n in sorted(table.items())]))
     return metrics

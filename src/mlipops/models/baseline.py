@@ -5,8 +5,10 @@ the baseline back. The model's ``config.json`` holds the baseline as data (``{"c
 ...}``); loading builds the named ASE calculator, it never unpickles anything.
 
 ``calculator`` is ``emt``, ``lj`` (``ase.calculators.lj.LennardJones``), ``morse``
-(``ase.calculators.morse.MorsePotential``) or an import path ``package.module.Class`` of any ASE
-calculator. Baseline labels of training frames are computed once per frame and cached under
+(``ase.calculators.morse.MorsePotential``) or, in ``params.yaml``, an import path ``package.module.Class``
+of any ASE calculator. A model folder is data: its config.json may name only the built-ins, or the
+calculator params.yaml names when the caller passes it as trusted (:mod:`mlipops.models.schema`).
+Baseline labels of training frames are computed once per frame and cached under
 ``data/cache/baseline/<settings key>/``; the key hashes the calculator, its kwargs and the version of the
 package that provides it, so changing any of them recomputes the labels.
 

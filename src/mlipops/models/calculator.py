@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -20,35 +19,19 @@ from ase.calculators.calculator import Calculator, all_changes
 from mlipops.errors import MlipopsError
 from mlipops.models.ensemble import Ensemble, load_model
 from mlipops.models.potential import Potential
-
-_URI = re.compile(r"^(?:registry:)?(?P<name>[A-Za-z0-9_.-]+)@(?P<ref>v\d+|[A-Za-z0-9_-]+)$")
+from mlipops.models.schema import MAX_CONFIG_BYTES
 
 
 def resolve_model(uri: str | Path, registry_dir: str | Path = "registry") -> Path:
-    """A model directory from a path, or from ``NAME@alias`` / ``NAME@vN`` (``registry:`` prefix
-    optional) looked up in ``registry_dir/index.json``."""
+    """A model directory from a path, or from ``NAME@alias`` / ``NAME@vN`` / ``NAME`` (``registry:`` prefix
+    optional) looked up in ``registry_dir/index.json``: only a real version folder inside the registry
+    (:func:`mlipops.paths.registry_version`)."""
+    from mlipops.paths import registry_version
+
     path = Path(uri)
     if path.is_dir():
         return path
-    m = _URI.match(str(uri))
-    if m is None:
-        raise MlipopsError("no such model directory, and not a registry reference NAME@alias or NAME@vN",
-                           file=str(uri))
-    index_path = Path(registry_dir) / "index.json"
-    if not index_path.is_file():
-        raise MlipopsError("registry index missing (promote a model first)", file=str(index_path))
-    entry = json.loads(index_path.read_text()).get("models", {}).get(m["name"])
-    if entry is None:
-        raise MlipopsError(f"model {m['name']!r} is not in the registry", file=str(index_path))
-    ref = m["ref"]
-    version = int(ref[1:]) if re.fullmatch(r"v\d+", ref) else entry.get("aliases", {}).get(ref)
-    if version is None:
-        raise MlipopsError(f"{m['name']} has no alias {ref!r} (aliases: {sorted(entry.get('aliases', {}))})",
-                           file=str(index_path))
-    for v in entry.get("versions", []):
-        if int(v["version"]) == int(version):
-            return Path(registry_dir) / v["path"]
-    raise MlipopsError(f"{m['name']} has no version {version}", file=str(index_path))
+    return registry_version(str(uri), registry_dir)
 
 
 def default_device(device: str = "auto") -> str:
@@ -62,11 +45,17 @@ def read_sigma_scale(directory: str | Path) -> dict[str, float]:
     path = Path(directory) / "uncertainty.json"
     if not path.is_file():
         return {}
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise MlipopsError(f"more than {MAX_CONFIG_BYTES:,} bytes: not an uncertainty scale", file=str(path))
     try:
-        scale = json.loads(path.read_text()).get("scale") or {}
-        return {k: float(scale[k]) for k in ("energy", "forces") if k in scale}
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise MlipopsError(f"unreadable uncertainty scale: {exc}", file=str(path), field="scale") from None
+        scale = json.loads(path.read_bytes().decode("utf-8")).get("scale") or {}
+        out = {k: scale[k] for k in ("energy", "forces") if k in scale}
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise MlipopsError(f"unreadable uncertainty scale: {str(exc)[:200]}", file=str(path), field="scale") from None
+    for k, v in out.items():  # a factor on σ: finite, ≥ 0 (0 when the validation errors were all 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise MlipopsError(f"expected a non-negative number, got {str(v)[:60]!r}", file=str(path), field=f"scale.{k}")
+    return {k: float(v) for k, v in out.items()}
 
 
 class MlipopsCalculator(Calculator):
@@ -77,12 +66,15 @@ class MlipopsCalculator(Calculator):
 
     def __init__(self, model: str | Path | Potential | Ensemble, dtype: torch.dtype = torch.float64,
                  device: str = "cpu", registry_dir: str | Path = "registry", skin: float = 0.0,
-                 sigma_scale: dict[str, float] | None = None, **kwargs):
+                 sigma_scale: dict[str, float] | None = None, trusted_calculators=None, **kwargs):
         """``skin`` (Å): build the neighbour list to cutoff + skin and reuse it until an atom has
         moved more than skin/2 (a Verlet list; results are identical, MD steps skip the list).
         ``sigma_scale``: ``{"energy": s_E, "forces": s_F}`` multiplies ``energy_std`` / ``forces_std`` (the
         recalibration of the evaluate stage); by default read from the model directory's
-        ``uncertainty.json`` (a promoted model has one), else 1. ``stress_std`` is not rescaled."""
+        ``uncertainty.json`` (a promoted model has one), else 1. ``stress_std`` is not rescaled.
+        ``trusted_calculators``: a model directory's config.json may name a Δ-learning baseline among the
+        built-ins (emt, lj, morse) only, unless its calculator is trusted here
+        (:func:`mlipops.models.schema.trusted_calculators` of the params)."""
         super().__init__(**kwargs)
         if skin < 0:
             raise MlipopsError(f"skin must be ≥ 0 (got {skin})", field="skin")
@@ -95,7 +87,7 @@ class MlipopsCalculator(Calculator):
             self.model = model
         else:
             directory = resolve_model(model, registry_dir)
-            self.model = load_model(directory, dtype=dtype, device=device)
+            self.model = load_model(directory, dtype=dtype, device=device, trusted_calculators=trusted_calculators)
             self.sigma_scale |= read_sigma_scale(directory)
         if sigma_scale is not None:
             self.sigma_scale |= {k: float(v) for k, v in sigma_scale.items()}

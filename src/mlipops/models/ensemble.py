@@ -20,9 +20,8 @@ from ase import Atoms
 from torch import nn
 
 from mlipops.errors import MlipopsError
-from mlipops.models.potential import CONFIG, CONFIG_FORMAT, WEIGHTS, Graph, Potential
-
-ENSEMBLE_FORMAT = "mlipops.ensemble/1"
+from mlipops.models.potential import CONFIG, WEIGHTS, Graph, Potential
+from mlipops.models.schema import ENSEMBLE_FORMAT, load_weights, read_config_file
 
 
 class Ensemble(nn.Module):
@@ -138,39 +137,29 @@ class Ensemble(nn.Module):
                               cfg.get("baseline")) for _ in range(n)])
 
 
-def read_config(directory: str | Path) -> dict:
+def read_config(directory: str | Path, trusted_calculators=None) -> dict:
+    """The validated ``config.json`` of a model directory (:mod:`mlipops.models.schema`: types, ranges,
+    size bound, a baseline only from the built-ins or ``trusted_calculators``), nothing built or imported
+    before; ``weights.pt`` must be there too."""
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise MlipopsError("model file missing", file=str(p))
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MlipopsError(f"not valid JSON: {exc}", file=str(cfg_path)) from None
-    if not isinstance(cfg, dict) or cfg.get("format") not in (CONFIG_FORMAT, ENSEMBLE_FORMAT):
-        fmt = cfg.get("format") if isinstance(cfg, dict) else None
-        raise MlipopsError(f"unsupported model format {fmt!r} (expected {CONFIG_FORMAT} or {ENSEMBLE_FORMAT})",
-                           file=str(cfg_path), field="format")
-    for key in ("species", "descriptor", "hidden"):
-        if key not in cfg:
-            raise MlipopsError(f"model config lacks {key!r}", file=str(cfg_path), field=key)
-    return cfg
+    return read_config_file(cfg_path, trusted_calculators)
 
 
-def load_model(directory: str | Path, dtype: torch.dtype = torch.float64, device: str = "cpu") -> Potential | Ensemble:
-    """A single potential or an ensemble from weights.pt + config.json; executes no code
-    (``torch.load(weights_only=True)``, JSON config)."""
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float64, device: str = "cpu",
+               trusted_calculators=None) -> Potential | Ensemble:
+    """A single potential or an ensemble from weights.pt + config.json; executes no code: the config is
+    data checked before anything is built (a Δ-learning baseline only among the built-ins or the
+    ``trusted_calculators``, e.g. :func:`~mlipops.models.schema.trusted_calculators` of the params), the
+    weights are a size-bounded ``torch.load(weights_only=True)`` checked tensor by tensor."""
     directory = Path(directory)
-    cfg = read_config(directory)
+    cfg = read_config(directory, trusted_calculators)
     model = (Ensemble.from_config(cfg) if cfg["format"] == ENSEMBLE_FORMAT
              else Potential(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion"),
                             cfg.get("baseline")))
     model = model.to(dtype=dtype, device=device)
-    try:
-        state = torch.load(directory / WEIGHTS, map_location=device, weights_only=True)
-        model.load_state_dict(state)  # into `dtype` tensors: float64 weights keep full precision
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MlipopsError(f"cannot load weights: {first}", file=str(directory / WEIGHTS)) from None
+    load_weights(directory / WEIGHTS, model)
     return model.eval()

@@ -21,8 +21,7 @@ from mlipops.descriptors import AtomCentredDescriptor, neighbor_list
 from mlipops.models.baseline import Baseline
 from mlipops.models.dispersion import D2Dispersion
 from mlipops.errors import MlipopsError
-
-CONFIG_FORMAT = "mlipops.potential/1"
+from mlipops.models.schema import CONFIG_FORMAT
 WEIGHTS = "weights.pt"
 CONFIG = "config.json"
 
@@ -230,22 +229,13 @@ class Potential(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, dtype=torch.float64, device="cpu") -> "Potential":
-        """Load weights (``torch.load(weights_only=True)``) and JSON config; executes no code."""
-        directory = Path(directory)
-        cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise MlipopsError("model file missing", file=str(p))
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MlipopsError(f"not valid JSON: {exc}", file=str(cfg_path)) from None
-        if cfg.get("format") != CONFIG_FORMAT:
-            raise MlipopsError(f"unsupported model format {cfg.get('format')!r} (expected {CONFIG_FORMAT})",
-                               file=str(cfg_path), field="format")
-        model = cls(cfg["species"], cfg["descriptor"], cfg["hidden"], cfg.get("dispersion"),
-                    cfg.get("baseline")).to(dtype=dtype, device=device)
-        state = torch.load(w_path, map_location=device, weights_only=True)
-        model.load_state_dict(state)  # into `dtype` tensors: float64 weights keep full precision
-        return model.eval()
+    def load(cls, directory: str | Path, dtype=torch.float64, device="cpu", trusted_calculators=None) -> "Potential":
+        """A single potential from ``directory`` (see :func:`mlipops.models.ensemble.load_model`: JSON config
+        checked before anything is built, ``torch.load(weights_only=True)``); executes no code."""
+        from mlipops.models.ensemble import load_model
+
+        model = load_model(directory, dtype, device, trusted_calculators)
+        if not isinstance(model, cls):
+            raise MlipopsError("an ensemble, not a single potential: load it with load_model",
+                               file=str(Path(directory) / CONFIG), field="format")
+        return model

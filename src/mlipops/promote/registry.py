@@ -27,6 +27,7 @@ from filelock import FileLock
 
 from mlipops.errors import StageInputError
 from mlipops.params import PromoteParams
+from mlipops.paths import ensure_writable, safe_remove
 from mlipops.promote.gates import check_gates
 from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
 from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
@@ -331,9 +332,13 @@ def _tag_training_run(run_info: dict, promoted: bool, failed: list[str], version
     return None
 
 
-def run(p: PromoteParams, model_name: str) -> dict:
+def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
     """Check the gates; register a passing model. Always writes registry/, decision.md, gates.json and
-    metrics.json (``promoted`` 0/1); a rejection returns normally (``mlipops promote --strict`` exits 3)."""
+    metrics.json (``promoted`` 0/1); a rejection returns normally (``mlipops promote --strict`` exits 3).
+    The model's config.json is checked as loading checks it (its baseline among the built-ins or
+    ``trusted_calculators``, the params' one): the registry never holds a model that cannot be loaded."""
+    from mlipops.models.ensemble import read_config
+
     t0 = time.perf_counter()
     model_dir = MODELS_DIR / model_name
     run_json = model_dir / "run.json"
@@ -344,14 +349,14 @@ def run(p: PromoteParams, model_name: str) -> dict:
         raise StageInputError("evaluation metrics missing: run `dvc repro evaluate` first",
                               file=str(EVAL_DIR / "metrics.json"))
     run_info = json.loads(run_json.read_text())
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir, trusted_calculators)
     expect = {"model_name": model_name, "model_weights_sha256": model_fingerprint(model_dir),
               "data_md5": run_info.get("data_md5")}
     gates = check_gates(p.gates, EVAL_DIR, expect=expect) + [uncertainty_gate(expect)]
     applicable = [g for g in gates if not g.get("not_applicable")]
     failed = [g for g in applicable if not g["passed"]]
     passed = not failed
-    registry_dir = Path(p.registry_dir)
+    registry_dir = ensure_writable(p.registry_dir, what="write the registry to", strict=False)
     _ensure_registry(registry_dir)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     header, gate_rows = _gate_rows(gates)
@@ -405,13 +410,12 @@ def run(p: PromoteParams, model_name: str) -> dict:
         # version whose folder is incomplete, even if this process dies in between
         target = registry_dir / model_name / f"v{version}"
         tmp = registry_dir / model_name / f".v{version}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_remove(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         validation = _write_version(tmp, model_dir, gates, expect)
         _model_card(tmp / "model_card.md", model_name, version, run_info, config, gates, eval_metrics,
                     _coverage_summary(INDEX), _known_limits(INDEX), validation, _training_params(client, run_info))
-        if target.exists():
-            shutil.rmtree(target)
+        safe_remove(target)
         tmp.rename(target)
         aliases = client.get_registered_model(model_name).aliases or {}
         previous = aliases.get("champion")

@@ -48,9 +48,9 @@ def _dataset(curated: Path, p: ValidateParams, ingest: IngestParams | None, rele
     """What the current dataset says: {frame_id: (config_type, split, order key)} of every ingested frame
     (accepted or quarantined by validate), and its training frames that passed the suites (accepted and not
     released from a suite check, or quarantined as outliers alone) as [(order key, frame)]."""
-    from mlipops.frames import Rejected, iter_extxyz, parse_extxyz_text
+    from mlipops.frames import Rejected, iter_extxyz, parse_extxyz_text, source_name
 
-    rank = {Path(s.path).stem: k for k, s in enumerate(ingest.sources)} if ingest is not None else {}
+    rank = {source_name(s.path): k for k, s in enumerate(ingest.sources)} if ingest is not None else {}
     split_key = p.outliers.training_split
     known: dict[str, tuple] = {}
     train: list[tuple[tuple, object]] = []
@@ -92,7 +92,7 @@ def check_files(paths: list[Path], p: ValidateParams, descriptors: DescriptorPar
     """One row per frame of ``paths`` (COLUMNS): the verdict ingest + validate would give it, with its split
     and, for a frame not accepted, the checks and reasons the quarantine would record (module doc).
     ``ingest``: the project's ingest params (split rule, sources order); ``curated``: the current dataset."""
-    from mlipops.frames import Rejected, iter_frames
+    from mlipops.frames import Rejected, iter_frames, source_name
     from mlipops.ingest import draw_splits
     from mlipops.quality.releases import RELEASES, load_releases
     from mlipops.quality.validate import build_tables, decide_tables
@@ -100,11 +100,9 @@ def check_files(paths: list[Path], p: ValidateParams, descriptors: DescriptorPar
     rows, frames, where = [], [], []
     seen: dict[str, tuple[str, int]] = {}
     for path in map(Path, paths):
-        if not path.is_file():
-            raise MlipopsError("no such file", file=str(path))
-        src = _source_entry(path, ingest)
+        src = _source_entry(path, ingest)  # a missing or non-regular file: iter_frames says so in one line
         try:
-            got = list(iter_frames(path, src.format if src is not None else "auto", source=path.stem,
+            got = list(iter_frames(path, src.format if src is not None else "auto", source=source_name(path),
                                    default_config_type=src.config_type if src is not None else None))
         except MlipopsError as exc:  # the whole file is unreadable (ingest would stop): say so, go on
             rows.append({"file": str(path), "frame": exc.frame, "verdict": "unreadable", "checks": "parse",

@@ -6,12 +6,20 @@ why, who and when, and the checks the frame had failed. On the next ``dvc repro`
 stage accepts the released frames despite those checks, and says so in its summary and metrics.
 A frame that later fails a *different* check is quarantined again: a release covers the checks
 it names, nothing else.
+
+Releases from several processes at once all land: the read-modify-write of the file runs under an
+exclusive ``fcntl.flock`` on ``data/quarantine_releases.yaml.lock`` (released by the kernel when the
+process ends, even on kill -9), and the new content goes to a temporary file of this process in the
+same directory, then ``os.replace`` (a reader sees the old file or the new one, never a part).
 """
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import os
+import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +31,33 @@ from mlipops.errors import MlipopsError
 RELEASES = Path("data/quarantine_releases.yaml")
 HEADER = ("# Quarantined frames released by hand (`mlipops quarantine release FRAME_ID --why ...`).\n"
           "# The validate stage accepts a released frame despite the checks listed; keep this file in git.\n")
+
+
+@contextmanager
+def _locked(path: Path):
+    """Hold the exclusive lock of ``path`` (``<path>.lock``, created if absent; never removed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _write(path: Path, releases: dict[str, dict]) -> None:
+    """Atomic: a temporary file of this process next to ``path``, flushed to disk, then renamed."""
+    text = HEADER + yaml.safe_dump({"releases": list(releases.values())}, sort_keys=False, allow_unicode=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.replace(fh.name, path)
+    except BaseException:
+        Path(fh.name).unlink(missing_ok=True)
+        raise
 
 
 def load_releases(path: Path = RELEASES) -> dict[str, dict]:
@@ -59,16 +94,13 @@ def release(frame_id: str, why: str, quarantine: Path, path: Path = RELEASES) ->
         raise MlipopsError(f"frame {row['frame_id'][:12]} was rejected at ingest ({row['check']}: an unreadable "
                            "frame or a duplicate); fix the source file instead", file=str(quarantine),
                            field="frame_id")
-    releases = load_releases(path)
     entry = {"frame_id": str(row["frame_id"]), "checks": str(row["check"]).split(","), "why": why.strip(),
              "released_by": os.environ.get("GIT_AUTHOR_NAME") or getpass.getuser(),
              "released_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "source": str(row["source"]), "source_index": int(row["source_index"]),
              "reason_at_release": str(row["reason"])}
-    releases[entry["frame_id"]] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(HEADER + yaml.safe_dump({"releases": list(releases.values())}, sort_keys=False,
-                                           allow_unicode=True))
-    tmp.replace(path)
+    with _locked(path):  # read, add, write: one release at a time, none lost
+        releases = load_releases(path)
+        releases[entry["frame_id"]] = entry
+        _write(path, releases)
     return entry

@@ -50,7 +50,7 @@ from ase.geometry.minkowski_reduction import minkowski_reduce
 from mlipops.descriptors import neighbor_list
 from mlipops.errors import StageInputError
 from mlipops.frames import labels, read_extxyz, write_extxyz
-from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs
+from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs, remove_empty
 from mlipops.params import DescriptorParams, ValidateParams, composition_key
 from mlipops.quality.releases import RELEASES, load_releases
 from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
@@ -685,9 +685,7 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
             metrics = _write_outputs(decision, info, spool, p, t0, n_atoms_checked)
             advance(completed=3, note="")
     except BaseException:
-        for d in created:  # nothing half-made is left: the directories this run made go again
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+        remove_empty(created)  # nothing half-made is left: the directories this run made go again
         raise
     finally:
         spool.close()

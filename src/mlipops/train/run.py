@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +31,7 @@ from mlipops.models.ensemble import Ensemble
 from mlipops.models.potential import Potential
 from mlipops.errors import StageInputError
 from mlipops.params import ComputeParams, DescriptorParams, TrainParams, flatten
+from mlipops.paths import safe_remove
 from mlipops.report import parity_plot, progress, write_markdown, write_metrics
 from mlipops.train import tracking
 from mlipops.train.loop import (CHECKPOINT_DIR, DATA, DTYPES, MODELS_DIR, REPORT_DIR, Checkpointer, Prepared,
@@ -343,7 +343,7 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     ckpt_dir = CHECKPOINT_DIR / p.model_name
     resume = _run_state(ckpt_dir, key)
     if resume is None and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # checkpoints of other settings or data: never resumed
+        safe_remove(ckpt_dir)  # checkpoints of other settings or data: never resumed
     uri = tracking.tracking_uri(p.tracking_uri)
     client = tracking.client(p.tracking_uri)
     exp_id = tracking.experiment_id(p.tracking_uri, p.experiment, p.artifact_location)
@@ -384,8 +384,7 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     by_config = {f"{s}.{ct}.{k}": v for s, m in ens_metrics.items() for ct, mm in m["by_config"].items()
                  for k, v in mm.items()}
     out_dir = MODELS_DIR / p.model_name
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    safe_remove(out_dir)
     extra = {"model_name": p.model_name, "trained_on": {"path": str(data_path), "dvc_md5": data_md5},
              "mlflow_run_id": state["parent_run_id"], "dtype": p.dtype,
              "members": [{"seed": p.seed + r["member"], "best_epoch": r["best_epoch"], "n_train": r["n_train"],
@@ -404,7 +403,7 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
         run_info = {"run_id": parent, "experiment_id": exp_id, "tracking_uri": p.tracking_uri, "data_md5": data_md5,
                     "member_run_ids": state["member_run_ids"]}
     (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    safe_remove(ckpt_dir, ignore_errors=True)
     timing["finalize"] = time.perf_counter() - t1
     timing["member_fit_max"] = max(r["wall_time_s"] for r in members)
     metrics = final | target_stats | {f"time.{k}_s": round(v, 2) for k, v in timing.items()} | {"n_members": M, "epochs": p.epochs, "wall_time_s": round(wall, 2), "device": device,
