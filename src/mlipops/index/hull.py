@@ -409,19 +409,49 @@ def check_cells(frames, file: str) -> None:
                                    file=file, frame=int(a.info.get("source_index", k)), field="cell")
 
 
+_CANDIDATES = 32  # nearest extreme points each distance starts from; more join only where optimality fails
+
+
 def hull_distance(points: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Euclidean distance from each row of x to conv(points), by NNLS with Σλ = 1 as a stiff row."""
+    """Euclidean distance from each row of x to conv(points), by NNLS with Σλ = 1 as a stiff row.
+
+    Each problem is solved on a small working set of points (the nearest :data:`_CANDIDATES`), which grows by
+    the points that violate optimality: y, the nearest point of the working set's hull, is the nearest point of
+    the whole hull exactly when no point p lies beyond the plane through y normal to x − y, (p − y)·(x − y) ≤ 0
+    for all p. The answer is the full problem's; the work is that of a few dozen points, not thousands."""
     from scipy.optimize import nnls
+    from scipy.spatial import cKDTree
 
     points = np.asarray(points, dtype=np.float64)
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    out = np.empty(len(x))
+    if not len(x):
+        return out
     scale = 1.0 + float(np.abs(points).max(initial=0.0)) + float(np.abs(x).max(initial=0.0))
     weight = 1e4 * scale
     a = np.vstack([points.T, np.full(len(points), weight)])
-    out = np.empty(len(x))
-    for q, xq in enumerate(np.atleast_2d(x)):
-        lam, _ = nnls(a, np.concatenate([xq, [weight]]), maxiter=50 * len(points))
-        lam = lam / lam.sum() if lam.sum() > 0 else np.full(len(points), 1.0 / len(points))
-        out[q] = np.linalg.norm(lam @ points - xq)
+    m = min(len(points), _CANDIDATES)
+    _, near = cKDTree(points).query(x, k=m)
+    near = np.asarray(near).reshape(len(x), m)
+    for q, xq in enumerate(x):
+        b = np.concatenate([xq, [weight]])
+        work = np.unique(near[q])
+        while True:
+            lam, _ = nnls(a[:, work], b, maxiter=50 * len(work))
+            lam = lam / lam.sum() if lam.sum() > 0 else np.full(len(work), 1.0 / len(work))
+            y = lam @ points[work]
+            d = xq - y
+            dist = float(np.linalg.norm(d))
+            if len(work) == len(points):
+                break
+            beyond = (points - y) @ d  # > 0: p lies on x's side of the plane through y
+            tol = 1e-9 * scale * max(dist, 1e-300)
+            bad = np.flatnonzero(beyond > tol)
+            bad = np.setdiff1d(bad, work, assume_unique=False)
+            if not len(bad):
+                break
+            work = np.union1d(work, bad[np.argsort(-beyond[bad])[:4 * m]])
+        out[q] = dist
     return out
 
 
