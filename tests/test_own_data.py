@@ -52,7 +52,8 @@ def _si_frames(n: int, seed: int = 0) -> list[dict]:
 
 
 def _ase_stress_from_kbar(v: np.ndarray) -> np.ndarray:
-    """VASP's pressure-positive kbar (xx yy zz xy yz zx) as ASE's stress: eV/Å³, tensile positive, xx yy zz yz xz xy."""
+    """VASP's pressure-positive kbar (xx yy zz xy yz zx) as ASE's stress: eV/Å³, tensile positive,
+    xx yy zz yz xz xy."""
     return -np.asarray(v)[[0, 1, 2, 4, 5, 3]] / EV_PER_A3_IN_KBAR
 
 
@@ -115,10 +116,12 @@ def vasprun_xml(frames: list[dict]) -> str:
         stress3 = np.array([[fr["kbar"][0], fr["kbar"][3], fr["kbar"][5]],
                             [fr["kbar"][3], fr["kbar"][1], fr["kbar"][4]],
                             [fr["kbar"][5], fr["kbar"][4], fr["kbar"][2]]])
+        first = energy.replace(f'{fr["e0"]:.8f}', f'{fr["e0"] + 0.5:.8f}').replace(
+            f'{fr["efr"]:.8f}', f'{fr["efr"] + 0.5:.8f}')  # the first electronic step, not converged
         body += f""" <calculation>
   <scstep>
    <energy>
-{energy.replace(f'{fr["e0"]:.8f}', f'{fr["e0"] + 0.5:.8f}').replace(f'{fr["efr"]:.8f}', f'{fr["efr"] + 0.5:.8f}')}   </energy>
+{first}   </energy>
   </scstep>
   <scstep>
    <energy>
@@ -261,7 +264,8 @@ def pw_out(frames: list[dict]) -> tuple[str, list[dict]]:
                            for i, f in enumerate(f_ry))
                  + "     Total force =     0.010000     Total SCF correction =     0.000001\n\n\n"
                  "     Computing stress (Cartesian axis) and pressure\n\n"
-                 f"          total   stress  (Ry/bohr**3)                   (kbar)     P=  {np.trace(s_kbar) / 3:10.2f}\n"
+                 "          total   stress  (Ry/bohr**3)                   (kbar)     P=  "
+                 f"{np.trace(s_kbar) / 3:10.2f}\n"
                  + "".join(f"  {r[0]:12.8f}  {r[1]:12.8f}  {r[2]:12.8f}  {q[0]:12.2f}  {q[1]:12.2f}  {q[2]:12.2f}\n"
                            for r, q in zip(s_ry, s_kbar)) + "\n")
     return text + "\n     JOB DONE.\n", units
@@ -398,8 +402,24 @@ def test_truncated_vasprun_is_recorded_never_silently_short(tmp_path):
     (root / "raw/vasprun_head.xml").write_text(text[:text.index('<structure name="initialpos"') + 120])
     _set(root, [{"path": "raw/vasprun_head.xml"}])
     line = error_line(mlipops(root, "ingest"))
-    assert line.startswith("mlipops: error: raw/vasprun_head.xml: frame 0: ASE's vasp-xml reader cannot read it: "
-                           "ParseError: "), line
+    assert line.startswith("mlipops: error: raw/vasprun_head.xml: ASE's vasp-xml reader cannot read it (no frame "
+                           "read): ParseError: "), line
+
+
+def test_ase_reader_stopping_mid_file_records_the_rest(tmp_path):
+    """ASE's reader raises at frame k (an OUTCAR whose second step has VASP's Fortran overflow `*******` in a
+    force): frames before k are kept, one Rejected record names the file, frame k and ASE's message."""
+    si = _si_frames(3, seed=7)
+    text = outcar(si)
+    second = text.index("TOTAL-FORCE", text.index("TOTAL-FORCE") + 1)
+    line_end = text.index("\n", text.index("\n", text.index("\n", second) + 1) + 1)
+    bad = text[:line_end - 14] + "  ************" + text[line_end:]
+    (tmp_path / "OUTCAR").write_text(bad)
+    frames, rejected = read_frames(tmp_path / "OUTCAR")
+    assert len(frames) == 1 and labels(frames[0])[0] == pytest.approx(si[0]["e0"])
+    assert [(r.source, r.source_index, r.check) for r in rejected] == [("OUTCAR", 1, "parse")]
+    assert rejected[0].reason == (f"{tmp_path / 'OUTCAR'} frame 1: ASE's vasp-out reader stopped here: ValueError: "
+                                  "could not convert string to float: '************'; frames 1 on are not read")
 
 
 def test_ase_format_names_in_params(tmp_path):
@@ -429,7 +449,7 @@ def test_ase_format_names_in_params(tmp_path):
 
 def test_a_text_file_named_for_an_ase_format_is_not_quoted(tmp_path):
     """A file ASE's detection picks by its suffix only (.cif, .out) whose content is no such file: one line,
-    ASE's message (which can quote the file) not shown; a file named OUTCAR is one: ASE's message, frame 0."""
+    ASE's message (which can quote the file) not shown; a file named OUTCAR is one: ASE's message."""
     secret = "s3cr3t-Line root:x:0:0\nhunter2 12 3.4\n"
     for name, fmt in (("notes.cif", "cif"), ("notes.out", "espresso-out")):
         (tmp_path / name).write_text(secret)
@@ -439,14 +459,49 @@ def test_a_text_file_named_for_an_ase_format_is_not_quoted(tmp_path):
         assert "s3cr3t" not in msg and "hunter2" not in msg and "root:x" not in msg
         assert f"ASE's {fmt} reader" in msg and "\n" not in msg
         if fmt == "cif":  # ASE's reader fails on it: only the error's type is shown
-            assert msg.endswith("frame 0: ASE's cif reader cannot read it: AssertionError (content not shown: "
-                                "neither the name nor the first bytes of the file are cif's)"), msg
+            assert msg.endswith("notes.cif: ASE's cif reader cannot read it (no frame read): AssertionError (content "
+                                "not shown: neither the name nor the first bytes of the file are cif's)"), msg
         else:  # ASE's QE reader finds no run in it
             assert msg.endswith("contains no frames (ASE's espresso-out reader found none)"), msg
     (tmp_path / "OUTCAR").write_text(" vasp.5.4.4\n POTCAR:    PAW_PBE Xq 05Jan2001\n Iteration 1(1)\n")
-    with pytest.raises(FrameFormatError, match=r"OUTCAR: frame 0: ASE's vasp-out reader cannot read it: ParseError: "
-                                               r"Found an unexpected symbol Xq"):
+    with pytest.raises(FrameFormatError, match=r"OUTCAR: ASE's vasp-out reader cannot read it \(no frame read\): "
+                                               r"ParseError: Found an unexpected symbol Xq"):
         read_frames(tmp_path / "OUTCAR")
+
+
+def test_lammps_dump_has_forces_and_no_invented_energy(tmp_path):
+    """A LAMMPS dump (found by ASE's magic, ``ITEM: TIMESTEP``) holds forces but no energy: ASE's reader sets
+    energy 0.0 beside them; mlipops keeps the forces and no energy label (validate says "no energy label")."""
+    step = ("ITEM: TIMESTEP\n{t}\nITEM: NUMBER OF ATOMS\n2\nITEM: BOX BOUNDS pp pp pp\n0 3.6\n0 3.6\n0 3.6\n"
+            "ITEM: ATOMS id element x y z fx fy fz\n1 Cu 0 0 {z} 0.25 0 0\n2 Cu 1.8 1.8 1.8 -0.25 0 0\n")
+    (tmp_path / "md.lammpstrj").write_text(step.format(t=0, z=0) + step.format(t=10, z=0.1))
+    frames, bad = read_frames(tmp_path / "md.lammpstrj")
+    assert bad == [] and len(frames) == 2 and list(frames[0].symbols) == ["Cu", "Cu"]
+    e, f, _ = labels(frames[1])
+    assert e is None
+    np.testing.assert_allclose(f, [[0.25, 0, 0], [-0.25, 0, 0]])
+    assert frames[1].positions[0, 2] == pytest.approx(0.1)
+
+
+def test_real_mlearn_mo_by_file_with_its_stress(u_mlearn_dir, tmp_path):
+    """Real PBE data (mlearn Mo, VASP): the training file split train, the test file split test, the stress from
+    ``virial_stress_kbar``. Every test-file frame is test, no training frame is; physics checks the sign: of the
+    strained perfect crystals (Elastic), the compressed ones have a negative ASE stress, the stretched ones a
+    positive one (the trace rises with the volume)."""
+    root = make_project(tmp_path, [])
+    kw = {"stress_key": "virial_stress_kbar", "stress_units": "kbar", "stress_sign": "pressure_positive",
+          "stress_order": "vasp"}
+    frames, rejected = _ingest(root, [{"path": str(u_mlearn_dir / "Mo_training.extxyz"), "split": "train", **kw},
+                                      {"path": str(u_mlearn_dir / "Mo_test.extxyz"), "split": "test", **kw}])
+    assert rejected.empty
+    test, train = _by_source(frames, "Mo_test"), _by_source(frames, "Mo_training")
+    assert (len(test), len(train)) == (23, 194)
+    assert {a.info["split"] for a in test} == {"test"} and "test" not in {a.info["split"] for a in train}
+    elastic = [a for a in frames if a.info["config_type"] == "Elastic"]
+    vol = np.array([a.get_volume() / len(a) for a in elastic])
+    trace = np.array([labels(a)[2][:3].mean() for a in elastic])
+    assert np.corrcoef(vol, trace)[0, 1] > 0.9
+    assert trace[np.argmin(vol)] < 0 < trace[np.argmax(vol)]
 
 
 # ---------------------------------------------------------------- stress in an extxyz field

@@ -177,7 +177,8 @@ class StressField:
         try:
             out = stress_to_ase(value, self.units, self.sign, self.order)
         except (TypeError, ValueError) as exc:
-            msg = str(exc) if str(exc).startswith("expected") else f"expected 6 or 9 numbers, found {_clip(str(value))!r}"
+            msg = str(exc) if str(exc).startswith("expected") else \
+                f"expected 6 or 9 numbers, found {_clip(str(value))!r}"
             raise ValueError(f"field '{self.key}': {msg}") from None
         if not np.all(np.isfinite(out)):
             raise ValueError(f"field '{self.key}': non-finite value (NaN or inf)")
@@ -775,6 +776,9 @@ NATIVE_FORMATS = ("extxyz", "db", "mlearn_json")  # read by mlipops' own readers
 _NATIVE_ALIASES = {"xyz": "extxyz", "json": "db"}  # ase.io names of formats the native readers cover
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"PK\x03\x04")
 _ASE_NOT_FILES = ("postgresql", "mysql", "bundletrajectory")  # ase.io "formats" that are no file
+# ase.io readers that attach an energy the file does not hold (ASE's LAMMPS dump reader sets 0.0 beside the
+# forces): that placeholder is dropped, the frame has no energy label (validate quarantines it, saying so)
+_NO_ENERGY = ("lammps-dump-text", "lammps-dump-binary")
 
 
 @dataclass(frozen=True)
@@ -888,29 +892,43 @@ def _steps_started(path: Path, fmt: str) -> int | None:
     return n
 
 
+def _ase_frames(path: Path, fmt: str) -> Iterator[Atoms]:
+    """``ase.io.iread`` of a file; an OUTCAR through ASE's own chunk generator (``iread`` would parse
+    the whole file first: a long AIMD run held in memory, and an error in its last step losing the rest)."""
+    import ase.io
+
+    if fmt == "vasp-out":
+        from ase.io.vasp import iread_vasp_out
+
+        with open(path) as fd:
+            yield from iread_vasp_out(fd, index=slice(None))
+        return
+    yield from ase.io.iread(str(path), index=":", format=fmt, do_not_split_by_at_sign=True)
+
+
 def iter_ase(path: str | Path, fmt: str, *, source: str | None = None, default_config_type: str | None = None,
              trust: Iterable[str] = (), stress_field: StressField | None = None, quote: bool = True,
              name: str | None = None) -> Iterator[Atoms | Rejected]:
     """Stream the frames of a file in an ``ase.io`` format (``traj``, ``vasp-xml``, ``vasp-out``,
     ``espresso-out``, ``lammps-dump-text``, ...) with ``ase.io.iread``, each through :func:`canonicalize`:
     labels from the calculator ASE attaches (energy, forces; stress as ASE gives it: eV/Å³, ASE's sign,
-    which ASE's VASP readers get by negating VASP's kbar and its QE reader from Ry/bohr³).
+    which ASE's VASP readers get by negating VASP's kbar and its QE reader from Ry/bohr³; a LAMMPS dump
+    has forces but no energy, whatever placeholder ASE sets). The energy is ASE's ``energy``: for VASP the
+    energy extrapolated to zero smearing (sigma -> 0), not the free energy TOTEN (ASE's ``free_energy``).
 
-    Nothing is lost silently: ASE's reader stops at the first frame it cannot parse; a failure at frame
-    0 is a :class:`FrameFormatError` (the file is not readable as ``fmt``), one at frame k a
+    Nothing is lost silently: ASE's reader stops at the first frame it cannot parse; a failure before
+    any frame is a :class:`FrameFormatError` (the file is not readable as ``fmt``), one at frame k a
     :class:`Rejected` record for frames k on with ASE's message; a VASP output cut off inside an ionic
     step (which ASE passes over) gives one such record too. ``quote``: ASE's message may be shown (the
     file's name or first bytes are the format's); else only its type. ``name``: the file named in
     messages (default ``path``)."""
     import warnings
 
-    import ase.io
-
     path = Path(path)
     name = name or str(path)
     src = source or source_name(path)
     what = f"ASE's {fmt} reader"
-    frames = ase.io.iread(str(path), index=":", format=fmt, do_not_split_by_at_sign=True)
+    frames = _ase_frames(path, fmt)
     k = n_energy = 0
     while True:
         try:
@@ -922,12 +940,14 @@ def iter_ase(path: str | Path, fmt: str, *, source: str | None = None, default_c
         except Exception as exc:  # ASE raises many types on malformed files
             msg = _ase_message(exc) if quote or k else f"{type(exc).__name__} (content not shown: neither the " \
                 f"name nor the first bytes of the file are {fmt}'s)"
-            if k == 0:
-                raise FrameFormatError(f"{what} cannot read it: {msg}", file=name, frame=0) from None
+            if k == 0:  # (most ASE readers parse the whole file before the first frame: no frame index)
+                raise FrameFormatError(f"{what} cannot read it (no frame read): {msg}", file=name) from None
             yield Rejected(src, k, "parse", f"{name} frame {k}: {what} stopped here: {msg}; frames {k} on "
                            "are not read", "")
             return
         results = getattr(atoms.calc, "results", None) or {}
+        if fmt in _NO_ENERGY:
+            results.pop("energy", None), results.pop("free_energy", None)
         n_energy += "energy" in results or "free_energy" in results  # a complete step as ASE read it
         try:
             out = canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type,
