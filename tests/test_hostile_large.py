@@ -38,7 +38,7 @@ def _split_frames(tmp: Path):
     from ase.build import bulk
 
     from mlipops.frames import canonicalize, labels, read_extxyz, set_labels, write_extxyz
-    from mlipops.ingest import draw_splits
+    from mlipops.ingest import assign_splits
     from mlipops.oracles import get_oracle
     from mlipops.params import load_params
 
@@ -66,8 +66,8 @@ def _split_frames(tmp: Path):
     write_extxyz(tmp / "splits.extxyz", frames)
     frames, _ = read_extxyz(tmp / "splits.extxyz")
     canon = [canonicalize(a, source="splits", source_index=k) for k, a in enumerate(frames)]
-    rule = load_params(REPO / "params.yaml").ingest.split
-    split = draw_splits([a.info["frame_id"] for a in canon], [a.info["config_type"] for a in canon], rule)
+    assign_splits(canon, load_params(REPO / "params.yaml").ingest.split)
+    split = [a.info["split"] for a in canon]
     wrong = {s: next(k for k, (a, t) in enumerate(zip(canon, split)) if t == s and a.info["config_type"] != "vacancy"
                      or t == s == "test") for s in ("train", "val", "test")}
     for k in wrong.values():
@@ -349,3 +349,44 @@ def test_outlier_test_at_scale_decides_as_in_memory(monkeypatch):
     assert list(got.kind) == list(ref.kind)
     for c in ("energy_cooks", "energy_t", "force_chi2", "atom_chi2"):  # QR vs SVD: rounding of a
         np.testing.assert_allclose(got[c].astype(float), ref[c].astype(float), rtol=1e-5, err_msg=c)  # near-collinear fit
+
+
+def test_index_hull_at_scale_equals_the_direct_fit(monkeypatch):
+    """The index's large-set paths (the hull fitted chunk by chunk from the R factor, evaluated in row blocks,
+    descriptors written into one preallocated array) give the direct path's hull and answers."""
+    from ase.build import bulk
+
+    from mlipops.descriptors import DescriptorBatcher
+    from mlipops.index import hull as H
+    from mlipops.params import DescriptorParams
+
+    rng = np.random.default_rng(4)
+    frames = []
+    for k in range(40):
+        a = bulk("Cu", ["fcc", "bcc"][k % 2], a=[3.6, 2.87][k % 2], cubic=True).repeat(2)
+        a.positions += rng.normal(0, 0.08, a.positions.shape)
+        frames.append(a)
+    settings = DescriptorParams().model_dump()
+    b1 = DescriptorBatcher(["Cu"], settings, chunk_atoms=300)
+    b2 = DescriptorBatcher(["Cu"], settings, chunk_atoms=300, n_atoms=sum(len(a) for a in frames))
+    for a in frames:
+        b1.add(a)
+        b2.add(a)
+    (g, unseen), (g2, unseen2) = b1.result(), b2.result()
+    assert np.array_equal(g, g2) and np.array_equal(unseen, unseen2)
+    symbols = np.array(["Cu"] * len(g))
+    train = rng.random(len(g)) < 0.7
+    ref = H.fit_hull_index(symbols, g, train, ["Cu"], settings, 4)
+    ev_ref = ref.evaluate(symbols, g, unseen)
+    monkeypatch.setattr(H, "_LARGE_CELLS", 0)
+    monkeypatch.setattr(H, "_CHUNK_ROWS", 97)
+    monkeypatch.setattr(H, "_QHULL_POINTS", 101)  # extreme points pruned 101 points at a time
+    got = H.fit_hull_index(symbols, g, train, ["Cu"], settings, 4)
+    a, b = ref.hulls["Cu"], got.hulls["Cu"]
+    for f in ("feature_mean", "feature_std", "components", "explained_variance_ratio", "centroid"):
+        np.testing.assert_allclose(getattr(b, f), getattr(a, f), rtol=1e-9, atol=1e-12, err_msg=f)
+    assert len(a.points) == len(b.points) and a.rank == b.rank
+    ev = ref.evaluate(symbols, g, unseen)  # the reference hull, evaluated in blocks of 97 atoms
+    assert np.array_equal(ev["inside_hull"], ev_ref["inside_hull"])
+    np.testing.assert_allclose(ev["extrapolation_grade"], ev_ref["extrapolation_grade"], rtol=1e-9)
+    np.testing.assert_allclose(ev["hull_distance"], ev_ref["hull_distance"], rtol=1e-7, atol=1e-12)

@@ -187,3 +187,21 @@ def test_compute_descriptors_invariances_and_unseen(u_rng):
     far = a[a.symbols == "Cu"] + Atoms("NiCu", positions=[[30.0, 30.0, 30.0], [32.2, 30.0, 30.0]])
     _, unseen = compute_descriptors([far], ["Cu"], settings)
     assert unseen.tolist() == [False] * (len(far) - 2) + [True, True]
+
+
+@pytest.mark.parametrize("k,n_start", [(5, 32), (5, 2), (3, 1)])
+def test_hull_distance_working_set_gives_the_full_answer(u_rng, monkeypatch, k, n_start):
+    """The working-set solve (nearest points first, grown by the points that violate optimality) gives the
+    distance of the NNLS over every extreme point, also when it has to start from one or two points."""
+    import mlipops.index.hull as hull_mod
+
+    pts, _ = extreme_points(u_rng.normal(size=(4000, k)))
+    q = u_rng.normal(size=(300, k)) * 2.0
+    monkeypatch.setattr(hull_mod, "_CANDIDATES", 10**9)  # every point from the start: the plain NNLS
+    full = hull_distance(pts, q)
+    monkeypatch.setattr(hull_mod, "_CANDIDATES", n_start)
+    fast = hull_distance(pts, q)
+    outside = full > 1e-6
+    assert outside.sum() > 50 and len(pts) > 5 * max(n_start, 3)
+    np.testing.assert_allclose(fast[outside], full[outside], rtol=1e-9, atol=1e-9)
+    assert np.all(fast[~outside] < 1e-6)

@@ -119,3 +119,22 @@ def test_missing_file_bad_yaml_and_non_mapping(tmp_path):
     (tmp_path / "params.yaml").write_text("- a\n- b\n")
     with pytest.raises(ParamsError, match="mapping"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("train.hidden", [200000, 200000], "more than the cap"),
+    ("train.hidden", [8] * 17, "at most 16 layers"),
+    ("train.hidden", [32, 0], "positive widths"),
+    ("train.ensemble.members", 1000, "train.ensemble.members"),
+    ("descriptors.cutoff", 1e6, "descriptors.cutoff"),
+    ("descriptors.n_radial", 100000, "descriptors.n_radial"),
+    ("train.dispersion.cutoff", 1e4, "train.dispersion.cutoff"),
+])
+def test_model_size_is_capped_in_params(tmp_path, u_raw_params, key, value, says):
+    """params.yaml cannot ask for a network larger than a model folder may be (the caps of
+    mlipops.models.schema): one line naming the key, before anything is allocated."""
+    raw = _set(copy.deepcopy(u_raw_params), key, value)
+    with pytest.raises(ParamsError) as info:
+        load_params(_write(tmp_path, raw))
+    msg = str(info.value)
+    assert says in msg and "\n" not in msg, msg

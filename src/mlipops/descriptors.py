@@ -355,7 +355,7 @@ class DescriptorBatcher:
     ``chunk_atoms`` atoms (one neighbour list per frame, one descriptor call per chunk)."""
 
     def __init__(self, species: list[str], settings: dict, chunk_atoms: int = 4000,
-                 dtype: torch.dtype = torch.float64):
+                 dtype: torch.dtype = torch.float64, n_atoms: int | None = None):
         from ase.data import atomic_numbers
 
         self.z_to_index = {atomic_numbers[s]: k for k, s in enumerate(species)}
@@ -363,6 +363,10 @@ class DescriptorBatcher:
         self.cutoff = self.desc.cutoff
         self.dtype, self.chunk_atoms = dtype, chunk_atoms
         self._g, self._u, self._buf, self._n_buf = [], [], [], 0
+        # ``n_atoms`` known in advance: the chunks are written into one array (no concatenated copy at the end)
+        self._out = None if n_atoms is None else np.empty((n_atoms, self.desc.n_features),
+                                                           dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        self._filled = 0
 
     def add(self, atoms, nl=None) -> None:
         """Queue one frame; ``nl`` is its neighbour list (i, j, S, d) if already computed (cutoff ≥ ours)."""
@@ -383,12 +387,20 @@ class DescriptorBatcher:
         with torch.no_grad():
             g = self.desc(torch.from_numpy(np.concatenate(sps)), torch.from_numpy(np.concatenate(ii)),
                           torch.from_numpy(np.concatenate(jj)), torch.from_numpy(np.concatenate(vv)).to(self.dtype))
-        self._g.append(g.numpy())
+        if self._out is not None:
+            self._out[self._filled:self._filled + len(g)] = g.numpy()
+            self._filled += len(g)
+        else:
+            self._g.append(g.numpy())
         self._buf, self._n_buf = [], 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(G [n_atoms_total, n_features], unseen [n_atoms_total]) of every frame added, in order."""
         self._flush()
+        if self._out is not None:
+            if self._filled != len(self._out):
+                raise ValueError(f"{self._filled} atoms added, {len(self._out)} announced")
+            return self._out, (np.concatenate(self._u) if self._u else np.zeros(0, dtype=bool))
         if not self._g:
             return np.zeros((0, self.desc.n_features)), np.zeros(0, dtype=bool)
         return np.concatenate(self._g), np.concatenate(self._u)

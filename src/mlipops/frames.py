@@ -441,13 +441,14 @@ def _decode_error(path: Path, exc: UnicodeDecodeError, base: int = 0) -> FrameFo
 
 
 def iter_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
-                progress: Callable[[int], None] | None = None, trust: Iterable[str] = PROVENANCE_KEYS,
-                stress_field: StressField | None = None) -> Iterator[Atoms | Rejected]:
+                progress: Callable[[int], None] | None = None, with_text: bool = False,
+                trust: Iterable[str] = PROVENANCE_KEYS, stress_field: StressField | None = None) -> Iterator:
     """Stream the frames of an extxyz file in order: canonical frames, and Rejected records for the
     unparseable ones. Memory is bounded by the largest frame, not the file. ``progress(bytes)``: called
-    after each frame with the bytes read so far. ``trust``: see :func:`canonicalize`; the default keeps
-    the provenance the file records, for mlipops' own files. A file a user names goes through
-    :func:`read_frames` / :func:`iter_frames` instead. ``stress_field``: see :func:`canonicalize`."""
+    after each frame with the bytes read so far; ``with_text``: yield (frame, its text in the file) pairs.
+    ``trust``: see :func:`canonicalize`; the default keeps the provenance the file records, for mlipops' own
+    files. A file a user names goes through :func:`read_frames` / :func:`iter_frames` instead.
+    ``stress_field``: see :func:`canonicalize`."""
     path = Path(path)
     try:
         fh = path.open("rb")
@@ -457,7 +458,7 @@ def iter_extxyz(path: str | Path, *, source: str | None = None, default_config_t
         raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
     with fh:
         yield from _iter_handle(fh, str(path), source or path.stem, default_config_type, progress,
-                                {"trust": tuple(trust), "stress_field": stress_field})
+                                {"trust": tuple(trust), "stress_field": stress_field}, with_text)
 
 
 def parse_extxyz_text(text: str, *, source: str, name: str = "<text>",
@@ -467,10 +468,142 @@ def parse_extxyz_text(text: str, *, source: str, name: str = "<text>",
     return list(_iter_handle(io.BytesIO(text.encode("utf-8")), name, source, None, None, {"trust": tuple(trust)}))
 
 
-def _iter_handle(fh, name: str, src: str, default_config_type: str | None,
-                 progress: Callable[[int], None] | None, canon: dict) -> Iterator[Atoms | Rejected]:
-    import ase.io
+# ------------------------------------------------------------------- fast comment-line parsing
+# ASE's extxyz reader parses the comment line character by character (``key_val_str_to_dict``), which is
+# about half of its time per frame. The common case -- keys, unquoted values and double-quoted values without
+# escapes, as ASE itself writes them -- is tokenised here with one regex; each value is then converted by
+# exactly ASE's rules (``_ase_value``, a copy of the loop body of ASE 3.29's ``key_val_str_to_dict``). A line
+# with anything else (a backslash, single quotes, brackets or braces outside double quotes, ``k=""``, ``a=b=c``)
+# goes to ASE's own parser. tests/test_frames_fast.py checks both give the same frames.
+_KV_TOKEN = re.compile(r"""([A-Za-z_][\w.\-]*)(?:=(?:"([^"\\]+)"|([^\s"\\'{}\[\]=]+)))?(?:\s+|$)""")
+_NUMBERS = re.compile(r"[^\s,]+")
+_STR_TO_BOOL = {"T": True, "F": False, "true": True, "false": False, "True": True, "False": False,
+                "TRUE": True, "FALSE": False}
 
+
+def _ase_value(key: str, value: str):
+    from ase.io.extxyz import SPECIAL_3_3_KEYS, UNPROCESSED_KEYS
+
+    if key.lower() in UNPROCESSED_KEYS:
+        return value
+    split_value = _NUMBERS.findall(value)
+    try:
+        try:
+            numvalue = np.array(split_value, dtype=int)
+        except (ValueError, OverflowError):
+            numvalue = np.array(split_value, dtype=float)
+        if len(numvalue) == 1:
+            numvalue = numvalue[0]
+        value = numvalue
+    except (ValueError, OverflowError):
+        pass
+    if key in SPECIAL_3_3_KEYS:
+        if not isinstance(value, np.ndarray) or value.shape != (9,):
+            raise ValueError(f"Got info item {key}, expecting special 3x3 matrix, but value is not in the form "
+                             "of a 9-long numerical vector")
+        value = np.array(value).reshape((3, 3), order="F")
+    if isinstance(value, str):
+        try:
+            boolvalue = [_STR_TO_BOOL[v] for v in _NUMBERS.findall(value)]
+            value = boolvalue[0] if len(boolvalue) == 1 else boolvalue
+        except KeyError:
+            if value.startswith("_JSON "):
+                d = json.loads(value.replace("_JSON ", "", 1))
+                value = np.array(d)
+                if value.dtype.kind not in ["i", "f", "b"]:
+                    value = d
+    return value
+
+
+def _comment_dict(line: str) -> dict:
+    """ASE's ``key_val_str_to_dict(line)``, fast for the lines ASE writes (see above)."""
+    from ase.io.extxyz import key_val_str_to_dict
+
+    line = line.strip()
+    pairs, pos, end = [], 0, len(line)
+    while pos < end:
+        m = _KV_TOKEN.match(line, pos)
+        if m is None:
+            return key_val_str_to_dict(line)
+        pairs.append(m.groups())
+        pos = m.end()
+    out = {}
+    for key, quoted, plain in pairs:
+        value = quoted if quoted is not None else plain if plain is not None else "T"
+        out[key] = _ase_value(key, value)
+    return out
+
+
+def _simple_columns(spec: str) -> list[tuple[str, str, int]] | None:
+    """The Properties of a frame when the fast reader handles them (``species:S:1``, ``pos:R:3`` and any
+    further real-valued columns, each once), else None."""
+    parts = spec.split(":")
+    if len(parts) % 3:
+        return None
+    out, seen = [], set()
+    for q in range(0, len(parts), 3):
+        name, kind, n = parts[q], parts[q + 1], parts[q + 2]
+        if not n.isdigit() or int(n) < 1 or name in seen or name in ("Z", "charge", "move_mask", "symbols",
+                                                                      "positions", "numbers", "charges"):
+            return None
+        if not ((name == "species" and kind == "S" and n == "1") or (name != "species" and kind == "R")):
+            return None
+        if name == "pos" and n != "3":
+            return None
+        seen.add(name)
+        out.append((name, kind, int(n)))
+    return out if {"species", "pos"} <= seen else None
+
+
+def _read_frame(raw: str) -> Atoms:
+    """One extxyz frame's text (natoms line, comment line, atom lines) as ASE's extxyz reader gives it
+    (``ase.io.read(StringIO(raw), format="extxyz")``): fast for species, positions and real-valued columns,
+    ASE's own frame reader for anything else."""
+    from ase.io.extxyz import REV_PROPERTY_NAME_MAP, set_calc_and_arrays
+
+    lines = raw.splitlines()
+    natoms = int(lines[0])
+    comment = lines[1].strip() if len(lines) > 1 else ""
+    info = _comment_dict(comment) if comment else {}
+    columns = _simple_columns(info["Properties"] if "Properties" in info else "species:S:1:pos:R:3") \
+        if isinstance(info.get("Properties", ""), str) else None
+    rows = [ln.split() for ln in lines[2:]]
+    ncol = sum(n for _, _, n in columns) if columns else 0
+    if columns is None or len(rows) != natoms or natoms == 0 or any(len(r) != ncol for r in rows):
+        return _ase_frame(raw)
+    pbc = info.pop("pbc") if "pbc" in info else [True, True, True] if "Lattice" in info else None
+    cell = info.pop("Lattice").T if "Lattice" in info else None
+    info.pop("Properties", None)
+    flat = [t for r in rows for t in r]
+    arrays, col = {}, 0
+    try:
+        for name, kind, n in columns:
+            if kind == "S":
+                arrays[name] = [s.capitalize() for s in flat[col::ncol]]
+            else:
+                cols = [np.array(list(map(float, flat[col + c::ncol])), dtype=float) for c in range(n)]
+                arrays[REV_PROPERTY_NAME_MAP.get(name, name)] = cols[0] if n == 1 else np.vstack(cols).T
+            col += n
+    except ValueError:  # a value that is no number: ASE's reader says which
+        return _ase_frame(raw)
+    atoms = Atoms(arrays.pop("species"), positions=arrays.pop("positions"), cell=cell, pbc=pbc, info=info)
+    set_calc_and_arrays(atoms, arrays)
+    return atoms
+
+
+def _ase_frame(raw: str) -> Atoms:
+    try:
+        from ase.io.extxyz import _read_xyz_frame
+    except ImportError:  # a future ASE without the private frame reader: its public one
+        import ase.io
+
+        return ase.io.read(io.StringIO(raw), format="extxyz")
+    lines = raw.splitlines(keepends=True)
+    return _read_xyz_frame(iter(lines[1:]), int(lines[0]), properties_parser=_comment_dict)
+
+
+def _iter_handle(fh, name: str, src: str, default_config_type: str | None,
+                 progress: Callable[[int], None] | None, canon: dict, with_text: bool = False) -> Iterator:
     n = 0
     try:
         for k, line, raw in _split_extxyz(_lines(fh, name), name):
@@ -478,12 +611,12 @@ def _iter_handle(fh, name: str, src: str, default_config_type: str | None,
             if progress is not None:
                 progress(fh.tell())
             try:
-                atoms = ase.io.read(io.StringIO(raw), format="extxyz")
+                atoms = _read_frame(raw)
                 out = canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type,
                                    **canon)
             except Exception as exc:  # ASE raises many types on malformed frames
                 out = Rejected(src, k, "parse", f"{name} frame {k}: {_explain(exc, raw, line)}", raw)
-            yield out
+            yield (out, raw) if with_text else out
     except OSError as exc:  # a directory, an unreadable device
         raise FrameFormatError(f"cannot read: {exc}", file=name) from None
     if not n:

@@ -381,11 +381,12 @@ class IndexParams(_Section):
 
 # ------------------------------------------------------------------------------------ descriptors
 class DescriptorParams(_Section):
-    cutoff: float = Field(5.0, gt=0.0)
-    n_radial: int = Field(8, ge=1)
+    # the caps are those a model folder's config.json is held to (mlipops.models.schema)
+    cutoff: float = Field(5.0, gt=0.0, le=50.0)
+    n_radial: int = Field(8, ge=1, le=256)
     r_min: float = Field(0.8, ge=0.0)
-    angular_cutoff: float = Field(4.0, gt=0.0)
-    n_angular: int = Field(4, ge=0)
+    angular_cutoff: float = Field(4.0, gt=0.0, le=50.0)
+    n_angular: int = Field(4, ge=0, le=256)
     max_l: int = Field(3, ge=0, le=4)
 
     @field_validator("angular_cutoff")
@@ -399,7 +400,7 @@ class DescriptorParams(_Section):
 
 # ------------------------------------------------------------------------------------------ train
 class EnsembleParams(_Section):
-    members: int = Field(5, ge=1)      # M potentials differing in seed (seed + k) and bootstrap resample
+    members: int = Field(5, ge=1, le=64)  # M potentials differing in seed (seed + k) and bootstrap resample
     bootstrap: bool = True             # member k > 0 trains on a resample (with replacement) of the train split
 
 
@@ -408,7 +409,7 @@ class DispersionParams(_Section):
     enabled: bool = False
     s6: float = Field(0.75, gt=0.0)            # global scaling (0.75 for PBE)
     damping: float = Field(20.0, gt=0.0)       # d of the Fermi damping
-    cutoff: float = Field(12.0, gt=0.0)        # Å, far beyond the network's cutoff
+    cutoff: float = Field(12.0, gt=0.0, le=50.0)  # Å, far beyond the network's cutoff
     switch_width: float = Field(2.0, gt=0.0)   # Å over which the term is switched off before the cutoff
     c6: dict[str, float] = Field(default_factory=dict)  # J nm^6 mol^-1 per element (default: Grimme's table)
     r0: dict[str, float] = Field(default_factory=dict)  # Å per element (default: Grimme's table)
@@ -423,7 +424,7 @@ class BaselineParams(_Section):
 class CurriculumPhase(_Section):
     """One phase of curriculum training; unset fields take the final model's value."""
     epochs: int = Field(ge=1)
-    cutoff: float | None = Field(None, gt=0.0)           # Å (default: descriptors.cutoff)
+    cutoff: float | None = Field(None, gt=0.0, le=50.0)  # Å (default: descriptors.cutoff)
     angular_cutoff: float | None = Field(None, gt=0.0)   # Å (default: min(descriptors.angular_cutoff, cutoff))
     hidden: list[int] | None = None                      # default: train.hidden
     learning_rate: float | None = Field(None, gt=0.0)    # default: train.learning_rate
@@ -749,6 +750,24 @@ class Params(_Section):
     active: ActiveParams = ActiveParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _model_size_capped(self):
+        """The network params.yaml asks for is held to the caps a model folder is (mlipops.models.schema), before
+        anything is allocated: counted for one species, the least any dataset has."""
+        from mlipops.models.schema import MAX_LAYERS, MAX_PARAMETERS, parameter_count
+
+        d = self.descriptors.model_dump()
+        phases = [("train.hidden", self.train.hidden)] + [
+            (f"train.curriculum[{k}].hidden", ph.hidden) for k, ph in enumerate(self.train.curriculum) if ph.hidden]
+        for where, hidden in phases:
+            if len(hidden) > MAX_LAYERS or any(h < 1 for h in hidden):
+                raise ValueError(f"{where}: at most {MAX_LAYERS} layers of positive widths, not {hidden}")
+            n = parameter_count(1, d, hidden, self.train.ensemble.members)
+            if n > MAX_PARAMETERS:
+                raise ValueError(f"{where} {hidden} with {self.train.ensemble.members} member(s) makes {n:,} "
+                                 f"parameters (one species), more than the cap of {MAX_PARAMETERS:,}")
+        return self
 
     @model_validator(mode="after")
     def _curriculum_ends_at_descriptors(self):

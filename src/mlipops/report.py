@@ -236,6 +236,18 @@ def progress(description: str, total: int, *, stream=None, interval_s: float | N
             hb.finish(ok)
 
 
+def trim_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``): after a phase that parsed or
+    computed in many small pieces, the process's resident size then says what it holds, not what it held.
+    A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def parity_plot(path: str | Path, ref: np.ndarray, pred: np.ndarray, groups: Sequence[str],
                 quantity: str, unit: str, title: str = "") -> Path:
     """Predicted vs reference, one colour per group (config_type), with the y=x line."""

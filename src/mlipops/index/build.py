@@ -17,11 +17,11 @@ from ase import Atoms
 from mlipops import __version__
 from mlipops.descriptors import DescriptorBatcher, compute_descriptors, neighbor_list
 from mlipops.errors import MlipopsError, StageInputError
-from mlipops.frames import file_md5, formula, frame_id, labels, read_extxyz
+from mlipops.frames import file_md5, formula, frame_id, labels
 from mlipops.index.hull import HullIndex, SpeciesHull, fit_hull_index
 from mlipops.params import DescriptorParams, IndexParams
 from mlipops.quality.validate import ACCEPTED, QUARANTINE
-from mlipops.report import md_table, write_markdown, write_metrics
+from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
 
 SCHEMA = Path(__file__).with_name("schema.sql")
 INDEX = Path("data/index.duckdb")
@@ -197,42 +197,82 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
         raise StageInputError(f"no accepted frames, so the {p.training_split!r} split is empty and the hull has "
                               f"no training atoms (every frame is quarantined: see {quarantine})",
                               file=str(accepted))
-    frames, bad = read_extxyz(accepted)
-    if bad:
-        raise StageInputError(f"curated data is corrupt: {bad[0].reason}", file=str(accepted))
     q = pd.read_parquet(quarantine)
     dataset_id = file_md5(accepted)
-    t_read = time.perf_counter()
+    # pass 1, streaming the accepted frames (one chunk of Atoms in memory): frame rows, geometry columns
+    # (neighbour lists to max(cutoff, coordination_cutoff), as the descriptors use them), the species of
+    # the training split, and the frames as flat arrays (~60 bytes an atom) for pass 2
+    from mlipops.frames import Rejected, iter_extxyz
+    from mlipops.quality.outliers import FramePool
 
-    train_frames = [a for a in frames if a.info.get("split") == p.training_split]
-    if not train_frames:
+    radius = max(descriptors.cutoff, p.coordination_cutoff)
+    clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0}
+    parts, pools, frame_rows, pending, n_pending = [], [], [], [], 0
+    train_species: set[str] = set()
+    row_keys = None
+
+    def flush() -> None:
+        nonlocal pending, n_pending
+        if pending:
+            t = time.perf_counter()
+            parts.append(_atom_columns(pending, p.coordination_cutoff))
+            pools.append(FramePool.from_atoms([a for a, _ in pending]))
+            clock["geometry"] += time.perf_counter() - t
+        pending, n_pending = [], 0
+
+    size = accepted.stat().st_size
+    with progress("index: reading the accepted frames (MiB)", max(1, round(size / 2**20)), quiet_start=True) as adv:
+        for a in iter_extxyz(accepted, progress=lambda pos: adv(completed=round(pos / 2**20),
+                                                                 note=f"{len(frame_rows)} frames")):
+            if isinstance(a, Rejected):
+                raise StageInputError(f"curated data is corrupt: {a.reason}", file=str(accepted))
+            t = time.perf_counter()
+            nl = neighbor_list(a.positions, a.cell.array, a.pbc, radius)
+            clock["nl"] += time.perf_counter() - t
+            if a.info.get("split") == p.training_split:
+                train_species.update(a.get_chemical_symbols())
+            row = _frame_row(a, dataset_id, "accepted")
+            row_keys = row_keys or list(row)
+            frame_rows.append(tuple(row.values()))  # a tuple: a third of a dict's memory
+            pending.append((a, nl))
+            n_pending += len(a)
+            if n_pending >= 4000:
+                flush()
+        flush()
+    t_read = time.perf_counter()
+    if not train_species:
         raise StageInputError(f"the {p.training_split!r} split is empty: the hull needs training atoms "
                               "(check ingest.split and the quarantine)", file=str(accepted), field="split")
-    species = sorted({s for a in train_frames for s in a.get_chemical_symbols()})
+    species = sorted(train_species)
     settings = descriptors.model_dump()
-    # one neighbour list per frame serves the geometry columns and the descriptor
-    radius = max(descriptors.cutoff, p.coordination_cutoff)
-    batcher = DescriptorBatcher(species, settings)
-    parts, pending, n_pending = [], [], 0
-    clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0}
-    for k, a in enumerate(frames):
+    pool = FramePool.concat(pools)
+    del pools
+    trim_memory()
+    # pass 2: descriptors of every atom, in the same chunks as one pass would make (identical values)
+    batcher = DescriptorBatcher(species, settings, n_atoms=int(pool.counts.sum()))
+    with progress("index: descriptors (frames)", len(pool), quiet_start=True) as adv:
+        for k in range(len(pool)):
+            numbers, positions, cell, pbc = pool.frame(k)
+            a = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
+            t = time.perf_counter()
+            nl = neighbor_list(a.positions, a.cell.array, a.pbc, radius)
+            t1 = time.perf_counter()
+            batcher.add(a, nl)
+            clock["nl"] += t1 - t
+            clock["descriptors"] += time.perf_counter() - t1
+            adv(completed=k + 1)
+        del pool
         t = time.perf_counter()
-        nl = neighbor_list(a.positions, a.cell.array, a.pbc, radius)
-        t1 = time.perf_counter()
-        batcher.add(a, nl)
-        t2 = time.perf_counter()
-        pending.append((a, nl))
-        n_pending += len(a)
-        if n_pending >= 4000 or k == len(frames) - 1:
-            parts.append(_atom_columns(pending, p.coordination_cutoff))
-            pending, n_pending = [], 0
-        clock["nl"] += t1 - t
-        clock["descriptors"] += t2 - t1
-        clock["geometry"] += time.perf_counter() - t2
-    t = time.perf_counter()
-    g, unseen = batcher.result()
+        g, unseen = batcher.result()
+        del batcher
     t1 = time.perf_counter()
-    atom_df = pd.DataFrame({c: np.concatenate([pt[c] for pt in parts]) for c in ATOM_GEOMETRY_COLUMNS})
+    columns = {}
+    for c in ATOM_GEOMETRY_COLUMNS:  # a column at a time, each chunk's part freed once copied
+        columns[c] = np.concatenate([pt.pop(c) for pt in parts])
+    del parts
+    atom_df = pd.DataFrame(columns, copy=False)
+    del columns
+    trim_memory()
     t_desc = time.perf_counter()
     clock["descriptors"] += t1 - t
     clock["geometry"] += t_desc - t1
@@ -248,28 +288,34 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
     atom_df["extrapolation_grade"] = gamma
     atom_df["hull_distance"] = ev["hull_distance"]
     atom_df["extrapolation_reason"] = extrapolation_reason(inside, gamma, unseen)
-    per_frame = atom_df.groupby("frame_id", sort=False).agg(
-        n_atoms_outside_hull=("inside_hull", lambda x: int((~x).sum())),
-        max_extrapolation_grade=("extrapolation_grade", "max"))
-    frame_df = pd.DataFrame([_frame_row(a, dataset_id, "accepted") for a in frames]
-                            + _quarantined_rows(q, dataset_id))
+    per_frame = pd.DataFrame({"frame_id": atom_df["frame_id"], "outside": ~inside, "grade": gamma}).groupby(
+        "frame_id", sort=False).agg(n_atoms_outside_hull=("outside", "sum"), max_extrapolation_grade=("grade", "max"))
+    frame_df = pd.DataFrame([dict(zip(row_keys, r)) for r in frame_rows] + _quarantined_rows(q, dataset_id))
+    n_accepted = len(frame_rows)
+    del frame_rows
     frame_df = frame_df.drop(columns=[c for c in per_frame.columns if c in frame_df]) \
         .merge(per_frame, how="left", left_on="frame_id", right_index=True)
     quarantined = frame_df["status"] != "accepted"  # a quarantined duplicate shares its twin's frame_id
     frame_df.loc[quarantined, ["n_atoms_outside_hull", "max_extrapolation_grade"]] = np.nan
     frame_df["n_atoms_outside_hull"] = frame_df["n_atoms_outside_hull"].astype("Int64")
     datasets = pd.DataFrame([{"dataset_id": dataset_id, "accepted_path": str(accepted),
-                              "n_accepted": len(frames), "n_quarantined": len(q),
+                              "n_accepted": n_accepted, "n_quarantined": len(q),
                               "created_at": datetime.now(timezone.utc).replace(tzinfo=None),
                               "mlipops_version": __version__}])
     hull_df, points_df = _hull_tables(hidx, p.training_split)
 
     import pyarrow as pa
 
+    descriptor_col = _list_array(g)  # float32 lists; then the float64 descriptors go (3M atoms: 0.6 GB)
+    n_features = int(g.shape[1])
+    del g
+    projection_col = _list_array(np.nan_to_num(ev["projection"]), np.isnan(ev["projection"]).any(axis=1))
+    k_proj = int(ev["projection"].shape[1])
     atoms_tbl = pa.Table.from_pandas(atom_df, preserve_index=False)
-    atoms_tbl = atoms_tbl.append_column("descriptor", _list_array(g))
-    atoms_tbl = atoms_tbl.append_column("projection", _list_array(np.nan_to_num(ev["projection"]),
-                                                                  np.isnan(ev["projection"]).any(axis=1)))
+    n_atoms = len(atom_df)
+    del atom_df, ev
+    atoms_tbl = atoms_tbl.append_column("descriptor", descriptor_col).append_column("projection", projection_col)
+    del descriptor_col, projection_col
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = build_path(out)
     clear_build_leftovers(out)
@@ -299,8 +345,8 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
         hull_stats[f"hull.{s}.n_extreme_points"] = len(sh.points)
         hull_stats[f"hull.{s}.explained_variance"] = round(float(sh.explained_variance_ratio.sum()), 4)
         hull_stats[f"hull.{s}.n_lp_solves"] = sh.solver().n_lp
-    return {"n_frames": len(frame_df), "n_accepted": len(frames), "n_quarantined": len(q),
-            "n_atoms": len(atom_df), "n_features": int(g.shape[1]), "k": int(ev["projection"].shape[1]),
+    return {"n_frames": len(frame_df), "n_accepted": n_accepted, "n_quarantined": len(q),
+            "n_atoms": n_atoms, "n_features": n_features, "k": k_proj,
             "dataset_id": dataset_id, **by_split, **hull_stats,
             "time.read_s": round(t_read - t0, 2), "time.neighbour_lists_s": round(clock["nl"], 2),
             "time.geometry_s": round(clock["geometry"], 2), "time.descriptors_s": round(clock["descriptors"], 2),

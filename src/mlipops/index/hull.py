@@ -113,6 +113,42 @@ def fit_species_hull(species: str, g_train: np.ndarray, k: int) -> SpeciesHull:
                        n_train_atoms=len(g_train), rank=rank)
 
 
+_CHUNK_ROWS = 1 << 18  # rows of descriptors standardized/projected at a time at scale
+_LARGE_CELLS = 1 << 23  # training descriptor cells (atoms x features) above which the fit runs in chunks
+
+
+def _fit_species_hull_chunked(species: str, g: np.ndarray, idx: np.ndarray, k: int) -> SpeciesHull:
+    """:func:`fit_species_hull` on the rows ``idx`` of ``g``, a chunk of rows at a time (no copy of the
+    training descriptors, no n x F matrix but g): mean and standard deviation in two passes, the principal
+    components from the SVD of the R factor of the standardized rows (a tall-skinny QR: the singular
+    values and right singular vectors of z are those of R), the projection chunk by chunk."""
+    from scipy.linalg import qr
+
+    n, f = len(idx), g.shape[1]
+    k = int(min(k, f))
+    blocks = [idx[lo:lo + _CHUNK_ROWS] for lo in range(0, n, _CHUNK_ROWS)]
+    mean = sum(g[b].sum(axis=0) for b in blocks) / n
+    std = np.sqrt(sum(np.square(g[b] - mean).sum(axis=0) for b in blocks) / n)
+    std = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max(initial=0.0))), std, 1.0)
+    r = np.zeros((0, f))
+    for b in blocks:
+        r = qr(np.vstack([r, (g[b] - mean) / std]), mode="r")[0][:f]
+    _, s, vt = np.linalg.svd(r, full_matrices=False)
+    var = s**2
+    total = var.sum()
+    evr = var[:k] / total if total > 0 else np.zeros(k)
+    comps = vt[:k]
+    if comps.shape[0] < k:
+        comps = np.vstack([comps, np.zeros((k - comps.shape[0], comps.shape[1]))])
+        evr = np.concatenate([evr, np.zeros(k - len(evr))])
+    signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])
+    comps = comps * np.where(signs == 0, 1.0, signs)[:, None]
+    p = np.concatenate([((g[b] - mean) / std) @ comps.T for b in blocks])
+    pts, rank = extreme_points(p)
+    return SpeciesHull(species=species, k=k, feature_mean=mean, feature_std=std, components=comps,
+                       explained_variance_ratio=evr, centroid=p.mean(axis=0), points=pts, n_train_atoms=n, rank=rank)
+
+
 def _affine_frame(p: np.ndarray, rel_tol: float = 1e-9):
     """Mean, orthonormal basis [r, k] and rank r of the affine subspace spanned by the points."""
     mu = p.mean(axis=0)
@@ -123,8 +159,24 @@ def _affine_frame(p: np.ndarray, rel_tol: float = 1e-9):
     return mu, vt[:r], r
 
 
+_QHULL_POINTS = 1 << 18  # points given to qhull at once: more are pruned a chunk at a time
+
+
 def extreme_points(p: np.ndarray) -> tuple[np.ndarray, int]:
-    """The extreme points of the point set (a superset within qhull's precision) and its affine rank."""
+    """The extreme points of the point set (a superset within qhull's precision) and its affine rank.
+
+    Millions of points (the training atoms of a large set) are pruned a chunk at a time: the extreme points
+    of a union are those of (the extreme points found so far + the next chunk), so qhull never holds more
+    than :data:`_QHULL_POINTS` points and their facets."""
+    if len(p) > _QHULL_POINTS:
+        kept = p[:0]
+        for lo in range(0, len(p), _QHULL_POINTS):
+            kept, rank = _extreme_points(np.vstack([kept, p[lo:lo + _QHULL_POINTS]]))
+        return kept, rank
+    return _extreme_points(p)
+
+
+def _extreme_points(p: np.ndarray) -> tuple[np.ndarray, int]:
     from scipy.spatial import ConvexHull, QhullError
 
     u = np.unique(p, axis=0)
@@ -357,19 +409,49 @@ def check_cells(frames, file: str) -> None:
                                    file=file, frame=int(a.info.get("source_index", k)), field="cell")
 
 
+_CANDIDATES = 32  # nearest extreme points each distance starts from; more join only where optimality fails
+
+
 def hull_distance(points: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Euclidean distance from each row of x to conv(points), by NNLS with Σλ = 1 as a stiff row."""
+    """Euclidean distance from each row of x to conv(points), by NNLS with Σλ = 1 as a stiff row.
+
+    Each problem is solved on a small working set of points (the nearest :data:`_CANDIDATES`), which grows by
+    the points that violate optimality: y, the nearest point of the working set's hull, is the nearest point of
+    the whole hull exactly when no point p lies beyond the plane through y normal to x − y, (p − y)·(x − y) ≤ 0
+    for all p. The answer is the full problem's; the work is that of a few dozen points, not thousands."""
     from scipy.optimize import nnls
+    from scipy.spatial import cKDTree
 
     points = np.asarray(points, dtype=np.float64)
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    out = np.empty(len(x))
+    if not len(x):
+        return out
     scale = 1.0 + float(np.abs(points).max(initial=0.0)) + float(np.abs(x).max(initial=0.0))
     weight = 1e4 * scale
     a = np.vstack([points.T, np.full(len(points), weight)])
-    out = np.empty(len(x))
-    for q, xq in enumerate(np.atleast_2d(x)):
-        lam, _ = nnls(a, np.concatenate([xq, [weight]]), maxiter=50 * len(points))
-        lam = lam / lam.sum() if lam.sum() > 0 else np.full(len(points), 1.0 / len(points))
-        out[q] = np.linalg.norm(lam @ points - xq)
+    m = min(len(points), _CANDIDATES)
+    _, near = cKDTree(points).query(x, k=m)
+    near = np.asarray(near).reshape(len(x), m)
+    for q, xq in enumerate(x):
+        b = np.concatenate([xq, [weight]])
+        work = np.unique(near[q])
+        while True:
+            lam, _ = nnls(a[:, work], b, maxiter=50 * len(work))
+            lam = lam / lam.sum() if lam.sum() > 0 else np.full(len(work), 1.0 / len(work))
+            y = lam @ points[work]
+            d = xq - y
+            dist = float(np.linalg.norm(d))
+            if len(work) == len(points):
+                break
+            beyond = (points - y) @ d  # > 0: p lies on x's side of the plane through y
+            tol = 1e-9 * scale * max(dist, 1e-300)
+            bad = np.flatnonzero(beyond > tol)
+            bad = np.setdiff1d(bad, work, assume_unique=False)
+            if not len(bad):
+                break
+            work = np.union1d(work, bad[np.argsort(-beyond[bad])[:4 * m]])
+        out[q] = dist
     return out
 
 
@@ -393,11 +475,10 @@ class HullIndex:
         symbols = np.asarray(symbols)
         unseen = np.asarray(unseen, dtype=bool)
         for s, h in self.hulls.items():
-            m = (symbols == s) & ~unseen
-            if not m.any():
-                continue
-            x, ins, gam, d = h.evaluate(g[m])
-            proj[m], inside[m], gamma[m], dist[m] = x, ins, gam, d
+            rows = np.flatnonzero((symbols == s) & ~unseen)
+            for lo in range(0, len(rows), _CHUNK_ROWS):  # bounded temporaries on millions of atoms
+                b = rows[lo:lo + _CHUNK_ROWS]
+                proj[b], inside[b], gamma[b], dist[b] = h.evaluate(g[b])
         return {"projection": proj, "inside_hull": inside, "extrapolation_grade": gamma, "hull_distance": dist}
 
 
@@ -413,5 +494,7 @@ def fit_hull_index(symbols: np.ndarray, g: np.ndarray, is_train: np.ndarray, spe
     for s in species:
         m = is_train & (symbols == s)
         if m.any():
-            hulls[s] = fit_species_hull(s, g[m], k)
+            rows = np.flatnonzero(m)
+            hulls[s] = (fit_species_hull(s, g[rows], k) if len(rows) * g.shape[1] <= _LARGE_CELLS
+                        else _fit_species_hull_chunked(s, g, rows, k))
     return HullIndex(species=list(species), descriptor=dict(descriptor), hulls=hulls)

@@ -89,6 +89,9 @@ def _dataset(curated: Path, p: ValidateParams, ingest: IngestParams | None, rele
 
 def check_files(paths: list[Path], p: ValidateParams, descriptors: DescriptorParams,
                 ingest: IngestParams | None = None, curated: Path = CURATED) -> pd.DataFrame:
+    """One row per frame of ``paths`` (COLUMNS): the verdict ingest + validate would give it, with its split
+    and, for a frame not accepted, the checks and reasons the quarantine would record (module doc).
+    ``ingest``: the project's ingest params (split rule, sources order); ``curated``: the current dataset."""
     from mlipops.frames import Rejected, iter_frames, source_name
     from mlipops.ingest import draw_splits, stress_field
     from mlipops.quality.releases import RELEASES, load_releases
@@ -150,7 +153,8 @@ def check_files(paths: list[Path], p: ValidateParams, descriptors: DescriptorPar
         members = [(key, mine.get(a.info["frame_id"]), a) for key, a in train
                    if a.info["frame_id"] in mine or a.info["frame_id"] not in checked]
         in_dataset = {a.info["frame_id"] for _, _, a in members}
-        members += [((float("inf"), q), k, frames[k]) for q, k in enumerate(sorted(mine.values()))
+        members += [(known[frames[k].info["frame_id"]][2] if frames[k].info["frame_id"] in known
+                     else (float("inf"), q), k, frames[k]) for q, k in enumerate(sorted(mine.values()))
                     if frames[k].info["frame_id"] not in in_dataset]
         members.sort(key=lambda m: m[0])
         pool, train_rows, extra = [], [], len(frames)

@@ -55,6 +55,7 @@ import torch
 from ase import Atoms
 
 from mlipops.descriptors import AtomCentredDescriptor, frame_edges
+from mlipops.report import trim_memory
 
 
 @dataclass
@@ -182,14 +183,27 @@ def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16
         k += q
     e = ys - fitted
     s2 = float(e @ e) / max(n - p, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = e / np.sqrt(s2 * (1.0 - h))
-        cooks = r**2 / p * h / (1.0 - h)
-        dffit = np.where(h < 1, h * e / (1 - h), np.nan)
-        t_ext = r * np.sqrt((n - p - 1) / np.maximum(n - p - r**2, 1e-300))
+    with np.errstate(divide="ignore", invalid="ignore"):  # in place where it can be: 7M rows at scale
+        omh = 1.0 - h
+        r = np.sqrt(s2 * omh)
+        np.divide(e, r, out=r)  # internally studentized residual
+        cooks = np.square(r)
+        cooks *= h
+        cooks /= p * omh
+        dffit = h * e
+        dffit /= omh
+        dffit[~(h < 1)] = np.nan
+        t_ext = np.square(r)
+        np.subtract(n - p, t_ext, out=t_ext)
+        np.maximum(t_ext, 1e-300, out=t_ext)
+        np.divide(n - p - 1, t_ext, out=t_ext)
+        np.sqrt(t_ext, out=t_ext)
+        t_ext *= r
+        del omh, r, e
     inv = solve_triangular(r_x, np.eye(p))
     return Surrogate(y=ys, fitted=fitted, leverage=h, cooks=cooks, t_external=t_ext, dffit=dffit, n=n, p=p,
-                     rmse=float(np.sqrt(np.mean(e**2))), cols=cols, beta=beta, xtx_inv=inv @ inv.T)
+                     rmse=float(np.sqrt(s2 * max(n - p, 1) / n)) if n else 0.0, cols=cols, beta=beta,
+                     xtx_inv=inv @ inv.T)
 
 
 _LIGHT_REFIT_CELLS = 1_000_000  # rows x columns above which a refit without influence measures is used
@@ -464,7 +478,7 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
         if store is not None:
             store.append(jac)
 
-    chunk, n_chunk = [], 0
+    chunk, n_chunk, n_flushed = [], 0, 0
     for k in range(n):
         if done[k]:
             continue
@@ -472,7 +486,9 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
         n_chunk += int(counts[k])
         if n_chunk >= chunk_atoms:
             flush(chunk)
-            chunk, n_chunk = [], 0
+            chunk, n_chunk, n_flushed = [], 0, n_flushed + 1
+            if n_flushed % 64 == 0:  # the chunks' temporaries fragment the heap: give it back now and then
+                trim_memory()
     flush(chunk)
     out = {"x_energy": xe, "y_energy": pool.energy / np.maximum(counts, 1)}
     if forces:
@@ -488,6 +504,13 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
     return out
 
 
+def _factorize(groups) -> tuple[np.ndarray, np.ndarray]:
+    """(code of each row, the distinct groups): integer groups (codes already: one per force row, 7M at scale)
+    as they are, anything else as objects."""
+    g = np.asarray(groups)
+    return pd.factorize(g if g.dtype.kind in "iu" else g.astype(object), use_na_sentinel=False)
+
+
 def robust_t(residual: np.ndarray, leverage: np.ndarray, groups: np.ndarray, min_group: int = 10,
              informative: np.ndarray | None = None) -> np.ndarray:
     """Residuals in units of a robust scale: r / (σ_g √(1 − h)), σ_g = 1.4826 MAD of the residuals of
@@ -500,9 +523,12 @@ def robust_t(residual: np.ndarray, leverage: np.ndarray, groups: np.ndarray, min
     by symmetry in label and surrogate alike (unrattled strained crystals) have zero residual; when they
     are the majority of a group, its MAD is zero and every real force in it looks infinitely wrong."""
     scale = _group_scale(residual, groups, min_group, informative)
-    codes, names = pd.factorize(np.asarray(groups, dtype=object), use_na_sentinel=False)
-    sigma = np.array([scale.get(g, scale[None]) for g in names], dtype=float)[codes] if len(codes) else np.zeros(0)
-    return residual / (sigma * np.sqrt(np.clip(1.0 - leverage, 1e-12, None)))
+    codes, names = _factorize(groups)
+    den = np.subtract(1.0, leverage, dtype=float)  # in place: one array per force row (7M at scale)
+    np.clip(den, 1e-12, None, out=den)
+    np.sqrt(den, out=den)
+    den *= np.array([scale.get(g, scale[None]) for g in names], dtype=float)[codes] if len(codes) else 0.0
+    return residual / den
 
 
 def force_frame_stats(res: np.ndarray, pred: np.ndarray, frame: np.ndarray, atom: np.ndarray,
@@ -545,11 +571,12 @@ def force_frame_stats(res: np.ndarray, pred: np.ndarray, frame: np.ndarray, atom
         # forces that are zero in label and surrogate alike (a perfect crystal) have nothing to test
         has = (cnt > 0) & ((y2 / cnt > _ZERO_FORCE**2) | (big_p > _ZERO_FORCE**2))
     level, _ = residual_level(big_r, big_p, groups, reference & has, min_group)
-    key = frame.astype(np.int64) * (int(atom.max()) + 1 if len(atom) else 1) + atom
-    order = np.arange(len(frame)) if _is_sorted(key) else np.lexsort((atom, frame))
-    f_sorted, a_sorted = frame[order], atom[order]
+    # rows of the design are frame-major and atom-minor already: sort only what is not
+    ordered = _is_sorted(frame) and bool(np.all((frame[1:] != frame[:-1]) | (atom[1:] >= atom[:-1])))
+    order = None if ordered else np.lexsort((atom, frame))
+    f_sorted, a_sorted = (frame, atom) if ordered else (frame[order], atom[order])
     start = np.flatnonzero(np.r_[True, (f_sorted[1:] != f_sorted[:-1]) | (a_sorted[1:] != a_sorted[:-1])])
-    atom_r2 = np.add.reduceat(res[order] ** 2, start)  # [atoms with rows]
+    atom_r2 = np.add.reduceat(np.square(res if ordered else res[order]), start)  # [atoms with rows]
     atom_frame, atom_index = f_sorted[start], a_sorted[start]
     with np.errstate(divide="ignore", invalid="ignore"):
         stat = atom_r2 / (3.0 * level[atom_frame])
@@ -707,10 +734,11 @@ def _first_max_per_run(values: np.ndarray, key: np.ndarray) -> np.ndarray:
         order = np.argsort(key, kind="stable")
         return order[_first_max_per_run(values[order], key[order])]
     start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    run = np.repeat(np.arange(len(start)), np.diff(np.r_[start, len(key)]))
+    run = np.repeat(np.arange(len(start), dtype=np.int32), np.diff(np.r_[start, len(key)]))
     v = np.where(np.isnan(values), -np.inf, values)
     best = np.maximum.reduceat(v, start)
     hit = np.flatnonzero(v == best[run])
+    del v
     first = np.unique(run[hit], return_index=True)[1]
     return hit[first]
 
@@ -748,7 +776,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
     pool = FramePool.from_atoms(frames)
     n = len(pool)
     cts = np.array([str(c) for c in pool.info["config_type"]], dtype=object)
-    cts_code = pd.factorize(cts)[0]  # the same groups as cts, as integers (per force row: 7M of them at scale)
+    cts_code = pd.factorize(cts)[0].astype(np.int32)  # the groups of cts as integers (per force row: 7M at scale)
     rows = pd.DataFrame({"frame": np.arange(n), "config_type": cts, "frame_id": pool.info["frame_id"]})
     for c in ("energy_cooks", "energy_t", "energy_leverage", "energy_residual", "energy_dffit",
               "force_cooks", "force_t", "force_residual", "force_dffit", "force_frame_cooks", "force_chi2",
@@ -759,6 +787,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
     rows["flag_round"] = pd.array([pd.NA] * n, dtype="Int64")
     report = OutlierReport(frames=rows)
     d = design(pool, species, settings, forces=forces, spill_dir=spill_dir) if n else None
+    trim_memory()  # the descriptor pass's temporaries
     if n <= (d["x_energy"].shape[1] + 2 if d else 0) or d is None:
         report.notes.append(f"{n} training frames are too few for the surrogate: not examined")
         rows["quarantine"], rows["kind"], rows["reason"] = False, "not examined", None
@@ -813,6 +842,9 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
             rows.loc[at, "force_atom"] = d["force_atom"][rmask][w]
             new_f[np.unique(fr[bad])] = True
             del res, t_f, bad
+            # what the rest of the test uses of the force fit: y, fitted, coefficients; the per-row influence
+            # measures (4 arrays of a float per force row, 7M rows at scale) are done with
+            fs.leverage = fs.cooks = fs.t_external = fs.dffit = None
             flag_frame, flag_atom = tests.judge(fs, keep, rows)
             new_frame, new_atom = flag_frame & keep, flag_atom & keep
         rows.loc[new_e, "energy_flag"] = True
@@ -908,7 +940,7 @@ def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10,
     use = np.ones(len(residual), dtype=bool) if informative is None else np.asarray(informative, dtype=bool)
     overall = mad(residual[use])
     out = {None: overall if overall > 0 else 1e-12}
-    codes, names = pd.factorize(np.asarray(groups, dtype=object), use_na_sentinel=False)
+    codes, names = _factorize(groups)
     for c, g in enumerate(names):
         m = (codes == c) & use
         if m.sum() >= min_group and mad(residual[m]) > 0:

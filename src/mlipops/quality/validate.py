@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -48,11 +49,11 @@ from ase.geometry.minkowski_reduction import minkowski_reduce
 
 from mlipops.descriptors import neighbor_list
 from mlipops.errors import StageInputError
-from mlipops.frames import labels, read_extxyz, to_extxyz_string, write_extxyz
+from mlipops.frames import labels, read_extxyz, write_extxyz
 from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs, remove_empty
 from mlipops.params import DescriptorParams, IngestParams, ValidateParams, composition_key
 from mlipops.quality.releases import RELEASES, load_releases
-from mlipops.report import md_table, progress, write_markdown, write_metrics
+from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -435,9 +436,11 @@ def outlier_candidates(config_types, splits, p: ValidateParams) -> tuple[np.ndar
     return np.array([k for k in train if int(k) not in lone], dtype=np.int64), lone
 
 
-def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | None, spill_dir: Path | None = None):
+def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | None, spill_dir: Path | None = None,
+                  among: np.ndarray | None = None):
     """Cook's-distance outliers among the training-split frames that passed the suite (a list of ase.Atoms
-    or a :class:`~mlipops.quality.outliers.FramePool`), examined as :func:`outlier_candidates` says.
+    or a :class:`~mlipops.quality.outliers.FramePool`; ``among``: the indices of those that passed, default
+    all), examined as :func:`outlier_candidates` says.
 
     Returns ({frame index in ``frames``: reason}, report or None, note, {frame index: note} of the training
     frames not examined)."""
@@ -447,8 +450,10 @@ def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | Non
     if not o.enabled or descriptors is None:
         return {}, None, "outlier detection disabled (validate.outliers.enabled)", {}
     pool = FramePool.from_atoms(frames)
-    cts = np.array([None if c is None else str(c) for c in pool.info["config_type"]], dtype=object)
-    idx, lone = outlier_candidates(cts, pool.info["split"], p)
+    among = np.arange(len(pool)) if among is None else np.asarray(among, dtype=np.int64)
+    cts = np.array([None if c is None else str(c) for c in pool.info["config_type"][among]], dtype=object)
+    idx, lone = outlier_candidates(cts, pool.info["split"][among], p)
+    idx, lone = among[idx], {int(among[k]): note for k, note in lone.items()}
     if not len(idx):
         what = f"no frame of the {o.training_split!r} split" if not lone else \
             f"no two frames of one config_type in the {o.training_split!r} split"
@@ -535,13 +540,12 @@ def outlier_decision(failures: dict, train, train_rows: np.ndarray, p: ValidateP
 
     train = FramePool.from_atoms(train)
     train_rows = np.asarray(train_rows, dtype=np.int64)
-    ok = np.array([int(k) not in failures for k in train_rows], dtype=bool)
-    found, out_rep, out_note, lone = find_outliers(train.take(np.flatnonzero(ok)), p, descriptors, spill_dir)
-    passed = train_rows[ok]
-    outliers = {int(passed[j]): reason for j, reason in found.items()}
+    ok = np.flatnonzero([int(k) not in failures for k in train_rows])
+    found, out_rep, out_note, lone = find_outliers(train, p, descriptors, spill_dir, among=ok)
+    outliers = {int(train_rows[j]): reason for j, reason in found.items()}
     for k, reason in outliers.items():
         failures.setdefault(k, []).append(("influential_outlier", reason))
-    return outliers, out_rep, out_note, {int(passed[j]): note for j, note in lone.items()}
+    return outliers, out_rep, out_note, {int(train_rows[j]): note for j, note in lone.items()}
 
 
 def decide_tables(table: pd.DataFrame, atoms: pd.DataFrame, train, train_rows: np.ndarray, p: ValidateParams,
@@ -564,8 +568,18 @@ def decide(frames: list[Atoms], p: ValidateParams, descriptors: DescriptorParams
     return decide_tables(table, atoms, [frames[k] for k in rows], np.array(rows, dtype=np.int64), p, descriptors)
 
 
+class _Info(NamedTuple):
+    """What the outputs record of a frame besides its text (a tuple: 100,000 frames in ~15 MB)."""
+
+    frame_id: str
+    source: str | None
+    source_index: int | None
+    config_type: str | None
+    split: str | None
+
+
 class _Spool:
-    """The extxyz text of every frame (as :func:`~mlipops.frames.to_extxyz_string` writes it), in a file
+    """The extxyz text of every frame (as it stands in the ingested file), in a file
     beside the outputs, so that accepted.extxyz and the quarantine are written after the decision without
     holding the frames: one frame's text in memory at a time."""
 
@@ -603,7 +617,7 @@ def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int = 50
     size = path.stat().st_size
     n = 0
 
-    def flush(frames):
+    def flush(frames, texts):
         nonlocal n
         if not frames:
             return
@@ -617,27 +631,31 @@ def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int = 50
         if p.outliers.enabled and train:
             pools.append(FramePool.from_atoms([frames[q] for q in train]))
             train_rows.extend(n + q for q in train)
-        for a in frames:
-            spool.add(to_extxyz_string(a))
-            info.append({k: a.info.get(k) for k in ("frame_id", "source", "source_index", "config_type", "split")})
+        for a, text in zip(frames, texts):
+            spool.add(text)  # ingest wrote it: the frame's own text (ASE writes a read frame back to these bytes)
+            info.append(_Info(*(a.info.get(k) for k in _Info._fields)))
         n += len(frames)
 
-    buf = []
+    buf, texts = [], []
     if size:
         with progress("validate: reading the ingested frames (MiB)", max(1, round(size / 2**20)),
                       quiet_start=True) as advance:
-            for a in iter_extxyz(path, progress=lambda pos: advance(completed=round(pos / 2**20),
-                                                                     note=f"{n + len(buf)} frames")):
+            for a, text in iter_extxyz(path, with_text=True,
+                                       progress=lambda pos: advance(completed=round(pos / 2**20),
+                                                                    note=f"{n + len(buf)} frames")):
                 if isinstance(a, Rejected):  # ingest wrote this file: a frame it cannot read back is corruption
                     raise StageInputError(f"ingest output is corrupt: {a.reason}", file=str(path))
                 buf.append(a)
+                texts.append(text)
                 if len(buf) >= chunk:
-                    flush(buf)
-                    buf = []
-            flush(buf)
+                    flush(buf, texts)
+                    buf, texts = [], []
+            flush(buf, texts)
             advance(completed=max(1, round(size / 2**20)), note=f"{n} frames")
     table = pd.concat(tables, ignore_index=True) if tables else frame_table([], p.allowed_species, probe)
     atoms = pd.concat(atom_parts, ignore_index=True) if atom_parts else atom_table([], probe)
+    del tables, atom_parts
+    trim_memory()
     return table, atoms, FramePool.concat(pools), np.array(train_rows, dtype=np.int64), info
 
 
@@ -689,10 +707,12 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
                         m["reason"] = m["reason"].replace(_EXPECTED_KEY, "(the config_types of the test file(s))")
             n_atoms_checked = len(atoms)
             del atoms  # the atom table (~70 bytes an atom) is not needed any more
+            trim_memory()
             advance(completed=1, note=f"outlier test on {len(train)} training frames")
             outliers, out_rep, out_note, lone = outlier_decision(failures, train, train_rows, p, descriptors,
                                                                  spill_dir=CURATED)
             del train
+            trim_memory()
             decision = Decision(failures, table, None, gx_result, outliers, out_rep, out_note, lone)
             advance(completed=2, note="writing accepted.extxyz and the quarantine")
             metrics = _write_outputs(decision, info, spool, p, t0, n_atoms_checked)
@@ -708,16 +728,16 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
     return metrics
 
 
-def _write_outputs(decision: Decision, info: list[dict], spool: _Spool, p: ValidateParams, t0: float,
+def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: ValidateParams, t0: float,
                    n_atoms_checked: int) -> dict:
     failures, table, gx_result = decision.failures, decision.table, decision.gx_result
     outliers, out_rep, out_note = decision.outliers, decision.outlier_report, decision.outlier_note
     released = []  # frames released by hand: accepted despite the checks their release names
     releases = load_releases(RELEASES)
     for k in list(failures):
-        entry = releases.get(info[k]["frame_id"])
+        entry = releases.get(info[k].frame_id)
         if entry and {c for c, _ in failures[k]} <= set(entry["checks"]):
-            released.append({"source": info[k]["source"], "source_index": info[k]["source_index"],
+            released.append({"source": info[k].source, "source_index": info[k].source_index,
                              "checks": ",".join(c for c, _ in failures[k]), "why": entry["why"],
                              "released_by": entry.get("released_by"), "released_at": entry.get("released_at")})
             del failures[k]
@@ -730,9 +750,9 @@ def _write_outputs(decision: Decision, info: list[dict], spool: _Spool, p: Valid
                 if k in failures:
                     checks, a = failures[k], info[k]
                     quarantined.append({
-                        "frame_id": a["frame_id"], "source": a["source"],
-                        "source_index": int(a["source_index"] if a["source_index"] is not None else -1),
-                        "config_type": a["config_type"], "split": a["split"], "check": ",".join(c for c, _ in checks),
+                        "frame_id": a.frame_id, "source": a.source,
+                        "source_index": int(a.source_index if a.source_index is not None else -1),
+                        "config_type": a.config_type, "split": a.split, "check": ",".join(c for c, _ in checks),
                         "reason": "; ".join(r for _, r in checks), "extxyz": text})
                 else:
                     out.write(text.encode("utf-8"))
