@@ -659,7 +659,7 @@ def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int = 50
     return table, atoms, FramePool.concat(pools), np.array(train_rows, dtype=np.int64), info
 
 
-def test_file_expectation(p: ValidateParams, table: pd.DataFrame, ingest: IngestParams | None
+def expectation_from_test_files(p: ValidateParams, table: pd.DataFrame, ingest: IngestParams | None
                           ) -> tuple[ValidateParams, str | None]:
     """The config_types the test split must hold, from the data when the test split is given by file.
 
@@ -684,7 +684,7 @@ _EXPECTED_KEY = "(validate.expected_test_config_types)"
 
 
 def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: IngestParams | None = None) -> dict:
-    """The stage. ``ingest``: the sources, for a test split given by file (:func:`test_file_expectation`)."""
+    """The stage. ``ingest``: the sources, for a test split given by file (:func:`expectation_from_test_files`)."""
     t0 = time.perf_counter()
     if not INGESTED.is_file():
         raise StageInputError("ingested frames missing: run `dvc repro ingest` first", file=str(INGESTED))
@@ -694,7 +694,7 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
     try:
         # an empty file: ingest rejected every frame read (they are all in INGEST_REJECTED)
         table, atoms, train, train_rows, info = _stream_tables(INGESTED, p, spool)
-        p, test_note = test_file_expectation(p, table, ingest)
+        p, test_note = expectation_from_test_files(p, table, ingest)
         with progress("validate: checks (steps)", 3, quiet_start=True) as advance:
             advance(completed=0, note=f"great-expectations suites on {len(table)} frames, {len(atoms)} atoms")
             failures, gx_result = suite_decision(table, atoms, p)
