@@ -371,7 +371,7 @@ PARAMS_ERRORS = {
     "unknown_key.yaml": ("params.yaml: validate.min_distance: ", "Extra inputs are not permitted"),
     "unknown_source_key.yaml": ("params.yaml: ingest.sources.0.fromat: ", "Extra inputs are not permitted"),
     "unknown_section.yaml": ("params.yaml: trian: ", "Extra inputs are not permitted"),
-    "bad_format.yaml": ("params.yaml: ingest.sources.0.format: ", "(got 'cif')"),
+    "bad_format.yaml": ("params.yaml: ingest.sources.0.format: ", "unknown format 'vasprun'"),
     "missing_required.yaml": ("params.yaml: validate.allowed_species: ", "Field required"),
     "yaml_syntax.yaml": ("params.yaml: not valid YAML: line 6, column 6: ",
                          "(while parsing a flow sequence from line 5)"),

@@ -72,7 +72,7 @@ def validate(params: Path = ParamsOpt):
     from mlipops.quality import run
 
     p = _params(params)
-    _done("validate", run(p.validate_, p.descriptors))
+    _done("validate", run(p.validate_, p.descriptors, p.ingest))
 
 
 @app.command()

@@ -39,7 +39,10 @@ campaign's candidates and labels) are read with :func:`read_extxyz`, which keeps
 A file a user names is checked before it is read: it must be a regular file (a symlink is followed
 and its target checked: ``/dev/zero``, a FIFO or a directory is refused in one line before any byte
 is read), its first 4 KiB decide the format when ``format`` is ``auto`` (``[``/``{``: JSON, a
-number: extxyz, the SQLite header: an ASE database; the suffix only breaks ties), ``.gz`` is
+number: extxyz, the SQLite header: an ASE database; the suffix only breaks ties; any other file is
+given to the ``ase.io`` format ASE's own detection names, by the file's name (``OUTCAR``,
+``vasprun.xml``), first bytes (``.traj``, QE's ``Program PWSCF``) or suffix (``.pwo``, ``.out``), and
+read by :func:`iter_ase`; ``format`` may also name any ``ase.io`` format), ``.gz`` is
 decompressed (at most :data:`MAX_DECOMPRESSED` bytes), and no error quotes a byte of a file that is
 not a structure file (an ``/etc/passwd`` named ``x.extxyz`` is "not a structure file", nothing more).
 """
@@ -136,8 +139,55 @@ def set_labels(atoms: Atoms, energy: float | None, forces: np.ndarray | None,
     return atoms
 
 
+# stress in a frame's own field (an extxyz info key such as mlearn's ``virial_stress_kbar``, a VASP habit):
+# its units, sign and Voigt order, converted to ASE's stress (eV/Å³, tensile positive, xx yy zz yz xz xy)
+STRESS_UNITS = {"eV/A3": 1.0, "GPa": GPa, "kbar": 0.1 * GPa}  # 1 kbar = 0.1 GPa; ase.units.GPa in eV/Å³
+STRESS_ORDERS = {"ase": (0, 1, 2, 3, 4, 5),  # xx yy zz yz xz xy (ASE, Voigt)
+                 "vasp": (0, 1, 2, 4, 5, 3)}  # given xx yy zz xy yz zx (VASP's OUTCAR/vasprun, mlearn): reordered
+
+
+def stress_to_ase(values, units: str = "eV/A3", sign: str = "ase", order: str = "ase") -> np.ndarray:
+    """ASE's Voigt stress (eV/Å³, xx yy zz yz xz xy, positive when the cell pulls inward: tensile) of a
+    stress given in ``units`` (``eV/A3``, ``GPa``, ``kbar``), with ``sign`` ``ase`` or ``pressure_positive``
+    (VASP's "in kB" line, mlearn's ``virial_stress``: compressive = positive, so negated here), as 9
+    numbers (a 3x3 tensor, row by row) or 6 in ``order`` (``ase``, or ``vasp``: xx yy zz xy yz zx).
+    The one place mlipops converts a stress (mlearn JSON and the ``stress_key`` of a source use it)."""
+    v = np.asarray(values, dtype=float).reshape(-1)
+    if v.size == 9:
+        v = v.reshape(3, 3)[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+    elif v.size == 6:
+        v = v[list(STRESS_ORDERS[order])]
+    else:
+        raise ValueError(f"expected 6 (Voigt) or 9 (3x3) numbers, found {v.size}")
+    return (-1.0 if sign == "pressure_positive" else 1.0) * STRESS_UNITS[units] * v
+
+
+@dataclass(frozen=True)
+class StressField:
+    """Where a source keeps its stress when not in ASE's ``stress``: the info ``key``, its units, sign and
+    Voigt order (:func:`stress_to_ase`). ``ingest.sources[*].stress_key`` / ``stress_units`` /
+    ``stress_sign`` / ``stress_order`` in params.yaml."""
+
+    key: str
+    units: str = "eV/A3"
+    sign: str = "ase"
+    order: str = "ase"
+
+    def convert(self, value) -> np.ndarray:
+        try:
+            out = stress_to_ase(value, self.units, self.sign, self.order)
+        except (TypeError, ValueError) as exc:
+            msg = str(exc) if str(exc).startswith("expected") else \
+                f"expected 6 or 9 numbers, found {_clip(str(value))!r}"
+            raise ValueError(f"field '{self.key}': {msg}") from None
+        if not np.all(np.isfinite(out)):
+            raise ValueError(f"field '{self.key}': non-finite value (NaN or inf)")
+        return out
+
+
 def canonicalize(atoms: Atoms, *, source: str, source_index: int,
-                 default_config_type: str | None = None, trust: Iterable[str] = ()) -> Atoms:
+                 default_config_type: str | None = None, trust: Iterable[str] = (),
+                 stress_field: StressField | None = None) -> Atoms:
     """Bring a frame read from anywhere to the canonical schema (labels in a SinglePointCalculator).
 
     Provenance (module doc): ``frame_id`` is always the content hash; ``source`` and ``source_index``
@@ -149,6 +199,9 @@ def canonicalize(atoms: Atoms, *, source: str, source_index: int,
     Labels of the wrong shape are not silently fixed: forces whose shape differs from the
     positions' are removed from the labels and their shape recorded in ``info['forces_shape']``
     so the validate stage quarantines the frame with that reason.
+
+    ``stress_field``: the frame's stress is ``info[stress_field.key]`` converted to ASE's (a frame
+    without that key has no stress label unless it has ASE's own; a malformed value is an error).
     """
     if len(atoms) == 0:
         raise ValueError("frame has no atoms (field 'natoms')")
@@ -156,6 +209,8 @@ def canonicalize(atoms: Atoms, *, source: str, source_index: int,
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"non-finite value (NaN or inf) in field '{name}'")
     energy, forces, stress = labels(atoms)
+    if stress_field is not None and atoms.info.get(stress_field.key) is not None:
+        stress = stress_field.convert(atoms.info[stress_field.key])
     out = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     for k, v in atoms.info.items():
         if isinstance(v, (str, int, float, bool, np.integer, np.floating, np.bool_)) or (
@@ -387,12 +442,13 @@ def _decode_error(path: Path, exc: UnicodeDecodeError, base: int = 0) -> FrameFo
 
 def iter_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
                 progress: Callable[[int], None] | None = None, with_text: bool = False,
-                trust: Iterable[str] = PROVENANCE_KEYS) -> Iterator:
+                trust: Iterable[str] = PROVENANCE_KEYS, stress_field: StressField | None = None) -> Iterator:
     """Stream the frames of an extxyz file in order: canonical frames, and Rejected records for the
     unparseable ones. Memory is bounded by the largest frame, not the file. ``progress(bytes)``: called
     after each frame with the bytes read so far; ``with_text``: yield (frame, its text in the file) pairs.
     ``trust``: see :func:`canonicalize`; the default keeps the provenance the file records, for mlipops' own
-    files. A file a user names goes through :func:`read_frames` / :func:`iter_frames` instead."""
+    files. A file a user names goes through :func:`read_frames` / :func:`iter_frames` instead.
+    ``stress_field``: see :func:`canonicalize`."""
     path = Path(path)
     try:
         fh = path.open("rb")
@@ -402,7 +458,7 @@ def iter_extxyz(path: str | Path, *, source: str | None = None, default_config_t
         raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
     with fh:
         yield from _iter_handle(fh, str(path), source or path.stem, default_config_type, progress,
-                                {"trust": tuple(trust)}, with_text)
+                                {"trust": tuple(trust), "stress_field": stress_field}, with_text)
 
 
 def parse_extxyz_text(text: str, *, source: str, name: str = "<text>",
@@ -568,18 +624,17 @@ def _iter_handle(fh, name: str, src: str, default_config_type: str | None,
 
 
 def read_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
-                trust: Iterable[str] = PROVENANCE_KEYS) -> tuple[list[Atoms], list[Rejected]]:
+                trust: Iterable[str] = PROVENANCE_KEYS,
+                stress_field: StressField | None = None) -> tuple[list[Atoms], list[Rejected]]:
     """Read every frame of an extxyz file; unparseable frames come back as Rejected records
     (:func:`iter_extxyz` into two lists)."""
-    frames: list[Atoms] = []
-    rejected: list[Rejected] = []
-    for item in iter_extxyz(path, source=source, default_config_type=default_config_type, trust=trust):
-        (rejected if isinstance(item, Rejected) else frames).append(item)
-    return frames, rejected
+    return _split(iter_extxyz(path, source=source, default_config_type=default_config_type, trust=trust,
+                              stress_field=stress_field))
 
 
 def read_db(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
-            trust: Iterable[str] = (), db_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
+            trust: Iterable[str] = (), db_type: str | None = None,
+            stress_field: StressField | None = None) -> tuple[list[Atoms], list[Rejected]]:
     """Read an ASE database file (``.db``/``.json`` written by ``ase.db``); ``db_type`` (``db``,
     ``json``) when the content, not the suffix, told the kind. ``trust``: see :func:`canonicalize`."""
     import ase.db
@@ -599,7 +654,7 @@ def read_db(path: str | Path, *, source: str | None = None, default_config_type:
             atoms = row.toatoms(add_additional_information=False)
             atoms.info.update({kk: vv for kk, vv in row.key_value_pairs.items()})
             frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type,
-                                       trust=trust))
+                                       trust=trust, stress_field=stress_field))
         except Exception as exc:
             rejected.append(Rejected(src, k, "parse", f"{path} row {row.id}: {_explain(exc)}", str(dict(row))))
             continue
@@ -707,7 +762,7 @@ def _mlearn_atoms(doc) -> Atoms:
     stress = None
     if out.get("virial_stress") is not None:
         v = _numbers(out["virial_stress"], "outputs.virial_stress", (6,))  # VASP kBar, xx yy zz xy yz zx
-        stress = -0.1 * GPa * v[[0, 1, 2, 4, 5, 3]]
+        stress = stress_to_ase(v, "kbar", "pressure_positive", "vasp")
     set_labels(atoms, energy, forces, stress)
     if "group" in doc:
         atoms.info["config_type"] = str(doc["group"])
@@ -717,7 +772,8 @@ def _mlearn_atoms(doc) -> Atoms:
 
 
 def read_mlearn_json(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
-                     trust: Iterable[str] = ()) -> tuple[list[Atoms], list[Rejected]]:
+                     trust: Iterable[str] = (), stress_field: StressField | None = None
+                     ) -> tuple[list[Atoms], list[Rejected]]:
     """Read mlearn's json format (a list of {structure (pymatgen dict), outputs, group, ...}); an entry
     of the wrong schema is a Rejected record '<file>: entry <k>: field '<f>': expected ...'."""
     path = Path(path)
@@ -736,7 +792,7 @@ def read_mlearn_json(path: str | Path, *, source: str | None = None, default_con
         try:
             atoms = _mlearn_atoms(doc)
             frames.append(canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type,
-                                       trust=trust))
+                                       trust=trust, stress_field=stress_field))
         except Exception as exc:
             reason = str(exc) if isinstance(exc, _Schema) or str(exc).startswith("field '") else _explain(exc)
             rejected.append(Rejected(src, k, "parse", f"{path}: entry {k}: {reason}", json.dumps(doc)[:100000]))
@@ -849,17 +905,81 @@ def _gunzip(path: Path, dest: Path) -> None:
         raise _gzip_error(path, exc) from None
 
 
-def _resolve(p: Path, fmt: str) -> tuple[str, str | None, bool]:
-    """(format, ASE db type, gzip) of a file a user names, from its first bytes (the suffix breaks ties);
-    one-line errors, quoting none of it, for what is not a regular structure file."""
+NATIVE_FORMATS = ("extxyz", "db", "mlearn_json")  # read by mlipops' own readers (line-exact messages)
+_NATIVE_ALIASES = {"xyz": "extxyz", "json": "db"}  # ase.io names of formats the native readers cover
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"PK\x03\x04")
+_ASE_NOT_FILES = ("postgresql", "mysql", "bundletrajectory")  # ase.io "formats" that are no file
+# ase.io readers that attach an energy the file does not hold (ASE's LAMMPS dump reader sets 0.0 beside the
+# forces): that placeholder is dropped, the frame has no energy label (validate quarantines it, saying so)
+_NO_ENERGY = ("lammps-dump-text", "lammps-dump-binary")
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """How a file a user names is read: ``fmt`` (a native format or an ``ase.io`` format name), the ASE db
+    type, gzip, and for an ASE format whether its name or first bytes are that format's (ASE's own globs and
+    magic: then ASE's messages may be quoted; a format known only from the suffix or params is not trusted
+    to be a structure file, and ASE's message, which can quote the file, is not shown)."""
+
+    fmt: str
+    db_type: str | None
+    gz: bool
+    recognized: bool = True
+
+    @property
+    def native(self) -> bool:
+        return self.fmt in NATIVE_FORMATS
+
+
+def _ase_detect(basename: str, head: bytes, suffix: str) -> tuple[str, bool] | None:
+    """ASE's own format detection (``ase.io.formats.filetype``) without its side roads (database URLs,
+    directories): the file's name (``OUTCAR``, ``vasprun.xml``), then its first bytes (a ``.traj``'s
+    ``- of UlmASE-Trajectory``, QE's ``Program PWSCF``), then its suffix (``.pwo``, ``.out``, ``.cif``);
+    (format, recognized: by name or content), or None. Only formats ASE can read."""
+    from ase.io.formats import extension2format, ioformats
+
+    readable = [f for f in ioformats.values() if f.can_read and f.name not in _ASE_NOT_FILES]
+    for f in readable:
+        if f.match_name(basename):
+            return f.name, True
+    for f in readable:
+        if f.match_magic(head):
+            return f.name, True
+    f = extension2format.get(suffix.lstrip("."))
+    if f is not None and f.can_read and f.name not in _ASE_NOT_FILES:
+        return f.name, False
+    return None
+
+
+
+def _resolve(p: Path, fmt: str) -> _Resolved:
+    """How to read a file a user names (:class:`_Resolved`), from its first bytes (the suffix breaks ties;
+    a format ``ase.io`` reads is detected as ASE does, by name, content, then suffix); one-line errors,
+    quoting none of it, for what is not a regular structure file."""
     _regular(p)
     gz = p.suffix.lower() == ".gz"
     head = _head(p, gz)
     kind = _sniff(head)
-    suffix = Path(p.stem).suffix.lower() if gz else p.suffix.lower()
+    plain_name = p.stem if gz else p.name
+    suffix = Path(plain_name).suffix.lower()
+    fmt = _NATIVE_ALIASES.get(fmt, fmt)
+    if fmt not in NATIVE_FORMATS and fmt != "auto":  # an ase.io format named in params: ASE reads it
+        if kind == "empty":
+            raise FrameFormatError("contains no frames", file=str(p))
+        from ase.io.formats import ioformats
+
+        io_ = ioformats.get(fmt)
+        if io_ is None or not io_.can_read or fmt in _ASE_NOT_FILES:
+            raise FrameFormatError(f"format {fmt!r} is not one ase.io can read from a file", file=str(p))
+        return _Resolved(fmt, None, gz, io_.match_name(plain_name) or io_.match_magic(head))
     by_suffix = {".xyz": "extxyz", ".extxyz": "extxyz", ".db": "db",
                  ".json": "mlearn_json" if kind == "json" and head.lstrip()[:1] == b"[" else "db"}.get(suffix)
     db_type = None
+    if fmt == "auto" and kind in ("text", "binary") and by_suffix is None \
+            and not any(head.startswith(m) for m in _COMPRESSED):
+        found = _ase_detect(plain_name, head, suffix)
+        if found is not None:
+            return _Resolved(found[0], None, gz, found[1])
     if kind == "text":
         raise _not_structure(p, fmt, kind, head)
     if fmt == "extxyz" and kind in ("json", "sqlite"):
@@ -878,55 +998,190 @@ def _resolve(p: Path, fmt: str) -> tuple[str, str | None, bool]:
             raise FrameFormatError("contains no frames", file=str(p))
         else:
             raise _not_structure(p, fmt, kind, head)
-    return fmt, db_type, gz
+    return _Resolved(fmt, db_type, gz)
+
+
+def _ase_message(exc: BaseException) -> str:
+    """ASE's error in one line (at most 200 characters of it)."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {_clip(msg, 200)}" if msg else type(exc).__name__
+
+
+def _steps_started(path: Path, fmt: str) -> int | None:
+    """The ionic steps a VASP output begins (``<calculation>`` elements of a vasprun.xml; the largest ionic
+    index of an OUTCAR's ``Iteration N(M)`` lines), counted line by line; None for other formats. ASE's
+    readers end quietly at a step the file cuts off: this count tells that a step was lost."""
+    if fmt == "vasp-xml":
+        pattern = re.compile(rb"<calculation[\s>]")
+    elif fmt == "vasp-out":
+        pattern = re.compile(rb"Iteration\s+(\d+)\s*\(")
+    else:
+        return None
+    n = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            for m in pattern.finditer(line):
+                n = max(n, int(m.group(1))) if m.groups() else n + 1
+    return n
+
+
+def _ase_frames(path: Path, fmt: str) -> Iterator[Atoms]:
+    """``ase.io.iread`` of a file; an OUTCAR through ASE's own chunk generator (``iread`` would parse
+    the whole file first: a long AIMD run held in memory, and an error in its last step losing the rest)."""
+    import ase.io
+
+    if fmt == "vasp-out":
+        from ase.io.vasp import iread_vasp_out
+
+        with open(path) as fd:
+            yield from iread_vasp_out(fd, index=slice(None))
+        return
+    yield from ase.io.iread(str(path), index=":", format=fmt, do_not_split_by_at_sign=True)
+
+
+def iter_ase(path: str | Path, fmt: str, *, source: str | None = None, default_config_type: str | None = None,
+             trust: Iterable[str] = (), stress_field: StressField | None = None, quote: bool = True,
+             name: str | None = None) -> Iterator[Atoms | Rejected]:
+    """Stream the frames of a file in an ``ase.io`` format (``traj``, ``vasp-xml``, ``vasp-out``,
+    ``espresso-out``, ``lammps-dump-text``, ...) with ``ase.io.iread``, each through :func:`canonicalize`:
+    labels from the calculator ASE attaches (energy, forces; stress as ASE gives it: eV/Å³, ASE's sign,
+    which ASE's VASP readers get by negating VASP's kbar and its QE reader from Ry/bohr³; a LAMMPS dump
+    has forces but no energy, whatever placeholder ASE sets). The energy is ASE's ``energy``: for VASP the
+    energy extrapolated to zero smearing (sigma -> 0), not the free energy TOTEN (ASE's ``free_energy``).
+
+    Nothing is lost silently: ASE's reader stops at the first frame it cannot parse; a failure before
+    any frame is a :class:`FrameFormatError` (the file is not readable as ``fmt``), one at frame k a
+    :class:`Rejected` record for frames k on with ASE's message; a VASP output cut off inside an ionic
+    step (which ASE passes over) gives one such record too. ``quote``: ASE's message may be shown (the
+    file's name or first bytes are the format's); else only its type. ``name``: the file named in
+    messages (default ``path``)."""
+    import warnings
+
+    path = Path(path)
+    name = name or str(path)
+    src = source or source_name(path)
+    what = f"ASE's {fmt} reader"
+    frames = _ase_frames(path, fmt)
+    k = n_energy = 0
+    while True:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                atoms = next(frames)
+        except StopIteration:
+            break
+        except Exception as exc:  # ASE raises many types on malformed files
+            msg = _ase_message(exc) if quote or k else f"{type(exc).__name__} (content not shown: neither the " \
+                f"name nor the first bytes of the file are {fmt}'s)"
+            if k == 0:  # (most ASE readers parse the whole file before the first frame: no frame index)
+                raise FrameFormatError(f"{what} cannot read it (no frame read): {msg}", file=name) from None
+            yield Rejected(src, k, "parse", f"{name} frame {k}: {what} stopped here: {msg}; frames {k} on "
+                           "are not read", "")
+            return
+        results = getattr(atoms.calc, "results", None) or {}
+        if fmt in _NO_ENERGY:
+            results.pop("energy", None), results.pop("free_energy", None)
+        n_energy += "energy" in results or "free_energy" in results  # a complete step as ASE read it
+        try:
+            out = canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type,
+                               trust=trust, stress_field=stress_field)
+            if caught:  # e.g. "badly formatted stress line": the reason a label is missing
+                out.info["read_warning"] = _clip(str(caught[0].message).splitlines()[0], 200)
+            yield out
+        except Exception as exc:
+            try:
+                raw = to_extxyz_string(atoms)
+            except Exception:
+                raw = ""
+            yield Rejected(src, k, "parse", f"{name} frame {k}: {_explain(exc)}", raw)
+        k += 1
+    started = _steps_started(path, fmt)
+    if started is not None and started > n_energy:
+        yield Rejected(src, k, "parse", f"{name} frame {k}: the file ends inside ionic step {started} (truncated?): "
+                       f"{what} read {n_energy} complete step(s) of {started}; the step cut off is not read", "")
+    elif k == 0:
+        raise FrameFormatError(f"contains no frames ({what} found none)", file=name)
+
+
+def _reader(r: _Resolved, stress_field: StressField | None, quote_name: str | None = None):
+    """The reader of a resolved file: (path, source, default_config_type, trust) -> iterator or lists."""
+    if not r.native:
+        return lambda path, **kw: iter_ase(path, r.fmt, stress_field=stress_field, quote=r.recognized,
+                                           name=quote_name, **kw)
+    kw = {"db_type": r.db_type} if r.fmt == "db" else {}
+    kw["stress_field"] = stress_field
+    reader = {"extxyz": read_extxyz, "db": read_db, "mlearn_json": read_mlearn_json}[r.fmt]
+    return lambda path, **more: reader(path, **more, **kw)
+
+
+def _split(items: Iterable[Atoms | Rejected]) -> tuple[list[Atoms], list[Rejected]]:
+    frames: list[Atoms] = []
+    rejected: list[Rejected] = []
+    for item in items:
+        (rejected if isinstance(item, Rejected) else frames).append(item)
+    return frames, rejected
 
 
 def read_frames(path: str | Path, fmt: str = "auto", *, source: str | None = None,
-                default_config_type: str | None = None) -> tuple[list[Atoms], list[Rejected]]:
+                default_config_type: str | None = None,
+                stress_field: StressField | None = None) -> tuple[list[Atoms], list[Rejected]]:
     """Read a structure file a user names (any supported format) into canonical frames + rejected records.
 
     Provenance is the pipeline's (module doc): ``source`` (default: :func:`source_name`), the frame's
     position, the content hash; ``oracle_*`` only from a file whose manifest verifies. The file must be
-    a regular file; ``fmt`` ``auto`` reads the format from the first bytes (the suffix breaks ties);
-    ``.gz`` is decompressed first.
+    a regular file; ``fmt`` ``auto`` reads the format from the first bytes (the suffix breaks ties; a
+    format ``ase.io`` reads is found by name, content or suffix, as ASE finds it), or names one:
+    ``extxyz``, ``db``, ``mlearn_json`` or any ``ase.io`` format (:func:`iter_ase`); ``.gz`` is
+    decompressed first. ``stress_field``: see :func:`canonicalize`.
     """
     p = Path(path)
-    fmt, db_type, gz = _resolve(p, fmt)
+    r = _resolve(p, fmt)
     trust = ORACLE_KEYS if verified_manifest(p) else ()
     src = source or source_name(p)
-    kw = {"db_type": db_type} if fmt == "db" else {}
-    reader = {"extxyz": read_extxyz, "db": read_db, "mlearn_json": read_mlearn_json}[fmt]
-    if not gz:
-        return reader(p, source=src, default_config_type=default_config_type, trust=trust, **kw)
+    if not r.gz:
+        got = _reader(r, stress_field)(p, source=src, default_config_type=default_config_type, trust=trust)
+        return got if isinstance(got, tuple) else _split(got)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mlipops-gz-") as tmp:
         plain = Path(tmp) / p.stem
         _gunzip(p, plain)
         try:
-            frames, rejected = reader(plain, source=src, default_config_type=default_config_type, trust=trust, **kw)
+            got = _reader(r, stress_field, str(p))(plain, source=src, default_config_type=default_config_type,
+                                                   trust=trust)
+            frames, rejected = got if isinstance(got, tuple) else _split(got)
         except FrameFormatError as exc:  # name the file the user gave, not the temporary one
             raise FrameFormatError(exc.detail.replace(str(plain), str(p)), file=str(p), frame=exc.frame,
                                    field=exc.field) from None
-    for r in rejected:
-        r.reason = r.reason.replace(str(plain), str(p), 1)
+    for rec in rejected:
+        rec.reason = rec.reason.replace(str(plain), str(p), 1)
     return frames, rejected
 
 
 def iter_frames(path: str | Path, fmt: str = "auto", *, source: str | None = None,
                 default_config_type: str | None = None,
-                progress: Callable[[int], None] | None = None) -> Iterator[Atoms | Rejected]:
+                progress: Callable[[int], None] | None = None,
+                stress_field: StressField | None = None) -> Iterator[Atoms | Rejected]:
     """:func:`read_frames` as a stream: a plain extxyz file frame by frame in file order (bounded memory,
-    the same checks and provenance); the other formats and ``.gz`` are read whole, then their frames and
+    the same checks and provenance), a plain file in an ``ase.io`` format as ``ase.io.iread`` gives its
+    frames (:func:`iter_ase`); the other formats and ``.gz`` are read whole, then their frames and
     rejected records yielded. ``progress(bytes)`` is called with the bytes of the file read so far."""
     p = Path(path)
-    fmt_, _, gz = _resolve(p, fmt)
-    if fmt_ == "extxyz" and not gz:
+    r = _resolve(p, fmt)
+    if r.fmt == "extxyz" and not r.gz:
         trust = ORACLE_KEYS if verified_manifest(p) else ()
         yield from iter_extxyz(p, source=source or source_name(p), default_config_type=default_config_type,
-                               progress=progress, trust=trust)
+                               progress=progress, trust=trust, stress_field=stress_field)
         return
-    frames, rejected = read_frames(p, fmt, source=source, default_config_type=default_config_type)
+    if not r.native and not r.gz:
+        trust = ORACLE_KEYS if verified_manifest(p) else ()
+        yield from iter_ase(p, r.fmt, source=source or source_name(p), default_config_type=default_config_type,
+                            trust=trust, stress_field=stress_field, quote=r.recognized)
+        if progress is not None:
+            progress(p.stat().st_size)
+        return
+    frames, rejected = read_frames(p, fmt, source=source, default_config_type=default_config_type,
+                                   stress_field=stress_field)
     if progress is not None:
         progress(p.stat().st_size)
     yield from frames
@@ -1021,7 +1276,8 @@ def safe_name(name: str) -> str:
     return _SAFE.sub("_", name)
 
 
-__all__ = ["Rejected", "frame_id", "labels", "set_labels", "canonicalize", "iter_extxyz", "iter_frames",
+__all__ = ["Rejected", "StressField", "stress_to_ase", "iter_ase", "NATIVE_FORMATS",
+           "frame_id", "labels", "set_labels", "canonicalize", "iter_extxyz", "iter_frames",
            "parse_extxyz_text", "read_extxyz", "read_db", "read_mlearn_json", "read_frames", "source_name",
            "write_extxyz", "to_extxyz_string", "oracle_info", "write_manifest", "verified_manifest", "formula",
            "MlipopsError", "INFO_KEYS", "PROVENANCE_KEYS", "ORACLE_KEYS"]

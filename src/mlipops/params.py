@@ -226,10 +226,51 @@ class BoScanParams(_Section):
 
 
 # ----------------------------------------------------------------------------------------- ingest
+_SOURCE_FORMATS = ("auto", "extxyz", "db", "mlearn_json")  # mlipops' own readers (and auto detection)
+_NOT_FILE_FORMATS = ("postgresql", "mysql", "bundletrajectory")  # ase.io names that are no file to read
+
+
 class SourceParams(_Section):
     path: str  # read only: may lie outside the project (a shared dataset)
-    format: Literal["auto", "extxyz", "db", "mlearn_json"] = "auto"
+    # auto (extxyz, ASE database, mlearn JSON by content; else ASE's detection by name, content, suffix:
+    # .traj, vasprun.xml, OUTCAR, QE .pwo/.out), one of mlipops' readers, or any format ase.io reads
+    # (`ase info --formats`: traj, vasp-xml, vasp-out, espresso-out, lammps-dump-text, cif, ...)
+    format: str = "auto"
     config_type: str | None = None  # used where a frame has none
+    # train: its frames are train/val (val_fraction of them); test: all test (the held-out test file);
+    # auto: ingest.split's rule. A split written in the file itself is never used (provenance).
+    split: Literal["train", "test", "auto"] = "auto"
+    # the stress in another info field (extxyz: e.g. mlearn's virial_stress_kbar), converted to ASE's
+    # (eV/Å³, tensile positive, Voigt xx yy zz yz xz xy) from its units, sign (pressure_positive: VASP's
+    # and mlearn's, compressive = positive) and, for 6 numbers, order (vasp: xx yy zz xy yz zx)
+    stress_key: str | None = None
+    stress_units: Literal["eV/A3", "kbar", "GPa"] = "eV/A3"
+    stress_sign: Literal["ase", "pressure_positive"] = "ase"
+    stress_order: Literal["ase", "vasp"] = "ase"
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v in _SOURCE_FORMATS:
+            return v
+        from ase.io.formats import ioformats
+
+        io = ioformats.get(v)
+        if v in _NOT_FILE_FORMATS:
+            raise ValueError(f"format {v!r} reads a database server or a directory, not a file")
+        if io is None:
+            raise ValueError(f"unknown format {clip(v)}: auto, extxyz, db, mlearn_json or a format ase.io reads "
+                             "(traj, vasp-xml, vasp-out, espresso-out, lammps-dump-text, ...; `ase info --formats`)")
+        if not io.can_read:
+            raise ValueError(f"format {v!r} ({io.description}) is one ase.io can write but not read")
+        return v
+
+    @model_validator(mode="after")
+    def _stress(self) -> "SourceParams":
+        unused = sorted({"stress_units", "stress_sign", "stress_order"} & self.model_fields_set)
+        if self.stress_key is None and unused:
+            raise ValueError(f"{', '.join(unused)} given without stress_key (the info field holding the stress)")
+        return self
 
 
 class SplitParams(_Section):

@@ -6,7 +6,9 @@ duplicates, each with ``check``, ``reason`` and its raw text). Nothing read is e
 frames read = frames written + rows rejected.
 
 Provenance is the pipeline's (:mod:`mlipops.frames`): a frame's ``source`` is its file's name (no
-two sources may share one), ``source_index`` its position there, ``split`` drawn here; ``oracle_*``
+two sources may share one), ``source_index`` its position there, ``split`` set here (by the source's
+``split``: ``test`` for a held-out test file, ``train`` for train/val, ``auto`` by the rule; never from
+the file); ``oracle_*``
 is kept only from a source whose ``<file>.provenance.json`` manifest verifies (written by
 ``mlipops generate`` / ``active run``); whatever else a file claims is kept as ``file_<key>``.
 """
@@ -23,8 +25,8 @@ import pandas as pd
 from ase import Atoms
 
 from mlipops.errors import FrameFormatError
-from mlipops.frames import Rejected, iter_frames, source_name, to_extxyz_string, verified_manifest
-from mlipops.params import IngestParams, SplitParams
+from mlipops.frames import Rejected, StressField, iter_frames, source_name, to_extxyz_string, verified_manifest
+from mlipops.params import IngestParams, SourceParams, SplitParams
 from mlipops.report import progress, write_markdown, write_metrics
 
 OUT_DIR = Path("data/ingested")
@@ -49,10 +51,21 @@ def _stable_unit(frame_id: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def draw_splits(frame_ids: list[str], config_types: list[str], rule: SplitParams) -> list[str]:
+def stress_field(src: SourceParams) -> StressField | None:
+    """The source's stress field (``stress_key`` and its units, sign, order), or None."""
+    if src.stress_key is None:
+        return None
+    return StressField(src.stress_key, src.stress_units, src.stress_sign, src.stress_order)
+
+
+def draw_splits(frame_ids: list[str], config_types: list[str], rule: SplitParams,
+                modes: list[str] | None = None) -> list[str]:
     """The split of each frame (given by its frame_id and config_type, in ingest order) by the declared rule.
 
-    ``config_type``: frames whose config_type is in ``test_config_types`` are test; the rest are
+    ``modes``: the ``split`` of each frame's source (default all ``auto``). ``test``: the frame is test
+    (a held-out test file). ``train``: train or val, val with probability ``val_fraction`` (the
+    validation frames come from the training files), never test whatever its config_type. ``auto``:
+    the rule: ``config_type``: frames whose config_type is in ``test_config_types`` are test; the rest are
     split train/val/test by ``val_fraction`` / ``test_fraction``. ``random``: every frame by the
     fractions. The draw is a hash of (seed, frame_id), so a frame keeps its split when others are
     added or the sources are reordered. A config_type of 3 frames or more that drew fewer than
@@ -64,15 +77,19 @@ def draw_splits(frame_ids: list[str], config_types: list[str], rule: SplitParams
     frames do not change, so a sweep over f is judged on the same frames.
     """
     held_out = set(rule.test_config_types) if rule.method == "config_type" else set()
+    modes = list(modes) if modes is not None else ["auto"] * len(frame_ids)
     split: list[str] = [""] * len(frame_ids)
     groups: dict[str, list[tuple[float, int]]] = {}
-    for q, (fid, ct) in enumerate(zip(frame_ids, config_types)):
-        if ct in held_out:
+    for q, (fid, ct, mode) in enumerate(zip(frame_ids, config_types, modes)):
+        if mode == "test" or (mode == "auto" and ct in held_out):
             split[q] = "test"
             continue
         u = _stable_unit(fid, rule.seed)
-        split[q] = ("test" if u < rule.test_fraction
-                    else "val" if u < rule.test_fraction + rule.val_fraction else "train")
+        if mode == "train":
+            split[q] = "val" if u < rule.val_fraction else "train"
+        else:
+            split[q] = ("test" if u < rule.test_fraction
+                        else "val" if u < rule.test_fraction + rule.val_fraction else "train")
         groups.setdefault(ct, []).append((u, q))
     # at least min_per_config_type of every config_type (of 3 frames or more) in val and in test: taken from the
     # training draws nearest to the cut (u just above it), else from the other evaluation split, never a split's
@@ -84,7 +101,8 @@ def draw_splits(frame_ids: list[str], config_types: list[str], rule: SplitParams
             need = rule.min_per_config_type - sum(split[q] == name for _, q in group) if frac > 0 else 0
             while need > 0:
                 counts = Counter(split[q] for _, q in group)
-                donors = [uq for uq in group if split[uq[1]] != name and counts[split[uq[1]]] > 1]
+                donors = [uq for uq in group if split[uq[1]] != name and counts[split[uq[1]]] > 1
+                          and (name != "test" or modes[uq[1]] == "auto")]  # a training file's frame: never test
                 if not donors:
                     break
                 _, q = min(donors, key=lambda uq: (split[uq[1]] != "train", uq[0]))
@@ -97,7 +115,7 @@ def draw_splits(frame_ids: list[str], config_types: list[str], rule: SplitParams
     return split
 
 
-def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:
+def assign_splits(frames: list[Atoms], rule: SplitParams) -> None:  # frames of `auto` sources
     """Set ``info['split']`` of ``frames`` in place by the declared rule (:func:`draw_splits`)."""
     splits = draw_splits([a.info["frame_id"] for a in frames], [a.info["config_type"] for a in frames], rule)
     for a, s in zip(frames, splits):
@@ -156,10 +174,11 @@ class _Spool:
         self.fh.close()
 
 
-def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], list[str], int]:
+def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], list[str], list[int], int]:
     """Read every source as a stream and de-duplicate: ``keep(frame)`` gets each unique frame in order.
-    Returns (rejected: the unreadable frames, then the duplicates; frame_ids and config_types of the
-    unique frames; frames read). Memory: one frame, and the identity of every frame kept."""
+    Returns (rejected: the unreadable frames, then the duplicates; frame_ids, config_types and source
+    (its position in ``p.sources``) of the unique frames; frames read). Memory: one frame, and the
+    identity of every frame kept."""
     names: dict[str, int] = {}
     for k, src in enumerate(p.sources):
         if not Path(src.path).exists():
@@ -176,6 +195,7 @@ def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], lis
     seen: dict[str, tuple[str, int]] = {}  # frame_id -> (source, source_index) of its first occurrence
     ids: list[str] = []
     cts: list[str] = []
+    origin: list[int] = []
     n_read = 0
     with progress("ingest (MiB read)", max(1, round(sum(sizes) / 2**20)), quiet_start=True) as advance:
         for k, src in enumerate(p.sources):
@@ -186,7 +206,7 @@ def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], lis
                 advance(completed=round((done + pos) / 2**20), note=f"{n_read} frames, {len(ids)} unique")
 
             for a in iter_frames(path, src.format, source=source_name(path), default_config_type=src.config_type,
-                                 progress=moved):
+                                 progress=moved, stress_field=stress_field(src)):
                 n_read += 1
                 if isinstance(a, Rejected):
                     unreadable.append(a)
@@ -202,19 +222,48 @@ def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], lis
                 seen[fid] = (a.info["source"], a.info["source_index"])
                 ids.append(fid)
                 cts.append(a.info["config_type"])
+                origin.append(k)
                 keep(a)
             moved(sizes[k])
-    return unreadable + duplicates, ids, cts, n_read
+    return unreadable + duplicates, ids, cts, origin, n_read
+
+
+def _modes(p: IngestParams, origin: list[int]) -> list[str]:
+    """The ``split`` of each frame's source (:func:`draw_splits`)."""
+    return [p.sources[k].split for k in origin]
 
 
 def ingest(p: IngestParams) -> tuple[list[Atoms], pd.DataFrame, dict]:
     """Read, de-duplicate and split every source in memory (writes nothing): (frames, rejected table, stats)."""
     frames: list[Atoms] = []
-    rejected, ids, cts, n_read = _read_sources(p, frames.append)
-    for a, s in zip(frames, draw_splits(ids, cts, p.split)):
+    rejected, ids, cts, origin, n_read = _read_sources(p, frames.append)
+    for a, s in zip(frames, draw_splits(ids, cts, p.split, _modes(p, origin))):
         a.info["split"] = s
     stats = {"n_read": n_read, "n_frames": len(frames), "n_rejected": len(rejected)}
     return frames, rejected_frame(rejected), stats
+
+
+def split_notes(p: IngestParams, cts: list[str], splits: list[str], origin: list[int]) -> list[str]:
+    """The summary's account of the splits, from the data: the sources split by file (their frames and
+    config_types) and the rule the others follow (with the declared test config_types the data lacks)."""
+    notes = []
+    by_file = [k for k, s in enumerate(p.sources) if s.split != "auto"]
+    for k in by_file:
+        mine = [q for q, o in enumerate(origin) if o == k]
+        kinds = sorted({cts[q] for q in mine})
+        where = ("test: all of them (a held-out test file)" if p.sources[k].split == "test" else
+                 f"train/val: {sum(splits[q] == 'val' for q in mine)} drawn into val (val_fraction "
+                 f"{p.split.val_fraction}), never test")
+        notes.append(f"Split by file: `{p.sources[k].path}`, {len(mine)} frames of config_types {kinds}, {where}.")
+    auto = {k for k, s in enumerate(p.sources) if s.split == "auto"}
+    if auto:
+        present = {c for c, o in zip(cts, origin) if o in auto}
+        absent = [c for c in p.split.test_config_types if c not in present] if p.split.method == "config_type" else []
+        notes.append(f"Split rule{' of the other sources' if by_file else ''}: `{p.split.method}`, test config_types "
+                     f"{p.split.test_config_types}"
+                     + (f" (not in the data: {absent})" if absent and present else "")
+                     + f", val {p.split.val_fraction}, test {p.split.test_fraction}, seed {p.split.seed}.")
+    return notes
 
 
 def remove_empty(dirs: list[Path]) -> None:
@@ -241,8 +290,8 @@ def run(p: IngestParams) -> dict:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     spool = _Spool(OUT_DIR)
     try:
-        rejected, ids, cts, n_read = _read_sources(p, spool.add)
-        splits = draw_splits(ids, cts, p.split)
+        rejected, ids, cts, origin, n_read = _read_sources(p, spool.add)
+        splits = draw_splits(ids, cts, p.split, _modes(p, origin))
         spool.write(FRAMES, splits)
     except BaseException:
         remove_empty(created)  # nothing half-made is left: the directories this run made go again
@@ -265,8 +314,7 @@ def run(p: IngestParams) -> dict:
         + ", ".join(f"`{s.path}`" for s in p.sources) + ".",
         f"Kept {stats['n_frames']}; rejected {stats['n_rejected']} "
         f"({dict(by_check) or 'none'}), kept with their raw text in `{REJECTED}`.",
-        f"Split rule: `{p.split.method}`, test config_types {p.split.test_config_types}, "
-        f"val {p.split.val_fraction}, test {p.split.test_fraction}, seed {p.split.seed}.",
+        *split_notes(p, cts, splits, origin),
         "Provenance: `source` is the file's name, `source_index` the frame's position; `oracle_*` kept from "
         + (", ".join(f"`{s.path}`" for s in p.sources if verified_manifest(s.path)) or "no source")
         + " (its manifest verifies: written by mlipops); other values a file gave are kept as `file_<key>`.",

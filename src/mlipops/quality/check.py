@@ -93,17 +93,18 @@ def check_files(paths: list[Path], p: ValidateParams, descriptors: DescriptorPar
     and, for a frame not accepted, the checks and reasons the quarantine would record (module doc).
     ``ingest``: the project's ingest params (split rule, sources order); ``curated``: the current dataset."""
     from mlipops.frames import Rejected, iter_frames, source_name
-    from mlipops.ingest import draw_splits
+    from mlipops.ingest import draw_splits, stress_field
     from mlipops.quality.releases import RELEASES, load_releases
     from mlipops.quality.validate import build_tables, decide_tables
 
-    rows, frames, where = [], [], []
+    rows, frames, where, modes = [], [], [], []
     seen: dict[str, tuple[str, int]] = {}
     for path in map(Path, paths):
         src = _source_entry(path, ingest)  # a missing or non-regular file: iter_frames says so in one line
         try:
             got = list(iter_frames(path, src.format if src is not None else "auto", source=source_name(path),
-                                   default_config_type=src.config_type if src is not None else None))
+                                   default_config_type=src.config_type if src is not None else None,
+                                   stress_field=stress_field(src) if src is not None else None))
         except MlipopsError as exc:  # the whole file is unreadable (ingest would stop): say so, go on
             rows.append({"file": str(path), "frame": exc.frame, "verdict": "unreadable", "checks": "parse",
                          "reason": str(exc)})
@@ -123,6 +124,7 @@ def check_files(paths: list[Path], p: ValidateParams, descriptors: DescriptorPar
             seen[fid] = (a.info["source"], a.info["source_index"])
             frames.append(a)
             where.append((str(path), int(a.info["source_index"])))
+            modes.append(src.split if src is not None else "auto")
     releases = load_releases(RELEASES)
     known, train = _dataset(Path(curated), p, ingest, releases) if frames else ({}, [])
     # splits: a frame already in the dataset keeps its own; a new one gets ingest's draw next to the dataset
@@ -131,7 +133,10 @@ def check_files(paths: list[Path], p: ValidateParams, descriptors: DescriptorPar
         ids = list(known) + [frames[k].info["frame_id"] for k in new]
         cts = [str(v[0]) for v in known.values()] + [frames[k].info["config_type"] for k in new]
         rule = ingest.split if ingest is not None else None
-        for k, s in zip(new, draw_splits(ids, cts, rule)[len(known):] if rule is not None else []):
+        n_src = len(ingest.sources) if ingest is not None else 0  # known frames: their source's split (by rank)
+        mode = [ingest.sources[v[2][0]].split if v[2][0] < n_src else "auto" for v in known.values()] \
+            + [modes[k] for k in new]
+        for k, s in zip(new, draw_splits(ids, cts, rule, mode)[len(known):] if rule is not None else []):
             frames[k].info["split"] = s
     for a in frames:
         if a.info["frame_id"] in known:

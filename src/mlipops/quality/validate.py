@@ -51,7 +51,7 @@ from mlipops.descriptors import neighbor_list
 from mlipops.errors import StageInputError
 from mlipops.frames import labels, read_extxyz, write_extxyz
 from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs, remove_empty
-from mlipops.params import DescriptorParams, ValidateParams, composition_key
+from mlipops.params import DescriptorParams, IngestParams, ValidateParams, composition_key
 from mlipops.quality.releases import RELEASES, load_releases
 from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
 
@@ -659,7 +659,32 @@ def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int = 50
     return table, atoms, FramePool.concat(pools), np.array(train_rows, dtype=np.int64), info
 
 
-def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
+def expectation_from_test_files(p: ValidateParams, table: pd.DataFrame, ingest: IngestParams | None
+                          ) -> tuple[ValidateParams, str | None]:
+    """The config_types the test split must hold, from the data when the test split is given by file.
+
+    With a source of ``split: test`` (:mod:`mlipops.ingest`), ``expected_test_config_types`` (a list written
+    for the rule's held-out config_types, e.g. copper's vacancy and surfaces) is replaced by the
+    config_types that the test source(s) brought in: the check then says whether every kind of the user's
+    test file still has an accepted test frame. Returns (params to check with, a note for the summary)."""
+    from mlipops.frames import source_name
+
+    tests = [s for s in (ingest.sources if ingest is not None else []) if s.split == "test"]
+    if not tests:
+        return p, None
+    names = {source_name(s.path) for s in tests}
+    kinds = sorted(set(table.loc[table["source"].isin(names), "config_type"].astype(str)))
+    note = (f"Test split given by file ({', '.join(f'`{s.path}`' for s in tests)}): the dataset check "
+            f"test_split_config_types expects the config_types those files hold, {kinds}, in place of "
+            f"validate.expected_test_config_types {list(p.expected_test_config_types)}.")
+    return p.model_copy(update={"expected_test_config_types": kinds}), note
+
+
+_EXPECTED_KEY = "(validate.expected_test_config_types)"
+
+
+def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: IngestParams | None = None) -> dict:
+    """The stage. ``ingest``: the sources, for a test split given by file (:func:`expectation_from_test_files`)."""
     t0 = time.perf_counter()
     if not INGESTED.is_file():
         raise StageInputError("ingested frames missing: run `dvc repro ingest` first", file=str(INGESTED))
@@ -669,9 +694,17 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
     try:
         # an empty file: ingest rejected every frame read (they are all in INGEST_REJECTED)
         table, atoms, train, train_rows, info = _stream_tables(INGESTED, p, spool)
+        p, test_note = expectation_from_test_files(p, table, ingest)
         with progress("validate: checks (steps)", 3, quiet_start=True) as advance:
             advance(completed=0, note=f"great-expectations suites on {len(table)} frames, {len(atoms)} atoms")
             failures, gx_result = suite_decision(table, atoms, p)
+            if test_note is not None:  # the expected set is the test files' config_types, not the params list
+                for d in gx_result["dataset_checks_failed"]:
+                    d["reason"] = d["reason"].replace(_EXPECTED_KEY, "(the config_types of the test file(s))")
+                for r in gx_result["results"]:
+                    m = r.get("mlipops", {})
+                    if isinstance(m.get("reason"), str):
+                        m["reason"] = m["reason"].replace(_EXPECTED_KEY, "(the config_types of the test file(s))")
             n_atoms_checked = len(atoms)
             del atoms  # the atom table (~70 bytes an atom) is not needed any more
             trim_memory()
@@ -683,6 +716,9 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None) -> dict:
             decision = Decision(failures, table, None, gx_result, outliers, out_rep, out_note, lone)
             advance(completed=2, note="writing accepted.extxyz and the quarantine")
             metrics = _write_outputs(decision, info, spool, p, t0, n_atoms_checked)
+            if test_note is not None:
+                with (REPORT_DIR / "summary.md").open("a") as fh:
+                    fh.write(f"\n{test_note}\n")
             advance(completed=3, note="")
     except BaseException:
         remove_empty(created)  # nothing half-made is left: the directories this run made go again
