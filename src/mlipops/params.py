@@ -379,15 +379,39 @@ class IndexParams(_Section):
     training_split: str = "train"  # the split whose atoms span the hull
 
 
+# ----------------------------------------------------------------------------------- model size caps
+# The size a model may have, for params.yaml (checked here) and for a model folder's config.json
+# (mlipops.models.schema): one place for both.
+MAX_PARAMETERS = 50_000_000     # network parameters and buffers of all members together
+MAX_MEMBERS = 64
+MAX_LAYERS = 16
+MAX_BASIS = 256                 # radial / angular basis functions
+MAX_CUTOFF_A = 50.0             # Å, descriptor and dispersion cutoffs
+MAX_ANGULAR_ORDER = 4
+
+
+def parameter_count(species: int, descriptor: dict, hidden: list[int], n_members: int = 1) -> int:
+    """Numbers a model of this configuration holds (network weights and biases, feature
+    standardization, reference energies; descriptor index buffers), from the config alone."""
+    pairs = species * (species + 1) // 2
+    n_rad, n_ang, max_l = (descriptor.get(k, v) for k, v in (("n_radial", 8), ("n_angular", 4), ("max_l", 3)))
+    nf = species * n_rad + pairs * n_ang * (max_l + 1)
+    mlp, n_in = 0, nf
+    for h in [*hidden, 1]:
+        mlp += n_in * h + h
+        n_in = h
+    return n_members * (species * mlp + 2 * nf + species) + 2 * pairs
+
+
 # ------------------------------------------------------------------------------------ descriptors
 class DescriptorParams(_Section):
     # the caps are those a model folder's config.json is held to (mlipops.models.schema)
-    cutoff: float = Field(5.0, gt=0.0, le=50.0)
-    n_radial: int = Field(8, ge=1, le=256)
+    cutoff: float = Field(5.0, gt=0.0, le=MAX_CUTOFF_A)
+    n_radial: int = Field(8, ge=1, le=MAX_BASIS)
     r_min: float = Field(0.8, ge=0.0)
-    angular_cutoff: float = Field(4.0, gt=0.0, le=50.0)
-    n_angular: int = Field(4, ge=0, le=256)
-    max_l: int = Field(3, ge=0, le=4)
+    angular_cutoff: float = Field(4.0, gt=0.0, le=MAX_CUTOFF_A)
+    n_angular: int = Field(4, ge=0, le=MAX_BASIS)
+    max_l: int = Field(3, ge=0, le=MAX_ANGULAR_ORDER)
 
     @field_validator("angular_cutoff")
     @classmethod
@@ -400,7 +424,7 @@ class DescriptorParams(_Section):
 
 # ------------------------------------------------------------------------------------------ train
 class EnsembleParams(_Section):
-    members: int = Field(5, ge=1, le=64)  # M potentials differing in seed (seed + k) and bootstrap resample
+    members: int = Field(5, ge=1, le=MAX_MEMBERS)  # M potentials differing in seed (seed + k) and bootstrap resample
     bootstrap: bool = True             # member k > 0 trains on a resample (with replacement) of the train split
 
 
@@ -409,7 +433,7 @@ class DispersionParams(_Section):
     enabled: bool = False
     s6: float = Field(0.75, gt=0.0)            # global scaling (0.75 for PBE)
     damping: float = Field(20.0, gt=0.0)       # d of the Fermi damping
-    cutoff: float = Field(12.0, gt=0.0, le=50.0)  # Å, far beyond the network's cutoff
+    cutoff: float = Field(12.0, gt=0.0, le=MAX_CUTOFF_A)  # Å, far beyond the network's cutoff
     switch_width: float = Field(2.0, gt=0.0)   # Å over which the term is switched off before the cutoff
     c6: dict[str, float] = Field(default_factory=dict)  # J nm^6 mol^-1 per element (default: Grimme's table)
     r0: dict[str, float] = Field(default_factory=dict)  # Å per element (default: Grimme's table)
@@ -424,7 +448,7 @@ class BaselineParams(_Section):
 class CurriculumPhase(_Section):
     """One phase of curriculum training; unset fields take the final model's value."""
     epochs: int = Field(ge=1)
-    cutoff: float | None = Field(None, gt=0.0, le=50.0)  # Å (default: descriptors.cutoff)
+    cutoff: float | None = Field(None, gt=0.0, le=MAX_CUTOFF_A)  # Å (default: descriptors.cutoff)
     angular_cutoff: float | None = Field(None, gt=0.0)   # Å (default: min(descriptors.angular_cutoff, cutoff))
     hidden: list[int] | None = None                      # default: train.hidden
     learning_rate: float | None = Field(None, gt=0.0)    # default: train.learning_rate
@@ -755,8 +779,6 @@ class Params(_Section):
     def _model_size_capped(self):
         """The network params.yaml asks for is held to the caps a model folder is (mlipops.models.schema), before
         anything is allocated: counted for one species, the least any dataset has."""
-        from mlipops.models.schema import MAX_LAYERS, MAX_PARAMETERS, parameter_count
-
         d = self.descriptors.model_dump()
         phases = [("train.hidden", self.train.hidden)] + [
             (f"train.curriculum[{k}].hidden", ph.hidden) for k, ph in enumerate(self.train.curriculum) if ph.hidden]

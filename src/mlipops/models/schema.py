@@ -26,16 +26,12 @@ from pathlib import Path
 from ase.data import atomic_numbers
 
 from mlipops.errors import MlipopsError
+from mlipops.params import (  # noqa: F401 -- the caps live with params.yaml's, one place for both
+    MAX_ANGULAR_ORDER, MAX_BASIS, MAX_CUTOFF_A, MAX_LAYERS, MAX_MEMBERS, MAX_PARAMETERS, parameter_count)
 
 CONFIG_FORMAT = "mlipops.potential/1"
 ENSEMBLE_FORMAT = "mlipops.ensemble/1"
 MAX_CONFIG_BYTES = 4 << 20      # a config.json is a few kB
-MAX_PARAMETERS = 50_000_000     # network parameters and buffers of all members together
-MAX_MEMBERS = 64
-MAX_LAYERS = 16
-MAX_BASIS = 256                 # radial / angular basis functions
-MAX_CUTOFF_A = 50.0             # Å, descriptor and dispersion cutoffs
-MAX_ANGULAR_ORDER = 4
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _DESCRIPTOR_KEYS = ("cutoff", "n_radial", "r_min", "angular_cutoff", "n_angular", "max_l")
 _DISPERSION_KEYS = ("kind", "s6", "damping", "cutoff", "switch_width", "c6_eV_A6", "r0_A")
@@ -204,19 +200,6 @@ def _check_dispersion(file, d, n_species: int) -> dict:
         for k, x in enumerate(v):
             _num(file, f"dispersion.{key}[{k}]", x, lo, 1e6, open_lo=key == "r0_A")
     return d
-
-
-def parameter_count(species: int, descriptor: dict, hidden: list[int], n_members: int = 1) -> int:
-    """Numbers a model of this configuration holds (network weights and biases, feature
-    standardization, reference energies; descriptor index buffers), from the config alone."""
-    pairs = species * (species + 1) // 2
-    n_rad, n_ang, max_l = (descriptor.get(k, v) for k, v in (("n_radial", 8), ("n_angular", 4), ("max_l", 3)))
-    nf = species * n_rad + pairs * n_ang * (max_l + 1)
-    mlp, n_in = 0, nf
-    for h in [*hidden, 1]:
-        mlp += n_in * h + h
-        n_in = h
-    return n_members * (species * mlp + 2 * nf + species) + 2 * pairs
 
 
 def check_config(cfg, file, trusted=None) -> dict:
