@@ -138,3 +138,12 @@ def test_model_size_is_capped_in_params(tmp_path, u_raw_params, key, value, says
         load_params(_write(tmp_path, raw))
     msg = str(info.value)
     assert says in msg and "\n" not in msg, msg
+
+
+def test_params_survive_a_dump_and_validate_round_trip(u_repo_root):
+    """A Params dumped (every field, defaults included) validates again to the same Params: code that copies
+    params with model_dump (the active-learning campaign, the tests) must not trip over a default."""
+    p = load_params(u_repo_root / "params.yaml")
+    doc = p.model_dump(by_alias=True, mode="json")
+    doc["ingest"]["sources"][0] |= {"stress_units": "eV/A3", "stress_sign": "ase", "stress_order": "ase"}
+    assert Params.model_validate(doc) == p

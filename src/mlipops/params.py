@@ -267,7 +267,10 @@ class SourceParams(_Section):
 
     @model_validator(mode="after")
     def _stress(self) -> "SourceParams":
-        unused = sorted({"stress_units", "stress_sign", "stress_order"} & self.model_fields_set)
+        # a value other than the default without a key is a mistake; the defaults themselves are harmless (a dumped
+        # Params carries every field, and must validate again)
+        unused = sorted(k for k in ("stress_units", "stress_sign", "stress_order")
+                        if getattr(self, k) != type(self).model_fields[k].default)
         if self.stress_key is None and unused:
             raise ValueError(f"{', '.join(unused)} given without stress_key (the info field holding the stress)")
         return self
