@@ -216,3 +216,13 @@ def test_random_comment_mutations():
                 assert got[k] == want[k], line
             else:
                 _same(got[k], want[k], f"{line!r}: {k}")
+
+
+@pytest.mark.parametrize("name", ["Mo_training", "Mo_test", "Li_training", "Li_test"])
+def test_real_dft_files_read_as_ase_reads_them(u_mlearn_dir, name):
+    """Every frame of the real mlearn DFT sets (VASP/PBE, with descriptions, temperatures and a quoted
+    virial_stress_kbar on the comment line) reads bit for bit as ASE reads it."""
+    frames = _frames(u_mlearn_dir / f"{name}.extxyz")
+    assert len(frames) > 20
+    for raw in frames:
+        _check(raw)
