@@ -20,9 +20,16 @@ $(STAMP): pyproject.toml
 
 # every stage but `active` (active learning runs oracle calls and retrains: on demand, `make active`).
 # A rejected model is a result: promote writes all its outputs, decision.md says why, and this exits 0.
+# `make repro EXAMPLE=mlearn-mo`: the shipped example on real DFT data (examples/<name>/, a DVC sub-project)
 repro: $(STAMP)
+ifdef EXAMPLE
+	@test -f examples/$(EXAMPLE)/example.yaml || { echo "no example examples/$(EXAMPLE)/ (see examples/)" >&2; exit 2; }
+	cd examples/$(EXAMPLE) && dvc repro promote
+	@cat examples/$(EXAMPLE)/reports/promote/decision.md
+else
 	dvc repro promote bo_scan
 	@cat reports/promote/decision.md
+endif
 
 # for CI: `make repro`, then fail (the check exits 3, make itself non-zero) when the model was rejected,
 # read from reports/promote/metrics.json (promoted: 0/1); like `mlipops promote --strict`, without rerunning it

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from mlipops.errors import MlipopsError
+from mlipops.errors import MlipopsError, StageInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mlipops: versioned MLIP data, coverage index, training, validation, registry.")
@@ -447,6 +447,27 @@ def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"), params: Path = 
            "--default-artifact-root", art_uri, "--host", "127.0.0.1", "--port", str(port)]
     typer.echo(f"MLflow UI on http://127.0.0.1:{port}  ({' '.join(cmd[3:])})")
     os.execv(sys.executable, cmd)
+
+
+example_app = typer.Typer(no_args_is_help=True, help="Shipped examples on real data (examples/<name>/).")
+app.add_typer(example_app, name="example")
+
+
+@example_app.command("sync")
+def example_sync(check: bool = typer.Option(False, "--check", help="only report stale files (exit 1)"),
+                 root: Path = typer.Option(Path("."), help="the project root (holds params.yaml, dvc.yaml, examples/)")):
+    """Write each example's params.yaml and dvc.yaml from its example.yaml and the project's files."""
+    from mlipops import examples
+
+    found = examples.examples(root)
+    if not found:
+        raise StageInputError(f"no examples/*/example.yaml under {root.resolve()}")
+    stale = [f for folder in found for f in examples.sync(root, folder, check=check)]
+    for f in stale:
+        typer.echo(f"{'stale' if check else 'wrote'} {f}")
+    if check and stale:
+        typer.echo("run `mlipops example sync` and commit the result", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:
