@@ -406,6 +406,21 @@ def parameter_count(species: int, descriptor: dict, hidden: list[int], n_members
     return n_members * (species * mlp + 2 * nf + species) + 2 * pairs
 
 
+# -------------------------------------------------------------------------------------- crystal
+Lattice = Literal["fcc", "bcc", "hcp", "diamond", "sc"]
+
+
+class CrystalParams(_Section):
+    """The crystal the structure-building stages (nve's hot crystal, the defects control's vacancy cells and
+    slabs, active learning's starting structures) build from (:func:`mlipops.crystal.resolve`). A null is
+    filled from the curated training data: ``element`` its species (one), ``lattice`` the classified lattice of
+    its lowest-energy periodic frames, ``a`` their volume per atom."""
+    element: str | None = None
+    lattice: Lattice | None = None
+    a: float | None = Field(None, gt=0.0)  # Å, conventional cubic cell (hcp: basal plane)
+    c: float | None = Field(None, gt=0.0)  # Å, hcp only; null: ideal c/a = √(8/3)
+
+
 # ------------------------------------------------------------------------------------ descriptors
 class DescriptorParams(_Section):
     # the caps are those a model folder's config.json is held to (mlipops.models.schema)
@@ -769,6 +784,7 @@ class Params(_Section):
     ingest: IngestParams
     validate_: ValidateParams = Field(alias="validate")
     index: IndexParams = IndexParams()
+    crystal: CrystalParams = CrystalParams()
     descriptors: DescriptorParams = DescriptorParams()
     train: TrainParams = TrainParams()
     compute: ComputeParams = ComputeParams()
