@@ -192,11 +192,11 @@ def test_select_perfect_imperfect_held_out_and_temperature():
 
 
 def test_recommendation_follows_the_numbers():
-    def group(ratio, outside, sz, sa, deficit):
+    def group(ratio, outside, sz, sa, vacancies):
         return {"force_mae_atom": 0.01 * ratio, "fraction_outside_hull": outside,
-                "worst_quarter_median_z_deficit": deficit, "atoms": {"share_z": sz, "share_angle": sa}}
+                "worst_quarter_median_vacancy_equivalents": vacancies, "atoms": {"share_z": sz, "share_angle": sa}}
 
-    diag = {"all": {}, "vacancy": group(10, 0.5, 0.1, 0.6, 1), "surface": group(30, 0.9, 0.7, 0.1, 4),
+    diag = {"all": {}, "vacancy": group(10, 0.5, 0.1, 0.6, 1.1), "surface": group(30, 0.9, 0.7, 0.1, 2.2),
             "fine": group(1.2, 0.05, 0.3, 0.3, 0)}
     recs = dx.recommend(diag, 0.01)
     assert [r["config_type"] for r in recs] == ["surface", "vacancy"]

@@ -632,9 +632,9 @@ class MeltingParams(_Section):
 
 class NveParams(_Section):
     """`mlipops evaluate nve`: energy conservation of the trained model in a short NVE run."""
-    element: str | None = None  # default: generate.element
-    structure: Literal["fcc", "bcc", "hcp", "sc", "diamond"] = "fcc"
-    supercell: int = Field(3, ge=1)  # repeats of the cubic cell (fcc: 4 N^3 atoms)
+    element: str | None = None  # null: the crystal section's (resolved from the data)
+    structure: Lattice | None = None  # null: the crystal section's lattice (resolved from the data)
+    supercell: int = Field(3, ge=1)  # repeats of the conventional cell (fcc: 4 N^3 atoms, bcc 2 N^3, diamond 8 N^3)
     temperature_K: float = Field(1000.0, gt=0)  # Maxwell-Boltzmann at 2 T, equipartition -> about T
     timestep_fs: float = Field(2.0, gt=0)
     steps: int = Field(500, ge=10)
