@@ -26,11 +26,14 @@ from mlipops.active.committee import CommitteeCalculator
 from mlipops.active.dispatch import label_batch
 from mlipops.active.state import load_or_start
 from mlipops.active.trigger import Trigger, committee_stats, deduplicate, fingerprints
+from mlipops.crystal import Crystal
 from mlipops.errors import StageInputError
 from mlipops.frames import frame_id, read_extxyz
 from mlipops.models import Ensemble, Potential
 from mlipops.oracles import get_oracle
 from mlipops.params import DescriptorParams
+
+CU = Crystal("Cu", "fcc", 3.61)  # ASE's reference fcc copper, as the structures were built before
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -254,7 +257,7 @@ def test_md_phase_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
 
     pa, pb = params("a"), params("b")
     sa = load_or_start(tmp_path / "data/a/state.json", params_fingerprint(pa, model_dir))
-    _md_phase(pa, sa, calc, "Cu", None, Path(pa.work_dir), None)
+    _md_phase(pa, sa, calc, CU, None, Path(pa.work_dir), None)
     full = _load_candidates(sa)
     assert len(full) >= 12 and sa.md_run == 2 and sa.md_steps_total == 16
 
@@ -267,11 +270,11 @@ def test_md_phase_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
 
     fp = params_fingerprint(pb, model_dir)
     with pytest.raises(Killed):
-        _md_phase(pb, load_or_start(tmp_path / "data/b/state.json", fp), calc, "Cu", None, Path(pb.work_dir),
+        _md_phase(pb, load_or_start(tmp_path / "data/b/state.json", fp), calc, CU, None, Path(pb.work_dir),
                   kill_at_step_5)
     sb = load_or_start(tmp_path / "data/b/state.json", fp)
     assert (sb.md_run, sb.md_step, sb.n_candidates) == (0, 4, 4) and Path(sb.md_snapshot).is_file()
-    _md_phase(pb, sb, calc, "Cu", None, Path(pb.work_dir), None)
+    _md_phase(pb, sb, calc, CU, None, Path(pb.work_dir), None)
     resumed = _load_candidates(sb)
     assert [(a.info["active_run"], a.info["active_step"]) for a in resumed] == \
         [(a.info["active_run"], a.info["active_step"]) for a in full]
@@ -302,7 +305,7 @@ def test_nve_md_with_the_committee_conserves_energy(tmp_path, monkeypatch):
         "md": {"dynamics": "nve", "temperatures_K": [600.0], "steps_per_temperature": 20, "timestep_fs": 0.5,
                "checkpoint_every": 20}, "work_dir": "data/w", "out_dir": "data/raw"})
     st = load_or_start(tmp_path / "data/w/state.json", params_fingerprint(p, model_dir))
-    _md_phase(p, st, Recording(model_dir), "Cu", None, Path(p.work_dir), None)
+    _md_phase(p, st, Recording(model_dir), CU, None, Path(p.work_dir), None)
     assert st.md_steps_total == 20 and len(energies) >= 20
     kinetic_scale = 1.5 * 3 * units.kB * 600.0
     assert np.ptp(energies) < 0.05 * kinetic_scale
@@ -342,7 +345,7 @@ def test_gamma_mode_fires_outside_the_training_hull(tmp_path, monkeypatch):
         "md": {"temperatures_K": [300.0], "steps_per_temperature": 3, "timestep_fs": 1.0, "checkpoint_every": 3},
         "dedup_min_distance": 0.0, "max_batch": 10, "work_dir": "data/w", "out_dir": "data/raw"})
     st = load_or_start(tmp_path / "data/w/state.json", params_fingerprint(p, model_dir))
-    _md_phase(p, st, calc, "Cu", hull, Path(p.work_dir), None)
+    _md_phase(p, st, calc, CU, hull, Path(p.work_dir), None)
     cands = _load_candidates(st)
     assert {a.info["structure"] for a in cands} == {"surface"} and len(cands) == 3
     assert all(a.info["gamma_max"] > 2.0 and a.info["config_type"] == "active_gamma" for a in cands)
@@ -364,6 +367,7 @@ def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(t
     params["generate"]["oracle"] = {"calculator": "active_oracles.CountingEMT",
                                     "kwargs": {"counter": str(counter), "sleep_s": 1.0}}
     params["compute"] = {"scheduler_address": None, "n_workers": 2, "threads_per_worker": 1}
+    params["crystal"] = {"element": "Cu", "lattice": "fcc", "a": 3.61}  # no curated data to resolve it from
     params["active"] = {"model": str(model_dir), "element": "Cu", "iterations": 1, "mode": "force",
                         "sigma_force_eVA": 1e-3, "index": None,
                         "structures": [{"kind": "bulk", "supercell": 1}, {"kind": "vacancy", "supercell": 1}],

@@ -701,13 +701,15 @@ Temperatures = Annotated[list[float], AfterValidator(_positive_temperatures)]  #
 
 
 class ActiveStructure(_Section):
-    """A starting structure of the active-learning MD, built by ``ase.build`` from ``active.element``:
-    ``bulk`` (the cubic cell repeated ``supercell`` times), ``vacancy`` (the same, first atom removed)
-    or ``surface`` (a ``miller`` slab, ``supercell`` × ``supercell`` × ``layers``, ``vacuum`` Å each side)."""
+    """A starting structure of the active-learning MD, built from the crystal (:mod:`mlipops.crystal`: the
+    ``crystal`` section, ``active.element`` where set, nulls from the data): ``bulk`` (the conventional cell
+    repeated ``supercell`` times), ``vacancy`` (the same, first atom removed) or ``surface`` (a ``miller``
+    slab of ``layers`` atomic planes, ``supercell`` × ``supercell`` surface cells, ``vacuum`` Å each side:
+    :func:`mlipops.crystal.slab`). ``lattice`` null: the crystal's; another lattice: at the crystal's density."""
     kind: Literal["bulk", "vacancy", "surface"] = "bulk"
-    lattice: Literal["fcc", "bcc", "sc", "diamond"] = "fcc"
+    lattice: Lattice | None = None
     supercell: int = Field(2, ge=1)
-    miller: Literal["100", "110", "111"] = "111"
+    miller: Annotated[str, Field(pattern=r"^([0-9]{3}|0001)$")] = "111"  # three digits; hcp also 0001 (basal)
     layers: int = Field(4, ge=2)
     vacuum: float = Field(6.0, gt=0)
 
@@ -751,7 +753,7 @@ class ActiveHoldoutParams(_Section):
 class ActiveParams(_Section):
     """The active-learning loop (``mlipops active run``): committee MD, trigger, de-duplication, oracle."""
     model: str | None = None  # model directory or NAME@alias; default data/models/<train.model_name>
-    element: str | None = None  # default: generate.element
+    element: str | None = None  # null: the crystal section's (resolved from the data)
     iterations: int = Field(1, ge=1)
     mode: Literal["projected", "force", "gamma", "random"] = "projected"
     sigma_projected_eV: float = Field(0.002, gt=0)  # σ of the energy change of the next step (eV)

@@ -70,6 +70,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 from ase import Atoms, units
+from ase.build import bulk
 from ase.calculators.calculator import Calculator
 from ase.constraints import FixAtoms
 from ase.data import atomic_numbers, covalent_radii, reference_states
@@ -204,9 +205,9 @@ def _scan(element: str, lattice: str, calc: Calculator, center: float, span: flo
 
 
 def _unit_cell(element: str, lattice: str, a: float) -> Atoms:
-    from mlipops.crystal import Crystal, unit_cell
-
-    return unit_cell(Crystal(element, lattice, a))  # any lattice of mlipops.crystal (hcp: ideal c/a, orthorhombic)
+    if lattice == "hcp":
+        return bulk(element, "hcp", a=a, c=a * math.sqrt(8.0 / 3.0), orthorhombic=True)
+    return bulk(element, lattice, a=a, cubic=True)
 
 
 def _energy_per_atom(atoms: Atoms, calc: Calculator) -> float:
