@@ -426,3 +426,47 @@ def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(t
     assert h["md_steps"] == 8 and 5 <= h["triggers"] <= 8 and h["max_sigma_f.max"] > 1e-3
     assert 0 <= h["sigma_projected.mean"] <= h["sigma_projected.max"]
     assert Counter(a.info["frame_id"] for a in out).most_common(1)[0][1] == 1
+
+
+# ----------------------------------------------------------------------------- structures of any crystal
+def test_starting_structures_are_built_from_the_crystal_for_any_lattice(tmp_path):
+    from ase.build import fcc111
+    from ase.calculators.lj import LennardJones
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from mlipops.active.loop import active_crystal, build_structure
+    from mlipops.crystal import _planes
+    from mlipops.errors import ParamsError
+    from mlipops.frames import write_extxyz
+    from mlipops.params import ActiveStructure, Params
+
+    mo = Crystal("Mo", "bcc", 3.16)
+    b = build_structure(ActiveStructure(kind="bulk"), mo)  # lattice null: the crystal's
+    assert len(b) == 16 and b.get_volume() / len(b) == pytest.approx(3.16 ** 3 / 2)
+    assert len(build_structure(ActiveStructure(kind="vacancy"), mo)) == 15
+    s = build_structure(ActiveStructure(kind="surface", miller="110", layers=4), mo)
+    assert tuple(s.pbc) == (True, True, False) and len(_planes(s.positions[:, 2])) == 4
+    f = build_structure(ActiveStructure(kind="bulk", lattice="fcc", supercell=1), mo)  # another lattice: same density
+    assert len(f) == 4 and f.get_volume() / 4 == pytest.approx(3.16 ** 3 / 2)
+    si = build_structure(ActiveStructure(kind="surface", miller="111", layers=4), Crystal("Si", "diamond", 5.43))
+    assert set(si.get_chemical_symbols()) == {"Si"} and len(_planes(si.positions[:, 2])) == 4
+    mg = build_structure(ActiveStructure(kind="surface", miller="0001", layers=3), Crystal("Mg", "hcp", 3.2))
+    assert len(_planes(mg.positions[:, 2])) == 3
+    cu = build_structure(ActiveStructure(kind="surface"), CU)  # fcc(111): the slab the loop always built
+    assert np.array_equal(cu.positions, fcc111("Cu", size=(2, 2, 4), a=3.61, vacuum=6.0).positions)
+    with pytest.raises(ParamsError, match="three digits"):
+        build_structure(ActiveStructure(kind="surface", miller="000"), mo)
+    # the crystal: active.element over the crystal section, nulls from the training split of base_data
+    frames = []
+    for s_ in (0.99, 1.0, 1.01):
+        a = bulk("Mo", "bcc", a=3.16 * s_, cubic=True)
+        a.calc = LennardJones(sigma=2.5, epsilon=0.5, rc=6.0)
+        e = a.get_potential_energy()
+        a.calc = SinglePointCalculator(a, energy=e, forces=np.zeros((2, 3)))
+        frames.append(a)
+    write_extxyz(tmp_path / "mo.extxyz", frames)
+    p = Params.model_validate({"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Mo"]},
+                               "crystal": {"element": "Cu", "a": 3.6},
+                               "active": {"element": "Mo", "base_data": str(tmp_path / "mo.extxyz")}})
+    cr = active_crystal(p)
+    assert (cr.element, cr.lattice) == ("Mo", "bcc") and cr.a == pytest.approx(3.16, rel=1e-6)

@@ -101,8 +101,9 @@ def slab(cr: Crystal, miller: str, layers: int, size=(1, 1), vacuum: float = 6.0
     fcc (100)/(110)/(111): ASE's ``fcc100``/``fcc110``/``fcc111`` with ``size`` = (nx, ny) repeats of the
     primitive surface cell (the embedded dataset's own slabs, bit for bit). Every other lattice and plane:
     ``ase.build.surface`` of :func:`unit_cell` with the indices of :func:`miller_indices`, ``size`` = repeats of
-    the surface cell it finds, cut to the lowest ``layers`` distinct heights (a plane: atoms within 0.05 Å in
-    height; diamond (111) counts the two planes of a buckled bilayer apart).
+    the surface cell it finds, cut to ``layers`` consecutive distinct heights (a plane: atoms within 0.05 Å in
+    height; diamond (111) counts the two planes of a bilayer apart), starting at the plane that breaks the fewest
+    nearest-neighbour bonds (diamond (111): between bilayers, one dangling bond per surface atom, not three).
     """
     from ase import build
 
@@ -113,14 +114,23 @@ def slab(cr: Crystal, miller: str, layers: int, size=(1, 1), vacuum: float = 6.0
         s = getattr(build, _FCC_BUILDERS[str(miller)])(cr.element, size=(nx, ny, layers), a=cr.a, vacuum=vacuum,
                                                        periodic=True)
     else:
+        from mlipops.descriptors import neighbor_list
+
         hkl = miller_indices(cr, miller)
         unit = unit_cell(cr)
         one = build.surface(unit, hkl, 1, vacuum=1.0, periodic=True)
         per_rep = len(_planes(one.positions[:, 2]))
-        s = build.surface(unit, hkl, -(-layers // per_rep) + 1, vacuum=1.0, periodic=True)
-        planes = _planes(s.positions[:, 2])
-        del s[[k for k, z in enumerate(s.positions[:, 2]) if z > planes[layers - 1] + 0.05]]
-        s = s.repeat((nx, ny, 1))
+        thick = build.surface(unit, hkl, -(-layers // per_rep) + 2, vacuum=1.0, periodic=True)
+        z = thick.positions[:, 2]
+        planes = _planes(z)
+        best = None
+        for k in range(min(per_rep, len(planes) - layers + 1)):  # the termination that breaks the fewest bonds
+            cut = thick[(z > planes[k] - 0.05) & (z < planes[k + layers - 1] + 0.05)]
+            cut.pbc = (True, True, False)
+            bonds = len(neighbor_list(cut.positions, cut.cell.array, cut.pbc, 1.05 * cr.nn_distance)[0])
+            if best is None or bonds > best[0]:
+                best = (bonds, cut)
+        s = best[1].repeat((nx, ny, 1))
         s.center(vacuum=vacuum, axis=2)
     s.pbc = (True, True, False)
     s.info.pop("adsorbate_info", None)
