@@ -269,7 +269,8 @@ def _ground_state(element: str, classified: list) -> tuple[str, str]:
         return ref, (f"{element}'s experimental structure among the near-degenerate lowest frames ({gaps} meV/atom, "
                      f"within {1000 * DEGENERATE_EV:g})")
     raise StageInputError(f"the lowest {element} frames of lattices {', '.join(near)} lie within "
-                          f"{1000 * DEGENERATE_EV:g} meV/atom ({gaps}): the data cannot tell its crystal, set crystal.lattice",
+                          f"{1000 * DEGENERATE_EV:g} meV/atom ({gaps}): the data cannot tell its crystal, "
+                          "set crystal.lattice",
                           field="crystal.lattice")
 
 
@@ -298,7 +299,8 @@ def resolve(cp, frames=(), n_lowest: int = N_LOWEST) -> Crystal:
     element = cp.element
     if element is None:
         if len(species) != 1:
-            raise StageInputError(f"the training data holds {len(species)} species ({', '.join(sorted(species)) or 'none'}): "
+            names = ", ".join(sorted(species)) or "none"
+            raise StageInputError(f"the training data holds {len(species)} species ({names}): "
                                   "set crystal.element to the element whose crystal the stages build",
                                   field="crystal.element")
         element = next(iter(species))
@@ -314,7 +316,8 @@ def resolve(cp, frames=(), n_lowest: int = N_LOWEST) -> Crystal:
     lattice = cp.lattice
     if lattice is None:
         if not classified:
-            raise StageInputError(f"none of {what} is a recognisable fcc/bcc/hcp/diamond/sc crystal: set crystal.lattice",
+            raise StageInputError(f"none of {what} is a recognisable fcc/bcc/hcp/diamond/sc crystal: "
+                                  "set crystal.lattice",
                                   field="crystal.lattice")
         lattice, why = _ground_state(element, classified)
         where = [f"lattice {lattice}: {why} of {what} ({tally})"]
@@ -332,5 +335,5 @@ def resolve(cp, frames=(), n_lowest: int = N_LOWEST) -> Crystal:
             a = float(np.median([a_from_volume(lattice, r[3]) for r in rows]))
             where.append(f"a {a:.4f} Å: {lattice} at the volume per atom of {what} (none of them is {lattice})")
         c = cp.c
-    return Crystal(element, lattice, a, c if lattice == "hcp" else None,
-                   ("element: params; " if cp.element else f"element {element}: the training data; ") + "; ".join(where))
+    where.insert(0, "element: params" if cp.element else f"element {element}: the training data")
+    return Crystal(element, lattice, a, c if lattice == "hcp" else None, "; ".join(where))
