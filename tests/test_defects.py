@@ -243,6 +243,7 @@ def test_transfer_end_to_end_on_emt_copper(tmp_path):
     assert "slab" in recipes  # slab atoms are far below the bulk z the crystals had
     assert rep.diagnosis["surface_111"]["fraction_outside_hull"] > 0.3
     c = rep.control
+    assert c["crystal"]["lattice"] == "fcc" and c["crystal"]["element"] == "Cu"  # resolved from the training crystals
     assert c["n_added_frames"] >= 2 and c["force_mae_atom_after"] < c["force_mae_atom_before"]
     assert c["per_config_type"]["surface_111"]["force_mae_atom_after"] < c["per_config_type"]["surface_111"]["force_mae_atom_before"]
     m = dx.write_report(rep, tmp_path, "tiny")

@@ -570,6 +570,8 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
         e2, f2 = _predict(model2, s.test)
         control_at, fr2 = atom_table(s.test, e2, f2, hull2, ip.coordination_cutoff, z_full, t_hot, vac_ref)
         diag2 = diagnose(control_at, fr2)
+        if crystal is not None and p.control == "recipes":
+            control["crystal"] = {"element": crystal.element, "lattice": crystal.lattice, "source": crystal.source}
         control |= {"n_added_frames": len(added), "n_added_atoms": int(sum(len(a) for a in added)),
                     "added_config_types": sorted({group_of(a, t_hot) for a in added}),
                     "perfect_val_force_mae_atom_after": _perfect_force_mae(model2, s.val or s.train),
