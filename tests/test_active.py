@@ -26,11 +26,14 @@ from mlipops.active.committee import CommitteeCalculator
 from mlipops.active.dispatch import label_batch
 from mlipops.active.state import load_or_start
 from mlipops.active.trigger import Trigger, committee_stats, deduplicate, fingerprints
+from mlipops.crystal import Crystal
 from mlipops.errors import StageInputError
 from mlipops.frames import frame_id, read_extxyz
 from mlipops.models import Ensemble, Potential
 from mlipops.oracles import get_oracle
 from mlipops.params import DescriptorParams
+
+CU = Crystal("Cu", "fcc", 3.61)  # ASE's reference fcc copper, as the structures were built before
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -254,7 +257,7 @@ def test_md_phase_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
 
     pa, pb = params("a"), params("b")
     sa = load_or_start(tmp_path / "data/a/state.json", params_fingerprint(pa, model_dir))
-    _md_phase(pa, sa, calc, "Cu", None, Path(pa.work_dir), None)
+    _md_phase(pa, sa, calc, CU, None, Path(pa.work_dir), None)
     full = _load_candidates(sa)
     assert len(full) >= 12 and sa.md_run == 2 and sa.md_steps_total == 16
 
@@ -267,11 +270,11 @@ def test_md_phase_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
 
     fp = params_fingerprint(pb, model_dir)
     with pytest.raises(Killed):
-        _md_phase(pb, load_or_start(tmp_path / "data/b/state.json", fp), calc, "Cu", None, Path(pb.work_dir),
+        _md_phase(pb, load_or_start(tmp_path / "data/b/state.json", fp), calc, CU, None, Path(pb.work_dir),
                   kill_at_step_5)
     sb = load_or_start(tmp_path / "data/b/state.json", fp)
     assert (sb.md_run, sb.md_step, sb.n_candidates) == (0, 4, 4) and Path(sb.md_snapshot).is_file()
-    _md_phase(pb, sb, calc, "Cu", None, Path(pb.work_dir), None)
+    _md_phase(pb, sb, calc, CU, None, Path(pb.work_dir), None)
     resumed = _load_candidates(sb)
     assert [(a.info["active_run"], a.info["active_step"]) for a in resumed] == \
         [(a.info["active_run"], a.info["active_step"]) for a in full]
@@ -302,7 +305,7 @@ def test_nve_md_with_the_committee_conserves_energy(tmp_path, monkeypatch):
         "md": {"dynamics": "nve", "temperatures_K": [600.0], "steps_per_temperature": 20, "timestep_fs": 0.5,
                "checkpoint_every": 20}, "work_dir": "data/w", "out_dir": "data/raw"})
     st = load_or_start(tmp_path / "data/w/state.json", params_fingerprint(p, model_dir))
-    _md_phase(p, st, Recording(model_dir), "Cu", None, Path(p.work_dir), None)
+    _md_phase(p, st, Recording(model_dir), CU, None, Path(p.work_dir), None)
     assert st.md_steps_total == 20 and len(energies) >= 20
     kinetic_scale = 1.5 * 3 * units.kB * 600.0
     assert np.ptp(energies) < 0.05 * kinetic_scale
@@ -342,7 +345,7 @@ def test_gamma_mode_fires_outside_the_training_hull(tmp_path, monkeypatch):
         "md": {"temperatures_K": [300.0], "steps_per_temperature": 3, "timestep_fs": 1.0, "checkpoint_every": 3},
         "dedup_min_distance": 0.0, "max_batch": 10, "work_dir": "data/w", "out_dir": "data/raw"})
     st = load_or_start(tmp_path / "data/w/state.json", params_fingerprint(p, model_dir))
-    _md_phase(p, st, calc, "Cu", hull, Path(p.work_dir), None)
+    _md_phase(p, st, calc, CU, hull, Path(p.work_dir), None)
     cands = _load_candidates(st)
     assert {a.info["structure"] for a in cands} == {"surface"} and len(cands) == 3
     assert all(a.info["gamma_max"] > 2.0 and a.info["config_type"] == "active_gamma" for a in cands)
@@ -364,6 +367,7 @@ def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(t
     params["generate"]["oracle"] = {"calculator": "active_oracles.CountingEMT",
                                     "kwargs": {"counter": str(counter), "sleep_s": 1.0}}
     params["compute"] = {"scheduler_address": None, "n_workers": 2, "threads_per_worker": 1}
+    params["crystal"] = {"element": "Cu", "lattice": "fcc", "a": 3.61}  # no curated data to resolve it from
     params["active"] = {"model": str(model_dir), "element": "Cu", "iterations": 1, "mode": "force",
                         "sigma_force_eVA": 1e-3, "index": None,
                         "structures": [{"kind": "bulk", "supercell": 1}, {"kind": "vacancy", "supercell": 1}],
@@ -422,3 +426,47 @@ def test_loop_killed_after_a_label_was_written_resumes_without_duplicate_calls(t
     assert h["md_steps"] == 8 and 5 <= h["triggers"] <= 8 and h["max_sigma_f.max"] > 1e-3
     assert 0 <= h["sigma_projected.mean"] <= h["sigma_projected.max"]
     assert Counter(a.info["frame_id"] for a in out).most_common(1)[0][1] == 1
+
+
+# ----------------------------------------------------------------------------- structures of any crystal
+def test_starting_structures_are_built_from_the_crystal_for_any_lattice(tmp_path):
+    from ase.build import fcc111
+    from ase.calculators.lj import LennardJones
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from mlipops.active.loop import active_crystal, build_structure
+    from mlipops.crystal import _planes
+    from mlipops.errors import ParamsError
+    from mlipops.frames import write_extxyz
+    from mlipops.params import ActiveStructure, Params
+
+    mo = Crystal("Mo", "bcc", 3.16)
+    b = build_structure(ActiveStructure(kind="bulk"), mo)  # lattice null: the crystal's
+    assert len(b) == 16 and b.get_volume() / len(b) == pytest.approx(3.16 ** 3 / 2)
+    assert len(build_structure(ActiveStructure(kind="vacancy"), mo)) == 15
+    s = build_structure(ActiveStructure(kind="surface", miller="110", layers=4), mo)
+    assert tuple(s.pbc) == (True, True, False) and len(_planes(s.positions[:, 2])) == 4
+    f = build_structure(ActiveStructure(kind="bulk", lattice="fcc", supercell=1), mo)  # another lattice: same density
+    assert len(f) == 4 and f.get_volume() / 4 == pytest.approx(3.16 ** 3 / 2)
+    si = build_structure(ActiveStructure(kind="surface", miller="111", layers=4), Crystal("Si", "diamond", 5.43))
+    assert set(si.get_chemical_symbols()) == {"Si"} and len(_planes(si.positions[:, 2])) == 4
+    mg = build_structure(ActiveStructure(kind="surface", miller="0001", layers=3), Crystal("Mg", "hcp", 3.2))
+    assert len(_planes(mg.positions[:, 2])) == 3
+    cu = build_structure(ActiveStructure(kind="surface"), CU)  # fcc(111): the slab the loop always built
+    assert np.array_equal(cu.positions, fcc111("Cu", size=(2, 2, 4), a=3.61, vacuum=6.0).positions)
+    with pytest.raises(ParamsError, match="three digits"):
+        build_structure(ActiveStructure(kind="surface", miller="000"), mo)
+    # the crystal: active.element over the crystal section, nulls from the training split of base_data
+    frames = []
+    for s_ in (0.99, 1.0, 1.01):
+        a = bulk("Mo", "bcc", a=3.16 * s_, cubic=True)
+        a.calc = LennardJones(sigma=2.5, epsilon=0.5, rc=6.0)
+        e = a.get_potential_energy()
+        a.calc = SinglePointCalculator(a, energy=e, forces=np.zeros((2, 3)))
+        frames.append(a)
+    write_extxyz(tmp_path / "mo.extxyz", frames)
+    p = Params.model_validate({"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Mo"]},
+                               "crystal": {"element": "Cu", "a": 3.6},
+                               "active": {"element": "Mo", "base_data": str(tmp_path / "mo.extxyz")}})
+    cr = active_crystal(p)
+    assert (cr.element, cr.lattice) == ("Mo", "bcc") and cr.a == pytest.approx(3.16, rel=1e-6)

@@ -22,10 +22,13 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from active_oracles import log_lines
+from mlipops.crystal import Crystal
 from mlipops.frames import file_md5, read_extxyz, write_extxyz
 from mlipops.ingest import rejected_frame
 from mlipops.oracles import get_oracle
 from mlipops.params import Params, load_params
+
+CU = Crystal("Cu", "fcc", 3.61)  # ASE's reference fcc copper, as the structures were built before
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -111,11 +114,11 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
     monkeypatch.chdir(run)
     p = _params(seed, run)
     # the held-out trajectory from plain EMT (the counting oracle below is for the labels only)
-    hold, hold_file = load_or_generate(p.active.holdout, "Cu", get_oracle("emt"), tmp_path / "holdout")
+    hold, hold_file = load_or_generate(p.active.holdout, CU, get_oracle("emt"), tmp_path / "holdout")
     p = Params.model_validate(p.model_dump(by_alias=True) | {"active": p.active.model_copy(update={
         "holdout": p.active.holdout.model_copy(update={"file": str(hold_file)})})})
     oracle = counting_oracle(corrupt_every=2)
-    summary = run_loop(p, oracle, seed / "model", "Cu")
+    summary = run_loop(p, oracle, seed / "model", CU)
     calls = tmp_path / "calls.log"
     hist = summary["history"]
     assert summary["iterations"] == 2 and len(hist) == 2
@@ -187,7 +190,7 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
 
     # a rerun with the same params resumes at the end: no oracle call
     before = len(log_lines(calls, "start"))
-    again = run_loop(p, oracle, seed / "model", "Cu")
+    again = run_loop(p, oracle, seed / "model", CU)
     assert len(log_lines(calls, "start")) == before and again["history"] == hist
 
 
@@ -245,7 +248,7 @@ def test_a_campaign_of_other_params_is_archived_not_deleted(seed, tmp_path, monk
     p = Params.model_validate(p.model_dump(by_alias=True) | {"compute": {"scheduler_address": cluster.scheduler_address}})
     oracle = get_oracle("emt")
     try:
-        first = run_loop(p, oracle, seed / "model", "Cu")
+        first = run_loop(p, oracle, seed / "model", CU)
         with __import__("distributed").Client(cluster.scheduler_address) as c:
             assert c.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.task_prefixes)) >= 1  # tasks ran there
     finally:
@@ -254,7 +257,7 @@ def test_a_campaign_of_other_params_is_archived_not_deleted(seed, tmp_path, monk
     assert first["history"][0]["labelled"] >= 1 and "curate.n_accepted_new" not in first["history"][0]
     q = Params.model_validate(p.model_dump(by_alias=True) | {"active": p.active.model_copy(update={"seed": 7}),
                                                              "compute": {"n_workers": 1}})
-    second = run_loop(q, oracle, seed / "model", "Cu")
+    second = run_loop(q, oracle, seed / "model", CU)
     arch = list((run / "data/active/archive").iterdir())
     assert len(arch) == 1 and (arch[0] / "labels" / "active_0.extxyz").read_bytes() == labels
     assert (arch[0] / "state.json").is_file() and second["history"][0]["iteration"] == 0

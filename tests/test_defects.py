@@ -192,11 +192,11 @@ def test_select_perfect_imperfect_held_out_and_temperature():
 
 
 def test_recommendation_follows_the_numbers():
-    def group(ratio, outside, sz, sa, deficit):
+    def group(ratio, outside, sz, sa, vacancies):
         return {"force_mae_atom": 0.01 * ratio, "fraction_outside_hull": outside,
-                "worst_quarter_median_z_deficit": deficit, "atoms": {"share_z": sz, "share_angle": sa}}
+                "worst_quarter_median_vacancy_equivalents": vacancies, "atoms": {"share_z": sz, "share_angle": sa}}
 
-    diag = {"all": {}, "vacancy": group(10, 0.5, 0.1, 0.6, 1), "surface": group(30, 0.9, 0.7, 0.1, 4),
+    diag = {"all": {}, "vacancy": group(10, 0.5, 0.1, 0.6, 1.1), "surface": group(30, 0.9, 0.7, 0.1, 2.2),
             "fine": group(1.2, 0.05, 0.3, 0.3, 0)}
     recs = dx.recommend(diag, 0.01)
     assert [r["config_type"] for r in recs] == ["surface", "vacancy"]
@@ -243,6 +243,7 @@ def test_transfer_end_to_end_on_emt_copper(tmp_path):
     assert "slab" in recipes  # slab atoms are far below the bulk z the crystals had
     assert rep.diagnosis["surface_111"]["fraction_outside_hull"] > 0.3
     c = rep.control
+    assert c["crystal"]["lattice"] == "fcc" and c["crystal"]["element"] == "Cu"  # resolved from the training crystals
     assert c["n_added_frames"] >= 2 and c["force_mae_atom_after"] < c["force_mae_atom_before"]
     assert c["per_config_type"]["surface_111"]["force_mae_atom_after"] < c["per_config_type"]["surface_111"]["force_mae_atom_before"]
     m = dx.write_report(rep, tmp_path, "tiny")
@@ -279,3 +280,79 @@ def test_cli_bad_input_is_one_line_naming_the_file(tmp_path, u_repo_root):
     r = _cli(tmp_path, "evaluate", "defects", "--data", "other.extxyz", "--out", "rep")
     assert r.returncode == 2 and "evaluate.defects.perfect_config_types" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "rep").exists()
+
+
+# ------------------------------------------------------------------- any lattice: recommendation, control
+@pytest.mark.parametrize("element,lattice,a", [("Cu", "fcc", 3.61), ("Mo", "bcc", 3.16), ("Si", "diamond", 5.43)])
+def test_vacancy_equivalents_tell_a_vacancy_from_a_surface_on_every_lattice(element, lattice, a):
+    """The first shell cannot (diamond: a vacancy neighbour and a (111) surface atom both lose 1 of 4 bonds); the
+    neighbour sphere within the descriptor cutoff can: ≈ 1 vacancy next to a vacancy, > VACANCY_LIKE at a surface."""
+    from mlipops.crystal import Crystal, bulk_cell, slab, vacancy_cell
+    from mlipops.descriptors import neighbor_list
+
+    cr, cutoff = Crystal(element, lattice, a), 5.0
+    perfect = bulk_cell(cr, 2)
+    perfect.calc = SinglePointCalculator(perfect, energy=0.0, forces=np.zeros((len(perfect), 3)))
+    ref = dx.vacancy_asymmetry([perfect], cutoff)
+    assert 0.05 < ref < 0.25
+    assert dx.neighbour_asymmetry(bulk_cell(cr, 3), cutoff)[0].max() < 1e-9  # complete shells cancel
+
+    def z_of(atoms):
+        return np.bincount(neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 1.1 * cr.nn_distance)[0],
+                           minlength=len(atoms))
+
+    rng = np.random.default_rng(0)
+    v = vacancy_cell(cr, 3, rng)
+    z = z_of(v)
+    v.positions += rng.normal(0, 0.08, v.positions.shape)
+    next_to = z == cr.z - 1
+    eq = dx.neighbour_asymmetry(v, cutoff)[0] / ref
+    assert next_to.sum() == cr.z and 0.7 < np.median(eq[next_to]) < 1.4 < dx.VACANCY_LIKE
+    for miller in ("100", "110", "111"):
+        s = slab(cr, miller, 6, (2, 2), 6.0)
+        top = s.positions[:, 2] > s.positions[:, 2].max() - 0.05
+        eq_s = dx.neighbour_asymmetry(s, cutoff)[0][top] / ref
+        assert np.median(eq_s) > dx.VACANCY_LIKE + 0.3, (miller, np.median(eq_s))  # measured >= 2.0 (diamond 111)
+        if lattice == "diamond" and miller == "111":  # same first-shell deficit as a vacancy neighbour: 1 of 4
+            assert set(cr.z - z_of(s)[top]) == {1} and set(cr.z - z[next_to]) == {1}
+
+
+def _lj_generate(element="Mo", **defects):
+    from mlipops.params import GenerateParams
+
+    return GenerateParams(element=element, oracle={"calculator": "ase.calculators.lj.LennardJones",
+                                                    "kwargs": {"sigma": 2.5, "epsilon": 0.5, "rc": 6.0}},
+                          defects={"vacancy_supercell": 2, "slabs": ["110", "111"], "slab_size": [1, 1, 4]} | defects)
+
+
+def test_recipes_control_builds_the_resolved_crystal_and_refuses_an_oracle_without_the_element():
+    from mlipops.crystal import Crystal
+    from mlipops.params import GenerateParams
+
+    cr = Crystal("Mo", "bcc", 3.16)
+    p = DefectParams(control_vacancy_cells=2, control_slabs=1)
+    out = dx.control_recipes({"rattled_vacancy", "slab"}, p, _lj_generate(), cr)
+    kinds = [a.info["config_type"] for a in out]
+    assert kinds == ["control_rattled_vacancy"] * 2 + ["control_slab_110", "control_slab_111"]
+    assert [len(a) for a in out[:2]] == [15, 15]  # bcc 2 x 2^3 - 1
+    assert all(tuple(a.pbc) == (True, True, False) for a in out[2:]) and all(a.get_chemical_symbols()[0] == "Mo" for a in out)
+    assert all(np.isfinite(a.get_potential_energy()) for a in out)
+    # EMT has no Mo: the recipes control stops before any training, in one line naming the way out
+    rng = np.random.default_rng(0)
+    frames = []
+    for k in range(4):
+        c = bulk("Mo", "bcc", a=3.16, cubic=True).repeat(2)
+        c.positions += rng.normal(0, 0.03, c.positions.shape)
+        c.info |= {"config_type": "crystal", "split": "train"}
+        frames.append(c)
+    v = bulk("Mo", "bcc", a=3.16, cubic=True).repeat(2)
+    del v[0]
+    v.info |= {"config_type": "vacancy", "split": "test"}
+    for a in frames + [v]:
+        a.calc = SinglePointCalculator(a, energy=-10.0 * len(a), forces=np.zeros((len(a), 3)))
+    q = DefectParams(perfect_config_types=["crystal"], imperfect_config_types=["vacancy"], control="recipes")
+    with pytest.raises(MlipopsError) as e:
+        dx.transfer(frames + [v], q, TrainParams(), DescriptorParams(), IndexParams(), GenerateParams(element="Mo"))
+    assert e.value.field == "evaluate.defects.control" and len(str(e.value).splitlines()) == 1
+    assert "the control's oracle emt cannot compute Mo: NotImplementedError: No EMT-potential for Mo; set " \
+           "evaluate.defects.control: held_out" in str(e.value)

@@ -102,6 +102,7 @@ def test_the_report_records_the_model_it_was_computed_for(tmp_path):
     (model_dir / "run.json").write_text(json.dumps({"run_id": "r", "data_md5": "a" * 32}))
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump({"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]},
+                                 "crystal": {"element": "Cu", "lattice": "fcc", "a": 3.61},
                                  "evaluate": {"nve": {"supercell": 1, "steps": 10, "discard_fs": 0.0, "reference": False}}}))
     run(load_params(f), model_dir, out=tmp_path / "nve")
     prov = read_provenance(tmp_path / "nve")
@@ -112,3 +113,80 @@ def test_the_report_records_the_model_it_was_computed_for(tmp_path):
                                                                           "data_md5": "a" * 32})
     assert "computed for data md5" in mismatch(tmp_path / "nve", {"model_weights_sha256": model_fingerprint(model_dir),
                                                                    "data_md5": "c" * 32})
+
+
+def _tiny_model(path, element):
+    import torch
+
+    from mlipops.models import Ensemble, Potential
+
+    torch.manual_seed(0)
+    d = {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1}
+    return Ensemble([Potential([element], d, [8]) for _ in range(2)]).save(path, extra={"model_name": "cu"})
+
+
+def _params(path, **sections):
+    import yaml
+
+    from mlipops.params import load_params
+
+    doc = {"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu", "Mo"]}} | sections
+    path.write_text(yaml.safe_dump(doc))
+    return load_params(path)
+
+
+def test_the_crystal_is_the_datas_own_at_the_calculators_lattice_constant(tmp_path):
+    """structure/element null: the curated training frames' crystal (bcc Mo here, not fcc copper); the lattice
+    constant is the calculator's own E(a) minimum, for diamond too."""
+    from ase.calculators.lj import LennardJones
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from mlipops.crystal import Crystal
+    from mlipops.evaluate.nve import model_lattice_constant, nve_crystal, run
+    from mlipops.frames import write_extxyz
+    from mlipops.generate.recipes import equilibrium_nn_distance
+    from mlipops.oracles import get_oracle
+
+    frames = []
+    for s in (0.99, 1.0, 1.01):
+        a = bulk("Mo", "bcc", a=3.16 * s, cubic=True).repeat(2)
+        a.calc = LennardJones(sigma=2.5, epsilon=0.5, rc=6.0)
+        e, f = a.get_potential_energy(), a.get_forces()
+        a.calc = SinglePointCalculator(a, energy=e, forces=f)
+        a.info["split"] = "train"
+        frames.append(a)
+    write_extxyz(tmp_path / "accepted.extxyz", frames)
+    nve = {"supercell": 2, "steps": 10, "discard_fs": 0.0, "reference": False}
+    p = _params(tmp_path / "params.yaml", evaluate={"nve": nve})
+    cr = nve_crystal(p, tmp_path / "accepted.extxyz")
+    assert (cr.element, cr.lattice, cr.a) == ("Mo", "bcc", pytest.approx(3.16, rel=1e-9))
+    m = run(p, _tiny_model(tmp_path / "mo", "Mo"), out=tmp_path / "nve", data=tmp_path / "accepted.extxyz")
+    assert m["n_atoms"] == 16 and m["lattice_constant_A"] > 0  # 2 x 2^3: bcc, not fcc's 32
+    assert "16-atom Mo bcc crystal" in (tmp_path / "nve/summary.md").read_text()
+    q = _params(tmp_path / "p2.yaml", evaluate={"nve": nve | {"structure": "fcc"}})
+    assert nve_crystal(q, tmp_path / "accepted.extxyz").lattice == "fcc"  # params override the data
+    emt = EMT()
+    assert model_lattice_constant(Crystal("Cu", "fcc", 3.8), emt)[0] == pytest.approx(
+        equilibrium_nn_distance("Cu", "fcc", get_oracle("emt")) * math.sqrt(2.0), rel=2e-3)
+    a_dia, src = model_lattice_constant(Crystal("Cu", "diamond", 5.0), emt)
+    assert src == "the model's own" and a_dia == pytest.approx(
+        equilibrium_nn_distance("Cu", "diamond", get_oracle("emt")) * 4 / math.sqrt(3.0), rel=2e-3)
+
+
+def test_a_reference_oracle_that_cannot_compute_the_element_stops_in_one_line(tmp_path):
+    """EMT has no molybdenum: one line, exit 2, naming the field and the way out; no MD, no nan."""
+    import os
+    import subprocess
+    import sys
+
+    _tiny_model(tmp_path / "data/models/cu", "Mo")
+    _params(tmp_path / "params.yaml", crystal={"element": "Mo", "lattice": "bcc", "a": 3.16},
+            evaluate={"nve": {"supercell": 1, "steps": 10}})
+    r = subprocess.run([sys.executable, "-m", "mlipops.cli", "evaluate", "nve"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, MLIPOPS_DEBUG=""))
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "nan" not in err
+    assert ("the reference oracle emt cannot compute Mo: NotImplementedError: No EMT-potential for Mo; "
+            "set evaluate.nve.reference: false or name an oracle that can") in err
+    assert "evaluate.nve.reference" in err and not (tmp_path / "reports/evaluate/nve/metrics.json").exists()

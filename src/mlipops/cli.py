@@ -251,7 +251,7 @@ def active_run(params: Path = ParamsOpt,
     Dask; writes data/raw/active/active_<iteration>.extxyz, curates it (ingest, validate, index), retrains
     the committee warm-started and scores it on a fixed held-out trajectory; reports in reports/active/.
     Interrupted, it resumes from data/active/state.json."""
-    from mlipops.active.loop import run_loop
+    from mlipops.active.loop import active_crystal, run_loop
     from mlipops.models.calculator import resolve_model
     from mlipops.oracles import get_oracle
 
@@ -275,7 +275,7 @@ def active_run(params: Path = ParamsOpt,
                     note=f"iteration {st.iteration} MD: σ_proj {stats['sigma_projected']:.3g} eV, "
                          f"max σ_F {stats['max_sigma_f']:.3g} eV/Å, {fired[0]} triggers")
 
-        summary = run_loop(p, oracle, model_dir, a.element or p.generate.element, progress=progress)
+        summary = run_loop(p, oracle, model_dir, active_crystal(p), progress=progress)
     from mlipops.active.report import write_report
 
     write_report(summary, p)

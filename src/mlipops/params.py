@@ -406,6 +406,21 @@ def parameter_count(species: int, descriptor: dict, hidden: list[int], n_members
     return n_members * (species * mlp + 2 * nf + species) + 2 * pairs
 
 
+# -------------------------------------------------------------------------------------- crystal
+Lattice = Literal["fcc", "bcc", "hcp", "diamond", "sc"]
+
+
+class CrystalParams(_Section):
+    """The crystal the structure-building stages (nve's hot crystal, the defects control's vacancy cells and
+    slabs, active learning's starting structures) build from (:func:`mlipops.crystal.resolve`). A null is
+    filled from the curated training data: ``element`` its species (one), ``lattice`` the classified lattice of
+    its lowest-energy periodic frames, ``a`` their volume per atom."""
+    element: str | None = None
+    lattice: Lattice | None = None
+    a: float | None = Field(None, gt=0.0)  # Å, conventional cubic cell (hcp: basal plane)
+    c: float | None = Field(None, gt=0.0)  # Å, hcp only; null: ideal c/a = √(8/3)
+
+
 # ------------------------------------------------------------------------------------ descriptors
 class DescriptorParams(_Section):
     # the caps are those a model folder's config.json is held to (mlipops.models.schema)
@@ -617,9 +632,9 @@ class MeltingParams(_Section):
 
 class NveParams(_Section):
     """`mlipops evaluate nve`: energy conservation of the trained model in a short NVE run."""
-    element: str | None = None  # default: generate.element
-    structure: Literal["fcc", "bcc", "hcp", "sc", "diamond"] = "fcc"
-    supercell: int = Field(3, ge=1)  # repeats of the cubic cell (fcc: 4 N^3 atoms)
+    element: str | None = None  # null: the crystal section's (resolved from the data)
+    structure: Lattice | None = None  # null: the crystal section's lattice (resolved from the data)
+    supercell: int = Field(3, ge=1)  # repeats of the conventional cell (fcc: 4 N^3 atoms, bcc 2 N^3, diamond 8 N^3)
     temperature_K: float = Field(1000.0, gt=0)  # Maxwell-Boltzmann at 2 T, equipartition -> about T
     timestep_fs: float = Field(2.0, gt=0)
     steps: int = Field(500, ge=10)
@@ -686,13 +701,15 @@ Temperatures = Annotated[list[float], AfterValidator(_positive_temperatures)]  #
 
 
 class ActiveStructure(_Section):
-    """A starting structure of the active-learning MD, built by ``ase.build`` from ``active.element``:
-    ``bulk`` (the cubic cell repeated ``supercell`` times), ``vacancy`` (the same, first atom removed)
-    or ``surface`` (a ``miller`` slab, ``supercell`` × ``supercell`` × ``layers``, ``vacuum`` Å each side)."""
+    """A starting structure of the active-learning MD, built from the crystal (:mod:`mlipops.crystal`: the
+    ``crystal`` section, ``active.element`` where set, nulls from the data): ``bulk`` (the conventional cell
+    repeated ``supercell`` times), ``vacancy`` (the same, first atom removed) or ``surface`` (a ``miller``
+    slab of ``layers`` atomic planes, ``supercell`` × ``supercell`` surface cells, ``vacuum`` Å each side:
+    :func:`mlipops.crystal.slab`). ``lattice`` null: the crystal's; another lattice: at the crystal's density."""
     kind: Literal["bulk", "vacancy", "surface"] = "bulk"
-    lattice: Literal["fcc", "bcc", "sc", "diamond"] = "fcc"
+    lattice: Lattice | None = None
     supercell: int = Field(2, ge=1)
-    miller: Literal["100", "110", "111"] = "111"
+    miller: Annotated[str, Field(pattern=r"^([0-9]{3}|0001)$")] = "111"  # three digits; hcp also 0001 (basal)
     layers: int = Field(4, ge=2)
     vacuum: float = Field(6.0, gt=0)
 
@@ -736,7 +753,7 @@ class ActiveHoldoutParams(_Section):
 class ActiveParams(_Section):
     """The active-learning loop (``mlipops active run``): committee MD, trigger, de-duplication, oracle."""
     model: str | None = None  # model directory or NAME@alias; default data/models/<train.model_name>
-    element: str | None = None  # default: generate.element
+    element: str | None = None  # null: the crystal section's (resolved from the data)
     iterations: int = Field(1, ge=1)
     mode: Literal["projected", "force", "gamma", "random"] = "projected"
     sigma_projected_eV: float = Field(0.002, gt=0)  # σ of the energy change of the next step (eV)
@@ -769,6 +786,7 @@ class Params(_Section):
     ingest: IngestParams
     validate_: ValidateParams = Field(alias="validate")
     index: IndexParams = IndexParams()
+    crystal: CrystalParams = CrystalParams()
     descriptors: DescriptorParams = DescriptorParams()
     train: TrainParams = TrainParams()
     compute: ComputeParams = ComputeParams()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms, units
 
+from mlipops.crystal import Crystal
 from mlipops.errors import StageInputError
 from mlipops.frames import labels, read_extxyz, write_extxyz
 from mlipops.params import ActiveHoldoutParams
@@ -39,13 +40,14 @@ def lindemann_ratio(atoms: Atoms, reference: Atoms) -> float:
     return float(np.sqrt((d**2).sum(axis=1).mean()) / nn)
 
 
-def holdout_fingerprint(p: ActiveHoldoutParams, element: str, oracle) -> str:
-    doc = {"params": p.model_dump(mode="json"), "element": element, "oracle": oracle.name,
+def holdout_fingerprint(p: ActiveHoldoutParams, crystal: Crystal, oracle) -> str:
+    doc = {"params": p.model_dump(mode="json"), "element": crystal.element,
+           "crystal": [crystal.lattice, round(crystal.a, 6), crystal.c], "oracle": oracle.name,
            "settings": oracle.settings, "version": oracle.version}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def generate(p: ActiveHoldoutParams, element: str, oracle) -> list[Atoms]:
+def generate(p: ActiveHoldoutParams, crystal: Crystal, oracle) -> list[Atoms]:
     """The oracle's heating trajectories, sampled and labelled (see the module docstring)."""
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.constraints import FixCom
@@ -57,7 +59,7 @@ def generate(p: ActiveHoldoutParams, element: str, oracle) -> list[Atoms]:
     frames = []
     for run, s in enumerate(p.structures):
         rng = np.random.default_rng([p.seed, run])
-        atoms = build_structure(s, element)
+        atoms = build_structure(s, crystal)
         ref = atoms.copy()
         MaxwellBoltzmannDistribution(atoms, temperature_K=p.temperatures_K[0], rng=rng)
         Stationary(atoms)
@@ -85,7 +87,7 @@ def generate(p: ActiveHoldoutParams, element: str, oracle) -> list[Atoms]:
     return frames
 
 
-def load_or_generate(p: ActiveHoldoutParams, element: str, oracle, work_dir: str | Path) -> tuple[list[Atoms], Path]:
+def load_or_generate(p: ActiveHoldoutParams, crystal: Crystal, oracle, work_dir: str | Path) -> tuple[list[Atoms], Path]:
     """The campaign's held-out frames: ``p.file`` when given, else ``<work_dir>/holdout.extxyz``,
     generated when missing or made with other settings (its fingerprint is in ``holdout.json``)."""
     if p.file:
@@ -98,7 +100,7 @@ def load_or_generate(p: ActiveHoldoutParams, element: str, oracle, work_dir: str
         return frames, Path(p.file)
     work_dir = Path(work_dir)
     path, meta = work_dir / "holdout.extxyz", work_dir / "holdout.json"
-    key = holdout_fingerprint(p, element, oracle)
+    key = holdout_fingerprint(p, crystal, oracle)
     if path.is_file() and meta.is_file():
         try:
             ok = json.loads(meta.read_text()).get("fingerprint") == key
@@ -106,7 +108,7 @@ def load_or_generate(p: ActiveHoldoutParams, element: str, oracle, work_dir: str
             ok = False
         if ok:
             return read_extxyz(path)[0], path
-    frames = generate(p, element, oracle)
+    frames = generate(p, crystal, oracle)
     work_dir.mkdir(parents=True, exist_ok=True)
     write_extxyz(path, frames)
     meta.write_text(json.dumps({"fingerprint": key, "n_frames": len(frames),

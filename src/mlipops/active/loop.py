@@ -46,6 +46,7 @@ from mlipops.active.committee import CommitteeCalculator
 from mlipops.active.dispatch import label_batch
 from mlipops.active.state import ActiveState, load_or_start
 from mlipops.active.trigger import Trigger, committee_stats, deduplicate, fingerprints
+from mlipops.crystal import Crystal, a_from_volume, bulk_cell, resolve, slab, train_frames, unit_cell
 from mlipops.errors import ParamsError, StageInputError
 from mlipops.frames import file_md5, read_extxyz, write_extxyz, write_manifest
 from mlipops.params import ActiveParams, ActiveStructure, ComputeParams, Params
@@ -76,23 +77,34 @@ def params_fingerprint(p: ActiveParams, model_dir: str | Path, params: Params | 
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_structure(s: ActiveStructure, element: str) -> Atoms:
-    """A starting structure (see :class:`~mlipops.params.ActiveStructure`)."""
-    from ase.build import bulk, fcc100, fcc110, fcc111
+def active_crystal(params: Params) -> Crystal:
+    """The crystal the starting structures are built from: the ``crystal`` params (``active.element`` where
+    set), their nulls from the training split of ``active.base_data`` (or the curated data)."""
+    from mlipops.train.loop import DATA
 
+    a, cp = params.active, params.crystal
+    if a.element is not None and a.element != cp.element:
+        cp = cp.model_copy(update={"element": a.element, "a": None, "c": None})
+    return resolve(cp, train_frames(a.base_data or DATA))
+
+
+def build_structure(s: ActiveStructure, crystal: Crystal) -> Atoms:
+    """A starting structure (see :class:`~mlipops.params.ActiveStructure`) of ``crystal``; a structure that
+    names another lattice gets that lattice at the crystal's volume per atom."""
+    cr = crystal
+    if s.lattice is not None and s.lattice != crystal.lattice:
+        cell = unit_cell(crystal)
+        cr = Crystal(crystal.element, s.lattice, a_from_volume(s.lattice, cell.get_volume() / len(cell)),
+                     source=f"{s.lattice} at the density of {crystal.source or crystal.lattice}")
     try:
         if s.kind == "surface":
-            if s.lattice != "fcc":
-                raise ParamsError("surfaces are built for fcc only", field="active.structures.lattice")
-            make = {"100": fcc100, "110": fcc110, "111": fcc111}[s.miller]
-            a = make(element, size=(s.supercell, s.supercell, s.layers), vacuum=s.vacuum, periodic=True)
-            a.pbc = (True, True, False)
+            a = slab(cr, s.miller, s.layers, (s.supercell, s.supercell), s.vacuum)
         else:
-            a = bulk(element, s.lattice, cubic=True).repeat(s.supercell)
+            a = bulk_cell(cr, s.supercell)
             if s.kind == "vacancy":
                 del a[0]
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise ParamsError(f"cannot build {s.kind} {s.lattice} {element}: {exc}", field="active.structures") from None
+        raise ParamsError(f"cannot build {s.kind} {cr.lattice} {cr.element}: {exc}", field="active.structures") from None
     a.info = {"structure": s.kind}
     return a
 
@@ -137,7 +149,7 @@ class _Hull:
         return self.h.evaluate(np.array(atoms.get_chemical_symbols()), g, unseen)["extrapolation_grade"]
 
 
-def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, element: str, hull: _Hull | None,
+def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, crystal: Crystal, hull: _Hull | None,
               work_dir: Path, progress) -> None:
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
@@ -157,7 +169,7 @@ def _md_phase(p: ActiveParams, st: ActiveState, calc: CommitteeCalculator, eleme
             if st.md_rng:
                 rng.bit_generator.state = st.md_rng
         else:
-            atoms = build_structure(p.structures[st.md_run], element)
+            atoms = build_structure(p.structures[st.md_run], crystal)
             MaxwellBoltzmannDistribution(atoms, temperature_K=md.temperatures_K[0], rng=rng)
             Stationary(atoms)
         atoms.calc = calc
@@ -470,7 +482,7 @@ def archive_campaign(work_dir: Path, out_dir: Path) -> Path:
     return dest
 
 
-def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progress=None) -> dict:
+def run_loop(params: Params, oracle, model_dir: str | Path, crystal: Crystal, progress=None) -> dict:
     """Run (or resume) ``active.iterations`` iterations; returns a summary (per-iteration ``history``).
 
     Each iteration: MD with the current committee → trigger → de-duplicated batch → oracle (Dask) →
@@ -503,7 +515,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
     if p.holdout.enabled:
         from mlipops.active.holdout import load_or_generate
 
-        holdout_frames, _ = load_or_generate(p.holdout, element, oracle, work_dir)
+        holdout_frames, _ = load_or_generate(p.holdout, crystal, oracle, work_dir)
     ml = _Tracker(params, st, fp, seed_model) if p.mlflow else None
     if "initial" not in st.mlflow and holdout_frames is not None:
         st.mlflow["initial"] = _score(p, holdout_frames, seed_model, trusted)
@@ -518,7 +530,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, element: str, progre
         idx = _current_index(p, st)
         hull = _Hull(idx) if idx is not None else None
         if st.phase == "md":
-            _md_phase(p, st, calc, element, hull, work_dir, progress)
+            _md_phase(p, st, calc, crystal, hull, work_dir, progress)
             _select_phase(p, st, calc, hull, work_dir, out_dir)
         if st.phase == "label":
             counts = _label_phase(p, st, oracle, compute, work_dir, out_dir)

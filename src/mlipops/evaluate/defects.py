@@ -4,7 +4,7 @@ The experiment (``mlipops evaluate defects``, the ``defects`` stage):
 
 1. **Perfect-only model.** A single potential (the ``train`` params' architecture, ``evaluate.defects.epochs``
    epochs) is trained on the perfect crystals only: the ``perfect_config_types`` of the train split
-   (fcc 12, bcc 8, sc 6, diamond 4, hcp 12 neighbours for the embedded copper), optionally below a
+   (for the embedded copper: fcc, bcc, sc, diamond, hcp; for DFT data e.g. its elastic and AIMD cells), optionally below a
    temperature. A convex hull of its training atoms in descriptor space (the index's method,
    :mod:`mlipops.index.hull`) gives every test atom its extrapolation grade γ.
 2. **Imperfect test.** It predicts the ``imperfect_config_types`` (vacancies, slabs, adatoms). Per atom:
@@ -21,13 +21,28 @@ The experiment (``mlipops evaluate defects``, the ``defects`` stage):
    relative to the perfect crystals' validation error, the dominant factor and the share of its atoms
    outside the training hull; config_types whose error is elevated are recommended, with the recipe that
    supplies what is missing: ``high_temperature_md`` (the liquid recipe) for frames hotter than any training
-   crystal (judged as their own group, ``<config_type>_hot``), else ``rattled_vacancy`` (bulk-like atoms missing a neighbour or
-   two, with distorted bond angles) or ``slab`` (surface-like atoms, z well below the crystals' bulk z),
-   from the coordination deficit of the worst quarter of its atoms.
+   crystal (judged as their own group, ``<config_type>_hot``), else ``rattled_vacancy`` (bulk-like atoms missing a neighbour,
+   with distorted bond angles) or ``slab`` (surface-like atoms: a side of their neighbour sphere missing), from the
+   worst quarter of its atoms' *vacancy equivalents* (:func:`neighbour_asymmetry`). The first shell alone
+   cannot tell the two apart for every lattice (a diamond atom next to a vacancy and a diamond (111) surface
+   atom both lose 1 of 4 bonds), so the measure looks at every neighbour within the descriptor cutoff: the
+   cutoff-weighted mean of the unit vectors to them, |Σ_j w_j r̂_ij| / Σ_j w_j, is 0 in a bulk crystal, small
+   next to a vacancy and ≈ 0.3–0.5 at a surface; divided by its value for a neighbour of one vacancy in the
+   lowest-energy perfect training cell (same cutoff), it counts vacancies' worth of missing neighbours. Measured
+   on built cells (:mod:`mlipops.crystal`, ``tests/test_defects.py``), cutoff 5 Å: neighbours of a vacancy
+   (rattled by 0.08 Å) 0.9–1.1 (fcc 1.13, bcc 0.98, diamond 0.95, hcp 0.90); surface atoms of 6-layer slabs,
+   fcc (100)/(110)/(111) 5.1/6.2/4.6, bcc 4.8/3.7/6.0, diamond 3.0/2.2/2.0, hcp (0001) 3.2 (6 Å: all ≥ 3.7).
+   A worst-quarter median above :data:`VACANCY_LIKE` = 1.6 is surface-like. At a 4 Å cutoff diamond (110)
+   and (111) surface atoms (1.05, 1.04) look like vacancy neighbours: the cutoff must reach well past the second
+   shell (Si: 3.8 Å). The first-shell deficit as a fraction of the bulk coordination, (z_bulk − z)/z_bulk, is
+   reported beside it (``worst_quarter_median_z_deficit_fraction``).
 5. **Control.** The perfect-only model is retrained with the recommended structures added and the same
    test is repeated: the error must drop where the diagnosis said. ``control: recipes`` generates
-   them with the dataset's oracle (``generate.oracle``: rattled fcc vacancy cells, rattled slabs of
-   ``generate.defects.slabs``; new structures, not the test frames); ``held_out`` (real DFT data, no
+   them with the dataset's oracle (``generate.oracle``) from the data's own crystal (:func:`mlipops.crystal.resolve`:
+   the ``crystal`` params, their nulls from the training frames) at the oracle's lattice constant: rattled
+   vacancy cells, rattled slabs of ``generate.defects.slabs`` (:func:`mlipops.crystal.slab`), the liquid recipe;
+   new structures, not the test frames. An oracle that cannot compute the element stops the stage before
+   any training, in one line naming ``evaluate.defects.control``; ``held_out`` (real DFT data, no
    oracle) splits the imperfect frames in two by content hash, adds one half of the recommended
    config_types to training and tests on the other half.
 
@@ -48,14 +63,16 @@ import numpy as np
 import pandas as pd
 from ase import Atoms
 
+from mlipops.crystal import NN_PER_A, Crystal, resolve, unit_cell
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.evaluate.errors import predict, spearman
 from mlipops.frames import frame_id, labels
-from mlipops.params import DefectParams, DescriptorParams, GenerateParams, IndexParams, TrainParams
+from mlipops.params import CrystalParams, DefectParams, DescriptorParams, GenerateParams, IndexParams, TrainParams
 
 REPORT_DIR = Path("reports/evaluate/defects")
 ELEVATED = 2.0  # an imperfect config_type whose force MAE exceeds ELEVATED x the perfect validation MAE ...
 OUTSIDE = 0.2  # ... or with more than this share of atoms outside the hull needs more data
+VACANCY_LIKE = 1.6  # worst-quarter median vacancy equivalents up to this: vacancy-like, above: surface-like
 HOTTER_K = 200.0  # a test frame this much hotter than the hottest perfect training frame is "hotter than training"
 
 
@@ -135,11 +152,50 @@ def full_coordination(frames: list[Atoms], coordination_cutoff: float) -> int:
     return int(np.percentile(z, 99))
 
 
+def neighbour_asymmetry(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per atom: (|Σ_j w_j r̂_ij| / Σ_j w_j, the number of neighbours within ``cutoff``), w the cosine cutoff
+    0.5 (1 + cos(π r/cutoff)). 0 in a perfect crystal (complete shells cancel), ≈ w_1/W for an atom that lost
+    one nearest neighbour (a vacancy), ≈ 0.3–0.5 for a surface atom (half its sphere empty); 0 without neighbours."""
+    from mlipops.descriptors import neighbor_list
+
+    i, j, S, d = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+    keep = d > 0
+    i, j, S, d = i[keep], j[keep], S[keep], d[keep]
+    w = 0.5 * (1.0 + np.cos(np.pi * d / cutoff))
+    u = (atoms.positions[j] - atoms.positions[i] + S @ atoms.cell.array) * (w / d)[:, None]
+    n = len(atoms)
+    s = np.stack([np.bincount(i, weights=u[:, k], minlength=n) for k in range(3)], axis=1)
+    wsum = np.bincount(i, weights=w, minlength=n)
+    asym = np.divide(np.linalg.norm(s, axis=1), wsum, out=np.zeros(n), where=wsum > 0)
+    return asym, np.bincount(i, minlength=n)
+
+
+def vacancy_asymmetry(frames: list[Atoms], cutoff: float) -> float:
+    """:func:`neighbour_asymmetry` of the neighbours of one vacancy (atoms within 1.1 x the nearest distance of
+    the removed site) in the lowest-energy fully periodic frame of ``frames`` (the perfect training crystals),
+    repeated until the vacancy does not see its images; nan when no such frame exists."""
+    cells = [a for a in frames if a.pbc.all() and a.cell.rank == 3 and labels(a)[0] is not None and len(a) > 0]
+    if not cells:
+        return float("nan")
+    a = min(cells, key=lambda x: labels(x)[0] / len(x))
+    a = Atoms(a.numbers, positions=a.positions, cell=a.cell, pbc=True)
+    heights = a.cell.volume / np.linalg.norm(np.cross(a.cell[[1, 2, 0]], a.cell[[2, 0, 1]]), axis=1)
+    a = a.repeat([max(1, math.ceil(2.0 * cutoff / h) + 1) for h in heights])
+    site = a.positions[0].copy()
+    del a[0]
+    from ase.geometry import get_distances
+
+    d = get_distances(site[None], a.positions, cell=a.cell, pbc=True)[1][0]
+    first = d <= 1.1 * d.min()
+    return float(np.median(neighbour_asymmetry(a, cutoff)[0][first]))
+
+
 def atom_table(frames: list[Atoms], e_pred: np.ndarray, f_pred: list[np.ndarray], hull, coordination_cutoff: float,
-               z_full: int, t_hot: float = float("inf")) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-atom (force error, z, z deficit from the training crystals' bulk z, angle deviation, neighbours
-    within the descriptor cutoff, γ) and per-frame (energy error, means) tables."""
-    from mlipops.descriptors import compute_descriptors, neighbor_list
+               z_full: int, t_hot: float = float("inf"), vacancy_ref: float = float("nan")) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-atom (force error, z, z deficit from the training crystals' bulk z and as a fraction of it, angle
+    deviation, neighbours within the descriptor cutoff, their asymmetry and vacancy equivalents (asymmetry /
+    ``vacancy_ref``, :func:`vacancy_asymmetry`), γ) and per-frame (energy error, means) tables."""
+    from mlipops.descriptors import compute_descriptors
     from mlipops.index.build import atom_rows
 
     g, unseen = compute_descriptors(frames, hull.species, hull.descriptor)
@@ -151,13 +207,14 @@ def atom_table(frames: list[Atoms], e_pred: np.ndarray, f_pred: list[np.ndarray]
         if e_ref is None or f_ref is None:
             raise StageInputError("an imperfect test frame has no energy/forces", frame=k, field="energy")
         geo = atom_rows(a, coordination_cutoff)
-        i = neighbor_list(a.positions, a.cell.array, a.pbc, float(hull.descriptor["cutoff"]))[0]
+        asym, n_within = neighbour_asymmetry(a, float(hull.descriptor["cutoff"]))
         rows.append(pd.DataFrame({
             "frame": k, "config_type": group_of(a, t_hot), "species": geo["species"].to_numpy(),
             "z": geo["coordination"].to_numpy(), "angle_deviation": geo["bond_angle_deviation"].to_numpy(float),
             "nearest_crystal": geo["nearest_crystal"].to_numpy(),
             "z_deficit": z_full - geo["coordination"].to_numpy(),
-            "n_within_cutoff": np.bincount(i, minlength=len(a)),
+            "z_deficit_fraction": (z_full - geo["coordination"].to_numpy()) / max(z_full, 1),
+            "n_within_cutoff": n_within, "asymmetry": asym, "vacancy_equivalents": asym / vacancy_ref,
             "force_error": np.linalg.norm(np.asarray(f) - f_ref, axis=1)}))
         t = a.info.get("temperature_K")
         rows[-1]["temperature_K"] = np.nan if t is None else float(t)
@@ -257,6 +314,11 @@ def diagnose(at: pd.DataFrame, fr: pd.DataFrame) -> dict[str, dict]:
              "spearman_force_error_gamma": spearman(np.where(np.isinf(a.gamma), 1e300, a.gamma), a.force_error),
              "mean_z": float(a.z.mean()), "mean_angle_deviation": float(a.angle_deviation.mean()),
              "worst_quarter_median_z_deficit": float(np.nanmedian(a.z_deficit[worst])) if worst.any() else float("nan"),
+             "worst_quarter_median_z_deficit_fraction": (float(np.nanmedian(a.z_deficit_fraction[worst]))
+                                                         if worst.any() else float("nan")),
+             "worst_quarter_median_vacancy_equivalents": (float(np.nanmedian(a.vacancy_equivalents[worst]))
+                                                          if worst.any() and a.vacancy_equivalents[worst].notna().any()
+                                                          else float("nan")),
              "hot": bool(name.endswith("_hot")),
              "atoms": decompose_atoms(a)}
         if name == "all":
@@ -289,12 +351,16 @@ def recommend(diag: dict[str, dict], perfect_force_mae: float) -> list[dict]:
         if ratio < ELEVATED and d["fraction_outside_hull"] <= OUTSIDE:
             continue
         dom = dominant(d)
-        # frames hotter than any training crystal: hot MD (the liquid recipe); else bulk-like atoms with
-        # a neighbour or two missing need vacancy cells, surface-like atoms slabs
+        # frames hotter than any training crystal: hot MD (the liquid recipe); else bulk-like atoms with a
+        # neighbour missing need vacancy cells, surface-like atoms (a side of the sphere empty) slabs; without a
+        # vacancy reference (no periodic training cell), the first-shell deficit: up to a quarter of z is vacancy-like
         if d.get("hot"):
             recipe = "high_temperature_md"
         else:
-            recipe = "rattled_vacancy" if d["worst_quarter_median_z_deficit"] <= 2 else "slab"
+            veq = d.get("worst_quarter_median_vacancy_equivalents", float("nan"))
+            vacancy_like = (veq <= VACANCY_LIKE if np.isfinite(veq)
+                            else d.get("worst_quarter_median_z_deficit_fraction", 1.0) <= 0.25)
+            recipe = "rattled_vacancy" if vacancy_like else "slab"
         why = (f"force error {ratio:.1f}x the perfect crystals', {100 * d['fraction_outside_hull']:.0f} % of its atoms "
                f"outside the training hull; " + {"angle": "bond-angle distortion dominates",
                                                   "z": "missing neighbours (low z) dominate",
@@ -348,37 +414,56 @@ def conclusion(diag: dict[str, dict], perfect_force_mae: float, recs: list[dict]
 
 
 # ------------------------------------------------------------------------------------- control
-def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams) -> list[Atoms]:
-    """New labelled structures for the recommended recipes, from the dataset's oracle."""
-    from ase.build import bulk
+CONTROL_REMEDY = ("set evaluate.defects.control: held_out (half of the data's own imperfect frames join training) "
+                  "or name an oracle that can")
 
-    from mlipops.generate.recipes import _slab, equilibrium_nn_distance
-    from mlipops.oracles import get_oracle
+
+def control_oracle(g: GenerateParams, cr: Crystal):
+    """The oracle of ``control: recipes`` (``generate.oracle``), checked on ``cr``'s element: one line naming
+    ``evaluate.defects.control`` (exit 2) when it cannot compute it."""
+    from mlipops.oracles import get_oracle, require_element
 
     oracle = get_oracle(g.oracle.calculator, g.oracle.kwargs)
+    require_element(oracle, cr.element, probe=unit_cell(cr), field="evaluate.defects.control",
+                    what="the control's oracle", remedy=CONTROL_REMEDY)
+    return oracle
+
+
+def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams, cr: Crystal | None = None) -> list[Atoms]:
+    """New labelled structures for the recommended recipes, from the dataset's oracle, built from the crystal
+    ``cr`` (default: fcc ``generate.element``) at the oracle's own lattice constant: vacancy cells
+    (``generate.defects.vacancy_supercell`` conventional cells), slabs (``generate.defects.slabs``, ``slab_size``
+    [nx, ny, layers], ``vacuum``: :func:`mlipops.crystal.slab`), the liquid recipe (``generate.liquid``, started
+    at the crystal's density)."""
+    from mlipops.crystal import a_from_volume, slab, vacancy_cell
+    from mlipops.generate.recipes import equilibrium_nn_distance
+
+    cr = cr or Crystal(g.element, "fcc", 3.6, source="generate.element")
+    oracle = control_oracle(g, cr)
     rng = np.random.default_rng(p.control_seed)
-    a_fcc = equilibrium_nn_distance(g.element, "fcc", oracle) * math.sqrt(2.0)
+    nn = equilibrium_nn_distance(cr.element, cr.lattice, oracle)  # the oracle's own, as generate's crystals
+    co = cr.with_a(nn / NN_PER_A[cr.lattice], source=f"{oracle.name}'s equilibrium")
     out = []
     if "rattled_vacancy" in recipes:
-        n = g.defects.vacancy_supercell
-        perfect = bulk(g.element, "fcc", a=a_fcc, cubic=True).repeat((n, n, n))
         for _ in range(p.control_vacancy_cells):
-            v = perfect.copy()
-            del v[int(rng.integers(len(v)))]
+            v = vacancy_cell(co, g.defects.vacancy_supercell, rng)
             v.positions += rng.normal(0.0, p.control_rattle_stdev, v.positions.shape)
             v.info["config_type"] = "control_rattled_vacancy"
             out.append(v)
     if "high_temperature_md" in recipes:
         from mlipops.generate.recipes import liquid
 
-        for a in liquid(g, oracle, a_fcc, rng):  # snapshots of the oracle's own MD (generate.liquid)
+        cell = unit_cell(co)  # the recipe starts from fcc at the crystal's density
+        a_fcc = co.a if co.lattice == "fcc" else a_from_volume("fcc", cell.get_volume() / len(cell))
+        for a in liquid(g.model_copy(update={"element": cr.element}), oracle, a_fcc, rng):  # the oracle's own MD
             a.info["config_type"] = "control_high_temperature_md"
             out.append(a)
     if "slab" in recipes:
+        size = g.defects.slab_size
         for hkl in g.defects.slabs:
-            slab = _slab(g.element, hkl, a_fcc, g.defects.slab_size, g.defects.vacuum)
+            base = slab(co, hkl, size[2], size[:2], g.defects.vacuum)
             for _ in range(p.control_slabs):
-                s = slab.copy()
+                s = base.copy()
                 s.positions += rng.normal(0.0, p.control_rattle_stdev, s.positions.shape)
                 s.info["config_type"] = f"control_slab_{hkl}"
                 out.append(s)
@@ -439,12 +524,20 @@ def _perfect_force_mae(model, val: list[Atoms]) -> float:
 
 
 def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: DescriptorParams, ip: IndexParams,
-             g: GenerateParams | None = None) -> DefectReport:
-    """The whole experiment on labelled frames: train perfect-only, diagnose, recommend, control."""
+             g: GenerateParams | None = None, cp: CrystalParams | None = None) -> DefectReport:
+    """The whole experiment on labelled frames: train perfect-only, diagnose, recommend, control. ``cp``: the
+    crystal params (``control: recipes`` builds from :func:`mlipops.crystal.resolve` of them and the
+    training frames; its oracle is checked on the element before any training)."""
     from mlipops.train.loop import species_of
 
     t0 = time.perf_counter()
     s = select(frames, p)
+    crystal = None
+    if p.control == "recipes":
+        if g is None:
+            raise MlipopsError("control: recipes needs the generate params (element, oracle)", field="evaluate.defects.control")
+        crystal = resolve(cp or CrystalParams(), (a for a in frames if str(a.info.get("split", "train")) == "train"))
+        control_oracle(g, crystal)  # fail now, not after training
     species = species_of(s.train + s.val + s.test + s.pool)
     descriptor = d.model_dump()
     model = _train(s.train, s.val, species, p, tp, d)
@@ -455,10 +548,11 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
     temps = [float(a.info["temperature_K"]) for a in s.train if a.info.get("temperature_K") is not None]
     t_max = max(temps, default=0.0)  # 0 K: static crystals
     t_hot = t_max + HOTTER_K
-    at, fr = atom_table(s.test, e, f, hull, ip.coordination_cutoff, z_full, t_hot)
+    vac_ref = vacancy_asymmetry(s.train, float(d.cutoff))
+    at, fr = atom_table(s.test, e, f, hull, ip.coordination_cutoff, z_full, t_hot, vac_ref)
     perfect_mae = _perfect_force_mae(model, s.val or s.train)
     diag = diagnose(at, fr)
-    diag["all"] |= {"bulk_z": z_full, "perfect_max_temperature_K": t_max}
+    diag["all"] |= {"bulk_z": z_full, "perfect_max_temperature_K": t_max, "vacancy_neighbour_asymmetry": vac_ref}
     recs = recommend(diag, perfect_mae)
     words = conclusion(diag, perfect_mae, recs)
     t_diag = time.perf_counter()
@@ -466,9 +560,7 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
     control_at = None
     added: list[Atoms] = []
     if p.control == "recipes" and recs:
-        if g is None:
-            raise MlipopsError("control: recipes needs the generate params (element, oracle)", field="evaluate.defects.control")
-        added = control_recipes({r["recipe"] for r in recs}, p, g)
+        added = control_recipes({r["recipe"] for r in recs}, p, g, crystal)
     elif p.control == "held_out" and recs:
         want = {r["config_type"] for r in recs}
         added = [a for a in s.pool if group_of(a, t_hot) in want]
@@ -476,8 +568,10 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
         model2 = _train(s.train + added, s.val, species, p, tp, d, "control")
         hull2 = hull_of(s.train + added, species, descriptor, ip.pca_components)
         e2, f2 = _predict(model2, s.test)
-        control_at, fr2 = atom_table(s.test, e2, f2, hull2, ip.coordination_cutoff, z_full, t_hot)
+        control_at, fr2 = atom_table(s.test, e2, f2, hull2, ip.coordination_cutoff, z_full, t_hot, vac_ref)
         diag2 = diagnose(control_at, fr2)
+        if crystal is not None and p.control == "recipes":
+            control["crystal"] = {"element": crystal.element, "lattice": crystal.lattice, "source": crystal.source}
         control |= {"n_added_frames": len(added), "n_added_atoms": int(sum(len(a) for a in added)),
                     "added_config_types": sorted({group_of(a, t_hot) for a in added}),
                     "perfect_val_force_mae_atom_after": _perfect_force_mae(model2, s.val or s.train),
@@ -626,7 +720,7 @@ def run(params, data: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> d
             raise StageInputError(f"{len(rejected)} unreadable frame(s); first: {rejected[0].reason}", file=str(path))
         frames += fr
     p = params.evaluate.defects
-    rep = transfer(frames, p, params.train, params.descriptors, params.index, params.generate)
+    rep = transfer(frames, p, params.train, params.descriptors, params.index, params.generate, params.crystal)
     metrics = write_report(rep, Path(out_dir), "Perfect → imperfect transfer: " + ", ".join(str(x) for x in paths))
     from mlipops.frames import file_md5
     from mlipops.provenance import write_provenance

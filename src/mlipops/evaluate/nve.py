@@ -3,8 +3,13 @@
 A potential whose energy is not a smooth function of the positions (a kink at the cutoff, a
 neighbour list missing pairs, non-conservative forces) heats or cools an NVE simulation: the total
 energy E = K + U drifts. We run velocity-Verlet MD of the ensemble's mean potential (what a user
-runs, ``MlipopsCalculator`` in float64 with its Verlet-skin neighbour list) on a hot fcc crystal,
-and the same run with the reference oracle:
+runs, ``MlipopsCalculator`` in float64 with its Verlet-skin neighbour list) on a hot crystal, and the
+same run with the reference oracle. The crystal is the data's own (:func:`mlipops.crystal.resolve`: the
+``crystal`` params, their nulls from the curated training data; ``evaluate.nve.element``/``structure``
+override it) at the model's own 0 K lattice constant (E(a) scanned with the model, as the melting stage
+does), so the run starts at the model's equilibrium whatever the element and lattice. A reference oracle
+that cannot compute the element stops the stage in one line before any MD
+(:func:`mlipops.oracles.require_element`).
 
 - ``energy_drift_meV_per_atom_per_ps``: slope of a least-squares line through E_tot(t)/N, over
   the run after the first ``discard_fs`` (the start-up transient of the MB velocities);
@@ -26,11 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mlipops.errors import StageInputError
+from mlipops.crystal import Crystal, bulk_cell, resolve, train_frames, unit_cell
+from mlipops.errors import MlipopsError, StageInputError
+from mlipops.oracles import get_oracle, require_element
 from mlipops.params import Params
 from mlipops.report import progress, write_markdown, write_metrics
 
 REPORT_DIR = Path("reports/evaluate/nve")
+DATA = Path("data/curated/accepted.extxyz")  # the curated data whose training split gives the crystal
 
 
 def nve_trace(atoms, calc, temperature_K: float, timestep_fs: float, steps: int, seed: int, advance=None) -> dict:
@@ -116,13 +124,42 @@ def _plot(traces: dict[str, dict], path: Path, discard_fs: float) -> None:
     plt.close(fig)
 
 
-def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dict:
+def nve_crystal(p: Params, data: Path) -> Crystal:
+    """The crystal of the run: ``crystal`` params with ``evaluate.nve.element``/``structure`` where set (a given
+    ``crystal.a``/``c`` is dropped when they name another element or lattice), nulls from ``data``."""
+    q, cp = p.evaluate.nve, p.crystal
+    upd = {}
+    if q.element is not None and q.element != cp.element:
+        upd |= {"element": q.element, "a": None, "c": None}
+    if q.structure is not None and q.structure != cp.lattice:
+        upd |= {"lattice": q.structure, "a": None, "c": None}
+    return resolve(cp.model_copy(update=upd), train_frames(data))
+
+
+def model_lattice_constant(cr: Crystal, calc) -> tuple[float, str]:
+    """(a Å, where it comes from): the calculator's own 0 K lattice constant of ``cr``'s lattice, by the melting
+    stage's E(a) scan (parabola through the lowest points of ±6 %, recentred, then ±2 %) started from ``cr.a``;
+    ``cr.a`` itself, with the reason, when the calculator's E(a) has no minimum there (an untrained model: the
+    drift is still measured, from the data's crystal)."""
+    from mlipops.evaluate.melting import _scan
+
+    a = cr.a
+    try:
+        for _ in range(4):  # recentre while the minimum lies near the edge of the scan
+            a_min, _ = _scan(cr.element, cr.lattice, calc, a, 0.06)
+            if abs(a_min / a - 1.0) < 0.05:
+                break
+            a = a_min
+        return _scan(cr.element, cr.lattice, calc, a_min, 0.02)[0], "the model's own"
+    except MlipopsError as exc:
+        return cr.a, f"the crystal's ({exc.detail.split(' (curvature')[0]} for the model)"
+
+
+def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR, data: Path | None = None) -> dict:
     import torch
-    from ase.build import bulk
 
     from mlipops.models.calculator import MlipopsCalculator
     from mlipops.models.ensemble import load_model
-    from mlipops.oracles import get_oracle
     from mlipops.train.loop import MODELS_DIR
 
     t0 = time.perf_counter()
@@ -130,18 +167,24 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dic
     model_dir = Path(model_dir or MODELS_DIR / p.train.model_name)
     if not (model_dir / "config.json").is_file():
         raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
-    element = q.element or p.generate.element
-    atoms = bulk(element, q.structure, cubic=True).repeat(q.supercell)
+    cr = nve_crystal(p, Path(data or DATA))
+    element = cr.element
+    oracle = None
+    if q.reference:
+        oracle = get_oracle(p.generate.oracle.calculator, p.generate.oracle.kwargs)
+        require_element(oracle, element, probe=unit_cell(cr), field="evaluate.nve.reference",
+                        remedy="set evaluate.nve.reference: false or name an oracle that can")
     from mlipops.models.schema import trusted_calculators
 
     model = MlipopsCalculator(load_model(model_dir, dtype=torch.float64, trusted_calculators=trusted_calculators(p)),
                               dtype=torch.float64, skin=q.skin)
+    a_model, a_source = model_lattice_constant(cr, model)
+    atoms = bulk_cell(cr.with_a(a_model), q.supercell)
     with progress("NVE MD of the model (steps)", q.steps) as advance:
         traces = {"model": nve_trace(atoms, model, q.temperature_K, q.timestep_fs, q.steps, q.seed, advance)}
-    if q.reference:
-        oracle = get_oracle(p.generate.oracle.calculator, p.generate.oracle.kwargs).calculator()
+    if oracle is not None:
         with progress("NVE MD of the reference (steps)", q.steps) as advance:
-            traces["reference"] = nve_trace(atoms, oracle, q.temperature_K, q.timestep_fs, q.steps, q.seed, advance)
+            traces["reference"] = nve_trace(atoms, oracle.calculator(), q.temperature_K, q.timestep_fs, q.steps, q.seed, advance)
     stats = {k: drift(tr, q.discard_fs) for k, tr in traces.items()}
     out.mkdir(parents=True, exist_ok=True)
     _plot(traces, out / "energy.png", q.discard_fs)
@@ -150,7 +193,7 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dic
                "abs_energy_drift_meV_per_atom_per_ps": abs(m["drift"]),
                "energy_rms_meV_per_atom": m["rms"], "mean_temperature_K": m["mean_temperature"],
                "finite": int(traces["model"]["finite"]), "n_steps_done": traces["model"]["n_steps_done"],
-               "n_atoms": len(atoms), "timestep_fs": q.timestep_fs, "steps": q.steps,
+               "n_atoms": len(atoms), "lattice_constant_A": a_model, "timestep_fs": q.timestep_fs, "steps": q.steps,
                "model_ms_per_step": 1e3 * traces["model"]["wall_s"] / max(traces["model"]["n_steps_done"], 1)}
     if "reference" in stats:
         r = stats["reference"]
@@ -169,7 +212,7 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dic
                + (f" against {stats['reference']['drift']:+.3g} for the reference at the same time step"
                   if "reference" in stats else "") + ".")
     write_markdown(out / "summary.md", "NVE energy conservation", [
-        f"{len(atoms)}-atom {element} {q.structure} crystal, Maxwell–Boltzmann velocities at 2 × {q.temperature_K:g} K, "
+        f"{len(atoms)}-atom {element} {cr.lattice} crystal at {a_source} a = {a_model:.4f} Å (crystal: {cr.source}), Maxwell–Boltzmann velocities at 2 × {q.temperature_K:g} K, "
         f"velocity Verlet at {q.timestep_fs:g} fs for {q.steps} steps ({q.steps * q.timestep_fs / 1000:g} ps); drift = "
         f"least-squares slope of E_tot/N after the first {q.discard_fs:g} fs; RMS about that line.",
         verdict, "![E_tot(t)](energy.png)",
@@ -177,4 +220,4 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR) -> dic
     return metrics
 
 
-__all__ = ["drift", "nve_trace", "run"]
+__all__ = ["drift", "model_lattice_constant", "nve_crystal", "nve_trace", "run"]

@@ -90,6 +90,41 @@ def excited_state_info(calc: Calculator, energy: float) -> dict[str, Any]:
     return out
 
 
+def cannot_compute(oracle: Oracle, element: str, probe: Atoms | None = None) -> str | None:
+    """Why ``oracle`` cannot compute ``element`` (one line), or None when it can: one tiny labelled calculation.
+
+    ``probe``: the structure to try (a stage passes the unit cell it will build); default a periodic 2-atom
+    bcc cell with nearest neighbours at twice the covalent radius. The calculator's own exception (EMT:
+    "No EMT-potential for Mo"), or a non-finite energy or force, is the reason."""
+    from ase.data import atomic_numbers, covalent_radii
+
+    if probe is None:
+        a = 2.0 * covalent_radii[atomic_numbers[element]] * 2.0 / np.sqrt(3.0)
+        probe = Atoms(f"{element}2", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]], cell=[a, a, a], pbc=True)
+    atoms = probe.copy()
+    try:
+        atoms.calc = oracle.calculator()
+        e = atoms.get_potential_energy()
+        f = atoms.get_forces()
+    except OracleError as exc:
+        return exc.detail
+    except Exception as exc:  # noqa: BLE001 - any calculator's refusal is the answer
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"[:300]
+    if not (np.isfinite(e) and np.isfinite(f).all()):
+        return f"a non-finite energy or force on a {len(atoms)}-atom {element} cell"
+    return None
+
+
+def require_element(oracle: Oracle, element: str, *, field: str, remedy: str, probe: Atoms | None = None,
+                    what: str = "the reference oracle") -> None:
+    """Stop a stage in one line (:class:`OracleError` naming ``field``, exit 2) when ``oracle`` cannot compute
+    ``element`` (:func:`cannot_compute`), before any work: "the reference oracle emt cannot compute Mo:
+    NotImplementedError: No EMT-potential for Mo; <remedy>"."""
+    why = cannot_compute(oracle, element, probe)
+    if why is not None:
+        raise OracleError(f"{what} {oracle.name} cannot compute {element}: {why}; {remedy}", field=field)
+
+
 def _import(path: str):
     module, _, attr = path.rpartition(".")
     if not module:
