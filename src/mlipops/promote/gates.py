@@ -122,12 +122,14 @@ def absent_config_type(report: str, metric: str, metrics: dict, data: dict[str, 
     everywhere = set().union(*data.values()) if data else set()
     pat = _pattern(ct)
     if not any(pat.match(c) for c in everywhere):
-        what = f"config_type {ct} is" if "*" not in ct else f"no config_type matching {ct} is"
-        return f"{what} not in this data: {ADVICE}"
+        if "*" in ct:
+            return f"no config_type of this data matches {ct}: {ADVICE}"
+        return f"config_type {ct} is not in this data: {ADVICE}"
     if split is not None and not any(pat.match(c) for c in data.get(split, ())):
-        where = sorted(s for s, cs in data.items() if any(pat.match(c) for c in cs))
-        what = f"config_type {ct} has" if "*" not in ct else f"no config_type matching {ct} has"
-        return f"{what} no frames in the {split} split of this data (it is in: {', '.join(where)}): {ADVICE}"
+        where = ", ".join(sorted(s for s, cs in data.items() if any(pat.match(c) for c in cs)))
+        if "*" in ct:
+            return f"no config_type of the {split} split matches {ct} (they are in: {where}): {ADVICE}"
+        return f"config_type {ct} has no frames in the {split} split of this data (it is in: {where}): {ADVICE}"
     return None
 
 

@@ -43,7 +43,7 @@ DATA = Path("data/curated/accepted.extxyz")
 MELTING_REFERENCE = Path("data/melting/reference.json")  # mlipops.evaluate.melting_reference.REFERENCE_JSON
 
 FORCE_FRACTION = 0.25  # of the config_type's RMS force component
-FORCE_FLOOR = 0.05  # eV/Å
+FORCE_FLOOR = 0.1  # eV/Å: below it the error is the model's, not the data's (mlearn Mo relaxed surfaces: RMS 0.02)
 HELD_OUT_FACTOR = 1.5  # force gates of config_types never trained on
 ENERGY_FRACTION = 0.05  # of the standard deviation of E/N within the config_type
 ENERGY_FLOOR = 0.01  # eV/atom
