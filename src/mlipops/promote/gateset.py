@@ -173,8 +173,6 @@ def melting_reason(p: Params, stats: DataStats, reference: Path = MELTING_REFERE
     el = p.generate.element
     if el not in stats.species:
         return f"the melting stage simulates generate.element {el}, which is not in this data ({', '.join(sorted(stats.species))})"
-    if p.train.ensemble.members < 1:
-        return "no ensemble"
     if reference.is_file():
         try:
             ref = json.loads(reference.read_text())
