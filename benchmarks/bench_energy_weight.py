@@ -13,8 +13,8 @@ val split's (every config_type trained on) and the test crystals/liquid: its gat
 0.1 eV/Å. One member per run (no ensemble, no bootstrap), params.yaml's training settings but ``--epochs``
 and patience off, energy weight in ``--weights``, force weight ``--force-weight``.
 
-    .venv/bin/python benchmarks/bench_energy_weight.py                       # Mo and Cu, 4 weights: ~20 min on 1 core
-    .venv/bin/python benchmarks/bench_energy_weight.py --elements Mo --weights 1 100 --epochs 40
+    .venv/bin/python benchmarks/bench_energy_weight.py                       # Mo and Cu, 4 weights, 400 epochs: ~30 min
+    .venv/bin/python benchmarks/bench_energy_weight.py --elements Mo --weights 30 100 --seeds 1 2 --out reports/bench/energy_weight_seeds.json
     .venv/bin/python benchmarks/bench_energy_weight.py --quick               # smoke run: numbers mean nothing
 
 Prints a table; writes reports/bench/energy_weight.json (``--quick``: energy_weight_quick.json).
@@ -117,9 +117,10 @@ def main() -> None:
     ap.add_argument("--cu-weights", nargs="+", type=float, default=None,
                     help="energy weights for Cu (default: --weights)")
     ap.add_argument("--force-weight", type=float, default=10.0)
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=400, help="params.yaml's train.epochs")
     ap.add_argument("--cu-epochs", type=int, default=None, help="Cu epochs (default: --epochs)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (one run per weight and seed)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON written (default reports/bench/energy_weight.json)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mlearn", type=Path, default=MLEARN, help="folder of the mlearn extxyz files")
     ap.add_argument("--quick", action="store_true")
@@ -130,26 +131,27 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": {}}
-    path = OUT / ("energy_weight_quick.json" if args.quick else "energy_weight.json")
+    path = args.out or OUT / ("energy_weight_quick.json" if args.quick else "energy_weight.json")
     for element in args.elements:
         split = load(element, args.quick, args.mlearn)
         weights = args.cu_weights if element == "Cu" and args.cu_weights else args.weights
         epochs = args.cu_epochs if element == "Cu" and args.cu_epochs else args.epochs
         result["runs"][element] = {"n_frames": {k: len(v) for k, v in split.items()}, "runs": []}
-        for w in weights:
-            r = run_one(split, w, args.force_weight, epochs, args.seed)
+        for w, seed in ((w, sd) for w in weights for sd in args.seeds):
+            r = run_one(split, w, args.force_weight, epochs, seed) | {"seed": seed}
             result["runs"][element]["runs"].append(r)
-            print(f"{element} w_E {w:6g} w_F {args.force_weight:g}: test E {r['test']['energy_mae_meV_per_atom']:7.2f} "
+            print(f"{element} w_E {w:6g} w_F {args.force_weight:g} seed {seed}: test E {r['test']['energy_mae_meV_per_atom']:7.2f} "
                   f"meV/atom F {r['test']['force_mae']:.4f} eV/Å | val E {r['val']['energy_mae_meV_per_atom']:7.2f} "
                   f"F {r['val']['force_mae']:.4f} | best epoch {r['best_epoch']}/{epochs}, {r['time_s']:.0f} s",
                   flush=True)
-            OUT.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1))
-    print(f"\n| element | w_E | w_F | test E MAE (meV/atom) | test F MAE (eV/Å) | val E MAE (meV/atom) | val F MAE (eV/Å) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| element | w_E | w_F | seed | test E MAE (meV/atom) | test F MAE (eV/Å) | val E MAE (meV/atom) | "
+          "val F MAE (eV/Å) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for element, block in result["runs"].items():
         for r in block["runs"]:
-            print(f"| {element} | {r['energy_weight']:g} | {r['force_weight']:g} | "
+            print(f"| {element} | {r['energy_weight']:g} | {r['force_weight']:g} | {r.get('seed', 0)} | "
                   f"{r['test']['energy_mae_meV_per_atom']:.2f} | {r['test']['force_mae']:.4f} | "
                   f"{r['val']['energy_mae_meV_per_atom']:.2f} | {r['val']['force_mae']:.4f} |")
     print(f"wrote {path}")
