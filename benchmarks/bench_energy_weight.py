@@ -140,7 +140,8 @@ def main() -> None:
         for w, seed in ((w, sd) for w in weights for sd in args.seeds):
             r = run_one(split, w, args.force_weight, epochs, seed) | {"seed": seed}
             result["runs"][element]["runs"].append(r)
-            print(f"{element} w_E {w:6g} w_F {args.force_weight:g} seed {seed}: test E {r['test']['energy_mae_meV_per_atom']:7.2f} "
+            print(f"{element} w_E {w:6g} w_F {args.force_weight:g} seed {seed}: "
+                  f"test E {r['test']['energy_mae_meV_per_atom']:7.2f} "
                   f"meV/atom F {r['test']['force_mae']:.4f} eV/Å | val E {r['val']['energy_mae_meV_per_atom']:7.2f} "
                   f"F {r['val']['force_mae']:.4f} | best epoch {r['best_epoch']}/{epochs}, {r['time_s']:.0f} s",
                   flush=True)

@@ -107,7 +107,8 @@ def test_gates_init_scales_with_each_config_type_and_writes_params(tmp_path, mon
     p = load_params(proj / "params.yaml")
     assert {k: v.model_dump(exclude_none=True) for k, v in p.promote.gates.items()} == \
         {k: v.model_dump(exclude_none=True) for k, v in PromoteParams(gates=gates).gates.items()}
-    old_head, old_tail = before.split("\n    val.energy_mae_per_atom")[0], before.split("path.path_adatom.exit_coordinate: {min: 1.4}\n")[1]
+    old_head = before.split("\n    val.energy_mae_per_atom")[0]
+    old_tail = before.split("path.path_adatom.exit_coordinate: {min: 1.4}\n")[1]
     assert after.startswith(old_head) and after.endswith(old_tail) and "test.surface_" not in after
     r = _cli(["gates", "init", "--data", "accepted.extxyz", "--write"])
     assert (proj / "params.yaml").read_text() == after  # idempotent

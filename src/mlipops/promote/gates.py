@@ -72,7 +72,8 @@ def _missing(key: str, bound: GateBound, note: str) -> dict:
 
 
 SPLITS = ("train", "val", "test")
-NOT_CONFIG_TYPES = {"all", "control", "time", "member", "reference", "gate", "scale"}  # report key parts that are no config_type
+# parts of report keys where a config_type would stand that are not one (uncertainty, defects, melting reports)
+NOT_CONFIG_TYPES = {"all", "control", "time", "member", "reference", "gate", "scale"}
 ADVICE = "remove the gate or mark it not_applicable (`mlipops gates init` writes a gate set for this data)"
 
 
