@@ -441,8 +441,8 @@ app.add_typer(gates_app, name="gates")
 @gates_app.command("init")
 def gates_init(params: Path = ParamsOpt,
                data: Path = typer.Option(Path("data/curated/accepted.extxyz"), help="the curated frames (with split)"),
-               write: bool = typer.Option(False, "--write", help="replace promote.gates in the params file (keeps "
-                                          "its comments; without ruamel.yaml: writes gates.yaml beside it to paste)")):
+               write: bool = typer.Option(False, "--write", help="replace promote.gates in the params file (every "
+                                          "other line kept; where that block cannot be edited: gates.yaml to paste)")):
     """A gate set from the data's own config_types and splits: force bounds from each config_type's force
     scale, energy bounds per atom, melting/nve/path gates only where they apply (else not_applicable with the
     reason). Prints the YAML fragment; --write puts it in place of promote.gates."""

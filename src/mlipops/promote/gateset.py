@@ -25,7 +25,8 @@ component and the spread of E/N. The gates follow these rules (each generated li
 
 A gate that does not apply is written ``{not_applicable: "<reason>"}`` (shown n/a by ``mlipops promote``,
 never blocking). The result is YAML text with a comment per gate; ``write_into_params`` puts it in place of
-``promote.gates`` in params.yaml (ruamel.yaml keeps the file's comments), else it goes to a file to paste.
+``promote.gates`` in params.yaml, editing the file as text (every other line and comment kept: a YAML round trip,
+even ruamel.yaml's, rewrites ``null``s and list indentation), else it goes to ``gates.yaml`` to paste.
 """
 
 from __future__ import annotations
