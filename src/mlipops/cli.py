@@ -434,6 +434,30 @@ def hull_check(structure: Path = typer.Argument(..., help="structures to check (
                f"{df.extrapolation_grade.max():.4g}", err=True)
 
 
+gates_app = typer.Typer(no_args_is_help=True, help="Promotion gates generated from the data (`gates init`).")
+app.add_typer(gates_app, name="gates")
+
+
+@gates_app.command("init")
+def gates_init(params: Path = ParamsOpt,
+               data: Path = typer.Option(Path("data/curated/accepted.extxyz"), help="the curated frames (with split)"),
+               write: bool = typer.Option(False, "--write", help="replace promote.gates in the params file (every "
+                                          "other line kept; where that block cannot be edited: gates.yaml to paste)")):
+    """A gate set from the data's own config_types and splits: force bounds from each config_type's force
+    scale, energy bounds per atom, melting/nve/path gates only where they apply (else not_applicable with the
+    reason). Prints the YAML fragment; --write puts it in place of promote.gates."""
+    from mlipops.promote.gateset import data_stats, fragment, generate, write_into_params
+
+    p = _params(params)
+    text = generate(p, data_stats(data))
+    if not write:
+        typer.echo(fragment(text), nl=False)
+        return
+    out = write_into_params(params, text)
+    typer.echo(f"mlipops: gates written to {out}" + ("" if out == params else " (paste them into " + str(params) + ")"),
+               err=True)
+
+
 @app.command()
 def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"), params: Path = ParamsOpt):
     """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""

@@ -6,7 +6,11 @@ matches one dotted part of the key (``test.*.force_mae``: one gate per config_ty
 that matches nothing fails. Each gate row: ``gate`` (the resolved key), ``value``, ``threshold``,
 ``bound`` (``max``/``min``), ``passed`` and a ``note`` saying why it failed and by how much.
 
-A missing report or metric, or a non-finite value, fails: a gate is never passed by default.
+A missing report or metric, or a non-finite value, fails: a gate is never passed by default. A gate
+whose config_type (``<split>.<config_type>.*``, ``path.<config_type>.*``, ``defects:<config_type>.*``) is
+not in this data, or has no frames in that split, says so (the data's config_types per split: the index's
+accepted frames, else the report's own keys) and points to ``mlipops gates init``, which writes a gate set
+for the data at hand.
 ``n_nonfinite_predictions ≤ 0`` is always checked (no NaN in any prediction of the evaluate stage).
 
 With ``expect`` (the promoted model's :func:`mlipops.provenance.model_identity`), every report's
@@ -67,6 +71,69 @@ def _missing(key: str, bound: GateBound, note: str) -> dict:
             "bound": "max" if bound.max is not None else "min", "passed": False, "note": note}
 
 
+SPLITS = ("train", "val", "test")
+# parts of report keys where a config_type would stand that are not one (uncertainty, defects, melting reports)
+NOT_CONFIG_TYPES = {"all", "control", "time", "member", "reference", "gate", "scale"}
+ADVICE = "remove the gate or mark it not_applicable (`mlipops gates init` writes a gate set for this data)"
+
+
+def data_config_types(index_path: Path) -> dict[str, set[str]] | None:
+    """The data's config_types per split (accepted frames of the coverage index); None without an index."""
+    if not Path(index_path).is_file():
+        return None
+    from mlipops.errors import MlipopsError
+    from mlipops.index import query
+
+    try:
+        df = query("SELECT DISTINCT split, config_type FROM frames WHERE status = 'accepted'", index_path)
+    except MlipopsError:
+        return None
+    out: dict[str, set[str]] = {}
+    for split, ct in df.itertuples(index=False):
+        out.setdefault(str(split), set()).add(str(ct))
+    return out
+
+
+def _report_config_types(metrics: dict) -> dict[str, set[str]]:
+    """Config_types per split as a report's keys name them (``<split>.<config_type>.<metric>``)."""
+    out: dict[str, set[str]] = {}
+    for k in metrics:
+        parts = k.split(".")
+        if len(parts) >= 3 and parts[0] in SPLITS + ("path",) and parts[1] not in NOT_CONFIG_TYPES:
+            out.setdefault(parts[0], set()).add(parts[1])
+    return out
+
+
+def absent_config_type(report: str, metric: str, metrics: dict, data: dict[str, set[str]] | None) -> str | None:
+    """Why a gate's metric cannot exist in this data (its config_type is not there), or None."""
+    parts = metric.split(".")
+    split = None
+    if report in ("", "uncertainty") and len(parts) >= 3 and parts[0] in SPLITS + ("path",):
+        split, ct = (parts[0] if parts[0] in SPLITS else None), parts[1]
+    elif report == "defects" and len(parts) == 2:
+        ct = parts[0]
+    else:
+        return None
+    if ct in NOT_CONFIG_TYPES:
+        return None
+    if data is None:
+        data = _report_config_types(metrics)
+        if not data:
+            return None
+    everywhere = set().union(*data.values()) if data else set()
+    pat = _pattern(ct)
+    if not any(pat.match(c) for c in everywhere):
+        if "*" in ct:
+            return f"no config_type of this data matches {ct}: {ADVICE}"
+        return f"config_type {ct} is not in this data: {ADVICE}"
+    if split is not None and not any(pat.match(c) for c in data.get(split, ())):
+        where = ", ".join(sorted(s for s, cs in data.items() if any(pat.match(c) for c in cs)))
+        if "*" in ct:
+            return f"no config_type of the {split} split matches {ct} (they are in: {where}): {ADVICE}"
+        return f"config_type {ct} has no frames in the {split} split of this data (it is in: {where}): {ADVICE}"
+    return None
+
+
 def not_applicable_row(key: str, reason: str) -> dict:
     return {"gate": key, "value": None, "threshold": None, "bound": "n/a", "passed": None,
             "not_applicable": reason, "note": f"not applicable: {reason}"}
@@ -78,8 +145,9 @@ def report_dir(report: str, eval_dir: Path = EVAL_DIR) -> Path:
 
 
 def check_gates(gates: dict[str, GateBound], eval_dir: Path = EVAL_DIR, always: bool = True,
-                expect: dict | None = None) -> list[dict]:
-    """One row per (resolved key, bound); see the module doc."""
+                expect: dict | None = None, config_types: dict[str, set[str]] | None = None) -> list[dict]:
+    """One row per (resolved key, bound); see the module doc. ``config_types``: the data's config_types per
+    split (:func:`data_config_types`), which a missing metric's note is judged against (None: the report's keys)."""
     from mlipops.provenance import mismatch
 
     cache: dict = {}
@@ -99,11 +167,13 @@ def check_gates(gates: dict[str, GateBound], eval_dir: Path = EVAL_DIR, always: 
         if "*" in metric:
             pat = _pattern(metric)
             keys = sorted(k for k in metrics if pat.match(k))
-            new = [] if keys else [_missing(key, bound, f"no metric of {path} matches")]
+            why = None if keys else absent_config_type(report, metric, metrics, config_types)
+            new = [] if keys else [_missing(key, bound, f"no metric of {path} matches" + (f": {why}" if why else ""))]
             for k in keys:
                 new += _row(f"{report}:{k}" if report else k, metrics[k], bound)
         elif metric not in metrics:
-            new = [_missing(key, bound, f"metric missing in {path}")]
+            why = absent_config_type(report, metric, metrics, config_types)
+            new = [_missing(key, bound, f"metric missing in {path}" + (f": {why}" if why else ""))]
         else:
             new = _row(key, metrics[metric], bound)
         if expect is not None:

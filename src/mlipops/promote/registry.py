@@ -28,7 +28,7 @@ from filelock import FileLock
 from mlipops.errors import StageInputError
 from mlipops.params import PromoteParams
 from mlipops.paths import ensure_writable, safe_remove
-from mlipops.promote.gates import check_gates
+from mlipops.promote.gates import check_gates, data_config_types
 from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
 from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
 from mlipops.train import tracking
@@ -352,7 +352,8 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
     config = read_config(model_dir, trusted_calculators)
     expect = {"model_name": model_name, "model_weights_sha256": model_fingerprint(model_dir),
               "data_md5": run_info.get("data_md5")}
-    gates = check_gates(p.gates, EVAL_DIR, expect=expect) + [uncertainty_gate(expect)]
+    gates = check_gates(p.gates, EVAL_DIR, expect=expect, config_types=data_config_types(INDEX)) \
+        + [uncertainty_gate(expect)]
     applicable = [g for g in gates if not g.get("not_applicable")]
     failed = [g for g in applicable if not g["passed"]]
     passed = not failed
