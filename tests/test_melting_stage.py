@@ -298,7 +298,7 @@ def test_given_reference_params_are_checked():
         with pytest.raises(ValueError):
             MeltingParams(reference=bad)
     assert MeltingParams(lattice="diamond", element="Si", q6_solid_threshold=None).settings("Si", "diamond").order() \
-        == (3, 4)
+        == (4, 16)
 
 
 def test_members_against_a_given_reference_report_na_not_nan(tmp_path, monkeypatch, u_repo_root):

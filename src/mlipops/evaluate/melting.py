@@ -3,14 +3,24 @@
 One elongated periodic cell of ``supercell = (nx, ny, nz)`` conventional cells is split along z: the lower
 ``nz // 2`` cells stay crystal, the others are melted, so the cell holds two (001) solid–liquid interfaces (one
 through the periodic boundary) and no free surface. Any ASE calculator (EMT, ``MlipopsCalculator``) drives ASE's MD.
+Any element and lattice: fcc, bcc, diamond, sc (cubic conventional cells of 4, 2, 8, 1 atoms) and hcp (the
+orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops.crystal`.
 
 1. **Lattice.** ``a`` is given, or minimises the calculator's energy per atom (isotropic scan ±6 %, then ±2 %,
-   parabola through the 5 lowest points, like ``generate.recipes.equilibrium_nn_distance``). The parabola's
+   parabola through the 5 lowest points, like ``generate.recipes.equilibrium_nn_distance``; the scan starts at
+   ASE's reference lattice constant when the element's reference state is this lattice, else at twice the
+   covalent radius as nearest-neighbour distance: a = 2r/NN_PER_A, diamond nn = a√3/4). The parabola's
    curvature gives the 0 K bulk modulus B = V E''(V) = 2c₂/(9κa) (V_atom = κa³), used only as the barostat's
    compressibility. EMT Cu: a = 3.590 Å, B = 133 GPa.
 2. **Build** (:func:`build_coexistence_cell`). The crystal is scaled by 1 + ``expansion_guess`` (0.03: EMT Cu at
-   1300 K, zero pressure, Berendsen NPT: 12.65 Å³/atom, a = 3.70 Å) and the liquid half is stretched a further
-   ``liquid_stretch`` along z (0.09: EMT liquid Cu at 1300 K, 13.85 Å³/atom). The solid half is frozen
+   1300 K, zero pressure, Berendsen NPT: 12.65 Å³/atom, a = 3.70 Å) and the liquid half is stretched (or
+   compressed) along z so that its volume changes by ``liquid_volume_change`` (signed; default 0.09: EMT liquid Cu
+   at 1300 K, 13.85 Å³/atom). Volume change on melting ΔV_m/V_s: Cu +4 % in experiment (EMT +9 %), Mo about
+   +5 %, Si −10 % (liquid Si is denser than diamond Si: give a negative value). Only the start is set here: the
+   NPH equilibration (item 3) relaxes the z length toward zero pressure, but only part of the way before the
+   start has decided the run (EMT Cu, 3 x 3 x 8, seed 0, 250 NPH steps: a start of 0 % went 12.64 → 12.83
+   Å³/atom and froze completely; +9 % 13.21 → 13.23, coexisting at 0.53 solid; +18 % 13.78 → 13.56, coexisting,
+   still at −0.7 GPa): give the potential's own ΔV_m/V_s to within a few %. The solid half is frozen
    (``FixAtoms``); the other half gets Maxwell–Boltzmann velocities at ``t_melt`` and is melted by Langevin
    (100 fs friction) at ``t_melt`` = 2.5 t_guess (2/3 of ``melt_steps``; at 2 t_guess a 3-cell slab next to the
    frozen crystal stayed ~50 % ordered after 400 fs) and cooled to ``t_liquid`` (last 1/3). The constraint goes,
@@ -19,7 +29,8 @@ through the periodic boundary) and no free surface. Any ASE calculator (EMT, ``M
 3. **Equilibrate** (``equilibration_steps``): NPH with ASE's ``Inhomogeneous_NPTBerendsen`` (the three cell
    lengths relax independently to zero stress, time constant ``taup_fs``; its thermostat is switched off with
    taut = 10¹² fs). The liquid carries no shear, so this sets the solid's lateral lattice constant at the
-   coexistence temperature and the z length at zero pressure: the guesses of item 2 need not be exact.
+   coexistence temperature and the z length at zero pressure: the guesses of item 2 need not be exact, but a
+   liquid start far from its density can freeze or melt the cell before the barostat has caught up (item 2).
 4. **Production** (``production_steps``): NVE (velocity Verlet; default) in the equilibrated cell, or NPH (the
    same Berendsen barostat). The energy (enthalpy) is conserved, so a two-phase system's temperature is pinned
    at Tm: a hotter system melts some solid and cools, a colder one freezes some liquid and warms. NVE is the
@@ -33,11 +44,28 @@ through the periodic boundary) and no free surface. Any ASE calculator (EMT, ``M
    (initial-positive-sequence sum) bounds the block length from below (⌈2τ⌉ samples), and the series is cut
    into 5 blocks (4 at least; fewer, longer blocks than 2τ allows, because the interfaces relax on a 5–10 ps
    scale that the autocorrelation sum of a short series misses); stderr = std(block means)/√n_blocks.
-6. **Coexistence check and retries.** Per atom, the Lechner–Dellago averaged q̄₆ (freud
-   ``Steinhardt(l=6, average=True)``, 12 nearest neighbours from a ``freud.locality.AABBQuery`` on a freud box
-   built from the ASE cell's lengths and angles). Solid-like: q̄₆ > ``q6_solid_threshold`` = 0.32, in the gap
-   measured on EMT Cu (256 atoms): perfect fcc 0.567; fcc at 1300 K mean 0.471, sd 0.029, min 0.373; liquid at
-   1300 K mean 0.158, sd 0.032, max 0.254; liquid at 1600 K mean 0.153, sd 0.040, max 0.262. The run is
+6. **Coexistence check and retries.** Per atom, the Lechner–Dellago averaged q̄_l (:func:`order_parameter`: freud
+   ``Steinhardt(l, average=True)`` over the k nearest neighbours from a ``freud.locality.AABBQuery`` on a freud
+   box built from the ASE cell's lengths and angles), (l, k) per lattice (:data:`ORDER_PARAMETER`): fcc and hcp
+   q̄₆ with 12, sc q̄₄ with 6 (the first shell); bcc q̄₆ with 14 (first and second shell, 8 + 6: they lie only
+   13 % apart and mix in a hot crystal) and diamond q̄₄ with 16 (4 + 12: the second shell is diamond's fcc
+   sublattice). Measured as separation (μ_s − μ_l)/(σ_s + σ_l) between a crystal with Lindemann-limit
+   displacements (rms 0.12 nn) and a random packing at its density (minimum distance 0.7 nn): fcc q̄₆ 8.0
+   (q̄₄ 4.7); bcc q̄₆ with 14 neighbours 13.1, with 8 only 6.4; hcp q̄₆ 8.8; sc q̄₄ 7.5 (q̄₆ 1.4); diamond
+   with 16 neighbours q̄₄ 10.6, q̄₆ 8.4, with 4 (tetrahedral) q̄₃ 5.9, q̄₄ 3.5, q̄₆ 3.1 (averaging over the atom
+   and its 4 neighbours cancels part of the odd-l order of a crystal with inversion between the two sites:
+   perfect diamond q̄₃ = 0.447 = 3/5 q₃). On real MD of Si (ASE's Tersoff calculator, Tersoff 1988 Si(C), 216
+   atoms, diamond at 2230 K against the liquid at 2680 K): q̄₄ with 16 neighbours 0.235 ± 0.008 (min 0.212)
+   against 0.055 ± 0.018 (max 0.129), separation 6.8; q̄₃ with 4: 0.428 ± 0.006 against 0.204 ± 0.057,
+   separation 3.5 (its liquid keeps much tetrahedral order).
+   Solid-like: q̄_l > a threshold calibrated per run (``q6_solid_threshold`` None; a given value overrides it)
+   on the calculator's own pure solid and pure liquid at ``t_guess`` (:func:`calibrate_order`): the point
+   equally many standard deviations from both means, so a potential whose liquid is more or less ordered than
+   EMT's gets its own. EMT Cu (256 atoms), where the old fixed 0.32 was measured: perfect fcc 0.567; fcc at
+   1300 K mean 0.471, sd 0.029, min 0.373; liquid at 1300 K mean 0.158, sd 0.032, max 0.254 (equal-σ point
+   0.322); liquid at 1600 K mean 0.153, sd 0.040, max 0.262. The calibration of the quick preset (144 + 144
+   atoms, 100 + 150 + 100 steps: ~10 % of a run) gave 0.319 (solid 0.459 ± 0.029, liquid 0.155 ± 0.034) and
+   the same two reference runs, Tm bit for bit, as the fixed 0.32. The run is
    accepted when the mean solid fraction over the last 10 % of the production samples lies in
    [f_min, 1 − f_min] (``min_phase_fraction``). Otherwise it is rejected with its reason and rerun (new random
    stream) from shifted start temperatures (:func:`next_attempt`): fully melted → ``t_solid`` and ``t_liquid``
@@ -78,9 +106,9 @@ from mlipops.crystal import COORDINATION, LATTICES, NN_PER_A, Crystal, bulk_cell
 from mlipops.errors import MlipopsError, ParamsError
 
 
-# The averaged order parameter q̄_l per lattice: (l, number of nearest neighbours = the first shell, crystal
-# COORDINATION). Measured separations: module doc, item 6.
-ORDER_PARAMETER = {"fcc": (6, 12), "hcp": (6, 12), "bcc": (6, 14), "sc": (4, 6), "diamond": (3, 4)}
+# The averaged order parameter q̄_l per lattice: (l, number of nearest neighbours: the first shell, crystal
+# COORDINATION; bcc and diamond the first two shells, which separate far better). Measured: module doc, item 6.
+ORDER_PARAMETER = {"fcc": (6, 12), "hcp": (6, 12), "bcc": (6, 14), "sc": (4, 6), "diamond": (4, 16)}
 
 
 @dataclass

@@ -16,6 +16,12 @@ member's potential) for ``member_seeds`` seeds, all runs in parallel through Das
 - coverage: the fraction of the index's liquid test atoms inside the training hull (SQL on
   ``data/index.duckdb``), and the fraction of the Tm snapshots' atoms inside it (γ ≤ 1, ``check_structures``).
 
+Against a given reference (``evaluate.melting.reference``: a value, its standard uncertainty and source) the bias,
+P and the gate metrics use that value and uncertainty (with infinitely many degrees of freedom); the latent heat,
+the energy cause and the snapshots' coverage need the reference's own solid and liquid at Tm and read
+"n/a: given reference". Element and lattice come from :func:`~mlipops.evaluate.melting_reference.melting_crystal`,
+as the reference's; a reference.json made for another crystal is refused.
+
 Reports in ``reports/evaluate/melting/`` (``melting_point.json``, ``metrics.json``, ``summary.md``, the traces and
 distribution plots); metrics ``melting.*`` on the model's MLflow run (``eval_melting_*``). The promote stage
 copies the JSON and the plots next to the registered model.
