@@ -12,6 +12,7 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase import units
 
+from mlipops.crystal import COORDINATION
 from mlipops.errors import MlipopsError
 from mlipops.evaluate import melting
 from mlipops.evaluate.melting import (CoexistenceRun, CoexistenceSettings, block_stderr, melting_point, next_attempt,
@@ -192,7 +193,7 @@ def test_coexistence_cell_of_every_lattice(lattice):
     l, k = s.order()
     q = melting.order_parameter(atoms, l, k)[atoms.info["solid_mask"]]
     # the first shell, or first and second where that separates far better (module doc, item 6)
-    assert k == {"bcc": 8 + 6, "diamond": 4 + 12}.get(lattice, melting.COORDINATION[lattice])
+    assert k == {"bcc": 8 + 6, "diamond": 4 + 12}.get(lattice, COORDINATION[lattice])
     assert q.size == n // 2 and np.isfinite(q).all()
 
 

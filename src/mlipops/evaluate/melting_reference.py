@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
-from mlipops.errors import MlipopsError, OracleError, StageInputError
-from mlipops.evaluate.melting import (CoexistenceRun, _unit_cell, failed_run, lattice_constant, phase_properties,
+from mlipops.errors import MlipopsError, OracleError
+from mlipops.evaluate.melting import (CoexistenceRun, _unit_cell, failed_run, phase_properties,
                                       run_coexistence, summarize)
 from mlipops.params import Params
 from mlipops.report import jsonable
