@@ -265,3 +265,19 @@ def test_given_threshold_skips_the_calibration():
     r = run_coexistence(EMT, s, seed=0, on_steps=lambda done, expected: steps.append((done, expected)))
     assert r.order_calibration is None and r.order_threshold == 0.32
     assert steps[-1] == (30, 30)
+
+
+def test_progress_counts_the_calibration_steps():
+    """on_steps(done, expected) of a calibrating run: the calibration's MD steps (solid, melt, liquid) come first
+    and are part of the expected total, which run_many's progress line starts from."""
+    s = CoexistenceSettings(supercell=(3, 3, 4), melt_steps=60, calibration_steps=40, equilibration_steps=10,
+                            production_steps=20, max_retries=0, a=3.59)
+    total = s.calibration_md_steps() + s.equilibration_steps + s.production_steps
+    assert s.calibration_md_steps() == 140
+    steps = []
+    r = run_coexistence(EMT, s, seed=0, on_steps=lambda done, expected: steps.append((done, expected)))
+    assert r.order_calibration is not None, r.rejected_reason
+    done = [d for d, _ in steps]
+    assert done == sorted(done) and steps[-1] == (total, total) and {e for _, e in steps} == {total}
+    # the solid's 40 steps, then the melt's 60 counted with the liquid's first 5
+    assert done[0] == s.sample_interval and 40 in done and 105 in done and not [d for d in done if 40 < d < 105]
