@@ -12,6 +12,7 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase import units
 
+from mlipops.crystal import COORDINATION
 from mlipops.errors import MlipopsError
 from mlipops.evaluate import melting
 from mlipops.evaluate.melting import (CoexistenceRun, CoexistenceSettings, block_stderr, melting_point, next_attempt,
@@ -50,7 +51,7 @@ def test_coexistence_stays_two_phase_between_start_temperatures(quick_run):
 def test_solid_fraction_separates_fcc_from_liquid():
     crystal = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
     crystal.rattle(0.05, seed=1)
-    f, q6 = solid_fraction(crystal, QUICK.q6_solid_threshold)
+    f, q6 = solid_fraction(crystal, 0.32)
     assert f > 0.95 and q6.shape == (256,) and 0.45 < q6.mean() < 0.6
     # a liquid: random sequential addition at the liquid density (13.9 Å³/atom), then a short hot Langevin run
     rng = np.random.default_rng(3)
@@ -66,11 +67,11 @@ def test_solid_fraction_separates_fcc_from_liquid():
     liquid.calc = EMT()
     Langevin(liquid, 2 * units.fs, temperature_K=1600, friction=0.02 / units.fs, fixcm=False,
              rng=np.random.default_rng(4)).run(40)
-    f_liq, q6_liq = solid_fraction(liquid, QUICK.q6_solid_threshold)
+    f_liq, q6_liq = solid_fraction(liquid, 0.32)
     assert f_liq < 0.1 and q6_liq.mean() < 0.25
     # a general (triclinic) cell gives the same answer as its cubic twin: the freud box follows the ASE cell
     prim = bulk("Cu", "fcc", a=3.61).repeat((4, 4, 4))
-    assert solid_fraction(prim, QUICK.q6_solid_threshold)[0] == 1.0
+    assert solid_fraction(prim, 0.32)[0] == 1.0
 
 
 def test_rejection_rule_moves_the_start_temperatures():
@@ -160,3 +161,123 @@ def test_settings_errors_name_the_field():
         CoexistenceSettings(production_steps=7).validate()
     with pytest.raises(MlipopsError, match="melting.lattice"):
         CoexistenceSettings(lattice="fluorite").validate()
+    for lattice in ("fcc", "bcc", "hcp", "diamond", "sc"):
+        CoexistenceSettings(lattice=lattice).validate()
+    with pytest.raises(MlipopsError, match="melting.liquid_volume_change"):
+        CoexistenceSettings(liquid_volume_change=-0.6).validate()
+    with pytest.raises(MlipopsError, match="melting.q6_solid_threshold"):
+        CoexistenceSettings(q6_solid_threshold=1.2).validate()
+
+
+# ------------------------------------------------------------------------------ any lattice (issue 24 item 3)
+UNIT_ATOMS = {"fcc": 4, "bcc": 2, "hcp": 4, "diamond": 8, "sc": 1}  # atoms per conventional (hcp: orthorhombic) cell
+
+
+@pytest.mark.parametrize("lattice", ["fcc", "bcc", "hcp", "diamond", "sc"])
+def test_coexistence_cell_of_every_lattice(lattice):
+    """The two-phase cell of each lattice (EMT copper computes them all): atom counts, the solid half, and the
+    liquid half's start volume changed by liquid_volume_change (signed: diamond's liquid is denser)."""
+    from mlipops.evaluate.melting import build_coexistence_cell, lattice_constant
+
+    change = -0.10 if lattice == "diamond" else 0.05
+    s = CoexistenceSettings(lattice=lattice, supercell=(2, 2, 4), melt_steps=0, liquid_volume_change=change)
+    atoms = build_coexistence_cell(s, EMT(), np.random.default_rng(0))
+    n = 16 * UNIT_ATOMS[lattice]
+    assert len(atoms) == n and atoms.info["solid_mask"].sum() == n // 2
+    a0, bulk_modulus = lattice_constant("Cu", lattice, EMT())
+    assert atoms.info["a0"] == pytest.approx(a0) and bulk_modulus > 0
+    cell = melting.bulk_cell(melting.Crystal("Cu", lattice, a0 * (1 + s.expansion_guess)), s.supercell)
+    half = cell.get_volume() / 2
+    assert atoms.get_volume() == pytest.approx(half + half * (1 + change), rel=1e-9)
+    # the solid half is still its perfect crystal (melt_steps = 0 moves nothing): first-shell order
+    l, k = s.order()
+    q = melting.order_parameter(atoms, l, k)[atoms.info["solid_mask"]]
+    # the first shell, or first and second where that separates far better (module doc, item 6)
+    assert k == {"bcc": 8 + 6, "diamond": 4 + 12}.get(lattice, COORDINATION[lattice])
+    assert q.size == n // 2 and np.isfinite(q).all()
+
+
+def _random_packing(n: int, volume_per_atom: float, d_min: float, rng) -> Atoms:
+    """A liquid-like configuration: random sequential addition at the crystal's density, no two atoms closer
+    than d_min (0.7 nearest-neighbour distances: far below the jamming density of random packing)."""
+    length = (n * volume_per_atom) ** (1 / 3)
+    pos = []
+    while len(pos) < n:
+        x = rng.uniform(0, length, 3)
+        d = np.array(pos) - x if pos else np.zeros((0, 3))
+        d -= length * np.round(d / length)
+        if not len(d) or np.min(np.linalg.norm(d, axis=1)) > d_min:
+            pos.append(x)
+    return Atoms(f"Cu{n}", positions=pos, cell=[length] * 3, pbc=True)
+
+
+@pytest.mark.parametrize("lattice, repeat", [("fcc", 3), ("bcc", 4), ("hcp", (4, 2, 2)), ("diamond", 3), ("sc", 5)])
+def test_order_parameter_of_each_lattice_separates_its_crystal_from_a_random_packing(lattice, repeat):
+    """The lattice's own q̄_l (ORDER_PARAMETER): a perfect crystal, the same crystal with thermal displacements
+    at the Lindemann limit (rms 0.12 nearest-neighbour distances), and a random packing at its density. The
+    thermal crystal's lowest atom lies above the random packing's highest, and the equal-σ threshold of
+    calibrate_order reads every atom of both right."""
+    rng = np.random.default_rng(5)
+    cr = melting.Crystal("Cu", lattice, 3.6)
+    crystal = melting.bulk_cell(cr, repeat)
+    l, k = CoexistenceSettings(lattice=lattice).order()
+    perfect = melting.order_parameter(crystal, l, k)
+    assert np.ptp(perfect) < 1e-6 and perfect[0] > 0.25  # every atom alike, ordered (diamond q̄4(16): 0.270)
+    hot = crystal.copy()
+    hot.positions += rng.normal(0.0, 0.12 * cr.nn_distance / np.sqrt(3), hot.positions.shape)
+    random = _random_packing(len(crystal), crystal.get_volume() / len(crystal), 0.7 * cr.nn_distance, rng)
+    qs, ql = melting.order_parameter(hot, l, k), melting.order_parameter(random, l, k)
+    assert qs.min() > ql.max(), (lattice, qs.min(), ql.max())
+    threshold = (ql.mean() * qs.std() + qs.mean() * ql.std()) / (qs.std() + ql.std())
+    assert solid_fraction(hot, threshold, l, k)[0] == 1.0 and solid_fraction(random, threshold, l, k)[0] == 0.0
+    assert (qs.mean() - ql.mean()) / (qs.std() + ql.std()) > 5.0
+
+
+def test_calibrated_threshold_on_emt_copper_is_the_measured_gap():
+    """calibrate_order on EMT Cu at 1300 K: the solid and liquid of the module doc (q̄6 0.47 / 0.16), so the
+    calibrated threshold lands where the old fixed 0.32 was measured; and a run carries it."""
+    from mlipops.evaluate.melting import calibrate_order
+
+    s = CoexistenceSettings(supercell=(3, 3, 4), melt_steps=60, calibration_steps=40)
+    cal = calibrate_order(EMT, s, np.random.default_rng(0))
+    assert (cal["l"], cal["neighbors"]) == (6, 12) and cal["solid"]["n_atoms"] == 72
+    assert 0.42 < cal["solid"]["mean"] < 0.52 and 0.10 < cal["liquid"]["mean"] < 0.22
+    assert 0.27 < cal["threshold"] < 0.37 and cal["separation"] > 3.0
+    # a t_guess far above EMT Cu's Tm (~1300 K): both "phases" are liquid, the calibration says so
+    with pytest.raises(MlipopsError, match="does not separate"):  # measured: separation 0.39
+        calibrate_order(EMT, CoexistenceSettings(supercell=(3, 3, 4), melt_steps=60, calibration_steps=60,
+                                                 t_guess=5000.0), np.random.default_rng(0))
+
+
+def test_run_carries_its_calibrated_threshold(quick_run):
+    cal = quick_run.order_calibration
+    assert cal is not None and quick_run.order_threshold == cal["threshold"]
+    assert 0.27 < cal["threshold"] < 0.37
+    assert {"order_threshold", "order_calibration", "volume_per_atom"} <= set(quick_run.summary())
+    assert 11.5 < quick_run.volume_per_atom < 14.5  # Å³/atom: between EMT Cu's solid and liquid at ~1300 K
+
+
+def test_given_threshold_skips_the_calibration():
+    s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=10, equilibration_steps=10, production_steps=20,
+                            max_retries=0, q6_solid_threshold=0.32, a=3.59)
+    assert not s.calibrating() and s.calibration_md_steps() == 0
+    steps = []
+    r = run_coexistence(EMT, s, seed=0, on_steps=lambda done, expected: steps.append((done, expected)))
+    assert r.order_calibration is None and r.order_threshold == 0.32
+    assert steps[-1] == (30, 30)
+
+
+def test_progress_counts_the_calibration_steps():
+    """on_steps(done, expected) of a calibrating run: the calibration's MD steps (solid, melt, liquid) come first
+    and are part of the expected total, which run_many's progress line starts from."""
+    s = CoexistenceSettings(supercell=(3, 3, 4), melt_steps=60, calibration_steps=40, equilibration_steps=10,
+                            production_steps=20, max_retries=0, a=3.59)
+    total = s.calibration_md_steps() + s.equilibration_steps + s.production_steps
+    assert s.calibration_md_steps() == 140
+    steps = []
+    r = run_coexistence(EMT, s, seed=0, on_steps=lambda done, expected: steps.append((done, expected)))
+    assert r.order_calibration is not None, r.rejected_reason
+    done = [d for d, _ in steps]
+    assert done == sorted(done) and steps[-1] == (total, total) and {e for _, e in steps} == {total}
+    # the solid's 40 steps, then the melt's 60 counted with the liquid's first 5
+    assert done[0] == s.sample_interval and 40 in done and 105 in done and not [d for d in done if 40 < d < 105]

@@ -237,3 +237,103 @@ def test_every_config_type_of_three_frames_or_more_gets_val_and_test_frames_what
         # frames that drew val/test keep it; only training draws move
         assert all(b == a or b == "train" for a, b in zip(liquid, before))
     assert lacking >= 2  # the guarantee is doing something at these sizes
+
+
+# ------------------------------------------------------------------------------ a given reference (issue 24 item 3)
+GIVEN = {"tm_K": 2896.0, "uncertainty_K": 10.0, "source": "experiment (CRC Handbook)"}
+
+
+def _project(tmp_path, root, melting: dict, element: str = "Mo") -> str:
+    """A project folder with the repository's params.yaml for ``element`` and these evaluate.melting keys."""
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["generate"]["element"] = element
+    params["evaluate"]["melting"].update(melting)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return str(tmp_path)
+
+
+def _cli(cwd: str, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLIPOPS_DEBUG"}
+    return subprocess.run([sys.executable, "-m", "mlipops.cli", "evaluate", "melting", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_given_reference_is_written_without_any_oracle_run(tmp_path, u_repo_root):
+    """`mlipops evaluate melting --reference` with evaluate.melting.reference: Mo, whose oracle (EMT) cannot
+    compute Mo at all, so any oracle run would fail: the given value, its uncertainty and source, no phases."""
+    r = _cli(_project(tmp_path, u_repo_root, {"reference": GIVEN, "lattice": None}), "--reference")
+    assert r.returncode == 0, r.stderr
+    ref = json.loads((tmp_path / "data/melting/reference.json").read_text())
+    assert ref["available"] is True and ref["given"] is True and ref["oracle"] is None
+    assert (ref["tm_mean"], ref["tm_stderr"], ref["source"]) == (2896.0, 10.0, "experiment (CRC Handbook)")
+    assert (ref["element"], ref["lattice"]) == ("Mo", "bcc") and ref["runs"] == []
+    assert "given reference" in ref["phases_reason"] and "phases" not in ref
+    assert (tmp_path / "data/melting/reference_phases.extxyz").stat().st_size == 0  # a DVC out: there, empty
+    assert "tm_ref=2896.0" in r.stderr and "nan" not in r.stderr
+
+
+def test_an_oracle_that_cannot_compute_the_element_stops_with_one_line(tmp_path, u_repo_root):
+    r = _cli(_project(tmp_path, u_repo_root, {"reference": None, "lattice": None}), "--reference")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("mlipops: error: field 'generate.oracle': the reference oracle emt cannot compute Mo: "
+                               "No EMT-potential for Mo; give evaluate.melting.reference: {tm_K, uncertainty_K, "
+                               "source} or name an oracle that can"), lines[0]
+    assert not (tmp_path / "data/melting/reference.json").exists()
+
+
+def test_given_reference_params_are_checked():
+    from mlipops.params import MeltingReference
+
+    assert MeltingParams(reference=GIVEN).reference == MeltingReference(**GIVEN)
+    for bad in ({"tm_K": -5, "uncertainty_K": 10, "source": "x"}, {"tm_K": 2896, "uncertainty_K": 10},
+                {"tm_K": 2896, "uncertainty_K": 10, "source": "  "}, {"tm_K": 2896, "sigma_K": 10, "source": "x"}):
+        with pytest.raises(ValueError):
+            MeltingParams(reference=bad)
+    assert MeltingParams(lattice="diamond", element="Si", q6_solid_threshold=None).settings("Si", "diamond").order() \
+        == (4, 16)
+
+
+def test_members_against_a_given_reference_report_na_not_nan(tmp_path, monkeypatch, u_repo_root):
+    """The members' report against a given reference: bias, P and the gate metrics from the given uncertainty
+    (infinitely many degrees of freedom); latent heat, energy cause and snapshot coverage say n/a."""
+    from mlipops.evaluate.melting import CoexistenceRun
+    from mlipops.evaluate.melting_reference import given_reference
+    from mlipops.params import load_params
+
+    monkeypatch.chdir(tmp_path)  # the report goes to reports/evaluate/melting of this project
+    p = load_params(_project(tmp_path, u_repo_root, {"reference": GIVEN, "lattice": None}) + "/params.yaml")
+    ref = given_reference(p, "Mo", "bcc")
+    members = [_member(k, tm, 30.0, n=1) for k, tm in enumerate((2950.0, 3010.0, 2980.0))]
+    result = melting_stage.combine(members, ref, 150.0)
+    assert result["tm_ref"] == 2896.0 and result["tm_ref_stderr"] == 10.0
+    assert result["bias"] == pytest.approx(2980.0 - 2896.0)
+    se = math.sqrt(max(900.0, 900.0) / 3)  # s² = 900 = mean err²
+    assert result["bias_combined_se"] == pytest.approx(math.hypot(se, 10.0))
+    assert result["bias_dof"] == pytest.approx(math.hypot(se, 10.0) ** 4 / (se**4 / 2))  # reference: no dof term
+    t = np.arange(0.0, 100.0, 10.0)
+    runs = [CoexistenceRun(seed=k, t_start_liquid=3500.0, temperatures=np.full(10, m["tm_mean"]), times_fs=t,
+                           solid_fraction=np.full(10, 0.5), tm=m["tm_mean"], tm_stderr=30.0, coexisting=True,
+                           rejected_reason=None, attempts=1, wall_s=1.0, n_atoms=144, order_threshold=0.3)
+            for k, m in enumerate(members)]
+    s = p.evaluate.melting.settings("Mo", "bcc")
+    result |= {"model": "mo", "preset": "quick", "settings": s.__dict__, "members": members,
+               "reference": {k: ref.get(k) for k in ("available", "given", "source", "tm_mean", "tm_stderr",
+                                                     "phases_reason", "oracle")}}
+    melting_stage.write_report(result, runs, [{"member": k, "seed": k} for k in range(3)], ref)
+    out = tmp_path / melting_stage.REPORT_DIR
+    summary = (out / "summary.md").read_text()
+    assert "Reference (given: experiment (CRC Handbook)): Tm = 2896 ± 10 K" in summary
+    assert "n/a: given reference" in summary and "nan" not in summary.lower()
+    assert "calibrated per run" in summary and "q̄6 (14 neighbours)" in summary
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "latent_heat_eV_per_atom" not in metrics and metrics["tm_ref"] == 2896.0
+    assert metrics["bias_significance_excess_K"] == pytest.approx(result["bias_significance_excess_K"])
+    assert (out / "traces_reference.png").stat().st_size > 5_000

@@ -600,36 +600,69 @@ class MeltingSweepParams(_Section):
         return v
 
 
+class MeltingReference(_Section):
+    """A given reference melting point (K) with its standard uncertainty (K) and where it comes from, instead of
+    an oracle run (a DFT user cannot run DFT coexistence here): e.g. ``{tm_K: 2896, uncertainty_K: 10,
+    source: "experiment (CRC Handbook)"}`` for Mo."""
+    tm_K: float = Field(gt=0)
+    uncertainty_K: float = Field(ge=0)
+    source: str = Field(min_length=1)
+
+    @field_validator("source")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("`source` must say where the value comes from")
+        return v.strip()
+
+
 class MeltingParams(_Section):
     """Melting point by solid-liquid coexistence for the reference oracle and each ensemble member."""
     preset: Literal["quick", "production"] = "quick"
     quick: MeltingPreset = MeltingPreset()
     production: MeltingPreset = MeltingPreset(supercell=(4, 4, 8), melt_steps=200, equilibration_steps=400,
                                               production_steps=2000, reference_seeds=4, member_seeds=3)
-    lattice: Literal["fcc", "bcc", "hcp"] = "fcc"
+    element: str | None = None  # None: generate.element (see melting_reference.melting_crystal)
+    lattice: Literal["fcc", "bcc", "hcp", "diamond", "sc"] | None = None  # None: the element's ASE reference state
     t_guess: float = Field(1300.0, gt=0)  # K, start guess for every run (the reference's Tm is not used)
     timestep_fs: float = Field(5.0, gt=0)
     window_K: float = Field(50.0, gt=0)  # P(|Tm - Tm_ref| <= window)
-    q6_solid_threshold: float = Field(0.32, gt=0, lt=1)
+    # averaged q_l above this: solid-like; None: calibrated per run from the model's own solid and liquid
+    q6_solid_threshold: float | None = Field(None, gt=0, lt=1)
+    calibration_steps: int = Field(100, ge=2)  # MD steps of the pure solid and pure liquid that calibrate it
+    # start volume of the liquid half relative to the solid half, minus 1 (signed); the NPH equilibration relaxes it
+    liquid_volume_change: float = Field(0.09, gt=-0.5, lt=1.0)
     min_phase_fraction: float = Field(0.15, ge=0, lt=0.5)
     max_retries: int = Field(2, ge=0)
     retry_step_K: float = Field(150.0, gt=0)
     phase_steps: int = Field(400, ge=20)  # pure solid / pure liquid NPT MD at Tm_ref: latent heat, snapshots
     phase_snapshots: int = Field(10, ge=1)  # labelled frames per phase from the second half of each run
+    reference: MeltingReference | None = None  # a given Tm_ref; None: the oracle's coexistence runs
     seed: int = 0
     sweep: MeltingSweepParams = MeltingSweepParams()
 
-    def settings(self, element: str, seed_offset: int = 0):
-        """The :class:`CoexistenceSettings` of the selected preset."""
+    @field_validator("element")
+    @classmethod
+    def _known_element(cls, v: str | None) -> str | None:
+        from ase.data import atomic_numbers
+
+        if v is not None and v not in atomic_numbers:
+            raise ValueError(f"unknown element {v!r}")
+        return v
+
+    def settings(self, element: str, lattice: str | None = None, seed_offset: int = 0):
+        """The :class:`CoexistenceSettings` of the selected preset for ``element`` in ``lattice`` (default:
+        ``self.lattice``, else fcc)."""
         from mlipops.evaluate.melting import CoexistenceSettings
 
         pr = getattr(self, self.preset)
         return CoexistenceSettings(
-            element=element, lattice=self.lattice, supercell=tuple(pr.supercell), t_guess=self.t_guess,
-            timestep_fs=self.timestep_fs, melt_steps=pr.melt_steps, equilibration_steps=pr.equilibration_steps,
-            production_steps=pr.production_steps, q6_solid_threshold=self.q6_solid_threshold,
-            min_phase_fraction=self.min_phase_fraction, max_retries=self.max_retries,
-            retry_step_K=self.retry_step_K, seed=self.seed + seed_offset).validate()
+            element=element, lattice=lattice or self.lattice or "fcc", supercell=tuple(pr.supercell),
+            t_guess=self.t_guess, timestep_fs=self.timestep_fs, melt_steps=pr.melt_steps,
+            equilibration_steps=pr.equilibration_steps, production_steps=pr.production_steps,
+            q6_solid_threshold=self.q6_solid_threshold, calibration_steps=self.calibration_steps,
+            liquid_volume_change=self.liquid_volume_change, min_phase_fraction=self.min_phase_fraction,
+            max_retries=self.max_retries, retry_step_K=self.retry_step_K, seed=self.seed + seed_offset).validate()
 
 
 class NveParams(_Section):

@@ -3,14 +3,24 @@
 One elongated periodic cell of ``supercell = (nx, ny, nz)`` conventional cells is split along z: the lower
 ``nz // 2`` cells stay crystal, the others are melted, so the cell holds two (001) solid–liquid interfaces (one
 through the periodic boundary) and no free surface. Any ASE calculator (EMT, ``MlipopsCalculator``) drives ASE's MD.
+Any element and lattice: fcc, bcc, diamond, sc (cubic conventional cells of 4, 2, 8, 1 atoms) and hcp (the
+orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops.crystal`.
 
 1. **Lattice.** ``a`` is given, or minimises the calculator's energy per atom (isotropic scan ±6 %, then ±2 %,
-   parabola through the 5 lowest points, like ``generate.recipes.equilibrium_nn_distance``). The parabola's
+   parabola through the 5 lowest points, like ``generate.recipes.equilibrium_nn_distance``; the scan starts at
+   ASE's reference lattice constant when the element's reference state is this lattice, else at twice the
+   covalent radius as nearest-neighbour distance: a = 2r/NN_PER_A, diamond nn = a√3/4). The parabola's
    curvature gives the 0 K bulk modulus B = V E''(V) = 2c₂/(9κa) (V_atom = κa³), used only as the barostat's
    compressibility. EMT Cu: a = 3.590 Å, B = 133 GPa.
 2. **Build** (:func:`build_coexistence_cell`). The crystal is scaled by 1 + ``expansion_guess`` (0.03: EMT Cu at
-   1300 K, zero pressure, Berendsen NPT: 12.65 Å³/atom, a = 3.70 Å) and the liquid half is stretched a further
-   ``liquid_stretch`` along z (0.09: EMT liquid Cu at 1300 K, 13.85 Å³/atom). The solid half is frozen
+   1300 K, zero pressure, Berendsen NPT: 12.65 Å³/atom, a = 3.70 Å) and the liquid half is stretched (or
+   compressed) along z so that its volume changes by ``liquid_volume_change`` (signed; default 0.09: EMT liquid Cu
+   at 1300 K, 13.85 Å³/atom). Volume change on melting ΔV_m/V_s: Cu +4 % in experiment (EMT +9 %), Mo about
+   +5 %, Si −10 % (liquid Si is denser than diamond Si: give a negative value). Only the start is set here: the
+   NPH equilibration (item 3) relaxes the z length toward zero pressure, but only part of the way before the
+   start has decided the run (EMT Cu, 3 x 3 x 8, seed 0, 250 NPH steps: a start of 0 % went 12.64 → 12.83
+   Å³/atom and froze completely; +9 % 13.21 → 13.23, coexisting at 0.53 solid; +18 % 13.78 → 13.56, coexisting,
+   still at −0.7 GPa): give the potential's own ΔV_m/V_s to within a few %. The solid half is frozen
    (``FixAtoms``); the other half gets Maxwell–Boltzmann velocities at ``t_melt`` and is melted by Langevin
    (100 fs friction) at ``t_melt`` = 2.5 t_guess (2/3 of ``melt_steps``; at 2 t_guess a 3-cell slab next to the
    frozen crystal stayed ~50 % ordered after 400 fs) and cooled to ``t_liquid`` (last 1/3). The constraint goes,
@@ -19,7 +29,8 @@ through the periodic boundary) and no free surface. Any ASE calculator (EMT, ``M
 3. **Equilibrate** (``equilibration_steps``): NPH with ASE's ``Inhomogeneous_NPTBerendsen`` (the three cell
    lengths relax independently to zero stress, time constant ``taup_fs``; its thermostat is switched off with
    taut = 10¹² fs). The liquid carries no shear, so this sets the solid's lateral lattice constant at the
-   coexistence temperature and the z length at zero pressure: the guesses of item 2 need not be exact.
+   coexistence temperature and the z length at zero pressure: the guesses of item 2 need not be exact, but a
+   liquid start far from its density can freeze or melt the cell before the barostat has caught up (item 2).
 4. **Production** (``production_steps``): NVE (velocity Verlet; default) in the equilibrated cell, or NPH (the
    same Berendsen barostat). The energy (enthalpy) is conserved, so a two-phase system's temperature is pinned
    at Tm: a hotter system melts some solid and cools, a colder one freezes some liquid and warms. NVE is the
@@ -33,11 +44,30 @@ through the periodic boundary) and no free surface. Any ASE calculator (EMT, ``M
    (initial-positive-sequence sum) bounds the block length from below (⌈2τ⌉ samples), and the series is cut
    into 5 blocks (4 at least; fewer, longer blocks than 2τ allows, because the interfaces relax on a 5–10 ps
    scale that the autocorrelation sum of a short series misses); stderr = std(block means)/√n_blocks.
-6. **Coexistence check and retries.** Per atom, the Lechner–Dellago averaged q̄₆ (freud
-   ``Steinhardt(l=6, average=True)``, 12 nearest neighbours from a ``freud.locality.AABBQuery`` on a freud box
-   built from the ASE cell's lengths and angles). Solid-like: q̄₆ > ``q6_solid_threshold`` = 0.32, in the gap
-   measured on EMT Cu (256 atoms): perfect fcc 0.567; fcc at 1300 K mean 0.471, sd 0.029, min 0.373; liquid at
-   1300 K mean 0.158, sd 0.032, max 0.254; liquid at 1600 K mean 0.153, sd 0.040, max 0.262. The run is
+6. **Coexistence check and retries.** Per atom, the Lechner–Dellago averaged q̄_l (:func:`order_parameter`: freud
+   ``Steinhardt(l, average=True)`` over the k nearest neighbours from a ``freud.locality.AABBQuery`` on a freud
+   box built from the ASE cell's lengths and angles), (l, k) per lattice (:data:`ORDER_PARAMETER`): fcc and hcp
+   q̄₆ with 12, sc q̄₄ with 6 (the first shell); bcc q̄₆ with 14 (first and second shell, 8 + 6: they lie only
+   13 % apart and mix in a hot crystal) and diamond q̄₄ with 16 (4 + 12: the second shell is diamond's fcc
+   sublattice). Measured as separation (μ_s − μ_l)/(σ_s + σ_l) between a crystal with Lindemann-limit
+   displacements (rms 0.12 nn) and a random packing at its density (minimum distance 0.7 nn): fcc q̄₆ 8.0
+   (q̄₄ 4.7); bcc q̄₆ with 14 neighbours 13.1, with 8 only 6.4; hcp q̄₆ 8.8; sc q̄₄ 7.5 (q̄₆ 1.4); diamond
+   with 16 neighbours q̄₄ 10.6, q̄₆ 8.4, with 4 (tetrahedral) q̄₃ 5.9, q̄₄ 3.5, q̄₆ 3.1 (averaging over the atom
+   and its 4 neighbours cancels part of the odd-l order of a crystal with inversion between the two sites:
+   perfect diamond q̄₃ = 0.447 = 3/5 q₃). On real MD of Si (ASE's Tersoff calculator, Tersoff 1988 Si(C), 216
+   atoms, diamond at 2230 K against the liquid at 2680 K): q̄₄ with 16 neighbours 0.235 ± 0.008 (min 0.212)
+   against 0.055 ± 0.018 (max 0.129), separation 6.8; q̄₃ with 4: 0.428 ± 0.006 against 0.204 ± 0.057,
+   separation 3.5 (its liquid keeps much tetrahedral order).
+   Solid-like: q̄_l > a threshold calibrated per run (``q6_solid_threshold`` None; a given value overrides it)
+   on the calculator's own pure solid and pure liquid at ``t_guess`` (:func:`calibrate_order`): the point
+   equally many standard deviations from both means, so a potential whose liquid is more or less ordered than
+   EMT's gets its own. EMT Cu (256 atoms), where the old fixed 0.32 was measured: perfect fcc 0.567; fcc at
+   1300 K mean 0.471, sd 0.029, min 0.373; liquid at 1300 K mean 0.158, sd 0.032, max 0.254 (equal-σ point
+   0.322); liquid at 1600 K mean 0.153, sd 0.040, max 0.262. The calibration of the quick preset (144 + 144
+   atoms, 100 + 150 + 100 steps: ~10 % of a run) gave 0.319 and 0.336 for seeds 0 and 1 (seed 0: solid
+   0.459 ± 0.029, liquid 0.155 ± 0.034, separation 4.8) and the same two reference runs, Tm bit for bit, as the
+   fixed 0.32 (1290.0 ± 6.7 and 1269.7 ± 11.8 K). Tersoff Si at 2500 K (64 + 64 atoms, 2 fs, melt 400 and 150
+   steps): solid 0.239 ± 0.006, liquid 0.045 ± 0.011, threshold 0.169, separation 11.4. The run is
    accepted when the mean solid fraction over the last 10 % of the production samples lies in
    [f_min, 1 − f_min] (``min_phase_fraction``). Otherwise it is rejected with its reason and rerun (new random
    stream) from shifted start temperatures (:func:`next_attempt`): fully melted → ``t_solid`` and ``t_liquid``
@@ -57,7 +87,10 @@ liquid froze through at 1340–1450 K, above Tm. The cross-section must exceed t
 4 x 4 x 8 (512 atoms, 10 ps) for production numbers.
 
 Time step: 5 fs. Copper is heavy (63.5 u), its fastest phonon period is ~140 fs, ASE's Cu/EMT MD examples use
-5 fs, and the NVE drift above is negligible. Lighter elements or stiffer potentials need less.
+5 fs, and the NVE drift above is negligible. Lighter elements or stiffer potentials need less (Si: 1–2 fs, Li:
+~1 fs); the step counts (``melt_steps``, ``calibration_steps``, equilibration, production) count steps, not
+time, so they must grow with it: a melt shorter than ~0.7 ps leaves the liquid half partly ordered (Tersoff Si,
+150 steps of 1 fs: q̄₄ of the liquid half 0.19, against 0.06 for its liquid and 0.24 for its hot crystal).
 """
 
 from __future__ import annotations
@@ -70,12 +103,17 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 from ase import Atoms, units
-from ase.build import bulk
 from ase.calculators.calculator import Calculator
 from ase.constraints import FixAtoms
 from ase.data import atomic_numbers, covalent_radii, reference_states
 
+from mlipops.crystal import LATTICES, NN_PER_A, Crystal, bulk_cell, unit_cell
 from mlipops.errors import MlipopsError, ParamsError
+
+
+# The averaged order parameter q̄_l per lattice: (l, number of nearest neighbours: the first shell, crystal
+# COORDINATION; bcc and diamond the first two shells, which separate far better). Measured: module doc, item 6.
+ORDER_PARAMETER = {"fcc": (6, 12), "hcp": (6, 12), "bcc": (6, 14), "sc": (4, 6), "diamond": (4, 16)}
 
 
 @dataclass
@@ -83,7 +121,7 @@ class CoexistenceSettings:
     """Every knob of one coexistence run; the defaults are a quick run on EMT copper (see module doc)."""
 
     element: str = "Cu"
-    lattice: str = "fcc"  # fcc | bcc (cubic conventional cell), hcp (orthorhombic cell)
+    lattice: str = "fcc"  # fcc | bcc | diamond | sc (cubic conventional cell), hcp (orthorhombic cell)
     a: float | None = None  # Å, 0 K lattice constant; None: minimise the calculator's energy
     supercell: tuple[int, int, int] = (3, 3, 8)  # conventional cells; z is split: solid | liquid (module doc)
     t_guess: float = 1300.0  # K, initial guess of Tm
@@ -96,12 +134,15 @@ class CoexistenceSettings:
     production_steps: int = 1000  # 5 ps at 5 fs
     sample_interval: int = 5  # steps between recorded samples (T, solid fraction)
     ensemble: Literal["nph", "nve"] = "nve"
-    q6_solid_threshold: float = 0.32
+    q6_solid_threshold: float | None = None  # solid-like above it; None: calibrated per run (module doc, item 6)
+    order_l: int | None = None  # l of the averaged q̄_l; None: ORDER_PARAMETER[lattice]
+    order_neighbors: int | None = None  # nearest neighbours of q̄_l; None: ORDER_PARAMETER[lattice]
+    calibration_steps: int = 100  # MD steps of the pure solid and of the pure liquid that calibrate the threshold
     min_phase_fraction: float = 0.15
     max_retries: int = 2
     retry_step_K: float = 150.0
     expansion_guess: float = 0.03  # start lattice = a (1 + it); the NPH equilibration corrects it
-    liquid_stretch: float = 0.09  # extra z length of the liquid half before melting
+    liquid_volume_change: float = 0.09  # start volume of the liquid half / that of the solid half − 1 (item 2)
     taup_fs: float = 500.0  # Berendsen barostat time constant
     seed: int = 0
 
@@ -112,11 +153,24 @@ class CoexistenceSettings:
                 self.t_liquid if self.t_liquid is not None else 1.2 * g,
                 self.t_melt if self.t_melt is not None else 2.5 * g)
 
+    def order(self) -> tuple[int, int]:
+        """(l, number of neighbours) of the order parameter q̄_l."""
+        l, n = ORDER_PARAMETER[self.lattice]
+        return (self.order_l or l, self.order_neighbors or n)
+
+    def calibrating(self) -> bool:
+        """True when the solid-like threshold is calibrated per run (no ``q6_solid_threshold`` given)."""
+        return self.q6_solid_threshold is None
+
+    def calibration_md_steps(self) -> int:
+        """MD steps of one run's calibration (0 with a given threshold): solid, melting, liquid."""
+        return 2 * self.calibration_steps + self.melt_steps if self.calibrating() else 0
+
     def validate(self) -> "CoexistenceSettings":
         def bad(name, why):
             raise ParamsError(f"{why} (got {getattr(self, name)!r})", field=f"melting.{name}")
-        if self.lattice not in ("fcc", "bcc", "hcp"):
-            bad("lattice", "must be fcc, bcc or hcp")
+        if self.lattice not in LATTICES:
+            bad("lattice", f"must be one of {', '.join(LATTICES)}")
         if self.element not in atomic_numbers:
             bad("element", "unknown chemical symbol")
         if len(self.supercell) != 3 or min(self.supercell) < 1 or self.supercell[2] < 2:
@@ -134,6 +188,15 @@ class CoexistenceSettings:
             bad("min_phase_fraction", "must be in [0, 0.5)")
         if self.timestep_fs <= 0 or self.t_guess <= 0:
             bad("timestep_fs" if self.timestep_fs <= 0 else "t_guess", "must be positive")
+        if self.q6_solid_threshold is not None and not 0.0 < self.q6_solid_threshold < 1.0:
+            bad("q6_solid_threshold", "must be in (0, 1), or None: calibrated per run")
+        if self.calibrating() and self.calibration_steps < 2 * self.sample_interval:
+            bad("calibration_steps", f"needs at least 2 samples (2 x sample_interval={self.sample_interval})")
+        if not -0.5 < self.liquid_volume_change < 1.0:
+            bad("liquid_volume_change", "must be a fraction in (-0.5, 1)")
+        if (self.order_l is not None and self.order_l < 1) or (self.order_neighbors is not None
+                                                              and self.order_neighbors < 1):
+            bad("order_l" if self.order_l is not None and self.order_l < 1 else "order_neighbors", "must be >= 1")
         return self
 
 
@@ -158,28 +221,33 @@ class CoexistenceRun:
     final_solid_fraction: float = float("nan")  # mean over the last 10 % of production
     pressure_GPa: float = float("nan")  # mean over production (ASE sign: positive = compressed)
     drift_meV_per_atom_ps: float = float("nan")  # of the conserved energy over production: integrator check
+    volume_start: float = float("nan")  # Å³/atom when the halves are joined (the guesses of item 2)
+    volume_per_atom: float = float("nan")  # Å³/atom, mean over production (after the NPH equilibration)
+    order_threshold: float = float("nan")  # the solid-like threshold of q̄_l used (given or calibrated)
+    order_calibration: dict | None = None  # the calibration (:func:`calibrate_order`); None: threshold given
     history: list[dict] = field(default_factory=list)  # every attempt: temperatures, fraction, reason
 
     def summary(self) -> dict:
         """JSON-ready scalars (no traces)."""
         keys = ("seed", "t_start_solid", "t_start_liquid", "tm", "tm_stderr", "coexisting", "rejected_reason",
                 "attempts", "wall_s", "n_atoms", "final_solid_fraction", "pressure_GPa", "drift_meV_per_atom_ps",
-                "history")
+                "volume_start", "volume_per_atom", "order_threshold", "order_calibration", "history")
         return {k: getattr(self, k) for k in keys}
 
 
 def lattice_constant(element: str, lattice: str, calc: Calculator, a: float | None = None) -> tuple[float, float]:
     """(a, B): the 0 K lattice constant (Å) minimising the energy per atom and the bulk modulus (eV/Å³).
 
-    With ``a`` given only B is computed (a ±2 % scan around it)."""
+    The scan starts from ASE's reference lattice constant when its reference state is this lattice, else from
+    the covalent radii: nearest-neighbour distance 2 r_cov = ``NN_PER_A[lattice]`` · a (diamond: a√3/4; hcp:
+    the ideal c/a). With ``a`` given only B is computed (a ±2 % scan around it)."""
     if a is not None:
         return float(a), _scan(element, lattice, calc, a, 0.02)[1]
     ref = reference_states[atomic_numbers[element]] or {}
     if ref.get("symmetry") == lattice and "a" in ref:
         a_guess = float(ref["a"])
     else:
-        nn = 2.0 * covalent_radii[atomic_numbers[element]]
-        a_guess = {"fcc": nn * math.sqrt(2.0), "bcc": nn * 2.0 / math.sqrt(3.0), "hcp": nn}[lattice]
+        a_guess = 2.0 * covalent_radii[atomic_numbers[element]] / NN_PER_A[lattice]
     for _ in range(4):  # recentre while the minimum lies near the edge of the ±6 % scan
         a_min, _ = _scan(element, lattice, calc, a_guess, 0.06)
         if abs(a_min / a_guess - 1.0) < 0.05:
@@ -195,19 +263,18 @@ def _scan(element: str, lattice: str, calc: Calculator, center: float, span: flo
     k = int(np.clip(np.argmin(e), 2, len(scan) - 3))
     c2, c1, _ = np.polyfit(scan[k - 2:k + 3], e[k - 2:k + 3], 2)
     a = float(-c1 / (2 * c2)) if c2 > 0 else float(scan[int(np.argmin(e))])
+    if not (math.isfinite(a) and a > 0 and c2 > 0):
+        raise MlipopsError(f"the calculator's energy of {element} {lattice} has no minimum near a = {center:.3f} Å "
+                           f"(curvature {c2:.3g} eV/Å²)", field="melting.a")
     cell = _unit_cell(element, lattice, a)
     kappa = cell.get_volume() / len(cell) / a**3  # V_atom = kappa a^3
     bulk_modulus = float(2 * c2 / (9 * kappa * a))
-    if not (math.isfinite(a) and bulk_modulus > 0):
-        raise MlipopsError(f"the calculator's energy of {element} {lattice} has no minimum near a = {center:.3f} Å "
-                           f"(curvature {c2:.3g} eV/Å²)", field="melting.a")
     return a, bulk_modulus
 
 
 def _unit_cell(element: str, lattice: str, a: float) -> Atoms:
-    if lattice == "hcp":
-        return bulk(element, "hcp", a=a, c=a * math.sqrt(8.0 / 3.0), orthorhombic=True)
-    return bulk(element, lattice, a=a, cubic=True)
+    """The conventional cell of :func:`mlipops.crystal.unit_cell` (hcp: ideal c/a, orthorhombic)."""
+    return unit_cell(Crystal(element, lattice, float(a)))
 
 
 def _energy_per_atom(atoms: Atoms, calc: Calculator) -> float:
@@ -222,33 +289,27 @@ def _maxwell_boltzmann(masses: np.ndarray, temperature: float, rng: np.random.Ge
 
 def build_coexistence_cell(s: CoexistenceSettings, calc: Calculator, rng: np.random.Generator) -> Atoms:
     """The two-phase cell: solid (lower half of z, ``info['solid_mask']``) | melted liquid, velocities set."""
-    from ase.md.langevin import Langevin
-
     s.validate()
     t_solid, t_liquid, t_melt = s.temperatures()
     a0, bulk_modulus = lattice_constant(s.element, s.lattice, calc, s.a)
     a_t = a0 * (1.0 + s.expansion_guess)
-    atoms = _unit_cell(s.element, s.lattice, a_t).repeat(s.supercell)
+    atoms = bulk_cell(Crystal(s.element, s.lattice, a_t), s.supercell)
     nz = s.supercell[2]
     lz = atoms.cell[2, 2]
     z_split = lz * (nz // 2) / nz
     z = atoms.positions[:, 2]
     solid = z < z_split - 1e-6
-    atoms.positions[~solid, 2] = z_split + (z[~solid] - z_split) * (1.0 + s.liquid_stretch)
+    stretch = 1.0 + s.liquid_volume_change  # along z only: the liquid half's volume changes by this factor
+    atoms.positions[~solid, 2] = z_split + (z[~solid] - z_split) * stretch
     cell = atoms.cell.array.copy()
-    cell[2] *= (z_split + (lz - z_split) * (1.0 + s.liquid_stretch)) / lz
+    cell[2] *= (z_split + (lz - z_split) * stretch) / lz
     atoms.set_cell(cell, scale_atoms=False)
     atoms.calc = calc
     atoms.set_constraint(FixAtoms(mask=solid))
     p = np.zeros((len(atoms), 3))
     p[~solid] = _maxwell_boltzmann(atoms.get_masses()[~solid], t_melt, rng)
     atoms.set_momenta(p)
-    n_hot = (2 * s.melt_steps) // 3
-    for temp, steps in ((t_melt, n_hot), (t_liquid, s.melt_steps - n_hot)):
-        if steps > 0:
-            dyn = Langevin(atoms, s.timestep_fs * units.fs, temperature_K=temp, friction=0.01 / units.fs,
-                           fixcm=False, rng=rng)  # 100 fs relaxation
-            dyn.run(steps)
+    _melt(atoms, s, t_melt, t_liquid, rng)
     atoms.set_constraint()
     p = atoms.get_momenta()
     p[solid] = _maxwell_boltzmann(atoms.get_masses()[solid], 2.0 * t_solid, rng)  # equipartition: half -> PE
@@ -258,17 +319,102 @@ def build_coexistence_cell(s: CoexistenceSettings, calc: Calculator, rng: np.ran
     return atoms
 
 
-def solid_fraction(atoms: Atoms, threshold: float) -> tuple[float, np.ndarray]:
-    """(fraction of atoms with averaged q̄6 > threshold, q̄6 per atom [n]); freud on the ASE cell, 12 neighbours."""
+def order_parameter(atoms: Atoms, l: int = 6, num_neighbors: int = 12) -> np.ndarray:
+    """Lechner–Dellago averaged q̄_l per atom [n]: freud ``Steinhardt(l, average=True)`` over the
+    ``num_neighbors`` nearest neighbours (an ``AABBQuery`` on a freud box built from the ASE cell's lengths and
+    angles, so any cell shape works). The average runs over the atom and its neighbours; for odd l it cancels
+    part of the order of a crystal with inversion between neighbouring sites (diamond: q̄₃ = 3/5 q₃)."""
     import freud
 
     lengths_angles = atoms.cell.cellpar()
     box = freud.box.Box.from_box_lengths_and_angles(*lengths_angles[:3], *np.radians(lengths_angles[3:]))
     points = box.wrap(atoms.get_scaled_positions(wrap=True) @ box.to_matrix().T)  # same frame as freud's box
-    ql = freud.order.Steinhardt(l=6, average=True)
-    ql.compute(freud.locality.AABBQuery(box, points), neighbors={"num_neighbors": 12, "exclude_ii": True})
-    q6 = np.asarray(ql.particle_order, dtype=float)
-    return float(np.mean(q6 > threshold)), q6
+    ql = freud.order.Steinhardt(l=int(l), average=True)
+    ql.compute(freud.locality.AABBQuery(box, points), neighbors={"num_neighbors": int(num_neighbors),
+                                                                 "exclude_ii": True})
+    return np.asarray(ql.particle_order, dtype=float)
+
+
+def solid_fraction(atoms: Atoms, threshold: float, l: int = 6, num_neighbors: int = 12) -> tuple[float, np.ndarray]:
+    """(fraction of atoms with averaged q̄_l > threshold, q̄_l per atom [n]); :func:`order_parameter`."""
+    q = order_parameter(atoms, l, num_neighbors)
+    return float(np.mean(q > threshold)), q
+
+
+def _melt(atoms: Atoms, s: CoexistenceSettings, t_melt: float, t_end: float, rng: np.random.Generator) -> None:
+    """The melting protocol of the liquid half (module doc, item 2): Langevin (100 fs friction) at ``t_melt`` for
+    2/3 of ``melt_steps``, then at ``t_end`` for the rest; momenta start from Maxwell–Boltzmann at ``t_melt``
+    for the atoms that are not fixed."""
+    from ase.md.langevin import Langevin
+
+    n_hot = (2 * s.melt_steps) // 3
+    for temp, steps in ((t_melt, n_hot), (t_end, s.melt_steps - n_hot)):
+        if steps > 0:
+            Langevin(atoms, s.timestep_fs * units.fs, temperature_K=temp, friction=0.01 / units.fs, fixcm=False,
+                     rng=rng).run(steps)
+
+
+def calibrate_order(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, rng: np.random.Generator,
+                    on_steps: Callable[[int], None] | None = None) -> dict:
+    """The solid-like threshold of q̄_l from the calculator's own pure solid and pure liquid at ``t_guess``.
+
+    Each phase is the coexistence cell's solid half (``nx × ny × nz//2`` cells) as a periodic bulk at the start
+    lattice a₀(1 + ``expansion_guess``), NVT (Langevin, 100 fs friction) at ``t_guess``: the solid from
+    Maxwell–Boltzmann at 2 t_guess for ``calibration_steps``; the liquid at (1 + ``liquid_volume_change``) times
+    that volume, melted as the coexistence cell's liquid (:func:`_melt`, ending at t_guess), then
+    ``calibration_steps``. q̄_l of every atom over the second half of each run (every ``sample_interval`` steps)
+    gives mean μ and standard deviation σ per phase; the threshold is the point equally many σ from both means,
+    θ = (μ_l σ_s + μ_s σ_l)/(σ_s + σ_l) (the midpoint when σ_s = σ_l), and ``separation`` = (μ_s − μ_l)/(σ_s +
+    σ_l) is that number of σ. Below 1 (a sixth of each phase misread) the order parameter cannot tell the
+    model's phases apart at t_guess (a solid that melted: t_guess far above the model's Tm): MlipopsError."""
+    from ase.md.langevin import Langevin
+
+    l, n_nb = s.order()
+    calc = calc_factory()
+    a0, _ = lattice_constant(s.element, s.lattice, calc, s.a)
+    t = s.t_guess
+    _, _, t_melt = s.temperatures()
+    reps = (s.supercell[0], s.supercell[1], max(1, s.supercell[2] // 2))
+    dt = s.timestep_fs * units.fs
+    done = [0]
+    out: dict = {"l": l, "neighbors": n_nb, "temperature_K": t}
+    for phase in ("solid", "liquid"):
+        atoms = bulk_cell(Crystal(s.element, s.lattice, a0 * (1.0 + s.expansion_guess)), reps)
+        atoms.calc = calc
+        if phase == "liquid":
+            atoms.set_cell(atoms.cell * (1.0 + s.liquid_volume_change) ** (1.0 / 3.0), scale_atoms=True)
+            atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), t_melt, rng))
+            _melt(atoms, s, t_melt, t, rng)
+            done[0] += s.melt_steps
+        else:
+            atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), 2.0 * t, rng))
+        dyn = Langevin(atoms, dt, temperature_K=t, friction=0.01 / units.fs, fixcm=False, rng=rng)
+        k = s.sample_interval
+        q = []
+        for i in range(s.calibration_steps // k):
+            dyn.run(k)
+            done[0] += k
+            if on_steps is not None:
+                on_steps(done[0])
+            if (i + 1) * k > s.calibration_steps // 2:
+                q.append(order_parameter(atoms, l, n_nb))
+        q = np.concatenate(q)
+        if not np.all(np.isfinite(q)) or not np.all(np.isfinite(atoms.positions)):
+            raise MlipopsError(f"the pure {phase} at t_guess = {t:.0f} K blew up (non-finite positions)",
+                               field="melting.t_guess")
+        out[phase] = {"mean": float(q.mean()), "std": float(q.std()), "n_atoms": len(atoms),
+                      "temperature_K": float(atoms.get_temperature())}
+    ms, ss = out["solid"]["mean"], out["solid"]["std"]
+    ml, sl = out["liquid"]["mean"], out["liquid"]["std"]
+    width = max(ss + sl, 1e-9)
+    out["threshold"] = float((ml * ss + ms * sl) / width)
+    out["separation"] = float((ms - ml) / width)
+    if out["separation"] < 1.0:
+        raise MlipopsError(f"q̄{l} ({n_nb} neighbours) does not separate the calculator's solid ({ms:.3f} ± {ss:.3f}) "
+                           f"from its liquid ({ml:.3f} ± {sl:.3f}) at t_guess = {t:.0f} K (separation "
+                           f"{out['separation']:.2f} sd < 1): is t_guess near this model's Tm? Or give "
+                           "q6_solid_threshold", field="melting.t_guess")
+    return out
 
 
 def block_stderr(x: np.ndarray) -> tuple[float, float]:
@@ -319,15 +465,18 @@ def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator,
                                           pressure_au=0.0, taup=s.taup_fs * units.fs,
                                           compressibility_au=1.0 / atoms.info["bulk_modulus"])
 
-    temps, times, fracs, press, etot = [], [], [], [], []
+    temps, times, fracs, press, etot, vols = [], [], [], [], [], []
+    l, n_nb = s.order()
+    volume_start = atoms.get_volume() / len(atoms)
 
     def record(t_fs: float, production: bool):
         temps.append(atoms.get_temperature())
         times.append(t_fs)
-        fracs.append(solid_fraction(atoms, s.q6_solid_threshold)[0])
+        fracs.append(solid_fraction(atoms, s.q6_solid_threshold, l, n_nb)[0])
         if production:
             press.append(-np.trace(atoms.get_stress(voigt=False, include_ideal_gas=True)) / 3 / units.GPa)
             etot.append(atoms.get_total_energy() / len(atoms))  # NVE: E; NPH at P = 0: H = E + PV = E
+            vols.append(atoms.get_volume() / len(atoms))
 
     record(0.0, False)
     k = s.sample_interval
@@ -352,25 +501,37 @@ def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator,
     drift = float(np.polyfit(t_prod_ps, etot, 1)[0]) * 1000.0  # meV/atom/ps of the conserved E (NVE) or H (NPH)
     return dict(temperatures=temps, times_fs=np.array(times), solid_fraction=fracs, tm=float(temps[prod].mean()),
                 tm_stderr=tm_stderr, final_solid_fraction=final, drift_meV_per_atom_ps=drift,
-                pressure_GPa=float(np.mean(press)),
+                pressure_GPa=float(np.mean(press)), volume_start=volume_start, volume_per_atom=float(np.mean(vols)),
                 production_start_fs=n_eq * k * s.timestep_fs, n_atoms=len(atoms))
 
 
 def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, seed: int,
                     on_steps: Callable[[int, int], None] | None = None) -> CoexistenceRun:
     """One coexistence run for ``seed``, rerun (new seed stream, shifted temperatures) while it does not coexist.
-    ``on_steps(done, expected)`` (progress): every ``sample_interval`` steps, the equilibration + production MD
-    steps done in this run and those expected so far (one attempt's; a rerun adds another attempt's)."""
+    Without a given ``q6_solid_threshold`` the run first calibrates it (:func:`calibrate_order`, own random stream;
+    a failed calibration is a rejected run with its reason). ``on_steps(done, expected)`` (progress): every
+    ``sample_interval`` steps, the calibration + equilibration + production MD steps done in this run and those
+    expected so far (one attempt's; a rerun adds another attempt's)."""
     s.validate()
     t0 = time.perf_counter()
     t_solid, t_liquid, _ = s.temperatures()
     step, direction, history = s.retry_step_K, 0, []
+    cal = s.calibration_md_steps()
     per = s.equilibration_steps + s.production_steps  # MD steps of one attempt (progress)
+    calibration, threshold = None, s.q6_solid_threshold
+    if s.calibrating():
+        try:
+            calibration = calibrate_order(calc_factory, s, np.random.default_rng([seed, 0]),
+                                          on_steps and (lambda n: on_steps(n, cal + per)))
+        except MlipopsError as exc:
+            return failed_run(seed, f"order parameter calibration: {exc.detail}", time.perf_counter() - t0)
+        threshold = calibration["threshold"]
     for attempt in range(1, s.max_retries + 2):
         rng = np.random.default_rng([seed, attempt])
-        trial = CoexistenceSettings(**{**s.__dict__, "t_solid": t_solid, "t_liquid": t_liquid, "seed": seed})
-        out = _one_attempt(calc_factory, trial, rng, on_steps and (lambda n: on_steps((attempt - 1) * per + n,
-                                                                                     attempt * per)))
+        trial = CoexistenceSettings(**{**s.__dict__, "t_solid": t_solid, "t_liquid": t_liquid, "seed": seed,
+                                       "q6_solid_threshold": threshold})
+        out = _one_attempt(calc_factory, trial, rng, on_steps and (lambda n: on_steps(cal + (attempt - 1) * per + n,
+                                                                                     cal + attempt * per)))
         if not (np.all(np.isfinite(out["temperatures"])) and math.isfinite(out["tm"])):
             reason = "MD unstable: non-finite temperature (the calculator's forces blew up)"
             history.append({"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid,
@@ -385,7 +546,7 @@ def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettin
         t_solid, t_liquid = ts_next, tl_next
     return CoexistenceRun(seed=seed, t_start_liquid=t_liquid, t_start_solid=t_solid, coexisting=reason is None,
                           rejected_reason=reason, attempts=attempt, wall_s=time.perf_counter() - t0,
-                          history=history, **out)
+                          history=history, order_threshold=float(threshold), order_calibration=calibration, **out)
 
 
 def melting_point(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, seeds: Sequence[int]) -> dict:
@@ -452,7 +613,8 @@ def prob_within(samples_or_gaussians, t_ref: float, window: float) -> float:
 
 def phase_properties(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, temperature: float,
                      steps: int = 600, snapshots: int = 10, seed: int = 0,
-                     supercell: tuple[int, int, int] | None = None) -> dict:
+                     supercell: tuple[int, int, int] | None = None, threshold: float | None = None,
+                     on_steps: Callable[[int], None] | None = None) -> dict:
     """Pure solid and pure liquid at ``temperature`` (Tm): the latent heat, ΔS_m and labelled snapshots.
 
     Each phase: ``supercell`` (default nx x ny x nx of the coexistence cell's lateral size) conventional cells,
@@ -464,10 +626,12 @@ def phase_properties(calc_factory: Callable[[], Calculator], s: CoexistenceSetti
 
     L = ⟨e_liquid⟩ − ⟨e_solid⟩ + P ΔV with P = 0 (equal temperatures: the kinetic energies cancel) and
     ΔS_m = L / T. A model whose liquid energy relative to the solid is off by δ per atom melts at
-    Tm + δ / ΔS_m to first order (G_l − G_s = ΔH − TΔS vanishes at Tm). Each phase also reports its mean
-    solid fraction (q̄6 rule) over the sampled half, so a liquid that froze or a solid that melted is visible."""
+    Tm + δ / ΔS_m to first order (G_l − G_s = ΔH − TΔS vanishes at Tm). Each phase also reports the mean and
+    standard deviation of q̄_l and its solid fraction over the sampled half (solid-like above ``threshold``, else
+    ``s.q6_solid_threshold``, else the equal-σ point of these two phases, as :func:`calibrate_order`), so a
+    liquid that froze or a solid that melted is visible. ``on_steps(done)``: MD steps done (progress), of
+    2 (``steps`` + solid) + ``melt_steps``."""
     from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.md.langevin import Langevin
     from ase.md.nptberendsen import NPTBerendsen
 
     s.validate()
@@ -479,32 +643,40 @@ def phase_properties(calc_factory: Callable[[], Calculator], s: CoexistenceSetti
     _, _, t_melt = s.temperatures()
     half = steps // 2
     k = max(1, min(s.sample_interval, half))
+    l, n_nb = s.order()
     out: dict = {"temperature_K": float(temperature), "supercell": list(n), "steps": int(steps), "a0": a0}
     frames: list[Atoms] = []
+    order: dict[str, list[np.ndarray]] = {}
+    done = 0
     for phase in ("solid", "liquid"):
-        atoms = _unit_cell(s.element, s.lattice, a0 * (1.0 + s.expansion_guess)).repeat(n)
+        atoms = bulk_cell(Crystal(s.element, s.lattice, a0 * (1.0 + s.expansion_guess)), n)
         atoms.calc = calc
         if phase == "liquid":
-            atoms.set_cell(atoms.cell * (1.0 + s.liquid_stretch) ** (1.0 / 3.0), scale_atoms=True)
+            atoms.set_cell(atoms.cell * (1.0 + s.liquid_volume_change) ** (1.0 / 3.0), scale_atoms=True)
             atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), t_melt, rng))
-            n_hot = (2 * s.melt_steps) // 3
-            for temp, m in ((t_melt, n_hot), (temperature, s.melt_steps - n_hot)):
-                if m > 0:
-                    Langevin(atoms, dt, temperature_K=temp, friction=0.01 / units.fs, fixcm=False, rng=rng).run(m)
+            _melt(atoms, s, t_melt, temperature, rng)
+            done += s.melt_steps
         else:
             atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), 2.0 * temperature, rng))
         dyn = NPTBerendsen(atoms, dt, temperature_K=temperature, taut=100.0 * units.fs, pressure_au=0.0,
                            taup=s.taup_fs * units.fs, compressibility_au=1.0 / bulk_modulus)
-        dyn.run(half)
+        for i in range(0, half, max(k, 10)):
+            dyn.run(min(max(k, 10), half - i))
+            if on_steps is not None:
+                on_steps(done + min(i + max(k, 10), half))
+        done += half
         chunks = [min(k, steps - i) for i in range(half, steps, k)]
         take = set(np.linspace(0, len(chunks) - 1, min(snapshots, len(chunks))).round().astype(int).tolist())
-        e, v, t, f = [], [], [], []
+        e, v, t, q = [], [], [], order.setdefault(phase, [])
         for j, m in enumerate(chunks):
             dyn.run(m)
+            done += m
+            if on_steps is not None:
+                on_steps(done)
             e.append(atoms.get_potential_energy() / len(atoms))
             v.append(atoms.get_volume() / len(atoms))
             t.append(atoms.get_temperature())
-            f.append(solid_fraction(atoms, s.q6_solid_threshold)[0])
+            q.append(order_parameter(atoms, l, n_nb))
             if j in take:
                 snap = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions.copy(), cell=atoms.cell.copy(),
                              pbc=True)
@@ -516,8 +688,16 @@ def phase_properties(calc_factory: Callable[[], Calculator], s: CoexistenceSetti
             raise MlipopsError(f"the {phase} NPT run at {temperature:.0f} K gave non-finite energies",
                                field="melting.phase_steps")
         out[phase] = {"energy_per_atom": float(np.mean(e)), "energy_stderr": block_stderr(np.array(e))[0],
-                      "volume_per_atom": float(np.mean(v)), "temperature": float(np.mean(t)),
-                      "solid_fraction": float(np.mean(f)), "n_atoms": len(atoms)}
+                      "volume_per_atom": float(np.mean(v)), "temperature": float(np.mean(t)), "n_atoms": len(atoms)}
+    qs, ql = np.concatenate(order["solid"]), np.concatenate(order["liquid"])
+    if threshold is None:
+        threshold = s.q6_solid_threshold
+    if threshold is None:
+        threshold = float((ql.mean() * qs.std() + qs.mean() * ql.std()) / max(qs.std() + ql.std(), 1e-9))
+    out["order_parameter"] = {"l": l, "neighbors": n_nb, "threshold": float(threshold)}
+    for phase, q in (("solid", qs), ("liquid", ql)):
+        out[phase] |= {"order_mean": float(q.mean()), "order_std": float(q.std()),
+                       "solid_fraction": float(np.mean(q > threshold))}
     latent = out["liquid"]["energy_per_atom"] - out["solid"]["energy_per_atom"]
     out |= {"latent_heat_eV_per_atom": float(latent), "delta_s_eV_per_atom_K": float(latent / temperature),
             "delta_s_kB": float(latent / temperature / units.kB),
@@ -527,9 +707,11 @@ def phase_properties(calc_factory: Callable[[], Calculator], s: CoexistenceSetti
 
 
 def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "",
-                labels: Sequence[str] | None = None, colors: Sequence[str] | None = None) -> Path:
+                labels: Sequence[str] | None = None, colors: Sequence[str] | None = None,
+                empty_note: str = "no run") -> Path:
     """Temperature and solid fraction vs time, one colour per run (or ``colors``), production shaded, Tm dashed
-    (PNG). ``labels`` name the runs (default: their seeds); runs without a trace (failed) are left out."""
+    (PNG). ``labels`` name the runs (default: their seeds); runs without a trace (failed) are left out; with no
+    trace at all the figure says ``empty_note``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -554,12 +736,15 @@ def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "
             for a in (ax, ax2):
                 a.axvspan(r.production_start_fs / 1000.0, t_ps[-1], color="0.9", zorder=0,
                           label="production" if a is ax else None)
+    if not shaded:
+        ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("temperature (K)")
-    ax2.set_ylabel("solid fraction (q̄6 rule)")
+    ax2.set_ylabel("solid fraction (q̄_l rule)")
     ax2.set_xlabel("time since joining the phases (ps)")
     ax2.set_ylim(0, 1)
     ax.set_title(title or "solid–liquid coexistence")
-    ax.legend(fontsize=7)
+    if shaded:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

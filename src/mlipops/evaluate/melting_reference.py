@@ -6,6 +6,12 @@ runs at its Tm give the latent heat L, ΔS_m = L/Tm and labelled snapshots of bo
 (``data/melting/reference.json`` with the traces, ``data/melting/reference_phases.extxyz``) are cached DVC
 outputs that depend only on the oracle, the element and ``evaluate.melting``: retraining never reruns them.
 The runners here (:class:`MemberFactory`, :func:`run_many`) also serve the members (:mod:`melting_stage`).
+
+Or the reference is given (``evaluate.melting.reference: {tm_K, uncertainty_K, source}``, e.g. an experimental
+Tm for DFT data: no one runs DFT coexistence here): reference.json then holds that value as ``tm_mean`` and its
+uncertainty as ``tm_stderr``, with ``given: true`` and the source; no oracle runs, so there are no latent heat
+and no phase snapshots (reference_phases.extxyz is empty) and the members' stage says so. An oracle that cannot
+compute the element (EMT has no Mo, no Si) stops the stage with one line (exit 2) before any run.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
-from mlipops.errors import MlipopsError, StageInputError
-from mlipops.evaluate.melting import CoexistenceRun, failed_run, phase_properties, run_coexistence, summarize
+from mlipops.errors import MlipopsError, OracleError
+from mlipops.evaluate.melting import (CoexistenceRun, _unit_cell, failed_run, phase_properties,
+                                      run_coexistence, summarize)
 from mlipops.params import Params
 from mlipops.report import jsonable
 
@@ -121,7 +128,8 @@ def run_many(specs: list[dict], compute) -> list[CoexistenceRun]:
         return []
     name = f"mlipops-melting-{uuid.uuid4().hex[:8]}"
     specs = [sp | {"queue": name, "index": i} for i, sp in enumerate(specs)]
-    expected = [sp["settings"].equilibration_steps + sp["settings"].production_steps for sp in specs]
+    expected = [sp["settings"].calibration_md_steps() + sp["settings"].equilibration_steps
+                + sp["settings"].production_steps for sp in specs]
     done, finished = [0] * len(specs), set()
     with dask_client(compute, len(specs)) as client:
         queue = Queue(name, client=client)
@@ -165,32 +173,102 @@ def _stats(summary: dict) -> dict:
     return {k: summary[k] for k in ("tm_mean", "tm_std", "tm_stderr", "n_accepted", "n_rejected")}
 
 
+def melting_crystal(p: Params) -> tuple[str, str]:
+    """(element, lattice) of every melting run, the reference's and the members': ``evaluate.melting.element``,
+    else ``generate.element``; ``evaluate.melting.lattice``, else the element's ASE reference state when it is a
+    lattice the cell builder knows (Cu fcc, Mo bcc, Si diamond, Ti hcp), else fcc. The one place both stages
+    take them from (to resolve the crystal from the data instead, change this function)."""
+    from ase.data import atomic_numbers, reference_states
+
+    from mlipops.crystal import LATTICES
+
+    m = p.evaluate.melting
+    element = m.element or p.generate.element
+    if m.lattice:
+        return element, m.lattice
+    sym = (reference_states[atomic_numbers[element]] or {}).get("symmetry")
+    return element, sym if sym in LATTICES else "fcc"
+
+
+def check_oracle(factory: "OracleFactory", element: str, lattice: str) -> None:
+    """Can the oracle compute ``element`` at all? One energy and forces of its conventional cell at the
+    covalent-radius guess; the calculator's exception (EMT: "No EMT-potential for Mo") becomes one line naming
+    the ways out."""
+    name = factory.calculator
+    way_out = ("give evaluate.melting.reference: {tm_K, uncertainty_K, source} or name an oracle that can "
+               "(generate.oracle)")
+    try:
+        calc = factory()
+    except MlipopsError as exc:
+        raise OracleError(f"the reference oracle {name} cannot be built: {exc.detail}; {way_out}",
+                          field="generate.oracle") from None
+    except Exception as exc:  # noqa: BLE001 - any calculator's own error
+        raise OracleError(f"the reference oracle {name} cannot be built: {exc}; {way_out}",
+                          field="generate.oracle") from None
+    from ase.data import atomic_numbers, covalent_radii
+
+    from mlipops.crystal import NN_PER_A
+
+    atoms = _unit_cell(element, lattice, 2.0 * covalent_radii[atomic_numbers[element]] / NN_PER_A[lattice])
+    atoms.calc = calc
+    try:
+        e = atoms.get_potential_energy()
+        f = atoms.get_forces()
+    except Exception as exc:  # noqa: BLE001 - the calculator's own error says why (no parameters for it, ...)
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OracleError(f"the reference oracle {name} cannot compute {element}: {why}; {way_out}",
+                          field="generate.oracle") from None
+    if not (math.isfinite(float(e)) and np.all(np.isfinite(f))):
+        raise OracleError(f"the reference oracle {name} cannot compute {element}: non-finite energy or forces of "
+                          f"{lattice} {element}; {way_out}", field="generate.oracle")
+
+
+def given_reference(p: Params, element: str, lattice: str) -> dict:
+    """reference.json of a given reference (``evaluate.melting.reference``): no runs, no phases."""
+    ref = p.evaluate.melting.reference
+    return {"available": True, "given": True, "source": ref.source, "oracle": None, "element": element,
+            "lattice": lattice, "preset": p.evaluate.melting.preset, "tm_mean": float(ref.tm_K), "tm_std": None,
+            "tm_stderr": float(ref.uncertainty_K), "n_accepted": 0, "n_rejected": 0, "runs": [],
+            "phases_reason": "n/a: given reference (no oracle runs, so no latent heat and no phase snapshots)"}
+
+
 def run_reference(p: Params) -> dict:
-    """The reference oracle's Tm over seeds, then its solid and liquid at Tm (latent heat, snapshots)."""
+    """The reference oracle's Tm over seeds, then its solid and liquid at Tm (latent heat, snapshots); or the
+    given reference (module doc)."""
     from mlipops.frames import write_extxyz
+    from mlipops.report import progress
 
     t0 = time.perf_counter()
     m = p.evaluate.melting
-    s = m.settings(p.generate.element)
+    element, lattice = melting_crystal(p)
+    s = m.settings(element, lattice)
+    REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
+    if m.reference is not None:
+        out = given_reference(p, element, lattice)
+        write_extxyz(PHASES, [])
+        out["wall_s"] = round(time.perf_counter() - t0, 1)
+        REFERENCE_JSON.write_text(json.dumps(jsonable(out), indent=2) + "\n")
+        return {"tm_ref": out["tm_mean"], "tm_ref_stderr": out["tm_stderr"], "source": out["source"],
+                "wall_s": out["wall_s"]}
     preset = getattr(m, m.preset)
     factory = OracleFactory(p.generate.oracle.calculator, p.generate.oracle.kwargs)
-    try:
-        factory()
-    except MlipopsError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise StageInputError(f"the reference oracle cannot be built: {exc}", field="generate.oracle") from None
+    check_oracle(factory, element, lattice)
     seeds = [m.seed + i for i in range(preset.reference_seeds)]
     runs = run_many([{"factory": factory, "settings": s, "seed": sd} for sd in seeds], p.compute)
     summ = summarize(runs)
-    out = {"available": summ["n_accepted"] > 0, "oracle": p.generate.oracle.model_dump(), "element": s.element,
-           "lattice": s.lattice, "preset": m.preset, "settings": s.__dict__, **_stats(summ),
+    out = {"available": summ["n_accepted"] > 0, "given": False, "oracle": p.generate.oracle.model_dump(),
+           "element": element, "lattice": lattice, "preset": m.preset, "settings": s.__dict__, **_stats(summ),
            "runs": [_run_json(r) for r in runs]}
-    REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
     frames: list[Atoms] = []
     if out["available"]:
         _single_thread()
-        ph = phase_properties(factory, s, summ["tm_mean"], m.phase_steps, m.phase_snapshots, seed=m.seed)
+        ok = [r for r in runs if r.coexisting]
+        threshold = s.q6_solid_threshold if s.q6_solid_threshold is not None else \
+            float(np.mean([r.order_threshold for r in ok]))  # the accepted runs' calibrations
+        total = 2 * m.phase_steps + s.melt_steps
+        with progress(f"reference solid and liquid at Tm = {summ['tm_mean']:.0f} K (MD steps)", total) as advance:
+            ph = phase_properties(factory, s, summ["tm_mean"], m.phase_steps, m.phase_snapshots, seed=m.seed,
+                                  threshold=threshold, on_steps=lambda n: advance(completed=n))
         frames = ph.pop("frames")
         out["phases"] = ph
     else:
@@ -198,6 +276,8 @@ def run_reference(p: Params) -> dict:
     write_extxyz(PHASES, frames)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     REFERENCE_JSON.write_text(json.dumps(jsonable(out), indent=2) + "\n")
+    if not out["available"]:
+        return {"available": False, "reason": out["reason"], "wall_s": out["wall_s"]}
     return {"tm_ref": out["tm_mean"], "tm_ref_stderr": out["tm_stderr"], "n_accepted": out["n_accepted"],
             "latent_heat_eV_per_atom": out.get("phases", {}).get("latent_heat_eV_per_atom"),
             "wall_s": out["wall_s"]}

@@ -16,6 +16,12 @@ member's potential) for ``member_seeds`` seeds, all runs in parallel through Das
 - coverage: the fraction of the index's liquid test atoms inside the training hull (SQL on
   ``data/index.duckdb``), and the fraction of the Tm snapshots' atoms inside it (γ ≤ 1, ``check_structures``).
 
+Against a given reference (``evaluate.melting.reference``: a value, its standard uncertainty and source) the bias,
+P and the gate metrics use that value and uncertainty (with infinitely many degrees of freedom); the latent heat,
+the energy cause and the snapshots' coverage need the reference's own solid and liquid at Tm and read
+"n/a: given reference". Element and lattice come from :func:`~mlipops.evaluate.melting_reference.melting_crystal`,
+as the reference's; a reference.json made for another crystal is refused.
+
 Reports in ``reports/evaluate/melting/`` (``melting_point.json``, ``metrics.json``, ``summary.md``, the traces and
 distribution plots); metrics ``melting.*`` on the model's MLflow run (``eval_melting_*``). The promote stage
 copies the JSON and the plots next to the registered model.
@@ -38,7 +44,7 @@ from ase import Atoms
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.evaluate.melting import CoexistenceRun, plot_traces, prob_within, summarize
 from mlipops.evaluate.melting_reference import (PHASES, REFERENCE_JSON, MemberFactory, _run_from_json, _stats,
-                                                run_many)
+                                                melting_crystal, run_many)
 from mlipops.params import Params
 from mlipops.paths import safe_remove
 from mlipops.report import jsonable, write_markdown, write_metrics
@@ -121,7 +127,11 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     if not (model_dir / "config.json").is_file():
         raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
     ref = read_reference()
-    s = m.settings(p.generate.element)
+    s = m.settings(*melting_crystal(p))
+    if ref.get("element") and (ref.get("element"), ref.get("lattice")) != (s.element, s.lattice):
+        raise StageInputError(f"the reference is for {ref.get('lattice')} {ref.get('element')}, the members run "
+                              f"{s.lattice} {s.element}: run `dvc repro melting_reference` first",
+                              file=str(REFERENCE_JSON))
     preset = getattr(m, m.preset)
     from mlipops.models.schema import trusted_calculators
 
@@ -134,7 +144,8 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     runs = run_many(specs, p.compute)
     per_member = [member_stats(i, [r for r, sp in zip(runs, specs) if sp["member"] == i], ref) for i in range(n_members)]
 
-    frames, bad = read_extxyz(PHASES) if PHASES.is_file() else ([], [])
+    # empty when the reference has no phases (a given reference, or no oracle run coexisted)
+    frames, bad = read_extxyz(PHASES) if PHASES.is_file() and PHASES.stat().st_size else ([], [])
     if bad:
         raise StageInputError(f"{len(bad)} unreadable frame(s): {bad[0].reason}", file=str(PHASES))
     phases = ref.get("phases") or {}
@@ -146,8 +157,9 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     result = combine(per_member, ref, m.window_K)
     result |= liquid_coverage(index_path, m.sweep.config_type) | snapshot_coverage(frames, index_path)
     result |= {"model": model_name, "preset": m.preset, "settings": s.__dict__, "members": per_member,
-               "reference": {k: ref.get(k) for k in ("available", "reason", "oracle", "tm_mean", "tm_std", "tm_stderr",
-                                                    "n_accepted", "n_rejected", "phases", "preset")},
+               "reference": {k: ref.get(k) for k in ("available", "given", "source", "reason", "phases_reason", "oracle",
+                                                    "tm_mean", "tm_std", "tm_stderr", "n_accepted", "n_rejected",
+                                                    "phases", "preset", "element", "lattice")},
                "wall_s": round(time.perf_counter() - t0, 1)}
     write_report(result, runs, specs, ref)
     from mlipops.provenance import model_identity, write_provenance
@@ -195,7 +207,9 @@ def combine(per_member: list[dict], ref: dict, window: float) -> dict:
         out |= {"bias": out["tm_mean"] - tm_ref,
                 "p_within_window": prob_within(np.column_stack([tms, sd]), tm_ref, window),
                 "mixture": [[float(a), float(b)] for a, b in zip(tms, sd)]}
-        out |= bias_significance(out["bias"], tms, errs, ref_err, window, int(ref.get("n_accepted") or 2))
+        # a given reference's uncertainty is a stated standard uncertainty, not a few runs' estimate: infinite dof
+        n_ref = None if ref.get("given") else int(ref.get("n_accepted") or 2)
+        out |= bias_significance(out["bias"], tms, errs, ref_err, window, n_ref)
     else:
         out |= {"bias": None, "p_within_window": None,
                 "p_reason": "no reference Tm" if tm_ref is None else "no member run coexisted"}
@@ -205,7 +219,7 @@ def combine(per_member: list[dict], ref: dict, window: float) -> dict:
 
 
 def bias_significance(bias: float, tms: np.ndarray, errs: np.ndarray, ref_err: float, window: float,
-                      n_ref: int = 2) -> dict:
+                      n_ref: int | None = 2) -> dict:
     """Is the ensemble's bias Tm_mean − Tm_ref larger than the window *and* than its own noise?
 
     Standard error of the ensemble mean over n accepted members: se_ens² = max(s², mean(err_k²)) / n, s the
@@ -227,7 +241,11 @@ def bias_significance(bias: float, tms: np.ndarray, errs: np.ndarray, ref_err: f
     combined = math.hypot(se_ens, ref_err)
     # se_ens has n−1 degrees of freedom when the members' spread rules, else those of the errors it is floored
     # at (a one-seed member's error is the reference seeds' scatter: n_ref − 1)
-    terms = [(se_ens**4, n - 1 if s2 >= float(np.mean(errs**2)) else n_ref - 1), (ref_err**4, n_ref - 1)]
+    # (n_ref None: a given reference, whose stated uncertainty has infinitely many; the floor then keeps n − 1)
+    if n_ref is None:
+        terms = [(se_ens**4, n - 1), (ref_err**4, math.inf)]
+    else:
+        terms = [(se_ens**4, n - 1 if s2 >= float(np.mean(errs**2)) else n_ref - 1), (ref_err**4, n_ref - 1)]
     denom = sum(v / max(d, 1) for v, d in terms if v > 0)
     dof = combined**4 / denom if denom > 0 else math.inf
     factor = float(student_t.ppf(0.975, dof)) if math.isfinite(dof) else 1.959963984540054
@@ -306,7 +324,7 @@ def conclusion(result: dict) -> list[str]:
     if result.get("tm_ref") is None:
         lines.append(f"No reference melting point: {result['reference'].get('reason', 'reference unavailable')}.")
     else:
-        lines.append(f"Reference ({result['reference']['oracle']['calculator']}): Tm = {_fmt(result['tm_ref'])} ± "
+        lines.append(f"Reference ({reference_name(result['reference'])}): Tm = {_fmt(result['tm_ref'])} ± "
                      f"{_fmt(result['tm_ref_stderr'])} K.")
     if result.get("tm_mean") is None:
         lines.append("No member run kept both phases: no model melting point.")
@@ -332,6 +350,9 @@ def conclusion(result: dict) -> list[str]:
     if result.get("bias_estimate") is not None:
         lines.append(f"Energy cause: the members' liquid-minus-solid energy error at Tm_ref predicts a bias of "
                      f"{result['bias_estimate']:+.0f} K (δE/ΔS_m), against {result['bias']:+.0f} K measured.")
+    elif (result.get("reference") or {}).get("given"):
+        lines.append("Energy cause (δE/ΔS_m) and the Tm snapshots' coverage: n/a: given reference (no reference "
+                     "solid and liquid at Tm to compare the members' energies on).")
     if result.get("liquid_coverage") is not None:
         lines.append(f"Liquid coverage: {100 * result['liquid_coverage']:.0f} % of the liquid test atoms "
                      f"lie inside the training hull ({result['n_liquid_train_frames']} liquid training frames)"
@@ -341,12 +362,34 @@ def conclusion(result: dict) -> list[str]:
     return lines
 
 
+def reference_name(ref: dict) -> str:
+    """How the reference came about, in words: ``given: <source>`` or the oracle's calculator."""
+    if ref.get("given"):
+        return f"given: {ref.get('source')}"
+    return str((ref.get("oracle") or {}).get("calculator"))
+
+
+def threshold_text(runs: list[CoexistenceRun], s: dict) -> str:
+    """The solid-like rule of the runs, in words: the given threshold or the range of the calibrated ones."""
+    from mlipops.evaluate.melting import ORDER_PARAMETER
+
+    l, n = ORDER_PARAMETER[s["lattice"]]
+    l, n = s.get("order_l") or l, s.get("order_neighbors") or n
+    if s.get("q6_solid_threshold") is not None:
+        return f"averaged q̄{l} ({n} neighbours) > {s['q6_solid_threshold']}"
+    th = [r.order_threshold for r in runs if math.isfinite(r.order_threshold)]
+    rng = (f"{min(th):.3f}" if max(th) - min(th) < 5e-4 else f"{min(th):.3f}–{max(th):.3f}") if th else "n/a"
+    return f"averaged q̄{l} ({n} neighbours) above a threshold calibrated per run on its own solid and liquid: {rng}"
+
+
 def write_report(result: dict, runs: list[CoexistenceRun], specs: list[dict], ref: dict) -> None:
     safe_remove(REPORT_DIR)
     REPORT_DIR.mkdir(parents=True)
     ref_runs = [_run_from_json(r) for r in ref.get("runs", [])]
-    plot_traces(ref_runs, REPORT_DIR / "traces_reference.png", title=f"reference "
-                f"({ref.get('oracle', {}).get('calculator')}): coexistence runs")
+    plot_traces(ref_runs, REPORT_DIR / "traces_reference.png",
+                title=f"reference ({reference_name(ref)}): coexistence runs",
+                empty_note=f"n/a: given reference, Tm = {_fmt(ref.get('tm_mean'))} ± {_fmt(ref.get('tm_stderr'))} K"
+                if ref.get("given") else "no reference run")
     plot_traces(runs, REPORT_DIR / "traces_members.png", title=f"{result['model']} members: coexistence runs",
                 labels=[f"member {sp['member']} seed {sp['seed']}" for sp in specs],
                 colors=[f"C{sp['member'] % 10}" for sp in specs])
@@ -366,10 +409,11 @@ def write_report(result: dict, runs: list[CoexistenceRun], specs: list[dict], re
         f"Preset `{result['preset']}`: {s['supercell'][0]}×{s['supercell'][1]}×{s['supercell'][2]} {s['lattice']} cells "
         f"({runs[0].n_atoms if runs and runs[0].n_atoms else '?'} atoms), {s['timestep_fs']:g} fs steps: melt "
         f"{s['melt_steps']}, NPH {s['equilibration_steps']}, NVE production {s['production_steps']}. A run counts "
-        f"only when both phases remain (solid fraction by averaged q̄6 > {s['q6_solid_threshold']} in "
+        f"only when both phases remain (solid fraction by {threshold_text(runs, s)}, in "
         f"[{s['min_phase_fraction']}, {1 - s['min_phase_fraction']:.2f}] at the end).",
         (f"Reference phases at Tm_ref: latent heat {ph['latent_heat_eV_per_atom']:.4f} eV/atom, ΔS_m = "
-         f"{ph['delta_s_kB']:.2f} k_B, ΔV = {ph['delta_v_A3_per_atom']:.2f} Å³/atom." if ph else ""),
+         f"{ph['delta_s_kB']:.2f} k_B, ΔV = {ph['delta_v_A3_per_atom']:.2f} Å³/atom." if ph else
+         f"Reference phases at Tm_ref: {ref.get('phases_reason') or ref.get('reason') or 'n/a'}."),
         "Energy errors (meV/atom) are the members' mean (E_model − E_ref)/N on the reference's snapshots at Tm_ref; "
         "the estimate is (liquid − solid)/ΔS_m.",
     ], table=(("member", "Tm (K)", "error (K)", "accepted", "rejected", "ΔE liquid", "ΔE solid", "bias estimate (K)",

@@ -129,7 +129,8 @@ def _validation_reports(target: Path, expect: dict) -> list[str]:
         rep = json.loads(melt.read_text())
         lines += ["## Melting point (`melting_point.json`, `melting/`)",
                   f"Solid–liquid coexistence MD, preset `{rep.get('preset')}`, every ensemble member against the "
-                  "reference oracle (full report: `melting/summary.md`).", *rep.get("conclusion", []),
+                  + ("given reference" if (rep.get("reference") or {}).get("given") else "reference oracle")
+                  + " (full report: `melting/summary.md`).", *rep.get("conclusion", []),
                   "![Tm distribution](melting/distribution.png)"]
     else:
         lines += ["## Melting point", "_not produced (run `dvc repro melting`): `melting_point.json` is missing, "
