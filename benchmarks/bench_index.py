@@ -211,7 +211,7 @@ def bench_pipeline(data: Path, run_dir: Path) -> dict:
     import torch  # noqa: F401
 
     from mlipops import quality
-    from mlipops.index import build_index
+    from mlipops.index.build import build_index
     from mlipops.ingest import run as ingest_run
     from mlipops.params import DescriptorParams, IndexParams, IngestParams, ValidateParams
     imports_s = time.perf_counter() - t0
@@ -263,7 +263,7 @@ def _median_time(fn, repeat: int) -> tuple[float, list[float]]:
 
 
 def bench_views(db: Path, repeat: int = 5) -> dict:
-    from mlipops.index import query
+    from mlipops.index.build import query
     from mlipops.index.build import connect_read_only
 
     out: dict = {}

@@ -535,7 +535,7 @@ def test_every_frame_bad_still_accounts_for_all(runs):
 
 def test_index_of_quarantined_corpus(runs):
     """The index holds every frame (accepted and quarantined, with reasons) and a hull of the accepted."""
-    from mlipops.index import query
+    from mlipops.index.build import query
 
     root, (_, _, r_index) = runs["quarantine"]
     assert_ok(r_index, "index")

@@ -306,8 +306,8 @@ def test_breakdown_frames_quarantined_through_ingest_validate_index(h2_scan, tmp
 
     from mlipops import ingest, quality
     from mlipops.frames import read_extxyz, write_extxyz
-    from mlipops.index import query
-    from mlipops.index import run as index_run
+    from mlipops.index.build import query
+    from mlipops.index.build import run as index_run
 
     monkeypatch.chdir(tmp_path)
     res = h2_scan["res"]

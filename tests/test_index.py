@@ -251,7 +251,7 @@ def test_bond_angle_deviation_column(u_index):
 
 
 def test_check_structures_new_and_unseen(u_index):
-    from mlipops.index import check_structures
+    from mlipops.index.build import check_structures
 
     frames = u_index["frames"]
     df = check_structures([frames[0], frames[3]], u_index["db"])  # bulk fcc (trained on), dimer

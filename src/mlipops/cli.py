@@ -78,7 +78,7 @@ def validate(params: Path = ParamsOpt):
 @app.command()
 def index(params: Path = ParamsOpt):
     """Build the DuckDB coverage index data/index.duckdb."""
-    from mlipops.index import run
+    from mlipops.index.build import run
 
     p = _params(params)
     _done("index", run(p.index, p.descriptors))
@@ -341,7 +341,7 @@ def query(sql: str = typer.Argument(None, help="one SQL statement (read-only)"),
                                                                          "to disk)")):
     """Read-only SQL on the coverage index, e.g. mlipops query "SELECT * FROM coverage_by_config".
     One SELECT statement; bounded in time, memory and rows; settings cannot be changed from SQL."""
-    from mlipops.index import query as run_query
+    from mlipops.index.build import query as run_query
 
     if (sql is None) == (file is None):
         raise MlipopsError("give either an SQL statement or --file, not both", field="sql")
@@ -418,7 +418,7 @@ def hull_check(structure: Path = typer.Argument(..., help="structures to check (
                db: Path = DbOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt, limit: int = LimitOpt):
     """Extrapolation grade γ of every atom of new structures against the training hull."""
     from mlipops.frames import read_frames
-    from mlipops.index import check_structures
+    from mlipops.index.build import check_structures
     from mlipops.index.hull import check_cells
 
     frames, bad = read_frames(structure)  # a missing, non-regular or non-structure file: one line

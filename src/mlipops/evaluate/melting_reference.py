@@ -174,18 +174,23 @@ def _stats(summary: dict) -> dict:
 
 
 def melting_crystal(p: Params) -> tuple[str, str]:
-    """(element, lattice) of every melting run, the reference's and the members': ``evaluate.melting.element``,
-    else ``generate.element``; ``evaluate.melting.lattice``, else the element's ASE reference state when it is a
-    lattice the cell builder knows (Cu fcc, Mo bcc, Si diamond, Ti hcp), else fcc. The one place both stages
-    take them from (to resolve the crystal from the data instead, change this function)."""
+    """(element, lattice) of every melting run, the reference's and the members'. Element:
+    ``evaluate.melting.element``, else ``crystal.element``, else the one element of ``validate.allowed_species``
+    (your data's), else ``generate.element``. Lattice: ``evaluate.melting.lattice``, else ``crystal.lattice``,
+    else the element's ASE reference state when it is a lattice the cell builder knows (Cu fcc, Mo bcc, Li bcc,
+    Si diamond, Ti hcp), else fcc. Params only, never the data: the reference stays cached while the data
+    changes. The one place both stages take them from."""
     from ase.data import atomic_numbers, reference_states
 
     from mlipops.crystal import LATTICES
 
     m = p.evaluate.melting
-    element = m.element or p.generate.element
+    species = list(p.validate_.allowed_species)
+    element = m.element or p.crystal.element or (species[0] if len(species) == 1 else None) or p.generate.element
     if m.lattice:
         return element, m.lattice
+    if p.crystal.lattice and (p.crystal.element in (None, element)):
+        return element, p.crystal.lattice
     sym = (reference_states[atomic_numbers[element]] or {}).get("symmetry")
     return element, sym if sym in LATTICES else "fcc"
 

@@ -1,5 +1,3 @@
-"""The ``index`` stage: the DuckDB coverage index of the curated data, and read-only SQL over it."""
-
-from mlipops.index.build import INDEX, build_index, check_structures, load_hull_index, query, run
-
-__all__ = ["INDEX", "build_index", "check_structures", "load_hull_index", "query", "run"]
+"""The ``index`` stage (:mod:`mlipops.index.build`): the DuckDB coverage index of the curated data, and
+read-only SQL over it. Nothing is imported here, so that the bond-angle fingerprints
+(:mod:`mlipops.index.angles`, used by :mod:`mlipops.crystal`) come without DuckDB and the quality stage."""

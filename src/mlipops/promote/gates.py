@@ -82,7 +82,7 @@ def data_config_types(index_path: Path) -> dict[str, set[str]] | None:
     if not Path(index_path).is_file():
         return None
     from mlipops.errors import MlipopsError
-    from mlipops.index import query
+    from mlipops.index.build import query
 
     try:
         df = query("SELECT DISTINCT split, config_type FROM frames WHERE status = 'accepted'", index_path)

@@ -171,10 +171,14 @@ def _oracle_can_label(p: Params, element: str) -> str | None:
 
 def melting_reason(p: Params, stats: DataStats, reference: Path = MELTING_REFERENCE) -> str | None:
     """None if the melting gates apply to this data; else the reason they do not."""
-    el = p.generate.element
+    from mlipops.evaluate.melting_reference import melting_crystal
+
+    el, _ = melting_crystal(p)
     if el not in stats.species:
-        return (f"the melting stage simulates generate.element {el}, which is not in this data "
-                f"({', '.join(sorted(stats.species))})")
+        return (f"the melting stage simulates {el} (evaluate.melting.element, crystal.element, validate.allowed_species "
+                f"or generate.element), which is not in this data ({', '.join(sorted(stats.species))})")
+    if p.evaluate.melting.reference is not None:
+        return None  # a given reference melting point
     if reference.is_file():
         try:
             ref = json.loads(reference.read_text())
@@ -189,11 +193,11 @@ def melting_reason(p: Params, stats: DataStats, reference: Path = MELTING_REFERE
 
 
 def nve_reason(p: Params, stats: DataStats) -> str | None:
-    el = p.evaluate.nve.element or p.generate.element
-    if el not in stats.species:
-        return (f"the nve stage runs a crystal of {el} (evaluate.nve.element or generate.element), which is not in "
+    el = p.evaluate.nve.element or p.crystal.element
+    if el is not None and el not in stats.species:
+        return (f"the nve stage runs a crystal of {el} (evaluate.nve.element or crystal.element), which is not in "
                 f"this data ({', '.join(sorted(stats.species))})")
-    return None
+    return None  # null: the data's own crystal
 
 
 def generate(p: Params, stats: DataStats) -> str:

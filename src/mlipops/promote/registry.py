@@ -167,7 +167,7 @@ def _validation_reports(target: Path, expect: dict) -> list[str]:
 def _coverage_summary(index_path: Path) -> str:
     if not index_path.is_file():
         return "_coverage index missing_"
-    from mlipops.index import query
+    from mlipops.index.build import query
 
     df = query("SELECT split, config_type, n_frames, n_atoms, n_atoms_outside_hull, fraction_outside_hull, "
                "round(max_extrapolation_grade, 3) AS max_extrapolation_grade "
@@ -179,7 +179,7 @@ def _known_limits(index_path: Path, threshold: float = 0.2) -> str:
     """The config_types whose atoms lie outside the training hull (the model extrapolates there)."""
     if not index_path.is_file():
         return "_coverage index missing_"
-    from mlipops.index import query
+    from mlipops.index.build import query
 
     df = query("SELECT config_type, string_agg(DISTINCT split, ',' ORDER BY split) AS splits, "
                "sum(n_atoms_outside_hull) * 1.0 / sum(n_atoms) AS fraction_outside_hull, "
