@@ -165,11 +165,13 @@ def test_gates_init_on_real_mlearn_mo(tmp_path, u_mlearn_dir):
     # the test file holds only trained-on config_types: split totals and energy gates for all of them
     assert {"test.force_mae", "test.energy_mae_per_atom", "test.Vacancy.energy_mae_per_atom"} <= set(gates)
     assert not any(ct in k for k in gates for ct in COPPER)
-    # the copper params: melting and nve simulate Cu, which this data does not hold
-    for k in ("melting:bias_significance_excess_K", "melting:n_members_accepted", "nve:finite"):
+    # the copper params: melting simulates Cu (validate.allowed_species), which this data does not hold; nve
+    # builds the data's own crystal (crystal.element null), so its gates apply
+    for k in ("melting:bias_significance_excess_K", "melting:n_members_accepted"):
         assert "Cu" in gates[k]["not_applicable"] and "not in this data" in gates[k]["not_applicable"]
+    assert gates["nve:finite"] == {"min": 1}
     # Mo params with EMT as the oracle: no reference melting point can be computed; nve runs a Mo crystal
-    mo = p.model_copy(update={"generate": p.generate.model_copy(update={"element": "Mo"})})
+    mo = p.model_copy(update={"validate_": p.validate_.model_copy(update={"allowed_species": ["Mo"]})})
     why = melting_reason(mo, stats, reference=tmp_path / "none.json")
     assert why.startswith("no reference melting point") and "EMT" in why and "Mo" in why
     assert nve_reason(mo, stats) is None
