@@ -234,7 +234,14 @@ def descriptor_with_jacobian(desc: "AtomCentredDescriptor", species: torch.Tenso
 def _incidence(rows: torch.Tensor, n_rows: int, weight: float, dtype: torch.dtype) -> torch.Tensor:
     """Sparse [n_rows, len(rows)] matrix with ``weight`` at (rows[e], e): its product with per-edge values
     sums them per row (a scatter-add, several times faster on the CPU than ``index_add_``)."""
-    order = torch.argsort(rows, stable=True)
+    if rows.device.type == "cpu":  # numpy's stable argsort: the same permutation, ~70x faster than torch's on
+        # the CPU (a radix sort for rows that fit 16 bits); torch's was most of the outlier test's design time
+        r = rows.numpy()
+        small = np.int16 if n_rows <= np.iinfo(np.int16).max else np.int32 if n_rows <= np.iinfo(np.int32).max \
+            else r.dtype
+        order = torch.from_numpy(np.argsort(r.astype(small, copy=False), kind="stable"))
+    else:
+        order = torch.argsort(rows, stable=True)
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
     import warnings
