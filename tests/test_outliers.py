@@ -161,6 +161,28 @@ def test_added_and_frame_cooks_equal_refits(u_rng):
         np.testing.assert_allclose(deleted[~m], y[~m] - x[~m] @ beta_f, rtol=1e-8)
 
 
+def test_frame_cooks_in_row_blocks_equals_frame_by_frame(u_rng):
+    """The block path of frame_cooks (frames' X_f'X_f summed over rows, the systems solved as a batch; some frames
+    not asked for, blocks smaller than a frame, rows in a RowStore) gives the frame-by-frame closed form."""
+    from mlipops.quality.outliers import RowStore
+
+    frame = np.repeat(np.arange(30), u_rng.integers(1, 9, 30))
+    x = np.column_stack([np.ones(len(frame)), u_rng.standard_normal((len(frame), 4))])
+    y = x @ np.array([0.5, 1.0, -2.0, 0.3, 0.0]) + 0.1 * u_rng.standard_normal(len(frame))
+    fit = ols_influence(y, x)
+    res = y - fit.fitted
+    asked = np.array([0, 1, 2, 5, 6, 11, 12, 13, 20, 29])
+    shuffled = np.argsort(u_rng.random(len(frame)))  # rows not frame-major: the frame-by-frame path
+    ref, ref_del = frame_cooks(x[shuffled], res[shuffled], frame[shuffled], fit, asked)
+    store = RowStore(x.shape[1], None)
+    store.append(x)
+    for xx, chunk in ((x, 5), (x, 1 << 13), (store, 11)):
+        got, got_del = frame_cooks(xx, res, frame, fit, asked, chunk=chunk)
+        np.testing.assert_allclose(got, ref, rtol=1e-10)
+        np.testing.assert_allclose(got_del[shuffled], ref_del, rtol=1e-10)
+        assert np.array_equal(got_del[~np.isin(frame, asked)], res[~np.isin(frame, asked)])
+
+
 def test_residual_level_follows_the_force_scale(u_rng):
     """Hot frames have proportionally larger residuals: the level a + b P is recovered robustly."""
     big_p = np.geomspace(0.1, 10.0, 60)
