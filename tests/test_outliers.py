@@ -183,6 +183,17 @@ def test_frame_cooks_in_row_blocks_equals_frame_by_frame(u_rng):
         assert np.array_equal(got_del[~np.isin(frame, asked)], res[~np.isin(frame, asked)])
 
 
+def test_theil_sen_slope_is_scipys(u_rng):
+    from scipy.stats import theilslopes
+
+    from mlipops.quality.outliers import theil_sen_slope
+
+    for n in (3, 4, 57, 400):
+        x = np.round(u_rng.random(n) * 5, 1)  # ties in x: those pairs have no slope
+        y = 0.3 * x + u_rng.standard_normal(n)
+        assert theil_sen_slope(y, x) == theilslopes(y, x).slope
+
+
 def test_residual_level_follows_the_force_scale(u_rng):
     """Hot frames have proportionally larger residuals: the level a + b P is recovered robustly."""
     big_p = np.geomspace(0.1, 10.0, 60)
