@@ -107,16 +107,18 @@ def _independent_columns(x: np.ndarray, rel_tol: float = 1e-10) -> np.ndarray:
 _STATSMODELS_MAX_CELLS = 4_000_000  # rows x columns fitted by statsmodels in memory; larger fits run in chunks
 
 
-def ols_influence(y: np.ndarray, x, rows: np.ndarray | None = None) -> Surrogate:
+def ols_influence(y: np.ndarray, x, rows: np.ndarray | None = None, r_cache: dict | None = None) -> Surrogate:
     """OLS of y on x (collinear columns dropped) with statsmodels' influence measures.
 
     ``rows`` (boolean, default all) selects the rows fitted; ``x`` is an array or a :class:`RowStore`.
     Up to :data:`_STATSMODELS_MAX_CELLS` cells statsmodels fits it; a larger fit (the force surrogate of
     a large training set: 7M rows) runs in chunks with the same closed forms (:func:`_ols_chunked`), never
-    holding more than one chunk of x and no n x n or p x n matrix."""
+    holding more than one chunk of x and no n x n or p x n matrix. ``r_cache`` (a dict kept between fits
+    of the same y and x on fewer and fewer rows: the rounds of :func:`detect`) lets the chunked fit reuse the R
+    factor of every chunk whose rows did not change."""
     n_rows = int(np.count_nonzero(rows)) if rows is not None else len(y)
     if isinstance(x, RowStore) or n_rows * x.shape[1] > _STATSMODELS_MAX_CELLS:
-        return _ols_chunked(y, x, rows)
+        return _ols_chunked(y, x, rows, r_cache=r_cache)
     if rows is not None:
         y, x = y[rows], x[rows]
     import statsmodels.api as sm
@@ -142,9 +144,11 @@ def ols_influence(y: np.ndarray, x, rows: np.ndarray | None = None) -> Surrogate
                      cols=cols, beta=np.asarray(res.params), xtx_inv=np.linalg.pinv(xr.T @ xr))
 
 
-def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16) -> Surrogate:
+def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16,
+                 r_cache: dict | None = None) -> Surrogate:
     """:func:`ols_influence` for many rows, in two passes over chunks of x: the R factor of [X y] by a
-    tall-skinny QR (R of the stacked R and the next chunk), then per row the fit, the residual e and the
+    tall-skinny QR (the R of each chunk's rows, then the R of the stacked chunk factors; a chunk whose rows
+    are those of the last fit keeps its factor from ``r_cache``), then per row the fit, the residual e and the
     leverage h = |x R⁻¹|²; Cook's D = r² h / (p (1 − h)) with r = e / (s √(1 − h)), s² = Σe² / (n − p),
     as statsmodels defines them. Collinear columns are dropped as :func:`_independent_columns` does,
     from R (X and R have the same column geometry: X'X = R'R)."""
@@ -152,11 +156,23 @@ def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16
 
     mask = np.ones(len(y), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
     p_all = x.shape[1]
-    R = np.zeros((0, p_all + 1))
-    for lo, hi, block in _row_chunks(x, chunk):
+    cache = {} if r_cache is None else r_cache
+    if cache.get("key") != (id(x), id(y), len(y), chunk):  # another design: nothing to reuse
+        cache.clear()
+        cache["key"] = (id(x), id(y), len(y), chunk)
+    factors = []
+    for lo in range(0, len(y), chunk):
+        hi = min(lo + chunk, len(y))
         m = mask[lo:hi]
-        if m.any():
-            R = qr(np.vstack([R, np.column_stack([block[m], y[lo:hi][m]])]), mode="r")[0][:p_all + 1]
+        hit = cache.get(lo)
+        if hit is None or not np.array_equal(hit[0], m):
+            block = x.read(lo, hi) if isinstance(x, RowStore) else x[lo:hi]
+            rc = qr(np.column_stack([block[m], y[lo:hi][m]]), mode="r")[0][:p_all + 1] if m.any() \
+                else np.zeros((0, p_all + 1))
+            hit = cache[lo] = (m.copy(), rc)
+        factors.append(hit[1])
+    R = qr(np.vstack(factors), mode="r")[0][:p_all + 1] if factors else np.zeros((0, p_all + 1))
+    del factors
     if len(R) < p_all + 1:
         R = np.vstack([R, np.zeros((p_all + 1 - len(R), p_all + 1))])
     rx = R[:p_all, :p_all]
@@ -856,6 +872,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
             rows.loc[gross, "flag_round"] = 0
             keep &= ~gross
     tests = _FrameTests(d, cts, n, frame_z_threshold, atom_z_threshold, min_group_frames, frame_min_relative_residual)
+    d["force_r_cache"] = {}  # the chunks' R factors of the force fit: a round refactors only the chunks it changed
     for rnd in range(1, max_rounds + 1):
         # least squares is not robust: a gross error (kcal/mol energies) drags the fit and hides the
         # others, so refit without the frames already flagged until nothing new is found
@@ -878,7 +895,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
         new_atom = np.zeros(n, dtype=bool)
         if forces and len(d["y_forces"]):
             rmask = keep[d["force_frame"]]
-            fs = ols_influence(d["y_forces"], d["x_forces"], rmask)
+            fs = ols_influence(d["y_forces"], d["x_forces"], rmask, d.get("force_r_cache"))
             report.forces = fs
             thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / fs.n
             fr = d["force_frame"][rmask]
@@ -1065,7 +1082,7 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
         codes = pd.factorize(cts)[0] if cts_code is None else cts_code
         rmask = keep[d["force_frame"]]
         if int(rmask.sum()) != fs.n:  # the last round flagged frames after its fit (or stopped early): refit
-            fs = ols_influence(d["y_forces"], d["x_forces"], rmask)
+            fs = ols_influence(d["y_forces"], d["x_forces"], rmask, d.get("force_r_cache"))
             report.forces = fs
         scale_f = _group_scale(fs.y - fs.fitted, codes[d["force_frame"][rmask]],
                                informative=_nonzero_force_rows(fs.y, fs.fitted))
