@@ -712,16 +712,13 @@ def tail_z(values: np.ndarray, groups: np.ndarray, reference: np.ndarray, min_gr
 
 
 def frame_cooks(x, res: np.ndarray, frame: np.ndarray, fit: Surrogate,
-                frames: np.ndarray, deleted: bool = True, chunk: int = 1 << 13) -> tuple[np.ndarray, np.ndarray | None]:
+                frames: np.ndarray, deleted: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Frame-block influence of the rows ``x`` (residuals ``res``, frame of each row ``frame``) of
     ``fit``, for each frame in ``frames``: Cook's distance of deleting all its rows at once,
     D_f = Δβ' X'X Δβ / (p s²) with Δβ = (X'X)⁻¹ (I − X_f'X_f (X'X)⁻¹)⁻¹ X_f' e_f the change of the
     coefficients when its rows X_f are dropped, and its deleted residuals e_f + X_f Δβ (the label
     minus the prediction of a fit without the frame). Closed forms, no refit; returns
-    (D per frame, deleted residual per row).
-
-    At scale (10⁵ frames, 7M rows in a :class:`RowStore`) the frames are taken a block of rows at a time:
-    each frame's X_f'X_f and X_f'e_f by sums over its rows, the p x p systems solved as one batch."""
+    (D per frame, deleted residual per row)."""
     out = np.full(len(frames), np.nan)
     deleted = np.array(res, dtype=float, copy=True) if deleted else None
     if fit.xtx_inv is None or fit.n <= fit.p or not fit.p:
@@ -729,64 +726,22 @@ def frame_cooks(x, res: np.ndarray, frame: np.ndarray, fit: Surrogate,
     a = fit.xtx_inv
     xtx = np.linalg.pinv(a)
     s2 = float(np.sum((fit.y - fit.fitted) ** 2)) / (fit.n - fit.p)
-    frames = np.asarray(frames, dtype=np.int64)
-    if not _is_sorted(frame) or not _is_sorted(frames):  # the row-block path needs frame-major rows
-        order = np.argsort(frame, kind="stable")
-        fo = frame[order]
-        bounds = np.searchsorted(fo, frames, side="left"), np.searchsorted(fo, frames, side="right")
-        for q, (lo, hi) in enumerate(zip(*bounds)):
-            rows = order[lo:hi]
-            if len(rows):
-                _frame_block(x[rows][:, fit.cols], res[rows], a, xtx, fit.p, s2, out, q, deleted, rows)
-        return out, deleted
-    lo_f = np.searchsorted(frame, frames, side="left")
-    hi_f = np.searchsorted(frame, frames, side="right")
-    has = np.flatnonzero(hi_f > lo_f)
-    q0 = 0
-    while q0 < len(has):  # blocks of whole frames, about ``chunk`` rows each
-        q1 = q0 + 1
-        limit = lo_f[has[q0]] + chunk
-        q1 = max(q1, int(np.searchsorted(hi_f[has], limit, side="right")))
-        sel = has[q0:q1]
-        lo, hi = int(lo_f[sel[0]]), int(hi_f[sel[-1]])
-        xb = (x.read(lo, hi) if isinstance(x, RowStore) else x[lo:hi])[:, fit.cols]
-        rb = res[lo:hi]
-        # rows of the block that belong to a requested frame, and which of ``sel`` each is
-        which = np.searchsorted(lo_f[sel], np.arange(lo, hi), side="right") - 1
-        inside = (np.arange(lo, hi) < hi_f[sel][which])
-        starts = lo_f[sel] - lo
-        xw = np.where(inside[:, None], xb, 0.0)
-        g = np.add.reduceat(xw[:, :, None] * xw[:, None, :], starts, axis=0)  # [frames, p, p]: X_f'X_f
-        v = np.add.reduceat(xw * np.where(inside, rb, 0.0)[:, None], starts, axis=0)  # [frames, p]: X_f'e_f
-        m = np.eye(fit.p)[None] - g @ a
-        try:
-            db = np.linalg.solve(m, v[:, :, None])[:, :, 0] @ a.T  # a symmetric: (a @ sol)' per frame
-        except np.linalg.LinAlgError:  # a singular block: frame by frame (that frame left NaN)
-            for k, f in enumerate(sel):
-                r0, r1 = int(lo_f[f]), int(hi_f[f])
-                _frame_block(xb[r0 - lo:r1 - lo], rb[r0 - lo:r1 - lo], a, xtx, fit.p, s2, out, f, deleted,
-                             np.arange(r0, r1))
-            q0 = q1
+    order = np.arange(len(frame)) if _is_sorted(frame) else np.argsort(frame, kind="stable")
+    bounds = np.searchsorted(frame[order], frames, side="left"), np.searchsorted(frame[order], frames, side="right")
+    for q, (lo, hi) in enumerate(zip(*bounds)):
+        rows = order[lo:hi]
+        if not len(rows):
             continue
-        out[sel] = np.einsum("fi,ij,fj->f", db, xtx, db) / (fit.p * max(s2, 1e-300))
+        xf = x[rows][:, fit.cols]
+        m = np.eye(fit.p) - xf.T @ xf @ a
+        try:
+            db = a @ np.linalg.solve(m, xf.T @ res[rows])
+        except np.linalg.LinAlgError:
+            continue
+        out[q] = float(db @ xtx @ db) / (fit.p * max(s2, 1e-300))
         if deleted is not None:
-            rows = np.flatnonzero(inside)
-            deleted[lo + rows] = rb[rows] + np.einsum("rp,rp->r", xb[rows], db[which[rows]])
-        q0 = q1
+            deleted[rows] = res[rows] + xf @ db
     return out, deleted
-
-
-def _frame_block(xf: np.ndarray, rf: np.ndarray, a: np.ndarray, xtx: np.ndarray, p: int, s2: float,
-                 out: np.ndarray, q: int, deleted: np.ndarray | None, rows: np.ndarray) -> None:
-    """:func:`frame_cooks` of one frame (rows ``xf`` over the fit's columns, residuals ``rf``) into out[q]."""
-    m = np.eye(p) - xf.T @ xf @ a
-    try:
-        db = a @ np.linalg.solve(m, xf.T @ rf)
-    except np.linalg.LinAlgError:
-        return
-    out[q] = float(db @ xtx @ db) / (p * max(s2, 1e-300))
-    if deleted is not None:
-        deleted[rows] = rf + xf @ db
 
 
 def _is_sorted(a: np.ndarray) -> bool:
