@@ -27,6 +27,7 @@ SCHEMA = Path(__file__).with_name("schema.sql")
 INDEX = Path("data/index.duckdb")
 REPORT_DIR = Path("reports/index")
 NN_PROBE = 6.0  # Å, radius searched for the nearest neighbour
+_INSERT_ROWS = 1 << 18  # atoms rows converted to Arrow and inserted at a time
 ATOM_GEOMETRY_COLUMNS = ["frame_id", "atom_index", "split", "config_type", "species", "coordination", "nn_distance",
                          "bond_angle_deviation", "nearest_crystal"]
 
@@ -345,27 +346,35 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
 
     import pyarrow as pa
 
-    descriptor_col = _list_array(g)  # float32 lists; then the float64 descriptors go (3M atoms: 0.6 GB)
+    desc32 = np.ascontiguousarray(g, dtype=np.float32)  # stored as float32; the float64 ones go (3M atoms: 0.6 GB)
     n_features = int(g.shape[1])
     del g
-    projection_col = _list_array(np.nan_to_num(ev["projection"]), np.isnan(ev["projection"]).any(axis=1))
+    proj_null = np.isnan(ev["projection"]).any(axis=1)
+    proj32 = np.nan_to_num(ev["projection"]).astype(np.float32)
     k_proj = int(ev["projection"].shape[1])
-    atoms_tbl = pa.Table.from_pandas(atom_df, preserve_index=False)
     n_atoms = len(atom_df)
-    del atom_df, ev
-    atoms_tbl = atoms_tbl.append_column("descriptor", descriptor_col).append_column("projection", projection_col)
-    del descriptor_col, projection_col
+    del ev
+
+    def atom_slices():  # the atoms table as Arrow a slice of rows at a time, not all 3M rows' strings and lists
+        for lo in range(0, max(n_atoms, 1), _INSERT_ROWS):
+            hi = min(lo + _INSERT_ROWS, n_atoms)
+            yield pa.Table.from_pandas(atom_df.iloc[lo:hi], preserve_index=False) \
+                .append_column("descriptor", _list_array(desc32[lo:hi])) \
+                .append_column("projection", _list_array(proj32[lo:hi], proj_null[lo:hi]))
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = build_path(out)
     clear_build_leftovers(out)
     con = duckdb.connect(str(tmp), config={"temp_directory": str(_spill_dir(tmp))})
     try:
         con.execute(SCHEMA.read_text())
-        for name, df in (("datasets", datasets), ("frames", frame_df), ("hull", hull_df),
-                         ("hull_points", points_df), ("atoms", atoms_tbl)):
-            con.register("df_in", df)
-            con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM df_in")
-            con.unregister("df_in")
+        for name, dfs in (("datasets", [datasets]), ("frames", [frame_df]), ("hull", [hull_df]),
+                          ("hull_points", [points_df]), ("atoms", atom_slices())):
+            for df in dfs:
+                con.register("df_in", df)
+                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM df_in")
+                con.unregister("df_in")
+                del df
         con.execute("CHECKPOINT")
         con.close()
         _wal(out).unlink(missing_ok=True)  # a WAL beside the old index would be replayed into the new one

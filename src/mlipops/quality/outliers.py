@@ -167,7 +167,8 @@ def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16
         hit = cache.get(lo)
         if hit is None or not np.array_equal(hit[0], m):
             block = x.read(lo, hi) if isinstance(x, RowStore) else x[lo:hi]
-            rc = qr(np.column_stack([block[m], y[lo:hi][m]]), mode="r")[0][:p_all + 1] if m.any() \
+            # (a copy: mode "r" gives an M x N array, which the cache would otherwise keep whole)
+            rc = qr(np.column_stack([block[m], y[lo:hi][m]]), mode="r")[0][:p_all + 1].copy() if m.any() \
                 else np.zeros((0, p_all + 1))
             hit = cache[lo] = (m.copy(), rc)
         factors.append(hit[1])
