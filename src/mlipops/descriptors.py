@@ -234,12 +234,10 @@ def descriptor_with_jacobian(desc: "AtomCentredDescriptor", species: torch.Tenso
 def _incidence(rows: torch.Tensor, n_rows: int, weight: float, dtype: torch.dtype) -> torch.Tensor:
     """Sparse [n_rows, len(rows)] matrix with ``weight`` at (rows[e], e): its product with per-edge values
     sums them per row (a scatter-add, several times faster on the CPU than ``index_add_``)."""
-    if rows.device.type == "cpu":  # numpy's stable argsort: the same permutation, ~70x faster than torch's on
-        # the CPU (a radix sort for rows that fit 16 bits); torch's was most of the outlier test's design time
-        r = rows.numpy()
-        small = np.int16 if n_rows <= np.iinfo(np.int16).max else np.int32 if n_rows <= np.iinfo(np.int32).max \
-            else r.dtype
-        order = torch.from_numpy(np.argsort(r.astype(small, copy=False), kind="stable"))
+    if rows.device.type == "cpu" and n_rows <= np.iinfo(np.int16).max:
+        # numpy's stable argsort of 16-bit keys (a radix sort) gives the same permutation: 43k edges 0.17 ms against
+        # torch's 0.6 ms on one thread, and 190 ms with two intra-op threads on a loaded 2-core machine
+        order = torch.from_numpy(np.argsort(rows.numpy().astype(np.int16), kind="stable"))
     else:
         order = torch.argsort(rows, stable=True)
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
