@@ -325,6 +325,27 @@ def test_chunked_least_squares_equals_statsmodels(u_rng):
         np.testing.assert_allclose(got.xtx_inv, ref.xtx_inv, rtol=1e-7, atol=1e-12)
 
 
+def test_chunked_refit_reuses_the_unchanged_chunks(u_rng):
+    """The rounds of the outlier test drop rows: a refit with ``r_cache`` refactors only the chunks whose rows
+    changed and gives the fit from scratch (and statsmodels')."""
+    from mlipops.quality.outliers import _ols_chunked, ols_influence
+
+    n = 2000
+    x = np.column_stack([np.ones(n), u_rng.normal(size=(n, 4))])
+    y = x @ u_rng.normal(size=5) + 0.2 * u_rng.standard_normal(n)
+    cache: dict = {}
+    rows = np.ones(n, dtype=bool)
+    _ols_chunked(y, x, rows, chunk=300, r_cache=cache)
+    first = {lo: v[1] for lo, v in cache.items() if lo != "key"}
+    rows[[5, 7, 1500]] = False  # chunks 0 and 5 change
+    got = _ols_chunked(y, x, rows, chunk=300, r_cache=cache)
+    assert [lo for lo in first if cache[lo][1] is not first[lo]] == [0, 1500]
+    ref = ols_influence(y, x, rows)
+    for f in ("fitted", "leverage", "cooks", "t_external"):
+        np.testing.assert_allclose(getattr(got, f), getattr(ref, f), rtol=1e-8, atol=1e-12, err_msg=f)
+    np.testing.assert_allclose(got.beta, ref.beta, rtol=1e-9)
+
+
 def test_outlier_test_at_scale_decides_as_in_memory(monkeypatch):
     """The large-set path (design rows in a file, chunked least squares) makes the in-memory path's decision."""
     from test_outliers import make_frames

@@ -322,3 +322,45 @@ def test_cli_query_file_json_and_hull_check(u_index, tmp_path):
     res = subprocess.run([*exe, "hull", "check", str(tmp_path / "missing.extxyz"), "--db", db],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "missing.extxyz" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("late_split", ["train", "val"])
+def test_descriptors_from_the_one_neighbour_list_pass(tmp_path, late_split):
+    """The index computes the descriptors in its one streaming pass, with the species channels of the training
+    frames read first; a training species first seen later (``train``) makes it compute them again with every
+    channel. Either way the stored descriptors are those of the training split's species, as computed directly."""
+    import duckdb
+    import pandas as pd
+
+    from mlipops.descriptors import compute_descriptors
+
+    rng = np.random.default_rng(7)
+    frames = []
+    for k in range(140):  # 4480 atoms: more than the first descriptor chunk (4000 atoms)
+        a = bulk("Cu", "fcc", a=A, cubic=True).repeat((2, 2, 2))
+        a.positions += rng.normal(0, 0.06, a.positions.shape)
+        a.info.update(config_type="crystal_fcc", split="train" if k % 5 else "val")
+        frames.append(a)
+    frames[-3][5].symbol = "Ag"  # a species the first chunk has not seen
+    frames[-3].info["split"] = late_split
+    frames[-2][0].symbol = "Ni"  # a species no training frame has
+    frames[-2].info["split"] = "test"
+    frames = get_oracle("emt").label(frames)
+    for k, a in enumerate(frames):
+        a.info.update(frame_id=frame_id(a), source="unit", source_index=k)
+    write_extxyz(tmp_path / "accepted.extxyz", frames)
+    rejected_frame([]).to_parquet(tmp_path / "quarantine.parquet", index=False)
+    build_index(IndexParams(pca_components=3), DescriptorParams(), tmp_path / "accepted.extxyz",
+                tmp_path / "quarantine.parquet", tmp_path / "index.duckdb")
+    species = ["Ag", "Cu"] if late_split == "train" else ["Cu"]
+    g, unseen = compute_descriptors(frames, species, DescriptorParams().model_dump())
+    con = duckdb.connect(str(tmp_path / "index.duckdb"), read_only=True)
+    try:
+        got = con.execute("SELECT descriptor, extrapolation_reason FROM atoms ORDER BY rowid").df()
+        channels = con.execute("SELECT species_channels FROM hull LIMIT 1").fetchone()[0]
+    finally:
+        con.close()
+    assert list(channels) == species
+    # float32 in the index; the neighbour lists' edge order (to the coordination radius there) rounds differently
+    np.testing.assert_allclose(np.array(got.descriptor.tolist()), g, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(pd.Series(got.extrapolation_reason).eq("unseen_species").to_numpy(), unseen)

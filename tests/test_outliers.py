@@ -161,6 +161,39 @@ def test_added_and_frame_cooks_equal_refits(u_rng):
         np.testing.assert_allclose(deleted[~m], y[~m] - x[~m] @ beta_f, rtol=1e-8)
 
 
+def test_frame_cooks_of_frame_major_rows_in_a_row_store(u_rng):
+    """frame_cooks of frame-major rows (some frames not asked for, rows in a RowStore, as at scale) gives what it
+    gives for the same rows shuffled in memory."""
+    from mlipops.quality.outliers import RowStore
+
+    frame = np.repeat(np.arange(30), u_rng.integers(1, 9, 30))
+    x = np.column_stack([np.ones(len(frame)), u_rng.standard_normal((len(frame), 4))])
+    y = x @ np.array([0.5, 1.0, -2.0, 0.3, 0.0]) + 0.1 * u_rng.standard_normal(len(frame))
+    fit = ols_influence(y, x)
+    res = y - fit.fitted
+    asked = np.array([0, 1, 2, 5, 6, 11, 12, 13, 20, 29])
+    shuffled = np.argsort(u_rng.random(len(frame)))  # rows not frame-major: the frame-by-frame path
+    ref, ref_del = frame_cooks(x[shuffled], res[shuffled], frame[shuffled], fit, asked)
+    store = RowStore(x.shape[1], None)
+    store.append(x)
+    for xx in (x, store):
+        got, got_del = frame_cooks(xx, res, frame, fit, asked)
+        np.testing.assert_allclose(got, ref, rtol=1e-10)
+        np.testing.assert_allclose(got_del[shuffled], ref_del, rtol=1e-10)
+        assert np.array_equal(got_del[~np.isin(frame, asked)], res[~np.isin(frame, asked)])
+
+
+def test_theil_sen_slope_is_scipys(u_rng):
+    from scipy.stats import theilslopes
+
+    from mlipops.quality.outliers import theil_sen_slope
+
+    for n in (3, 4, 57, 400):
+        x = np.round(u_rng.random(n) * 5, 1)  # ties in x: those pairs have no slope
+        y = 0.3 * x + u_rng.standard_normal(n)
+        assert theil_sen_slope(y, x) == theilslopes(y, x).slope
+
+
 def test_residual_level_follows_the_force_scale(u_rng):
     """Hot frames have proportionally larger residuals: the level a + b P is recovered robustly."""
     big_p = np.geomspace(0.1, 10.0, 60)

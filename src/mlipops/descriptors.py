@@ -234,7 +234,12 @@ def descriptor_with_jacobian(desc: "AtomCentredDescriptor", species: torch.Tenso
 def _incidence(rows: torch.Tensor, n_rows: int, weight: float, dtype: torch.dtype) -> torch.Tensor:
     """Sparse [n_rows, len(rows)] matrix with ``weight`` at (rows[e], e): its product with per-edge values
     sums them per row (a scatter-add, several times faster on the CPU than ``index_add_``)."""
-    order = torch.argsort(rows, stable=True)
+    if rows.device.type == "cpu" and n_rows <= np.iinfo(np.int16).max:
+        # numpy's stable argsort of 16-bit keys (a radix sort) gives the same permutation: 43k edges 0.17 ms against
+        # torch's 0.6 ms on one thread, and 190 ms with two intra-op threads on a loaded 2-core machine
+        order = torch.from_numpy(np.argsort(rows.numpy().astype(np.int16), kind="stable"))
+    else:
+        order = torch.argsort(rows, stable=True)
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
     import warnings

@@ -27,6 +27,7 @@ SCHEMA = Path(__file__).with_name("schema.sql")
 INDEX = Path("data/index.duckdb")
 REPORT_DIR = Path("reports/index")
 NN_PROBE = 6.0  # Å, radius searched for the nearest neighbour
+_INSERT_ROWS = 1 << 18  # atoms rows converted to Arrow and inserted at a time
 ATOM_GEOMETRY_COLUMNS = ["frame_id", "atom_index", "split", "config_type", "species", "coordination", "nn_distance",
                          "bond_angle_deviation", "nearest_crystal"]
 
@@ -155,6 +156,38 @@ def extrapolation_reason(inside: np.ndarray, gamma: np.ndarray, unseen: np.ndarr
     return reason.astype(object)
 
 
+class _SpooledBatcher(DescriptorBatcher):
+    """A :class:`~mlipops.descriptors.DescriptorBatcher` for an unknown number of atoms: each chunk's
+    descriptors go to an anonymous temporary file in ``directory`` as they are made, and are read back into
+    one array at the end (no list of chunks and concatenated copy: 3M atoms x 24 features are 0.6 GB)."""
+
+    def __init__(self, species: list[str], settings: dict, directory: Path):
+        import tempfile
+
+        super().__init__(species, settings)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._fh = tempfile.TemporaryFile(dir=directory)  # no name: nothing left behind, even after kill -9
+        self._rows = 0
+
+    def _flush(self) -> None:
+        super()._flush()
+        for g in self._g:
+            self._fh.write(np.ascontiguousarray(g, dtype=np.float64).tobytes())
+            self._rows += len(g)
+        self._g = []
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        self._flush()
+        g = np.empty((self._rows, self.desc.n_features))
+        self._fh.seek(0)
+        self._fh.readinto(memoryview(g).cast("B"))
+        self.close()
+        return g, (np.concatenate(self._u) if self._u else np.zeros(0, dtype=bool))
+
+    def close(self) -> None:
+        self._fh.close()
+
+
 def build_path(out: Path = INDEX) -> Path:
     """The file the index is built into before it is renamed over ``out``."""
     return out.with_suffix(".tmp.duckdb")
@@ -199,25 +232,36 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
                               file=str(accepted))
     q = pd.read_parquet(quarantine)
     dataset_id = file_md5(accepted)
-    # pass 1, streaming the accepted frames (one chunk of Atoms in memory): frame rows, geometry columns
-    # (neighbour lists to max(cutoff, coordination_cutoff), as the descriptors use them), the species of
-    # the training split, and the frames as flat arrays (~60 bytes an atom) for pass 2
+    # one pass, streaming the accepted frames (one chunk of Atoms in memory): frame rows, geometry columns and
+    # descriptors from one neighbour list per frame (to max(cutoff, coordination_cutoff)). The descriptors'
+    # species channels are the training split's species, known only at the end: they are taken from the
+    # training frames read before the first descriptor chunk, and confirmed at the end; should a later
+    # training frame bring another species, a second pass over the file recomputes the descriptors
     from mlipops.frames import Rejected, iter_extxyz
-    from mlipops.quality.outliers import FramePool
 
     radius = max(descriptors.cutoff, p.coordination_cutoff)
+    settings = descriptors.model_dump()
     clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0}
-    parts, pools, frame_rows, pending, n_pending = [], [], [], [], 0
+    parts, frame_rows, pending, n_pending = [], [], [], 0
     train_species: set[str] = set()
     row_keys = None
+    batcher: _SpooledBatcher | None = None
+    guess: list[str] | None = None
 
     def flush() -> None:
-        nonlocal pending, n_pending
+        nonlocal pending, n_pending, batcher, guess
         if pending:
             t = time.perf_counter()
             parts.append(_atom_columns(pending, p.coordination_cutoff))
-            pools.append(FramePool.from_atoms([a for a, _ in pending]))
             clock["geometry"] += time.perf_counter() - t
+            if guess is None:  # the first chunk: the training species so far, else every species so far
+                guess = sorted(train_species or {s for a, _ in pending for s in a.get_chemical_symbols()}) or None
+                batcher = _SpooledBatcher(guess, settings, out.parent) if guess else None
+            if batcher is not None:  # (None: no atom read yet, so no descriptor missed)
+                t = time.perf_counter()
+                for a, nl in pending:
+                    batcher.add(a, nl)
+                clock["descriptors"] += time.perf_counter() - t
         pending, n_pending = [], 0
 
     size = accepted.stat().st_size
@@ -244,28 +288,25 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
         raise StageInputError(f"the {p.training_split!r} split is empty: the hull needs training atoms "
                               "(check ingest.split and the quarantine)", file=str(accepted), field="split")
     species = sorted(train_species)
-    settings = descriptors.model_dump()
-    pool = FramePool.concat(pools)
-    del pools
-    trim_memory()
-    # pass 2: descriptors of every atom, in the same chunks as one pass would make (identical values)
-    batcher = DescriptorBatcher(species, settings, n_atoms=int(pool.counts.sum()))
-    with progress("index: descriptors (frames)", len(pool), quiet_start=True) as adv:
-        for k in range(len(pool)):
-            numbers, positions, cell, pbc = pool.frame(k)
-            a = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
-            t = time.perf_counter()
-            nl = neighbor_list(a.positions, a.cell.array, a.pbc, radius)
-            t1 = time.perf_counter()
-            batcher.add(a, nl)
-            clock["nl"] += t1 - t
-            clock["descriptors"] += time.perf_counter() - t1
-            adv(completed=k + 1)
-        del pool
-        t = time.perf_counter()
+    t, nl0 = time.perf_counter(), clock["nl"]
+    if species == guess:
         g, unseen = batcher.result()
-        del batcher
+    else:  # a training species appeared after the first chunk: the descriptors again, with every channel
+        if batcher is not None:
+            batcher.close()
+        batcher = DescriptorBatcher(species, settings, n_atoms=sum(r[row_keys.index("n_atoms")] for r in frame_rows))
+        with progress("index: descriptors (frames)", len(frame_rows), quiet_start=True) as adv:
+            for k, a in enumerate(iter_extxyz(accepted)):
+                t2 = time.perf_counter()
+                nl = neighbor_list(a.positions, a.cell.array, a.pbc, radius)
+                clock["nl"] += time.perf_counter() - t2
+                batcher.add(a, nl)
+                adv(completed=k + 1)
+        g, unseen = batcher.result()
+    del batcher
+    trim_memory()
     t1 = time.perf_counter()
+    clock["descriptors"] += t1 - t - (clock["nl"] - nl0)
     columns = {}
     for c in ATOM_GEOMETRY_COLUMNS:  # a column at a time, each chunk's part freed once copied
         columns[c] = np.concatenate([pt.pop(c) for pt in parts])
@@ -274,7 +315,6 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
     del columns
     trim_memory()
     t_desc = time.perf_counter()
-    clock["descriptors"] += t1 - t
     clock["geometry"] += t_desc - t1
     split = atom_df["split"].to_numpy().astype(str)
     is_train = split == p.training_split
@@ -306,27 +346,35 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
 
     import pyarrow as pa
 
-    descriptor_col = _list_array(g)  # float32 lists; then the float64 descriptors go (3M atoms: 0.6 GB)
+    desc32 = np.ascontiguousarray(g, dtype=np.float32)  # stored as float32; the float64 ones go (3M atoms: 0.6 GB)
     n_features = int(g.shape[1])
     del g
-    projection_col = _list_array(np.nan_to_num(ev["projection"]), np.isnan(ev["projection"]).any(axis=1))
+    proj_null = np.isnan(ev["projection"]).any(axis=1)
+    proj32 = np.nan_to_num(ev["projection"]).astype(np.float32)
     k_proj = int(ev["projection"].shape[1])
-    atoms_tbl = pa.Table.from_pandas(atom_df, preserve_index=False)
     n_atoms = len(atom_df)
-    del atom_df, ev
-    atoms_tbl = atoms_tbl.append_column("descriptor", descriptor_col).append_column("projection", projection_col)
-    del descriptor_col, projection_col
+    del ev
+
+    def atom_slices():  # the atoms table as Arrow a slice of rows at a time, not all 3M rows' strings and lists
+        for lo in range(0, max(n_atoms, 1), _INSERT_ROWS):
+            hi = min(lo + _INSERT_ROWS, n_atoms)
+            yield pa.Table.from_pandas(atom_df.iloc[lo:hi], preserve_index=False) \
+                .append_column("descriptor", _list_array(desc32[lo:hi])) \
+                .append_column("projection", _list_array(proj32[lo:hi], proj_null[lo:hi]))
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = build_path(out)
     clear_build_leftovers(out)
     con = duckdb.connect(str(tmp), config={"temp_directory": str(_spill_dir(tmp))})
     try:
         con.execute(SCHEMA.read_text())
-        for name, df in (("datasets", datasets), ("frames", frame_df), ("hull", hull_df),
-                         ("hull_points", points_df), ("atoms", atoms_tbl)):
-            con.register("df_in", df)
-            con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM df_in")
-            con.unregister("df_in")
+        for name, dfs in (("datasets", [datasets]), ("frames", [frame_df]), ("hull", [hull_df]),
+                          ("hull_points", [points_df]), ("atoms", atom_slices())):
+            for df in dfs:
+                con.register("df_in", df)
+                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM df_in")
+                con.unregister("df_in")
+                del df
         con.execute("CHECKPOINT")
         con.close()
         _wal(out).unlink(missing_ok=True)  # a WAL beside the old index would be replayed into the new one

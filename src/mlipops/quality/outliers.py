@@ -107,16 +107,18 @@ def _independent_columns(x: np.ndarray, rel_tol: float = 1e-10) -> np.ndarray:
 _STATSMODELS_MAX_CELLS = 4_000_000  # rows x columns fitted by statsmodels in memory; larger fits run in chunks
 
 
-def ols_influence(y: np.ndarray, x, rows: np.ndarray | None = None) -> Surrogate:
+def ols_influence(y: np.ndarray, x, rows: np.ndarray | None = None, r_cache: dict | None = None) -> Surrogate:
     """OLS of y on x (collinear columns dropped) with statsmodels' influence measures.
 
     ``rows`` (boolean, default all) selects the rows fitted; ``x`` is an array or a :class:`RowStore`.
     Up to :data:`_STATSMODELS_MAX_CELLS` cells statsmodels fits it; a larger fit (the force surrogate of
     a large training set: 7M rows) runs in chunks with the same closed forms (:func:`_ols_chunked`), never
-    holding more than one chunk of x and no n x n or p x n matrix."""
+    holding more than one chunk of x and no n x n or p x n matrix. ``r_cache`` (a dict kept between fits
+    of the same y and x on fewer and fewer rows: the rounds of :func:`detect`) lets the chunked fit reuse the R
+    factor of every chunk whose rows did not change."""
     n_rows = int(np.count_nonzero(rows)) if rows is not None else len(y)
     if isinstance(x, RowStore) or n_rows * x.shape[1] > _STATSMODELS_MAX_CELLS:
-        return _ols_chunked(y, x, rows)
+        return _ols_chunked(y, x, rows, r_cache=r_cache)
     if rows is not None:
         y, x = y[rows], x[rows]
     import statsmodels.api as sm
@@ -142,9 +144,11 @@ def ols_influence(y: np.ndarray, x, rows: np.ndarray | None = None) -> Surrogate
                      cols=cols, beta=np.asarray(res.params), xtx_inv=np.linalg.pinv(xr.T @ xr))
 
 
-def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16) -> Surrogate:
+def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16,
+                 r_cache: dict | None = None) -> Surrogate:
     """:func:`ols_influence` for many rows, in two passes over chunks of x: the R factor of [X y] by a
-    tall-skinny QR (R of the stacked R and the next chunk), then per row the fit, the residual e and the
+    tall-skinny QR (the R of each chunk's rows, then the R of the stacked chunk factors; a chunk whose rows
+    are those of the last fit keeps its factor from ``r_cache``), then per row the fit, the residual e and the
     leverage h = |x R⁻¹|²; Cook's D = r² h / (p (1 − h)) with r = e / (s √(1 − h)), s² = Σe² / (n − p),
     as statsmodels defines them. Collinear columns are dropped as :func:`_independent_columns` does,
     from R (X and R have the same column geometry: X'X = R'R)."""
@@ -152,11 +156,24 @@ def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16
 
     mask = np.ones(len(y), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
     p_all = x.shape[1]
-    R = np.zeros((0, p_all + 1))
-    for lo, hi, block in _row_chunks(x, chunk):
+    cache = {} if r_cache is None else r_cache
+    if cache.get("key") != (id(x), id(y), len(y), chunk):  # another design: nothing to reuse
+        cache.clear()
+        cache["key"] = (id(x), id(y), len(y), chunk)
+    factors = []
+    for lo in range(0, len(y), chunk):
+        hi = min(lo + chunk, len(y))
         m = mask[lo:hi]
-        if m.any():
-            R = qr(np.vstack([R, np.column_stack([block[m], y[lo:hi][m]])]), mode="r")[0][:p_all + 1]
+        hit = cache.get(lo)
+        if hit is None or not np.array_equal(hit[0], m):
+            block = x.read(lo, hi) if isinstance(x, RowStore) else x[lo:hi]
+            # (a copy: mode "r" gives an M x N array, which the cache would otherwise keep whole)
+            rc = qr(np.column_stack([block[m], y[lo:hi][m]]), mode="r")[0][:p_all + 1].copy() if m.any() \
+                else np.zeros((0, p_all + 1))
+            hit = cache[lo] = (m.copy(), rc)
+        factors.append(hit[1])
+    R = qr(np.vstack(factors), mode="r")[0][:p_all + 1] if factors else np.zeros((0, p_all + 1))
+    del factors
     if len(R) < p_all + 1:
         R = np.vstack([R, np.zeros((p_all + 1 - len(R), p_all + 1))])
     rx = R[:p_all, :p_all]
@@ -609,8 +626,6 @@ def residual_level(big_r: np.ndarray, big_p: np.ndarray, groups: np.ndarray, ref
     b_g a Theil–Sen line of R on P over the ``reference`` frames of its group g (all reference frames
     for a group with fewer than ``min_group``), slope ≥ 0, never below the group's 5th percentile of R
     (nor zero). Returns the levels and, per frame, its group's (a_g, b_g, floor)."""
-    from scipy.stats import theilslopes
-
     groups = np.asarray(groups, dtype=object)
     ok = reference & np.isfinite(big_r) & np.isfinite(big_p)
     level = np.full(len(big_r), np.nan)
@@ -624,8 +639,7 @@ def residual_level(big_r: np.ndarray, big_p: np.ndarray, groups: np.ndarray, ref
             # (the sorted P at equal steps), which keeps the range the slope is read from
             sub = np.argsort(p, kind="stable")[np.round(np.linspace(0, len(p) - 1, _THEIL_SEN_MAX)).astype(int)] \
                 if len(p) > _THEIL_SEN_MAX else slice(None)
-            b, a, _, _ = theilslopes(r[sub], p[sub])
-            b = max(b, 0.0)
+            b = max(theil_sen_slope(r[sub], p[sub]), 0.0)
             a = float(np.median(r - b * p))  # the intercept for the clipped slope
         else:
             b, a = 0.0, float(np.median(r)) if len(r) else np.nan
@@ -639,6 +653,16 @@ def residual_level(big_r: np.ndarray, big_p: np.ndarray, groups: np.ndarray, ref
         level[m] = np.maximum(a + b * big_p[m], floor)
         coef[m] = a, b, floor
     return level, coef
+
+
+def theil_sen_slope(y: np.ndarray, x: np.ndarray) -> float:
+    """The Theil–Sen slope of y on x: the median of the slopes of all pairs with distinct x (scipy's
+    ``theilslopes(y, x).slope``, the same number, without the sort of every slope its confidence interval
+    needs: most of its time for 2000 points)."""
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    dx = x[:, None] - x
+    pos = dx > 0
+    return float(np.median((y[:, None] - y)[pos] / dx[pos]))
 
 
 def tail_z(values: np.ndarray, groups: np.ndarray, reference: np.ndarray, min_group: int = 5,
@@ -804,6 +828,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
             rows.loc[gross, "flag_round"] = 0
             keep &= ~gross
     tests = _FrameTests(d, cts, n, frame_z_threshold, atom_z_threshold, min_group_frames, frame_min_relative_residual)
+    d["force_r_cache"] = {}  # the chunks' R factors of the force fit: a round refactors only the chunks it changed
     for rnd in range(1, max_rounds + 1):
         # least squares is not robust: a gross error (kcal/mol energies) drags the fit and hides the
         # others, so refit without the frames already flagged until nothing new is found
@@ -826,7 +851,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
         new_atom = np.zeros(n, dtype=bool)
         if forces and len(d["y_forces"]):
             rmask = keep[d["force_frame"]]
-            fs = ols_influence(d["y_forces"], d["x_forces"], rmask)
+            fs = ols_influence(d["y_forces"], d["x_forces"], rmask, d.get("force_r_cache"))
             report.forces = fs
             thr_f = cooks_threshold if cooks_threshold is not None else 4.0 / fs.n
             fr = d["force_frame"][rmask]
@@ -1013,7 +1038,7 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
         codes = pd.factorize(cts)[0] if cts_code is None else cts_code
         rmask = keep[d["force_frame"]]
         if int(rmask.sum()) != fs.n:  # the last round flagged frames after its fit (or stopped early): refit
-            fs = ols_influence(d["y_forces"], d["x_forces"], rmask)
+            fs = ols_influence(d["y_forces"], d["x_forces"], rmask, d.get("force_r_cache"))
             report.forces = fs
         scale_f = _group_scale(fs.y - fs.fitted, codes[d["force_frame"][rmask]],
                                informative=_nonzero_force_rows(fs.y, fs.fitted))
