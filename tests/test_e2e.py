@@ -7,7 +7,6 @@ file, torch training logged to an MLflow sqlite store, the MLflow Model Registry
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from pipeline_env import merge_params as _merge
+from pipeline_env import pipeline_env as _env
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["generate", "ingest", "validate", "index", "train", "evaluate", "promote"]  # the main chain, in order
@@ -55,22 +56,6 @@ TINY = {
                "holdout": {"structures": [{"kind": "bulk", "supercell": 1}], "temperatures_K": [900.0],
                            "steps_per_temperature": 10, "sample_every": 5}},
 }
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "gates" else v
-    return out
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "mlipops-test"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@mlipops.invalid"
-    return env
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:

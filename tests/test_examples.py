@@ -3,7 +3,6 @@ example's whole pipeline (`dvc repro promote` inside the example, a DVC sub-proj
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_env import merge_params as _merge
+from pipeline_env import pipeline_env as _env
 
 from mlipops import examples
 from mlipops.errors import ParamsError
@@ -82,22 +83,6 @@ def _subset(src: Path, dst: Path, per_config_type: int) -> int:
             keep.append(a)
     ase.io.write(str(dst), keep, format="extxyz")
     return len(keep)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "gates" else v
-    return out
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "mlipops-test"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@mlipops.invalid"
-    return env
 
 
 def _run(cmd, cwd):
