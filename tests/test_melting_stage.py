@@ -249,6 +249,7 @@ def _project(tmp_path, root, melting: dict, element: str = "Mo") -> str:
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["generate"]["element"] = element
+    params["validate"]["allowed_species"] = [element]  # the data's element: what the melting runs simulate
     params["evaluate"]["melting"].update(melting)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return str(tmp_path)
