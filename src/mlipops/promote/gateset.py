@@ -363,8 +363,6 @@ def write_into_params(params_path: Path, text: str) -> Path:
             load_params(tmp)
         except MlipopsError:
             new = None
-        finally:
-            pass
         if new is None:
             tmp.unlink()
         else:
