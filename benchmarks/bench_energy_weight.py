@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +36,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 MLEARN = ROOT.parent / "shared" / "datasets" / "mlearn"
 OUT = ROOT / "reports" / "bench"
-
-
-def stratified_split(frames, val_fraction: float, seed: int):
-    """(train, val): per config_type, round(val_fraction * n) frames (at least 1 where n >= 5) to val."""
-    rng = np.random.default_rng(seed)
-    by_ct = defaultdict(list)
-    for k, a in enumerate(frames):
-        by_ct[a.info.get("config_type", "unknown")].append(k)
-    val = set()
-    for ct in sorted(by_ct):
-        idx = by_ct[ct]
-        n_val = int(round(val_fraction * len(idx))) or (1 if len(idx) >= 5 else 0)
-        val.update(rng.choice(idx, n_val, replace=False).tolist())
-    return [a for k, a in enumerate(frames) if k not in val], [a for k, a in enumerate(frames) if k in val]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_accuracy import stratified_split  # noqa: E402  (the accuracy benchmark's split, per config_type)
 
 
 def thin(frames, fraction: float, seed: int):
