@@ -207,7 +207,8 @@ def _tiny_file(path: Path, n: int) -> None:
 
 
 def test_ingest_holds_one_frame_at_a_time(tmp_path, monkeypatch):
-    """Old behaviour: ingest read every source into a list of frames (~10 KB a frame), then wrote them."""
+    """Old behaviour: ingest read every source into a list of frames (~10 KB a frame), then wrote them. Now it
+    holds a chunk of frames (``ingest._CHUNK_FRAMES``) at a time."""
     from mlipops import ingest
     from mlipops.params import load_params
 
@@ -218,6 +219,12 @@ def test_ingest_holds_one_frame_at_a_time(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLIPOPS_PROGRESS_INTERVAL_S", "1000")
     params = load_params(tmp_path / "params.yaml")
+    warm = tmp_path / "warm"  # a first, tiny run: the modules the stage imports on first use are not the frames
+    warm.mkdir()
+    _tiny_file(warm / "many.extxyz", 5)
+    monkeypatch.chdir(warm)
+    ingest.run(params.ingest)
+    monkeypatch.chdir(tmp_path)
     tracemalloc.start()
     m = ingest.run(params.ingest)
     peak = tracemalloc.get_traced_memory()[1]
@@ -227,6 +234,35 @@ def test_ingest_holds_one_frame_at_a_time(tmp_path, monkeypatch):
     text = (tmp_path / "data/ingested/frames.extxyz").read_text()
     assert text.count("split=") == 3000 and "__mlipops_split__" not in text
     assert sorted(p.name for p in (tmp_path / "data/ingested").iterdir()) == ["frames.extxyz", "rejected.parquet"]
+
+
+def test_validate_read_by_worker_processes_decides_the_same(tmp_path, monkeypatch):
+    """Worker processes reading the ingested frames (a large file's path) give the same accepted file,
+    quarantine and outlier table, byte for byte, as one process."""
+    from mlipops.frames import write_extxyz
+    from mlipops.params import load_params
+    from mlipops.quality import validate
+
+    frames, wrong, _ = _split_frames(tmp_path)
+    root = make_project(tmp_path / "proj", QUARANTINE_FILES + [{"path": "raw/splits.extxyz"}])
+    write_extxyz(root / "raw" / "splits.extxyz", frames)
+    assert mlipops(root, "ingest").returncode == 0
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(validate, "_CHUNK_FRAMES", 7)
+    monkeypatch.setenv("MLIPOPS_READ_MIN_BYTES", "0")
+    monkeypatch.setenv("MLIPOPS_PROGRESS_INTERVAL_S", "1000")
+    p = load_params(root / "params.yaml")
+    got = {}
+    for workers in (1, 2):
+        monkeypatch.setenv("MLIPOPS_READ_WORKERS", str(workers))
+        m = validate.run(p.validate_, p.descriptors, p.ingest)
+        got[workers] = (m["n_accepted"], m["n_quarantined"],
+                        *((root / f).read_bytes() for f in ("data/curated/accepted.extxyz",
+                                                             "data/curated/quarantine.parquet",
+                                                             "reports/validate/outliers.csv")))
+    assert got[1] == got[2]
+    q = pd.read_parquet(root / "data/curated/quarantine.parquet")
+    assert {"splits"} <= set(q["source"]) and got[1][0] > 0
 
 
 @pytest.mark.slow
@@ -370,6 +406,31 @@ def test_outlier_test_at_scale_decides_as_in_memory(monkeypatch):
     assert list(got.kind) == list(ref.kind)
     for c in ("energy_cooks", "energy_t", "force_chi2", "atom_chi2"):  # QR vs SVD: rounding of a
         np.testing.assert_allclose(got[c].astype(float), ref[c].astype(float), rtol=1e-5, err_msg=c)  # near-collinear fit
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_design_rows_by_worker_processes_equal_this_process(monkeypatch, tmp_path, spill):
+    """The outlier surrogate's rows made by 2 worker processes (a large training split's path) are those made
+    here, chunk for chunk, in memory and in a file."""
+    from test_outliers import make_frames
+
+    from mlipops.params import DescriptorParams
+    from mlipops.quality import outliers
+
+    frames = make_frames()
+    settings = DescriptorParams().model_dump()
+    monkeypatch.setattr(outliers, "_DESIGN_CACHE_ROWS", 0)
+    monkeypatch.setattr(outliers, "_SPILL_CELLS", 0 if spill else 1 << 40)
+    monkeypatch.setattr(outliers, "_TASK_CHUNKS", 2)
+    monkeypatch.setenv("MLIPOPS_READ_WORKERS", "1")
+    ref = outliers.design(frames, ["Cu"], settings, chunk_atoms=40, spill_dir=tmp_path)
+    monkeypatch.setenv("MLIPOPS_READ_WORKERS", "2")
+    monkeypatch.setattr(outliers, "_PARALLEL_MIN_ATOMS", 0)
+    got = outliers.design(frames, ["Cu"], settings, chunk_atoms=40, spill_dir=tmp_path)
+    dense = (lambda x: x.read(0, len(x)) if spill else x)  # noqa: E731
+    assert len(frames) > 2 * 2 and isinstance(got["x_forces"], outliers.RowStore) == spill
+    np.testing.assert_allclose(got["x_energy"], ref["x_energy"], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(dense(got["x_forces"]), dense(ref["x_forces"]), rtol=1e-12, atol=1e-12)
 
 
 def test_index_hull_at_scale_equals_the_direct_fit(monkeypatch):

@@ -324,19 +324,25 @@ def test_cli_query_file_json_and_hull_check(u_index, tmp_path):
     assert res.returncode == 2 and "missing.extxyz" in res.stderr and "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("late_split", ["train", "val"])
-def test_descriptors_from_the_one_neighbour_list_pass(tmp_path, late_split):
+@pytest.mark.parametrize("late_split,workers", [("train", 1), ("val", 1), ("train", 2)])
+def test_descriptors_from_the_one_neighbour_list_pass(tmp_path, monkeypatch, late_split, workers):
     """The index computes the descriptors in its one streaming pass, with the species channels of the training
-    frames read first; a training species first seen later (``train``) makes it compute them again with every
-    channel. Either way the stored descriptors are those of the training split's species, as computed directly."""
+    frames of the first chunk; a training species first seen later (``train``) makes it compute them again with
+    every channel. Either way the stored descriptors are those of the training split's species, as computed
+    directly; with 2 worker processes reading the chunks as well."""
     import duckdb
     import pandas as pd
 
     from mlipops.descriptors import compute_descriptors
+    from mlipops.index import build
+
+    monkeypatch.setattr(build, "_CHUNK_FRAMES", 50)
+    monkeypatch.setenv("MLIPOPS_READ_WORKERS", str(workers))
+    monkeypatch.setenv("MLIPOPS_READ_MIN_BYTES", "0")
 
     rng = np.random.default_rng(7)
     frames = []
-    for k in range(140):  # 4480 atoms: more than the first descriptor chunk (4000 atoms)
+    for k in range(140):  # 3 chunks of 50 frames
         a = bulk("Cu", "fcc", a=A, cubic=True).repeat((2, 2, 2))
         a.positions += rng.normal(0, 0.06, a.positions.shape)
         a.info.update(config_type="crystal_fcc", split="train" if k % 5 else "val")
@@ -364,3 +370,33 @@ def test_descriptors_from_the_one_neighbour_list_pass(tmp_path, late_split):
     # float32 in the index; the neighbour lists' edge order (to the coordination radius there) rounds differently
     np.testing.assert_allclose(np.array(got.descriptor.tolist()), g, rtol=1e-5, atol=1e-6)
     assert np.array_equal(pd.Series(got.extrapolation_reason).eq("unseen_species").to_numpy(), unseen)
+
+
+def test_index_read_by_worker_processes_is_the_same(tmp_path, monkeypatch):
+    """Worker processes reading the chunks build the same index, row for row and bit for bit, as one process."""
+    import duckdb
+    import pandas as pd
+
+    from mlipops.index import build
+
+    frames = _frames()
+    write_extxyz(tmp_path / "accepted.extxyz", frames)
+    rejected_frame([]).to_parquet(tmp_path / "quarantine.parquet", index=False)
+    monkeypatch.setattr(build, "_CHUNK_FRAMES", 2)
+    monkeypatch.setenv("MLIPOPS_READ_MIN_BYTES", "0")
+    tables = {}
+    for workers in (1, 2):
+        monkeypatch.setenv("MLIPOPS_READ_WORKERS", str(workers))
+        db = tmp_path / f"index{workers}.duckdb"
+        build_index(IndexParams(coordination_cutoff=3.0), DescriptorParams(), tmp_path / "accepted.extxyz",
+                    tmp_path / "quarantine.parquet", db)
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            tables[workers] = {t: con.execute(f"SELECT * {'EXCLUDE (created_at)' if t == 'datasets' else ''} "
+                                              f"FROM {t} ORDER BY rowid").df()
+                               for t in ("datasets", "frames", "atoms", "hull", "hull_points")}
+        finally:
+            con.close()
+    assert len(tables[1]["atoms"]) == sum(len(a) for a in frames)
+    for t in tables[1]:
+        pd.testing.assert_frame_equal(tables[1][t], tables[2][t], check_exact=True, obj=t)

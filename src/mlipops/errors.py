@@ -26,6 +26,13 @@ class MlipopsError(Exception):
         self.detail = message
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
 
+    def __reduce__(self):  # pickled whole (an error raised in a worker process keeps its file, frame and field)
+        return (_rebuild, (type(self), self.detail, self.file, self.frame, self.field))
+
+
+def _rebuild(cls, message, file, frame, field):
+    return cls(message, file=file, frame=frame, field=field)
+
 
 class ParamsError(MlipopsError):
     """An invalid or missing value in params.yaml."""

@@ -602,6 +602,17 @@ def _ase_frame(raw: str) -> Atoms:
     return _read_xyz_frame(iter(lines[1:]), int(lines[0]), properties_parser=_comment_dict)
 
 
+def _parse_one(k: int, line: int, raw: str, name: str, src: str, default_config_type: str | None,
+               canon: dict) -> Atoms | Rejected:
+    """Frame ``k`` (its text ``raw``, starting at line ``line`` of file ``name``) read and canonicalized, or
+    the Rejected record saying why it cannot be."""
+    try:
+        atoms = _read_frame(raw)
+        return canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type, **canon)
+    except Exception as exc:  # ASE raises many types on malformed frames
+        return Rejected(src, k, "parse", f"{name} frame {k}: {_explain(exc, raw, line)}", raw)
+
+
 def _iter_handle(fh, name: str, src: str, default_config_type: str | None,
                  progress: Callable[[int], None] | None, canon: dict, with_text: bool = False) -> Iterator:
     n = 0
@@ -610,17 +621,134 @@ def _iter_handle(fh, name: str, src: str, default_config_type: str | None,
             n += 1
             if progress is not None:
                 progress(fh.tell())
-            try:
-                atoms = _read_frame(raw)
-                out = canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type,
-                                   **canon)
-            except Exception as exc:  # ASE raises many types on malformed frames
-                out = Rejected(src, k, "parse", f"{name} frame {k}: {_explain(exc, raw, line)}", raw)
+            out = _parse_one(k, line, raw, name, src, default_config_type, canon)
             yield (out, raw) if with_text else out
     except OSError as exc:  # a directory, an unreadable device
         raise FrameFormatError(f"cannot read: {exc}", file=name) from None
     if not n:
         raise FrameFormatError("contains no frames", file=name)
+
+
+# ------------------------------------------------------------------- chunks of a large file in worker processes
+PARALLEL_MIN_BYTES = 64 << 20  # files from this size are read by worker processes (below: start-up costs more)
+
+
+def read_workers(size: int) -> int:
+    """Worker processes for reading a file of ``size`` bytes: the CPUs this process may use (at most 4), or
+    ``MLIPOPS_READ_WORKERS`` (0 or 1: read here, in this process); 1 below :data:`PARALLEL_MIN_BYTES`
+    (``MLIPOPS_READ_MIN_BYTES`` overrides it)."""
+    try:
+        given = os.environ.get("MLIPOPS_READ_WORKERS")
+        n = int(given) if given is not None else min(4, len(os.sched_getaffinity(0)))
+        floor = int(os.environ.get("MLIPOPS_READ_MIN_BYTES", PARALLEL_MIN_BYTES))
+    except (ValueError, AttributeError):
+        n, floor = 1, PARALLEL_MIN_BYTES
+    return max(1, n) if size >= floor else 1
+
+
+def _worker_init() -> None:
+    """A reading worker runs one thread of its own: the workers are the parallelism."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _chunk_task(work: Callable, context, chunk: list[tuple[int, int, str]], name: str, src: str,
+                default_config_type: str | None, canon: dict):
+    items = [(_parse_one(k, line, raw, name, src, default_config_type, canon), raw) for k, line, raw in chunk]
+    return work(items, context)
+
+
+def map_extxyz(path: str | Path, work: Callable, context=None, *, chunk_frames: int = 1000,
+               workers: int | None = None, progress: Callable[[int], None] | None = None,
+               source: str | None = None, default_config_type: str | None = None,
+               trust: Iterable[str] = PROVENANCE_KEYS, stress_field: StressField | None = None,
+               first_context: Callable | None = None) -> Iterator:
+    """``work(items, context)`` for consecutive chunks of ``chunk_frames`` frames of an extxyz file, in file
+    order; ``items`` is a list of (frame or Rejected, its text), as ``iter_extxyz(..., with_text=True)`` gives
+    them. The same results, bit for bit, with any number of workers: each chunk is read and worked on alike.
+
+    With more than one worker (:func:`read_workers`), the chunks are read and worked on in that many worker
+    processes (spawned: ``work`` must be a module-level function and its result picklable), at most two chunks
+    per worker in flight, so memory is bounded by the chunks, not the file; this process only splits the file
+    into frames. ``first_context(first_result)``: when given, the first chunk is done alone and the others get
+    ``first_context(its result)`` as their context (a choice that needs some frames first).
+    ``progress(bytes)``: the bytes split off so far. Errors of the file's layout (a bad atom count, a
+    truncated frame) are raised here as by :func:`iter_extxyz`."""
+    from collections import deque
+
+    path = Path(path)
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        raise FrameFormatError("file not found", file=str(path)) from None
+    except OSError as exc:
+        raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
+    name, src = str(path), source or path.stem
+    canon = {"trust": tuple(trust), "stress_field": stress_field}
+    n_workers = workers if workers is not None else read_workers(path.stat().st_size if path.is_file() else 0)
+
+    def chunks():
+        chunk, n = [], 0
+        try:
+            for item in _split_extxyz(_lines(fh, name), name):
+                chunk.append(item)
+                n += 1
+                if len(chunk) >= chunk_frames:
+                    if progress is not None:
+                        progress(fh.tell())
+                    yield chunk
+                    chunk = []
+        except OSError as exc:
+            raise FrameFormatError(f"cannot read: {exc}", file=name) from None
+        if progress is not None:
+            progress(fh.tell())
+        if chunk:
+            yield chunk
+        if not n:
+            raise FrameFormatError("contains no frames", file=name)
+
+    with fh:
+        if n_workers <= 1:
+            ctx = context
+            for q, chunk in enumerate(chunks()):
+                out = _chunk_task(work, ctx, chunk, name, src, default_config_type, canon)
+                if q == 0 and first_context is not None:
+                    ctx = first_context(out)
+                yield out
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            pending: deque = deque()
+            ctx = context
+            it = chunks()
+            try:
+                if first_context is not None:
+                    first = next(it, None)
+                    if first is None:
+                        return
+                    out = pool.submit(_chunk_task, work, ctx, first, name, src, default_config_type,
+                                      canon).result()
+                    ctx = first_context(out)
+                    yield out
+                for chunk in it:
+                    pending.append(pool.submit(_chunk_task, work, ctx, chunk, name, src, default_config_type,
+                                               canon))
+                    if len(pending) >= 2 * n_workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
 
 def read_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
@@ -1186,6 +1314,32 @@ def iter_frames(path: str | Path, fmt: str = "auto", *, source: str | None = Non
         progress(p.stat().st_size)
     yield from frames
     yield from rejected
+
+
+def map_frames(path: str | Path, fmt: str, work: Callable, context=None, *, chunk_frames: int = 1000,
+               source: str | None = None, default_config_type: str | None = None,
+               progress: Callable[[int], None] | None = None,
+               stress_field: StressField | None = None) -> Iterator:
+    """:func:`iter_frames` a chunk at a time: ``work(items, context)`` for consecutive chunks of
+    (frame or Rejected, its text or None) in file order. A plain extxyz file goes through :func:`map_extxyz`
+    (worker processes for a large one), any other format is read here as :func:`iter_frames` reads it."""
+    p = Path(path)
+    r = _resolve(p, fmt)
+    if r.fmt == "extxyz" and not r.gz:
+        trust = ORACLE_KEYS if verified_manifest(p) else ()
+        yield from map_extxyz(p, work, context, chunk_frames=chunk_frames, progress=progress,
+                              source=source or source_name(p), default_config_type=default_config_type,
+                              trust=trust, stress_field=stress_field)
+        return
+    chunk = []
+    for a in iter_frames(p, fmt, source=source, default_config_type=default_config_type, progress=progress,
+                         stress_field=stress_field):
+        chunk.append((a, None))
+        if len(chunk) >= chunk_frames:
+            yield work(chunk, context)
+            chunk = []
+    if chunk:
+        yield work(chunk, context)
 
 
 def manifest_path(path: str | Path) -> Path:

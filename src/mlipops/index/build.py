@@ -28,6 +28,7 @@ INDEX = Path("data/index.duckdb")
 REPORT_DIR = Path("reports/index")
 NN_PROBE = 6.0  # Å, radius searched for the nearest neighbour
 _INSERT_ROWS = 1 << 18  # atoms rows converted to Arrow and inserted at a time
+_BUILD_MEMORY = "384MB"  # DuckDB's buffer pool while the index is written
 ATOM_GEOMETRY_COLUMNS = ["frame_id", "atom_index", "split", "config_type", "species", "coordination", "nn_distance",
                          "bond_angle_deviation", "nearest_crystal"]
 
@@ -156,36 +157,72 @@ def extrapolation_reason(inside: np.ndarray, gamma: np.ndarray, unseen: np.ndarr
     return reason.astype(object)
 
 
-class _SpooledBatcher(DescriptorBatcher):
-    """A :class:`~mlipops.descriptors.DescriptorBatcher` for an unknown number of atoms: each chunk's
-    descriptors go to an anonymous temporary file in ``directory`` as they are made, and are read back into
-    one array at the end (no list of chunks and concatenated copy: 3M atoms x 24 features are 0.6 GB)."""
+class _RowSpool:
+    """Rows of float64 arrays of one width, kept in an anonymous temporary file in ``directory`` as they come
+    and read back into one array at the end (no list of chunks and concatenated copy: 3M atoms x 24 features
+    are 0.6 GB)."""
 
-    def __init__(self, species: list[str], settings: dict, directory: Path):
+    def __init__(self, directory: Path):
         import tempfile
 
-        super().__init__(species, settings)
         directory.mkdir(parents=True, exist_ok=True)
         self._fh = tempfile.TemporaryFile(dir=directory)  # no name: nothing left behind, even after kill -9
-        self._rows = 0
+        self._rows, self._width = 0, None
 
-    def _flush(self) -> None:
-        super()._flush()
-        for g in self._g:
-            self._fh.write(np.ascontiguousarray(g, dtype=np.float64).tobytes())
-            self._rows += len(g)
-        self._g = []
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=np.float64)
+        self._width = rows.shape[1] if self._width is None else self._width
+        self._fh.write(rows.tobytes())
+        self._rows += len(rows)
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        self._flush()
-        g = np.empty((self._rows, self.desc.n_features))
+    def result(self) -> np.ndarray:
+        out = np.empty((self._rows, self._width or 0))
         self._fh.seek(0)
-        self._fh.readinto(memoryview(g).cast("B"))
-        self.close()
-        return g, (np.concatenate(self._u) if self._u else np.zeros(0, dtype=bool))
+        self._fh.readinto(memoryview(out).cast("B"))
+        return out
 
     def close(self) -> None:
         self._fh.close()
+
+
+_CHUNK_FRAMES = 1000  # frames a worker reads and indexes at a time
+
+
+def _index_chunk(items: list, ctx: dict) -> dict:
+    """One chunk of accepted frames (``map_extxyz`` items): their frame rows, atom geometry columns (with
+    ``ctx['geometry']``) and descriptors with ``ctx['species']`` as channels (None, the first chunk: its
+    training species, else every species it holds; returned as ``species``)."""
+    from mlipops.frames import Rejected
+
+    clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0}
+    rows, pending, train, seen, keys = [], [], set(), set(), None
+    for a, _ in items:
+        if isinstance(a, Rejected):
+            return {"error": a.reason}
+        t = time.perf_counter()
+        nl = neighbor_list(a.positions, a.cell.array, a.pbc, ctx["radius"])
+        clock["nl"] += time.perf_counter() - t
+        symbols = a.get_chemical_symbols()
+        seen.update(symbols)
+        if a.info.get("split") == ctx["training_split"]:
+            train.update(symbols)
+        if ctx["geometry"]:
+            row = _frame_row(a, ctx["dataset_id"], "accepted")
+            keys = keys or list(row)
+            rows.append(tuple(row.values()))  # a tuple: a third of a dict's memory
+        pending.append((a, nl))
+    species = ctx["species"] or sorted(train or seen)
+    t = time.perf_counter()
+    columns = _atom_columns(pending, ctx["coordination_cutoff"]) if ctx["geometry"] else None
+    clock["geometry"] += time.perf_counter() - t
+    t = time.perf_counter()
+    batcher = DescriptorBatcher(species, ctx["settings"], n_atoms=sum(len(a) for a, _ in pending))
+    for a, nl in pending:
+        batcher.add(a, nl)
+    g, unseen = batcher.result()
+    clock["descriptors"] += time.perf_counter() - t
+    return {"rows": rows, "keys": keys, "columns": columns, "g": g, "unseen": unseen, "train_species": train,
+            "species": species, "clock": clock}
 
 
 def build_path(out: Path = INDEX) -> Path:
@@ -237,76 +274,59 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
     # species channels are the training split's species, known only at the end: they are taken from the
     # training frames read before the first descriptor chunk, and confirmed at the end; should a later
     # training frame bring another species, a second pass over the file recomputes the descriptors
-    from mlipops.frames import Rejected, iter_extxyz
+    from mlipops.frames import map_extxyz
 
-    radius = max(descriptors.cutoff, p.coordination_cutoff)
     settings = descriptors.model_dump()
+    ctx = {"radius": max(descriptors.cutoff, p.coordination_cutoff), "coordination_cutoff": p.coordination_cutoff,
+           "training_split": p.training_split, "dataset_id": dataset_id, "settings": settings, "species": None,
+           "geometry": True}
     clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0}
-    parts, frame_rows, pending, n_pending = [], [], [], 0
+    parts, frame_rows, unseen_parts = [], [], []
     train_species: set[str] = set()
     row_keys = None
-    batcher: _SpooledBatcher | None = None
+    spool = _RowSpool(out.parent)
     guess: list[str] | None = None
 
-    def flush() -> None:
-        nonlocal pending, n_pending, batcher, guess
-        if pending:
-            t = time.perf_counter()
-            parts.append(_atom_columns(pending, p.coordination_cutoff))
-            clock["geometry"] += time.perf_counter() - t
-            if guess is None:  # the first chunk: the training species so far, else every species so far
-                guess = sorted(train_species or {s for a, _ in pending for s in a.get_chemical_symbols()}) or None
-                batcher = _SpooledBatcher(guess, settings, out.parent) if guess else None
-            if batcher is not None:  # (None: no atom read yet, so no descriptor missed)
-                t = time.perf_counter()
-                for a, nl in pending:
-                    batcher.add(a, nl)
-                clock["descriptors"] += time.perf_counter() - t
-        pending, n_pending = [], 0
+    def chunk_results(context, label, progress_note):
+        size = accepted.stat().st_size
+        with progress(label, max(1, round(size / 2**20)), quiet_start=True) as adv:
+            for res in map_extxyz(accepted, _index_chunk, context, chunk_frames=_CHUNK_FRAMES,
+                                  progress=lambda pos: adv(completed=round(pos / 2**20), note=progress_note()),
+                                  first_context=lambda first: context | {"species": first["species"]}):
+                if "error" in res:
+                    raise StageInputError(f"curated data is corrupt: {res['error']}", file=str(accepted))
+                for key in clock:
+                    clock[key] += res["clock"][key]
+                yield res
 
-    size = accepted.stat().st_size
-    with progress("index: reading the accepted frames (MiB)", max(1, round(size / 2**20)), quiet_start=True) as adv:
-        for a in iter_extxyz(accepted, progress=lambda pos: adv(completed=round(pos / 2**20),
-                                                                 note=f"{len(frame_rows)} frames")):
-            if isinstance(a, Rejected):
-                raise StageInputError(f"curated data is corrupt: {a.reason}", file=str(accepted))
-            t = time.perf_counter()
-            nl = neighbor_list(a.positions, a.cell.array, a.pbc, radius)
-            clock["nl"] += time.perf_counter() - t
-            if a.info.get("split") == p.training_split:
-                train_species.update(a.get_chemical_symbols())
-            row = _frame_row(a, dataset_id, "accepted")
-            row_keys = row_keys or list(row)
-            frame_rows.append(tuple(row.values()))  # a tuple: a third of a dict's memory
-            pending.append((a, nl))
-            n_pending += len(a)
-            if n_pending >= 4000:
-                flush()
-        flush()
-    t_read = time.perf_counter()
-    if not train_species:
-        raise StageInputError(f"the {p.training_split!r} split is empty: the hull needs training atoms "
-                              "(check ingest.split and the quarantine)", file=str(accepted), field="split")
-    species = sorted(train_species)
-    t, nl0 = time.perf_counter(), clock["nl"]
-    if species == guess:
-        g, unseen = batcher.result()
-    else:  # a training species appeared after the first chunk: the descriptors again, with every channel
-        if batcher is not None:
-            batcher.close()
-        batcher = DescriptorBatcher(species, settings, n_atoms=sum(r[row_keys.index("n_atoms")] for r in frame_rows))
-        with progress("index: descriptors (frames)", len(frame_rows), quiet_start=True) as adv:
-            for k, a in enumerate(iter_extxyz(accepted)):
-                t2 = time.perf_counter()
-                nl = neighbor_list(a.positions, a.cell.array, a.pbc, radius)
-                clock["nl"] += time.perf_counter() - t2
-                batcher.add(a, nl)
-                adv(completed=k + 1)
-        g, unseen = batcher.result()
-    del batcher
+    try:
+        for res in chunk_results(ctx, "index: reading the accepted frames (MiB)", lambda: f"{len(frame_rows)} frames"):
+            guess = guess or res["species"]
+            row_keys = row_keys or res["keys"]
+            frame_rows.extend(res["rows"])
+            parts.append(res["columns"])
+            train_species |= res["train_species"]
+            spool.add(res["g"])
+            unseen_parts.append(res["unseen"])
+        t_read = time.perf_counter()
+        if not train_species:
+            raise StageInputError(f"the {p.training_split!r} split is empty: the hull needs training atoms "
+                                  "(check ingest.split and the quarantine)", file=str(accepted), field="split")
+        species = sorted(train_species)
+        if species != guess:  # a training species appeared after the first chunk: descriptors again, every channel
+            spool.close()
+            spool, unseen_parts = _RowSpool(out.parent), []
+            for res in chunk_results(ctx | {"species": species, "geometry": False},
+                                     "index: descriptors again, with every training species (MiB)", lambda: ""):
+                spool.add(res["g"])
+                unseen_parts.append(res["unseen"])
+        g = spool.result()
+    finally:
+        spool.close()
+    unseen = np.concatenate(unseen_parts) if unseen_parts else np.zeros(0, dtype=bool)
+    del unseen_parts
     trim_memory()
     t1 = time.perf_counter()
-    clock["descriptors"] += t1 - t - (clock["nl"] - nl0)
     columns = {}
     for c in ATOM_GEOMETRY_COLUMNS:  # a column at a time, each chunk's part freed once copied
         columns[c] = np.concatenate([pt.pop(c) for pt in parts])
@@ -365,7 +385,9 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = build_path(out)
     clear_build_leftovers(out)
-    con = duckdb.connect(str(tmp), config={"temp_directory": str(_spill_dir(tmp))})
+    # a bounded buffer pool: the inserted atoms rows (3M rows: ~1 GB in DuckDB's blocks) are written out to the
+    # database file as the pool fills, instead of being held until the checkpoint
+    con = duckdb.connect(str(tmp), config={"temp_directory": str(_spill_dir(tmp)), "memory_limit": _BUILD_MEMORY})
     try:
         con.execute(SCHEMA.read_text())
         for name, dfs in (("datasets", [datasets]), ("frames", [frame_df]), ("hull", [hull_df]),

@@ -20,12 +20,13 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from ase import Atoms
 
 from mlipops.errors import FrameFormatError
-from mlipops.frames import Rejected, StressField, iter_frames, source_name, to_extxyz_string, verified_manifest
+from mlipops.frames import Rejected, StressField, map_frames, source_name, to_extxyz_string, verified_manifest
 from mlipops.params import IngestParams, SourceParams, SplitParams
 from mlipops.report import progress, write_markdown, write_metrics
 
@@ -127,6 +128,44 @@ _SPLIT_MARK = "__mlipops_split__"
 _MARK_RE = re.compile(r"(?:(?<=\s)|^)split=" + _SPLIT_MARK + r"(?=\s|$)")
 
 
+_CHUNK_FRAMES = 100  # frames read (by a worker process, for a large file) at a time: ~1 MB of text
+
+
+class _Read(NamedTuple):
+    """A frame read by :func:`_ingest_chunk`: its identity, its text with the split mark (None: the mark is
+    not found exactly once, e.g. a value of the frame holds it: ``atoms`` is then the frame itself) and its
+    text without ``split`` (for a duplicate's record)."""
+
+    frame_id: str
+    source: str
+    source_index: int
+    config_type: str
+    marked: bytes | None
+    plain: str
+    atoms: Atoms | None
+
+
+def _ingest_chunk(items: list, ctx: dict) -> list:
+    """Frames of a chunk (``map_frames`` items) as Rejected records and :class:`_Read` records; with
+    ``ctx['atoms']`` each record keeps its frame (the in-memory :func:`ingest`)."""
+    out = []
+    for a, _ in items:
+        if isinstance(a, Rejected):
+            out.append(a)
+            continue
+        a.info["split"] = _SPLIT_MARK
+        text = to_extxyz_string(a)
+        del a.info["split"]
+        lines = text.split("\n", 2)
+        once = len(lines) == 3 and len(_MARK_RE.findall(lines[1])) == 1
+        marked = text.encode("utf-8") if once else None
+        plain = ("\n".join((lines[0], _MARK_RE.sub("", lines[1]).replace("  ", " ").strip(), lines[2]))
+                 if once and lines[1].count("  ") == 0 else to_extxyz_string(a))
+        out.append(_Read(a.info["frame_id"], a.info["source"], a.info["source_index"], a.info["config_type"],
+                         marked, plain, a if ctx.get("atoms") or marked is None else None))
+    return out
+
+
 class _Spool:
     """The unique frames as extxyz text, written as they are read (split marked), in an unnamed temporary
     file beside the output; :meth:`write` copies them to ``path`` with their splits filled in. Holds one
@@ -139,17 +178,13 @@ class _Spool:
         self.sizes: list[int] = []
         self.kept: dict[int, Atoms] = {}
 
-    def add(self, a: Atoms) -> None:
-        a.info["split"] = _SPLIT_MARK
-        text = to_extxyz_string(a)
-        lines = text.split("\n", 2)
-        if len(lines) < 3 or len(_MARK_RE.findall(lines[1])) != 1:
-            self.kept[len(self.sizes)] = a
+    def add(self, r: _Read) -> None:
+        if r.marked is None:
+            self.kept[len(self.sizes)] = r.atoms
             self.sizes.append(0)
             return
-        data = text.encode("utf-8")
-        self.fh.write(data)
-        self.sizes.append(len(data))
+        self.fh.write(r.marked)
+        self.sizes.append(len(r.marked))
 
     def write(self, path: Path, splits: list[str]) -> None:
         self.fh.flush()
@@ -174,8 +209,11 @@ class _Spool:
         self.fh.close()
 
 
-def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], list[str], list[int], int]:
-    """Read every source as a stream and de-duplicate: ``keep(frame)`` gets each unique frame in order.
+def _read_sources(p: IngestParams, keep, with_atoms: bool = False
+                  ) -> tuple[list[Rejected], list[str], list[str], list[int], int]:
+    """Read every source as a stream (a large extxyz file by worker processes, a chunk of frames each) and
+    de-duplicate: ``keep(record)`` gets each unique frame's :class:`_Read` in order (``with_atoms``: with
+    the frame).
     Returns (rejected: the unreadable frames, then the duplicates; frame_ids, config_types and source
     (its position in ``p.sources``) of the unique frames; frames read). Memory: one frame, and the
     identity of every frame kept."""
@@ -205,25 +243,27 @@ def _read_sources(p: IngestParams, keep) -> tuple[list[Rejected], list[str], lis
             def moved(pos: int, done=done) -> None:
                 advance(completed=round((done + pos) / 2**20), note=f"{n_read} frames, {len(ids)} unique")
 
-            for a in iter_frames(path, src.format, source=source_name(path), default_config_type=src.config_type,
-                                 progress=moved, stress_field=stress_field(src)):
+            chunks = map_frames(path, src.format, _ingest_chunk, {"atoms": with_atoms}, chunk_frames=_CHUNK_FRAMES,
+                                source=source_name(path),
+                                default_config_type=src.config_type, progress=moved, stress_field=stress_field(src))
+            for r in (r for chunk in chunks for r in chunk):
                 n_read += 1
-                if isinstance(a, Rejected):
-                    unreadable.append(a)
+                if isinstance(r, Rejected):
+                    unreadable.append(r)
                     continue
-                fid = a.info["frame_id"]
+                fid = r.frame_id
                 if fid in seen:
                     first = seen[fid]
                     duplicates.append(Rejected(
-                        a.info["source"], a.info["source_index"], "duplicate",
+                        r.source, r.source_index, "duplicate",
                         f"same structure as {first[0]} frame {first[1]} (frame_id {fid[:12]})",
-                        to_extxyz_string(a), fid, a.info["config_type"]))
+                        r.plain, fid, r.config_type))
                     continue
-                seen[fid] = (a.info["source"], a.info["source_index"])
+                seen[fid] = (r.source, r.source_index)
                 ids.append(fid)
-                cts.append(a.info["config_type"])
+                cts.append(r.config_type)
                 origin.append(k)
-                keep(a)
+                keep(r)
             moved(sizes[k])
     return unreadable + duplicates, ids, cts, origin, n_read
 
@@ -236,7 +276,7 @@ def _modes(p: IngestParams, origin: list[int]) -> list[str]:
 def ingest(p: IngestParams) -> tuple[list[Atoms], pd.DataFrame, dict]:
     """Read, de-duplicate and split every source in memory (writes nothing): (frames, rejected table, stats)."""
     frames: list[Atoms] = []
-    rejected, ids, cts, origin, n_read = _read_sources(p, frames.append)
+    rejected, ids, cts, origin, n_read = _read_sources(p, lambda r: frames.append(r.atoms), with_atoms=True)
     for a, s in zip(frames, draw_splits(ids, cts, p.split, _modes(p, origin))):
         a.info["split"] = s
     stats = {"n_read": n_read, "n_frames": len(frames), "n_rejected": len(rejected)}

@@ -55,6 +55,7 @@ import torch
 from ase import Atoms
 
 from mlipops.descriptors import AtomCentredDescriptor, frame_edges
+from mlipops.quality.pool import FramePool  # noqa: F401  (re-exported)
 from mlipops.report import trim_memory
 
 
@@ -327,78 +328,6 @@ def clear_design_cache() -> None:
     _cached_rows[0] = 0
 
 
-@dataclass
-class FramePool:
-    """Frames as flat arrays: what the outlier test reads of each frame (positions, cell, labels,
-    config_type, identity). A list of ase.Atoms costs ~10 KB a frame; this ~60 bytes an atom, so the
-    training split of a 100,000-frame set fits in ~150 MB. Every frame has energy and forces."""
-
-    counts: np.ndarray  # [n] atoms per frame
-    numbers: np.ndarray  # [N] atomic numbers, frame after frame
-    positions: np.ndarray  # [N, 3] Å
-    forces: np.ndarray  # [N, 3] eV/Å
-    cells: np.ndarray  # [n, 3, 3] Å
-    pbcs: np.ndarray  # [n, 3] bool
-    energy: np.ndarray  # [n] eV
-    info: dict[str, np.ndarray]  # [n] object arrays: frame_id, config_type, split, source, source_index
-
-    INFO = ("frame_id", "config_type", "split", "source", "source_index")
-
-    @classmethod
-    def from_atoms(cls, frames) -> "FramePool":
-        from mlipops.frames import labels
-
-        if isinstance(frames, FramePool):
-            return frames
-        lab = [labels(a) for a in frames]
-        counts = np.array([len(a) for a in frames], dtype=np.int64)
-        cat = (lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape))  # noqa: E731
-        return cls(counts=counts, numbers=cat([a.numbers for a in frames], (0,)).astype(np.int64),
-                   positions=cat([np.asarray(a.positions, np.float64) for a in frames], (0, 3)),
-                   forces=cat([np.full((len(a), 3), np.nan) if f is None else np.asarray(f, np.float64).reshape(-1, 3)
-                               for a, (_, f, _) in zip(frames, lab)], (0, 3)),
-                   cells=np.array([a.cell.array for a in frames], dtype=np.float64).reshape(-1, 3, 3),
-                   pbcs=np.array([a.pbc for a in frames], dtype=bool).reshape(-1, 3),
-                   energy=np.array([np.nan if e is None else e for e, _, _ in lab], dtype=np.float64),
-                   info={k: np.array([a.info.get(k) for a in frames] + [None], dtype=object)[:-1] for k in cls.INFO})
-
-    @classmethod
-    def concat(cls, pools: list["FramePool"]) -> "FramePool":
-        if not pools:
-            return cls.from_atoms([])
-        return cls(counts=np.concatenate([q.counts for q in pools]), numbers=np.concatenate([q.numbers for q in pools]),
-                   positions=np.concatenate([q.positions for q in pools]),
-                   forces=np.concatenate([q.forces for q in pools]), cells=np.concatenate([q.cells for q in pools]),
-                   pbcs=np.concatenate([q.pbcs for q in pools]), energy=np.concatenate([q.energy for q in pools]),
-                   info={k: np.concatenate([q.info[k] for q in pools]) for k in cls.INFO})
-
-    def __post_init__(self):
-        self.starts = np.cumsum(self.counts) - self.counts  # [n] first atom of each frame
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def take(self, idx) -> "FramePool":
-        """The frames ``idx`` (in that order)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        atoms = np.concatenate([np.arange(s, s + c) for s, c in zip(self.starts[idx], self.counts[idx])]) \
-            if len(idx) else np.zeros(0, dtype=np.int64)
-        return FramePool(counts=self.counts[idx], numbers=self.numbers[atoms], positions=self.positions[atoms],
-                         forces=self.forces[atoms], cells=self.cells[idx], pbcs=self.pbcs[idx], energy=self.energy[idx],
-                         info={k: v[idx] for k, v in self.info.items()})
-
-    def frame(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(numbers, positions, cell, pbc) of frame k."""
-        lo = int(self.starts[k])
-        hi = lo + int(self.counts[k])
-        return self.numbers[lo:hi], self.positions[lo:hi], self.cells[k], self.pbcs[k]
-
-    def species(self) -> list[str]:
-        from ase.data import chemical_symbols
-
-        return sorted({chemical_symbols[z] for z in np.unique(self.numbers).tolist()})
-
-
 def _structure_key(numbers, positions, cell, pbc) -> str:
     """:func:`mlipops.frames.frame_id` of a frame given as arrays."""
     from ase import Atoms
@@ -409,6 +338,101 @@ def _structure_key(numbers, positions, cell, pbc) -> str:
 
 
 _SPILL_CELLS = 32 << 20  # force design cells (rows x F) above which x_forces goes to a RowStore (256 MB)
+
+
+def _design_rows(desc, pool: "FramePool", chunk: list[int], z_to_index: dict, species: list[str], forces: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The energy rows [len(chunk), n_species + F] and force rows [3 N_chunk, F] (None without ``forces``) of
+    the frames ``chunk`` of ``pool``, in one descriptor call (:func:`design`)."""
+    from ase.data import atomic_numbers
+
+    from mlipops.descriptors import summed_descriptor_gradient
+
+    n_feat = desc.n_features
+    sps, ii, jj, vv, owner = [], [], [], [], []
+    off = 0
+    for q, k in enumerate(chunk):
+        numbers, pos, cell, pbc = pool.frame(k)
+        sp, i, j, vec, _ = frame_edges(numbers, pos, cell, pbc, desc.cutoff, z_to_index)
+        dpos = pos[j] - pos[i]
+        sps.append(sp), ii.append(i + off), jj.append(j + off)
+        vv.append(dpos + (vec - dpos))  # as positions[j] - positions[i] + shift: the energy rows' exact bits
+        owner.append(np.full(len(numbers), q))
+        off += len(numbers)
+    sp_t, i_t, j_t = (torch.from_numpy(np.concatenate(v)) for v in (sps, ii, jj))
+    vec = torch.from_numpy(np.concatenate(vv))
+    with torch.no_grad():
+        g = desc(sp_t, i_t, j_t, vec)  # [N, F]
+        own = torch.from_numpy(np.concatenate(owner))
+        s = g.new_zeros(len(chunk), n_feat).index_add_(0, own, g).numpy()  # per-frame summed descriptors
+        jac = -summed_descriptor_gradient(desc, sp_t, i_t, j_t, vec).reshape(-1, n_feat).numpy() \
+            if forces else None  # [3N, F], row 3 a + α
+    rows = np.empty((len(chunk), len(species) + n_feat))
+    for q, k in enumerate(chunk):
+        numbers = pool.frame(k)[0]
+        cnt = np.array([np.sum(numbers == atomic_numbers[sp]) for sp in species], float)
+        rows[q] = np.concatenate([cnt, s[q]]) / len(numbers)
+    return rows, jac
+
+
+_PARALLEL_MIN_ATOMS = 200_000  # training atoms from which the design rows are made by worker processes
+_TASK_CHUNKS = 32  # chunks (of ~1000 atoms) a worker makes at a time
+
+
+def _design_workers(n_atoms: int) -> int:
+    """Worker processes for the design rows of ``n_atoms`` atoms: those reading a large file gets
+    (:func:`mlipops.frames.read_workers`), from :data:`_PARALLEL_MIN_ATOMS` atoms; else 1 (this process)."""
+    from mlipops.frames import read_workers
+
+    return read_workers(1 << 62) if n_atoms >= _PARALLEL_MIN_ATOMS else 1
+
+
+def _design_task(sub: "FramePool", chunks: list[list[int]], species: list[str], settings: dict, forces: bool):
+    from ase.data import atomic_numbers
+
+    desc = AtomCentredDescriptor(len(species), **settings).double()
+    z_to_index = {atomic_numbers[s]: k for k, s in enumerate(species)}
+    out = [_design_rows(desc, sub, c, z_to_index, species, forces) for c in chunks]
+    return np.concatenate([r for r, _ in out]), (np.concatenate([j for _, j in out]) if forces else None)
+
+
+def _design_in_workers(pool: "FramePool", chunks: list[list[int]], species: list[str], settings: dict,
+                       forces: bool, n_workers: int, xe: np.ndarray, xf, store) -> None:
+    """:func:`design`'s rows made by ``n_workers`` spawned processes (one thread each), ``_TASK_CHUNKS`` chunks
+    a task, at most two tasks per worker in flight; written in order into ``xe`` and ``xf`` or ``store``."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mlipops.frames import _worker_init
+
+    groups = [chunks[q:q + _TASK_CHUNKS] for q in range(0, len(chunks), _TASK_CHUNKS)]
+    with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init) as ex:
+        pending: deque = deque()
+
+        def collect():
+            frames, fut = pending.popleft()
+            rows, jac = fut.result()
+            xe[frames] = rows
+            if jac is not None:
+                if store is not None:
+                    store.append(jac)
+                else:
+                    lo = 3 * pool.starts[frames[0]]
+                    xf[lo:lo + len(jac)] = jac
+
+        for group in groups:
+            frames = np.concatenate([np.asarray(c, dtype=np.int64) for c in group])
+            local, q = [], 0
+            for c in group:
+                local.append(list(range(q, q + len(c))))
+                q += len(c)
+            pending.append((frames, ex.submit(_design_task, pool.take(frames), local, species, settings, forces)))
+            if len(pending) >= 2 * n_workers:
+                collect()
+        while pending:
+            collect()
 
 
 def design(frames, species: list[str], settings: dict, forces: bool = True,
@@ -428,8 +452,6 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
     import json
 
     from ase.data import atomic_numbers
-
-    from mlipops.descriptors import summed_descriptor_gradient
 
     pool = FramePool.from_atoms(frames)
     n = len(pool)
@@ -458,31 +480,13 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
     def flush(chunk):
         if not chunk:
             return
-        sps, ii, jj, vv, owner = [], [], [], [], []
-        off = 0
-        for q, k in enumerate(chunk):
-            numbers, pos, cell, pbc = pool.frame(k)
-            sp, i, j, vec, _ = frame_edges(numbers, pos, cell, pbc, desc.cutoff, z_to_index)
-            dpos = pos[j] - pos[i]
-            sps.append(sp), ii.append(i + off), jj.append(j + off)
-            vv.append(dpos + (vec - dpos))  # as positions[j] - positions[i] + shift: the energy rows' exact bits
-            owner.append(np.full(len(numbers), q))
-            off += len(numbers)
-        sp_t, i_t, j_t = (torch.from_numpy(np.concatenate(v)) for v in (sps, ii, jj))
-        vec = torch.from_numpy(np.concatenate(vv))
-        with torch.no_grad():
-            g = desc(sp_t, i_t, j_t, vec)  # [N, F]
-            own = torch.from_numpy(np.concatenate(owner))
-            s = g.new_zeros(len(chunk), n_feat).index_add_(0, own, g).numpy()  # per-frame summed descriptors
-            jac = -summed_descriptor_gradient(desc, sp_t, i_t, j_t, vec).reshape(-1, n_feat).numpy() \
-                if forces else None  # [3N, F], row 3 a + α
+        rows, jac = _design_rows(desc, pool, chunk, z_to_index, species, forces)
         start = 0
         for q, k in enumerate(chunk):
-            numbers = pool.frame(k)[0]
-            cnt = np.array([np.sum(numbers == atomic_numbers[sp]) for sp in species], float)
-            xe[k] = np.concatenate([cnt, s[q]]) / len(numbers)
-            xf_k = None if jac is None else jac[3 * start:3 * (start + len(numbers))]
-            start += len(numbers)
+            n_k = int(counts[k])
+            xe[k] = rows[q]
+            xf_k = None if jac is None else jac[3 * start:3 * (start + n_k)]
+            start += n_k
             if xf is not None:
                 xf[3 * starts[k]:3 * (starts[k] + counts[k])] = xf_k
             if use_cache:
@@ -495,18 +499,25 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
         if store is not None:
             store.append(jac)
 
-    chunk, n_chunk, n_flushed = [], 0, 0
+    chunks, chunk, n_chunk = [], [], 0  # the frames not served by the cache, ~chunk_atoms atoms a chunk
     for k in range(n):
         if done[k]:
             continue
         chunk.append(k)
         n_chunk += int(counts[k])
         if n_chunk >= chunk_atoms:
+            chunks.append(chunk)
+            chunk, n_chunk = [], 0
+    if chunk:
+        chunks.append(chunk)
+    n_workers = 1 if use_cache else _design_workers(total_rows // 3)
+    if n_workers > 1:  # worker processes, a group of chunks each; the same rows as below, chunk by chunk
+        _design_in_workers(pool, chunks, species, settings, forces, n_workers, xe, xf, store)
+    else:
+        for q, chunk in enumerate(chunks):
             flush(chunk)
-            chunk, n_chunk, n_flushed = [], 0, n_flushed + 1
-            if n_flushed % 64 == 0:  # the chunks' temporaries fragment the heap: give it back now and then
+            if (q + 1) % 64 == 0:  # the chunks' temporaries fragment the heap: give it back now and then
                 trim_memory()
-    flush(chunk)
     out = {"x_energy": xe, "y_energy": pool.energy / np.maximum(counts, 1)}
     if forces:
         n_atoms = int(counts.sum())

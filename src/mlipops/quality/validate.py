@@ -47,7 +47,7 @@ from ase.data import chemical_symbols
 from ase.geometry.cell import complete_cell
 from ase.geometry.minkowski_reduction import minkowski_reduce
 
-from mlipops.descriptors import neighbor_list
+from mlipops.neighbors import neighbor_list
 from mlipops.errors import StageInputError
 from mlipops.frames import labels, read_extxyz, write_extxyz
 from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs, remove_empty
@@ -605,53 +605,64 @@ class _Spool:
         self.fh.close()
 
 
-def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int = 500):
-    """Read the ingested frames as a stream, a chunk at a time: their frame and atom tables, their extxyz
-    text (to ``spool``), the info the outputs record, and the training split as a FramePool (for the
-    outlier test). Memory: the tables (~70 bytes an atom) and the training frames' arrays (~60 bytes an atom)."""
-    from mlipops.frames import Rejected, iter_extxyz
-    from mlipops.quality.outliers import FramePool
+def _validate_chunk(items: list, ctx: dict) -> dict:
+    """One chunk of ingested frames (``map_extxyz`` items): its frame and atom tables, the training frames as a
+    FramePool (for the outlier test) and their rows in the chunk, the info the outputs record, the texts."""
+    from mlipops.frames import Rejected
+    from mlipops.quality.pool import FramePool
 
-    probe = distance_probe(p)
+    p, probe = ctx["params"], ctx["probe"]
+    frames, texts = [], []
+    for a, text in items:
+        if isinstance(a, Rejected):  # ingest wrote this file: a frame it cannot read back is corruption
+            return {"error": a.reason}
+        frames.append(a)
+        texts.append(text)
+    lab = _labels(frames)
+    nearest = [_nearest(a, probe) for a in frames]
+    train = [q for q, a in enumerate(frames) if a.info.get("split") == p.outliers.training_split]
+    return {"table": frame_table(frames, p.allowed_species, probe, nearest=nearest, _labelled=lab),
+            "atoms": atom_table(frames, probe, nearest=nearest, _labelled=lab),
+            "pool": FramePool.from_atoms([frames[q] for q in train]) if p.outliers.enabled and train else None,
+            "train": train, "info": [_Info(*(a.info.get(k) for k in _Info._fields)) for a in frames],
+            "texts": texts}
+
+
+_CHUNK_FRAMES = 500  # frames read and tabled at a time (by one worker process, for a large file)
+
+
+def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int | None = None):
+    """Read the ingested frames as a stream, a chunk at a time (in worker processes for a large file:
+    :func:`mlipops.frames.map_extxyz`): their frame and atom tables, their extxyz text (to ``spool``), the info
+    the outputs record, and the training split as a FramePool (for the outlier test). Memory: the tables
+    (~70 bytes an atom) and the training frames' arrays (~60 bytes an atom)."""
+    from mlipops.frames import map_extxyz
+    from mlipops.quality.pool import FramePool
+
     tables, atom_parts, pools, train_rows, info = [], [], [], [], []
     size = path.stat().st_size
     n = 0
-
-    def flush(frames, texts):
-        nonlocal n
-        if not frames:
-            return
-        lab = _labels(frames)
-        nearest = [_nearest(a, probe) for a in frames]
-        tables.append(frame_table(frames, p.allowed_species, probe, nearest=nearest, _labelled=lab))
-        at = atom_table(frames, probe, nearest=nearest, _labelled=lab)
-        at["frame"] += n
-        atom_parts.append(at)
-        train = [q for q, a in enumerate(frames) if a.info.get("split") == p.outliers.training_split]
-        if p.outliers.enabled and train:
-            pools.append(FramePool.from_atoms([frames[q] for q in train]))
-            train_rows.extend(n + q for q in train)
-        for a, text in zip(frames, texts):
-            spool.add(text)  # ingest wrote it: the frame's own text (ASE writes a read frame back to these bytes)
-            info.append(_Info(*(a.info.get(k) for k in _Info._fields)))
-        n += len(frames)
-
-    buf, texts = [], []
     if size:
         with progress("validate: reading the ingested frames (MiB)", max(1, round(size / 2**20)),
                       quiet_start=True) as advance:
-            for a, text in iter_extxyz(path, with_text=True,
-                                       progress=lambda pos: advance(completed=round(pos / 2**20),
-                                                                    note=f"{n + len(buf)} frames")):
-                if isinstance(a, Rejected):  # ingest wrote this file: a frame it cannot read back is corruption
-                    raise StageInputError(f"ingest output is corrupt: {a.reason}", file=str(path))
-                buf.append(a)
-                texts.append(text)
-                if len(buf) >= chunk:
-                    flush(buf, texts)
-                    buf, texts = [], []
-            flush(buf, texts)
+            for res in map_extxyz(path, _validate_chunk, {"params": p, "probe": distance_probe(p)},
+                                  chunk_frames=chunk or _CHUNK_FRAMES, progress=lambda pos: advance(completed=round(pos / 2**20),
+                                                                                   note=f"{n} frames")):
+                if "error" in res:
+                    raise StageInputError(f"ingest output is corrupt: {res['error']}", file=str(path))
+                tables.append(res["table"])
+                at = res["atoms"]
+                at["frame"] += n
+                atom_parts.append(at)
+                if res["pool"] is not None:
+                    pools.append(res["pool"])
+                    train_rows.extend(n + q for q in res["train"])
+                for text in res["texts"]:
+                    spool.add(text)  # ingest wrote it: the frame's own text (ASE writes a read frame back to these bytes)
+                info.extend(res["info"])
+                n += len(res["info"])
             advance(completed=max(1, round(size / 2**20)), note=f"{n} frames")
+    probe = distance_probe(p)
     table = pd.concat(tables, ignore_index=True) if tables else frame_table([], p.allowed_species, probe)
     atoms = pd.concat(atom_parts, ignore_index=True) if atom_parts else atom_table([], probe)
     del tables, atom_parts
