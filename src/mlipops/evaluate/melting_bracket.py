@@ -199,7 +199,7 @@ def run_point(calc_factory: Callable[[], Calculator], s: BracketSettings, temper
            "traces": {k_: v.tolist() for k_, v in tr.items()}}
     if not all(np.all(np.isfinite(v)) for v in tr.values()):
         return out | {"failed": "MD unstable: non-finite energy or positions (the calculator's forces blew up)",
-                      "saturated": None, "direction": 0, "wall_s": time.perf_counter() - t0}
+                      "saturated": None, "wall_s": time.perf_counter() - t0}
     prod = slice(n_relax + 1, None)
     t, e, f = tr["time_ps"][prod], tr["energy"][prod] * 1000.0, tr["fraction"][prod]
     fmin = s.min_phase_fraction
@@ -215,16 +215,10 @@ def run_point(calc_factory: Callable[[], Calculator], s: BracketSettings, temper
     rate, rate_se = slope(t[:end], -e[:end]) if end >= 3 else (float("nan"), float("nan"))
     frate, frate_se = slope(t[:end], f[:end]) if end >= 3 else (float("nan"), float("nan"))
     to_v = n / (2.0 * area * n_solid) * 100.0  # df/dt (1/ps) -> interface velocity (m/s): Å/ps = 100 m/s
-    if saturated:
-        # the interfaces ran into each other: the side they left toward says the direction
-        last = tr["fraction"][-1]
-        direction = 1 if last > 0.5 else -1
-    elif abs(rate) > s.significance * rate_se:
-        direction = 1 if rate > 0 else -1
-    else:
-        direction = 0
+    # saturated: the interfaces ran into each other; the phase they left says the direction
+    saturated_direction = (1 if f[end] > 0.5 else -1) if saturated else 0
     return out | {
-        "failed": None, "saturated": bool(saturated), "direction": direction,
+        "failed": None, "saturated": bool(saturated), "saturated_direction": saturated_direction,
         "growth_rate_meV_per_atom_ps": rate, "growth_rate_stderr": rate_se,
         "fraction_rate_per_ps": frate, "fraction_rate_stderr": frate_se,
         "velocity_m_per_s": frate * to_v, "velocity_stderr": frate_se * to_v,
@@ -263,21 +257,10 @@ def weighted_line_zero(x: Sequence[float], y: Sequence[float], sy: Sequence[floa
 
 
 def analyse(points: Sequence[dict], s: BracketSettings) -> dict:
-    """The bracket, Tm from the weighted fit of the growth rate (and of df/dt), the pooled latent heat."""
+    """The bracket, Tm from the weighted fit of the growth rate (and of df/dt), the latent heat; ``points``
+    again, each with its ``direction`` (+1 grows, −1 melts, 0 undecided) decided here (module doc, item 4)."""
+    points = [dict(p) for p in points]
     ok = [p for p in points if not p.get("failed")]
-    grow = [p["temperature_K"] for p in ok if p["direction"] > 0]
-    melt = [p["temperature_K"] for p in ok if p["direction"] < 0]
-    t_low, t_high = (max(grow) if grow else None), (min(melt) if melt else None)
-    consistent = t_low is None or t_high is None or t_low < t_high
-    if t_low is not None and t_high is not None:
-        reason = None if consistent else (f"the solid grew at {t_low:.0f} K but melted at {t_high:.0f} K: rates "
-                                          "not monotonic (noise, or a run that froze or melted by its start)")
-    elif t_low is None and t_high is None:
-        reason = "no temperature decided a direction (every rate within its error of zero): widen the grid"
-    elif t_low is None:
-        reason = f"the solid melted at every decided temperature: Tm lies below {t_high:.0f} K"
-    else:
-        reason = f"the solid grew at every decided temperature: Tm lies above {t_low:.0f} K"
     fit_pts = [p for p in ok if not p["saturated"] and math.isfinite(p["growth_rate_meV_per_atom_ps"])]
 
     def fit(key: str, err: str) -> dict:
@@ -293,21 +276,45 @@ def analyse(points: Sequence[dict], s: BracketSettings) -> dict:
 
     energy_fit = fit("growth_rate_meV_per_atom_ps", "growth_rate_stderr")
     fraction_fit = fit("fraction_rate_per_ps", "fraction_rate_stderr")
-    num = den = 0.0  # pooled latent heat: E against f within each run's window (means removed)
-    for p in fit_pts:
-        i0, m = p["production_index"], p["fit_samples"]
-        e = np.asarray(p["traces"]["energy"][i0:i0 + m])
-        f = np.asarray(p["traces"]["fraction"][i0:i0 + m])
-        num += float(np.sum((e - e.mean()) * (f - f.mean())))
-        den += float(np.sum((f - f.mean()) ** 2))
-    latent = -num / den if den > 0 else float("nan")
+    # rates that scatter about the line more than their errors say have larger errors than estimated: the
+    # directions are decided with the errors scaled by the same Birge ratio as the fit's covariance
+    birge = math.sqrt(max(1.0, energy_fit.get("chi2_per_dof") or 1.0))
+    for p in points:
+        if p.get("failed"):
+            p["direction"] = 0
+        elif p["saturated"]:
+            p["direction"] = p["saturated_direction"]
+        else:
+            r, se = p["growth_rate_meV_per_atom_ps"], p["growth_rate_stderr"] * birge
+            p["direction"] = int(np.sign(r)) if math.isfinite(r) and abs(r) > s.significance * se else 0
+    grow = [p["temperature_K"] for p in ok if p["direction"] > 0]
+    melt = [p["temperature_K"] for p in ok if p["direction"] < 0]
+    t_low, t_high = (max(grow) if grow else None), (min(melt) if melt else None)
+    consistent = t_low is None or t_high is None or t_low < t_high
+    if t_low is not None and t_high is not None:
+        reason = None if consistent else (f"the solid grew at {t_low:.0f} K but melted at {t_high:.0f} K: rates "
+                                          "not monotonic (noise, or a run that froze or melted by its start)")
+    elif t_low is None and t_high is None:
+        reason = "no temperature decided a direction (every rate within its error of zero): widen the grid"
+    elif t_low is None:
+        reason = f"the solid melted at every decided temperature: Tm lies below {t_high:.0f} K"
+    else:
+        reason = f"the solid grew at every decided temperature: Tm lies above {t_low:.0f} K"
+    # latent heat per atom: the energy rate over the fraction rate, both linear in T (their slopes' ratio;
+    # a regression of E on the noisy f within a run would be biased toward zero)
+    be, bf = energy_fit.get("slope", float("nan")), fraction_fit.get("slope", float("nan"))
+    latent = be / bf / 1000.0 if bf and math.isfinite(be) and math.isfinite(bf) else float("nan")
+    latent_se = abs(latent) * math.hypot(energy_fit.get("slope_stderr", float("nan")) / be,
+                                         fraction_fit.get("slope_stderr", float("nan")) / bf) \
+        if math.isfinite(latent) else float("nan")
     tm, tm_se = energy_fit["x0"], energy_fit["x0_stderr"]
     return {"bracket": [t_low, t_high], "bracket_consistent": consistent, "bracket_reason": reason,
             "tm": tm, "tm_stderr": tm_se, "tm_reason": energy_fit.get("reason"),
             "tm_in_bracket": bool(math.isfinite(tm) and t_low is not None and t_high is not None
                                   and t_low <= tm <= t_high),
-            "fit": energy_fit, "tm_fraction": fraction_fit["x0"], "tm_fraction_stderr": fraction_fit["x0_stderr"],
-            "fit_fraction": fraction_fit, "latent_heat_eV_per_atom": latent}
+            "fit": energy_fit, "error_scale": birge, "tm_fraction": fraction_fit["x0"],
+            "tm_fraction_stderr": fraction_fit["x0_stderr"], "fit_fraction": fraction_fit,
+            "latent_heat_eV_per_atom": latent, "latent_heat_stderr": latent_se, "points": points}
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -324,7 +331,7 @@ def _point_task(spec: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - a broken potential must not stop the other temperatures
         why = f"MD failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return {"temperature_K": float(spec["temperature"]), "seed": spec["seed"], "failed": why, "saturated": None,
-            "direction": 0, "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0}
 
 
 def bracket(calc_factory: Callable[[], Calculator], settings: BracketSettings, temperatures: Sequence[float],
@@ -352,7 +359,7 @@ def bracket(calc_factory: Callable[[], Calculator], settings: BracketSettings, t
            "n_atoms": next((p["n_atoms"] for p in points if "n_atoms" in p), None), "seed": int(seed),
            "temperatures_K": ts, "threshold": float(threshold), "order_calibration": calibration,
            "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "cell"} | {"cell": s.cell.__dict__},
-           **analyse(points, s), "points": points}
+           **analyse(points, s)}
     out["wall_s"] = time.perf_counter() - t0
     return out
 
