@@ -149,3 +149,28 @@ def test_bad_params_name_the_key(tmp_path, u_repo_root):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "evaluate.melting.bracket.steps" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_report_sets_both_methods_side_by_side(tmp_path):
+    pts = [_point(1250, saturated=1), _point(1300, 2.0, 0.3), _point(1350, 0.4, 0.3), _point(1400, -1.6, 0.3)]
+    res = {"element": "Cu", "lattice": "fcc", "supercell": [4, 4, 8], "n_atoms": 512, "wall_s": 10.0,
+           "settings": {"taut_fs": 100.0, "relax_steps": 200, "steps": 1600, "min_phase_fraction": 0.1,
+                        "cell": {"timestep_fs": 5.0}}} | mb.analyse(pts, mb.BracketSettings())
+    ref = tmp_path / "reference.json"
+    ref.write_text('{"available": true, "given": false, "tm_mean": 1357.0, "tm_stderr": 12.0, "preset": "x", '
+                   '"settings": {"supercell": [4, 4, 8]}}')
+    given = tmp_path / "given.json"
+    given.write_text('{"available": true, "given": true, "tm_mean": 1358.0, "tm_stderr": 5.0}')
+    coex = mb.coexistence_reference([tmp_path / "missing.json", given, ref])  # a given value is no coexistence
+    assert coex["tm"] == 1357.0 and coex["source"] == str(ref)
+    c = mb.compare(res, coex)
+    assert c["difference_K"] == pytest.approx(res["tm"] - 1357.0)
+    assert c["combined_stderr_K"] == pytest.approx(math.hypot(res["tm_stderr"], 12.0))
+    assert c["agree"] == (abs(c["z"]) <= 2.0)
+    md = mb.summary_md(res, coex)
+    assert "| interface velocity |" in md and "| coexistence" in md and "**Bracket:** [1300, 1400] K" in md
+    assert ("agree within" in md) and "nan" not in md
+    assert "No coexistence result" in mb.summary_md(res, None)
+    res["points"][1]["traces"] = {"time_ps": [0.0, 1.0], "energy": [0.0, -0.001]}
+    res["points"][1] |= {"production_index": 0, "production_start_ps": 0.0}
+    assert mb.plot(res, tmp_path / "b.png").stat().st_size > 1000

@@ -374,8 +374,7 @@ def settings_from_params(p) -> tuple[BracketSettings, list[float], int]:
     m = p.evaluate.melting
     b = m.bracket
     element, lattice = melting_crystal(p)
-    cell = dataclasses.replace(m.settings(element, lattice), supercell=tuple(b.supercell), melt_steps=b.melt_steps,
-                               sample_interval=b.sample_interval)
+    cell = dataclasses.replace(m.settings(element, lattice), supercell=tuple(b.supercell), melt_steps=b.melt_steps)
     s = BracketSettings(cell=cell, relax_steps=b.relax_steps, steps=b.steps, sample_interval=b.sample_interval,
                         taut_fs=b.taut_fs, fit_window_K=b.fit_window_K)
     ts = [float(t) if b.absolute else m.t_guess + float(t) for t in b.temperatures]
@@ -432,15 +431,16 @@ def summary_md(result: dict, coex: dict | None) -> str:
              "temperature: below Tm the solid grows and the potential energy falls, above it melts.", "",
              f"**Bracket:** [{k(lo)}, {k(hi)}] K" + (f" ({result['bracket_reason']})" if result["bracket_reason"]
                                                        else ""), "",
-             f"**Tm = {k(result['tm'])} ± {k(result['tm_stderr'])} K** (zero of the weighted line through the "
-             f"growth rates at {', '.join(k(t) for t in result['fit'].get('temperatures_K', []))} K"
-             + (f"; {result['tm_reason']}" if result.get("tm_reason") else "")
-             + (f"; χ²/dof {result['fit']['chi2_per_dof']:.1f}" if result["fit"].get("chi2_per_dof") is not None
-                else "") + ")"
-             + ("" if result["tm_in_bracket"] or not math.isfinite(result["tm"]) else " — outside the bracket"),
+             (f"**Tm = {k(result['tm'])} ± {k(result['tm_stderr'])} K** (zero of the weighted line through the "
+              f"growth rates at {', '.join(k(t) for t in result['fit'].get('temperatures_K', []))} K"
+              + (f"; χ²/dof {result['fit']['chi2_per_dof']:.1f}" if result["fit"].get("chi2_per_dof") is not None
+                 else "") + ")"
+              + ("" if result["tm_in_bracket"] else " — outside the bracket")
+              if math.isfinite(result["tm"]) else f"**Tm: not placed** ({result['tm_reason']})"),
              "", f"From the solid fraction's rate instead: {k(result['tm_fraction'])} ± "
-             f"{k(result['tm_fraction_stderr'])} K. Latent heat of the runs (−dE/df): "
-             f"{k(result['latent_heat_eV_per_atom'], '{:.3f}')} eV/atom. Wall time {k(result['wall_s'])} s.", ""]
+             f"{k(result['tm_fraction_stderr'])} K. Latent heat of the runs (energy rate / fraction rate): "
+             f"{k(result['latent_heat_eV_per_atom'], '{:.3f}')} ± {k(result.get('latent_heat_stderr'), '{:.3f}')} "
+             "eV/atom. Wall time {k(result['wall_s'])} s.", ""]
     lines.append("## Both methods")
     lines.append("")
     if coex is None:
@@ -497,7 +497,7 @@ def plot(result: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    pts = [q for q in result["points"] if q.get("traces")]
+    pts = [q for q in result["points"] if (q.get("traces") or {}).get("time_ps")]
     cmap = plt.get_cmap("coolwarm")
     ts = [q["temperature_K"] for q in pts]
     for q in pts:
