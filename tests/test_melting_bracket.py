@@ -31,8 +31,8 @@ class ArgonLJ:
 
 def argon(supercell=(3, 3, 6), **kw) -> mb.BracketSettings:
     """A small argon cell (216 atoms), 10 fs steps, barostat time constant 200 fs (the liquid is softer than the
-    0 K bulk modulus that sets the barostat's compressibility: at 500 fs Pzz lagged at +0.03 GPa for 3 ps). The liquid half is melted at 340 K (4 × t_guess: at 2.5 × t_guess a
-    3-cell slab kept q̄6 ≈ 0.23 after 2 ps). The threshold is given: calibrate_order's liquid (108 atoms in the
+    0 K bulk modulus that sets the barostat's compressibility: at 500 fs Pzz lagged at +0.03 GPa for 3 ps). The
+    liquid half is melted at 340 K (4 × t_guess: at 2.5 × t_guess a 3-cell slab kept q̄6 ≈ 0.23 after 2 ps). The threshold is given: calibrate_order's liquid (108 atoms in the
     commensurate 3×3×3 box) recrystallised at 85 K within 2 ps (q̄6 0.16 -> 0.34). Measured: fcc at 85 K
     q̄6 = 0.48 ± 0.02, the melted liquid 0.16 ± 0.04; equal-σ point 0.37."""
     cell = CoexistenceSettings(element="Ar", lattice="fcc", supercell=supercell, t_guess=85.0, timestep_fs=10.0,
@@ -65,6 +65,12 @@ def test_bracket_contains_tm_and_two_seeds_agree():
     grid = [75.0, 80.0, 85.0, 90.0, 95.0, 100.0]
     runs = [mb.bracket(ArgonLJ(), s, grid, seed=seed) for seed in (0, 1)]
     for r in runs:
+        print(f"seed {r['seed']}: bracket {r['bracket']}, Tm {r['tm']:.1f} ± {r['tm_stderr']:.1f} K, from df/dt "
+              f"{r['tm_fraction']:.1f} ± {r['tm_fraction_stderr']:.1f}, L {r['latent_heat_eV_per_atom']:.4f} eV, "
+              f"error scale {r['error_scale']:.2f}, {r['wall_s']:.0f} s; rates "
+              + ", ".join(f"{p['temperature_K']:.0f}: {p.get('growth_rate_meV_per_atom_ps', float('nan')):+.2f}"
+                          f"±{p.get('growth_rate_stderr', float('nan')):.2f}{'s' if p['saturated'] else ''}"
+                          for p in r["points"]))
         lo, hi = r["bracket"]
         assert r["bracket_consistent"] and lo is not None and hi is not None and hi - lo <= 15.0, r["bracket"]
         assert math.isfinite(r["tm"]) and r["tm_in_bracket"], (r["tm"], r["bracket"])

@@ -611,6 +611,7 @@ class MeltingBracketParams(_Section):
     steps: int = Field(1600, ge=10)  # NPT, barostat on z only: the growth rate is fitted over these
     sample_interval: int = Field(10, ge=1)
     taut_fs: float = Field(100.0, gt=0)  # Berendsen thermostat
+    taup_fs: float = Field(100.0, gt=0)  # Berendsen barostat (z relaxes with 3 taup_fs)
     fit_window_K: float | None = Field(None, gt=0)  # points this close to the first fit's Tm; None: all unsaturated
     seed: int = 0
 

@@ -41,8 +41,8 @@ slow relaxation of the two-phase temperature) do not enter.
    melted; a growth above a melting point is reported (``bracket_consistent`` false). Tm is the zero of a
    weighted (1/σ²) straight line r(T) = a + b (T − T̄) through the unsaturated points (within ``fit_window_K`` of
    the first fit's zero when given), σ_Tm from the fit's covariance (scaled by χ²/dof when above 1: rates that
-   scatter more than their errors say), σ_Tm² = (σ_a² + (Tm − T̄)² σ_b²)/b² (a and b are uncorrelated about the
-   weighted mean T̄). The same fit of df/dt gives ``tm_fraction``, a check on the classification.
+   scatter more than their errors say), σ_Tm² = (σ_a² + (Tm − T̄)² σ_b²)/b² (a and b are uncorrelated about
+   the weighted mean T̄). The same fit of df/dt gives ``tm_fraction``, a check on the classification.
 
 Measured (EMT Cu, the module's defaults otherwise; see :func:`run` and the note in params.yaml):
 not yet filled in.
@@ -84,6 +84,7 @@ class BracketSettings:
     steps: int = 1600  # NPT, barostat on z only: the rate is fitted over these
     sample_interval: int = 10  # steps between samples
     taut_fs: float = 100.0  # Berendsen thermostat time constant
+    taup_fs: float = 100.0  # Berendsen barostat time constant (the cell's taup_fs is not used; module doc, item 2)
     min_phase_fraction: float = 0.1  # the fit window ends where the solid fraction leaves [f, 1 - f]
     min_fit_samples: int = 8  # fewer samples in the window: saturated (direction only)
     significance: float = 2.0  # |rate| above this many standard errors decides a direction
@@ -104,6 +105,8 @@ class BracketSettings:
             bad("min_fit_samples", "must be >= 3 (a slope and its error)")
         if not self.taut_fs > 0:
             bad("taut_fs", "must be positive (the thermostat holds T)")
+        if not self.taup_fs > 0:
+            bad("taup_fs", "must be positive (the barostat holds Pzz = 0)")
         if not 0.0 <= self.min_phase_fraction < 0.5:
             bad("min_phase_fraction", "must be in [0, 0.5)")
         if not self.significance > 0:
@@ -144,7 +147,7 @@ def _berendsen(atoms, s: BracketSettings, temperature: float, mask=(1, 1, 1)):
 
     c = s.cell
     return Sparse(atoms, c.timestep_fs * units.fs, temperature_K=temperature, taut=s.taut_fs * units.fs,
-                  pressure_au=0.0, taup=c.taup_fs * units.fs, compressibility_au=1.0 / atoms.info["bulk_modulus"],
+                  pressure_au=0.0, taup=s.taup_fs * units.fs, compressibility_au=1.0 / atoms.info["bulk_modulus"],
                   mask=mask)
 
 
@@ -276,8 +279,9 @@ def analyse(points: Sequence[dict], s: BracketSettings) -> dict:
 
     energy_fit = fit("growth_rate_meV_per_atom_ps", "growth_rate_stderr")
     fraction_fit = fit("fraction_rate_per_ps", "fraction_rate_stderr")
-    # rates that scatter about the line more than their errors say have larger errors than estimated: the
-    # directions are decided with the errors scaled by the same Birge ratio as the fit's covariance
+    # rates that scatter about the line more than their errors say (χ²/dof > 1) have larger errors than each run
+    # estimates: Tm's error is scaled by this Birge ratio (weighted_line_zero), the directions are not (scaled,
+    # a run whose rate is 5σ of its own error came out undecided on EMT Cu and LJ argon): module doc, item 4
     birge = math.sqrt(max(1.0, energy_fit.get("chi2_per_dof") or 1.0))
     for p in points:
         if p.get("failed"):
@@ -285,7 +289,7 @@ def analyse(points: Sequence[dict], s: BracketSettings) -> dict:
         elif p["saturated"]:
             p["direction"] = p["saturated_direction"]
         else:
-            r, se = p["growth_rate_meV_per_atom_ps"], p["growth_rate_stderr"] * birge
+            r, se = p["growth_rate_meV_per_atom_ps"], p["growth_rate_stderr"]
             p["direction"] = int(np.sign(r)) if math.isfinite(r) and abs(r) > s.significance * se else 0
     grow = [p["temperature_K"] for p in ok if p["direction"] > 0]
     melt = [p["temperature_K"] for p in ok if p["direction"] < 0]
@@ -376,7 +380,7 @@ def settings_from_params(p) -> tuple[BracketSettings, list[float], int]:
     element, lattice = melting_crystal(p)
     cell = dataclasses.replace(m.settings(element, lattice), supercell=tuple(b.supercell), melt_steps=b.melt_steps)
     s = BracketSettings(cell=cell, relax_steps=b.relax_steps, steps=b.steps, sample_interval=b.sample_interval,
-                        taut_fs=b.taut_fs, fit_window_K=b.fit_window_K)
+                        taut_fs=b.taut_fs, taup_fs=b.taup_fs, fit_window_K=b.fit_window_K)
     ts = [float(t) if b.absolute else m.t_guess + float(t) for t in b.temperatures]
     try:
         return s.validate(), check_temperatures(ts), b.seed
@@ -471,7 +475,8 @@ def summary_md(result: dict, coex: dict | None) -> str:
                        [[k(q["temperature_K"]), k(q.get("temperature_mean_K"), "{:.1f}"),
                          f"{k(q.get('growth_rate_meV_per_atom_ps'), '{:+.3f}')} ± "
                          f"{k(q.get('growth_rate_stderr'), '{:.3f}')}",
-                         f"{k(q.get('fraction_rate_per_ps'), '{:+.4f}')} ± {k(q.get('fraction_rate_stderr'), '{:.4f}')}",
+                         f"{k(q.get('fraction_rate_per_ps'), '{:+.4f}')} ± "
+                         f"{k(q.get('fraction_rate_stderr'), '{:.4f}')}",
                          k(q.get("velocity_m_per_s"), "{:+.1f}"),
                          f"{k(q.get('fraction_start'), '{:.2f}')} → {k(q.get('fraction_end'), '{:.2f}')}",
                          k(q.get("pzz_mean_GPa"), "{:+.3f}"),
