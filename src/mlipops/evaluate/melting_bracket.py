@@ -34,18 +34,33 @@ slow relaxation of the two-phase temperature) do not enter.
    the least-squares slope over the window, its standard error the ordinary one times √τ (τ the integrated
    autocorrelation time of the residuals, :func:`~mlipops.evaluate.melting.block_stderr`: consecutive samples are
    correlated). The interface velocity is v = (df/dt) N / (2 A n_s) (two interfaces, A the cross-section, n_s the
-   solid's number density at the lattice constant reached), in m/s; the latent heat of the runs themselves is
-   L = −dE/df, pooled over the points (each run's E against its own f, means removed).
-4. **Bracket and Tm.** A point's direction is decided when |r| > ``significance`` × its standard error (2σ), or
-   saturated. The bracket is [T_low, T_high]: the highest temperature where the solid grew and the lowest where it
-   melted; a growth above a melting point is reported (``bracket_consistent`` false). Tm is the zero of a
-   weighted (1/σ²) straight line r(T) = a + b (T − T̄) through the unsaturated points (within ``fit_window_K`` of
-   the first fit's zero when given), σ_Tm from the fit's covariance (scaled by χ²/dof when above 1: rates that
-   scatter more than their errors say), σ_Tm² = (σ_a² + (Tm − T̄)² σ_b²)/b² (a and b are uncorrelated about
-   the weighted mean T̄). The same fit of df/dt gives ``tm_fraction``, a check on the classification.
+   solid's number density at the lattice constant reached), in m/s. The latent heat of the runs themselves is the
+   ratio of the two rates' slopes in T, L = (d r/dT)/(d(df/dt)/dT) (a regression of E on the noisy f within a run
+   would be biased toward zero): a check that f counts what E measures.
+4. **Bracket and Tm.** A point's direction is decided when |r| > ``significance`` × its own standard error (2σ),
+   or by where a saturated run went. The bracket is [T_low, T_high]: the highest temperature where the solid grew
+   and the lowest where it melted; a growth above a melting point is reported (``bracket_consistent`` false). Tm
+   is the zero of a weighted (1/σ²) straight line r(T) = a + b (T − T̄) through the unsaturated points (within
+   ``fit_window_K`` of the first fit's zero when given), σ_Tm² = (σ_a² + (Tm − T̄)² σ_b²)/b² (a and b are
+   uncorrelated about the weighted mean T̄), the covariance scaled by χ²/dof when above 1 (``error_scale`` =
+   its square root). On EMT Cu and LJ argon χ²/dof was 4–12: one run's slope error misses the slow wandering of
+   an interface across a 4×4 (or 3×3) cross-section, so the rates scatter 2–3.5 times more than each run says.
+   The Tm error includes that scatter; the directions do not (scaled, runs at 5σ of their own error became
+   undecided): read a bracket edge as one run's verdict. The same fit of df/dt gives ``tm_fraction``.
+5. **Pressure.** The z barostat lags the volume change of the moving interfaces: with ``taup_fs`` = 500 fs
+   (the coexistence cell's) EMT Cu held Pzz at −0.9 GPa while freezing at 1150 K and +0.9 GPa while melting at
+   1450 K (−0.6, +0.24, +0.39 GPa at 1250, 1300, 1350 K). The lag is proportional to v and vanishes with it, so
+   it slows both directions (Tm(P) moves against the motion: dTm/dP ≈ 60 K/GPa) without moving the crossing;
+   100 fs (default) cuts it five-fold. The mean Pzz of each run is in the report.
 
-Measured (EMT Cu, the module's defaults otherwise; see :func:`run` and the note in params.yaml):
-not yet filled in.
+Measured (EMT Cu, ``mlipops evaluate melting-bracket`` with params.yaml's defaults: 4×4×8, 512 atoms, 200 melt +
+200 all-axes + 1600 z-only steps of 5 fs, the barostat at 500 fs then; 7 temperatures 1150–1450 K, 2 Dask workers
+on 2 shared cores at load 9–12, nice 5: 26 min wall, 0.44 GB): bracket [1250, 1300] K, Tm = 1291 ± 12 K
+(χ²/dof 12.5, all 7 points fitted), from df/dt 1286 ± 12 K, L = 0.117 ± 0.031 eV/atom (the coexistence
+reference's phases: 0.145). Interface velocities: +190, +84, +69, −42, −46, −95, −159 m/s at 1150…1450 K
+(kinetic coefficient ≈ 0.9 m/s/K). RESULTS2
+LJ argon (ASE LennardJones, ε = 0.0104 eV, σ = 3.40 Å, smooth cutoff 2.5–3 σ; 3×3×6, 216 atoms, 10 fs, 100 + 400
+steps, 75–100 K; tests/test_melting_bracket.py): RESULTS_LJ
 """
 
 from __future__ import annotations
