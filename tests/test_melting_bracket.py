@@ -173,7 +173,7 @@ def test_report_sets_both_methods_side_by_side(tmp_path):
     assert c["agree"] == (abs(c["z"]) <= 2.0)
     md = mb.summary_md(res, coex)
     assert "| interface velocity |" in md and "| coexistence" in md and "**Bracket:** [1300, 1400] K" in md
-    assert ("agree within" in md) and "nan" not in md
+    assert ("agree within" in md) and "nan" not in md and "{" not in md
     assert "No coexistence result" in mb.summary_md(res, None)
     res["points"][1]["traces"] = {"time_ps": [0.0, 1.0], "energy": [0.0, -0.001]}
     res["points"][1] |= {"production_index": 0, "production_start_ps": 0.0}

@@ -459,7 +459,7 @@ def summary_md(result: dict, coex: dict | None) -> str:
              "", f"From the solid fraction's rate instead: {k(result['tm_fraction'])} ± "
              f"{k(result['tm_fraction_stderr'])} K. Latent heat of the runs (energy rate / fraction rate): "
              f"{k(result['latent_heat_eV_per_atom'], '{:.3f}')} ± {k(result.get('latent_heat_stderr'), '{:.3f}')} "
-             "eV/atom. Wall time {k(result['wall_s'])} s.", ""]
+             f"eV/atom. Wall time {k(result['wall_s'])} s.", ""]
     lines.append("## Both methods")
     lines.append("")
     if coex is None:
