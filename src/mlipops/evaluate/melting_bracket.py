@@ -46,7 +46,8 @@ slow relaxation of the two-phase temperature) do not enter.
    its square root). On EMT Cu and LJ argon χ²/dof was 4–12: one run's slope error misses the slow wandering of
    an interface across a 4×4 (or 3×3) cross-section, so the rates scatter 2–3.5 times more than each run says.
    The Tm error includes that scatter; the directions do not (scaled, runs at 5σ of their own error became
-   undecided): read a bracket edge as one run's verdict. The same fit of df/dt gives ``tm_fraction``.
+   undecided): read a bracket edge as one run's verdict. With two points (no degree of freedom) the scatter is not
+   measured and the error is the runs' own: too small by that factor. The same fit of df/dt gives ``tm_fraction``.
 5. **Pressure.** The z barostat lags the volume change of the moving interfaces: with ``taup_fs`` = 500 fs
    (the coexistence cell's) EMT Cu held Pzz at −0.9 GPa while freezing at 1150 K and +0.9 GPa while melting at
    1450 K (−0.6, +0.24, +0.39 GPa at 1250, 1300, 1350 K). The lag is proportional to v and vanishes with it, so
@@ -62,19 +63,20 @@ load 9–12, nice 5):
 |---|---|---|---|---|---|---|
 | 0 | 500 fs | 1150–1450 every 50 | [1250, 1300] | 1291 ± 12 | 12.5 | 26 min |
 | 1 | 100 fs | 1200–1400 every 50 | [1250, 1300] | 1254 ± 32 | 15.2 | 15 min |
-| 2 | 100 fs | 1275, 1325 | SEED2 | – | – | SEED2WALL |
-| 0 + 1 pooled | | 12 runs | [1250, 1300] | 1280 ± 12 | 15.4 | |
+| 2 | 100 fs | 1275, 1325 | [1275, 1325] | 1310 ± 4 (2 points) | – | 6 min |
+| 0 + 1 + 2 pooled | | 14 runs | [1275, 1300] | 1283 ± 11 | 14.5 | |
 
-Growth rates −dE/dt (meV/atom/ps; seed 0 | seed 1): 1200 K +6.0 | +6.0, 1250 K +4.8 | +5.9, 1300 K −3.3 | −5.9,
-1350 K −3.1 | −5.6, 1400 K −8.4 | −12.2 (1150 K +14.8, 1450 K −12.5): a step between 1250 and 1300 K more than a
-line, hence χ²/dof ≫ 1 and a fitted zero that moves with the weights; the bracket is the firmer result. Every run
-at 1300 K and above melted the solid completely within 8 ps (seed 1). Interface velocity ≈ 70 m/s at 25–50 K from
-Tm, kinetic coefficient ≈ 1 m/s/K (slope of v(T) over the grid). Latent heat from the rates 0.12 ± 0.03 eV/atom
-(the reference's pure phases at 1280 K: 0.145). The barostat's lag (item 5) slowed seed 0's melting at 1300 and
-1350 K to about half of seed 1's. Against the coexistence method: the quick reference (3×3×8, 2 seeds, 1280 ± 12 K)
-agrees (z ≈ 0); the 4×4×8 NVE seeds of :mod:`melting` (1299, 1330, 1279 K) agree; the one-seed 4×4×8 value at
-P = 0 of issue 23 (1357 ± 12 K) does not (the solid melted outright at 1300 and 1350 K here, at Pzz ≈ +0.1 GPa,
-which if anything raises Tm by ~6 K).
+Growth rates −dE/dt (meV/atom/ps; seed 0 | seed 1): 1200 K +6.0 | +6.0, 1250 K +4.8 | +5.9, 1300 K −3.3 |
+−5.9, 1350 K −3.1 | −5.6, 1400 K −8.4 | −12.2 (1150 K +14.8, 1450 K −12.5; seed 2: 1275 K +6.7, 1325 K −3.0): a step
+between 1275 and 1300 K more than a line, hence χ²/dof ≫ 1 and a fitted zero that moves with the weights; the
+bracket is the firmer result. Every run at 1300 K and above melted the solid completely within 8 ps (seeds 1, 2).
+Interface velocity ≈ 70 m/s at 25–50 K from Tm, kinetic coefficient ≈ 1 m/s/K (slope of v(T) over the grid).
+Latent heat from the rates 0.118 ± 0.029 eV/atom (the reference's pure phases at 1280 K: 0.145). The barostat's
+lag (item 5) slowed seed 0's melting at 1300 and 1350 K to about half of seed 1's. Against the coexistence method:
+the quick reference (3×3×8, 2 seeds, 1280 ± 12 K) agrees (z = +0.2); the 4×4×8 NVE seeds of :mod:`melting` (1299,
+1330, 1279 K: 1303 ± 15) agree (z = −1.1); the one-seed 4×4×8 value at P = 0 of issue 23 (1357 ± 12 K) does not
+(z = −4.5): here the solid melted outright at 1300, 1325 and 1350 K at Pzz ≈ +0.1 GPa, which if anything raises
+Tm by ~6 K.
 
 LJ argon (ASE LennardJones, ε = 0.0104 eV, σ = 3.40 Å, smooth cutoff 2.5–3 σ; 3×3×6, 216 atoms, 10 fs, 100 +
 400 steps, threshold 0.37; tests/test_melting_bracket.py, 14 min for both seeds at load 10): seed 0 bracket [85,
