@@ -24,7 +24,8 @@ slow relaxation of the two-phase temperature) do not enter.
    global velocity rescaling cannot move the crossing: at v = 0 no latent heat is released, so whether the
    thermostat removes it locally or evenly only changes |v| away from Tm, not where v changes sign. Its wrong
    kinetic-energy fluctuations do not enter a mean rate. Note that ASE's Berendsen barostat divides by 3 (the
-   isotropic formula): the z length relaxes with 3 ``taup_fs``.
+   isotropic formula): the z length relaxes with 3 ``taup_fs``. The barostat acts every ``sample_interval`` steps
+   with that many time steps (:func:`_berendsen`: a cell change costs the calculator a neighbour-list rebuild).
 3. **Rate per temperature.** Every ``sample_interval`` steps of the z-only stage: the potential energy per atom E,
    the solid fraction f (q̄_l above the threshold), the temperature and Pzz. The fit window ends where f leaves
    [f_min, 1 − f_min] (``min_phase_fraction``: an interface that ran into the other stops moving); with fewer than
