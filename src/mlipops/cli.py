@@ -158,6 +158,19 @@ def evaluate_melting_sweep(
           | {"wall_s": out["wall_s"]})
 
 
+@evaluate_app.command("melting-bracket")
+def evaluate_melting_bracket(
+    params: Path = ParamsOpt,
+    out: Path = typer.Option(Path("reports/evaluate/melting_bracket"), "--out", help="report directory"),
+):
+    """The reference oracle's Tm by a second method (on demand, not in `dvc repro`): NPT coexistence at fixed
+    temperatures (evaluate.melting.bracket), the solid grows below Tm and melts above; the bracket, Tm from the
+    growth rates, and the coexistence method's Tm beside it (bracket.json, summary.md, bracket.png)."""
+    from mlipops.evaluate import melting_bracket
+
+    _done("evaluate melting-bracket", melting_bracket.run(_params(params), out))
+
+
 @evaluate_app.command("nve")
 def evaluate_nve(params: Path = ParamsOpt):
     """Energy conservation: drift of E_tot in a short NVE run of the trained model (and of the reference)."""

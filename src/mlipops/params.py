@@ -600,6 +600,22 @@ class MeltingSweepParams(_Section):
         return v
 
 
+class MeltingBracketParams(_Section):
+    """`mlipops evaluate melting-bracket` (on demand, not in `dvc repro`): the interface-velocity method
+    (:mod:`mlipops.evaluate.melting_bracket`), NPT at fixed temperatures, the reference oracle's Tm bracketed."""
+    temperatures: list[float] = [-150.0, -100.0, -50.0, 0.0, 50.0, 100.0, 150.0]  # K, one run each
+    absolute: bool = False  # false: offsets from evaluate.melting.t_guess; true: the temperatures themselves
+    supercell: tuple[int, int, int] = (4, 4, 8)  # conventional cells; z split solid | liquid
+    melt_steps: int = Field(200, ge=0)  # the liquid half's melt (as the coexistence cell's)
+    relax_steps: int = Field(200, ge=0)  # NPT, all cell lengths free: the solid's lateral lattice at T
+    steps: int = Field(1600, ge=10)  # NPT, barostat on z only: the growth rate is fitted over these
+    sample_interval: int = Field(10, ge=1)
+    taut_fs: float = Field(100.0, gt=0)  # Berendsen thermostat
+    taup_fs: float = Field(100.0, gt=0)  # Berendsen barostat (z relaxes with 3 taup_fs)
+    fit_window_K: float | None = Field(None, gt=0)  # points this close to the first fit's Tm; None: all unsaturated
+    seed: int = 0
+
+
 class MeltingReference(_Section):
     """A given reference melting point (K) with its standard uncertainty (K) and where it comes from, instead of
     an oracle run (a DFT user cannot run DFT coexistence here): e.g. ``{tm_K: 2896, uncertainty_K: 10,
@@ -640,6 +656,7 @@ class MeltingParams(_Section):
     reference: MeltingReference | None = None  # a given Tm_ref; None: the oracle's coexistence runs
     seed: int = 0
     sweep: MeltingSweepParams = MeltingSweepParams()
+    bracket: MeltingBracketParams = MeltingBracketParams()
 
     @field_validator("element")
     @classmethod
