@@ -716,20 +716,30 @@ def melting_point(calc_factory: Callable[[], Calculator], s: CoexistenceSettings
     return summarize(runs, agree_sigma=s.agree_sigma)
 
 
-def seed_result(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0) -> dict:
+def run_tm(r: CoexistenceRun, dtm_dp: float | None = None) -> tuple[float, float]:
+    """(Tm, error) of one run: its late-window mean, or with ``dtm_dp`` (K/GPa) that mean shifted to P = 0 by
+    Clausius–Clapeyron from the window's P_zz, Tm − dtm_dp · P_zz, with dtm_dp · se(P_zz) added in quadrature."""
+    if dtm_dp is None or not math.isfinite(r.pressure_zz_GPa):
+        return r.tm, r.tm_stderr
+    pse = r.pressure_zz_stderr if math.isfinite(r.pressure_zz_stderr) else 0.0
+    return r.tm - dtm_dp * r.pressure_zz_GPa, math.hypot(r.tm_stderr, dtm_dp * pse)
+
+
+def seed_result(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: float | None = None) -> dict:
     """One seed's Tm from its runs (module doc, item 6). Started above and below the guess: accepted only when
     both runs are accepted (coexisting, converged) and agree, |Tm_above − Tm_below| ≤ agree_sigma ·
     sqrt(e_above² + e_below²); Tm = their mean, error sqrt(e_above² + e_below²)/2. A single run (start 0):
-    that run's."""
+    that run's. With ``dtm_dp`` every run's Tm is first shifted to P = 0 (:func:`run_tm`)."""
     seed = runs[0].seed
-    out: dict = {"seed": seed, "starts": [r.start for r in runs], "tm_runs": [r.tm for r in runs],
-                 "tm_stderr_runs": [r.tm_stderr for r in runs]}
+    vals = [run_tm(r, dtm_dp) for r in runs]
+    out: dict = {"seed": seed, "starts": [r.start for r in runs], "tm_runs": [v[0] for v in vals],
+                 "tm_stderr_runs": [v[1] for v in vals], "pressure_zz_runs": [r.pressure_zz_GPa for r in runs]}
     bad = [r for r in runs if not r.accepted]
     if bad:
         why = "; ".join(f"start {r.start:+d}: {r.rejected_reason}" if len(runs) > 1 else str(r.rejected_reason)
                         for r in bad)
         return out | {"tm": float("nan"), "tm_stderr": float("nan"), "accepted": False, "rejected_reason": why}
-    tms, errs = np.array([r.tm for r in runs]), np.array([r.tm_stderr for r in runs])
+    tms, errs = np.array([v[0] for v in vals]), np.array([v[1] for v in vals])
     err = float(math.sqrt(np.sum(errs**2))) / len(runs)
     out |= {"tm": float(tms.mean()), "tm_stderr": err, "accepted": True, "rejected_reason": None}
     if len(runs) == 2:
@@ -743,15 +753,15 @@ def seed_result(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0) -> dic
     return out
 
 
-def summarize(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0) -> dict:
+def summarize(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: float | None = None) -> dict:
     """Statistics over the accepted seeds (see :func:`melting_point`): the runs are grouped by seed
-    (:func:`seed_result`), then tm_mean, tm_std (ddof 1) and tm_stderr = sqrt((tm_std² + mean err_k²)/n) over
+    (:func:`seed_result`; with ``dtm_dp`` (K/GPa) each run's Tm shifted to P = 0 first), then tm_mean, tm_std (ddof 1) and tm_stderr = sqrt((tm_std² + mean err_k²)/n) over
     the n accepted seeds (NaN when none). ``n_accepted`` / ``n_rejected`` count seeds, ``gaussians``
     [(tm_k, err_k)] the accepted seeds, ``seeds`` every seed's result, ``runs`` every run (``summary()``)."""
     groups: dict[int, list[CoexistenceRun]] = {}
     for r in runs:
         groups.setdefault(r.seed, []).append(r)
-    seeds = [seed_result(sorted(g, key=lambda r: -r.start), agree_sigma) for g in groups.values()]
+    seeds = [seed_result(sorted(g, key=lambda r: -r.start), agree_sigma, dtm_dp) for g in groups.values()]
     ok = [sd for sd in seeds if sd["accepted"]]
     tms = np.array([sd["tm"] for sd in ok])
     errs = np.array([sd["tm_stderr"] for sd in ok])
@@ -764,7 +774,7 @@ def summarize(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0) -> dict:
             "n_runs": len(runs), "n_runs_converged": sum(bool(r.converged) for r in conv),
             "pressure_zz_GPa": float(np.mean([r.pressure_zz_GPa for r in runs if r.accepted]))
             if any(r.accepted for r in runs) else float("nan"),
-            "seeds": seeds, "runs": list(runs)}
+            "dtm_dp_K_per_GPa": dtm_dp, "seeds": seeds, "runs": list(runs)}
 
 
 def failed_run(seed: int, reason: str, wall_s: float = 0.0) -> CoexistenceRun:

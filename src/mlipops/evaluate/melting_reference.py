@@ -184,16 +184,17 @@ def coexistence_specs(factory, s, seeds, **extra) -> list[dict]:
 
 
 def pressure_systematic(tm: float, pressure_zz_GPa: float, phases: dict | None, source: str) -> dict:
-    """The Clausius–Clapeyron shift of a Tm measured at P_zz to P = 0, stated as a systematic term
-    (:func:`~mlipops.evaluate.melting.clausius_clapeyron`), with ΔV and L from ``phases`` (the reference's pure
-    solid and liquid at its Tm, :func:`phase_properties`) and where they come from; None terms with the reason
-    when there are no phases."""
+    """The Clausius–Clapeyron shift of a Tm measured at P_zz to P = 0 (:func:`~mlipops.evaluate.melting.
+    clausius_clapeyron`), with ΔV and L from ``phases`` (the reference's pure solid and liquid at its Tm,
+    :func:`phase_properties`) and where they come from; None terms with the reason when there are no phases.
+    ``applied`` (set by the caller): the runs' Tm were shifted to P = 0 with this slope (NVE); else the term is
+    a stated systematic of the value at P_zz (NPH on z leaves only its residual P_zz)."""
     if not phases:
-        return {"pressure_zz_GPa": pressure_zz_GPa, "dtm_dp_K_per_GPa": None, "correction_K": None,
+        return {"pressure_zz_GPa": pressure_zz_GPa, "dtm_dp_K_per_GPa": None, "correction_K": None, "applied": False,
                 "reason": "n/a: no reference solid and liquid at Tm (no latent heat and ΔV)"}
     cc = clausius_clapeyron(tm, phases["delta_v_A3_per_atom"], phases["latent_heat_eV_per_atom"],
                             pressure_zz_GPa)
-    return cc | {"pressure_zz_GPa": pressure_zz_GPa, "source": source,
+    return cc | {"pressure_zz_GPa": pressure_zz_GPa, "source": source, "applied": False,
                  "delta_v_A3_per_atom": phases["delta_v_A3_per_atom"],
                  "latent_heat_eV_per_atom": phases["latent_heat_eV_per_atom"]}
 
@@ -286,24 +287,31 @@ def run_reference(p: Params) -> dict:
     seeds = [m.seed + i for i in range(preset.reference_seeds)]
     runs = run_many(coexistence_specs(factory, s, seeds), p.compute)
     summ = summarize(runs, agree_sigma=s.agree_sigma)
-    out = {"available": summ["n_accepted"] > 0, "given": False, "oracle": p.generate.oracle.model_dump(),
-           "element": element, "lattice": lattice, "preset": m.preset, "settings": s.__dict__, **_stats(summ),
-           "runs": [_run_json(r) for r in runs]}
+    ok = [r for r in runs if r.accepted]  # converged two-phase runs, whether or not their seed's starts agree
     frames: list[Atoms] = []
-    if out["available"]:
+    ph = None
+    if ok:
         _single_thread()
-        ok = [r for r in runs if r.accepted]
+        tm_phase = summ["tm_mean"] if summ["n_accepted"] else float(np.mean([r.tm for r in ok]))
         threshold = s.q6_solid_threshold if s.q6_solid_threshold is not None else \
             float(np.mean([r.order_threshold for r in ok]))  # the accepted runs' calibrations
         total = 2 * m.phase_steps + s.melt_steps
-        with progress(f"reference solid and liquid at Tm = {summ['tm_mean']:.0f} K (MD steps)", total) as advance:
-            ph = phase_properties(factory, s, summ["tm_mean"], m.phase_steps, m.phase_snapshots, seed=m.seed,
+        with progress(f"reference solid and liquid at Tm = {tm_phase:.0f} K (MD steps)", total) as advance:
+            ph = phase_properties(factory, s, tm_phase, m.phase_steps, m.phase_snapshots, seed=m.seed,
                                   threshold=threshold, on_steps=lambda n: advance(completed=n))
         frames = ph.pop("frames")
+    pressure = pressure_systematic(summ["tm_mean"], summ["pressure_zz_GPa"], ph,
+                                   "the reference's own solid and liquid at its Tm (phase_properties)")
+    if s.ensemble == "nve" and pressure.get("dtm_dp_K_per_GPa") is not None:
+        # NVE ends at the cell's own P_zz, which depends on how much melted: every run to P = 0 first
+        summ = summarize(runs, agree_sigma=s.agree_sigma, dtm_dp=pressure["dtm_dp_K_per_GPa"])
+        pressure["applied"] = True
+    out = {"available": summ["n_accepted"] > 0, "given": False, "oracle": p.generate.oracle.model_dump(),
+           "element": element, "lattice": lattice, "preset": m.preset, "settings": s.__dict__, **_stats(summ),
+           "pressure": pressure, "runs": [_run_json(r) for r in runs]}
+    if ph is not None:
         out["phases"] = ph
-        out["pressure"] = pressure_systematic(summ["tm_mean"], summ["pressure_zz_GPa"], ph,
-                                              "the reference's own solid and liquid at its Tm (phase_properties)")
-    else:
+    if not out["available"]:
         out["reason"] = "no reference seed was accepted: " + "; ".join(
             f"seed {sd['seed']}: {sd['rejected_reason']}" for sd in summ["seeds"])
     write_extxyz(PHASES, frames)
