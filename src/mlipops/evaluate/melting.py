@@ -31,15 +31,29 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    taut = 10¹² fs). The liquid carries no shear, so this sets the solid's lateral lattice constant at the
    coexistence temperature and the z length at zero pressure: the guesses of item 2 need not be exact, but a
    liquid start far from its density can freeze or melt the cell before the barostat has caught up (item 2).
-4. **Production** (``production_steps``): NVE (velocity Verlet; default) in the equilibrated cell, or NPH (the
-   same Berendsen barostat). The energy (enthalpy) is conserved, so a two-phase system's temperature is pinned
-   at Tm: a hotter system melts some solid and cools, a colder one freezes some liquid and warms. NVE is the
-   default: an exact ensemble whose conserved energy checks the integrator and the calculator
-   (``drift_meV_per_atom_ps``; EMT Cu at 5 fs: |drift| < 0.05), while Berendsen NPH is not a true ensemble and
-   drifted by 0.25–0.4 meV/atom/ps. The NVE pressure stays small (EMT Cu: −0.3…+0.3 GPa; it is reported,
-   ``pressure_GPa``, since dTm/dP = Tm ΔV/L ≈ 80 K/GPa for EMT Cu: ΔV ≈ 1.2 Å³/atom, L ≈ 0.12 eV assumed).
-   Tm = ⟨T⟩ over production, with the kinetic T = 2E_kin/(3N k_B) of ``atoms.get_temperature()`` every
-   ``sample_interval`` steps.
+4. **Production** (``production_steps``): NVE (velocity Verlet; default) in the equilibrated cell, or NPH with the
+   same Berendsen barostat on z only (``ensemble: nph``, mask (0, 0, 1): the solid's lateral lattice stays as
+   equilibrated, the interface normal relaxes to P_zz = 0). The energy (enthalpy) is conserved, so a two-phase
+   system's temperature is pinned at Tm: a hotter system melts some solid and cools, a colder one freezes some
+   liquid and warms. NVE is an exact ensemble whose conserved energy checks the integrator and the calculator
+   (``drift_meV_per_atom_ps``; EMT Cu at 5 fs: |drift| < 0.05), while Berendsen NPH is not a true ensemble
+   (all three lengths: 0.25–0.4 meV/atom/ps). But a fixed cell pins Tm at its own pressure, and that depends on
+   how much melted (ΔV > 0): the normal pressure ``pressure_zz_GPa`` = ⟨−σ_zz⟩ (ASE sign, ideal gas included)
+   over the window is recorded, and Clausius–Clapeyron dTm/dP = Tm ΔV/L (:func:`clausius_clapeyron`; EMT Cu
+   ≈ 75 K/GPa: ΔV ≈ 1.2 Å³/atom, L ≈ 0.13 eV) gives the shift to P = 0 (issue 23: NVE runs end at −0.3 to
+   +0.4 GPa, ±25 K). The reference stage takes L and ΔV from its own pure solid and liquid at Tm
+   (:func:`phase_properties`) and, for NVE, shifts every run to P = 0 (:func:`run_tm`) before a seed's two
+   starts are compared; the members use the reference's slope.
+   **Late window.** The two-phase temperature relaxes over 5–10 ps, so the mean over all of production leans
+   toward the start. Tm = ⟨T⟩ over the last ``window_fraction`` (½) of production (kinetic T = 2E_kin/(3N k_B)
+   every ``sample_interval`` steps; ``tm_full_production`` keeps the old reading). Converged
+   (:func:`window_stats`) when the drift over the window (least-squares slope × length) is within
+   ``drift_sigma`` (2) of its own standard error (a line through 4–10 block means of ≥ 2τ samples); else
+   production is extended by ``production_steps``/2 and the test repeated, up to ``max_production_steps``
+   (default 2 × production). A run that never converges is kept, ``converged`` False, and rejected with the
+   drift in its reason (not rerun: another start does not make a slow relaxation faster). The drift is not
+   tested against the mean's block error: se(drift) ≈ √12 × that error for any window length, so such a test
+   would pass a stationary series only 23 % of the time (with 2 se(drift): 91 % on an AR(1) test series).
 5. **Error of one run.** Block averaging: the integrated autocorrelation time τ of the production T series
    (initial-positive-sequence sum) bounds the block length from below (⌈2τ⌉ samples), and the series is cut
    into 5 blocks (4 at least; fewer, longer blocks than 2τ allows, because the interfaces relax on a 5–10 ps
@@ -75,7 +89,15 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    direction flips. The energy balance (3k_B/2)(T_s + T_l) + L/2 = 3k_B Tm + (1 − f)L shows why the defaults
    T_s = 0.8 t_guess, T_l = 1.2 t_guess end near f = 1/2 when t_guess ≈ Tm, and that a shift δ of both moves
    f by 3k_B δ/L ≈ δ/500 K for copper (L ≈ 0.13 eV/atom).
-7. **Several seeds** (:func:`melting_point`): tm_mean and tm_std (ddof = 1) over the accepted runs, and the
+   **Bracketing starts.** Every seed runs twice (:data:`STARTS`): both start temperatures shifted by
+   +``start_offset`` · t_guess (above) and by − that (below). With ΔS_m = L/Tm ≈ 1.2 k_B (Richard's rule: EMT
+   Cu 1.16, Lennard-Jones 1.3) the shift moves the final solid fraction by 3δ/(1.2 Tm) ≈ 2.5 δ/Tm: the default
+   0.05 (65 K for Cu) gives ±0.13, so both starts still end in coexistence when the guess does. The seed is
+   accepted (:func:`seed_result`) only when both runs are (two phases, converged) and agree within
+   ``agree_sigma`` (2) × their combined error; its Tm is their mean. A retry still shifts a run's start to
+   reach coexistence (``history`` keeps every attempt), but the value is read from a converged window and must
+   agree with the other start's, so it does not inherit the shift.
+7. **Several seeds** (:func:`melting_point`): tm_mean and tm_std (ddof = 1) over the accepted seeds, and the
    combined standard error sqrt((tm_std² + mean_k stderr_k²)/n): the scatter between seeds plus the within-run
    error, so that two or three seeds cannot report a spuriously small error (it overcounts by at most √2).
    On EMT Cu the seeds scatter far more than one run's stderr says (item 5): 288 atoms, 5 ps: 1310 ± 5,
@@ -83,8 +105,8 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
 
 Sizes. The liquid slab must be thicker than two interface widths: with 3 cells per phase (3 x 3 x 6) the
 liquid froze through at 1340–1450 K, above Tm. The cross-section must exceed the liquid's correlation length: with
-2 x 2 cells (7.4 Å) Tm came out 1360–1460 K. Use ≥ 3 x 3 lateral and ≥ 4 cells per phase (defaults 3 x 3 x 8);
-4 x 4 x 8 (512 atoms, 10 ps) for production numbers.
+2 x 2 cells (7.4 Å) Tm came out 1360–1460 K, and 3 x 3 still melts ~100 K below 4 x 4 (issue 23: 1218–1278 K
+against 1357 K at P = 0). Use ≥ 4 x 4 lateral and ≥ 4 cells per phase: 4 x 4 x 8 (512 atoms) in both presets.
 
 Time step: 5 fs. Copper is heavy (63.5 u), its fastest phonon period is ~140 fs, ASE's Cu/EMT MD examples use
 5 fs, and the NVE drift above is negligible. Lighter elements or stiffer potentials need less (Si: 1–2 fs, Li:
