@@ -362,6 +362,11 @@ def test_clausius_clapeyron_correction_by_hand():
     assert out["seeds"][0]["tm_runs"] == pytest.approx([1310.0 - 22.5, 1280.0 + 7.5])
     assert out["seeds"][0]["tm_stderr_runs"][0] == pytest.approx(np.hypot(5.0, 75.0 * 0.02))
     assert out["n_accepted"] == 1 and out["tm_mean"] == pytest.approx(1287.5) and out["dtm_dp_K_per_GPa"] == 75.0
+    # the quick preset keeps starts that disagree as a bracket: mean, half the gap in the error
+    br = melting.summarize([above, below], require_agreement=False)
+    assert br["n_accepted"] == 1 and br["n_bracketed"] == 1 and br["tm_mean"] == pytest.approx(1295.0)
+    assert br["tm_stderr"] == pytest.approx(np.hypot(np.hypot(5.0, 5.0) / 2, 15.0))
+    assert "bracketed" in br["seeds"][0]["note"] and out["n_bracketed"] == 0
 
 
 def _argon():

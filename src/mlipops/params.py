@@ -586,6 +586,8 @@ class MeltingPreset(_Section):
     max_production_steps: int | None = Field(None, ge=20)  # extended up to it while the window drifts; None: 2x
     reference_seeds: int = Field(2, ge=1)  # independent seeds with the reference oracle (each: 2 starts)
     member_seeds: int = Field(1, ge=1)  # independent seeds per ensemble member (each: 2 starts)
+    # a seed whose two starts disagree: rejected (true), or kept as a bracket, mean ± half the gap (false)
+    require_agreement: bool = True
 
 
 class MeltingSweepParams(_Section):
@@ -620,7 +622,7 @@ class MeltingReference(_Section):
 class MeltingParams(_Section):
     """Melting point by solid-liquid coexistence for the reference oracle and each ensemble member."""
     preset: Literal["quick", "production"] = "quick"
-    quick: MeltingPreset = MeltingPreset()
+    quick: MeltingPreset = MeltingPreset(require_agreement=False)
     production: MeltingPreset = MeltingPreset(supercell=(4, 4, 8), melt_steps=200, equilibration_steps=400,
                                               production_steps=2000, max_production_steps=4000, reference_seeds=4,
                                               member_seeds=3)
@@ -671,7 +673,8 @@ class MeltingParams(_Section):
             liquid_volume_change=self.liquid_volume_change, min_phase_fraction=self.min_phase_fraction,
             max_retries=self.max_retries, retry_step_K=self.retry_step_K, seed=self.seed + seed_offset,
             max_production_steps=pr.max_production_steps, ensemble=self.ensemble, window_fraction=self.window_fraction,
-            drift_sigma=self.drift_sigma, start_offset=self.start_offset, agree_sigma=self.agree_sigma).validate()
+            drift_sigma=self.drift_sigma, start_offset=self.start_offset, agree_sigma=self.agree_sigma,
+            require_agreement=pr.require_agreement).validate()
 
 
 class NveParams(_Section):

@@ -159,6 +159,7 @@ class CoexistenceSettings:
     drift_sigma: float = 2.0  # converged: |drift over the window| <= drift_sigma x its standard error
     start_offset: float = 0.05  # ± shift of both start temperatures of the above / below starts, × t_guess (item 6)
     agree_sigma: float = 2.0  # a seed's two starts must agree within agree_sigma x their combined error
+    require_agreement: bool = True  # False: starts that disagree bracket Tm (mean ± half the gap), not rejected
     sample_interval: int = 5  # steps between recorded samples (T, solid fraction)
     ensemble: Literal["nph", "nve"] = "nve"
     q6_solid_threshold: float | None = None  # solid-like above it; None: calibrated per run (module doc, item 6)
@@ -735,7 +736,7 @@ def melting_point(calc_factory: Callable[[], Calculator], s: CoexistenceSettings
             for start in starts:
                 runs.append(run_coexistence(calc_factory, s, int(seed), start=start))
                 advance()
-    return summarize(runs, agree_sigma=s.agree_sigma)
+    return summarize(runs, agree_sigma=s.agree_sigma, require_agreement=s.require_agreement)
 
 
 def run_tm(r: CoexistenceRun, dtm_dp: float | None = None) -> tuple[float, float]:
@@ -747,11 +748,14 @@ def run_tm(r: CoexistenceRun, dtm_dp: float | None = None) -> tuple[float, float
     return r.tm - dtm_dp * r.pressure_zz_GPa, math.hypot(r.tm_stderr, dtm_dp * pse)
 
 
-def seed_result(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: float | None = None) -> dict:
+def seed_result(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: float | None = None,
+                require_agreement: bool = True) -> dict:
     """One seed's Tm from its runs (module doc, item 6). Started above and below the guess: accepted only when
     both runs are accepted (coexisting, converged) and agree, |Tm_above − Tm_below| ≤ agree_sigma ·
-    sqrt(e_above² + e_below²); Tm = their mean, error sqrt(e_above² + e_below²)/2. A single run (start 0):
-    that run's. With ``dtm_dp`` every run's Tm is first shifted to P = 0 (:func:`run_tm`)."""
+    sqrt(e_above² + e_below²); Tm = their mean, error sqrt(e_above² + e_below²)/2. Without
+    ``require_agreement`` (the quick preset, too short to converge) starts that disagree are kept as a bracket:
+    Tm = their mean, error sqrt((e_above² + e_below²)/4 + (gap/2)²), ``bracketed`` True. A single run (start
+    0): that run's. With ``dtm_dp`` every run's Tm is first shifted to P = 0 (:func:`run_tm`)."""
     seed = runs[0].seed
     vals = [run_tm(r, dtm_dp) for r in runs]
     out: dict = {"seed": seed, "starts": [r.start for r in runs], "tm_runs": [v[0] for v in vals],
@@ -767,7 +771,12 @@ def seed_result(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp
     if len(runs) == 2:
         diff, comb = float(tms[0] - tms[1]), float(math.sqrt(np.sum(errs**2)))
         out |= {"difference_K": diff, "difference_se_K": comb}
-        if abs(diff) > agree_sigma * comb:
+        out["bracketed"] = bool(abs(diff) > agree_sigma * comb)
+        if out["bracketed"] and not require_agreement:
+            out |= {"tm_stderr": float(math.hypot(comb / 2, diff / 2)),
+                    "note": f"the starts disagree by {abs(diff):.0f} K (> {agree_sigma:g} x {comb:.0f} K): Tm "
+                            "bracketed between them, half the gap counted in its error"}
+        elif out["bracketed"]:
             out |= {"tm": float("nan"), "tm_stderr": float("nan"), "accepted": False,
                     "rejected_reason": f"the starts disagree: Tm {tms[0]:.0f} ± {errs[0]:.0f} K (start "
                                        f"{runs[0].start:+d}) vs {tms[1]:.0f} ± {errs[1]:.0f} K (start "
@@ -775,7 +784,8 @@ def seed_result(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp
     return out
 
 
-def summarize(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: float | None = None) -> dict:
+def summarize(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: float | None = None,
+              require_agreement: bool = True) -> dict:
     """Statistics over the accepted seeds (see :func:`melting_point`): the runs are grouped by seed
     (:func:`seed_result`; with ``dtm_dp`` (K/GPa) each run's Tm shifted to P = 0 first), then tm_mean, tm_std (ddof 1) and tm_stderr = sqrt((tm_std² + mean err_k²)/n) over
     the n accepted seeds (NaN when none). ``n_accepted`` / ``n_rejected`` count seeds, ``gaussians``
@@ -783,7 +793,8 @@ def summarize(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: 
     groups: dict[int, list[CoexistenceRun]] = {}
     for r in runs:
         groups.setdefault(r.seed, []).append(r)
-    seeds = [seed_result(sorted(g, key=lambda r: -r.start), agree_sigma, dtm_dp) for g in groups.values()]
+    seeds = [seed_result(sorted(g, key=lambda r: -r.start), agree_sigma, dtm_dp, require_agreement)
+             for g in groups.values()]
     ok = [sd for sd in seeds if sd["accepted"]]
     tms = np.array([sd["tm"] for sd in ok])
     errs = np.array([sd["tm_stderr"] for sd in ok])
@@ -796,6 +807,7 @@ def summarize(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: 
             "n_runs": len(runs), "n_runs_converged": sum(bool(r.converged) for r in conv),
             "pressure_zz_GPa": float(np.mean([r.pressure_zz_GPa for r in runs if r.accepted]))
             if any(r.accepted for r in runs) else float("nan"),
+            "n_bracketed": sum(bool(sd.get("bracketed")) and sd["accepted"] for sd in seeds),
             "dtm_dp_K_per_GPa": dtm_dp, "seeds": seeds, "runs": list(runs)}
 
 

@@ -175,7 +175,7 @@ def _run_from_json(d: dict) -> CoexistenceRun:
 
 def _stats(summary: dict) -> dict:
     return {k: summary[k] for k in ("tm_mean", "tm_std", "tm_stderr", "n_accepted", "n_rejected", "n_runs",
-                                    "n_runs_converged", "pressure_zz_GPa")} | {"seeds": summary["seeds"]}
+                                    "n_runs_converged", "n_bracketed", "pressure_zz_GPa")} | {"seeds": summary["seeds"]}
 
 
 def coexistence_specs(factory, s, seeds, **extra) -> list[dict]:
@@ -286,7 +286,7 @@ def run_reference(p: Params) -> dict:
     check_oracle(factory, element, lattice)
     seeds = [m.seed + i for i in range(preset.reference_seeds)]
     runs = run_many(coexistence_specs(factory, s, seeds), p.compute)
-    summ = summarize(runs, agree_sigma=s.agree_sigma)
+    summ = summarize(runs, agree_sigma=s.agree_sigma, require_agreement=s.require_agreement)
     ok = [r for r in runs if r.accepted]  # converged two-phase runs, whether or not their seed's starts agree
     frames: list[Atoms] = []
     ph = None
@@ -304,7 +304,8 @@ def run_reference(p: Params) -> dict:
                                    "the reference's own solid and liquid at its Tm (phase_properties)")
     if s.ensemble == "nve" and pressure.get("dtm_dp_K_per_GPa") is not None:
         # NVE ends at the cell's own P_zz, which depends on how much melted: every run to P = 0 first
-        summ = summarize(runs, agree_sigma=s.agree_sigma, dtm_dp=pressure["dtm_dp_K_per_GPa"])
+        summ = summarize(runs, agree_sigma=s.agree_sigma, dtm_dp=pressure["dtm_dp_K_per_GPa"],
+                         require_agreement=s.require_agreement)
         pressure["applied"] = True
     out = {"available": summ["n_accepted"] > 0, "given": False, "oracle": p.generate.oracle.model_dump(),
            "element": element, "lattice": lattice, "preset": m.preset, "settings": s.__dict__, **_stats(summ),

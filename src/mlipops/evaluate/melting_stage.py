@@ -145,8 +145,8 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     runs = run_many(specs, p.compute)
     # NVE: every run shifted to P = 0 with the reference's dTm/dP (its L and ΔV), as the reference's runs were
     dtm_dp = (ref.get("pressure") or {}).get("dtm_dp_K_per_GPa") if s.ensemble == "nve" else None
-    per_member = [member_stats(i, [r for r, sp in zip(runs, specs) if sp["member"] == i], ref, s.agree_sigma, dtm_dp)
-                  for i in range(n_members)]
+    per_member = [member_stats(i, [r for r, sp in zip(runs, specs) if sp["member"] == i], ref, s.agree_sigma, dtm_dp,
+                               s.require_agreement) for i in range(n_members)]
 
     # empty when the reference has no phases (a given reference, or no oracle run coexisted)
     frames, bad = read_extxyz(PHASES) if PHASES.is_file() and PHASES.stat().st_size else ([], [])
@@ -187,11 +187,11 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
 
 
 def member_stats(member: int, runs: list[CoexistenceRun], ref: dict, agree_sigma: float = 2.0,
-                 dtm_dp: float | None = None) -> dict:
+                 dtm_dp: float | None = None, require_agreement: bool = True) -> dict:
     """A member's Tm and statistical error. Two or more accepted seeds: :func:`summarize` (their scatter and the
     block errors). One: its block error combined with the reference's seed-to-seed scatter (same cell, same
     protocol; one run's block error alone misses the scatter between seeds, see the melting module doc)."""
-    out = {"member": member, **_stats(summarize(runs, agree_sigma, dtm_dp)), "runs": [r.summary() for r in runs]}
+    out = {"member": member, **_stats(summarize(runs, agree_sigma, dtm_dp, require_agreement)), "runs": [r.summary() for r in runs]}
     scatter = ref.get("tm_std") if ref.get("available") and (ref.get("n_accepted") or 0) >= 2 else None
     if out["n_accepted"] == 1 and scatter is not None:
         out["tm_stderr"] = float(math.hypot(out["tm_stderr"], scatter))
@@ -450,7 +450,10 @@ def write_report(result: dict, runs: list[CoexistenceRun], specs: list[dict], re
         f"{len(runs)} member runs converged) and both phases remain (solid fraction by {threshold_text(runs, s)}, "
         f"in [{s['min_phase_fraction']}, {1 - s['min_phase_fraction']:.2f}] at the end). Every seed runs twice, from "
         f"start temperatures {s['start_offset'] * s['t_guess']:g} K above and below the guess; it is accepted when both runs "
-        f"count and agree within {s['agree_sigma']:g} x their combined error, and its Tm is their mean.",
+        f"count and agree within {s['agree_sigma']:g} x their combined error, and its Tm is their mean"
+        + ("." if s.get("require_agreement", True) else
+           f" (this preset keeps starts that disagree as a bracket, half the gap in the error: "
+           f"{sum(int(pm.get('n_bracketed') or 0) for pm in result['members'])} member seed(s) bracketed)."),
         (f"Reference phases at Tm_ref: latent heat {ph['latent_heat_eV_per_atom']:.4f} eV/atom, ΔS_m = "
          f"{ph['delta_s_kB']:.2f} k_B, ΔV = {ph['delta_v_A3_per_atom']:.2f} Å³/atom." if ph else
          f"Reference phases at Tm_ref: {ref.get('phases_reason') or ref.get('reason') or 'n/a'}."),
