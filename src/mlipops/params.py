@@ -582,8 +582,8 @@ class MeltingPreset(_Section):
     supercell: tuple[int, int, int] = (4, 4, 8)  # conventional cells; z split solid | liquid
     melt_steps: int = Field(150, ge=0)
     equilibration_steps: int = Field(200, ge=0)  # NPH: the cell relaxes at coexistence
-    production_steps: int = Field(800, ge=20)  # NVE: Tm = <T> over its late window
-    max_production_steps: int | None = Field(None, ge=20)  # extended up to it while the window drifts; None: 2x
+    production_steps: int = Field(600, ge=20)  # NVE: Tm = <T> over its late window
+    max_production_steps: int | None = Field(900, ge=20)  # extended up to it while the window drifts; None: 2x
     reference_seeds: int = Field(2, ge=1)  # independent seeds with the reference oracle (each: 2 starts)
     member_seeds: int = Field(1, ge=1)  # independent seeds per ensemble member (each: 2 starts)
     # a seed whose two starts disagree: rejected (true), or kept as a bracket, mean ± half the gap (false)
