@@ -184,7 +184,7 @@ def test_presets_validate_and_build_settings():
     m = MeltingParams()
     assert m.settings("Cu").supercell == (4, 4, 8)  # at least 4 x 4 lateral in every preset (issue 23)
     prod = m.model_copy(update={"preset": "production"}).settings("Cu")
-    assert prod.supercell == (4, 4, 8) and prod.production_steps == 2000 and prod.require_agreement
+    assert prod.supercell == (4, 4, 8) and prod.production_steps == 2000 and not prod.require_agreement
     assert prod.production_limit() == 4000 and not m.settings("Cu").require_agreement
     bad = m.model_copy(update={"quick": m.quick.model_copy(update={"production_steps": 33})})
     with pytest.raises(ParamsError, match="melting.production_steps"):

@@ -625,7 +625,7 @@ class MeltingParams(_Section):
     quick: MeltingPreset = MeltingPreset(require_agreement=False)
     production: MeltingPreset = MeltingPreset(supercell=(4, 4, 8), melt_steps=200, equilibration_steps=400,
                                               production_steps=2000, max_production_steps=4000, reference_seeds=4,
-                                              member_seeds=3)
+                                              member_seeds=3, require_agreement=False)
     element: str | None = None  # None: generate.element (see melting_reference.melting_crystal)
     lattice: Literal["fcc", "bcc", "hcp", "diamond", "sc"] | None = None  # None: the element's ASE reference state
     t_guess: float = Field(1300.0, gt=0)  # K, start guess for every run (the reference's Tm is not used)
