@@ -639,7 +639,7 @@ class MeltingParams(_Section):
     min_phase_fraction: float = Field(0.15, ge=0, lt=0.5)
     max_retries: int = Field(2, ge=0)
     retry_step_K: float = Field(150.0, gt=0)
-    ensemble: Literal["nve", "nph"] = "nve"  # production; nph: Berendsen barostat on z (the interface normal) only
+    ensemble: Literal["nve", "nph"] = "nph"  # production; nph: Berendsen barostat on z (the interface normal) only
     window_fraction: float = Field(0.5, gt=0, le=1)  # Tm from this last share of production
     drift_sigma: float = Field(2.0, gt=0)  # converged: |drift over the window| <= this x its standard error
     start_offset: float = Field(0.05, ge=0, lt=0.5)  # each seed starts at t_guess (1 ± this): above and below

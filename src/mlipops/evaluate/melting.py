@@ -43,7 +43,13 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    ≈ 75 K/GPa: ΔV ≈ 1.2 Å³/atom, L ≈ 0.13 eV) gives the shift to P = 0 (issue 23: NVE runs end at −0.3 to
    +0.4 GPa, ±25 K). The reference stage takes L and ΔV from its own pure solid and liquid at Tm
    (:func:`phase_properties`) and, for NVE, shifts every run to P = 0 (:func:`run_tm`) before a seed's two
-   starts are compared; the members use the reference's slope.
+   starts are compared; the members use the reference's slope. With NPH on z (the stage's default,
+   ``evaluate.melting.ensemble``) only the residual P_zz is left, and its shift is a stated systematic. EMT Cu
+   (4 x 4 x 8, 4 ps, seed 0; L = 0.144 eV, ΔV = 1.09 Å³/atom at 1300 K: 61.5 K/GPa): NVE ended at P_zz
+   +0.60 and +0.16 GPa (above / below start; −37 and −10 K to P = 0) with |drift| ≤ 0.002 meV/atom/ps; NPH
+   on z at +0.08 and −0.07 GPa (∓4.5 K) with drift −0.06 and −0.08 meV/atom/ps (~1 K of T over a 2 ps
+   window); the starts ended 48 K (NVE at P = 0) and 38 K (NPH) apart. NPH needs no L and ΔV, so it also
+   serves members against a given reference.
    **Late window.** The two-phase temperature relaxes over 5–10 ps, so the mean over all of production leans
    toward the start. Tm = ⟨T⟩ over the last ``window_fraction`` (½) of production (kinetic T = 2E_kin/(3N k_B)
    every ``sample_interval`` steps; ``tm_full_production`` keeps the old reading). Converged
