@@ -289,7 +289,7 @@ def run_reference(p: Params) -> dict:
     summ = summarize(runs, agree_sigma=s.agree_sigma, require_agreement=s.require_agreement)
     ok = [r for r in runs if r.accepted]  # converged two-phase runs, whether or not their seed's starts agree
     frames: list[Atoms] = []
-    ph = None
+    ph, tm_phase = None, summ["tm_mean"]
     if ok:
         _single_thread()
         tm_phase = summ["tm_mean"] if summ["n_accepted"] else float(np.mean([r.tm for r in ok]))
@@ -300,7 +300,7 @@ def run_reference(p: Params) -> dict:
             ph = phase_properties(factory, s, tm_phase, m.phase_steps, m.phase_snapshots, seed=m.seed,
                                   threshold=threshold, on_steps=lambda n: advance(completed=n))
         frames = ph.pop("frames")
-    pressure = pressure_systematic(summ["tm_mean"], summ["pressure_zz_GPa"], ph,
+    pressure = pressure_systematic(tm_phase, summ["pressure_zz_GPa"], ph,
                                    "the reference's own solid and liquid at its Tm (phase_properties)")
     if s.ensemble == "nve" and pressure.get("dtm_dp_K_per_GPa") is not None:
         # NVE ends at the cell's own P_zz, which depends on how much melted: every run to P = 0 first
