@@ -70,7 +70,7 @@ def main() -> int:
         s = replace(base, supercell=cell).validate()
         t0 = time.perf_counter()
         runs = run_many(coexistence_specs(factory, s, seeds), p.compute)
-        raw = summarize(runs, s.agree_sigma)
+        raw = summarize(runs, s.agree_sigma, require_agreement=s.require_agreement)
         if dtm_dp is None and any(r.accepted for r in runs):
             tm = float(np.mean([r.tm for r in runs if r.accepted]))
             ph = phase_properties(factory, s, tm, m.phase_steps, 1, seed=m.seed)
@@ -78,7 +78,7 @@ def main() -> int:
                                         0.0)["dtm_dp_K_per_GPa"]
             out |= {"dtm_dp_K_per_GPa": dtm_dp, "latent_heat_eV_per_atom": ph["latent_heat_eV_per_atom"],
                     "delta_v_A3_per_atom": ph["delta_v_A3_per_atom"], "phases_at_K": tm}
-        p0 = summarize(runs, s.agree_sigma, dtm_dp) if dtm_dp is not None else raw
+        p0 = summarize(runs, s.agree_sigma, dtm_dp, s.require_agreement) if dtm_dp is not None else raw
         diffs = [sd.get("difference_K") for sd in p0["seeds"] if sd.get("difference_K") is not None]
         wall = time.perf_counter() - t0
         entry = {"supercell": list(cell), "n_atoms": runs[0].n_atoms, "wall_s": round(wall, 1),
