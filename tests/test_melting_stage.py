@@ -51,10 +51,10 @@ class _Exploding(EMT):
 
 
 def test_failing_calculator_becomes_a_rejected_run_not_a_crash():
-    s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=10, equilibration_steps=10, production_steps=20,
+    s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=10, equilibration_steps=10, production_steps=40,
                             max_retries=1, a=3.59)
-    r = coexistence_task({"factory": _Exploding, "settings": s, "seed": 3})
-    assert not r.coexisting and r.seed == 3
+    r = coexistence_task({"factory": _Exploding, "settings": s, "seed": 3, "start": -1})
+    assert not r.coexisting and not r.accepted and r.seed == 3 and r.start == -1
     assert "FloatingPointError" in r.rejected_reason and "descriptor overflow" in r.rejected_reason
     assert math.isnan(r.tm) and len(r.temperatures) == 0
 
@@ -182,9 +182,10 @@ def test_keep_in_train_moves_a_stable_share_to_unused_and_leaves_val_test():
 
 def test_presets_validate_and_build_settings():
     m = MeltingParams()
-    assert m.settings("Cu").supercell == (3, 3, 8)
+    assert m.settings("Cu").supercell == (4, 4, 8)  # at least 4 x 4 lateral in every preset (issue 23)
     prod = m.model_copy(update={"preset": "production"}).settings("Cu")
-    assert prod.supercell == (4, 4, 8) and prod.production_steps == 2000
+    assert prod.supercell == (4, 4, 8) and prod.production_steps == 2000 and not prod.require_agreement
+    assert prod.production_limit() == 4000 and not m.settings("Cu").require_agreement
     bad = m.model_copy(update={"quick": m.quick.model_copy(update={"production_steps": 33})})
     with pytest.raises(ParamsError, match="melting.production_steps"):
         bad.settings("Cu")

@@ -579,12 +579,15 @@ class UncertaintyParams(_Section):
 
 class MeltingPreset(_Section):
     """Sizes of the coexistence runs (:mod:`mlipops.evaluate.melting`)."""
-    supercell: tuple[int, int, int] = (3, 3, 8)  # conventional cells; z split solid | liquid
+    supercell: tuple[int, int, int] = (4, 4, 8)  # conventional cells; z split solid | liquid
     melt_steps: int = Field(150, ge=0)
-    equilibration_steps: int = Field(250, ge=0)  # NPH: the cell relaxes at coexistence
-    production_steps: int = Field(1000, ge=20)  # NVE: Tm = <T>
-    reference_seeds: int = Field(2, ge=1)  # independent runs with the reference oracle
-    member_seeds: int = Field(1, ge=1)  # independent runs per ensemble member
+    equilibration_steps: int = Field(200, ge=0)  # NPH: the cell relaxes at coexistence
+    production_steps: int = Field(600, ge=20)  # NVE: Tm = <T> over its late window
+    max_production_steps: int | None = Field(900, ge=20)  # extended up to it while the window drifts; None: 2x
+    reference_seeds: int = Field(2, ge=1)  # independent seeds with the reference oracle (each: 2 starts)
+    member_seeds: int = Field(1, ge=1)  # independent seeds per ensemble member (each: 2 starts)
+    # a seed whose two starts disagree: rejected (true), or kept as a bracket, mean ± half the gap (false)
+    require_agreement: bool = True
 
 
 class MeltingSweepParams(_Section):
@@ -635,9 +638,10 @@ class MeltingReference(_Section):
 class MeltingParams(_Section):
     """Melting point by solid-liquid coexistence for the reference oracle and each ensemble member."""
     preset: Literal["quick", "production"] = "quick"
-    quick: MeltingPreset = MeltingPreset()
+    quick: MeltingPreset = MeltingPreset(require_agreement=False)
     production: MeltingPreset = MeltingPreset(supercell=(4, 4, 8), melt_steps=200, equilibration_steps=400,
-                                              production_steps=2000, reference_seeds=4, member_seeds=3)
+                                              production_steps=2000, max_production_steps=4000, reference_seeds=4,
+                                              member_seeds=3, require_agreement=False)
     element: str | None = None  # None: generate.element (see melting_reference.melting_crystal)
     lattice: Literal["fcc", "bcc", "hcp", "diamond", "sc"] | None = None  # None: the element's ASE reference state
     t_guess: float = Field(1300.0, gt=0)  # K, start guess for every run (the reference's Tm is not used)
@@ -651,6 +655,11 @@ class MeltingParams(_Section):
     min_phase_fraction: float = Field(0.15, ge=0, lt=0.5)
     max_retries: int = Field(2, ge=0)
     retry_step_K: float = Field(150.0, gt=0)
+    ensemble: Literal["nve", "nph"] = "nph"  # production; nph: Berendsen barostat on z (the interface normal) only
+    window_fraction: float = Field(0.5, gt=0, le=1)  # Tm from this last share of production
+    drift_sigma: float = Field(2.0, gt=0)  # converged: |drift over the window| <= this x its standard error
+    start_offset: float = Field(0.05, ge=0, lt=0.5)  # each seed starts at t_guess (1 ± this): above and below
+    agree_sigma: float = Field(2.0, gt=0)  # a seed's two starts must agree within this x their combined error
     phase_steps: int = Field(400, ge=20)  # pure solid / pure liquid NPT MD at Tm_ref: latent heat, snapshots
     phase_snapshots: int = Field(10, ge=1)  # labelled frames per phase from the second half of each run
     reference: MeltingReference | None = None  # a given Tm_ref; None: the oracle's coexistence runs
@@ -679,7 +688,10 @@ class MeltingParams(_Section):
             equilibration_steps=pr.equilibration_steps, production_steps=pr.production_steps,
             q6_solid_threshold=self.q6_solid_threshold, calibration_steps=self.calibration_steps,
             liquid_volume_change=self.liquid_volume_change, min_phase_fraction=self.min_phase_fraction,
-            max_retries=self.max_retries, retry_step_K=self.retry_step_K, seed=self.seed + seed_offset).validate()
+            max_retries=self.max_retries, retry_step_K=self.retry_step_K, seed=self.seed + seed_offset,
+            max_production_steps=pr.max_production_steps, ensemble=self.ensemble, window_fraction=self.window_fraction,
+            drift_sigma=self.drift_sigma, start_offset=self.start_offset, agree_sigma=self.agree_sigma,
+            require_agreement=pr.require_agreement).validate()
 
 
 class NveParams(_Section):

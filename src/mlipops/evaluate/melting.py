@@ -31,15 +31,35 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    taut = 10¹² fs). The liquid carries no shear, so this sets the solid's lateral lattice constant at the
    coexistence temperature and the z length at zero pressure: the guesses of item 2 need not be exact, but a
    liquid start far from its density can freeze or melt the cell before the barostat has caught up (item 2).
-4. **Production** (``production_steps``): NVE (velocity Verlet; default) in the equilibrated cell, or NPH (the
-   same Berendsen barostat). The energy (enthalpy) is conserved, so a two-phase system's temperature is pinned
-   at Tm: a hotter system melts some solid and cools, a colder one freezes some liquid and warms. NVE is the
-   default: an exact ensemble whose conserved energy checks the integrator and the calculator
-   (``drift_meV_per_atom_ps``; EMT Cu at 5 fs: |drift| < 0.05), while Berendsen NPH is not a true ensemble and
-   drifted by 0.25–0.4 meV/atom/ps. The NVE pressure stays small (EMT Cu: −0.3…+0.3 GPa; it is reported,
-   ``pressure_GPa``, since dTm/dP = Tm ΔV/L ≈ 80 K/GPa for EMT Cu: ΔV ≈ 1.2 Å³/atom, L ≈ 0.12 eV assumed).
-   Tm = ⟨T⟩ over production, with the kinetic T = 2E_kin/(3N k_B) of ``atoms.get_temperature()`` every
-   ``sample_interval`` steps.
+4. **Production** (``production_steps``): NVE (velocity Verlet; default) in the equilibrated cell, or NPH with the
+   same Berendsen barostat on z only (``ensemble: nph``, mask (0, 0, 1): the solid's lateral lattice stays as
+   equilibrated, the interface normal relaxes to P_zz = 0). The energy (enthalpy) is conserved, so a two-phase
+   system's temperature is pinned at Tm: a hotter system melts some solid and cools, a colder one freezes some
+   liquid and warms. NVE is an exact ensemble whose conserved energy checks the integrator and the calculator
+   (``drift_meV_per_atom_ps``; EMT Cu at 5 fs: |drift| < 0.05), while Berendsen NPH is not a true ensemble
+   (all three lengths: 0.25–0.4 meV/atom/ps). But a fixed cell pins Tm at its own pressure, and that depends on
+   how much melted (ΔV > 0): the normal pressure ``pressure_zz_GPa`` = ⟨−σ_zz⟩ (ASE sign, ideal gas included)
+   over the window is recorded, and Clausius–Clapeyron dTm/dP = Tm ΔV/L (:func:`clausius_clapeyron`; EMT Cu
+   ≈ 75 K/GPa: ΔV ≈ 1.2 Å³/atom, L ≈ 0.13 eV) gives the shift to P = 0 (issue 23: NVE runs end at −0.3 to
+   +0.4 GPa, ±25 K). The reference stage takes L and ΔV from its own pure solid and liquid at Tm
+   (:func:`phase_properties`) and, for NVE, shifts every run to P = 0 (:func:`run_tm`) before a seed's two
+   starts are compared; the members use the reference's slope. With NPH on z (the stage's default,
+   ``evaluate.melting.ensemble``) only the residual P_zz is left, and its shift is a stated systematic. EMT Cu
+   (4 x 4 x 8, 4 ps, seed 0; L = 0.144 eV, ΔV = 1.09 Å³/atom at 1300 K: 61.5 K/GPa): NVE ended at P_zz
+   +0.60 and +0.16 GPa (above / below start; −37 and −10 K to P = 0) with |drift| ≤ 0.002 meV/atom/ps; NPH
+   on z at +0.08 and −0.07 GPa (∓4.5 K) with drift −0.06 and −0.08 meV/atom/ps (~1 K of T over a 2 ps
+   window); the starts ended 48 K (NVE at P = 0) and 38 K (NPH) apart. NPH needs no L and ΔV, so it also
+   serves members against a given reference.
+   **Late window.** The two-phase temperature relaxes over 5–10 ps, so the mean over all of production leans
+   toward the start. Tm = ⟨T⟩ over the last ``window_fraction`` (½) of production (kinetic T = 2E_kin/(3N k_B)
+   every ``sample_interval`` steps; ``tm_full_production`` keeps the old reading). Converged
+   (:func:`window_stats`) when the drift over the window (least-squares slope × length) is within
+   ``drift_sigma`` (2) of its own standard error (a line through 4–10 block means of ≥ 2τ samples); else
+   production is extended by ``production_steps``/2 and the test repeated, up to ``max_production_steps``
+   (default 2 × production). A run that never converges is kept, ``converged`` False, and rejected with the
+   drift in its reason (not rerun: another start does not make a slow relaxation faster). The drift is not
+   tested against the mean's block error: se(drift) ≈ √12 × that error for any window length, so such a test
+   would pass a stationary series only 23 % of the time (with 2 se(drift): 91 % on an AR(1) test series).
 5. **Error of one run.** Block averaging: the integrated autocorrelation time τ of the production T series
    (initial-positive-sequence sum) bounds the block length from below (⌈2τ⌉ samples), and the series is cut
    into 5 blocks (4 at least; fewer, longer blocks than 2τ allows, because the interfaces relax on a 5–10 ps
@@ -75,7 +95,21 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    direction flips. The energy balance (3k_B/2)(T_s + T_l) + L/2 = 3k_B Tm + (1 − f)L shows why the defaults
    T_s = 0.8 t_guess, T_l = 1.2 t_guess end near f = 1/2 when t_guess ≈ Tm, and that a shift δ of both moves
    f by 3k_B δ/L ≈ δ/500 K for copper (L ≈ 0.13 eV/atom).
-7. **Several seeds** (:func:`melting_point`): tm_mean and tm_std (ddof = 1) over the accepted runs, and the
+   **Bracketing starts.** Every seed runs twice (:data:`STARTS`): both start temperatures shifted by
+   +``start_offset`` · t_guess (above) and by − that (below). With ΔS_m = L/Tm ≈ 1.2 k_B (Richard's rule: EMT
+   Cu 1.16, Lennard-Jones 1.3) the shift moves the final solid fraction by 3δ/(1.2 Tm) ≈ 2.5 δ/Tm: the default
+   0.05 (65 K for Cu) gives ±0.13, so both starts still end in coexistence when the guess does. The seed is
+   accepted (:func:`seed_result`) only when both runs are (two phases, converged) and agree within
+   ``agree_sigma`` (2) × their combined error; its Tm is their mean. A retry still shifts a run's start to
+   reach coexistence (``history`` keeps every attempt), but the value is read from a converged window and set
+   against the other start's, so it does not inherit the shift. Measured: the two starts end further apart
+   than their block errors say, both ways round (the interfaces wander on a longer time scale than a window
+   resolves, item 7): Lennard-Jones argon (288 atoms, 6-12 ps) NVE 80.7 ± 0.3 (above) and 74.2 ± 0.7 K
+   (below), NPH on z 75.0 ± 0.6 and 82.6 ± 0.4 K; EMT Cu (4 x 4 x 8, 4 ps, at P = 0 with 61.5 K/GPa) 1301 ±
+   3 and 1253 ± 6 K (seed 0), 1347 ± 11 and 1294 ± 6 K (seed 1). Hence ``require_agreement`` (default False
+   in both presets): False keeps a seed whose starts disagree as a bracket, Tm = their mean with half the gap
+   in its error (``bracketed``); True rejects it, for a cell and run length shown to converge.
+7. **Several seeds** (:func:`melting_point`): tm_mean and tm_std (ddof = 1) over the accepted seeds, and the
    combined standard error sqrt((tm_std² + mean_k stderr_k²)/n): the scatter between seeds plus the within-run
    error, so that two or three seeds cannot report a spuriously small error (it overcounts by at most √2).
    On EMT Cu the seeds scatter far more than one run's stderr says (item 5): 288 atoms, 5 ps: 1310 ± 5,
@@ -83,8 +117,8 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
 
 Sizes. The liquid slab must be thicker than two interface widths: with 3 cells per phase (3 x 3 x 6) the
 liquid froze through at 1340–1450 K, above Tm. The cross-section must exceed the liquid's correlation length: with
-2 x 2 cells (7.4 Å) Tm came out 1360–1460 K. Use ≥ 3 x 3 lateral and ≥ 4 cells per phase (defaults 3 x 3 x 8);
-4 x 4 x 8 (512 atoms, 10 ps) for production numbers.
+2 x 2 cells (7.4 Å) Tm came out 1360–1460 K, and 3 x 3 still melts ~100 K below 4 x 4 (issue 23: 1218–1278 K
+against 1357 K at P = 0). Use ≥ 4 x 4 lateral and ≥ 4 cells per phase: 4 x 4 x 8 (512 atoms) in both presets.
 
 Time step: 5 fs. Copper is heavy (63.5 u), its fastest phonon period is ~140 fs, ASE's Cu/EMT MD examples use
 5 fs, and the NVE drift above is negligible. Lighter elements or stiffer potentials need less (Si: 1–2 fs, Li:
@@ -132,6 +166,12 @@ class CoexistenceSettings:
     melt_steps: int = 150
     equilibration_steps: int = 250
     production_steps: int = 1000  # 5 ps at 5 fs
+    max_production_steps: int | None = None  # extended in chunks of production_steps/2 up to it; None: 2x production
+    window_fraction: float = 0.5  # Tm is read from this last share of production (module doc, item 4)
+    drift_sigma: float = 2.0  # converged: |drift over the window| <= drift_sigma x its standard error
+    start_offset: float = 0.05  # ± shift of both start temperatures of the above / below starts, × t_guess (item 6)
+    agree_sigma: float = 2.0  # a seed's two starts must agree within agree_sigma x their combined error
+    require_agreement: bool = True  # False: starts that disagree bracket Tm (mean ± half the gap), not rejected
     sample_interval: int = 5  # steps between recorded samples (T, solid fraction)
     ensemble: Literal["nph", "nve"] = "nve"
     q6_solid_threshold: float | None = None  # solid-like above it; None: calibrated per run (module doc, item 6)
@@ -152,6 +192,15 @@ class CoexistenceSettings:
         return (self.t_solid if self.t_solid is not None else 0.8 * g,
                 self.t_liquid if self.t_liquid is not None else 1.2 * g,
                 self.t_melt if self.t_melt is not None else 2.5 * g)
+
+    def production_limit(self) -> int:
+        """The most production steps one attempt may run (the late-window test extends it up to this)."""
+        return self.max_production_steps if self.max_production_steps is not None else 2 * self.production_steps
+
+    def production_chunk(self) -> int:
+        """Steps of one extension of production: half of ``production_steps``, in whole samples."""
+        k = self.sample_interval
+        return max(k, (self.production_steps // 2) // k * k)
 
     def order(self) -> tuple[int, int]:
         """(l, number of neighbours) of the order parameter q̄_l."""
@@ -184,6 +233,19 @@ class CoexistenceSettings:
                 bad(name, f"must be a non-negative multiple of sample_interval={self.sample_interval}")
         if self.production_steps < 4 * self.sample_interval:
             bad("production_steps", "needs at least 4 samples")
+        if self.max_production_steps is not None and (self.max_production_steps < self.production_steps
+                                                      or self.max_production_steps % self.sample_interval):
+            bad("max_production_steps", f"must be >= production_steps={self.production_steps} and a multiple of "
+                f"sample_interval={self.sample_interval}")
+        if not 0.0 < self.window_fraction <= 1.0:
+            bad("window_fraction", "must be in (0, 1]")
+        if self.window_fraction * self.production_steps < 4 * self.sample_interval:
+            bad("window_fraction", "the late window needs at least 4 samples of production")
+        for name in ("drift_sigma", "agree_sigma"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be positive")
+        if not 0.0 <= self.start_offset < 0.5:
+            bad("start_offset", "must be a fraction of t_guess in [0, 0.5)")
         if not 0.0 <= self.min_phase_fraction < 0.5:
             bad("min_phase_fraction", "must be in [0, 0.5)")
         if self.timestep_fs <= 0 or self.t_guess <= 0:
@@ -209,7 +271,7 @@ class CoexistenceRun:
     temperatures: np.ndarray  # K, [n_samples]
     times_fs: np.ndarray  # fs since joining, [n_samples]
     solid_fraction: np.ndarray  # [n_samples]
-    tm: float  # K, mean T over production
+    tm: float  # K, mean T over the late window of production (item 4)
     tm_stderr: float  # K, block-averaging standard error of tm
     coexisting: bool
     rejected_reason: str | None
@@ -226,13 +288,30 @@ class CoexistenceRun:
     order_threshold: float = float("nan")  # the solid-like threshold of q̄_l used (given or calibrated)
     order_calibration: dict | None = None  # the calibration (:func:`calibrate_order`); None: threshold given
     history: list[dict] = field(default_factory=list)  # every attempt: temperatures, fraction, reason
+    start: int = 0  # +1: started above the guess (t_solid, t_liquid + start_offset t_guess), -1: below, 0: at it
+    converged: bool | None = None  # the late window's drift below its error (None: not tested, e.g. a failed run)
+    window_start_fs: float = float("nan")  # fs since joining: the late window Tm is read from
+    window_end_fs: float = float("nan")
+    drift_K: float = float("nan")  # K, linear-fit slope of T over the window x its length
+    drift_se_K: float = float("nan")  # K, standard error of drift_K (block errors, item 5)
+    pressure_zz_GPa: float = float("nan")  # mean over the window of P_zz = -σ_zz (z: the interfaces' normal)
+    pressure_zz_stderr: float = float("nan")  # GPa, its block standard error
+    tm_full_production: float = float("nan")  # K, mean T over all of production (the old reading, for comparison)
+    production_steps_run: int = 0  # production steps of the accepted (last) attempt, extensions included
+
+    @property
+    def accepted(self) -> bool:
+        """Both phases remained and the window converged (or was not tested)."""
+        return bool(self.coexisting and self.converged is not False)
 
     def summary(self) -> dict:
         """JSON-ready scalars (no traces)."""
-        keys = ("seed", "t_start_solid", "t_start_liquid", "tm", "tm_stderr", "coexisting", "rejected_reason",
-                "attempts", "wall_s", "n_atoms", "final_solid_fraction", "pressure_GPa", "drift_meV_per_atom_ps",
-                "volume_start", "volume_per_atom", "order_threshold", "order_calibration", "history")
-        return {k: getattr(self, k) for k in keys}
+        keys = ("seed", "start", "t_start_solid", "t_start_liquid", "tm", "tm_stderr", "coexisting", "converged",
+                "rejected_reason", "attempts", "wall_s", "n_atoms", "final_solid_fraction", "pressure_GPa",
+                "pressure_zz_GPa", "pressure_zz_stderr", "window_start_fs", "window_end_fs", "drift_K", "drift_se_K",
+                "tm_full_production", "production_steps_run", "drift_meV_per_atom_ps", "volume_start",
+                "volume_per_atom", "order_threshold", "order_calibration", "history")
+        return {k: getattr(self, k) for k in keys} | {"accepted": self.accepted}
 
 
 def lattice_constant(element: str, lattice: str, calc: Calculator, a: float | None = None) -> tuple[float, float]:
@@ -419,11 +498,17 @@ def calibrate_order(calc_factory: Callable[[], Calculator], s: CoexistenceSettin
 
 def block_stderr(x: np.ndarray) -> tuple[float, float]:
     """(standard error of mean(x), integrated autocorrelation time in samples) by block averaging."""
+    err, tau, _ = _blocks(x)
+    return err, tau
+
+
+def _blocks(x: np.ndarray) -> tuple[float, float, int]:
+    """:func:`block_stderr` and the number of blocks it used."""
     x = np.asarray(x, dtype=float)
     n = len(x)
     d = x - x.mean()
     if n < 4 or not np.any(d):
-        return 0.0, 1.0
+        return 0.0, 1.0, 4
     acf = np.correlate(d, d, mode="full")[n - 1:] / (d @ d)
     tau = 1.0
     for k in range(1, n // 2):  # initial positive sequence: stop at the first non-positive value
@@ -432,7 +517,55 @@ def block_stderr(x: np.ndarray) -> tuple[float, float]:
         tau += 2.0 * acf[k]
     n_blocks = max(4, min(n // max(1, math.ceil(2 * tau)), 5))  # few, long blocks: see module doc, item 5
     means = np.array([b.mean() for b in np.array_split(x, n_blocks)])
-    return float(means.std(ddof=1) / math.sqrt(n_blocks)), float(tau)
+    return float(means.std(ddof=1) / math.sqrt(n_blocks)), float(tau), n_blocks
+
+
+def window_stats(times_fs: np.ndarray, temps: np.ndarray, drift_sigma: float = 2.0) -> dict:
+    """Tm and its convergence from the late window's temperatures (module doc, item 4).
+
+    ``tm`` = mean, ``tm_stderr`` its block error (:func:`block_stderr`); ``drift_K`` = least-squares slope ×
+    window length; ``drift_se_K`` = its standard error from a line through block means: blocks of at least 2τ
+    samples (τ of the residual about the line: a trend left in would look like correlation), 4 to 10 of them,
+    se² = Σ residual² / (n − 2) / Σ (t_b − t̄)², times the length. ``converged``: |drift_K| ≤ drift_sigma ·
+    drift_se_K. (A test of the drift against tm_stderr itself, |drift| < tm_stderr, would pass a stationary
+    series only P(|N(0, 3.5)| < 1) ≈ 23 % of the time, since se(drift) ≈ sqrt(12) tm_stderr: no window length
+    helps, both shrink alike.)"""
+    t, x = np.asarray(times_fs, dtype=float), np.asarray(temps, dtype=float)
+    err, _, _ = _blocks(x)
+    length = float(t[-1] - t[0]) if len(t) > 1 else 0.0
+    fit = np.polyfit(t, x, 1) if len(t) > 1 and length > 0 else np.array([0.0, float(x.mean())])
+    drift = float(fit[0]) * length
+    _, tau, _ = _blocks(x - np.polyval(fit, t))
+    n = max(4, min(len(x) // max(1, math.ceil(2 * tau)), 10))
+    if len(x) >= 2 * n and length > 0:
+        tb = np.array([b.mean() for b in np.array_split(t, n)])
+        xb = np.array([b.mean() for b in np.array_split(x, n)])
+        c = np.polyfit(tb, xb, 1)
+        res = xb - np.polyval(c, tb)
+        drift_se = float(math.sqrt(np.sum(res**2) / (n - 2) / np.sum((tb - tb.mean())**2))) * length
+    else:
+        drift_se = 0.0
+    return {"tm": float(x.mean()), "tm_stderr": err, "drift_K": drift, "drift_se_K": drift_se,
+            "converged": bool(abs(drift) <= drift_sigma * drift_se), "window_start_fs": float(t[0]),
+            "window_end_fs": float(t[-1])}
+
+
+# 1 GPa in eV/Å³: dTm/dP = Tm ΔV / L with ΔV in Å³/atom and L in eV/atom gives K per (eV/Å³)
+EV_PER_A3_PER_GPA = 1.0 / 160.21766208
+
+
+def clausius_clapeyron(tm: float, delta_v_A3: float, latent_eV: float, pressure_GPa: float) -> dict:
+    """The shift of a melting point measured at ``pressure_GPa`` to P = 0 (module doc, item 4).
+
+    dTm/dP = Tm ΔV / L (Clausius–Clapeyron; ΔV = V_liquid − V_solid per atom in Å³, L the latent heat per atom
+    in eV, 1 GPa = 1/160.218 eV/Å³), so Tm(0) = Tm(P) − dTm/dP · P: ``dtm_dp_K_per_GPa`` and
+    ``correction_K`` = −dTm/dP · P (add it to the measured Tm). EMT Cu: 1300 K × 1.2 Å³ / 0.13 eV = 75 K/GPa."""
+    if not (latent_eV and math.isfinite(latent_eV) and latent_eV > 0 and math.isfinite(delta_v_A3)
+            and math.isfinite(pressure_GPa)):
+        return {"dtm_dp_K_per_GPa": None, "correction_K": None, "pressure_GPa": pressure_GPa}
+    slope = tm * delta_v_A3 / latent_eV * EV_PER_A3_PER_GPA
+    return {"dtm_dp_K_per_GPa": float(slope), "correction_K": float(-slope * pressure_GPa),
+            "pressure_GPa": float(pressure_GPa)}
 
 
 def next_attempt(final_fraction: float, t_solid: float, t_liquid: float, step: float, last_direction: int,
@@ -454,18 +587,20 @@ def next_attempt(final_fraction: float, t_solid: float, t_liquid: float, step: f
 
 
 def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator, on_steps=None) -> dict:
+    """Build, equilibrate (NPH), produce; production is extended by :meth:`~CoexistenceSettings.production_chunk`
+    while the late window has not converged (and both phases remain), up to ``production_limit()`` steps."""
     from ase.md.nptberendsen import Inhomogeneous_NPTBerendsen
     from ase.md.verlet import VelocityVerlet
 
     atoms = build_coexistence_cell(s, calc_factory(), rng)
     dt = s.timestep_fs * units.fs
 
-    def nph():
+    def nph(mask=(1, 1, 1)):
         return Inhomogeneous_NPTBerendsen(atoms, dt, temperature_K=s.t_guess, taut=1e12 * units.fs,
                                           pressure_au=0.0, taup=s.taup_fs * units.fs,
-                                          compressibility_au=1.0 / atoms.info["bulk_modulus"])
+                                          compressibility_au=1.0 / atoms.info["bulk_modulus"], mask=mask)
 
-    temps, times, fracs, press, etot, vols = [], [], [], [], [], []
+    temps, times, fracs, press, pzz, etot, vols = [], [], [], [], [], [], []
     l, n_nb = s.order()
     volume_start = atoms.get_volume() / len(atoms)
 
@@ -474,47 +609,81 @@ def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator,
         times.append(t_fs)
         fracs.append(solid_fraction(atoms, s.q6_solid_threshold, l, n_nb)[0])
         if production:
-            press.append(-np.trace(atoms.get_stress(voigt=False, include_ideal_gas=True)) / 3 / units.GPa)
+            sigma = atoms.get_stress(voigt=False, include_ideal_gas=True) / units.GPa
+            press.append(-np.trace(sigma) / 3)
+            pzz.append(-sigma[2, 2])  # z: the interfaces' normal
             etot.append(atoms.get_total_energy() / len(atoms))  # NVE: E; NPH at P = 0: H = E + PV = E
             vols.append(atoms.get_volume() / len(atoms))
 
     record(0.0, False)
     k = s.sample_interval
-    n_eq, n_prod = s.equilibration_steps // k, s.production_steps // k
+    n_eq = s.equilibration_steps // k
     dyn = nph()
     for i in range(n_eq):
         dyn.run(k)
         record((i + 1) * k * s.timestep_fs, False)
         if on_steps is not None:
-            on_steps((i + 1) * k)
-    dyn = nph() if s.ensemble == "nph" else VelocityVerlet(atoms, dt)
-    for i in range(n_prod):
-        dyn.run(k)
-        record((n_eq + i + 1) * k * s.timestep_fs, True)
-        if on_steps is not None:
-            on_steps((n_eq + i + 1) * k)
-    temps, fracs = np.array(temps), np.array(fracs)
-    prod = slice(n_eq + 1, None)
-    tm_stderr, _ = block_stderr(temps[prod])
-    final = float(fracs[-max(1, n_prod // 10):].mean())
-    t_prod_ps = np.array(times[n_eq + 1:]) / 1000.0
-    drift = float(np.polyfit(t_prod_ps, etot, 1)[0]) * 1000.0  # meV/atom/ps of the conserved E (NVE) or H (NPH)
-    return dict(temperatures=temps, times_fs=np.array(times), solid_fraction=fracs, tm=float(temps[prod].mean()),
-                tm_stderr=tm_stderr, final_solid_fraction=final, drift_meV_per_atom_ps=drift,
-                pressure_GPa=float(np.mean(press)), volume_start=volume_start, volume_per_atom=float(np.mean(vols)),
-                production_start_fs=n_eq * k * s.timestep_fs, n_atoms=len(atoms))
+            on_steps((i + 1) * k, 0)
+    # production: NVE, or NPH with the barostat on z only (the solid's lateral lattice stays as equilibrated)
+    dyn = nph((0, 0, 1)) if s.ensemble == "nph" else VelocityVerlet(atoms, dt)
+    done, target = 0, s.production_steps
+    while True:
+        while done < target:
+            dyn.run(k)
+            done += k
+            record((n_eq + done // k) * k * s.timestep_fs, True)
+            if on_steps is not None:
+                on_steps(n_eq * k + done, done - s.production_steps)
+        t_arr, f_arr = np.array(temps), np.array(fracs)
+        n_prod = done // k
+        n_win = max(4, int(round(s.window_fraction * n_prod)))
+        if np.all(np.isfinite(t_arr)):
+            win = window_stats(np.array(times[-n_win:]), t_arr[-n_win:], s.drift_sigma)
+        else:  # the MD blew up: rejected by the caller
+            win = {"tm": float("nan"), "tm_stderr": float("nan"), "drift_K": float("nan"),
+                   "drift_se_K": float("nan"), "converged": False, "window_start_fs": float("nan"),
+                   "window_end_fs": float("nan")}
+        final = float(f_arr[-max(1, n_prod // 10):].mean())
+        both = s.min_phase_fraction <= final <= 1.0 - s.min_phase_fraction
+        if win["converged"] or not both or not np.all(np.isfinite(t_arr)) or target >= s.production_limit():
+            break
+        target = min(target + s.production_chunk(), s.production_limit())
+    prod_t = np.array(times[n_eq + 1:])
+    drift = (float(np.polyfit(prod_t / 1000.0, etot, 1)[0]) * 1000.0 if np.all(np.isfinite(etot))
+             else float("nan"))  # meV/atom/ps of the conserved E (NVE) or H
+    pzz_w = np.array(pzz[-n_win:])
+    return dict(temperatures=t_arr, times_fs=np.array(times), solid_fraction=f_arr, tm=win["tm"],
+                tm_stderr=win["tm_stderr"], converged=win["converged"], drift_K=win["drift_K"],
+                drift_se_K=win["drift_se_K"], window_start_fs=win["window_start_fs"],
+                window_end_fs=win["window_end_fs"], tm_full_production=float(t_arr[n_eq + 1:].mean()),
+                final_solid_fraction=final, drift_meV_per_atom_ps=drift,
+                pressure_GPa=float(np.mean(press[-n_win:])), pressure_zz_GPa=float(pzz_w.mean()),
+                pressure_zz_stderr=block_stderr(pzz_w)[0], volume_start=volume_start,
+                volume_per_atom=float(np.mean(vols[-n_win:])), production_start_fs=n_eq * k * s.timestep_fs,
+                production_steps_run=done, n_atoms=len(atoms))
+
+
+def start_temperatures(s: CoexistenceSettings, start: int) -> tuple[float, float]:
+    """(t_solid, t_liquid) of a start above (+1), below (−1) or at (0) the guess: both shifted by
+    start · ``start_offset`` · t_guess (module doc, item 6)."""
+    t_solid, t_liquid, _ = s.temperatures()
+    d = start * s.start_offset * s.t_guess
+    return t_solid + d, t_liquid + d
 
 
 def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, seed: int,
-                    on_steps: Callable[[int, int], None] | None = None) -> CoexistenceRun:
-    """One coexistence run for ``seed``, rerun (new seed stream, shifted temperatures) while it does not coexist.
-    Without a given ``q6_solid_threshold`` the run first calibrates it (:func:`calibrate_order`, own random stream;
-    a failed calibration is a rejected run with its reason). ``on_steps(done, expected)`` (progress): every
+                    on_steps: Callable[[int, int], None] | None = None, start: int = 0) -> CoexistenceRun:
+    """One coexistence run for ``seed`` from the ``start`` (+1 above, −1 below, 0 at the guess:
+    :func:`start_temperatures`), rerun (new seed stream, shifted temperatures) while it does not coexist; a run
+    whose late window does not converge within ``production_limit()`` steps is rejected (no rerun: another start
+    does not make a slow relaxation faster). Without a given ``q6_solid_threshold`` the run first calibrates it
+    (:func:`calibrate_order`, own random stream per seed, so both starts of a seed share it; a failed
+    calibration is a rejected run with its reason). ``on_steps(done, expected)`` (progress): every
     ``sample_interval`` steps, the calibration + equilibration + production MD steps done in this run and those
-    expected so far (one attempt's; a rerun adds another attempt's)."""
+    expected so far (one attempt's; a rerun or an extension adds its steps)."""
     s.validate()
     t0 = time.perf_counter()
-    t_solid, t_liquid, _ = s.temperatures()
+    t_solid, t_liquid = start_temperatures(s, start)
     step, direction, history = s.retry_step_K, 0, []
     cal = s.calibration_md_steps()
     per = s.equilibration_steps + s.production_steps  # MD steps of one attempt (progress)
@@ -524,58 +693,134 @@ def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettin
             calibration = calibrate_order(calc_factory, s, np.random.default_rng([seed, 0]),
                                           on_steps and (lambda n: on_steps(n, cal + per)))
         except MlipopsError as exc:
-            return failed_run(seed, f"order parameter calibration: {exc.detail}", time.perf_counter() - t0)
+            run = failed_run(seed, f"order parameter calibration: {exc.detail}", time.perf_counter() - t0)
+            run.start = start
+            return run
         threshold = calibration["threshold"]
+    base = cal
     for attempt in range(1, s.max_retries + 2):
-        rng = np.random.default_rng([seed, attempt])
+        rng = np.random.default_rng([seed, attempt] if start == 0 else [seed, attempt, start + 2])
         trial = CoexistenceSettings(**{**s.__dict__, "t_solid": t_solid, "t_liquid": t_liquid, "seed": seed,
                                        "q6_solid_threshold": threshold})
-        out = _one_attempt(calc_factory, trial, rng, on_steps and (lambda n: on_steps(cal + (attempt - 1) * per + n,
-                                                                                     cal + attempt * per)))
+        out = _one_attempt(calc_factory, trial, rng, on_steps and (
+            lambda n, extra, b=base: on_steps(b + n, b + per + max(0, extra))))
+        base += s.equilibration_steps + out["production_steps_run"]
+        entry = {"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid, "tm": out["tm"],
+                 "tm_stderr": out["tm_stderr"], "converged": out["converged"], "drift_K": out["drift_K"],
+                 "production_steps": out["production_steps_run"],
+                 "final_solid_fraction": out["final_solid_fraction"]}
         if not (np.all(np.isfinite(out["temperatures"])) and math.isfinite(out["tm"])):
             reason = "MD unstable: non-finite temperature (the calculator's forces blew up)"
-            history.append({"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid,
-                            "tm": None, "final_solid_fraction": None, "rejected_reason": reason})
+            history.append(entry | {"tm": None, "final_solid_fraction": None, "rejected_reason": reason})
             break  # another start temperature does not make a broken potential stable
         reason, ts_next, tl_next, step, direction = next_attempt(
             out["final_solid_fraction"], t_solid, t_liquid, step, direction, s.min_phase_fraction)
-        history.append({"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid, "tm": out["tm"],
-                        "final_solid_fraction": out["final_solid_fraction"], "rejected_reason": reason})
+        if reason is None and not out["converged"]:
+            reason = (f"not converged: T drifted {out['drift_K']:+.1f} K over the late window "
+                      f"({out['window_start_fs'] / 1000:.1f}-{out['window_end_fs'] / 1000:.1f} ps), more than "
+                      f"{s.drift_sigma:g} x its error {out['drift_se_K']:.1f} K, after "
+                      f"{out['production_steps_run']} production steps (max_production_steps)")
+            history.append(entry | {"rejected_reason": reason})
+            break
+        history.append(entry | {"rejected_reason": reason})
         if reason is None or attempt == s.max_retries + 1:
             break
         t_solid, t_liquid = ts_next, tl_next
-    return CoexistenceRun(seed=seed, t_start_liquid=t_liquid, t_start_solid=t_solid, coexisting=reason is None,
-                          rejected_reason=reason, attempts=attempt, wall_s=time.perf_counter() - t0,
-                          history=history, order_threshold=float(threshold), order_calibration=calibration, **out)
+    coexisting = reason is None or reason.startswith("not converged")
+    return CoexistenceRun(seed=seed, start=start, t_start_liquid=t_liquid, t_start_solid=t_solid,
+                          coexisting=coexisting, rejected_reason=reason, attempts=attempt,
+                          wall_s=time.perf_counter() - t0, history=history, order_threshold=float(threshold),
+                          order_calibration=calibration, **out)
 
 
-def melting_point(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, seeds: Sequence[int]) -> dict:
-    """Independent runs, one per seed (one after another); statistics over the accepted ones (module doc, item 7).
+STARTS = (1, -1)  # every seed runs once above and once below the guess (module doc, item 6)
 
-    Returns ``tm_mean``, ``tm_std`` (ddof 1; 0 for one run), ``tm_stderr`` = sqrt((tm_std² + mean stderr_k²)/n)
-    (K; NaN when no run coexisted), ``n_accepted``, ``n_rejected``, ``gaussians`` [(tm_k, stderr_k)] of the
-    accepted runs and ``runs`` (every :class:`CoexistenceRun`, rejected ones included; ``summary()`` for JSON)."""
+
+def melting_point(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, seeds: Sequence[int],
+                  starts: Sequence[int] = STARTS) -> dict:
+    """Independent runs, one per seed and start (one after another); statistics over the accepted seeds
+    (:func:`summarize`, module doc, items 6-7)."""
     from mlipops.report import progress
 
     runs = []
-    with progress(f"coexistence runs ({s.element})", len(seeds)) as advance:
+    with progress(f"coexistence runs ({s.element})", len(seeds) * len(starts)) as advance:
         for seed in seeds:
-            runs.append(run_coexistence(calc_factory, s, int(seed)))
-            advance()
-    return summarize(runs)
+            for start in starts:
+                runs.append(run_coexistence(calc_factory, s, int(seed), start=start))
+                advance()
+    return summarize(runs, agree_sigma=s.agree_sigma, require_agreement=s.require_agreement)
 
 
-def summarize(runs: Sequence[CoexistenceRun]) -> dict:
-    """Statistics over the accepted runs (see :func:`melting_point`)."""
-    ok = [r for r in runs if r.coexisting]
-    tms = np.array([r.tm for r in ok])
-    errs = np.array([r.tm_stderr for r in ok])
+def run_tm(r: CoexistenceRun, dtm_dp: float | None = None) -> tuple[float, float]:
+    """(Tm, error) of one run: its late-window mean, or with ``dtm_dp`` (K/GPa) that mean shifted to P = 0 by
+    Clausius–Clapeyron from the window's P_zz, Tm − dtm_dp · P_zz, with dtm_dp · se(P_zz) added in quadrature."""
+    if dtm_dp is None or not math.isfinite(r.pressure_zz_GPa):
+        return r.tm, r.tm_stderr
+    pse = r.pressure_zz_stderr if math.isfinite(r.pressure_zz_stderr) else 0.0
+    return r.tm - dtm_dp * r.pressure_zz_GPa, math.hypot(r.tm_stderr, dtm_dp * pse)
+
+
+def seed_result(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: float | None = None,
+                require_agreement: bool = True) -> dict:
+    """One seed's Tm from its runs (module doc, item 6). Started above and below the guess: accepted only when
+    both runs are accepted (coexisting, converged) and agree, |Tm_above − Tm_below| ≤ agree_sigma ·
+    sqrt(e_above² + e_below²); Tm = their mean, error sqrt(e_above² + e_below²)/2. Without
+    ``require_agreement`` (the quick preset, too short to converge) starts that disagree are kept as a bracket:
+    Tm = their mean, error sqrt((e_above² + e_below²)/4 + (gap/2)²), ``bracketed`` True. A single run (start
+    0): that run's. With ``dtm_dp`` every run's Tm is first shifted to P = 0 (:func:`run_tm`)."""
+    seed = runs[0].seed
+    vals = [run_tm(r, dtm_dp) for r in runs]
+    out: dict = {"seed": seed, "starts": [r.start for r in runs], "tm_runs": [v[0] for v in vals],
+                 "tm_stderr_runs": [v[1] for v in vals], "pressure_zz_runs": [r.pressure_zz_GPa for r in runs]}
+    bad = [r for r in runs if not r.accepted]
+    if bad:
+        why = "; ".join(f"start {r.start:+d}: {r.rejected_reason}" if len(runs) > 1 else str(r.rejected_reason)
+                        for r in bad)
+        return out | {"tm": float("nan"), "tm_stderr": float("nan"), "accepted": False, "rejected_reason": why}
+    tms, errs = np.array([v[0] for v in vals]), np.array([v[1] for v in vals])
+    err = float(math.sqrt(np.sum(errs**2))) / len(runs)
+    out |= {"tm": float(tms.mean()), "tm_stderr": err, "accepted": True, "rejected_reason": None}
+    if len(runs) == 2:
+        diff, comb = float(tms[0] - tms[1]), float(math.sqrt(np.sum(errs**2)))
+        out |= {"difference_K": diff, "difference_se_K": comb}
+        out["bracketed"] = bool(abs(diff) > agree_sigma * comb)
+        if out["bracketed"] and not require_agreement:
+            out |= {"tm_stderr": float(math.hypot(comb / 2, diff / 2)),
+                    "note": f"the starts disagree by {abs(diff):.0f} K (> {agree_sigma:g} x {comb:.0f} K): Tm "
+                            "bracketed between them, half the gap counted in its error"}
+        elif out["bracketed"]:
+            out |= {"tm": float("nan"), "tm_stderr": float("nan"), "accepted": False,
+                    "rejected_reason": f"the starts disagree: Tm {tms[0]:.0f} ± {errs[0]:.0f} K (start "
+                                       f"{runs[0].start:+d}) vs {tms[1]:.0f} ± {errs[1]:.0f} K (start "
+                                       f"{runs[1].start:+d}): {abs(diff):.0f} K > {agree_sigma:g} x {comb:.0f} K"}
+    return out
+
+
+def summarize(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: float | None = None,
+              require_agreement: bool = True) -> dict:
+    """Statistics over the accepted seeds (see :func:`melting_point`): the runs are grouped by seed
+    (:func:`seed_result`; with ``dtm_dp`` (K/GPa) each run's Tm shifted to P = 0 first), then tm_mean, tm_std (ddof 1) and tm_stderr = sqrt((tm_std² + mean err_k²)/n) over
+    the n accepted seeds (NaN when none). ``n_accepted`` / ``n_rejected`` count seeds, ``gaussians``
+    [(tm_k, err_k)] the accepted seeds, ``seeds`` every seed's result, ``runs`` every run (``summary()``)."""
+    groups: dict[int, list[CoexistenceRun]] = {}
+    for r in runs:
+        groups.setdefault(r.seed, []).append(r)
+    seeds = [seed_result(sorted(g, key=lambda r: -r.start), agree_sigma, dtm_dp, require_agreement)
+             for g in groups.values()]
+    ok = [sd for sd in seeds if sd["accepted"]]
+    tms = np.array([sd["tm"] for sd in ok])
+    errs = np.array([sd["tm_stderr"] for sd in ok])
     n = len(ok)
     std = float(tms.std(ddof=1)) if n > 1 else 0.0
+    conv = [r for r in runs if r.converged is not None]
     return {"tm_mean": float(tms.mean()) if n else float("nan"), "tm_std": std if n else float("nan"),
             "tm_stderr": float(math.sqrt((std**2 + np.mean(errs**2)) / n)) if n else float("nan"),
-            "n_accepted": n, "n_rejected": len(runs) - n, "gaussians": [(r.tm, r.tm_stderr) for r in ok],
-            "runs": list(runs)}
+            "n_accepted": n, "n_rejected": len(seeds) - n, "gaussians": [(sd["tm"], sd["tm_stderr"]) for sd in ok],
+            "n_runs": len(runs), "n_runs_converged": sum(bool(r.converged) for r in conv),
+            "pressure_zz_GPa": float(np.mean([r.pressure_zz_GPa for r in runs if r.accepted]))
+            if any(r.accepted for r in runs) else float("nan"),
+            "n_bracketed": sum(bool(sd.get("bracketed")) and sd["accepted"] for sd in seeds),
+            "dtm_dp_K_per_GPa": dtm_dp, "seeds": seeds, "runs": list(runs)}
 
 
 def failed_run(seed: int, reason: str, wall_s: float = 0.0) -> CoexistenceRun:
@@ -583,7 +828,7 @@ def failed_run(seed: int, reason: str, wall_s: float = 0.0) -> CoexistenceRun:
     empty = np.zeros(0)
     return CoexistenceRun(seed=seed, t_start_liquid=float("nan"), temperatures=empty, times_fs=empty,
                           solid_fraction=empty, tm=float("nan"), tm_stderr=float("nan"), coexisting=False,
-                          rejected_reason=reason, attempts=1, wall_s=wall_s, n_atoms=0,
+                          rejected_reason=reason, attempts=1, wall_s=wall_s, n_atoms=0, converged=False,
                           history=[{"attempt": 1, "rejected_reason": reason}])
 
 
@@ -727,9 +972,14 @@ def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "
         c = colors[i] if colors is not None else f"C{i % 10}"
         t_ps = np.asarray(r.times_fs) / 1000.0
         name = labels[i] if labels is not None else f"seed {r.seed}"
-        label = f"{name}: Tm = {r.tm:.0f} ± {r.tm_stderr:.0f} K" + ("" if r.coexisting else " (rejected)")
-        ax.plot(t_ps, r.temperatures, color=c, lw=0.8, label=label, ls="-" if r.coexisting else ":")
-        ax.axhline(r.tm, color=c, ls="--", lw=1.0)
+        if r.start:
+            name += " above" if r.start > 0 else " below"
+        label = f"{name}: Tm = {r.tm:.0f} ± {r.tm_stderr:.0f} K" + ("" if r.accepted else " (rejected)")
+        ax.plot(t_ps, r.temperatures, color=c, lw=0.8, label=label, ls="-" if r.accepted else ":")
+        if math.isfinite(r.window_start_fs):  # Tm over the late window it was read from
+            ax.hlines(r.tm, r.window_start_fs / 1000.0, r.window_end_fs / 1000.0, color=c, ls="--", lw=1.2)
+        else:
+            ax.axhline(r.tm, color=c, ls="--", lw=1.0)
         ax2.plot(t_ps, r.solid_fraction, color=c, lw=0.8)
         if not shaded:
             shaded = True

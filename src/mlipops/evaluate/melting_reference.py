@@ -26,8 +26,8 @@ import numpy as np
 from ase import Atoms
 
 from mlipops.errors import MlipopsError, OracleError
-from mlipops.evaluate.melting import (CoexistenceRun, _unit_cell, failed_run, phase_properties,
-                                      run_coexistence, summarize)
+from mlipops.evaluate.melting import (STARTS, CoexistenceRun, _unit_cell, clausius_clapeyron, failed_run,
+                                      phase_properties, run_coexistence, summarize)
 from mlipops.params import Params
 from mlipops.report import jsonable
 
@@ -108,12 +108,15 @@ def coexistence_task(spec: dict) -> CoexistenceRun:
     _single_thread()
     t0 = time.perf_counter()
     try:
-        return run_coexistence(spec["factory"], spec["settings"], spec["seed"], on_steps=_step_reporter(spec))
+        return run_coexistence(spec["factory"], spec["settings"], spec["seed"], on_steps=_step_reporter(spec),
+                               start=spec.get("start", 0))
     except MlipopsError as exc:
-        return failed_run(spec["seed"], f"failed: {exc}", time.perf_counter() - t0)
+        run = failed_run(spec["seed"], f"failed: {exc}", time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - a broken potential must not stop the other runs
-        return failed_run(spec["seed"], f"MD failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                          time.perf_counter() - t0)
+        run = failed_run(spec["seed"], f"MD failed: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}", time.perf_counter() - t0)
+    run.start = spec.get("start", 0)
+    return run
 
 
 def run_many(specs: list[dict], compute) -> list[CoexistenceRun]:
@@ -163,14 +166,37 @@ def _run_from_json(d: dict) -> CoexistenceRun:
     for k in ("temperatures", "times_fs", "solid_fraction"):
         kw[k] = np.asarray(kw.get(k, []), dtype=float)
     for k in ("tm", "tm_stderr", "t_start_liquid", "t_start_solid", "final_solid_fraction", "pressure_GPa",
-              "drift_meV_per_atom_ps"):
+              "drift_meV_per_atom_ps", "pressure_zz_GPa", "pressure_zz_stderr", "window_start_fs", "window_end_fs",
+              "drift_K", "drift_se_K", "tm_full_production"):
         if kw.get(k) is None:
             kw[k] = float("nan")
     return CoexistenceRun(**kw)
 
 
 def _stats(summary: dict) -> dict:
-    return {k: summary[k] for k in ("tm_mean", "tm_std", "tm_stderr", "n_accepted", "n_rejected")}
+    return {k: summary[k] for k in ("tm_mean", "tm_std", "tm_stderr", "n_accepted", "n_rejected", "n_runs",
+                                    "n_runs_converged", "n_bracketed", "pressure_zz_GPa")} | {"seeds": summary["seeds"]}
+
+
+def coexistence_specs(factory, s, seeds, **extra) -> list[dict]:
+    """One spec per seed and start (above and below the guess: :data:`~mlipops.evaluate.melting.STARTS`)."""
+    return [{"factory": factory, "settings": s, "seed": sd, "start": st, **extra} for sd in seeds for st in STARTS]
+
+
+def pressure_systematic(tm: float, pressure_zz_GPa: float, phases: dict | None, source: str) -> dict:
+    """The Clausius–Clapeyron shift of a Tm measured at P_zz to P = 0 (:func:`~mlipops.evaluate.melting.
+    clausius_clapeyron`), with ΔV and L from ``phases`` (the reference's pure solid and liquid at its Tm,
+    :func:`phase_properties`) and where they come from; None terms with the reason when there are no phases.
+    ``applied`` (set by the caller): the runs' Tm were shifted to P = 0 with this slope (NVE); else the term is
+    a stated systematic of the value at P_zz (NPH on z leaves only its residual P_zz)."""
+    if not phases:
+        return {"pressure_zz_GPa": pressure_zz_GPa, "dtm_dp_K_per_GPa": None, "correction_K": None, "applied": False,
+                "reason": "n/a: no reference solid and liquid at Tm (no latent heat and ΔV)"}
+    cc = clausius_clapeyron(tm, phases["delta_v_A3_per_atom"], phases["latent_heat_eV_per_atom"],
+                            pressure_zz_GPa)
+    return cc | {"pressure_zz_GPa": pressure_zz_GPa, "source": source, "applied": False,
+                 "delta_v_A3_per_atom": phases["delta_v_A3_per_atom"],
+                 "latent_heat_eV_per_atom": phases["latent_heat_eV_per_atom"]}
 
 
 def melting_crystal(p: Params) -> tuple[str, str]:
@@ -259,25 +285,36 @@ def run_reference(p: Params) -> dict:
     factory = OracleFactory(p.generate.oracle.calculator, p.generate.oracle.kwargs)
     check_oracle(factory, element, lattice)
     seeds = [m.seed + i for i in range(preset.reference_seeds)]
-    runs = run_many([{"factory": factory, "settings": s, "seed": sd} for sd in seeds], p.compute)
-    summ = summarize(runs)
-    out = {"available": summ["n_accepted"] > 0, "given": False, "oracle": p.generate.oracle.model_dump(),
-           "element": element, "lattice": lattice, "preset": m.preset, "settings": s.__dict__, **_stats(summ),
-           "runs": [_run_json(r) for r in runs]}
+    runs = run_many(coexistence_specs(factory, s, seeds), p.compute)
+    summ = summarize(runs, agree_sigma=s.agree_sigma, require_agreement=s.require_agreement)
+    ok = [r for r in runs if r.accepted]  # converged two-phase runs, whether or not their seed's starts agree
     frames: list[Atoms] = []
-    if out["available"]:
+    ph, tm_phase = None, summ["tm_mean"]
+    if ok:
         _single_thread()
-        ok = [r for r in runs if r.coexisting]
+        tm_phase = summ["tm_mean"] if summ["n_accepted"] else float(np.mean([r.tm for r in ok]))
         threshold = s.q6_solid_threshold if s.q6_solid_threshold is not None else \
             float(np.mean([r.order_threshold for r in ok]))  # the accepted runs' calibrations
         total = 2 * m.phase_steps + s.melt_steps
-        with progress(f"reference solid and liquid at Tm = {summ['tm_mean']:.0f} K (MD steps)", total) as advance:
-            ph = phase_properties(factory, s, summ["tm_mean"], m.phase_steps, m.phase_snapshots, seed=m.seed,
+        with progress(f"reference solid and liquid at Tm = {tm_phase:.0f} K (MD steps)", total) as advance:
+            ph = phase_properties(factory, s, tm_phase, m.phase_steps, m.phase_snapshots, seed=m.seed,
                                   threshold=threshold, on_steps=lambda n: advance(completed=n))
         frames = ph.pop("frames")
+    pressure = pressure_systematic(tm_phase, summ["pressure_zz_GPa"], ph,
+                                   "the reference's own solid and liquid at its Tm (phase_properties)")
+    if s.ensemble == "nve" and pressure.get("dtm_dp_K_per_GPa") is not None:
+        # NVE ends at the cell's own P_zz, which depends on how much melted: every run to P = 0 first
+        summ = summarize(runs, agree_sigma=s.agree_sigma, dtm_dp=pressure["dtm_dp_K_per_GPa"],
+                         require_agreement=s.require_agreement)
+        pressure["applied"] = True
+    out = {"available": summ["n_accepted"] > 0, "given": False, "oracle": p.generate.oracle.model_dump(),
+           "element": element, "lattice": lattice, "preset": m.preset, "settings": s.__dict__, **_stats(summ),
+           "pressure": pressure, "runs": [_run_json(r) for r in runs]}
+    if ph is not None:
         out["phases"] = ph
-    else:
-        out["reason"] = "no reference run coexisted: " + "; ".join(str(r.rejected_reason) for r in runs)
+    if not out["available"]:
+        out["reason"] = "no reference seed was accepted: " + "; ".join(
+            f"seed {sd['seed']}: {sd['rejected_reason']}" for sd in summ["seeds"])
     write_extxyz(PHASES, frames)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     REFERENCE_JSON.write_text(json.dumps(jsonable(out), indent=2) + "\n")
@@ -285,4 +322,5 @@ def run_reference(p: Params) -> dict:
         return {"available": False, "reason": out["reason"], "wall_s": out["wall_s"]}
     return {"tm_ref": out["tm_mean"], "tm_ref_stderr": out["tm_stderr"], "n_accepted": out["n_accepted"],
             "latent_heat_eV_per_atom": out.get("phases", {}).get("latent_heat_eV_per_atom"),
-            "wall_s": out["wall_s"]}
+            "pressure_zz_GPa": out["pressure"]["pressure_zz_GPa"],
+            "pressure_correction_K": out["pressure"]["correction_K"], "wall_s": out["wall_s"]}

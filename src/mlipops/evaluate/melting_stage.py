@@ -44,7 +44,7 @@ from ase import Atoms
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.evaluate.melting import CoexistenceRun, plot_traces, prob_within, summarize
 from mlipops.evaluate.melting_reference import (PHASES, REFERENCE_JSON, MemberFactory, _run_from_json, _stats,
-                                                melting_crystal, run_many)
+                                                coexistence_specs, melting_crystal, pressure_systematic, run_many)
 from mlipops.params import Params
 from mlipops.paths import safe_remove
 from mlipops.report import jsonable, write_markdown, write_metrics
@@ -139,10 +139,14 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     model = load_model(model_dir, dtype=torch.float64, trusted_calculators=trusted)
     n_members = len(model) if isinstance(model, Ensemble) else 1
     members = list(range(n_members)) if isinstance(model, Ensemble) else [None]
-    specs = [{"factory": MemberFactory(model_dir, k, trusted), "settings": s, "seed": m.seed + 1000 * (i + 1) + j, "member": i}
-             for i, k in enumerate(members) for j in range(preset.member_seeds)]
+    specs = [sp for i, k in enumerate(members) for sp in coexistence_specs(
+        MemberFactory(model_dir, k, trusted), s, [m.seed + 1000 * (i + 1) + j for j in range(preset.member_seeds)],
+        member=i)]
     runs = run_many(specs, p.compute)
-    per_member = [member_stats(i, [r for r, sp in zip(runs, specs) if sp["member"] == i], ref) for i in range(n_members)]
+    # NVE: every run shifted to P = 0 with the reference's dTm/dP (its L and ΔV), as the reference's runs were
+    dtm_dp = (ref.get("pressure") or {}).get("dtm_dp_K_per_GPa") if s.ensemble == "nve" else None
+    per_member = [member_stats(i, [r for r, sp in zip(runs, specs) if sp["member"] == i], ref, s.agree_sigma, dtm_dp,
+                               s.require_agreement) for i in range(n_members)]
 
     # empty when the reference has no phases (a given reference, or no oracle run coexisted)
     frames, bad = read_extxyz(PHASES) if PHASES.is_file() and PHASES.stat().st_size else ([], [])
@@ -155,6 +159,16 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
             pm |= {"energy_error_solid": err["solid"], "energy_error_liquid": err["liquid"],
                    "delta_liquid_minus_solid": d, "bias_estimate": d / phases["delta_s_eV_per_atom_K"]}
     result = combine(per_member, ref, m.window_K)
+    # the pressure systematic: each member's P_zz with the reference's dTm/dP (its L and ΔV; a member's own would
+    # need its own solid and liquid runs)
+    pz = [pm["pressure_zz_GPa"] for pm in per_member if pm["n_accepted"] and math.isfinite(pm["pressure_zz_GPa"])]
+    result["pressure"] = pressure_systematic(
+        result["tm_mean"] if result.get("tm_mean") is not None else math.nan,
+        float(np.mean(pz)) if pz else math.nan, phases,
+        "the reference's solid and liquid at Tm_ref (phase_properties), applied to the members' P_zz")
+    result["pressure"]["applied"] = dtm_dp is not None
+    if (ref.get("pressure") or {}).get("correction_K") is not None and result["pressure"].get("correction_K") is not None:
+        result["pressure"]["bias_correction_K"] = result["pressure"]["correction_K"] - ref["pressure"]["correction_K"]
     result |= liquid_coverage(index_path, m.sweep.config_type) | snapshot_coverage(frames, index_path)
     result |= {"model": model_name, "preset": m.preset, "settings": s.__dict__, "members": per_member,
                "reference": {k: ref.get(k) for k in ("available", "given", "source", "reason", "phases_reason", "oracle",
@@ -172,11 +186,12 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     return flat_metrics(result)
 
 
-def member_stats(member: int, runs: list[CoexistenceRun], ref: dict) -> dict:
+def member_stats(member: int, runs: list[CoexistenceRun], ref: dict, agree_sigma: float = 2.0,
+                 dtm_dp: float | None = None, require_agreement: bool = True) -> dict:
     """A member's Tm and statistical error. Two or more accepted seeds: :func:`summarize` (their scatter and the
     block errors). One: its block error combined with the reference's seed-to-seed scatter (same cell, same
     protocol; one run's block error alone misses the scatter between seeds, see the melting module doc)."""
-    out = {"member": member, **_stats(summarize(runs)), "runs": [r.summary() for r in runs]}
+    out = {"member": member, **_stats(summarize(runs, agree_sigma, dtm_dp, require_agreement)), "runs": [r.summary() for r in runs]}
     scatter = ref.get("tm_std") if ref.get("available") and (ref.get("n_accepted") or 0) >= 2 else None
     if out["n_accepted"] == 1 and scatter is not None:
         out["tm_stderr"] = float(math.hypot(out["tm_stderr"], scatter))
@@ -261,6 +276,10 @@ def flat_metrics(result: dict) -> dict:
             "n_members_accepted", "liquid_coverage", "n_liquid_train_frames", "coverage_solid_at_tm",
             "coverage_liquid_at_tm", "wall_s")
     out = {k: result.get(k) for k in keys if k in result}
+    pr = result.get("pressure") or {}
+    for k in ("pressure_zz_GPa", "dtm_dp_K_per_GPa", "correction_K", "bias_correction_K"):
+        if pr.get(k) is not None and math.isfinite(pr[k]):
+            out[f"pressure.{k}"] = pr[k]
     ph = (result.get("reference") or {}).get("phases") or {}
     if ph:
         out["latent_heat_eV_per_atom"] = ph.get("latent_heat_eV_per_atom")
@@ -353,6 +372,22 @@ def conclusion(result: dict) -> list[str]:
     elif (result.get("reference") or {}).get("given"):
         lines.append("Energy cause (δE/ΔS_m) and the Tm snapshots' coverage: n/a: given reference (no reference "
                      "solid and liquid at Tm to compare the members' energies on).")
+    pr = result.get("pressure") or {}
+    if pr.get("correction_K") is not None:
+        lines.append(f"Pressure: the members' liquid–solid cells end at P_zz = {pr['pressure_zz_GPa']:+.2f} GPa "
+                     f"(normal to the interfaces); dTm/dP = Tm ΔV/L = {pr['dtm_dp_K_per_GPa']:.0f} K/GPa (ΔV, L: "
+                     f"{pr['source']}) "
+                     + (f"shifted every run to P = 0 (the members' mean shift {pr['correction_K']:+.0f} K"
+                        + (f", the bias {pr['bias_correction_K']:+.0f} K" if pr.get("bias_correction_K") is not None
+                           else "") + "; first-order Clausius–Clapeyron with L and ΔV of the reference: its "
+                        "error is a systematic of the order of a quarter of that shift)."
+                        if pr.get("applied") else
+                        f"would move Tm at P = 0 by {pr['correction_K']:+.0f} K"
+                        + (f", the bias by {pr['bias_correction_K']:+.0f} K" if pr.get("bias_correction_K")
+                           is not None else "") + ": a stated systematic, not applied."))
+    elif pr:
+        lines.append(f"Pressure: P_zz = {_fmt(pr.get('pressure_zz_GPa'), 2)} GPa; its Clausius–Clapeyron "
+                     f"correction to P = 0: {pr.get('reason', 'n/a')}.")
     if result.get("liquid_coverage") is not None:
         lines.append(f"Liquid coverage: {100 * result['liquid_coverage']:.0f} % of the liquid test atoms "
                      f"lie inside the training hull ({result['n_liquid_train_frames']} liquid training frames)"
@@ -408,9 +443,17 @@ def write_report(result: dict, runs: list[CoexistenceRun], specs: list[dict], re
         *result["conclusion"],
         f"Preset `{result['preset']}`: {s['supercell'][0]}×{s['supercell'][1]}×{s['supercell'][2]} {s['lattice']} cells "
         f"({runs[0].n_atoms if runs and runs[0].n_atoms else '?'} atoms), {s['timestep_fs']:g} fs steps: melt "
-        f"{s['melt_steps']}, NPH {s['equilibration_steps']}, NVE production {s['production_steps']}. A run counts "
-        f"only when both phases remain (solid fraction by {threshold_text(runs, s)}, in "
-        f"[{s['min_phase_fraction']}, {1 - s['min_phase_fraction']:.2f}] at the end).",
+        f"{s['melt_steps']}, NPH {s['equilibration_steps']}, {s['ensemble'].upper()} production {s['production_steps']} "
+        f"(extended to at most {s['max_production_steps'] or 2 * s['production_steps']} while the late window drifts). "
+        f"Tm is the mean T over the last {100 * s['window_fraction']:.0f} % of production; a run counts only when "
+        f"that window's drift is within {s['drift_sigma']:g} x its error ({sum(1 for r in runs if r.converged)}/"
+        f"{len(runs)} member runs converged) and both phases remain (solid fraction by {threshold_text(runs, s)}, "
+        f"in [{s['min_phase_fraction']}, {1 - s['min_phase_fraction']:.2f}] at the end). Every seed runs twice, from "
+        f"start temperatures {s['start_offset'] * s['t_guess']:g} K above and below the guess; it is accepted when both runs "
+        f"count and agree within {s['agree_sigma']:g} x their combined error, and its Tm is their mean"
+        + ("." if s.get("require_agreement", True) else
+           f" (this preset keeps starts that disagree as a bracket, half the gap in the error: "
+           f"{sum(int(pm.get('n_bracketed') or 0) for pm in result['members'])} member seed(s) bracketed)."),
         (f"Reference phases at Tm_ref: latent heat {ph['latent_heat_eV_per_atom']:.4f} eV/atom, ΔS_m = "
          f"{ph['delta_s_kB']:.2f} k_B, ΔV = {ph['delta_v_A3_per_atom']:.2f} Å³/atom." if ph else
          f"Reference phases at Tm_ref: {ref.get('phases_reason') or ref.get('reason') or 'n/a'}."),
