@@ -419,7 +419,20 @@ def validate_frames(table: pd.DataFrame, p: ValidateParams, atoms: pd.DataFrame 
     result = {"success": all(suites[s]["success"] for s in quarantining),
               "dataset_success": not dataset_failed, "dataset_checks_failed": dataset_failed,
               "suites": suites, "results": results}
+    _release_batches(context, source)
     return merged, result
+
+
+def _release_batches(context, source) -> None:
+    """Drop great-expectations' references to the tables it validated: its pandas execution engine caches every
+    batch's DataFrame (3M atoms rows: ~0.7 GB with its metrics) for as long as the data source lives."""
+    try:
+        engine = source.get_execution_engine()
+        engine.batch_manager._batch_data_cache.clear()
+        engine.batch_manager.reset_batch_cache()
+        context.data_sources.delete(source.name)
+    except Exception:  # another GX version's internals: memory, not correctness
+        pass
 
 
 def outlier_candidates(config_types, splits, p: ValidateParams) -> tuple[np.ndarray, dict[int, str]]:
@@ -723,6 +736,9 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
             outliers, out_rep, out_note, lone = outlier_decision(failures, train, train_rows, p, descriptors,
                                                                  spill_dir=CURATED)
             del train
+            if out_rep is not None and out_rep.forces is not None:  # its per-row arrays (six floats a force
+                f = out_rep.forces  # component: 0.3 GB at 2M training atoms) are neither written nor read again
+                f.y = f.fitted = f.leverage = f.cooks = f.t_external = f.dffit = np.zeros(0)
             trim_memory()
             decision = Decision(failures, table, None, gx_result, outliers, out_rep, out_note, lone)
             advance(completed=2, note="writing accepted.extxyz and the quarantine")
