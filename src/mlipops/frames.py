@@ -440,6 +440,16 @@ def _decode_error(path: Path, exc: UnicodeDecodeError, base: int = 0) -> FrameFo
                             f"({exc.reason})", file=str(path), frame=frame, field=field)
 
 
+def _open_binary(path: Path):
+    """``path`` opened for reading bytes, or a one-line FrameFormatError naming it."""
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise FrameFormatError("file not found", file=str(path)) from None
+    except OSError as exc:
+        raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
+
+
 def iter_extxyz(path: str | Path, *, source: str | None = None, default_config_type: str | None = None,
                 progress: Callable[[int], None] | None = None, with_text: bool = False,
                 trust: Iterable[str] = PROVENANCE_KEYS, stress_field: StressField | None = None) -> Iterator:
@@ -450,12 +460,7 @@ def iter_extxyz(path: str | Path, *, source: str | None = None, default_config_t
     files. A file a user names goes through :func:`read_frames` / :func:`iter_frames` instead.
     ``stress_field``: see :func:`canonicalize`."""
     path = Path(path)
-    try:
-        fh = path.open("rb")
-    except FileNotFoundError:
-        raise FrameFormatError("file not found", file=str(path)) from None
-    except OSError as exc:
-        raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
+    fh = _open_binary(path)
     with fh:
         yield from _iter_handle(fh, str(path), source or path.stem, default_config_type, progress,
                                 {"trust": tuple(trust), "stress_field": stress_field}, with_text)
@@ -683,12 +688,7 @@ def map_extxyz(path: str | Path, work: Callable, context=None, *, chunk_frames: 
     from collections import deque
 
     path = Path(path)
-    try:
-        fh = path.open("rb")
-    except FileNotFoundError:
-        raise FrameFormatError("file not found", file=str(path)) from None
-    except OSError as exc:
-        raise FrameFormatError(f"cannot read: {exc}", file=str(path)) from None
+    fh = _open_binary(path)
     name, src = str(path), source or path.stem
     canon = {"trust": tuple(trust), "stress_field": stress_field}
     n_workers = workers if workers is not None else read_workers(path.stat().st_size if path.is_file() else 0)
