@@ -46,6 +46,9 @@ TINY = {
                                        "production_steps": 40, "max_production_steps": 60,
                                        "reference_seeds": 2, "member_seeds": 1},
                              "max_retries": 0, "phase_steps": 40, "phase_snapshots": 3,
+                             # 0.2 ps never settles: the whole production (8 samples, the fewest the drift test
+                             # needs) as the window and no drift limit, so that the plumbing keeps a run
+                             "window_fraction": 1.0, "drift_sigma": 1.0e6,
                              "sweep": {"fractions": [0.0, 1.0]}},
                  "nve": {"supercell": 2, "steps": 40, "discard_fs": 10.0}},
     "promote": {"gates": {"val.force_mae": 5.0, "val.energy_mae_per_atom": 5.0, "nve:finite": {"min": 1}}},

@@ -66,7 +66,9 @@ class SpeciesHull:
     _solver: "GammaSolver | None" = field(default=None, repr=False, compare=False)
 
     def project(self, g: np.ndarray) -> np.ndarray:
-        return ((g - self.feature_mean) / self.feature_std) @ self.components.T
+        """Descriptors [n, F] in the hull's k coordinates. They are rounded to float32 first, as the index stores
+        and fits them: a structure of the training set, computed again, lands on its own training point."""
+        return ((as_stored(g) - self.feature_mean) / self.feature_std) @ self.components.T
 
     def solver(self) -> "GammaSolver":
         if self._solver is None:
@@ -85,11 +87,17 @@ class SpeciesHull:
         return x, inside, gamma, dist
 
 
+def as_stored(g: np.ndarray) -> np.ndarray:
+    """Descriptors as the index stores them (float32), in float64 for the arithmetic: the hull is fitted on and
+    judges these, so a training structure computed again lands exactly on its own training point."""
+    return np.asarray(g, dtype=np.float32).astype(np.float64)
+
+
 def fit_species_hull(species: str, g_train: np.ndarray, k: int) -> SpeciesHull:
     """Standardize, project (PCA, k components) and prune the training descriptors of one species."""
     if len(g_train) == 0:
         raise MlipopsError(f"no training atoms of species {species}: cannot build its hull", field="split")
-    g_train = np.asarray(g_train, dtype=np.float64)
+    g_train = as_stored(g_train)
     k = int(min(k, g_train.shape[1]))
     mean = g_train.mean(axis=0)
     std = g_train.std(axis=0)
@@ -127,12 +135,12 @@ def _fit_species_hull_chunked(species: str, g: np.ndarray, idx: np.ndarray, k: i
     n, f = len(idx), g.shape[1]
     k = int(min(k, f))
     blocks = [idx[lo:lo + _CHUNK_ROWS] for lo in range(0, n, _CHUNK_ROWS)]
-    mean = sum(g[b].sum(axis=0) for b in blocks) / n
-    std = np.sqrt(sum(np.square(g[b] - mean).sum(axis=0) for b in blocks) / n)
+    mean = sum(as_stored(g[b]).sum(axis=0) for b in blocks) / n
+    std = np.sqrt(sum(np.square(as_stored(g[b]) - mean).sum(axis=0) for b in blocks) / n)
     std = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max(initial=0.0))), std, 1.0)
     r = np.zeros((0, f))
     for b in blocks:
-        r = qr(np.vstack([r, (g[b] - mean) / std]), mode="r")[0][:f]
+        r = qr(np.vstack([r, (as_stored(g[b]) - mean) / std]), mode="r")[0][:f]
     _, s, vt = np.linalg.svd(r, full_matrices=False)
     var = s**2
     total = var.sum()
@@ -143,7 +151,7 @@ def _fit_species_hull_chunked(species: str, g: np.ndarray, idx: np.ndarray, k: i
         evr = np.concatenate([evr, np.zeros(k - len(evr))])
     signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])
     comps = comps * np.where(signs == 0, 1.0, signs)[:, None]
-    p = np.concatenate([((g[b] - mean) / std) @ comps.T for b in blocks])
+    p = np.concatenate([((as_stored(g[b]) - mean) / std) @ comps.T for b in blocks])
     pts, rank = extreme_points(p)
     return SpeciesHull(species=species, k=k, feature_mean=mean, feature_std=std, components=comps,
                        explained_variance_ratio=evr, centroid=p.mean(axis=0), points=pts, n_train_atoms=n, rank=rank)
