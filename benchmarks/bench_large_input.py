@@ -300,6 +300,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="run each stage under cProfile (<work>/project/*.prof)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "large_input.json")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--project", type=Path, default=None,
+                    help="run the stages in this existing project (e.g. a copy of <work>/project after ingest and "
+                         "validate, with --stages index) instead of a fresh one")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -308,7 +311,7 @@ def main() -> None:
           f"{', cached' if meta.get('cached') else ''})", flush=True)
     if args.generate_only:
         return
-    proj = make_project(args.work, data)
+    proj = args.project or make_project(args.work, data)
     rows = []
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
         print(f"running mlipops {stage} ...", flush=True)
