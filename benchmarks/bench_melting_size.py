@@ -96,9 +96,9 @@ def main() -> int:
                      f(p0["pressure_zz_GPa"]), f(p0["tm_mean"], p0["tm_stderr"]),
                      " ".join(f"{d:+.0f}" for d in diffs) or "-", f"{wall:.0f}"))
         print(rows[-1], flush=True)
-    path = ROOT / "reports/bench/melting_size.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(out), indent=2) + "\n")
+        path = ROOT / "reports/bench/melting_size.json"  # after every cell: a long study keeps what it measured
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(jsonable(out), indent=2) + "\n")
     print(md_table(("cell", "atoms", "seeds accepted (at P_zz)", "runs converged", "Tm at P_zz (K)", "P_zz (GPa)",
                     "Tm at P = 0 (K)", "above − below (K)", "wall s"), rows))
     print(f"dTm/dP = {dtm_dp if dtm_dp is None else round(dtm_dp, 1)} K/GPa; wrote {path}")

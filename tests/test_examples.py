@@ -66,7 +66,9 @@ TINY = {
                  "melting": {"quick": {"supercell": [2, 2, 4], "melt_steps": 10, "equilibration_steps": 10,
                                        "production_steps": 40, "max_production_steps": 40,
                                        "reference_seeds": 1, "member_seeds": 1},
-                             "max_retries": 0, "calibration_steps": 10, "phase_steps": 20, "phase_snapshots": 2},
+                             "max_retries": 0, "calibration_steps": 10, "phase_steps": 20, "phase_snapshots": 2,
+                             # the whole production (8 samples, the fewest the drift test needs) as the window
+                             "window_fraction": 1.0, "drift_sigma": 1.0e6},
                  "nve": {"supercell": 2, "steps": 30, "discard_fs": 10.0}},
     "promote": {"gates": {"val.force_mae": 50.0, "nve:finite": {"min": 1}}},
 }

@@ -98,7 +98,7 @@ def test_fully_melted_run_is_rejected_and_retried_colder():
     """A real EMT run far too hot: both attempts melt; the second starts retry_step_K colder."""
     s = CoexistenceSettings(supercell=(3, 3, 6), t_guess=1350.0, t_solid=3500.0, t_liquid=3500.0, t_melt=3500.0,
                             timestep_fs=4.0, melt_steps=30, equilibration_steps=0, production_steps=40,
-                            max_retries=1, retry_step_K=200.0)
+                            max_retries=1, retry_step_K=200.0, window_fraction=1.0)
     r = run_coexistence(EMT, s, seed=1)
     assert not r.coexisting and "fully melted" in r.rejected_reason
     assert r.attempts == 2 and len(r.history) == 2
@@ -193,6 +193,10 @@ def test_settings_errors_name_the_field():
         CoexistenceSettings(production_steps=1000, max_production_steps=500).validate()
     with pytest.raises(MlipopsError, match="melting.window_fraction"):
         CoexistenceSettings(production_steps=20, window_fraction=0.5).validate()
+    # 4-7 samples in the window: the drift would have no error and the run could never converge
+    with pytest.raises(MlipopsError, match="at least 8 samples"):
+        CoexistenceSettings(production_steps=70, window_fraction=0.5, max_production_steps=70).validate()
+    CoexistenceSettings(production_steps=80, window_fraction=0.5, max_production_steps=80).validate()
     with pytest.raises(MlipopsError, match="melting.start_offset"):
         CoexistenceSettings(start_offset=-0.1).validate()
 
@@ -286,21 +290,21 @@ def test_run_carries_its_calibrated_threshold(quick_run):
 
 
 def test_given_threshold_skips_the_calibration():
-    s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=10, equilibration_steps=10, production_steps=20,
+    s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=10, equilibration_steps=10, production_steps=40,
                             max_retries=0, q6_solid_threshold=0.32, a=3.59, window_fraction=1.0,
-                            max_production_steps=20)
+                            max_production_steps=40)
     assert not s.calibrating() and s.calibration_md_steps() == 0
     steps = []
     r = run_coexistence(EMT, s, seed=0, on_steps=lambda done, expected: steps.append((done, expected)))
     assert r.order_calibration is None and r.order_threshold == 0.32
-    assert steps[-1] == (30, 30)
+    assert steps[-1] == (50, 50)
 
 
 def test_progress_counts_the_calibration_steps():
     """on_steps(done, expected) of a calibrating run: the calibration's MD steps (solid, melt, liquid) come first
     and are part of the expected total, which run_many's progress line starts from."""
     s = CoexistenceSettings(supercell=(3, 3, 4), melt_steps=60, calibration_steps=40, equilibration_steps=10,
-                            production_steps=20, max_retries=0, a=3.59, window_fraction=1.0, max_production_steps=20)
+                            production_steps=40, max_retries=0, a=3.59, window_fraction=1.0, max_production_steps=40)
     total = s.calibration_md_steps() + s.equilibration_steps + s.production_steps
     assert s.calibration_md_steps() == 140
     steps = []

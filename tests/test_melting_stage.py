@@ -52,7 +52,7 @@ class _Exploding(EMT):
 
 def test_failing_calculator_becomes_a_rejected_run_not_a_crash():
     s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=10, equilibration_steps=10, production_steps=40,
-                            max_retries=1, a=3.59)
+                            max_retries=1, a=3.59, window_fraction=1.0)
     r = coexistence_task({"factory": _Exploding, "settings": s, "seed": 3, "start": -1})
     assert not r.coexisting and not r.accepted and r.seed == 3 and r.start == -1
     assert "FloatingPointError" in r.rejected_reason and "descriptor overflow" in r.rejected_reason

@@ -27,8 +27,8 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    and the solid gets Maxwell–Boltzmann velocities at 2 ``t_solid``: it starts on its perfect lattice, and
    equipartition moves half of that kinetic energy into potential energy within a phonon period.
 3. **Equilibrate** (``equilibration_steps``): NPH with ASE's ``Inhomogeneous_NPTBerendsen`` (the three cell
-   lengths relax independently to zero stress, time constant ``taup_fs``; its thermostat is switched off with
-   taut = 10¹² fs). The liquid carries no shear, so this sets the solid's lateral lattice constant at the
+   lengths relax independently to zero stress, time constant ``taup_fs``, acting once per ``sample_interval``
+   steps with that many steps, :func:`sparse_berendsen`; its thermostat is switched off with taut = 10¹² fs). The liquid carries no shear, so this sets the solid's lateral lattice constant at the
    coexistence temperature and the z length at zero pressure: the guesses of item 2 need not be exact, but a
    liquid start far from its density can freeze or melt the cell before the barostat has caught up (item 2).
 4. **Production** (``production_steps``): NVE (velocity Verlet; default) in the equilibrated cell, or NPH with the
@@ -137,7 +137,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 from ase import Atoms, units
-from ase.calculators.calculator import Calculator
+from ase.calculators.calculator import Calculator, all_changes
 from ase.constraints import FixAtoms
 from ase.data import atomic_numbers, covalent_radii, reference_states
 
@@ -148,6 +148,7 @@ from mlipops.errors import MlipopsError, ParamsError
 # The averaged order parameter q̄_l per lattice: (l, number of nearest neighbours: the first shell, crystal
 # COORDINATION; bcc and diamond the first two shells, which separate far better). Measured: module doc, item 6.
 ORDER_PARAMETER = {"fcc": (6, 12), "hcp": (6, 12), "bcc": (6, 14), "sc": (4, 6), "diamond": (4, 16)}
+MIN_WINDOW_SAMPLES = 8  # late-window samples window_stats needs for a drift error (4 blocks of 2)
 
 
 @dataclass
@@ -239,8 +240,11 @@ class CoexistenceSettings:
                 f"sample_interval={self.sample_interval}")
         if not 0.0 < self.window_fraction <= 1.0:
             bad("window_fraction", "must be in (0, 1]")
-        if self.window_fraction * self.production_steps < 4 * self.sample_interval:
-            bad("window_fraction", "the late window needs at least 4 samples of production")
+        if self.window_fraction * self.production_steps < MIN_WINDOW_SAMPLES * self.sample_interval:
+            # window_stats fits the drift through >= 4 block means of >= 2 samples: with fewer the drift has no
+            # error, and the run could never pass the convergence test
+            bad("window_fraction", f"the late window (window_fraction x production_steps) needs at least "
+                f"{MIN_WINDOW_SAMPLES} samples of sample_interval={self.sample_interval} steps")
         for name in ("drift_sigma", "agree_sigma"):
             if getattr(self, name) <= 0:
                 bad(name, "must be positive")
@@ -420,6 +424,54 @@ def solid_fraction(atoms: Atoms, threshold: float, l: int = 6, num_neighbors: in
     return float(np.mean(q > threshold)), q
 
 
+def stress_with_forces(calc: Calculator) -> Calculator:
+    """``calc``, made to compute the stress with every calculation of a periodic cell (when it can).
+
+    A Berendsen barostat asks for the stress at the positions of the last force call; ASE's calculators answer a
+    forces-only call without it, so each such request was a second full calculation (EMT, ``MlipopsCalculator``:
+    the stress comes out of the same pass for a small extra cost)."""
+    if "stress" not in getattr(calc, "implemented_properties", ()) or getattr(calc, "_stress_with_forces", False):
+        return calc
+    inner = calc.calculate
+
+    def calculate(atoms=None, properties=("energy",), system_changes=all_changes):
+        a = atoms if atoms is not None else calc.atoms
+        if a is not None and a.pbc.all() and "stress" not in properties:
+            properties = [*properties, "stress"]
+        return inner(atoms, properties, system_changes)
+
+    calc.calculate = calculate
+    calc._stress_with_forces = True
+    return calc
+
+
+def sparse_berendsen(atoms: Atoms, timestep_fs: float, temperature_K: float, taut_fs: float, taup_fs: float,
+                     bulk_modulus: float, every: int, mask: tuple[int, int, int] | None = None):
+    """ASE's Berendsen NPT at P = 0 (``Inhomogeneous_NPTBerendsen`` with ``mask``, the isotropic ``NPTBerendsen``
+    without) whose barostat acts every ``every`` steps with that many time steps: the same coupling (the cell
+    relaxes with ``taup_fs``), a fraction of the cost. A cell change makes the next step evaluate the forces
+    twice (ASE rescales the cell before the first half-kick and recomputes the forces there; EMT and Lennard-Jones
+    rebuild their neighbour lists too): a barostat on every step made each step 3-4 times dearer (EMT Cu,
+    512 atoms: 0.29 against 0.09 s per step). With ``taut_fs`` of 10¹² fs the thermostat is off (NPH)."""
+    from ase.md.nptberendsen import Inhomogeneous_NPTBerendsen, NPTBerendsen
+
+    class Sparse(Inhomogeneous_NPTBerendsen if mask is not None else NPTBerendsen):
+        count = 0
+
+        def scale_positions_and_cell(self):
+            self.count += 1
+            if self.count % every == 0:
+                dt, self.dt = self.dt, self.dt * every
+                try:
+                    super().scale_positions_and_cell()
+                finally:
+                    self.dt = dt
+
+    kw = {"mask": mask} if mask is not None else {}
+    return Sparse(atoms, timestep_fs * units.fs, temperature_K=temperature_K, taut=taut_fs * units.fs,
+                  pressure_au=0.0, taup=taup_fs * units.fs, compressibility_au=1.0 / bulk_modulus, **kw)
+
+
 def _melt(atoms: Atoms, s: CoexistenceSettings, t_melt: float, t_end: float, rng: np.random.Generator) -> None:
     """The melting protocol of the liquid half (module doc, item 2): Langevin (100 fs friction) at ``t_melt`` for
     2/3 of ``melt_steps``, then at ``t_end`` for the rest; momenta start from Maxwell–Boltzmann at ``t_melt``
@@ -589,16 +641,14 @@ def next_attempt(final_fraction: float, t_solid: float, t_liquid: float, step: f
 def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator, on_steps=None) -> dict:
     """Build, equilibrate (NPH), produce; production is extended by :meth:`~CoexistenceSettings.production_chunk`
     while the late window has not converged (and both phases remain), up to ``production_limit()`` steps."""
-    from ase.md.nptberendsen import Inhomogeneous_NPTBerendsen
     from ase.md.verlet import VelocityVerlet
 
-    atoms = build_coexistence_cell(s, calc_factory(), rng)
+    atoms = build_coexistence_cell(s, stress_with_forces(calc_factory()), rng)
     dt = s.timestep_fs * units.fs
 
-    def nph(mask=(1, 1, 1)):
-        return Inhomogeneous_NPTBerendsen(atoms, dt, temperature_K=s.t_guess, taut=1e12 * units.fs,
-                                          pressure_au=0.0, taup=s.taup_fs * units.fs,
-                                          compressibility_au=1.0 / atoms.info["bulk_modulus"], mask=mask)
+    def nph(mask=(1, 1, 1)):  # thermostat off; the barostat acts once per sample (sparse_berendsen)
+        return sparse_berendsen(atoms, s.timestep_fs, s.t_guess, 1e12, s.taup_fs, atoms.info["bulk_modulus"],
+                                s.sample_interval, mask)
 
     temps, times, fracs, press, pzz, etot, vols = [], [], [], [], [], [], []
     l, n_nb = s.order()
@@ -863,7 +913,8 @@ def phase_properties(calc_factory: Callable[[], Calculator], s: CoexistenceSetti
     """Pure solid and pure liquid at ``temperature`` (Tm): the latent heat, ΔS_m and labelled snapshots.
 
     Each phase: ``supercell`` (default nx x ny x nx of the coexistence cell's lateral size) conventional cells,
-    NPT (ASE's isotropic ``NPTBerendsen``, P = 0, taut 100 fs, taup ``s.taup_fs``) for ``steps``; the first half
+    NPT (ASE's isotropic ``NPTBerendsen``, P = 0, taut 100 fs, taup ``s.taup_fs``, the barostat acting once per
+    sample: :func:`sparse_berendsen`) for ``steps``; the first half
     equilibrates, the second half gives the mean potential energy and volume per atom (sampled every
     ``s.sample_interval`` steps) and ``snapshots`` evenly spaced frames labelled by the same calculator (energy,
     forces, stress; ``config_type`` ``melting_solid`` / ``melting_liquid``, ``temperature_K``). The liquid is
@@ -877,14 +928,12 @@ def phase_properties(calc_factory: Callable[[], Calculator], s: CoexistenceSetti
     liquid that froze or a solid that melted is visible. ``on_steps(done)``: MD steps done (progress), of
     2 (``steps`` + solid) + ``melt_steps``."""
     from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.md.nptberendsen import NPTBerendsen
 
     s.validate()
     rng = np.random.default_rng([seed, 7])
-    calc = calc_factory()
+    calc = stress_with_forces(calc_factory())
     a0, bulk_modulus = lattice_constant(s.element, s.lattice, calc, s.a)
     n = supercell or (s.supercell[0], s.supercell[1], s.supercell[0])
-    dt = s.timestep_fs * units.fs
     _, _, t_melt = s.temperatures()
     half = steps // 2
     k = max(1, min(s.sample_interval, half))
@@ -903,8 +952,7 @@ def phase_properties(calc_factory: Callable[[], Calculator], s: CoexistenceSetti
             done += s.melt_steps
         else:
             atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), 2.0 * temperature, rng))
-        dyn = NPTBerendsen(atoms, dt, temperature_K=temperature, taut=100.0 * units.fs, pressure_au=0.0,
-                           taup=s.taup_fs * units.fs, compressibility_au=1.0 / bulk_modulus)
+        dyn = sparse_berendsen(atoms, s.timestep_fs, temperature, 100.0, s.taup_fs, bulk_modulus, k)
         for i in range(0, half, max(k, 10)):
             dyn.run(min(max(k, 10), half - i))
             if on_steps is not None:
