@@ -43,6 +43,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=2, help="seeds per cell (each runs above and below the guess)")
     ap.add_argument("--preset", choices=["quick", "production"], default="production")
     ap.add_argument("--production-steps", type=int, default=None, help="override (smoke runs)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the cells already in reports/bench/melting_size.json (same preset) and add these")
     args = ap.parse_args()
     os.chdir(ROOT)
 
@@ -66,6 +68,14 @@ def main() -> int:
     seeds = [m.seed + 700 + k for k in range(args.seeds)]
     rows, out, dtm_dp = [], {"element": element, "lattice": lattice, "preset": args.preset,
                              "production_steps": base.production_steps, "cells": []}, None
+    path = ROOT / "reports/bench/melting_size.json"
+    if args.append and path.is_file():  # a long study in parts: the earlier cells and their dTm/dP
+        old = json.loads(path.read_text())
+        if (old.get("element"), old.get("lattice"), old.get("preset"), old.get("production_steps")) != (
+                element, lattice, args.preset, base.production_steps):
+            raise SystemExit(f"--append: {path} holds another study ({old.get('element')} {old.get('lattice')}, "
+                             f"preset {old.get('preset')}, production {old.get('production_steps')})")
+        out, dtm_dp = old, old.get("dtm_dp_K_per_GPa")
     for cell in args.cells:
         s = replace(base, supercell=cell).validate()
         t0 = time.perf_counter()
@@ -96,7 +106,7 @@ def main() -> int:
                      f(p0["pressure_zz_GPa"]), f(p0["tm_mean"], p0["tm_stderr"]),
                      " ".join(f"{d:+.0f}" for d in diffs) or "-", f"{wall:.0f}"))
         print(rows[-1], flush=True)
-        path = ROOT / "reports/bench/melting_size.json"  # after every cell: a long study keeps what it measured
+        # written after every cell: a long study keeps what it has measured
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(jsonable(out), indent=2) + "\n")
     print(md_table(("cell", "atoms", "seeds accepted (at P_zz)", "runs converged", "Tm at P_zz (K)", "P_zz (GPa)",

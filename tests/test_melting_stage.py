@@ -92,6 +92,14 @@ def test_flat_metrics_and_conclusion_are_consistent():
     text = " ".join(melting_stage.conclusion(result))
     assert "Tm = 1300 ± 10 K" in text and "Tm = 1260 ± 14 K" in text and "bias -40 K" in text
     assert "-30 K (δE/ΔS_m)" in text and "90 %" in text
+    # the quick preset says what its numbers are, with the stated finite-size systematic when measured
+    assert "finite size: not measured" in text
+    quick = result | {"preset": "quick", "settings": {"supercell": (4, 4, 8)},
+                      "finite_size": {"bias_K": -12.0, "error_K": 9.0, "source": "EMT Cu fcc, 4x4x8 vs 6x6x8"}}
+    text = " ".join(melting_stage.conclusion(quick))
+    assert "not the number to quote" in text and "4×4×8 cell melts -12 ± 9 K" in text and "EMT Cu fcc" in text
+    assert "evaluate.melting.preset=production" in text
+    assert "not the number to quote" not in " ".join(melting_stage.conclusion(quick | {"preset": "production"}))
 
 
 def test_bias_significance_on_numbers():

@@ -577,6 +577,13 @@ class UncertaintyParams(_Section):
     min_spearman: float = Field(0.3, ge=-1, le=1)  # promotion fails when ρ(σ_F, |ΔF|) on validation is below
 
 
+class FiniteSize(_Section):
+    """The finite-size systematic of a preset's cell, as measured (``bench_melting_size.py``) and where."""
+    bias_K: float  # Tm(this cell) − Tm(largest cell studied)
+    error_K: float = Field(ge=0)  # its standard error
+    source: str  # what was measured: calculator, element, lattice, cells, seeds
+
+
 class MeltingPreset(_Section):
     """Sizes of the coexistence runs (:mod:`mlipops.evaluate.melting`)."""
     supercell: tuple[int, int, int] = (4, 4, 8)  # conventional cells; z split solid | liquid
@@ -588,6 +595,9 @@ class MeltingPreset(_Section):
     member_seeds: int = Field(1, ge=1)  # independent seeds per ensemble member (each: 2 starts)
     # a seed whose two starts disagree: rejected (true), or kept as a bracket, mean ± half the gap (false)
     require_agreement: bool = True
+    # this cell's Tm minus that of the largest cell of a finite-size study (benchmarks/bench_melting_size.py): a
+    # systematic the report states (not applied); None: not measured
+    finite_size: FiniteSize | None = None
 
 
 class MeltingSweepParams(_Section):

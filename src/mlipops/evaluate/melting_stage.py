@@ -171,6 +171,7 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
         result["pressure"]["bias_correction_K"] = result["pressure"]["correction_K"] - ref["pressure"]["correction_K"]
     result |= liquid_coverage(index_path, m.sweep.config_type) | snapshot_coverage(frames, index_path)
     result |= {"model": model_name, "preset": m.preset, "settings": s.__dict__, "members": per_member,
+               "finite_size": preset.finite_size.model_dump() if preset.finite_size is not None else None,
                "reference": {k: ref.get(k) for k in ("available", "given", "source", "reason", "phases_reason", "oracle",
                                                     "tm_mean", "tm_std", "tm_stderr", "n_accepted", "n_rejected",
                                                     "phases", "preset", "element", "lattice")},
@@ -388,6 +389,7 @@ def conclusion(result: dict) -> list[str]:
     elif pr:
         lines.append(f"Pressure: P_zz = {_fmt(pr.get('pressure_zz_GPa'), 2)} GPa; its Clausius–Clapeyron "
                      f"correction to P = 0: {pr.get('reason', 'n/a')}.")
+    lines.append(preset_statement(result))
     if result.get("liquid_coverage") is not None:
         lines.append(f"Liquid coverage: {100 * result['liquid_coverage']:.0f} % of the liquid test atoms "
                      f"lie inside the training hull ({result['n_liquid_train_frames']} liquid training frames)"
@@ -395,6 +397,22 @@ def conclusion(result: dict) -> list[str]:
                         f"{100 * result['coverage_solid_at_tm']:.0f} % (solid)." if "coverage_liquid_at_tm" in result
                         else "."))
     return lines
+
+
+def preset_statement(result: dict) -> str:
+    """What the numbers are (issue 23): the quick preset's estimate with its stated finite-size systematic, or
+    the production preset's numbers to quote."""
+    fs = result.get("finite_size")
+    st = result.get("settings") or {}
+    cell = "×".join(str(c) for c in st.get("supercell", ())) or "?"
+    size = (f"finite size: this {cell} cell melts {fs['bias_K']:+.0f} ± {fs['error_K']:.0f} K from the largest cell "
+            f"studied ({fs['source']}; a stated systematic, not applied)" if fs else
+            f"finite size: not measured for the {cell} cell (evaluate.melting.<preset>.finite_size)")
+    if result.get("preset") == "quick":
+        return (f"Preset `quick`: an estimate within `make repro`'s budget, not the number to quote; {size}. The "
+                "number to quote: `dvc exp run -S evaluate.melting.preset=production` (≥ 4 runs per member, "
+                "longer windows).")
+    return f"Preset `{result.get('preset')}`: {size}."
 
 
 def reference_name(ref: dict) -> str:
