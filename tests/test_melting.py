@@ -417,3 +417,42 @@ def test_starts_above_and_below_agree_on_a_small_argon_cell():
     assert all(r.coexisting for r in runs), [r.rejected_reason for r in runs]
     assert abs(runs[0].tm - runs[1].tm) < 4.0, [(r.tm, r.tm_stderr) for r in runs]
     assert all(60.0 < r.tm < 95.0 for r in runs)
+
+
+# ------------------------------------------------------------------------------ cost of an NPH step
+class _CountingEMT(EMT):
+    calls = 0
+
+    def calculate(self, *args, **kwargs):
+        type(self).calls += 1
+        super().calculate(*args, **kwargs)
+
+
+def test_nph_step_costs_one_force_call_and_the_cell_moves_once_per_sample():
+    """The coexistence NPH: ASE's barostat on every step made each step three calculations (the stress at the
+    last positions, the forces after the cell rescaling, the forces after the drift); acting once per sample with
+    the stress computed alongside the forces, 10 steps at every=5 cost 10 + 2 calculations, and the cell changes
+    only on steps 5 and 10, by the coupling of 5 steps."""
+    atoms = bulk("Cu", "fcc", a=3.62, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=0)
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300.0, rng=np.random.default_rng(0))
+    atoms.calc = melting.stress_with_forces(_CountingEMT())
+    atoms.get_forces()
+    assert "stress" in atoms.calc.results  # came with the forces: the barostat's request costs nothing
+    dyn = melting.sparse_berendsen(atoms, 2.0, 300.0, 1e12, 500.0, 140.0 * units.GPa, every=5, mask=(0, 0, 1))
+    _CountingEMT.calls, cells = 0, []
+    for _ in range(10):
+        dyn.run(1)
+        cells.append(atoms.cell.lengths().copy())
+    assert _CountingEMT.calls == 12
+    moved = [k + 1 for k in range(1, 10) if not np.allclose(cells[k], cells[k - 1], rtol=0, atol=1e-12)]
+    assert moved == [5, 10] and np.allclose(cells[-1][:2], 3.62 * 2)  # z only (mask), once per sample
+    # a calculator without a stress is left as it is; wrapping twice does not nest
+    class NoStress(EMT):
+        implemented_properties = ["energy", "forces"]
+    plain = NoStress()
+    assert melting.stress_with_forces(plain) is plain and not getattr(plain, "_stress_with_forces", False)
+    wrapped = atoms.calc
+    assert melting.stress_with_forces(wrapped).calculate is wrapped.calculate
