@@ -338,6 +338,9 @@ def test_summed_descriptor_gradient_equals_autograd():
             got = summed_descriptor_gradient(d, torch.from_numpy(sp), it, jt, v.detach())
             assert got.shape == ref.shape
             assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10)
+            g, again = summed_descriptor_gradient(d, torch.from_numpy(sp), it, jt, v.detach(), with_descriptors=True)
+            assert torch.equal(again, got)  # the descriptors from the same pass are the forward's, to rounding
+            assert torch.allclose(g, d(torch.from_numpy(sp), it, jt, v.detach()), atol=1e-12, rtol=1e-12)
 
 
 def test_chunked_least_squares_equals_statsmodels(u_rng):

@@ -215,16 +215,40 @@ def _incidence(rows: torch.Tensor, n_rows: int, weight: float, dtype: torch.dtyp
                                        (n_rows, len(rows)))
 
 
+def _gradient_tables(desc: "AtomCentredDescriptor", dtype: torch.dtype, device) -> tuple:
+    """Constants of :func:`summed_descriptor_gradient`: for monomial k = w x^a y^b z^c and direction d,
+    ∂μ_k/∂u_d = coef[k, d] · (unweighted monomial ``lower[k, d]``) with coef = w·(a, b, c)_d (0, and lower 0,
+    where the exponent is 0); and the monomial weights w."""
+    key = (dtype, str(device))
+    cache = desc.__dict__.setdefault("_gradient_tables", {})
+    if key not in cache:
+        expo = desc.mono_expo.tolist()
+        index = {tuple(e): k for k, e in enumerate(expo)}
+        lower = torch.zeros(len(expo), 3, dtype=torch.long)
+        coef = torch.zeros(len(expo), 3, dtype=torch.float64)
+        for k, e in enumerate(expo):
+            for d in range(3):
+                if e[d] > 0:
+                    lower[k, d] = index[tuple(e[:d] + [e[d] - 1] + e[d + 1:])]
+                    coef[k, d] = desc._mono_weight[k] * e[d]
+        cache[key] = (lower.reshape(-1).to(device), coef.to(dtype=dtype, device=device),
+                      torch.tensor(desc._mono_weight, dtype=dtype, device=device))
+    return cache[key]
+
+
 def summed_descriptor_gradient(desc: "AtomCentredDescriptor", species: torch.Tensor, edge_i: torch.Tensor,
-                               edge_j: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+                               edge_j: torch.Tensor, vec: torch.Tensor, with_descriptors: bool = False):
     """∂(Σ_i G_i)/∂r_a [n_atoms, 3, n_features]: the gradient of the summed descriptor of the atoms'
     frames with respect to each atom's position, analytically in one pass over the edges (no autograd;
-    the same numbers as one backward pass per feature, to rounding, ~50x faster).
+    the same numbers as one backward pass per feature, to rounding, ~50x faster). With
+    ``with_descriptors``: (G [n_atoms, n_features], the gradient), G from the same pass (``desc``'s forward
+    to rounding).
 
     Each edge e = (i→j) contributes D_e = ∂G_i/∂vec_e to atom j and −D_e to atom i (vec_e = r_j − r_i + shift).
     Radial: D_e = R_n'(r) û. Angular, with m_{e,n,k} = R_n(r) μ_k(û) (μ_k the weighted monomials of order l)
     and C_{e,ab,n,k} = δ_{s_j a} M_{i,b,n,k} + δ_{s_j b} M_{i,a,n,k}: D_e = Σ_{k∈l} C_{e,ab,n,k} ∂m_{e,n,k}/∂vec_e,
-    ∂m/∂vec = R_n' μ_k û + (R_n / r) (I − û û') ∇_u μ_k.
+    ∂m/∂vec = R_n' μ_k û + (R_n / r) (I − û û') ∇_u μ_k. With A = Σ_{k∈l} C μ_k and B = Σ_{k∈l} C ∇_u μ_k,
+    and B·û = l A (A is homogeneous of degree l in û: Euler), D = (R_n / r) B + (R_n' − l R_n / r) A û.
     """
     n_atoms, S, dt = species.shape[0], desc.n_species, vec.dtype
     vec = vec.detach()
@@ -246,7 +270,10 @@ def summed_descriptor_gradient(desc: "AtomCentredDescriptor", species: torch.Ten
         out = _incidence(j, n_atoms, 1.0, dt) @ flat + _incidence(i, n_atoms, -1.0, dt) @ flat
         return out.reshape(n_atoms, *d.shape[1:])
 
-    _, drad = basis_and_slope(desc.radial, r)
+    rad, drad = basis_and_slope(desc.radial, r)
+    feats = []
+    if with_descriptors:  # G^rad_{i,s,n} = Σ_{j∈s} R_n(r_ij)
+        feats.append((_incidence(edge_i * S + sj, n_atoms * S, 1.0, dt) @ rad).view(n_atoms, S * desc.n_radial))
     d_rad = drad[:, :, None] * u[:, None, :]  # [E, nr, 3]
     if S > 1:  # the species channel of the neighbour: column block s_j
         full = d_rad.new_zeros(len(r), S, desc.n_radial, 3)
@@ -257,42 +284,45 @@ def summed_descriptor_gradient(desc: "AtomCentredDescriptor", species: torch.Ten
         keep = r < desc.angular_cutoff
         ia, ja, sa, ra_, ua = edge_i[keep], edge_j[keep], sj[keep], r[keep], u[keep]
         rb, drb = basis_and_slope(desc.angular, ra_)  # [Ea, na]
-        e = desc.mono_expo  # [K, 3]
-        weight = torch.tensor(desc._mono_weight, dtype=dt, device=u.device)
+        e, L = desc.mono_expo, desc.max_l
+        lower, coef, weight = _gradient_tables(desc, dt, u.device)
         pw = [torch.ones_like(ua)]
-        for _ in range(desc.max_l):
+        for _ in range(L):
             pw.append(pw[-1] * ua)
         pw = torch.stack(pw, dim=2)  # [Ea, 3, L+1]: u_d^p
-        px, py, pz = pw[:, 0, e[:, 0]], pw[:, 1, e[:, 1]], pw[:, 2, e[:, 2]]  # [Ea, K]
-        mono = px * py * pz * weight
-        # ∇_u of w x^a y^b z^c = w (a x^(a-1) y^b z^c, ...); the clamp reads x^0 where a = 0 (times 0)
-        low = [pw[:, d, (e[:, d] - 1).clamp(min=0)] * e[:, d].to(dt) for d in range(3)]
-        Z = torch.stack([mono, low[0] * py * pz * weight, px * low[1] * pz * weight, px * py * low[2] * weight],
-                        dim=2)  # [Ea, K, 4]: μ_k and ∇_u μ_k
+        U = pw[:, 0, e[:, 0]] * pw[:, 1, e[:, 1]] * pw[:, 2, e[:, 2]]  # [Ea, K]: x^a y^b z^c
+        n_mono = U.shape[1]
+        mono = U * weight
+        # [Ea, K, 4]: μ_k and ∇_u μ_k (∂μ_k/∂u_d = coef · a lower-order monomial)
+        Z = torch.cat([mono[:, :, None], U[:, lower].view(-1, n_mono, 3) * coef], dim=2)
         m = rb[:, :, None] * mono[:, None, :]  # [Ea, na, K]
         rows = ia * S + sa
         M = (_incidence(rows, n_atoms * S, 1.0, dt) @ m.reshape(len(m), -1)).view(n_atoms, S, *m.shape[1:])
         a, b = desc.pair_a, desc.pair_b
-        if S == 1:  # one pair (0, 0): C = 2 M_i
-            C = M.view(n_atoms, -1)[ia].view(len(ia), 1, *m.shape[1:]) * 2.0
+        if with_descriptors:
+            inv = (M[:, a] * M[:, b]) @ desc.mono_group.to(dt)  # [n, pairs, n_ang, L+1]
+            feats.append(inv.permute(0, 3, 1, 2).reshape(n_atoms, -1))  # l-major, as forward()
+        if S == 1:  # one pair (0, 0): C = 2 M_i (the 2 is applied to D below)
+            C, two = M.view(n_atoms, -1)[ia].view(len(ia), 1, *m.shape[1:]), 2.0
         else:
             Mi = M[ia]  # [Ea, S, na, K]
             C = ((sa[:, None] == a)[:, :, None, None] * Mi[:, b]
                  + (sa[:, None] == b)[:, :, None, None] * Mi[:, a])  # [Ea, P, na, K]
+            two = 1.0
         P, na = C.shape[1], C.shape[2]
         C = C.reshape(len(C), P * na, -1)
-        bounds = np.cumsum([0] + [(l + 1) * (l + 2) // 2 for l in range(desc.max_l + 1)])  # monomials by order
+        bounds = np.cumsum([0] + [(l + 1) * (l + 2) // 2 for l in range(L + 1)])  # monomials by order
         AB = torch.stack([torch.bmm(C[:, :, lo:hi], Z[:, lo:hi, :]) for lo, hi in zip(bounds[:-1], bounds[1:])],
-                         dim=2).view(len(C), P, na, desc.max_l + 1, 4)  # Σ_{k∈l} C μ_k, Σ_{k∈l} C ∇_u μ_k
+                         dim=2).view(len(C), P, na, L + 1, 4)  # Σ_{k∈l} C μ_k, Σ_{k∈l} C ∇_u μ_k
         A, B = AB[..., 0], AB[..., 1:]
-        # D = R' A û + (R / r) (B − (B·û) û) = (R / r) B + (R' A − (R / r) B·û) û
-        c = (rb / ra_[:, None])[:, None, :, None]  # [Ea, 1, na, 1]
-        uu = ua[:, None, None, None, :]
-        s_ = drb[:, None, :, None] * A - c * (B * uu).sum(-1)  # [Ea, P, na, L+1]
-        D = c[..., None] * B + s_[..., None] * uu  # [Ea, P, na, L+1, 3]
+        c = rb / ra_[:, None]  # [Ea, na]: R / r
+        s_ = (drb[:, :, None] - c[:, :, None] * torch.arange(L + 1, dtype=dt, device=u.device))  # R' − l R / r
+        s_ = s_[:, None] * A * two  # [Ea, P, na, L+1]
+        D = (c * two)[:, None, :, None, None] * B + s_[..., None] * ua[:, None, None, None, :]  # [Ea, P, na, L+1, 3]
         D = D.permute(0, 3, 1, 2, 4).reshape(len(D), -1, 3)  # l-major, as the features
         parts.append(to_atoms(ia, ja, D))
-    return torch.cat(parts, dim=1).transpose(1, 2)
+    jac = torch.cat(parts, dim=1).transpose(1, 2)
+    return (torch.cat(feats, dim=1), jac) if with_descriptors else jac
 
 
 def frame_edges(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float,

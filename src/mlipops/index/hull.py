@@ -440,10 +440,12 @@ def hull_distance(points: np.ndarray, x: np.ndarray) -> np.ndarray:
     a = np.vstack([points.T, np.full(len(points), weight)])
     m = min(len(points), _CANDIDATES)
     _, near = cKDTree(points).query(x, k=m)
-    near = np.asarray(near).reshape(len(x), m)
+    near = np.sort(np.asarray(near).reshape(len(x), m), axis=1)  # the k nearest are distinct points
+    in_work = np.zeros(len(points), dtype=bool)  # membership of the working set (cleared after each row)
     for q, xq in enumerate(x):
         b = np.concatenate([xq, [weight]])
-        work = np.unique(near[q])
+        work = near[q]
+        in_work[work] = True
         while True:
             lam, _ = nnls(a[:, work], b, maxiter=50 * len(work))
             lam = lam / lam.sum() if lam.sum() > 0 else np.full(len(work), 1.0 / len(work))
@@ -455,10 +457,13 @@ def hull_distance(points: np.ndarray, x: np.ndarray) -> np.ndarray:
             beyond = (points - y) @ d  # > 0: p lies on x's side of the plane through y
             tol = 1e-9 * scale * max(dist, 1e-300)
             bad = np.flatnonzero(beyond > tol)
-            bad = np.setdiff1d(bad, work, assume_unique=False)
+            bad = bad[~in_work[bad]]
             if not len(bad):
                 break
-            work = np.union1d(work, bad[np.argsort(-beyond[bad])[:4 * m]])
+            add = bad[np.argsort(-beyond[bad])[:4 * m]]
+            in_work[add] = True
+            work = np.sort(np.concatenate([work, add]))  # as a sorted union: the same columns in the same order
+        in_work[work] = False
         out[q] = dist
     return out
 

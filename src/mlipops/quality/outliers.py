@@ -362,11 +362,13 @@ def _design_rows(desc, pool: "FramePool", chunk: list[int], z_to_index: dict, sp
     sp_t, i_t, j_t = (torch.from_numpy(np.concatenate(v)) for v in (sps, ii, jj))
     vec = torch.from_numpy(np.concatenate(vv))
     with torch.no_grad():
-        g = desc(sp_t, i_t, j_t, vec)  # [N, F]
+        if forces:  # the descriptors and their gradient in one pass over the edges
+            g, jac = summed_descriptor_gradient(desc, sp_t, i_t, j_t, vec, with_descriptors=True)
+            jac = -jac.reshape(-1, n_feat).numpy()  # [3N, F], row 3 a + α
+        else:
+            g, jac = desc(sp_t, i_t, j_t, vec), None  # [N, F]
         own = torch.from_numpy(np.concatenate(owner))
         s = g.new_zeros(len(chunk), n_feat).index_add_(0, own, g).numpy()  # per-frame summed descriptors
-        jac = -summed_descriptor_gradient(desc, sp_t, i_t, j_t, vec).reshape(-1, n_feat).numpy() \
-            if forces else None  # [3N, F], row 3 a + α
     rows = np.empty((len(chunk), len(species) + n_feat))
     for q, k in enumerate(chunk):
         numbers = pool.frame(k)[0]
