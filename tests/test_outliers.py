@@ -161,11 +161,15 @@ def test_added_and_frame_cooks_equal_refits(u_rng):
         np.testing.assert_allclose(deleted[~m], y[~m] - x[~m] @ beta_f, rtol=1e-8)
 
 
-def test_frame_cooks_of_frame_major_rows_in_a_row_store(u_rng):
-    """frame_cooks of frame-major rows (some frames not asked for, rows in a RowStore, as at scale) gives what it
-    gives for the same rows shuffled in memory."""
+@pytest.mark.parametrize("block_rows", [1 << 16, 7])
+def test_frame_cooks_of_frame_major_rows_in_a_row_store(u_rng, monkeypatch, block_rows):
+    """frame_cooks of frame-major rows (some frames not asked for, rows in a RowStore, as at scale; read in blocks
+    of frames and solved as stacks of equal row counts) gives what it gives for the same rows shuffled in memory
+    (frame by frame)."""
+    from mlipops.quality import outliers
     from mlipops.quality.outliers import RowStore
 
+    monkeypatch.setattr(outliers, "_COOKS_BLOCK_ROWS", block_rows)
     frame = np.repeat(np.arange(30), u_rng.integers(1, 9, 30))
     x = np.column_stack([np.ones(len(frame)), u_rng.standard_normal((len(frame), 4))])
     y = x @ np.array([0.5, 1.0, -2.0, 0.3, 0.0]) + 0.1 * u_rng.standard_normal(len(frame))

@@ -725,6 +725,9 @@ def tail_z(values: np.ndarray, groups: np.ndarray, reference: np.ndarray, min_gr
     return z
 
 
+_COOKS_BLOCK_ROWS = 1 << 16  # force rows read (one span) and evaluated at a time by frame_cooks
+
+
 def frame_cooks(x, res: np.ndarray, frame: np.ndarray, fit: Surrogate,
                 frames: np.ndarray, deleted: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Frame-block influence of the rows ``x`` (residuals ``res``, frame of each row ``frame``) of
@@ -732,7 +735,11 @@ def frame_cooks(x, res: np.ndarray, frame: np.ndarray, fit: Surrogate,
     D_f = Δβ' X'X Δβ / (p s²) with Δβ = (X'X)⁻¹ (I − X_f'X_f (X'X)⁻¹)⁻¹ X_f' e_f the change of the
     coefficients when its rows X_f are dropped, and its deleted residuals e_f + X_f Δβ (the label
     minus the prediction of a fit without the frame). Closed forms, no refit; returns
-    (D per frame, deleted residual per row)."""
+    (D per frame, deleted residual per row).
+
+    Rows in frame order (the design's) are read a block of consecutive frames at a time (one span of ``x``,
+    which may be a :class:`RowStore`) and the frames of a block with equal row counts are solved as one stack;
+    a stack with a singular frame, and rows in another order, go frame by frame."""
     out = np.full(len(frames), np.nan)
     deleted = np.array(res, dtype=float, copy=True) if deleted else None
     if fit.xtx_inv is None or fit.n <= fit.p or not fit.p:
@@ -740,21 +747,58 @@ def frame_cooks(x, res: np.ndarray, frame: np.ndarray, fit: Surrogate,
     a = fit.xtx_inv
     xtx = np.linalg.pinv(a)
     s2 = float(np.sum((fit.y - fit.fitted) ** 2)) / (fit.n - fit.p)
-    order = np.arange(len(frame)) if _is_sorted(frame) else np.argsort(frame, kind="stable")
-    bounds = np.searchsorted(frame[order], frames, side="left"), np.searchsorted(frame[order], frames, side="right")
-    for q, (lo, hi) in enumerate(zip(*bounds)):
-        rows = order[lo:hi]
-        if not len(rows):
-            continue
-        xf = x[rows][:, fit.cols]
+    denom = fit.p * max(s2, 1e-300)
+    in_order = _is_sorted(frame)
+    order = np.arange(len(frame)) if in_order else np.argsort(frame, kind="stable")
+    frames = np.asarray(frames)
+    lo_all = np.searchsorted(frame[order], frames, side="left")
+    hi_all = np.searchsorted(frame[order], frames, side="right")
+
+    def one(q: int, xf: np.ndarray, e: np.ndarray):  # frame q's rows xf [r, p], residuals e [r]
         m = np.eye(fit.p) - xf.T @ xf @ a
         try:
-            db = a @ np.linalg.solve(m, xf.T @ res[rows])
+            db = a @ np.linalg.solve(m, xf.T @ e)
         except np.linalg.LinAlgError:
+            return None
+        out[q] = float(db @ xtx @ db) / denom
+        return e + xf @ db
+
+    if not in_order or not _is_sorted(frames):
+        for q, (lo, hi) in enumerate(zip(lo_all, hi_all)):
+            rows = order[lo:hi]
+            if len(rows):
+                d_rows = one(q, x[rows][:, fit.cols], res[rows])
+                if deleted is not None and d_rows is not None:
+                    deleted[rows] = d_rows
+        return out, deleted
+    q = 0
+    while q < len(frames):
+        q0, r0 = q, int(lo_all[q])
+        while q < len(frames) and (q == q0 or hi_all[q] - r0 <= _COOKS_BLOCK_ROWS):
+            q += 1
+        r1 = int(hi_all[q - 1])
+        if r1 <= r0:
             continue
-        out[q] = float(db @ xtx @ db) / (fit.p * max(s2, 1e-300))
-        if deleted is not None:
-            deleted[rows] = res[rows] + xf @ db
+        xb = x[r0:r1][:, fit.cols]  # one read of the block's span
+        eb = res[r0:r1]
+        count = hi_all[q0:q] - lo_all[q0:q]
+        for c in np.unique(count[count > 0]):
+            sel = np.flatnonzero(count == c)
+            idx = (lo_all[q0 + sel] - r0)[:, None] + np.arange(c)  # [B, c]
+            xf, e = xb[idx], eb[idx]  # [B, c, p], [B, c]
+            xft = xf.transpose(0, 2, 1)
+            try:
+                sol = np.linalg.solve(np.eye(fit.p) - (xft @ xf) @ a, (xft @ e[..., None]))[..., 0]
+            except np.linalg.LinAlgError:  # a singular frame in the stack: frame by frame
+                for b, k in enumerate(sel):
+                    d_rows = one(q0 + k, xf[b], e[b])
+                    if deleted is not None and d_rows is not None:
+                        deleted[r0 + idx[b]] = d_rows
+                continue
+            db = sol @ a.T  # a is symmetric: (a @ sol_b) for every b
+            out[q0 + sel] = np.einsum("bi,ij,bj->b", db, xtx, db) / denom
+            if deleted is not None:
+                deleted[r0 + idx] = e + (xf @ db[..., None])[..., 0]
     return out, deleted
 
 
