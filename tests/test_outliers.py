@@ -349,3 +349,24 @@ def test_symmetric_zero_forces_do_not_collapse_the_residual_scale():
     # limit of the energy test, not this one)
     forces = df["force_flag"] | df["frame_flag"] | df["atom_flag"]
     assert not forces.any(), df.loc[forces, "reason"].tolist()
+
+
+def test_growing_fit_equals_a_refit_on_the_same_rows(u_rng):
+    """The energy releases of the recheck grow the fit by QR row updates: the same coefficients, fitted values,
+    (X'X)⁻¹ and rmse as a least-squares refit over the rows in the same order."""
+    from mlipops.quality.outliers import _GrowingFit, _ols_fit
+
+    x = np.column_stack([np.ones(400), u_rng.standard_normal((400, 6)) * [1, 10, 0.1, 3, 1, 100]])
+    y = x @ u_rng.standard_normal(7) + 0.01 * u_rng.standard_normal(400)
+    rows = list(range(300))
+    grow = _GrowingFit(x, y, rows)
+    for k in (350, 301, 399, 320):
+        grow.add(k)
+        rows.append(k)
+        got, ref = grow.surrogate(), _ols_fit(y[rows], x[rows])
+        assert got.n == ref.n == len(rows) and got.p == ref.p == 7
+        np.testing.assert_allclose(got.beta, ref.beta, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got.fitted, ref.fitted, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got.xtx_inv, ref.xtx_inv, rtol=1e-8, atol=1e-16)
+        assert abs(got.rmse - ref.rmse) <= 1e-9 * ref.rmse
+        np.testing.assert_allclose(got.predict(x[360:370])[0], ref.predict(x[360:370])[0], rtol=1e-9)

@@ -120,8 +120,18 @@ class AtomCentredDescriptor(nn.Module):
         r = torch.linalg.norm(vec, dim=1)  # [n_edges]
         sj = species[edge_j]
         slot = edge_i * S + sj  # [n_edges] (atom, neighbour species)
+        # sums per (atom, species) slot: index_add_ where a gradient flows (training), else a sparse product with
+        # the slots' incidence matrix (the same sums to rounding, several times faster on the CPU)
+        plain = not (torch.is_grad_enabled() and (vec.requires_grad or any(q.requires_grad for q in self.parameters())))
+
+        def per_slot(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            if plain:
+                flat = _incidence(rows, n_atoms * S, 1.0, values.dtype) @ values.reshape(len(values), -1)
+                return flat.view(n_atoms * S, *values.shape[1:])
+            return values.new_zeros(n_atoms * S, *values.shape[1:]).index_add_(0, rows, values)
+
         rad = self.radial(r)  # [n_edges, n_radial]
-        g_rad = vec.new_zeros(n_atoms * S, self.n_radial).index_add_(0, slot, rad)
+        g_rad = per_slot(slot, rad)
         feats = [g_rad.view(n_atoms, S * self.n_radial)]
         if self.angular is not None:
             keep = r < self.angular_cutoff
@@ -131,8 +141,7 @@ class AtomCentredDescriptor(nn.Module):
             weight = torch.tensor(self._mono_weight, dtype=u.dtype, device=u.device)
             mono = self.monomials(u) * weight
             m = ra[:, :, None] * mono[:, None, :]  # [n_ang_edges, n_angular, n_mono]
-            M = vec.new_zeros(n_atoms * S, *m.shape[1:]).index_add_(0, slot[keep], m)
-            M = M.view(n_atoms, S, *m.shape[1:])
+            M = per_slot(slot[keep], m).view(n_atoms, S, *m.shape[1:])
             inv = (M[:, self.pair_a] * M[:, self.pair_b]) @ self.mono_group.to(u.dtype)  # [n, pairs, n_ang, L+1]
             feats.append(inv.permute(0, 3, 1, 2).reshape(n_atoms, -1))  # l-major, as the features are documented
         return torch.cat(feats, dim=1)

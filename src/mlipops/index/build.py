@@ -77,11 +77,9 @@ def _geometry(items: list[tuple[Atoms, tuple]], coordination_cutoff: float) -> d
     i, d = np.concatenate(all_i), np.concatenate(all_d)
     fi, fvec = np.concatenate(first_i), np.concatenate(first_vec)
     coordination = np.bincount(fi, minlength=n).astype(np.int32)
-    nn = np.full(n, np.nan)
-    if len(i):
-        order = np.lexsort((d, i))
-        centres, at = np.unique(i[order], return_index=True)
-        nn[centres] = d[order][at]
+    nn = np.full(n, np.inf)
+    np.minimum.at(nn, i, d)  # the nearest neighbour's distance (no sort: one pass over the edges)
+    nn[np.isinf(nn)] = np.nan
     order = np.argsort(fi, kind="stable")
     dev, crystal = deviation_from_bonds(n, fi[order], fvec[order])
     return {"coordination": coordination, "nn_distance": nn, "bond_angle_deviation": dev,

@@ -246,6 +246,42 @@ def _ols_fit(y: np.ndarray, x: np.ndarray) -> Surrogate:
                      rmse=float(np.sqrt(np.mean(e**2))), cols=cols, beta=beta, xtx_inv=inv @ inv.T)
 
 
+class _GrowingFit:
+    """The least-squares fit of y on every column of x over a set of rows that grows one row at a time (the energy
+    releases of :func:`_recheck`): R and Qᵀy of the rows' QR are updated by one small QR of [R, Qᵀy; x_k, y_k] per
+    added row (as stable as a refit, O(p²) instead of O(n p²)). :meth:`surrogate` gives what :func:`_ols_fit`
+    gives for the rows in the order they were added (to rounding)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, rows: list[int]):
+        from scipy.linalg import qr
+
+        self.x, self.y, self.rows = x, y, list(rows)
+        q, r = qr(x[self.rows], mode="economic")
+        self.r, self.z = r, q.T @ y[self.rows]
+
+    def add(self, k: int) -> None:
+        from scipy.linalg import qr
+
+        p = self.x.shape[1]
+        stacked = np.vstack([np.column_stack([self.r, self.z]), np.r_[self.x[k], self.y[k]][None]])
+        r = qr(stacked, mode="r")[0]
+        self.r, self.z = r[:p, :p], r[:p, p]
+        self.rows.append(k)
+
+    def surrogate(self) -> Surrogate:
+        from scipy.linalg import solve_triangular
+
+        p = self.x.shape[1]
+        beta = solve_triangular(self.r, self.z)
+        y = self.y[self.rows]
+        fitted = self.x[self.rows] @ beta
+        inv = solve_triangular(self.r, np.eye(p))
+        nan = np.full(len(y), np.nan)
+        return Surrogate(y=y, fitted=fitted, leverage=nan, cooks=nan, t_external=nan, dffit=nan, n=len(y), p=p,
+                         rmse=float(np.sqrt(np.mean((y - fitted) ** 2))), cols=np.arange(p), beta=beta,
+                         xtx_inv=inv @ inv.T)
+
+
 def _no_fit(y: np.ndarray) -> Surrogate:
     """The surrogate of a design without one nonzero column (every row the same zero descriptor, e.g. forces
     that vanish by symmetry in every frame): it predicts 0 and no row has influence."""
@@ -1041,7 +1077,9 @@ def added_influence(e0: np.ndarray, h0: np.ndarray, fit: Surrogate) -> tuple[np.
     augmented fit h = h0 / (1 + h0), its Cook's distance D = e0² h0 / (p s² (1 + h0)) (s² of ``fit``)
     and the change of its own prediction when it is dropped again, h0 e0 / (1 + h0). Closed forms of
     the rank-one update; no refit."""
-    s2 = float(np.sum((fit.y - fit.fitted) ** 2)) / max(fit.n - fit.p, 1)
+    s2 = fit.__dict__.get("_s2")  # one per fit: the force fit's s² is a sum over millions of rows
+    if s2 is None:
+        s2 = fit.__dict__["_s2"] = float(np.sum((fit.y - fit.fitted) ** 2)) / max(fit.n - fit.p, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         cooks = e0**2 * h0 / (fit.p * max(s2, 1e-300) * (1.0 + h0))
     return cooks, h0 / (1.0 + h0), h0 * e0 / (1.0 + h0)
@@ -1065,11 +1103,21 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
     fit_idx = list(np.flatnonzero(keep))
     pending = list(flagged)
     verdict: dict[int, tuple] = {}
+    # every column already in the fit: a released frame's row can only add to it (rank never drops), so the fit
+    # grows by a QR row update; else (a column left out as dependent might join) it is refitted
+    n_cols = d["x_energy"].shape[1]
+    growing = _GrowingFit(d["x_energy"], d["y_energy"], fit_idx) \
+        if len(fit_idx) > n_cols and len(_independent_columns(d["x_energy"][fit_idx])) == n_cols else None
     while pending:
-        if len(fit_idx) != es.n:  # a release: refit (the fit alone at scale: one per released frame)
-            es = ols_influence(d["y_energy"][fit_idx], d["x_energy"][fit_idx]) \
-                if len(fit_idx) * d["x_energy"].shape[1] <= _LIGHT_REFIT_CELLS else \
-                _ols_fit(d["y_energy"][fit_idx], d["x_energy"][fit_idx])
+        if len(fit_idx) != es.n:  # a release (or the last round flagged frames after its fit)
+            if growing is not None:
+                if len(growing.rows) < len(fit_idx):
+                    growing.add(fit_idx[-1])
+                es = growing.surrogate()
+            else:  # refit (the fit alone at scale)
+                es = ols_influence(d["y_energy"][fit_idx], d["x_energy"][fit_idx]) \
+                    if len(fit_idx) * d["x_energy"].shape[1] <= _LIGHT_REFIT_CELLS else \
+                    _ols_fit(d["y_energy"][fit_idx], d["x_energy"][fit_idx])
         scale_e = _group_scale(es.y - es.fitted, cts[fit_idx])
         pred, h = es.predict(d["x_energy"][pending])
         r = d["y_energy"][pending] - pred
