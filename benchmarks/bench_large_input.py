@@ -9,7 +9,7 @@ fcc with one vacancy (31), bcc 2x2x3 (24) and hcp 3x3x2 (36), each under a rando
 the symmetric strain tensor uniform in ±3 %, ±1 % off the diagonal) and rattled by 0.02-0.1 Å (atoms kept
 1.8 Å apart), labelled by ASE's EMT (energy, forces, stress) and carrying ``temperature_K``, the Einstein-model
 temperature of its rattle (k_B T = K σ², K = 6.5 eV/Å² for Cu). It is deterministic (seeded per frame) and
-cached in ``--work``; generating 100,000 frames takes ~10 minutes on 2 cores and is not measured.
+cached in ``--work``; generating 100,000 frames takes ~20 minutes on 2 cores and is not measured.
 
 The stages then run as the user runs them, each a separate ``mlipops`` process under ``/usr/bin/time -v``
 (peak RSS of the process), in a fresh project inside ``--work`` whose params.yaml is the repository's with
