@@ -288,3 +288,24 @@ def test_unknown_element_refused(u_make_potential):
     au.calc = MlipopsCalculator(model)
     with pytest.raises(MlipopsError):
         au.get_potential_energy()
+
+
+def test_descriptor_forward_without_gradient_equals_the_training_path_also_without_edges():
+    """The no-grad forward (sums by a sparse product) gives the forward with gradients (index_add_), also for a
+    lone atom (no edges at all) and a dimer beyond the angular cutoff (radial edges, no angular ones)."""
+    import torch
+    from ase import Atoms
+
+    from mlipops.descriptors import AtomCentredDescriptor, frame_edges
+
+    desc = AtomCentredDescriptor(1).double()
+    for a in (Atoms("Cu", positions=[[0, 0, 0]]), Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 4.5]]),
+              Atoms("Cu3", positions=[[0, 0, 0], [0, 0, 2.4], [0, 2.3, 0.2]])):
+        sp, i, j, vec, _ = frame_edges(a.numbers, a.positions, a.cell.array, a.pbc, desc.cutoff, {29: 0})
+        args = (torch.from_numpy(sp), torch.from_numpy(i), torch.from_numpy(j))
+        with torch.no_grad():
+            plain = desc(*args, torch.from_numpy(vec))
+        v = torch.from_numpy(vec).requires_grad_(True)
+        graded = desc(*args, v)
+        assert plain.shape == graded.shape == (len(a), desc.n_features)
+        torch.testing.assert_close(plain, graded.detach(), rtol=1e-12, atol=1e-14)

@@ -126,7 +126,7 @@ class AtomCentredDescriptor(nn.Module):
 
         def per_slot(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             if plain:
-                flat = _incidence(rows, n_atoms * S, 1.0, values.dtype) @ values.reshape(len(values), -1)
+                flat = _incidence(rows, n_atoms * S, 1.0, values.dtype) @ values.flatten(1)  # (no edges: [0, k])
                 return flat.view(n_atoms * S, *values.shape[1:])
             return values.new_zeros(n_atoms * S, *values.shape[1:]).index_add_(0, rows, values)
 
@@ -281,7 +281,7 @@ def summed_descriptor_gradient(desc: "AtomCentredDescriptor", species: torch.Ten
         return g * fc[:, None], g * (-2.0 * basis.inv_two_sigma2 * dr * fc[:, None] + dfc[:, None])
 
     def to_atoms(i, j, d):  # Σ_{e: j_e = a} d_e − Σ_{e: i_e = a} d_e, d [E, ...] -> [n_rows, ...]
-        flat = d.reshape(d.shape[0], -1)
+        flat = d.flatten(1)
         out = _incidence(j, n_atoms, 1.0, dt) @ flat + _incidence(i, n_atoms, -1.0, dt) @ flat
         return out.reshape(n_atoms, *d.shape[1:])
 
