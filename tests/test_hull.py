@@ -205,3 +205,14 @@ def test_hull_distance_working_set_gives_the_full_answer(u_rng, monkeypatch, k, 
     assert outside.sum() > 50 and len(pts) > 5 * max(n_start, 3)
     np.testing.assert_allclose(fast[outside], full[outside], rtol=1e-9, atol=1e-9)
     assert np.all(fast[~outside] < 1e-6)
+
+
+def test_hull_distance_in_worker_processes_is_bit_identical(u_rng):
+    """The rows shared by worker processes (as the index does from ``_PARALLEL_MIN_ROWS`` outside atoms) give the
+    same distances, bit for bit, as one process: the problem's scale is that of all rows, not of a worker's piece."""
+    pts, _ = extreme_points(u_rng.normal(size=(2000, 4)))
+    q = u_rng.normal(size=(400, 4)) * np.linspace(1.0, 4.0, 400)[:, None]  # the pieces' largest |x| differ
+    one = hull_distance(pts, q, workers=1)
+    two = hull_distance(pts, q, workers=2)
+    assert (one > 1e-6).sum() > 100
+    assert np.array_equal(one, two)

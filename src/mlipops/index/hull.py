@@ -75,15 +75,16 @@ class SpeciesHull:
             self._solver = GammaSolver(self.points, self.centroid)
         return self._solver
 
-    def evaluate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Descriptors [n, F] -> (projected [n, k], inside [n], γ [n], hull_distance [n])."""
+    def evaluate(self, g: np.ndarray, distance: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Descriptors [n, F] -> (projected [n, k], inside [n], γ [n], hull_distance [n]); without ``distance``,
+        hull_distance is NaN outside (0 inside), for the caller to fill."""
         x = self.project(g)
         gamma = self.solver().gamma(x)
         inside = gamma <= 1.0 + INSIDE_TOL
         dist = np.zeros(len(x))
         out = ~inside
         if out.any():
-            dist[out] = hull_distance(self.points, x[out])
+            dist[out] = hull_distance(self.points, x[out]) if distance else np.nan
         return x, inside, gamma, dist
 
 
@@ -418,24 +419,50 @@ def check_cells(frames, file: str) -> None:
 
 
 _CANDIDATES = 32  # nearest extreme points each distance starts from; more join only where optimality fails
+_PARALLEL_MIN_ROWS = 20_000  # distances from which worker processes share them (below: start-up costs more)
+_PIECES_PER_WORKER = 4  # pieces of the rows per worker (the rows differ in cost: a late piece evens the load)
 
 
-def hull_distance(points: np.ndarray, x: np.ndarray) -> np.ndarray:
+def hull_distance(points: np.ndarray, x: np.ndarray, workers: int | None = None) -> np.ndarray:
     """Euclidean distance from each row of x to conv(points), by NNLS with Σλ = 1 as a stiff row.
 
     Each problem is solved on a small working set of points (the nearest :data:`_CANDIDATES`), which grows by
     the points that violate optimality: y, the nearest point of the working set's hull, is the nearest point of
     the whole hull exactly when no point p lies beyond the plane through y normal to x − y, (p − y)·(x − y) ≤ 0
-    for all p. The answer is the full problem's; the work is that of a few dozen points, not thousands."""
+    for all p. The answer is the full problem's; the work is that of a few dozen points, not thousands.
+
+    The rows are independent problems: from :data:`_PARALLEL_MIN_ROWS` rows they are shared by worker processes
+    (``workers``; None: :func:`mlipops.frames.read_workers`), with the same numbers, bit for bit."""
+    points = np.asarray(points, dtype=np.float64)
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    # the scale of the problem (the Σλ = 1 row's weight, the tolerance): of all rows, however they are shared
+    scale = 1.0 + float(np.abs(points).max(initial=0.0)) + float(np.abs(x).max(initial=0.0))
+    if workers is None:
+        from mlipops.frames import read_workers
+
+        workers = read_workers(1 << 62) if len(x) >= _PARALLEL_MIN_ROWS else 1
+    if workers <= 1 or len(x) < 2 * workers:
+        return _hull_distance(points, x, scale)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mlipops.frames import _worker_init
+
+    bounds = np.linspace(0, len(x), workers * _PIECES_PER_WORKER + 1).astype(int)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init) as ex:
+        parts = [ex.submit(_hull_distance, points, x[lo:hi], scale) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return np.concatenate([f.result() for f in parts])
+
+
+def _hull_distance(points: np.ndarray, x: np.ndarray, scale: float) -> np.ndarray:
+    """:func:`hull_distance` of the rows x in this process."""
     from scipy.optimize import nnls
     from scipy.spatial import cKDTree
 
-    points = np.asarray(points, dtype=np.float64)
-    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
     out = np.empty(len(x))
     if not len(x):
         return out
-    scale = 1.0 + float(np.abs(points).max(initial=0.0)) + float(np.abs(x).max(initial=0.0))
     weight = 1e4 * scale
     a = np.vstack([points.T, np.full(len(points), weight)])
     m = min(len(points), _CANDIDATES)
@@ -491,7 +518,9 @@ class HullIndex:
             rows = np.flatnonzero((symbols == s) & ~unseen)
             for lo in range(0, len(rows), _CHUNK_ROWS):  # bounded temporaries on millions of atoms
                 b = rows[lo:lo + _CHUNK_ROWS]
-                proj[b], inside[b], gamma[b], dist[b] = h.evaluate(g[b])
+                proj[b], inside[b], gamma[b], dist[b] = h.evaluate(g[b], distance=False)
+            out = rows[~inside[rows]]  # the distances of all its atoms outside at once (in worker processes)
+            dist[out] = hull_distance(h.points, proj[out, :h.k])
         return {"projection": proj, "inside_hull": inside, "extrapolation_grade": gamma, "hull_distance": dist}
 
 

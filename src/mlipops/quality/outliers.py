@@ -46,6 +46,7 @@ numbers behind every decision.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,7 @@ class OutlierReport:
     forces: Surrogate | None = None
     rounds: int = 0
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds: design, fits, recheck
 
 
 def _independent_columns(x: np.ndarray, rel_tol: float = 1e-10) -> np.ndarray:
@@ -256,8 +258,12 @@ class _GrowingFit:
         from scipy.linalg import qr
 
         self.x, self.y, self.rows = x, y, list(rows)
-        q, r = qr(x[self.rows], mode="economic")
-        self.r, self.z = r, q.T @ y[self.rows]
+        # the fit's rows, in order, in arrays with room for every row: a surrogate costs one product, no gather
+        n = len(self.rows)
+        self._x, self._y = np.empty_like(x), np.empty_like(y)
+        self._x[:n], self._y[:n] = x[self.rows], y[self.rows]
+        q, r = qr(self._x[:n], mode="economic")
+        self.r, self.z = r, q.T @ self._y[:n]
 
     def add(self, k: int) -> None:
         from scipy.linalg import qr
@@ -266,6 +272,7 @@ class _GrowingFit:
         stacked = np.vstack([np.column_stack([self.r, self.z]), np.r_[self.x[k], self.y[k]][None]])
         r = qr(stacked, mode="r")[0]
         self.r, self.z = r[:p, :p], r[:p, p]
+        self._x[len(self.rows)], self._y[len(self.rows)] = self.x[k], self.y[k]
         self.rows.append(k)
 
     def surrogate(self) -> Surrogate:
@@ -273,8 +280,8 @@ class _GrowingFit:
 
         p = self.x.shape[1]
         beta = solve_triangular(self.r, self.z)
-        y = self.y[self.rows]
-        fitted = self.x[self.rows] @ beta
+        y = self._y[:len(self.rows)]  # a view: later rows are appended after it, never over it
+        fitted = self._x[:len(self.rows)] @ beta
         inv = solve_triangular(self.r, np.eye(p))
         nan = np.full(len(y), np.nan)
         return Surrogate(y=y, fitted=fitted, leverage=nan, cooks=nan, t_external=nan, dffit=nan, n=len(y), p=p,
@@ -903,8 +910,10 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
     rows["atom_chi2_atom"] = pd.array([pd.NA] * n, dtype="Int64")
     rows["flag_round"] = pd.array([pd.NA] * n, dtype="Int64")
     report = OutlierReport(frames=rows)
+    t0 = time.perf_counter()
     d = design(pool, species, settings, forces=forces, spill_dir=spill_dir) if n else None
     trim_memory()  # the descriptor pass's temporaries
+    report.timings["design_s"] = time.perf_counter() - t0
     if n <= (d["x_energy"].shape[1] + 2 if d else 0) or d is None:
         report.notes.append(f"{n} training frames are too few for the surrogate: not examined")
         rows["quarantine"], rows["kind"], rows["reason"] = False, "not examined", None
@@ -974,8 +983,11 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
             break
         rows.loc[new, "flag_round"] = rnd
         keep &= ~new
+    t1 = time.perf_counter()
+    report.timings["fits_s"] = t1 - t0 - report.timings["design_s"]
     _recheck(rows, d, keep, report, cts, energy_residual_threshold, force_residual_threshold, tests, cooks_threshold,
              cts_code)
+    report.timings["recheck_s"] = time.perf_counter() - t1
     rows["quarantine"] = rows["energy_flag"] | rows["force_flag"] | rows["frame_flag"] | rows["atom_flag"]
     es = report.energy
     thr_e = cooks_threshold if cooks_threshold is not None else 4.0 / es.n
@@ -1055,14 +1067,16 @@ def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10,
     def mad(x):
         return 1.4826 * float(np.median(np.abs(x - np.median(x)))) if len(x) else np.nan
 
-    use = np.ones(len(residual), dtype=bool) if informative is None else np.asarray(informative, dtype=bool)
-    overall = mad(residual[use])
+    use = None if informative is None else np.asarray(informative, dtype=bool)
+    overall = mad(residual if use is None else residual[use])
     out = {None: overall if overall > 0 else 1e-12}
     codes, names = _factorize(groups)
     for c, g in enumerate(names):
-        m = (codes == c) & use
-        if m.sum() >= min_group and mad(residual[m]) > 0:
-            out[g] = mad(residual[m])
+        m = codes == c if use is None else (codes == c) & use
+        if m.sum() >= min_group:
+            scale = mad(residual[m])
+            if scale > 0:
+                out[g] = scale
     return out
 
 
@@ -1108,6 +1122,10 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
     n_cols = d["x_energy"].shape[1]
     growing = _GrowingFit(d["x_energy"], d["y_energy"], fit_idx) \
         if len(fit_idx) > n_cols and len(_independent_columns(d["x_energy"][fit_idx])) == n_cols else None
+    # the config_types as integer codes (a string gather and factorize per release: minutes at 100k frames)
+    codes = pd.factorize(cts)[0] if cts_code is None else cts_code
+    fit_codes = np.empty(len(codes), dtype=codes.dtype)
+    fit_codes[:len(fit_idx)] = codes[fit_idx]
     while pending:
         if len(fit_idx) != es.n:  # a release (or the last round flagged frames after its fit)
             if growing is not None:
@@ -1118,10 +1136,10 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
                 es = ols_influence(d["y_energy"][fit_idx], d["x_energy"][fit_idx]) \
                     if len(fit_idx) * d["x_energy"].shape[1] <= _LIGHT_REFIT_CELLS else \
                     _ols_fit(d["y_energy"][fit_idx], d["x_energy"][fit_idx])
-        scale_e = _group_scale(es.y - es.fitted, cts[fit_idx])
+        scale_e = _group_scale(es.y - es.fitted, fit_codes[:len(fit_idx)])
         pred, h = es.predict(d["x_energy"][pending])
         r = d["y_energy"][pending] - pred
-        sig = np.array([scale_e.get(c, scale_e[None]) for c in cts[pending]])
+        sig = np.array([scale_e.get(c, scale_e[None]) for c in codes[pending].tolist()])
         te = r / (sig * np.sqrt(1.0 + h))
         cooks, lev, dffit = added_influence(r, h, es)
         thr_e = cooks_threshold if cooks_threshold is not None else 4.0 / (es.n + 1)
@@ -1131,6 +1149,7 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
         if bad.all():
             break
         q = int(np.argmin(np.where(bad, np.inf, np.abs(te))))
+        fit_codes[len(fit_idx)] = codes[pending[q]]
         fit_idx.append(pending.pop(q))
     report.energy = es
     still_e = np.array([verdict[k][0] for k in flagged], dtype=bool)
@@ -1140,7 +1159,6 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
     still_f = np.zeros(len(flagged), dtype=bool)
     fs = report.forces
     if fs is not None and fs.beta is not None and "x_forces" in d:
-        codes = pd.factorize(cts)[0] if cts_code is None else cts_code
         rmask = keep[d["force_frame"]]
         if int(rmask.sum()) != fs.n:  # the last round flagged frames after its fit (or stopped early): refit
             fs = ols_influence(d["y_forces"], d["x_forces"], rmask, d.get("force_r_cache"))

@@ -718,10 +718,13 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
     try:
         # an empty file: ingest rejected every frame read (they are all in INGEST_REJECTED)
         table, atoms, train, train_rows, info = _stream_tables(INGESTED, p, spool)
+        timings = {"read_s": time.perf_counter() - t0}
         p, test_note = expectation_from_test_files(p, table, ingest)
         with progress("validate: checks (steps)", 3, quiet_start=True) as advance:
             advance(completed=0, note=f"great-expectations suites on {len(table)} frames, {len(atoms)} atoms")
+            t1 = time.perf_counter()
             failures, gx_result = suite_decision(table, atoms, p)
+            timings["suites_s"] = time.perf_counter() - t1
             if test_note is not None:  # the expected set is the test files' config_types, not the params list
                 for d in gx_result["dataset_checks_failed"]:
                     d["reason"] = d["reason"].replace(_EXPECTED_KEY, "(the config_types of the test file(s))")
@@ -733,16 +736,24 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
             del atoms  # the atom table (~70 bytes an atom) is not needed any more
             trim_memory()
             advance(completed=1, note=f"outlier test on {len(train)} training frames")
+            t1 = time.perf_counter()
             outliers, out_rep, out_note, lone = outlier_decision(failures, train, train_rows, p, descriptors,
                                                                  spill_dir=CURATED)
             del train
+            timings["outliers_s"] = time.perf_counter() - t1
+            if out_rep is not None:
+                timings.update({f"outliers.{k}": v for k, v in out_rep.timings.items()})
             if out_rep is not None and out_rep.forces is not None:  # its per-row arrays (six floats a force
                 f = out_rep.forces  # component: 0.3 GB at 2M training atoms) are neither written nor read again
                 f.y = f.fitted = f.leverage = f.cooks = f.t_external = f.dffit = np.zeros(0)
             trim_memory()
             decision = Decision(failures, table, None, gx_result, outliers, out_rep, out_note, lone)
             advance(completed=2, note="writing accepted.extxyz and the quarantine")
+            t1 = time.perf_counter()
             metrics = _write_outputs(decision, info, spool, p, t0, n_atoms_checked)
+            timings["write_s"] = time.perf_counter() - t1
+            metrics.update({f"time.{k}": round(v, 2) for k, v in timings.items()})
+            write_metrics(REPORT_DIR, metrics)
             if test_note is not None:
                 with (REPORT_DIR / "summary.md").open("a") as fh:
                     fh.write(f"\n{test_note}\n")
