@@ -397,3 +397,19 @@ def test_decide_is_the_stage_decision_and_writes_nothing(suite_run, tmp_path, mo
     for k, check in zip(q.frame, q.check):
         assert check == ",".join(c for c, _ in suite_run["failures"][k])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nearest_short_lattice_vector_found_behind_long_cell_vectors():
+    """A cell whose vectors are all long but whose lattice has a very short vector (b − a = 0.1 Å: a cell
+    typed wrong) is not searched (millions of images): every atom gets that vector's length. The fast test that
+    skips the Minkowski reduction for ordinary cells (smallest singular value) must not skip it here."""
+    from ase import Atoms
+
+    from mlipops.quality.validate import _nearest
+
+    skew = Atoms("Cu2", positions=[[0, 0, 0], [1.5, 1.5, 1.5]], pbc=True,
+                 cell=[[10.0, 0, 0], [10.1, 0.01, 0], [0, 0, 10.0]])
+    near = _nearest(skew, 3.0)
+    assert np.allclose(near, np.hypot(0.1, 0.01))
+    ordinary = Atoms("Cu4", positions=[[0, 0, 0], [0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]], cell=[3.6] * 3, pbc=True)
+    assert np.allclose(_nearest(ordinary, 3.0), 3.6 / np.sqrt(2))

@@ -128,10 +128,14 @@ def _nearest(a: Atoms, probe: float) -> np.ndarray:
     if a.pbc.any():
         if not _cell_measure(a)[0] > 0:
             return near
-        reduced = np.asarray(minkowski_reduce(a.cell.array, pbc=a.pbc)[0])
-        shortest = float(np.linalg.norm(reduced[np.asarray(a.pbc, dtype=bool)], axis=1).min())
-        if shortest < probe / 20.0:
-            return np.full(len(a), shortest)
+        # |n·V| ≥ σ_min(V) for every nonzero integer n: a cell whose smallest singular value clears the bar
+        # needs no Minkowski reduction (0.4 ms a frame, most of this function's time) to know that it does
+        periodic = a.cell.array[np.asarray(a.pbc, dtype=bool)]
+        if not np.linalg.svd(periodic, compute_uv=False).min() >= probe / 20.0:
+            reduced = np.asarray(minkowski_reduce(a.cell.array, pbc=a.pbc)[0])
+            shortest = float(np.linalg.norm(reduced[np.asarray(a.pbc, dtype=bool)], axis=1).min())
+            if shortest < probe / 20.0:
+                return np.full(len(a), shortest)
     if len(a) < 2 and not a.pbc.any():
         return near
     i, _, _, d = neighbor_list(a.positions, a.cell.array, a.pbc, probe)
