@@ -195,7 +195,7 @@ def _ols_chunked(y: np.ndarray, x, rows: np.ndarray | None, chunk: int = 1 << 16
     k = 0
     for lo, hi, block in _row_chunks(x, chunk):
         m = mask[lo:hi]
-        xb = block[m][:, cols]
+        xb = _columns(block if m.all() else block[m], cols)
         q = len(xb)
         ys[k:k + q] = y[lo:hi][m]
         fitted[k:k + q] = xb @ beta
@@ -350,11 +350,16 @@ def _row_chunks(x, chunk: int):
         yield lo, hi, x.read(lo, hi) if isinstance(x, RowStore) else x[lo:hi]
 
 
+def _columns(block: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """block[:, cols], without the copy when cols are all the columns in order (the usual case)."""
+    return block if len(cols) == block.shape[1] and np.array_equal(cols, np.arange(len(cols))) else block[:, cols]
+
+
 def predict_rows(x, cols: np.ndarray, beta: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     """x[:, cols] @ beta for every row of an array or a RowStore, a chunk at a time."""
     out = np.empty(len(x))
     for lo, hi, block in _row_chunks(x, chunk):
-        out[lo:hi] = block[:, cols] @ beta
+        out[lo:hi] = _columns(block, cols) @ beta
     return out
 
 
@@ -822,7 +827,7 @@ def frame_cooks(x, res: np.ndarray, frame: np.ndarray, fit: Surrogate,
         r1 = int(hi_all[q - 1])
         if r1 <= r0:
             continue
-        xb = x[r0:r1][:, fit.cols]  # one read of the block's span
+        xb = _columns(x[r0:r1], fit.cols)  # one read of the block's span
         eb = res[r0:r1]
         count = hi_all[q0:q] - lo_all[q0:q]
         for c in np.unique(count[count > 0]):
@@ -1060,21 +1065,30 @@ def gross_errors(y: np.ndarray, x: np.ndarray, groups: np.ndarray, threshold: fl
     return np.abs(t) > threshold
 
 
-def _group_scale(residual: np.ndarray, groups: np.ndarray, min_group: int = 10,
-                 informative: np.ndarray | None = None) -> dict:
-    """{group: 1.4826 MAD of its residuals} for groups of at least ``min_group`` (informative) rows with a
-    nonzero spread, and {None: the same over all rows} as the fallback; only ``informative`` rows count."""
-    def mad(x):
-        return 1.4826 * float(np.median(np.abs(x - np.median(x)))) if len(x) else np.nan
+def _mad(x: np.ndarray) -> float:
+    return 1.4826 * float(np.median(np.abs(x - np.median(x)))) if len(x) else np.nan
 
+
+def _group_scale(residual: np.ndarray, groups: np.ndarray | None, min_group: int = 10,
+                 informative: np.ndarray | None = None, members: dict | None = None) -> dict:
+    """{group: 1.4826 MAD of its residuals} for groups of at least ``min_group`` (informative) rows with a
+    nonzero spread, and {None: the same over all rows} as the fallback; only ``informative`` rows count.
+    ``members`` ({group: its rows, ascending}) in place of ``groups``: the grouping known already."""
     use = None if informative is None else np.asarray(informative, dtype=bool)
-    overall = mad(residual if use is None else residual[use])
+    overall = _mad(residual if use is None else residual[use])
     out = {None: overall if overall > 0 else 1e-12}
+    if members is not None and use is None:
+        for g, rows in members.items():
+            if len(rows) >= min_group:
+                scale = _mad(residual[rows])
+                if scale > 0:
+                    out[g] = scale
+        return out
     codes, names = _factorize(groups)
     for c, g in enumerate(names):
         m = codes == c if use is None else (codes == c) & use
         if m.sum() >= min_group:
-            scale = mad(residual[m])
+            scale = _mad(residual[m])
             if scale > 0:
                 out[g] = scale
     return out
@@ -1124,8 +1138,8 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
         if len(fit_idx) > n_cols and len(_independent_columns(d["x_energy"][fit_idx])) == n_cols else None
     # the config_types as integer codes (a string gather and factorize per release: minutes at 100k frames)
     codes = pd.factorize(cts)[0] if cts_code is None else cts_code
-    fit_codes = np.empty(len(codes), dtype=codes.dtype)
-    fit_codes[:len(fit_idx)] = codes[fit_idx]
+    # each config_type's rows of the fit (positions in fit_idx, ascending): a release appends one
+    members = {int(c): np.flatnonzero(codes[fit_idx] == c) for c in np.unique(codes[fit_idx])}
     while pending:
         if len(fit_idx) != es.n:  # a release (or the last round flagged frames after its fit)
             if growing is not None:
@@ -1136,7 +1150,7 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
                 es = ols_influence(d["y_energy"][fit_idx], d["x_energy"][fit_idx]) \
                     if len(fit_idx) * d["x_energy"].shape[1] <= _LIGHT_REFIT_CELLS else \
                     _ols_fit(d["y_energy"][fit_idx], d["x_energy"][fit_idx])
-        scale_e = _group_scale(es.y - es.fitted, fit_codes[:len(fit_idx)])
+        scale_e = _group_scale(es.y - es.fitted, None, members=members)
         pred, h = es.predict(d["x_energy"][pending])
         r = d["y_energy"][pending] - pred
         sig = np.array([scale_e.get(c, scale_e[None]) for c in codes[pending].tolist()])
@@ -1149,7 +1163,8 @@ def _recheck(rows: pd.DataFrame, d: dict, keep: np.ndarray, report: OutlierRepor
         if bad.all():
             break
         q = int(np.argmin(np.where(bad, np.inf, np.abs(te))))
-        fit_codes[len(fit_idx)] = codes[pending[q]]
+        c = int(codes[pending[q]])
+        members[c] = np.append(members.get(c, np.zeros(0, dtype=np.int64)), len(fit_idx))
         fit_idx.append(pending.pop(q))
     report.energy = es
     still_e = np.array([verdict[k][0] for k in flagged], dtype=bool)
