@@ -231,23 +231,22 @@ def _incidence(rows: torch.Tensor, n_rows: int, weight: float, dtype: torch.dtyp
 
 
 def _gradient_tables(desc: "AtomCentredDescriptor", dtype: torch.dtype, device) -> tuple:
-    """Constants of :func:`summed_descriptor_gradient`: for monomial k = w x^a y^b z^c and direction d,
-    ∂μ_k/∂u_d = coef[k, d] · (unweighted monomial ``lower[k, d]``) with coef = w·(a, b, c)_d (0, and lower 0,
-    where the exponent is 0); and the monomial weights w."""
+    """Constants of :func:`summed_descriptor_gradient`: the monomial weights w, and the table T [K, 4K] that maps
+    the unweighted monomials U [E, K] to (μ_k, ∂μ_k/∂u_x, ∂μ_k/∂u_y, ∂μ_k/∂u_z) per monomial, U @ T: for monomial
+    k = w x^a y^b z^c, μ_k = w U_k and ∂μ_k/∂u_d = w (a, b, c)_d U_{lower(k, d)}, lower(k, d) the monomial of one
+    order less in d. Each column of T has at most one nonzero entry."""
     key = (dtype, str(device))
     cache = desc.__dict__.setdefault("_gradient_tables", {})
     if key not in cache:
         expo = desc.mono_expo.tolist()
         index = {tuple(e): k for k, e in enumerate(expo)}
-        lower = torch.zeros(len(expo), 3, dtype=torch.long)
-        coef = torch.zeros(len(expo), 3, dtype=torch.float64)
+        table = torch.zeros(len(expo), 4 * len(expo), dtype=torch.float64)
         for k, e in enumerate(expo):
+            table[k, 4 * k] = desc._mono_weight[k]
             for d in range(3):
                 if e[d] > 0:
-                    lower[k, d] = index[tuple(e[:d] + [e[d] - 1] + e[d + 1:])]
-                    coef[k, d] = desc._mono_weight[k] * e[d]
-        cache[key] = (lower.reshape(-1).to(device), coef.to(dtype=dtype, device=device),
-                      torch.tensor(desc._mono_weight, dtype=dtype, device=device))
+                    table[index[tuple(e[:d] + [e[d] - 1] + e[d + 1:])], 4 * k + 1 + d] = desc._mono_weight[k] * e[d]
+        cache[key] = (torch.tensor(desc._mono_weight, dtype=dtype, device=device), table.to(dtype=dtype, device=device))
     return cache[key]
 
 
@@ -300,12 +299,13 @@ def summed_descriptor_gradient(desc: "AtomCentredDescriptor", species: torch.Ten
         ia, ja, sa, ra_, ua = edge_i[keep], edge_j[keep], sj[keep], r[keep], u[keep]
         rb, drb = basis_and_slope(desc.angular, ra_)  # [Ea, na]
         L = desc.max_l
-        lower, coef, weight = _gradient_tables(desc, dt, u.device)
+        weight, table = _gradient_tables(desc, dt, u.device)
         U = desc.monomials(ua)  # [Ea, K]: x^a y^b z^c
         n_mono = U.shape[1]
         mono = U * weight
-        # [Ea, K, 4]: μ_k and ∇_u μ_k (∂μ_k/∂u_d = coef · a lower-order monomial)
-        Z = torch.cat([mono[:, :, None], U[:, lower].view(-1, n_mono, 3) * coef], dim=2)
+        # [Ea, K, 4]: μ_k and ∇_u μ_k (∂μ_k/∂u_d = coef · a lower-order monomial): one product with the table,
+        # each entry one monomial times its coefficient (plus exact zeros), so the same numbers as a gather
+        Z = (U @ table).view(-1, n_mono, 4)
         m = rb[:, :, None] * mono[:, None, :]  # [Ea, na, K]
         rows = ia * S + sa
         M = (_incidence(rows, n_atoms * S, 1.0, dt) @ m.reshape(len(m), -1)).view(n_atoms, S, *m.shape[1:])
@@ -323,14 +323,15 @@ def summed_descriptor_gradient(desc: "AtomCentredDescriptor", species: torch.Ten
         P, na = C.shape[1], C.shape[2]
         C = C.reshape(len(C), P * na, -1)
         bounds = np.cumsum([0] + [(l + 1) * (l + 2) // 2 for l in range(L + 1)])  # monomials by order
+        # l-major (as the features): [Ea, L+1, P, na, 4], Σ_{k∈l} C μ_k and Σ_{k∈l} C ∇_u μ_k
         AB = torch.stack([torch.bmm(C[:, :, lo:hi], Z[:, lo:hi, :]) for lo, hi in zip(bounds[:-1], bounds[1:])],
-                         dim=2).view(len(C), P, na, L + 1, 4)  # Σ_{k∈l} C μ_k, Σ_{k∈l} C ∇_u μ_k
+                         dim=1).view(len(C), L + 1, P, na, 4)
         A, B = AB[..., 0], AB[..., 1:]
         c = rb / ra_[:, None]  # [Ea, na]: R / r
         s_ = (drb[:, :, None] - c[:, :, None] * torch.arange(L + 1, dtype=dt, device=u.device))  # R' − l R / r
-        s_ = s_[:, None] * A * two  # [Ea, P, na, L+1]
-        D = (c * two)[:, None, :, None, None] * B + s_[..., None] * ua[:, None, None, None, :]  # [Ea, P, na, L+1, 3]
-        D = D.permute(0, 3, 1, 2, 4).reshape(len(D), -1, 3)  # l-major, as the features
+        s_ = s_.transpose(1, 2)[:, :, None] * A * two  # [Ea, L+1, P, na]
+        D = (c * two)[:, None, None, :, None] * B + s_[..., None] * ua[:, None, None, None, :]  # [Ea, L+1, P, na, 3]
+        D = D.reshape(len(D), -1, 3)
         parts.append(to_atoms(ia, ja, D))
     jac = torch.cat(parts, dim=1).transpose(1, 2)
     return (torch.cat(feats, dim=1), jac) if with_descriptors else jac
