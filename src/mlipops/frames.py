@@ -205,14 +205,39 @@ def canonicalize(atoms: Atoms, *, source: str, source_index: int,
     """
     if len(atoms) == 0:
         raise ValueError("frame has no atoms (field 'natoms')")
-    for name, arr in (("positions", atoms.positions), ("cell", atoms.cell.array)):
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"non-finite value (NaN or inf) in field '{name}'")
+    _check_finite(atoms.positions, atoms.cell.array)
     energy, forces, stress = labels(atoms)
     if stress_field is not None and atoms.info.get(stress_field.key) is not None:
         stress = stress_field.convert(atoms.info[stress_field.key])
-    out = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-    for k, v in atoms.info.items():
+    return _canonical(atoms.numbers, atoms.positions, atoms.cell, atoms.pbc, atoms.info, energy, forces, stress,
+                      source=source, source_index=source_index, default_config_type=default_config_type,
+                      trust=trust)
+
+
+def _check_finite(positions: np.ndarray, cell: np.ndarray) -> None:
+    for name, arr in (("positions", positions), ("cell", cell)):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"non-finite value (NaN or inf) in field '{name}'")
+
+
+def _canonical(numbers, positions, cell, pbc, info: dict, energy: float | None, forces: np.ndarray | None,
+               stress: np.ndarray | None, *, source: str, source_index: int, default_config_type: str | None,
+               trust: Iterable[str]) -> Atoms:
+    """The canonical frame of :func:`canonicalize` from its parts (checked finite; labels as :func:`labels`
+    gives them): a new Atoms, ``info`` filtered and given its provenance."""
+    out = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
+    if forces is not None and forces.shape != (len(out), 3):
+        shape_note = ("forces_shape", "x".join(str(s) for s in forces.shape))
+        forces = None
+    else:
+        shape_note = None
+    if stress is not None and stress.shape != (6,):
+        stress_note = ("stress_shape", "x".join(str(s) for s in stress.shape))
+        stress = None
+    else:
+        stress_note = None
+    set_labels(out, energy, forces, stress)  # before info is filled: the calculator's copy of out has none to copy
+    for k, v in info.items():
         if isinstance(v, (str, int, float, bool, np.integer, np.floating, np.bool_)) or (
             isinstance(v, np.ndarray) and v.ndim == 1
         ):
@@ -220,13 +245,9 @@ def canonicalize(atoms: Atoms, *, source: str, source_index: int,
     for k in _STATE_ARRAYS:
         if k in out.info:
             out.info[k] = np.atleast_1d(np.asarray(out.info[k], dtype=float))
-    if forces is not None and forces.shape != (len(atoms), 3):
-        out.info["forces_shape"] = "x".join(str(s) for s in forces.shape)
-        forces = None
-    if stress is not None and stress.shape != (6,):
-        out.info["stress_shape"] = "x".join(str(s) for s in stress.shape)
-        stress = None
-    set_labels(out, energy, forces, stress)
+    for note in (shape_note, stress_note):
+        if note is not None:
+            out.info[note[0]] = note[1]
     trust = set(trust)
     claimed = {k: out.info.pop(k) for k in PROVENANCE_KEYS if k in out.info and k not in trust}
     out.info["frame_id"] = frame_id(out)
@@ -486,22 +507,47 @@ _STR_TO_BOOL = {"T": True, "F": False, "true": True, "false": False, "True": Tru
                 "TRUE": True, "FALSE": False}
 
 
+_INT_TOKEN = re.compile(r"[+-]?[0-9]{1,18}")
+_FLOAT_TOKEN = re.compile(r"[+-]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+)")  # a point or an exponent
+_NUMBER_CHARS = frozenset("0123456789+-.eE_")
+
+
+def _token_kind(token: str) -> str | None:
+    """"i" for a decimal integer numpy casts to int64, "f" for a plain decimal float, "s" for a word that
+    neither int() nor float() reads (ASCII with a character no number has, not nan/inf), else None: let numpy
+    decide (``1_000``, ``nan``, a 30-digit integer, non-ASCII digits)."""
+    if _INT_TOKEN.fullmatch(token):
+        return "i"
+    if _FLOAT_TOKEN.fullmatch(token):
+        return "f"
+    if token.isascii() and not _NUMBER_CHARS.issuperset(token) and \
+            token.lstrip("+-").lower() not in ("nan", "inf", "infinity"):
+        return "s"
+    return None
+
+
 def _ase_value(key: str, value: str):
     from ase.io.extxyz import SPECIAL_3_3_KEYS, UNPROCESSED_KEYS
 
     if key.lower() in UNPROCESSED_KEYS:
         return value
     split_value = _NUMBERS.findall(value)
-    try:
+    kinds = {_token_kind(t) for t in split_value}
+    if split_value and kinds <= {"i", "f"}:  # plain decimal numbers: what numpy's str casts give, without raising
+        numvalue = np.array([int(t) for t in split_value], dtype=int) if kinds == {"i"} else \
+            np.array([float(t) for t in split_value], dtype=float)
+        value = numvalue[0] if len(numvalue) == 1 else numvalue
+    elif kinds != {"s"}:  # (words are neither ints nor floats: no need to try)
         try:
-            numvalue = np.array(split_value, dtype=int)
+            try:
+                numvalue = np.array(split_value, dtype=int)
+            except (ValueError, OverflowError):
+                numvalue = np.array(split_value, dtype=float)
+            if len(numvalue) == 1:
+                numvalue = numvalue[0]
+            value = numvalue
         except (ValueError, OverflowError):
-            numvalue = np.array(split_value, dtype=float)
-        if len(numvalue) == 1:
-            numvalue = numvalue[0]
-        value = numvalue
-    except (ValueError, OverflowError):
-        pass
+            pass
     if key in SPECIAL_3_3_KEYS:
         if not isinstance(value, np.ndarray) or value.shape != (9,):
             raise ValueError(f"Got info item {key}, expecting special 3x3 matrix, but value is not in the form "
@@ -596,6 +642,82 @@ def _read_frame(raw: str) -> Atoms:
     return atoms
 
 
+_NO_FAST_INFO = None  # the per-frame quantities ASE's reader moves from info to the calculator (set on first use)
+
+
+def _read_canonical(raw: str, source: str, source_index: int, default_config_type: str | None,
+                    trust: Iterable[str] = (), stress_field: StressField | None = None) -> Atoms | None:
+    """``canonicalize(_read_frame(raw), ...)`` in one step for the frames mlipops itself writes (species, positions
+    and real-valued columns; ``energy`` and a 3x3 ``stress`` in the comment line): the same frame, bit for bit,
+    without the reader's Atoms and calculator that canonicalize copies and drops (half of a small frame's time).
+    None for any other frame (and for one with an error), which then takes the general path."""
+    global _NO_FAST_INFO
+    if stress_field is not None:
+        return None
+    try:
+        from ase.data import atomic_numbers
+
+        if _NO_FAST_INFO is None:
+            from ase.io.extxyz import per_config_properties
+
+            _NO_FAST_INFO = frozenset(per_config_properties) - {"energy", "stress"}
+        lines = raw.splitlines()
+        natoms = int(lines[0])
+        comment = lines[1].strip() if len(lines) > 1 else ""
+        info = _comment_dict(comment) if comment else {}
+        spec = info.pop("Properties", "species:S:1:pos:R:3")
+        columns = _simple_columns(spec) if isinstance(spec, str) else None
+        if columns is None or natoms == 0 or len(lines) != natoms + 2 or not _NO_FAST_INFO.isdisjoint(info):
+            return None
+        energy = info.pop("energy", None)
+        if energy is not None:
+            if not isinstance(energy, (np.floating, np.integer)):
+                return None
+            energy = float(energy)
+        stress = info.pop("stress", None)
+        if stress is not None:
+            if not (isinstance(stress, np.ndarray) and stress.shape == (3, 3)):
+                return None
+            stress = np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]],
+                              dtype=float)
+        pbc = info.pop("pbc") if "pbc" in info else [True, True, True] if "Lattice" in info else None
+        cell = info.pop("Lattice").T if "Lattice" in info else None
+        ncol = sum(n for _, _, n in columns)
+        rows = [ln.split() for ln in lines[2:]]
+        if any(len(r) != ncol for r in rows):
+            return None
+        flat = [t for r in rows for t in r]
+        positions = forces = numbers = None
+        col = 0
+        for name, kind, n in columns:  # the species column (one): its numbers, and taken out of flat
+            if kind == "S":
+                numbers = np.array([atomic_numbers[t.capitalize()] for t in flat[col::ncol]], dtype=int)
+                del flat[col::ncol]
+                break
+            col += n
+        values = np.array(list(map(float, flat)), dtype=float).reshape(natoms, ncol - 1)  # the real columns
+        col = 0
+        for name, kind, n in columns:
+            if kind == "S":
+                continue
+            if name == "pos":
+                positions = values[:, col:col + 3]
+            elif name == "forces":
+                if n != 3:
+                    return None
+                forces = values[:, col:col + 3]
+            elif name in ("stress", "energy", "free_energy") or name in _NO_FAST_INFO:
+                return None
+            col += n
+        if cell is not None and not isinstance(cell, np.ndarray):
+            return None
+        _check_finite(positions, np.zeros((3, 3)) if cell is None else cell)
+        return _canonical(numbers, positions, cell, pbc, info, energy, forces, stress, source=source,
+                          source_index=source_index, default_config_type=default_config_type, trust=trust)
+    except Exception:  # noqa: BLE001 -- the general path says what is wrong, in its own words
+        return None
+
+
 def _ase_frame(raw: str) -> Atoms:
     try:
         from ase.io.extxyz import _read_xyz_frame
@@ -612,6 +734,9 @@ def _parse_one(k: int, line: int, raw: str, name: str, src: str, default_config_
     """Frame ``k`` (its text ``raw``, starting at line ``line`` of file ``name``) read and canonicalized, or
     the Rejected record saying why it cannot be."""
     try:
+        fast = _read_canonical(raw, src, k, default_config_type, **canon)
+        if fast is not None:
+            return fast
         atoms = _read_frame(raw)
         return canonicalize(atoms, source=src, source_index=k, default_config_type=default_config_type, **canon)
     except Exception as exc:  # ASE raises many types on malformed frames
