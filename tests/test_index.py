@@ -400,3 +400,75 @@ def test_index_read_by_worker_processes_is_the_same(tmp_path, monkeypatch):
     assert len(tables[1]["atoms"]) == sum(len(a) for a in frames)
     for t in tables[1]:
         pd.testing.assert_frame_equal(tables[1][t], tables[2][t], check_exact=True, obj=t)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_descriptors_saved_by_validate_are_taken_bit_for_bit(tmp_path, monkeypatch, workers):
+    """The training frames' descriptors that validate's outlier surrogate saves (``design(save_descriptors=)``)
+    are taken by the index for exactly those frames: the same index, table for table and bit for bit, as one
+    that computes every descriptor itself (to the rounding noise of features that vanish by symmetry). They are
+    not taken for another accepted file (its md5), for other descriptor settings, or from a folder without
+    frames."""
+    import duckdb
+    import pandas as pd
+
+    from mlipops.descriptor_store import write_no_saved_descriptors
+    from mlipops.index import build
+    from mlipops.quality.outliers import design
+
+    monkeypatch.setattr(build, "_CHUNK_FRAMES", 7)
+    monkeypatch.setenv("MLIPOPS_READ_WORKERS", str(workers))
+    monkeypatch.setenv("MLIPOPS_READ_MIN_BYTES", "0")
+    rng = np.random.default_rng(11)
+    frames = []
+    for k in range(30):
+        a = bulk("Cu", "fcc", a=A, cubic=True).repeat((2, 2, 1 + k % 2))
+        a.positions += rng.normal(0, 0.08, a.positions.shape)
+        a.info.update(config_type="crystal_fcc", split=("train", "train", "val", "test")[k % 4])
+        frames.append(a)
+    frames = get_oracle("emt").label(frames) + _frames()
+    for k, a in enumerate(frames):
+        a.info.update(frame_id=frame_id(a), source="unit", source_index=k)
+    accepted = tmp_path / "accepted.extxyz"
+    write_extxyz(accepted, frames)
+    rejected_frame([]).to_parquet(tmp_path / "quarantine.parquet", index=False)
+    from mlipops.frames import read_extxyz
+
+    # as validate has them: read back from the file whose text it copies (one training frame not saved: computed)
+    train = [a for a in read_extxyz(accepted)[0] if a.info["split"] == "train"][1:]
+    saved = tmp_path / "training_descriptors"
+    settings = DescriptorParams().model_dump()
+    design(train, ["Cu"], settings, save_descriptors=saved)["saved"].finish(file_md5(accepted))
+
+    def build_and_read(name, **kw):
+        db = tmp_path / f"{name}.duckdb"
+        stats = build_index(IndexParams(coordination_cutoff=3.0), DescriptorParams(**kw.pop("desc", {})), accepted,
+                            tmp_path / "quarantine.parquet", db, **kw)
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            return stats, {t: con.execute(f"SELECT * {'EXCLUDE (created_at)' if t == 'datasets' else ''} "
+                                          f"FROM {t} ORDER BY rowid").df()
+                           for t in ("datasets", "frames", "atoms", "hull", "hull_points")}
+        finally:
+            con.close()
+
+    s0, computed = build_and_read("computed")
+    s1, taken = build_and_read("taken", saved=saved)
+    assert s0["n_atoms_descriptors_from_validate"] == 0
+    assert s1["n_atoms_descriptors_from_validate"] == sum(len(a) for a in train) > 0
+    # bit for bit but for features that vanish by symmetry (the perfect crystal's odd-l angular moments): rounding
+    # noise of ~1e-30 either way, summed in another order by the surrogate's pass
+    ga, gb = (np.array(tables["atoms"].pop("descriptor").tolist()) for tables in (computed, taken))
+    assert (ga != gb).any(axis=1).mean() < 0.05
+    np.testing.assert_allclose(ga, gb, rtol=1e-6, atol=1e-20)
+    for t in computed:
+        pd.testing.assert_frame_equal(computed[t], taken[t], check_exact=True, obj=t)
+    s2, _ = build_and_read("other_settings", saved=saved, desc={"n_radial": 6})
+    assert s2["n_atoms_descriptors_from_validate"] == 0 and "settings" in s2["descriptors_from_validate_note"]
+    write_extxyz(accepted, frames[:-1])  # another accepted file: its md5 differs
+    s3, _ = build_and_read("other_file", saved=saved)
+    assert s3["n_atoms_descriptors_from_validate"] == 0 and "another version" in s3["descriptors_from_validate_note"]
+    write_no_saved_descriptors(saved, "outlier detection disabled")
+    s4, _ = build_and_read("none", saved=saved)
+    assert s4["n_atoms_descriptors_from_validate"] == 0
+    assert s4["descriptors_from_validate_note"] == "outlier detection disabled"

@@ -20,7 +20,7 @@ from mlipops.errors import MlipopsError, StageInputError
 from mlipops.frames import file_md5, formula, frame_id, labels
 from mlipops.index.hull import HullIndex, SpeciesHull, fit_hull_index
 from mlipops.params import DescriptorParams, IndexParams
-from mlipops.quality.validate import ACCEPTED, QUARANTINE
+from mlipops.quality.validate import ACCEPTED, QUARANTINE, TRAINING_DESCRIPTORS
 from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
 
 SCHEMA = Path(__file__).with_name("schema.sql")
@@ -193,7 +193,7 @@ def _index_chunk(items: list, ctx: dict) -> dict:
     training species, else every species it holds; returned as ``species``)."""
     from mlipops.frames import Rejected
 
-    clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0}
+    clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0, "saved_atoms": 0}
     rows, pending, train, seen, keys = [], [], set(), set(), None
     for a, _ in items:
         if isinstance(a, Rejected):
@@ -215,13 +215,63 @@ def _index_chunk(items: list, ctx: dict) -> dict:
     columns = _atom_columns(pending, ctx["coordination_cutoff"]) if ctx["geometry"] else None
     clock["geometry"] += time.perf_counter() - t
     t = time.perf_counter()
-    batcher = DescriptorBatcher(species, ctx["settings"], n_atoms=sum(len(a) for a, _ in pending))
-    for a, nl in pending:
-        batcher.add(a, nl)
-    g, unseen = batcher.result()
+    # the frames validate saved the descriptors of (the training frames, for this file, species and settings)
+    # are read, the others computed; float32, as the index stores them
+    saved = _saved_descriptors(ctx.get("saved")) if species == ctx.get("saved_species") else None
+    where = [saved.where.get(a.info["frame_id"]) if saved is not None else None for a, _ in pending]
+    where = [w if w is not None and w[1] == len(a) else None for w, (a, _) in zip(where, pending)]
+    counts = np.array([len(a) for a, _ in pending], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    g = np.empty((int(starts[-1]), _n_features(len(species), ctx["settings"])), dtype=np.float32)
+    unseen = np.zeros(len(g), dtype=bool)
+    hits = [q for q, w in enumerate(where) if w is not None]
+    if hits:
+        lo = min(where[q][0] for q in hits)
+        try:  # one read: the chunk's training frames are one span of the saved rows
+            block = saved.read(lo, max(where[q][0] + where[q][1] for q in hits))
+        except (OSError, ValueError):  # a damaged folder: these frames are computed like the others
+            block, where, hits = None, [None] * len(pending), []
+        for q in hits:
+            s0, n = where[q]
+            g[starts[q]:starts[q] + n] = block[s0 - lo:s0 - lo + n]
+        clock["saved_atoms"] += int(counts[hits].sum())
+    todo = [q for q, w in enumerate(where) if w is None]
+    if todo:
+        batcher = DescriptorBatcher(species, ctx["settings"], n_atoms=int(counts[todo].sum()))
+        for q in todo:
+            batcher.add(*pending[q])
+        g_new, u_new = batcher.result()
+        at = 0
+        for q in todo:
+            n = int(counts[q])
+            g[starts[q]:starts[q] + n] = g_new[at:at + n]
+            unseen[starts[q]:starts[q] + n] = u_new[at:at + n]
+            at += n
     clock["descriptors"] += time.perf_counter() - t
     return {"rows": rows, "keys": keys, "columns": columns, "g": g, "unseen": unseen, "train_species": train,
             "species": species, "clock": clock}
+
+
+def _n_features(n_species: int, settings: dict) -> int:
+    from mlipops.descriptors import AtomCentredDescriptor
+
+    return AtomCentredDescriptor(n_species, **settings).n_features
+
+
+_SAVED_OPEN: dict = {}  # a worker's SavedDescriptors, opened once per folder
+
+
+def _saved_descriptors(directory: str | None):
+    """The SavedDescriptors of ``directory`` (checked by the parent), opened once per process."""
+    from mlipops.descriptor_store import SavedDescriptors
+
+    if directory is None:
+        return None
+    if directory not in _SAVED_OPEN:
+        meta = json.loads((Path(directory) / "meta.json").read_text())
+        _SAVED_OPEN.clear()
+        _SAVED_OPEN[directory] = SavedDescriptors(directory, meta)
+    return _SAVED_OPEN[directory]
 
 
 def build_path(out: Path = INDEX) -> Path:
@@ -254,9 +304,13 @@ def clear_build_leftovers(out: Path = INDEX) -> None:
 
 
 def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = ACCEPTED,
-                quarantine: Path = QUARANTINE, out: Path = INDEX) -> dict:
-    """Build the whole index into a new file, then rename it over ``out`` (readers never see half)."""
+                quarantine: Path = QUARANTINE, out: Path = INDEX, saved: Path | None = None) -> dict:
+    """Build the whole index into a new file, then rename it over ``out`` (readers never see half). ``saved``:
+    the training frames' descriptors validate saved (:mod:`mlipops.descriptor_store`), taken where they belong to
+    ``accepted`` as it is now, with this descriptor's settings and species; None: compute every frame."""
     import duckdb
+
+    from mlipops.descriptor_store import SavedDescriptors
 
     t0 = time.perf_counter()
     for path in (accepted, quarantine):
@@ -276,10 +330,14 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
     from mlipops.frames import map_extxyz
 
     settings = descriptors.model_dump()
+    meta, saved_note = SavedDescriptors.check(saved, dataset_id, None, settings)
     ctx = {"radius": max(descriptors.cutoff, p.coordination_cutoff), "coordination_cutoff": p.coordination_cutoff,
            "training_split": p.training_split, "dataset_id": dataset_id, "settings": settings, "species": None,
-           "geometry": True}
-    clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0}
+           "geometry": True, "saved": None if meta is None else str(saved),
+           "saved_species": None if meta is None else meta["species"]}
+    if meta is not None:  # the training species as validate saw them: the likely channels, no first chunk alone
+        ctx["species"] = meta["species"]
+    clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0, "saved_atoms": 0}
     parts, frame_rows, unseen_parts = [], [], []
     train_species: set[str] = set()
     row_keys = None
@@ -288,10 +346,11 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
 
     def chunk_results(context, label, progress_note):
         size = accepted.stat().st_size
+        first = None if context["species"] else (lambda res: context | {"species": res["species"]})
         with progress(label, max(1, round(size / 2**20)), quiet_start=True) as adv:
             for res in map_extxyz(accepted, _index_chunk, context, chunk_frames=_CHUNK_FRAMES,
                                   progress=lambda pos: adv(completed=round(pos / 2**20), note=progress_note()),
-                                  first_context=lambda first: context | {"species": first["species"]}):
+                                  first_context=first):
                 if "error" in res:
                     raise StageInputError(f"curated data is corrupt: {res['error']}", file=str(accepted))
                 for key in clock:
@@ -417,6 +476,8 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
     return {"n_frames": len(frame_df), "n_accepted": n_accepted, "n_quarantined": len(q),
             "n_atoms": n_atoms, "n_features": n_features, "k": k_proj,
             "dataset_id": dataset_id, **by_split, **hull_stats,
+            "n_atoms_descriptors_from_validate": int(clock["saved_atoms"]),
+            "descriptors_from_validate_note": saved_note or "taken where frame, species and settings match",
             "time.read_s": round(t_read - t0, 2), "time.neighbour_lists_s": round(clock["nl"], 2),
             "time.geometry_s": round(clock["geometry"], 2), "time.descriptors_s": round(clock["descriptors"], 2),
             "time.hull_s": round(t_hull - t_desc, 2),
@@ -650,7 +711,7 @@ def _plots(db: Path, report_dir: Path) -> list[str]:
 
 def run(p: IndexParams, descriptors: DescriptorParams) -> dict:
     t0 = time.perf_counter()
-    stats = build_index(p, descriptors)
+    stats = build_index(p, descriptors, saved=TRAINING_DESCRIPTORS)
     by_config = query("SELECT * FROM coverage_by_config")
     hull = query("""SELECT species, k, rank, n_train_atoms, n_extreme_points, round(explained_variance, 4)
                     AS explained_variance FROM hull ORDER BY species""")
@@ -660,7 +721,7 @@ def run(p: IndexParams, descriptors: DescriptorParams) -> dict:
     by_t = query("SELECT * FROM coverage_by_temperature")
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     plots = _plots(INDEX, REPORT_DIR)
-    metrics = {k: v for k, v in stats.items() if k != "dataset_id"} | {
+    metrics = {k: v for k, v in stats.items() if k not in ("dataset_id", "descriptors_from_validate_note")} | {
         "wall_time_s": round(time.perf_counter() - t0, 2)}
     write_metrics(REPORT_DIR, metrics)
 
@@ -674,6 +735,9 @@ def run(p: IndexParams, descriptors: DescriptorParams) -> dict:
         f"({stats['n_accepted']} accepted, {stats['n_quarantined']} quarantined), {stats['n_atoms']} atoms, "
         f"{stats['n_features']} descriptor features projected on k = {stats['k']} principal components.",
         f"Atoms outside the convex hull of the training atoms: {fractions}.",
+        f"Descriptors of {stats['n_atoms_descriptors_from_validate']} training atoms were taken from validate's "
+        f"outlier surrogate (`{TRAINING_DESCRIPTORS}`: {stats['descriptors_from_validate_note']}); the others "
+        "were computed here.",
         "Query it with `mlipops query \"SELECT * FROM coverage_by_config\"`; "
         "the method and its limits are in the README's index section.",
     ], extra=["## Hull", table(hull), "## By split and config_type", table(by_config),

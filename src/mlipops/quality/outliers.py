@@ -91,6 +91,7 @@ class OutlierReport:
     rounds: int = 0
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds: design, fits, recheck
+    saved: object = None  # the SavedDescriptorsWriter of detect(save_descriptors=...), to be finished
 
 
 def _independent_columns(x: np.ndarray, rel_tol: float = 1e-10) -> np.ndarray:
@@ -388,10 +389,11 @@ def _structure_key(numbers, positions, cell, pbc) -> str:
 _SPILL_CELLS = 32 << 20  # force design cells (rows x F) above which x_forces goes to a RowStore (256 MB)
 
 
-def _design_rows(desc, pool: "FramePool", chunk: list[int], z_to_index: dict, species: list[str], forces: bool
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+def _design_rows(desc, pool: "FramePool", chunk: list[int], z_to_index: dict, species: list[str], forces: bool,
+                 keep_descriptors: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The energy rows [len(chunk), n_species + F] and force rows [3 N_chunk, F] (None without ``forces``) of
-    the frames ``chunk`` of ``pool``, in one descriptor call (:func:`design`)."""
+    the frames ``chunk`` of ``pool``, in one descriptor call (:func:`design`), and with ``keep_descriptors`` the
+    atoms' descriptors as float32 [N_chunk, F] (else None)."""
     from ase.data import atomic_numbers
 
     from mlipops.descriptors import summed_descriptor_gradient
@@ -422,7 +424,7 @@ def _design_rows(desc, pool: "FramePool", chunk: list[int], z_to_index: dict, sp
         numbers = pool.frame(k)[0]
         cnt = np.array([np.sum(numbers == atomic_numbers[sp]) for sp in species], float)
         rows[q] = np.concatenate([cnt, s[q]]) / len(numbers)
-    return rows, jac
+    return rows, jac, (g.numpy().astype(np.float32) if keep_descriptors else None)
 
 
 _PARALLEL_MIN_ATOMS = 200_000  # training atoms from which the design rows are made by worker processes
@@ -437,17 +439,19 @@ def _design_workers(n_atoms: int) -> int:
     return read_workers(1 << 62) if n_atoms >= _PARALLEL_MIN_ATOMS else 1
 
 
-def _design_task(sub: "FramePool", chunks: list[list[int]], species: list[str], settings: dict, forces: bool):
+def _design_task(sub: "FramePool", chunks: list[list[int]], species: list[str], settings: dict, forces: bool,
+                 keep_descriptors: bool = False):
     from ase.data import atomic_numbers
 
     desc = AtomCentredDescriptor(len(species), **settings).double()
     z_to_index = {atomic_numbers[s]: k for k, s in enumerate(species)}
-    out = [_design_rows(desc, sub, c, z_to_index, species, forces) for c in chunks]
-    return np.concatenate([r for r, _ in out]), (np.concatenate([j for _, j in out]) if forces else None)
+    out = [_design_rows(desc, sub, c, z_to_index, species, forces, keep_descriptors) for c in chunks]
+    return (np.concatenate([r for r, _, _ in out]), (np.concatenate([j for _, j, _ in out]) if forces else None),
+            np.concatenate([g for _, _, g in out]) if keep_descriptors else None)
 
 
 def _design_in_workers(pool: "FramePool", chunks: list[list[int]], species: list[str], settings: dict,
-                       forces: bool, n_workers: int, xe: np.ndarray, xf, store) -> None:
+                       forces: bool, n_workers: int, xe: np.ndarray, xf, store, saved=None) -> None:
     """:func:`design`'s rows made by ``n_workers`` spawned processes (one thread each), ``_TASK_CHUNKS`` chunks
     a task, at most two tasks per worker in flight; written in order into ``xe`` and ``xf`` or ``store``."""
     import multiprocessing
@@ -463,8 +467,10 @@ def _design_in_workers(pool: "FramePool", chunks: list[list[int]], species: list
 
         def collect():
             frames, fut = pending.popleft()
-            rows, jac = fut.result()
+            rows, jac, g = fut.result()
             xe[frames] = rows
+            if saved is not None:
+                saved.add(frames, g)
             if jac is not None:
                 if store is not None:
                     store.append(jac)
@@ -478,7 +484,8 @@ def _design_in_workers(pool: "FramePool", chunks: list[list[int]], species: list
             for c in group:
                 local.append(list(range(q, q + len(c))))
                 q += len(c)
-            pending.append((frames, ex.submit(_design_task, pool.take(frames), local, species, settings, forces)))
+            pending.append((frames, ex.submit(_design_task, pool.take(frames), local, species, settings, forces,
+                                              saved is not None)))
             if len(pending) >= 2 * n_workers:
                 collect()
         while pending:
@@ -486,7 +493,8 @@ def _design_in_workers(pool: "FramePool", chunks: list[list[int]], species: list
 
 
 def design(frames, species: list[str], settings: dict, forces: bool = True,
-           chunk_atoms: int = 1000, spill_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+           chunk_atoms: int = 1000, spill_dir: str | Path | None = None, save_descriptors: str | Path | None = None
+           ) -> dict[str, np.ndarray]:
     """Rows of both surrogates, for ``frames`` (a list of ase.Atoms or a :class:`FramePool`).
 
     Returns x_energy [n_frames, n_species + F] (per atom), y_energy [n_frames] (eV/atom), and with
@@ -498,10 +506,16 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
     The force rows come from :func:`mlipops.descriptors.summed_descriptor_gradient` (analytic, one pass
     over the edges); each atom moves only its own frame's S, so the gradient of the chunk's summed S is
     every frame's.
+
+    ``save_descriptors``: a folder the atoms' descriptors (which the rows are made of) are saved to, for the
+    index (:class:`mlipops.descriptors.SavedDescriptorsWriter`; returned as ``saved``, to be finished by the
+    caller once the data file they belong to is written).
     """
     import json
 
     from ase.data import atomic_numbers
+
+    from mlipops.descriptor_store import SavedDescriptorsWriter
 
     pool = FramePool.from_atoms(frames)
     n = len(pool)
@@ -511,13 +525,15 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
     counts, starts = pool.counts, pool.starts
     total_rows = 3 * int(counts.sum())
     # the cache serves repeated examinations of small sets (check, benchmarks); a large set skips it
-    use_cache = total_rows <= _DESIGN_CACHE_ROWS
+    use_cache = total_rows <= _DESIGN_CACHE_ROWS and save_descriptors is None  # (the cache keeps no descriptors)
     context = (tuple(species), json.dumps(settings, sort_keys=True, default=str))
     keys = [(_structure_key(*pool.frame(k)), *context) for k in range(n)] if use_cache else [None] * n
     spill = forces and total_rows * n_feat > _SPILL_CELLS
     store = RowStore(n_feat, spill_dir) if spill else None
     xe = np.zeros((n, len(species) + n_feat))
     xf = None if not forces or spill else np.zeros((total_rows, n_feat))
+    saved = None if save_descriptors is None else \
+        SavedDescriptorsWriter(save_descriptors, species, settings, n_feat, pool.info["frame_id"], counts)
     done = np.zeros(n, dtype=bool)
     for k in range(n):
         hit = _DESIGN_CACHE.get(keys[k]) if use_cache else None
@@ -530,7 +546,9 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
     def flush(chunk):
         if not chunk:
             return
-        rows, jac = _design_rows(desc, pool, chunk, z_to_index, species, forces)
+        rows, jac, g = _design_rows(desc, pool, chunk, z_to_index, species, forces, saved is not None)
+        if saved is not None:
+            saved.add(np.asarray(chunk, dtype=np.int64), g)
         start = 0
         for q, k in enumerate(chunk):
             n_k = int(counts[k])
@@ -562,13 +580,13 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
         chunks.append(chunk)
     n_workers = 1 if use_cache else _design_workers(total_rows // 3)
     if n_workers > 1:  # worker processes, a group of chunks each; the same rows as below, chunk by chunk
-        _design_in_workers(pool, chunks, species, settings, forces, n_workers, xe, xf, store)
+        _design_in_workers(pool, chunks, species, settings, forces, n_workers, xe, xf, store, saved)
     else:
         for q, chunk in enumerate(chunks):
             flush(chunk)
             if (q + 1) % 64 == 0:  # the chunks' temporaries fragment the heap: give it back now and then
                 trim_memory()
-    out = {"x_energy": xe, "y_energy": pool.energy / np.maximum(counts, 1)}
+    out = {"x_energy": xe, "y_energy": pool.energy / np.maximum(counts, 1), "saved": saved}
     if forces:
         n_atoms = int(counts.sum())
         small = np.int32 if n_atoms < 2**31 // 3 else np.int64  # one index per force row: 7M rows at scale
@@ -877,7 +895,7 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
            forces: bool = True, max_rounds: int = 5, frame_z_threshold: float | None = 5.0,
            atom_z_threshold: float | None = 4.0, min_group_frames: int = 5,
            energy_gross_threshold: float | None = 200.0, frame_min_relative_residual: float = 0.25,
-           spill_dir: str | Path | None = None) -> OutlierReport:
+           spill_dir: str | Path | None = None, save_descriptors: str | Path | None = None) -> OutlierReport:
     """Examine ``frames`` (the training split, all labelled) and decide which are influential outliers.
 
     A frame is quarantined when
@@ -900,7 +918,8 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
     and the others (masking). They are flagged provisionally and, like every frame flagged in an
     early round, re-judged against the final fit (:func:`_recheck`).
 
-    None for a threshold switches that test off.
+    None for a threshold switches that test off. ``save_descriptors``: see :func:`design` (the writer is
+    ``report.saved``, None when no design was made).
     """
     pool = FramePool.from_atoms(frames)
     n = len(pool)
@@ -916,7 +935,9 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
     rows["flag_round"] = pd.array([pd.NA] * n, dtype="Int64")
     report = OutlierReport(frames=rows)
     t0 = time.perf_counter()
-    d = design(pool, species, settings, forces=forces, spill_dir=spill_dir) if n else None
+    d = design(pool, species, settings, forces=forces, spill_dir=spill_dir, save_descriptors=save_descriptors) \
+        if n else None
+    report.saved = d["saved"] if d else None
     trim_memory()  # the descriptor pass's temporaries
     report.timings["design_s"] = time.perf_counter() - t0
     if n <= (d["x_energy"].shape[1] + 2 if d else 0) or d is None:

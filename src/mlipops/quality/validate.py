@@ -30,6 +30,7 @@ Physics conventions of the checks:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from ase.data import chemical_symbols
 from ase.geometry.cell import complete_cell
 from ase.geometry.minkowski_reduction import minkowski_reduce
 
+from mlipops.descriptor_store import write_no_saved_descriptors
 from mlipops.neighbors import neighbor_list
 from mlipops.errors import StageInputError
 from mlipops.frames import labels, read_extxyz, write_extxyz
@@ -61,6 +63,9 @@ SUITE = Path(__file__).with_name("suite.json")
 CURATED = Path("data/curated")
 ACCEPTED = CURATED / "accepted.extxyz"
 QUARANTINE = CURATED / "quarantine.parquet"
+# the training frames' per-atom descriptors, which the outlier surrogate is made of, saved for the index
+# (mlipops.descriptors.SavedDescriptorsWriter): keyed to accepted.extxyz's md5, so never taken for other data
+TRAINING_DESCRIPTORS = CURATED / "training_descriptors"
 REPORT_DIR = Path("reports/validate")
 
 
@@ -454,7 +459,7 @@ def outlier_candidates(config_types, splits, p: ValidateParams) -> tuple[np.ndar
 
 
 def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | None, spill_dir: Path | None = None,
-                  among: np.ndarray | None = None):
+                  among: np.ndarray | None = None, save_descriptors: Path | None = None):
     """Cook's-distance outliers among the training-split frames that passed the suite (a list of ase.Atoms
     or a :class:`~mlipops.quality.outliers.FramePool`; ``among``: the indices of those that passed, default
     all), examined as :func:`outlier_candidates` says.
@@ -481,7 +486,8 @@ def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | Non
                  force_residual_threshold=o.force_residual_threshold, forces=o.forces, max_rounds=o.max_rounds,
                  frame_z_threshold=o.frame_z_threshold, atom_z_threshold=o.atom_z_threshold,
                  min_group_frames=o.min_group_frames, energy_gross_threshold=o.energy_gross_threshold,
-                 frame_min_relative_residual=o.frame_min_relative_residual, spill_dir=spill_dir)
+                 frame_min_relative_residual=o.frame_min_relative_residual, spill_dir=spill_dir,
+                 save_descriptors=save_descriptors)
     flagged = {int(idx[int(r.frame)]): r.reason for r in rep.frames.itertuples() if r.quarantine}
     at = rep.frames.frame.to_numpy(dtype=np.int64)
     rep.frames.insert(0, "source_index", [-1 if v is None else int(v) for v in sub.info["source_index"][at]])
@@ -549,7 +555,8 @@ def suite_decision(table: pd.DataFrame, atoms: pd.DataFrame, p: ValidateParams) 
 
 
 def outlier_decision(failures: dict, train, train_rows: np.ndarray, p: ValidateParams,
-                     descriptors: DescriptorParams | None, spill_dir: Path | None = None):
+                     descriptors: DescriptorParams | None, spill_dir: Path | None = None,
+                     save_descriptors: Path | None = None):
     """The outlier test on the training frames that passed the suites (``failures``, updated in place):
     ``train`` (a list of ase.Atoms or a FramePool) holds the frames of rows ``train_rows``, at least every
     frame of the training split. Returns ({row: reason}, report, note, {row: why not examined})."""
@@ -558,7 +565,8 @@ def outlier_decision(failures: dict, train, train_rows: np.ndarray, p: ValidateP
     train = FramePool.from_atoms(train)
     train_rows = np.asarray(train_rows, dtype=np.int64)
     ok = np.flatnonzero([int(k) not in failures for k in train_rows])
-    found, out_rep, out_note, lone = find_outliers(train, p, descriptors, spill_dir, among=ok)
+    found, out_rep, out_note, lone = find_outliers(train, p, descriptors, spill_dir, among=ok,
+                                                   save_descriptors=save_descriptors)
     outliers = {int(train_rows[j]): reason for j, reason in found.items()}
     for k, reason in outliers.items():
         failures.setdefault(k, []).append(("influential_outlier", reason))
@@ -742,7 +750,8 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
             advance(completed=1, note=f"outlier test on {len(train)} training frames")
             t1 = time.perf_counter()
             outliers, out_rep, out_note, lone = outlier_decision(failures, train, train_rows, p, descriptors,
-                                                                 spill_dir=CURATED)
+                                                                 spill_dir=CURATED,
+                                                                 save_descriptors=TRAINING_DESCRIPTORS)
             del train
             timings["outliers_s"] = time.perf_counter() - t1
             if out_rep is not None:
@@ -754,7 +763,12 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
             decision = Decision(failures, table, None, gx_result, outliers, out_rep, out_note, lone)
             advance(completed=2, note="writing accepted.extxyz and the quarantine")
             t1 = time.perf_counter()
-            metrics = _write_outputs(decision, info, spool, p, t0, n_atoms_checked)
+            metrics, accepted_md5 = _write_outputs(decision, info, spool, p, t0, n_atoms_checked)
+            saved = out_rep.saved if out_rep is not None else None
+            if saved is not None:
+                saved.finish(accepted_md5)
+            else:
+                write_no_saved_descriptors(TRAINING_DESCRIPTORS, out_note or "no outlier test: no descriptors made")
             timings["write_s"] = time.perf_counter() - t1
             metrics.update({f"time.{k}": round(v, 2) for k, v in timings.items()})
             write_metrics(REPORT_DIR, metrics)
@@ -771,7 +785,8 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
 
 
 def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: ValidateParams, t0: float,
-                   n_atoms_checked: int) -> dict:
+                   n_atoms_checked: int) -> tuple[dict, str]:
+    """accepted.extxyz, the quarantine and the reports; returns (the metrics, accepted.extxyz's md5)."""
     failures, table, gx_result = decision.failures, decision.table, decision.gx_result
     outliers, out_rep, out_note = decision.outliers, decision.outlier_report, decision.outlier_note
     released = []  # frames released by hand: accepted despite the checks their release names
@@ -785,6 +800,7 @@ def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: Va
             del failures[k]
     quarantined = []
     n_accepted = 0
+    md5 = hashlib.md5()  # of the bytes written: accepted.extxyz's md5 (mlipops.frames.file_md5) without reading it
     tmp = ACCEPTED.with_suffix(ACCEPTED.suffix + ".tmp")
     try:
         with tmp.open("wb") as out:
@@ -797,7 +813,9 @@ def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: Va
                         "config_type": a.config_type, "split": a.split, "check": ",".join(c for c, _ in checks),
                         "reason": "; ".join(r for _, r in checks), "extxyz": text})
                 else:
-                    out.write(text.encode("utf-8"))
+                    data = text.encode("utf-8")
+                    out.write(data)
+                    md5.update(data)
                     n_accepted += 1
         tmp.replace(ACCEPTED)
     except BaseException:
@@ -847,7 +865,7 @@ def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: Va
             fh.write(f"\n## Released by hand ({len(released)}, from `{RELEASES}`)\n\n")
             fh.write(md_table(("source", "index", "checks", "why", "by", "at"),
                               [tuple(r.values()) for r in released]) + "\n")
-    return metrics
+    return metrics, md5.hexdigest()
 
 
 def _empty_plot(path: Path, note: str) -> None:
