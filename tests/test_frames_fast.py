@@ -321,3 +321,73 @@ def test_token_kinds_are_what_numpy_makes_of_them():
         elif kind == "s":
             assert as_int is None and as_float is None, t
     assert seen == {"i", "f", "s", None}
+
+
+# ------------------------------------------------------------------ the writer: ASE's bytes
+def _ase_written(atoms: Atoms) -> str:
+    buf = io.StringIO()
+    ase.io.write(buf, atoms, format="extxyz")
+    return buf.getvalue()
+
+
+def _check_written(atoms: Atoms) -> bool:
+    """to_extxyz_string gives ASE's bytes (or ASE's error); True when the fast writer took the frame."""
+    from mlipops.frames import _fast_extxyz, to_extxyz_string
+
+    try:
+        want = _ase_written(atoms)
+    except Exception:  # noqa: BLE001 -- what ASE cannot write, the fast writer leaves to it
+        assert _fast_extxyz(atoms) is None
+        return False
+    assert to_extxyz_string(atoms) == want
+    return _fast_extxyz(atoms) is not None
+
+
+def test_writer_gives_ases_bytes_for_pipeline_frames(u_mlearn_dir):
+    """Frames as the pipeline holds them (read from extxyz, canonical, with provenance and a split) are written
+    by the fast writer, byte for byte as ASE writes them: the mlearn DFT sets and EMT frames of several kinds."""
+    from mlipops.frames import read_extxyz
+
+    taken = []
+    for name in ("Mo_training", "Li_test"):
+        frames, _ = read_extxyz(u_mlearn_dir / f"{name}.extxyz", trust=())
+        for k, a in enumerate(frames[:40]):
+            a.info["split"] = ("train", "val", "\x00SPLIT\x00")[k % 3]
+            taken.append(_check_written(a))
+    rng = np.random.default_rng(5)
+    for k, (sym, lat, a0) in enumerate([("Cu", "fcc", 3.6), ("Mo", "bcc", 3.16), ("Mg", "hcp", 3.2), ("H", "sc", 2.0)]):
+        at = bulk(sym, lat, a=a0).repeat(2)
+        at.rattle(0.05, seed=k)
+        at.info.update(config_type="x y" if k == 1 else "crystal", temperature_K=300.0 + k, n=np.int64(k),
+                       flag=bool(k % 2), vec=np.array([1.5, -2.0, 3e-12]), oracle_settings='{"a": 1}')
+        at.calc = SinglePointCalculator(at, energy=-3.25 * (k + 1), forces=rng.normal(size=(len(at), 3)),
+                                        stress=rng.normal(size=6))
+        taken.append(_check_written(at))
+        bare = at.copy()  # no labels, a slab
+        bare.pbc = [True, True, False]
+        taken.append(_check_written(bare))
+    assert all(taken), taken
+
+
+def test_writer_leaves_other_frames_to_ase(u_rng):
+    """Frames the fast writer does not handle (constraints, extra per-atom arrays, other results, nested or None
+    info values, a 3x3 info array, no cell) still come out as ASE writes them."""
+    a = bulk("Cu", "fcc", a=3.6, cubic=True)
+    a.calc = SinglePointCalculator(a, energy=1.0, forces=u_rng.normal(size=(len(a), 3)))
+    variants = []
+    b = a.copy()
+    b.set_constraint(FixAtoms(indices=[0]))
+    variants.append(b)
+    c = a.copy()
+    c.new_array("vel", u_rng.normal(size=(len(c), 3)))
+    variants.append(c)
+    d = a.copy()
+    d.calc = SinglePointCalculator(d, energy=1.0, free_energy=0.5, magmom=0.0)
+    variants.append(d)
+    for value in ({"a": 1}, None, [1, 2], np.eye(3), np.float64(np.nan), "quote\"d", ""):
+        e = a.copy()
+        e.info["x"] = value
+        variants.append(e)
+    variants.append(Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
+    for v in variants:
+        _check_written(v)

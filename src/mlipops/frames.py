@@ -1507,26 +1507,125 @@ def verified_manifest(path: str | Path) -> dict | None:
 
 # -------------------------------------------------------------------------------------- writer
 def write_extxyz(path: str | Path, frames: Iterable[Atoms]) -> int:
-    """Write frames as extxyz (labels from their SinglePointCalculator); returns the count."""
-    import ase.io
-
+    """Write frames as extxyz (labels from their SinglePointCalculator), as ASE writes them
+    (:func:`to_extxyz_string`); returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = list(frames)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as fh:
         for atoms in frames:
-            ase.io.write(fh, atoms, format="extxyz")
+            fh.write(to_extxyz_string(atoms))
     tmp.replace(path)
     return len(frames)
 
 
 def to_extxyz_string(atoms: Atoms) -> str:
+    """The frame as ASE's extxyz writer writes it (``ase.io.write(..., format="extxyz")``), byte for byte: by
+    :func:`_fast_extxyz` for the frames mlipops writes, by ASE for any other."""
+    text = _fast_extxyz(atoms)
+    if text is not None:
+        return text
     import ase.io
 
     buf = io.StringIO()
     ase.io.write(buf, atoms, format="extxyz")
     return buf.getvalue()
+
+
+_ESCAPED = frozenset(" \"'{}[]")
+
+
+def _ase_escape(text: str) -> str:
+    """ASE's ``extxyz.escape``: a value or key with a space, quote, brace or bracket is double-quoted."""
+    if not _ESCAPED.isdisjoint(text):
+        text = '"' + text.replace('"', '\\"') + '"'
+    return text
+
+
+def _ase_scalar(value) -> str | None:
+    """ASE's extxyz text of an info scalar (``known_types_to_str``), None for a type left to ASE."""
+    if isinstance(value, (bool, np.bool_)):
+        return "T" if value else "F"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{value}"
+    if isinstance(value, str):
+        return value
+    return None
+
+
+_FAST_RESULTS = ("energy", "forces", "stress")
+
+
+def _fast_extxyz(atoms: Atoms) -> str | None:
+    """``ase.io.write(buf, atoms, format="extxyz")``'s text for a frame of species, positions, cell, pbc, scalar or
+    1-D numeric info values and SinglePointCalculator energy, forces and stress (what mlipops writes); None for
+    anything else (other per-atom arrays, constraints, other results, nested info values), which ASE then
+    writes. Three times faster than ASE's writer; tests/test_frames_fast.py checks the bytes are ASE's."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io.extxyz import SPECIAL_3_3_KEYS
+
+    try:
+        if set(atoms.arrays) != {"numbers", "positions"} or atoms.constraints:
+            return None
+        n = len(atoms)
+        positions = atoms.arrays["positions"]
+        if positions.dtype.kind != "f" or positions.shape != (n, 3) or n == 0:
+            return None
+        results = {}
+        calc = atoms.calc
+        if calc is not None:
+            if type(calc) is not SinglePointCalculator or not set(calc.results) <= set(_FAST_RESULTS):
+                return None
+            results = calc.results
+        info = atoms.info
+        if "pbc" in info or any(k in info for k in results) or any(k in SPECIAL_3_3_KEYS for k in info):
+            return None
+        parts = []
+        if atoms.cell.any():
+            parts.append('Lattice="' + " ".join(str(x) for x in np.reshape(atoms.cell.T, 9, order="F")) + '"')
+        forces = results.get("forces")
+        if forces is not None and (np.shape(forces) != (n, 3) or np.asarray(forces).dtype.kind != "f"):
+            return None
+        parts.append("Properties=species:S:1:pos:R:3" + (":forces:R:3" if forces is not None else ""))
+        items = list(info.items())
+        for key in results:
+            if key == "energy":
+                items.append((key, results[key]))
+            elif key == "stress":
+                st = np.asarray(results[key])
+                if st.shape == (6,):
+                    from ase.stress import voigt_6_to_full_3x3_stress
+
+                    st = voigt_6_to_full_3x3_stress(st)
+                items.append((key, st))
+        items.append(("pbc", atoms.get_pbc()))
+        kv = []
+        for key, value in items:
+            if not isinstance(key, str):
+                return None
+            if isinstance(value, np.ndarray):
+                if key in SPECIAL_3_3_KEYS:
+                    value = value.reshape(value.size, order="F")
+                if value.ndim != 1 or value.dtype.kind not in "ifb":
+                    return None
+                text = " ".join(_ase_scalar(v) for v in value)
+            else:
+                text = _ase_scalar(value)
+                if text is None:
+                    return None
+            kv.append(f"{_ase_escape(key)}={_ase_escape(text)}")
+        parts.append(" ".join(kv).strip())
+        symbols = atoms.get_chemical_symbols()
+        if forces is None:
+            rows = [f"{s:<2s} {x:16.8f} {y:16.8f} {z:16.8f}\n" for s, (x, y, z) in zip(symbols, positions.tolist())]
+        else:
+            rows = [f"{s:<2s} {x:16.8f} {y:16.8f} {z:16.8f} {fx:16.8f} {fy:16.8f} {fz:16.8f}\n"
+                    for s, (x, y, z), (fx, fy, fz) in zip(symbols, positions.tolist(),
+                                                          np.asarray(forces, dtype=float).tolist())]
+        return f"{n}\n" + " ".join(parts) + "\n" + "".join(rows)
+    except Exception:  # noqa: BLE001 -- whatever this does not foresee, ASE writes
+        return None
 
 
 def file_md5(path: str | Path) -> str:
