@@ -32,9 +32,13 @@ BIG = "SELECT * FROM range(20000000)"  # 20M rows
 
 
 def _curated(root: Path) -> None:
+    """validate's outs: accepted frames, the quarantine, and (none) saved training descriptors."""
+    from mlipops.descriptor_store import write_no_saved_descriptors
+
     (root / "data/curated").mkdir(parents=True, exist_ok=True)
     write_extxyz(root / "data/curated/accepted.extxyz", _frames())
     rejected_frame([]).to_parquet(root / "data/curated/quarantine.parquet", index=False)
+    write_no_saved_descriptors(root / "data/curated/training_descriptors", "written by the test")
 
 
 @pytest.fixture(scope="module")
