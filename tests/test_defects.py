@@ -325,6 +325,26 @@ def _lj_generate(element="Mo", **defects):
                           defects={"vacancy_supercell": 2, "slabs": ["110", "111"], "slab_size": [1, 1, 4]} | defects)
 
 
+def test_recipes_control_slabs_of_an_hcp_crystal_include_the_basal_plane():
+    from mlipops.crystal import Crystal
+
+    cr = Crystal("Ti", "hcp", 2.95)
+    g = _lj_generate("Ti")
+    out = dx.control_recipes({"slab"}, DefectParams(control_slabs=1), g, cr)
+    assert [a.info["config_type"] for a in out] == ["control_slab_0001", "control_slab_100", "control_slab_010"]
+    basal = out[0]
+    z = np.sort(basal.positions[:, 2])
+    planes = z[np.r_[True, np.diff(z) > 0.3]]  # rattled by 0.08 Å: planes 2.4 Å apart (c/2, ideal c/a)
+    assert len(planes) == g.defects.slab_size[2] and np.allclose(np.diff(planes), 2.95 * np.sqrt(8 / 3) / 2, atol=0.5)
+    assert all(tuple(a.pbc) == (True, True, False) and np.isfinite(a.get_potential_energy()) for a in out)
+    # given orientations win, for any lattice
+    mine = DefectParams(control_slabs=1, control_slab_millers=["0001"])
+    assert [a.info["config_type"] for a in dx.control_recipes({"slab"}, mine, g, cr)] == ["control_slab_0001"]
+    assert dx.control_slab_millers(DefectParams(), g, "bcc") == ["110", "111"]  # generate.defects.slabs
+    with pytest.raises(ValueError):
+        DefectParams(control_slab_millers=["1-10"])
+
+
 def test_recipes_control_builds_the_resolved_crystal_and_refuses_an_oracle_without_the_element():
     from mlipops.crystal import Crystal
     from mlipops.params import GenerateParams

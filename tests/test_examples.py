@@ -3,6 +3,7 @@ example's whole pipeline (`dvc repro promote` inside the example, a DVC sub-proj
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -147,6 +148,22 @@ def test_mo_example_test_split_is_the_test_file(mo_example):
     con = duckdb.connect(str(mo_example["dir"] / "data/index.duckdb"), read_only=True)
     n = con.execute("SELECT count(*) FROM frames WHERE split = 'test'").fetchone()[0]
     assert n == mo_example["n_test"]
+
+
+def test_mo_example_melting_runs_the_models_own_phases_at_the_given_reference(mo_example):
+    """No DFT solid and liquid at Tm: the model's own at 2896 K give the coverage and the pressure slope."""
+    out = mo_example["dir"] / "reports/evaluate/melting"
+    result = json.loads((out / "melting_point.json").read_text())
+    own = result["model_phases"]
+    assert own["temperature_K"] == 2896.0 and own["solid"]["n_atoms"] == 16  # 2 x 2 x 2 bcc cells
+    assert math.isfinite(own["latent_heat_eV_per_atom"]) and math.isfinite(own["delta_v_A3_per_atom"])
+    assert 0.0 <= result["coverage_solid_at_tm"] <= 1.0 and 0.0 <= result["coverage_liquid_at_tm"] <= 1.0
+    assert "given Tm_ref" in result["pressure"]["source"]
+    summary = (out / "summary.md").read_text()
+    assert "The model's own solid and liquid at the given Tm_ref = 2896 K" in summary
+    assert "inside the training hull" in summary and "nan" not in summary.lower()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "coverage_liquid_at_tm" in metrics and "model.latent_heat_eV_per_atom" in metrics
 
 
 def test_mo_example_registry_card(mo_example):

@@ -465,6 +465,14 @@ def test_descriptors_saved_by_validate_are_taken_bit_for_bit(tmp_path, monkeypat
         pd.testing.assert_frame_equal(computed[t], taken[t], check_exact=True, obj=t)
     s2, _ = build_and_read("other_settings", saved=saved, desc={"n_radial": 6})
     assert s2["n_atoms_descriptors_from_validate"] == 0 and "settings" in s2["descriptors_from_validate_note"]
+    rows = saved / "rows.npy"
+    good = rows.read_bytes()
+    rows.write_bytes(b"garbage!" + good[8:])  # a damaged header: every frame computed, with the note, no error
+    s5, damaged = build_and_read("damaged", saved=saved)
+    assert s5["n_atoms_descriptors_from_validate"] == 0 and "unreadable" in s5["descriptors_from_validate_note"]
+    np.testing.assert_array_equal(np.array(damaged["atoms"].pop("descriptor").tolist()), ga)
+    pd.testing.assert_frame_equal(computed["atoms"], damaged["atoms"], check_exact=True)
+    rows.write_bytes(good)
     write_extxyz(accepted, frames[:-1])  # another accepted file: its md5 differs
     s3, _ = build_and_read("other_file", saved=saved)
     assert s3["n_atoms_descriptors_from_validate"] == 0 and "another version" in s3["descriptors_from_validate_note"]

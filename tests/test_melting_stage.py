@@ -347,3 +347,33 @@ def test_members_against_a_given_reference_report_na_not_nan(tmp_path, monkeypat
     assert "latent_heat_eV_per_atom" not in metrics and metrics["tm_ref"] == 2896.0
     assert metrics["bias_significance_excess_K"] == pytest.approx(result["bias_significance_excess_K"])
     assert (out / "traces_reference.png").stat().st_size > 5_000
+
+
+def test_model_phases_at_a_given_reference_and_what_their_coverage_says():
+    """The model's own solid and liquid at a given Tm_ref (EMT Cu standing in for the model): labelled snapshots,
+    latent heat and ΔV, the runs' calibrated threshold; the summary says whether the bias is missing data."""
+    from mlipops.evaluate.melting import CoexistenceRun
+
+    m = MeltingParams(t_guess=1300.0, phase_steps=40, phase_snapshots=2, calibration_steps=10, window_fraction=1.0,
+                      quick={"supercell": [2, 2, 4], "melt_steps": 60, "equilibration_steps": 10,
+                             "production_steps": 40})
+    s = m.settings("Cu", "fcc")
+    runs = [CoexistenceRun(seed=0, t_start_liquid=1500.0, temperatures=np.zeros(0), times_fs=np.zeros(0),
+                           solid_fraction=np.zeros(0), tm=1300.0, tm_stderr=10.0, coexisting=True,
+                           rejected_reason=None, attempts=1, wall_s=1.0, n_atoms=64, order_threshold=0.31)]
+    own, frames = melting_stage.model_phases(EMT, s, 1300.0, m, runs)
+    assert own["order_parameter"]["threshold"] == 0.31 and own["temperature_K"] == 1300.0
+    assert [a.info["config_type"] for a in frames] == ["melting_solid"] * 2 + ["melting_liquid"] * 2
+    assert own["solid"]["solid_fraction"] > own["liquid"]["solid_fraction"]
+    result = {"tm_ref": 1300.0, "tm_ref_stderr": 0.5, "tm_mean": 1200.0, "tm_std": 20.0, "n_members": 2,
+              "n_members_accepted": 2, "bias": -100.0, "p_within_window": 0.1, "window_K": 50.0,
+              "reference": {"given": True, "source": "a handbook"}, "model_phases": own, "settings": s.__dict__,
+              "preset": "quick", "coverage_solid_at_tm": 0.97, "coverage_liquid_at_tm": 0.41}
+    text = " ".join(melting_stage.conclusion(result))
+    assert "Tm = 1300 ± 0.5 K" in text  # a sub-kelvin uncertainty is not printed as ± 0
+    assert "The model's own solid and liquid at the given Tm_ref = 1300 K" in text
+    assert "97 % of the solid's atoms and 41 % of the liquid's atoms" in text
+    assert "liquid at Tm_ref lies largely outside the training hull" in text and "missing data" in text
+    inside = melting_stage.coverage_verdict(result | {"coverage_liquid_at_tm": 0.95})
+    assert inside.startswith("Both phases lie inside the training data")
+    assert melting_stage.coverage_verdict({"tm_ref": 1300.0}) == ""

@@ -65,6 +65,20 @@ def test_robust_t_uses_the_group_scale():
     assert np.abs(t[:21]).max() == pytest.approx(np.abs(t[21:]).max())
 
 
+def test_group_scale_from_members_counts_only_informative_rows_as_from_groups():
+    from mlipops.quality.outliers import _group_scale
+
+    rng = np.random.default_rng(5)
+    r = rng.standard_normal(60) * np.repeat([0.1, 1.0, 5.0], 20)
+    g = np.repeat(["a", "b", "c"], 20)
+    informative = rng.random(60) > 0.3
+    members = {k: np.flatnonzero(g == k) for k in ("a", "b", "c")}
+    by_groups = _group_scale(r, g, min_group=5, informative=informative)
+    assert _group_scale(r, None, min_group=5, informative=informative, members=members) == by_groups
+    assert set(by_groups) == {None, "a", "b", "c"}
+    assert _group_scale(r, None, min_group=5, members=members) == _group_scale(r, g, min_group=5)
+
+
 @pytest.fixture(scope="module")
 def u_frames():
     return make_frames()

@@ -77,9 +77,6 @@ class SavedDescriptorsWriter:
         tmp.write_text(json.dumps(meta, default=str))
         tmp.replace(self.dir / _SAVED_META)
 
-    def abandon(self) -> None:
-        self._fh.close()
-
 
 def write_no_saved_descriptors(directory: str | Path, why: str) -> None:
     """An empty saved-descriptor folder (no frame listed: the reader computes every frame), saying ``why``."""
@@ -94,7 +91,8 @@ def write_no_saved_descriptors(directory: str | Path, why: str) -> None:
 
 class SavedDescriptors:
     """The frames a :class:`SavedDescriptorsWriter` saved, for a reader whose data file has md5 ``dataset_md5``
-    and whose descriptor has ``species`` and ``settings`` (:meth:`open` says why not, else None)."""
+    and whose descriptor has ``species`` and ``settings`` (:meth:`check` says whether they may be taken, and why
+    not). Opening checks the rows file's header against the meta (ValueError when they disagree)."""
 
     def __init__(self, directory: str | Path, meta: dict):
         self.dir = Path(directory)

@@ -62,6 +62,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io.extxyz import escape as ase_escape  # the writer's quoting, byte for byte ASE's
 from ase.units import GPa
 
 from mlipops.errors import FrameFormatError, MlipopsError
@@ -1533,16 +1534,6 @@ def to_extxyz_string(atoms: Atoms) -> str:
     return buf.getvalue()
 
 
-_ESCAPED = frozenset(" \"'{}[]")
-
-
-def _ase_escape(text: str) -> str:
-    """ASE's ``extxyz.escape``: a value or key with a space, quote, brace or bracket is double-quoted."""
-    if not _ESCAPED.isdisjoint(text):
-        text = '"' + text.replace('"', '\\"') + '"'
-    return text
-
-
 def _ase_scalar(value) -> str | None:
     """ASE's extxyz text of an info scalar (``known_types_to_str``), None for a type left to ASE."""
     if isinstance(value, (bool, np.bool_)):
@@ -1614,7 +1605,7 @@ def _fast_extxyz(atoms: Atoms) -> str | None:
                 text = _ase_scalar(value)
                 if text is None:
                     return None
-            kv.append(f"{_ase_escape(key)}={_ase_escape(text)}")
+            kv.append(f"{ase_escape(key)}={ase_escape(text)}")
         parts.append(" ".join(kv).strip())
         symbols = atoms.get_chemical_symbols()
         if forces is None:

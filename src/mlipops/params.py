@@ -568,6 +568,9 @@ class DefectParams(_Section):
     #          training instead and the other half is the test (real DFT data without an oracle)
     control_vacancy_cells: int = Field(4, ge=0)
     control_slabs: int = Field(3, ge=0)
+    # slab orientations of the control (mlipops.crystal.miller_indices: three digits, hcp also 0001); None: hcp
+    # 0001/100/010 (basal and prism planes of the orthorhombic cell), other lattices generate.defects.slabs
+    control_slab_millers: list[Annotated[str, Field(pattern=r"^([0-9]{3}|0001)$")]] | None = None
     control_rattle_stdev: float = Field(0.08, gt=0)  # Å; larger than the test defects' (distorted angles)
     control_seed: int = 1234
 
@@ -664,7 +667,7 @@ class MeltingParams(_Section):
     liquid_volume_change: float = Field(0.09, gt=-0.5, lt=1.0)
     min_phase_fraction: float = Field(0.15, ge=0, lt=0.5)
     max_retries: int = Field(2, ge=0)
-    retry_step_K: float = Field(150.0, gt=0)
+    retry_step_K: float | None = Field(None, gt=0)  # None: 0.115 x t_guess (melting.RETRY_STEP_FRACTION)
     ensemble: Literal["nve", "nph"] = "nph"  # production; nph: Berendsen barostat on z (the interface normal) only
     window_fraction: float = Field(0.5, gt=0, le=1)  # Tm from this last share of production
     drift_sigma: float = Field(2.0, gt=0)  # converged: |drift over the window| <= this x its standard error

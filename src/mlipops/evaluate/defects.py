@@ -40,7 +40,7 @@ The experiment (``mlipops evaluate defects``, the ``defects`` stage):
    test is repeated: the error must drop where the diagnosis said. ``control: recipes`` generates
    them with the dataset's oracle (``generate.oracle``) from the data's own crystal (:func:`mlipops.crystal.resolve`:
    the ``crystal`` params, their nulls from the training frames) at the oracle's lattice constant: rattled
-   vacancy cells, rattled slabs of ``generate.defects.slabs`` (:func:`mlipops.crystal.slab`), the liquid recipe;
+   vacancy cells, rattled slabs (:func:`control_slab_millers`; hcp: basal and prism planes), the liquid recipe;
    new structures, not the test frames. An oracle that cannot compute the element stops the stage before
    any training, in one line naming ``evaluate.defects.control``; ``held_out`` (real DFT data, no
    oracle) splits the imperfect frames in two by content hash, adds one half of the recommended
@@ -429,16 +429,26 @@ def control_oracle(g: GenerateParams, cr: Crystal):
     return oracle
 
 
-def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams, cr: Crystal | None = None) -> list[Atoms]:
-    """New labelled structures for the recommended recipes, from the dataset's oracle, built from the crystal
-    ``cr`` (default: fcc ``generate.element``) at the oracle's own lattice constant: vacancy cells
-    (``generate.defects.vacancy_supercell`` conventional cells), slabs (``generate.defects.slabs``, ``slab_size``
-    [nx, ny, layers], ``vacuum``: :func:`mlipops.crystal.slab`), the liquid recipe (``generate.liquid``, started
-    at the crystal's density)."""
+HCP_CONTROL_SLABS = ("0001", "100", "010")  # basal and the two prism planes of the orthorhombic hcp cell
+
+
+def control_slab_millers(p: DefectParams, g: GenerateParams, lattice: str) -> list[str]:
+    """The control's slab orientations: ``evaluate.defects.control_slab_millers``, else for hcp its basal and
+    two prism planes (:data:`HCP_CONTROL_SLABS`), else ``generate.defects.slabs`` (the cubic low-index set)."""
+    if p.control_slab_millers is not None:
+        return list(p.control_slab_millers)
+    return list(HCP_CONTROL_SLABS) if lattice == "hcp" else list(g.defects.slabs)
+
+
+def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams, cr: Crystal) -> list[Atoms]:
+    """New labelled structures for the recommended recipes, from the dataset's oracle, built from the data's
+    crystal ``cr`` at the oracle's own lattice constant: vacancy cells (``generate.defects.vacancy_supercell``
+    conventional cells), slabs (:func:`control_slab_millers`, ``generate.defects.slab_size`` [nx, ny, layers],
+    ``vacuum``: :func:`mlipops.crystal.slab`), the liquid recipe (``generate.liquid``, started at the crystal's
+    density)."""
     from mlipops.crystal import a_from_volume, slab, vacancy_cell
     from mlipops.generate.recipes import equilibrium_nn_distance
 
-    cr = cr or Crystal(g.element, "fcc", 3.6, source="generate.element")
     oracle = control_oracle(g, cr)
     rng = np.random.default_rng(p.control_seed)
     nn = equilibrium_nn_distance(cr.element, cr.lattice, oracle)  # the oracle's own, as generate's crystals
@@ -460,7 +470,7 @@ def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams, cr: C
             out.append(a)
     if "slab" in recipes:
         size = g.defects.slab_size
-        for hkl in g.defects.slabs:
+        for hkl in control_slab_millers(p, g, co.lattice):
             base = slab(co, hkl, size[2], size[:2], g.defects.vacuum)
             for _ in range(p.control_slabs):
                 s = base.copy()

@@ -91,8 +91,8 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    accepted when the mean solid fraction over the last 10 % of the production samples lies in
    [f_min, 1 − f_min] (``min_phase_fraction``). Otherwise it is rejected with its reason and rerun (new random
    stream) from shifted start temperatures (:func:`next_attempt`): fully melted → ``t_solid`` and ``t_liquid``
-   both lowered by ``retry_step_K`` (too much energy), fully crystallised → raised; the step halves when the
-   direction flips. The energy balance (3k_B/2)(T_s + T_l) + L/2 = 3k_B Tm + (1 − f)L shows why the defaults
+   both lowered by ``retry_step_K`` (default 11.5 % of t_guess; too much energy), fully crystallised → raised;
+   the step halves when the direction flips. The energy balance (3k_B/2)(T_s + T_l) + L/2 = 3k_B Tm + (1 − f)L shows why the defaults
    T_s = 0.8 t_guess, T_l = 1.2 t_guess end near f = 1/2 when t_guess ≈ Tm, and that a shift δ of both moves
    f by 3k_B δ/L ≈ δ/500 K for copper (L ≈ 0.13 eV/atom).
    **Bracketing starts.** Every seed runs twice (:data:`STARTS`): both start temperatures shifted by
@@ -148,6 +148,9 @@ from mlipops.errors import MlipopsError, ParamsError
 # The averaged order parameter q̄_l per lattice: (l, number of nearest neighbours: the first shell, crystal
 # COORDINATION; bcc and diamond the first two shells, which separate far better). Measured: module doc, item 6.
 ORDER_PARAMETER = {"fcc": (6, 12), "hcp": (6, 12), "bcc": (6, 14), "sc": (4, 6), "diamond": (4, 16)}
+# a rerun's shift of both start temperatures, as a fraction of t_guess (retry_step_K None): copper's 150 K of
+# 1300 K, the step that moved an EMT Cu run from fully melted to coexisting; Mo 333 K, Li 52 K
+RETRY_STEP_FRACTION = 0.115
 MIN_WINDOW_SAMPLES = 8  # late-window samples window_stats needs for a drift error (4 blocks of 2)
 
 
@@ -181,7 +184,7 @@ class CoexistenceSettings:
     calibration_steps: int = 100  # MD steps of the pure solid and of the pure liquid that calibrate the threshold
     min_phase_fraction: float = 0.15
     max_retries: int = 2
-    retry_step_K: float = 150.0
+    retry_step_K: float | None = None  # None: RETRY_STEP_FRACTION x t_guess (Cu 150 K at 1300 K, Mo 333 K at 2900 K)
     expansion_guess: float = 0.03  # start lattice = a (1 + it); the NPH equilibration corrects it
     liquid_volume_change: float = 0.09  # start volume of the liquid half / that of the solid half − 1 (item 2)
     taup_fs: float = 500.0  # Berendsen barostat time constant
@@ -193,6 +196,12 @@ class CoexistenceSettings:
         return (self.t_solid if self.t_solid is not None else 0.8 * g,
                 self.t_liquid if self.t_liquid is not None else 1.2 * g,
                 self.t_melt if self.t_melt is not None else 2.5 * g)
+
+    def retry_step(self) -> float:
+        """K by which a rerun shifts both start temperatures: ``retry_step_K``, else :data:`RETRY_STEP_FRACTION`
+        of ``t_guess`` (the solid fraction moves by about 3 k_B δ / L, and L scales with Tm: the same shift in
+        K is too small a move for Mo and too large for Li)."""
+        return self.retry_step_K if self.retry_step_K is not None else RETRY_STEP_FRACTION * self.t_guess
 
     def production_limit(self) -> int:
         """The most production steps one attempt may run (the late-window test extends it up to this)."""
@@ -252,6 +261,8 @@ class CoexistenceSettings:
             bad("start_offset", "must be a fraction of t_guess in [0, 0.5)")
         if not 0.0 <= self.min_phase_fraction < 0.5:
             bad("min_phase_fraction", "must be in [0, 0.5)")
+        if self.retry_step_K is not None and self.retry_step_K <= 0:
+            bad("retry_step_K", "must be positive, or None: RETRY_STEP_FRACTION x t_guess")
         if self.timestep_fs <= 0 or self.t_guess <= 0:
             bad("timestep_fs" if self.timestep_fs <= 0 else "t_guess", "must be positive")
         if self.q6_solid_threshold is not None and not 0.0 < self.q6_solid_threshold < 1.0:
@@ -734,7 +745,7 @@ def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettin
     s.validate()
     t0 = time.perf_counter()
     t_solid, t_liquid = start_temperatures(s, start)
-    step, direction, history = s.retry_step_K, 0, []
+    step, direction, history = s.retry_step(), 0, []
     cal = s.calibration_md_steps()
     per = s.equilibration_steps + s.production_steps  # MD steps of one attempt (progress)
     calibration, threshold = None, s.q6_solid_threshold

@@ -17,9 +17,11 @@ member's potential) for ``member_seeds`` seeds, all runs in parallel through Das
   ``data/index.duckdb``), and the fraction of the Tm snapshots' atoms inside it (γ ≤ 1, ``check_structures``).
 
 Against a given reference (``evaluate.melting.reference``: a value, its standard uncertainty and source) the bias,
-P and the gate metrics use that value and uncertainty (with infinitely many degrees of freedom); the latent heat,
-the energy cause and the snapshots' coverage need the reference's own solid and liquid at Tm and read
-"n/a: given reference". Element and lattice come from :func:`~mlipops.evaluate.melting_reference.melting_crystal`,
+P and the gate metrics use that value and uncertainty (with infinitely many degrees of freedom); the energy cause
+needs the reference's own energies of a solid and a liquid at Tm and reads "n/a: given reference". In its place
+the model's own pure solid and liquid at the given Tm_ref (:func:`model_phases`) give the Tm snapshots' coverage
+of the training hull (does the bias trace to missing data?) and the latent heat and ΔV of the pressure
+systematic. Element and lattice come from :func:`~mlipops.evaluate.melting_reference.melting_crystal`,
 as the reference's; a reference.json made for another crystal is refused.
 
 Reports in ``reports/evaluate/melting/`` (``melting_point.json``, ``metrics.json``, ``summary.md``, the traces and
@@ -111,6 +113,29 @@ def snapshot_coverage(frames: list[Atoms], index_path: Path) -> dict:
             for ph in ("solid", "liquid") if (ct == f"melting_{ph}").any()}
 
 
+def model_phases(factory, s, tm_ref: float, m, runs: list[CoexistenceRun]) -> tuple[dict, list[Atoms]]:
+    """Against a given reference (no reference solid and liquid): the model's own pure solid and pure liquid at
+    the given Tm_ref (the ensemble mean's, :func:`~mlipops.evaluate.melting.phase_properties`, NPT at P = 0,
+    ``phase_steps``, ``phase_snapshots`` per phase) and their snapshots (config_type ``melting_solid`` /
+    ``melting_liquid``). The snapshots' share of atoms inside the training hull (:func:`snapshot_coverage`) says
+    whether the liquid and the solid the members melt between lie in the data at all; the model's latent heat
+    and ΔV give the pressure systematic's dTm/dP. The solid-like threshold is the members' runs' own calibration
+    (their mean), so a solid that melts or a liquid that freezes at Tm_ref shows in its solid fraction."""
+    from mlipops.evaluate.melting import phase_properties
+    from mlipops.evaluate.melting_reference import _single_thread
+    from mlipops.report import progress
+
+    _single_thread()
+    cal = [r.order_threshold for r in runs if math.isfinite(r.order_threshold)]
+    threshold = s.q6_solid_threshold if s.q6_solid_threshold is not None else (float(np.mean(cal)) if cal else None)
+    total = 2 * m.phase_steps + s.melt_steps
+    with progress(f"the model's own solid and liquid at the given Tm_ref = {tm_ref:.0f} K (MD steps)", total) as adv:
+        ph = phase_properties(factory, s, tm_ref, m.phase_steps, m.phase_snapshots, seed=m.seed, threshold=threshold,
+                              on_steps=lambda n: adv(completed=n))
+    frames = ph.pop("frames")
+    return ph, frames
+
+
 def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
         index_path: Path = Path("data/index.duckdb")) -> dict:
     """Every member's Tm against the reference's; reports, plots and MLflow metrics (module doc)."""
@@ -153,6 +178,10 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     if bad:
         raise StageInputError(f"{len(bad)} unreadable frame(s): {bad[0].reason}", file=str(PHASES))
     phases = ref.get("phases") or {}
+    own = None
+    if ref.get("given") and not frames:
+        # no reference solid and liquid: the model's own at the given Tm_ref, for coverage and dTm/dP
+        own, frames = model_phases(MemberFactory(model_dir, None, trusted), s, ref["tm_mean"], m, runs)
     if frames and phases:
         for pm, err in zip(per_member, phase_errors(model, frames)):
             d = err["liquid"] - err["solid"]
@@ -164,8 +193,12 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     pz = [pm["pressure_zz_GPa"] for pm in per_member if pm["n_accepted"] and math.isfinite(pm["pressure_zz_GPa"])]
     result["pressure"] = pressure_systematic(
         result["tm_mean"] if result.get("tm_mean") is not None else math.nan,
-        float(np.mean(pz)) if pz else math.nan, phases,
-        "the reference's solid and liquid at Tm_ref (phase_properties), applied to the members' P_zz")
+        float(np.mean(pz)) if pz else math.nan, phases or own,
+        "the reference's solid and liquid at Tm_ref (phase_properties), applied to the members' P_zz" if phases else
+        "the model's own solid and liquid at the given Tm_ref (the ensemble mean, phase_properties), applied to the "
+        "members' P_zz")
+    if own is not None:
+        result["model_phases"] = own
     result["pressure"]["applied"] = dtm_dp is not None
     if (ref.get("pressure") or {}).get("correction_K") is not None and result["pressure"].get("correction_K") is not None:
         result["pressure"]["bias_correction_K"] = result["pressure"]["correction_K"] - ref["pressure"]["correction_K"]
@@ -285,6 +318,12 @@ def flat_metrics(result: dict) -> dict:
     if ph:
         out["latent_heat_eV_per_atom"] = ph.get("latent_heat_eV_per_atom")
         out["delta_s_kB"] = ph.get("delta_s_kB")
+    own = result.get("model_phases") or {}
+    if own:  # given reference: the model's own phases at Tm_ref
+        out["model.latent_heat_eV_per_atom"] = own.get("latent_heat_eV_per_atom")
+        out["model.delta_v_A3_per_atom"] = own.get("delta_v_A3_per_atom")
+        out["model.liquid_volume_per_atom"] = own["liquid"]["volume_per_atom"]
+        out["model.solid_volume_per_atom"] = own["solid"]["volume_per_atom"]
     for pm in result["members"]:
         for k in ("tm_mean", "tm_stderr", "bias_estimate", "n_rejected"):
             if pm.get(k) is not None:
@@ -344,11 +383,12 @@ def conclusion(result: dict) -> list[str]:
     if result.get("tm_ref") is None:
         lines.append(f"No reference melting point: {result['reference'].get('reason', 'reference unavailable')}.")
     else:
+        err = result["tm_ref_stderr"]
         lines.append(f"Reference ({reference_name(result['reference'])}): Tm = {_fmt(result['tm_ref'])} ± "
-                     f"{_fmt(result['tm_ref_stderr'])} K.")
+                     f"{_fmt(err, 1 if err is not None and 0 < err < 1 else 0)} K.")
     if result.get("tm_mean") is None:
         lines.append("No member run kept both phases: no model melting point.")
-        return lines
+        return lines + own_phases_lines(result)
     lines.append(f"Ensemble ({result['n_members_accepted']}/{result['n_members']} members): Tm = "
                  f"{_fmt(result['tm_mean'])} ± {_fmt(result['tm_std'])} K (mean ± standard deviation over members)"
                  + (f"; bias {result['bias']:+.0f} K; P(|Tm − Tm_ref| ≤ {result['window_K']:g} K) = "
@@ -371,8 +411,9 @@ def conclusion(result: dict) -> list[str]:
         lines.append(f"Energy cause: the members' liquid-minus-solid energy error at Tm_ref predicts a bias of "
                      f"{result['bias_estimate']:+.0f} K (δE/ΔS_m), against {result['bias']:+.0f} K measured.")
     elif (result.get("reference") or {}).get("given"):
-        lines.append("Energy cause (δE/ΔS_m) and the Tm snapshots' coverage: n/a: given reference (no reference "
-                     "solid and liquid at Tm to compare the members' energies on).")
+        lines.append("Energy cause (δE/ΔS_m): n/a: given reference (no reference energies of a solid and a liquid "
+                     "at Tm to compare the members' energies with).")
+    lines += own_phases_lines(result)
     pr = result.get("pressure") or {}
     if pr.get("correction_K") is not None:
         lines.append(f"Pressure: the members' liquid–solid cells end at P_zz = {pr['pressure_zz_GPa']:+.2f} GPa "
@@ -397,6 +438,37 @@ def conclusion(result: dict) -> list[str]:
                         f"{100 * result['coverage_solid_at_tm']:.0f} % (solid)." if "coverage_liquid_at_tm" in result
                         else "."))
     return lines
+
+
+def own_phases_lines(result: dict) -> list[str]:
+    """The model's own solid and liquid at a given Tm_ref (:func:`model_phases`), in words; [] without them."""
+    own = result.get("model_phases")
+    if not own:
+        return []
+    cov = [f"{100 * result[f'coverage_{ph}_at_tm']:.0f} % of the {ph}'s atoms"
+           for ph in ("solid", "liquid") if result.get(f"coverage_{ph}_at_tm") is not None]
+    text = (f"The model's own solid and liquid at the given Tm_ref = {_fmt(own['temperature_K'])} K (ensemble mean, "
+            f"NPT at P = 0, {own['solid']['n_atoms']} atoms each): latent heat "
+            f"{1000 * own['latent_heat_eV_per_atom']:.0f} meV/atom (ΔS_m = {own['delta_s_kB']:.2f} k_B), ΔV = "
+            f"{own['delta_v_A3_per_atom']:+.2f} Å³/atom ({own['solid']['volume_per_atom']:.2f} → "
+            f"{own['liquid']['volume_per_atom']:.2f}); solid fraction {own['solid']['solid_fraction']:.2f} (solid) "
+            f"and {own['liquid']['solid_fraction']:.2f} (liquid); inside the training hull: "
+            + (" and ".join(cov) if cov else "n/a (no index)") + ". " + coverage_verdict(result))
+    return [text.rstrip()]
+
+
+def coverage_verdict(result: dict, inside: float = 0.9) -> str:
+    """One sentence on what the Tm snapshots' hull coverage means for the bias (model_phases; γ ≤ 1 atoms)."""
+    cs, cl = result.get("coverage_solid_at_tm"), result.get("coverage_liquid_at_tm")
+    if cs is None or cl is None:
+        return ""
+    out = [ph for ph, c in (("solid", cs), ("liquid", cl)) if c < inside]
+    if not out:
+        return ("Both phases lie inside the training data: the bias is the fit's, not missing data (more epochs, "
+                "a larger model or more weight on these configurations).")
+    return (f"The {' and the '.join(out)} at Tm_ref lie{'s' if len(out) == 1 else ''} largely outside the training "
+            f"hull: the members extrapolate there, and the bias traces to missing data (label such configurations: "
+            f"{', '.join(out)} at {result['model_phases']['temperature_K']:.0f} K and P = 0).")
 
 
 def preset_statement(result: dict) -> str:

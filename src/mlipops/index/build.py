@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -253,9 +254,15 @@ def _index_chunk(items: list, ctx: dict) -> dict:
 
 
 def _n_features(n_species: int, settings: dict) -> int:
+    return _n_features_of(n_species, json.dumps(settings, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _n_features_of(n_species: int, settings_json: str) -> int:
+    """Built once per process and species count: the descriptor module is a torch module."""
     from mlipops.descriptors import AtomCentredDescriptor
 
-    return AtomCentredDescriptor(n_species, **settings).n_features
+    return AtomCentredDescriptor(n_species, **json.loads(settings_json)).n_features
 
 
 _SAVED_OPEN: dict = {}  # a worker's SavedDescriptors, opened once per folder
@@ -268,9 +275,11 @@ def _saved_descriptors(directory: str | None):
     if directory is None:
         return None
     if directory not in _SAVED_OPEN:
-        meta = json.loads((Path(directory) / "meta.json").read_text())
         _SAVED_OPEN.clear()
-        _SAVED_OPEN[directory] = SavedDescriptors(directory, meta)
+        try:  # the parent opened it (build_index): a folder changed since is computed, not an error
+            _SAVED_OPEN[directory] = SavedDescriptors(directory, json.loads((Path(directory) / "meta.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            _SAVED_OPEN[directory] = None
     return _SAVED_OPEN[directory]
 
 
@@ -331,6 +340,11 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
 
     settings = descriptors.model_dump()
     meta, saved_note = SavedDescriptors.check(saved, dataset_id, None, settings)
+    if meta is not None:
+        try:  # the rows file's header against its meta, once here: a damaged folder is computed, with the note
+            SavedDescriptors(saved, meta)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            meta, saved_note = None, f"{Path(saved) / 'rows.npy'} unreadable ({exc})"
     ctx = {"radius": max(descriptors.cutoff, p.coordination_cutoff), "coordination_cutoff": p.coordination_cutoff,
            "training_split": p.training_split, "dataset_id": dataset_id, "settings": settings, "species": None,
            "geometry": True, "saved": None if meta is None else str(saved),

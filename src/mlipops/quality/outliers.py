@@ -1094,12 +1094,15 @@ def _group_scale(residual: np.ndarray, groups: np.ndarray | None, min_group: int
                  informative: np.ndarray | None = None, members: dict | None = None) -> dict:
     """{group: 1.4826 MAD of its residuals} for groups of at least ``min_group`` (informative) rows with a
     nonzero spread, and {None: the same over all rows} as the fallback; only ``informative`` rows count.
-    ``members`` ({group: its rows, ascending}) in place of ``groups``: the grouping known already."""
+    ``members`` ({group: its rows, ascending integer array}) in place of ``groups``: the grouping known already
+    (with ``informative``, only its informative rows count, as with ``groups``)."""
     use = None if informative is None else np.asarray(informative, dtype=bool)
     overall = _mad(residual if use is None else residual[use])
     out = {None: overall if overall > 0 else 1e-12}
-    if members is not None and use is None:
+    if members is not None:
         for g, rows in members.items():
+            if use is not None:
+                rows = rows[use[rows]]
             if len(rows) >= min_group:
                 scale = _mad(residual[rows])
                 if scale > 0:

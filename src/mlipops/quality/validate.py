@@ -135,10 +135,10 @@ def _nearest(a: Atoms, probe: float) -> np.ndarray:
             return near
         # |n·V| ≥ σ_min(V) for every nonzero integer n: a cell whose smallest singular value clears the bar
         # needs no Minkowski reduction (0.4 ms a frame, most of this function's time) to know that it does
-        periodic = a.cell.array[np.asarray(a.pbc, dtype=bool)]
-        if not np.linalg.svd(periodic, compute_uv=False).min() >= probe / 20.0:
+        mask = np.asarray(a.pbc, dtype=bool)
+        if not np.linalg.svd(a.cell.array[mask], compute_uv=False).min() >= probe / 20.0:
             reduced = np.asarray(minkowski_reduce(a.cell.array, pbc=a.pbc)[0])
-            shortest = float(np.linalg.norm(reduced[np.asarray(a.pbc, dtype=bool)], axis=1).min())
+            shortest = float(np.linalg.norm(reduced[mask], axis=1).min())
             if shortest < probe / 20.0:
                 return np.full(len(a), shortest)
     if len(a) < 2 and not a.pbc.any():
@@ -786,7 +786,8 @@ def run(p: ValidateParams, descriptors: DescriptorParams | None = None, ingest: 
 
 def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: ValidateParams, t0: float,
                    n_atoms_checked: int) -> tuple[dict, str]:
-    """accepted.extxyz, the quarantine and the reports; returns (the metrics, accepted.extxyz's md5)."""
+    """accepted.extxyz, the quarantine and the reports but metrics.json; returns (the metrics, which the caller
+    writes with its timings, and accepted.extxyz's md5)."""
     failures, table, gx_result = decision.failures, decision.table, decision.gx_result
     outliers, out_rep, out_note = decision.outliers, decision.outlier_report, decision.outlier_note
     released = []  # frames released by hand: accepted despite the checks their release names
@@ -856,8 +857,7 @@ def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: Va
     else:
         pd.DataFrame(columns=cols).to_csv(REPORT_DIR / "outliers.csv", index=False)
         _empty_plot(REPORT_DIR / "cooks_distance.png", out_note)
-    metrics["n_released"] = len(released)
-    write_metrics(REPORT_DIR, metrics)
+    metrics["n_released"] = len(released)  # metrics.json: written by the caller, with the phase timings
     _write_summary(gx_result, quarantine, n_in, n_accepted, len(table), n_atoms_checked)
     _append_outlier_summary(out_rep, out_note, p)
     if released:
