@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def u_no_mlflow_store_leak():
+    """Whatever store a test pointed MLflow at stays in that test: ``mlflow.set_tracking_uri`` also exports
+    ``MLFLOW_TRACKING_URI``, which mlipops reads as the user's override, so a later test in the same process
+    (another order, or another pytest-xdist worker's share of the files) would log to the earlier test's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    if "mlflow" in sys.modules:  # the fluent API's store, back to "not set" (as a fresh process has it)
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None
 
 
 @pytest.fixture

@@ -158,6 +158,7 @@ def test_mo_example_melting_runs_the_models_own_phases_at_the_given_reference(mo
     assert own["temperature_K"] == 2896.0 and own["solid"]["n_atoms"] == 16  # 2 x 2 x 2 bcc cells
     assert math.isfinite(own["latent_heat_eV_per_atom"]) and math.isfinite(own["delta_v_A3_per_atom"])
     assert 0.0 <= result["coverage_solid_at_tm"] <= 1.0 and 0.0 <= result["coverage_liquid_at_tm"] <= 1.0
+    assert 0.0 <= result["coverage_test_atoms"] <= 1.0
     assert "given Tm_ref" in result["pressure"]["source"]
     summary = (out / "summary.md").read_text()
     assert "The model's own solid and liquid at the given Tm_ref = 2896 K" in summary

@@ -368,12 +368,16 @@ def test_model_phases_at_a_given_reference_and_what_their_coverage_says():
     result = {"tm_ref": 1300.0, "tm_ref_stderr": 0.5, "tm_mean": 1200.0, "tm_std": 20.0, "n_members": 2,
               "n_members_accepted": 2, "bias": -100.0, "p_within_window": 0.1, "window_K": 50.0,
               "reference": {"given": True, "source": "a handbook"}, "model_phases": own, "settings": s.__dict__,
-              "preset": "quick", "coverage_solid_at_tm": 0.97, "coverage_liquid_at_tm": 0.41}
+              "preset": "quick", "coverage_solid_at_tm": 0.97, "coverage_liquid_at_tm": 0.41,
+              "coverage_test_atoms": 0.95}
     text = " ".join(melting_stage.conclusion(result))
     assert "Tm = 1300 ± 0.5 K" in text  # a sub-kelvin uncertainty is not printed as ± 0
     assert "The model's own solid and liquid at the given Tm_ref = 1300 K" in text
-    assert "97 % of the solid's atoms and 41 % of the liquid's atoms" in text
+    assert "97 % of the solid's atoms and 41 % of the liquid's atoms (the test split's atoms: 95 %)" in text
     assert "liquid at Tm_ref lies largely outside the training hull" in text and "missing data" in text
     inside = melting_stage.coverage_verdict(result | {"coverage_liquid_at_tm": 0.95})
-    assert inside.startswith("Both phases lie inside the training data")
+    assert inside.startswith("Both phases lie inside the training data, so the bias is not missing data")
+    assert "DFT functional" in inside  # a measured Tm: the functional's and the nuclei's share too
+    oracle = melting_stage.coverage_verdict(result | {"coverage_liquid_at_tm": 0.95, "reference": {"given": False}})
+    assert "DFT functional" not in oracle
     assert melting_stage.coverage_verdict({"tm_ref": 1300.0}) == ""
