@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # stage commands (`mlipops ...`) and dvc come from the project's venv
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro repro-strict active test test-all bench ui clean browser
+.PHONY: install repro repro-strict active lint test test-all bench ui clean browser
 
 install: $(STAMP)
 
@@ -57,6 +57,10 @@ browser:
 # pipeline run) is built once: 12 min on 2 cores against 19 min in one process. TEST_WORKERS=0: one process
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
+# pyflakes + pycodestyle through ruff (settings in pyproject.toml); .ci/run calls it before the tests
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 
 test: $(STAMP) browser
 	$(PYTEST)

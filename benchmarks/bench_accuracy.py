@@ -407,7 +407,7 @@ def print_element(element: str, r: dict) -> None:
               f"{inf['test_us_per_atom']:16.1f} {inf['cell_us_per_atom']:16.1f}")
     cts = [ct for ct in CONFIG_ORDER if f"{ct}.n_frames" in r["ours"]["ensemble"]["metrics"]]
     cts += sorted({k.split(".")[0] for k in r["ours"]["ensemble"]["metrics"] if k.endswith(".n_frames")} - set(cts))
-    print(f"per config_type (E MAE meV/atom / F MAE eV/Å):")
+    print("per config_type (E MAE meV/atom / F MAE eV/Å):")
     print(f"{'model':<28} " + " ".join(f"{ct + ' (' + str(r['ours']['ensemble']['metrics'][ct + '.n_frames']) + ')':>18}"
                                       for ct in cts))
     for name, m in rows:

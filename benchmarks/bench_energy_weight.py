@@ -134,7 +134,7 @@ def main() -> None:
                   flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1))
-    print(f"\n| element | w_E | w_F | seed | test E MAE (meV/atom) | test F MAE (eV/Å) | val E MAE (meV/atom) | "
+    print("\n| element | w_E | w_F | seed | test E MAE (meV/atom) | test F MAE (eV/Å) | val E MAE (meV/atom) | "
           "val F MAE (eV/Å) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for element, block in result["runs"].items():

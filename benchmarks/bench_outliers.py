@@ -272,7 +272,7 @@ def _print(results: dict) -> None:
                   f"(trials, descriptor rows cached: {t['trial_mean_wall_s_cached']} s)")
     trained = {n: r["training"] for n, r in results.items() if "training" in r}
     if trained:
-        print(f"\ntrained potential on the clean held-out set (first trial's frames, last of N epochs):")
+        print("\ntrained potential on the clean held-out set (first trial's frames, last of N epochs):")
         print(f"{'dataset':10s} {'training set':28s} {'frames':>6s} {'E MAE meV/atom':>15s} {'F MAE eV/Å':>11s}")
         for name, tr in trained.items():
             for way in ("clean", "corrupted", "corrupted_minus_quarantine"):

@@ -323,7 +323,7 @@ def part_dispersion(d, args, cache: str) -> dict:
     far = gaps > d.cutoff
     out = {"gaps": gaps.tolist(), "reference_energy": e_ref.tolist(), "runs": res, "cutoff": d.cutoff,
            "calibrated_c6_J_nm6_per_mol": c6}
-    print(f"\nDispersion: two Cu(111) slabs, EMT + D3(BJ) oracle; binding E(d) - E(14 Å) per surface atom (meV)")
+    print("\nDispersion: two Cu(111) slabs, EMT + D3(BJ) oracle; binding E(d) - E(14 Å) per surface atom (meV)")
     print(f"{'gap Å':>6} {'oracle':>9} " + " ".join(f"{r['name']:>14}" for r in res))
     for k in range(len(gaps)):
         if gaps[k] in (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0):

@@ -178,7 +178,7 @@ def test_comment_lines_and_columns(comment):
     ["Cu 0 0 0"],
 ])
 def test_atom_lines(atom_lines):
-    _check(f"2\nLattice=\"3 0 0 0 3 0 0 0 3\" Properties=species:S:1:pos:R:3\n" + "\n".join(atom_lines) + "\n")
+    _check("2\nLattice=\"3 0 0 0 3 0 0 0 3\" Properties=species:S:1:pos:R:3\n" + "\n".join(atom_lines) + "\n")
 
 
 def test_random_comment_mutations():

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from test_bad_input import BAD, QUARANTINE_FILES, error_line, make_project, mlipops
+from test_bad_input import QUARANTINE_FILES, error_line, make_project, mlipops
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,10 +4,8 @@ phases as nested MLflow runs, resume between phases)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from mlipops.evaluate.errors import predict
 from mlipops.frames import write_extxyz
 from mlipops.models import MlipopsCalculator, Potential, load_model
 from mlipops.models.baseline import Baseline, baseline_spec
-from mlipops.params import DescriptorParams, TrainParams, load_params
+from mlipops.params import TrainParams, load_params
 from mlipops.train import curriculum
 from mlipops.train.loop import evaluate_split, fit, prepare, target_statistics
 

@@ -51,7 +51,7 @@ from ase.geometry.minkowski_reduction import minkowski_reduce
 from mlipops.descriptor_store import write_no_saved_descriptors
 from mlipops.neighbors import neighbor_list
 from mlipops.errors import StageInputError
-from mlipops.frames import labels, read_extxyz, write_extxyz
+from mlipops.frames import labels
 from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs, remove_empty
 from mlipops.params import DescriptorParams, IngestParams, ValidateParams, composition_key
 from mlipops.quality.releases import RELEASES, load_releases
