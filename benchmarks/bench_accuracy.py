@@ -5,7 +5,7 @@ For each element: the mlearn training file is split 90/10 into train/val (seeded
 LocalCluster, 2 single-threaded workers, bootstrap members) and one MACE model (mace-torch's own
 ``mace_run_train``, CPU, 2 threads) train on exactly that split with the same 5.0 Å cutoff; both
 are evaluated on the matching mlearn test file, overall and per ``config_type`` (Elastic, AIMD-NVT,
-Vacancy, Surface), with the same metric code (``mlipops.evaluate.errors.split_metrics`` for ours;
+Vacancy, Surface), with the same metric code (``mlipops.evaluate.predict.split_metrics`` for ours;
 the same formulas on MACE's predictions, checked against split_metrics on our predictions).
 
 Columns: energy MAE (meV/atom), force-component MAE (eV/Å), training wall time (s: ours is the
@@ -163,7 +163,7 @@ def big_cell(element: str, n_rep: int = 10):
 
 # -------------------------------------------------------------------------------------- metrics
 def metrics_from_predictions(frames, e_pred, f_pred) -> dict:
-    """The keys and formulas of ``mlipops.evaluate.errors.split_metrics`` from predicted energies
+    """The keys and formulas of ``mlipops.evaluate.predict.split_metrics`` from predicted energies
     [n_frames] and forces (list of [n_atoms, 3]): overall and ``<config_type>.*``."""
     from mlipops.frames import labels
 
@@ -219,7 +219,7 @@ def run_ours(element: str, data_path: Path, train_frames, test_frames, settings:
              repeat: int, budget_s: float, timing_frames) -> dict:
     import torch
 
-    from mlipops.evaluate.errors import predict, split_metrics
+    from mlipops.evaluate.predict import predict, split_metrics
     from mlipops.models import Potential
     from mlipops.params import ComputeParams, DescriptorParams, EnsembleParams, TrainParams
     from mlipops.train.loop import species_of

@@ -55,7 +55,9 @@ def _model(path: str | None):
     from mlipops.models import Potential
 
     if path and (Path(path) / "weights.pt").is_file():
-        return Potential.load(path, dtype=torch.float64), path
+        from mlipops.models.ensemble import load_model
+
+        return load_model(path, dtype=torch.float64), path
     from mlipops.params import DescriptorParams
 
     torch.manual_seed(0)

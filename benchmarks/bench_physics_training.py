@@ -149,7 +149,7 @@ def run_job(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from mlipops.evaluate.errors import predict, split_metrics
+    from mlipops.evaluate.predict import predict, split_metrics
     from mlipops.frames import write_extxyz
     from mlipops.params import DescriptorParams, TrainParams
     from mlipops.train.loop import make_potential

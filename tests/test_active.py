@@ -434,7 +434,8 @@ def test_starting_structures_are_built_from_the_crystal_for_any_lattice(tmp_path
     from ase.calculators.lj import LennardJones
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from mlipops.active.loop import active_crystal, build_structure
+    from mlipops.active.loop import active_crystal
+    from mlipops.active.structures import build_structure
     from mlipops.crystal import _planes
     from mlipops.errors import ParamsError
     from mlipops.frames import write_extxyz

@@ -12,6 +12,7 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 from mlipops.descriptors import neighbor_list
 from mlipops.errors import MlipopsError
 from mlipops.models import MlipopsCalculator, Potential
+from mlipops.models.ensemble import load_model
 from mlipops.models.potential import CONFIG, WEIGHTS
 
 
@@ -232,7 +233,8 @@ def test_save_load_round_trip(u_make_potential, u_strained_cell, tmp_path):
     state = torch.load(tmp_path / "m" / WEIGHTS, weights_only=True)
     assert set(state) == set(model.state_dict())
     assert torch.equal(state["e0"], torch.full((1,), -3.7, dtype=torch.float64))
-    loaded = Potential.load(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded, Potential)
     assert loaded.species == ["Cu"] and loaded.hidden == [8, 8]
     frames = [u_strained_cell, bulk("Cu", "fcc", a=3.55, cubic=True), Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.4]])]
     for a in frames:
@@ -244,11 +246,11 @@ def test_save_load_round_trip(u_make_potential, u_strained_cell, tmp_path):
 
 def test_load_refuses_missing_or_foreign_files(u_make_potential, tmp_path):
     with pytest.raises(MlipopsError, match="missing"):
-        Potential.load(tmp_path / "nothing")
+        load_model(tmp_path / "nothing")
     u_make_potential().save(tmp_path / "m")
     (tmp_path / "m" / CONFIG).write_text('{"format": "other/9"}')
     with pytest.raises(MlipopsError, match="unsupported model format"):
-        Potential.load(tmp_path / "m")
+        load_model(tmp_path / "m")
 
 
 def test_calculator_runs_velocity_verlet(u_make_potential, u_rng):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shlex
 from collections import deque
 from dataclasses import dataclass, field
@@ -604,3 +605,66 @@ def test_missing_deps_name_stage_file_and_chain_and_an_unmapped_command_fails(mi
     assert contract_problems(mini, short, {}, [Excused("mlipops.a.core", "mlipops.b.helper", "why", ("ok",))])
     tools = {"stages": {"tools": dvc["stages"]["tools"]}}
     assert contract_problems(mini, tools, {}, [Excused("cli.tools()", "mlipops.f", "why", ("tools",))]) == []
+
+
+# ------------------------------------------------------------------------------ rewriting dvc.yaml's code deps
+
+
+def code_deps(root: Path, stage_name: str, cmd, excused_imports: list[Excused] = EXCUSED_IMPORTS) -> list[str]:
+    """The code deps a stage needs: its commands' closure, a package directory where every file below it is in
+    the closure, else the files; sorted with directories first."""
+    pkg = Package(root / "src")
+    cli = Cli(pkg)
+    files: set[str] = set()
+    for argv in _commands(cmd):
+        if argv and argv[0] == TOP:
+            c = pkg.closure(cli.entries(argv[1:]), frozenset({cli.module}), lambda importer, imported: any(
+                e.applies(stage_name, importer, imported) for e in excused_imports))
+            files |= {path.relative_to(root).as_posix() for path in c.files}
+    src = root / "src" / TOP
+
+    def members(d: Path) -> set[str]:
+        return {p.relative_to(root).as_posix() for p in d.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+    dirs = []
+    for d in sorted(p for p in src.rglob("*") if p.is_dir() and (p / "__init__.py").is_file()):
+        if any(str(d).startswith(str(x) + "/") for x in dirs):
+            continue
+        if members(d) <= files:
+            dirs.append(d)
+    covered = set().union(*(members(d) for d in dirs)) if dirs else set()
+    rel_dirs = [d.relative_to(root).as_posix() for d in dirs]
+    return rel_dirs + sorted(files - covered)
+
+
+def rewrite_code_deps(root: Path = ROOT) -> str:
+    """dvc.yaml with each mlipops stage's ``src/`` deps replaced by :func:`code_deps` (the rest of the file,
+    comments included, kept): ``python tests/test_dvc_contract.py --write`` after moving code between modules."""
+    lines = (root / "dvc.yaml").read_text().splitlines(keepends=True)
+    stages = yaml.safe_load("".join(lines))["stages"]
+    out, stage, in_deps, inserted = [], None, False, False
+    for line in lines:
+        m = re.match(r"^  ([A-Za-z0-9_]+):", line)
+        if m and m.group(1) in stages:
+            stage, in_deps, inserted = m.group(1), False, False
+        if stage and re.match(r"^    deps:", line):
+            in_deps = True
+            out.append(line)
+            continue
+        if in_deps and not line.startswith("      ") and line.strip():
+            in_deps = False
+        if in_deps and re.match(r"^      - src/", line):
+            if not inserted:
+                out += [f"      - {d}\n" for d in code_deps(root, stage, stages[stage]["cmd"])]
+                inserted = True
+            continue
+        out.append(line)
+    return "".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_dvc_contract.py --write   (rewrites dvc.yaml's code deps)")
+    (ROOT / "dvc.yaml").write_text(rewrite_code_deps())

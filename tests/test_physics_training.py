@@ -14,7 +14,7 @@ import yaml
 from ase.calculators.emt import EMT
 
 from mlipops.errors import MlipopsError, ParamsError
-from mlipops.evaluate.errors import predict
+from mlipops.evaluate.predict import predict
 from mlipops.frames import write_extxyz
 from mlipops.models import MlipopsCalculator, Potential, load_model
 from mlipops.models.baseline import Baseline, baseline_spec

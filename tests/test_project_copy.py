@@ -1,7 +1,7 @@
 """A project can be copied, moved or cloned: nothing it writes holds an absolute path, and a copy
 (or a moved project) writes into its own MLflow store and artifacts, never the original's.
 
-Real components: a real sqlite MLflow store made through ``mlipops.train.tracking`` as the train stage
+Real components: a real sqlite MLflow store made through ``mlipops.tracking`` as the train stage
 makes it, a small untrained ensemble saved the way train saves it, the ``mlipops promote`` CLI entry
 point, MLflow's own sqlite file read back with sqlite3. (``run.json`` as the train stage itself writes
 it: ``tests/test_physics_training.py::test_curriculum_phases_are_nested_mlflow_runs``.)
@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from mlipops.provenance import model_identity, write_provenance
-from mlipops.train import tracking
+from mlipops import tracking
 
 SMALL_D = {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1}
 URI = "sqlite:///mlflow.db"  # the params' default: relative to the project root

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from mlipops.errors import MlipopsError, StageInputError
+from mlipops.pipeline import ACCEPTED, DEFECTS_REPORTS, INDEX, MELTING_BRACKET_REPORTS, MODELS_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mlipops: versioned MLIP data, coverage index, training, validation, registry.")
@@ -103,7 +104,7 @@ def evaluate(ctx: typer.Context, params: Path = ParamsOpt):
     """Errors per split and config_type, parity plots, reaction paths to the extrapolation exit point."""
     if ctx.invoked_subcommand is not None:
         return
-    from mlipops.evaluate.errors import run
+    from mlipops.evaluate.stage import run
 
     p = _params(params)
     from mlipops.models.schema import trusted_calculators
@@ -116,7 +117,7 @@ def evaluate_defects(
     params: Path = ParamsOpt,
     data: list[Path] = typer.Option(None, "--data", help="labelled extxyz file(s) instead of the curated data "
                                     "(e.g. a real DFT set; set evaluate.defects config_types for it)"),
-    out: Path = typer.Option(Path("reports/evaluate/defects"), "--out", help="report directory"),
+    out: Path = typer.Option(DEFECTS_REPORTS, "--out", help="report directory"),
 ):
     """Train on perfect crystals only, test on defects: the error diagnosed (z vs bond angles, hull), a
     recommendation, and a control retraining with the recommended structures."""
@@ -161,7 +162,7 @@ def evaluate_melting_sweep(
 @evaluate_app.command("melting-bracket")
 def evaluate_melting_bracket(
     params: Path = ParamsOpt,
-    out: Path = typer.Option(Path("reports/evaluate/melting_bracket"), "--out", help="report directory"),
+    out: Path = typer.Option(MELTING_BRACKET_REPORTS, "--out", help="report directory"),
 ):
     """The reference oracle's Tm by a second method (on demand, not in `dvc repro`): NPT coexistence at fixed
     temperatures (evaluate.melting.bracket), the solid grows below Tm and melts above; the bracket, Tm from the
@@ -245,7 +246,7 @@ def _print_frame(df, csv: bool, as_json: bool, limit: int) -> None:
         console.print(f"... {len(df) - limit} more rows (use --limit, --csv or --json)")
 
 
-DbOpt = typer.Option(Path("data/index.duckdb"), "--db", help="index file")
+DbOpt = typer.Option(INDEX, "--db", help="index file")
 CsvOpt = typer.Option(False, "--csv", help="print CSV instead of a table")
 JsonOpt = typer.Option(False, "--json", help="print JSON records instead of a table")
 LimitOpt = typer.Option(200, "--limit", help="rows shown in the table (CSV/JSON print all)")
@@ -270,7 +271,7 @@ def active_run(params: Path = ParamsOpt,
 
     p = _params(params)
     a = p.active
-    ref = model or a.model or str(Path("data/models") / p.train.model_name)
+    ref = model or a.model or str(MODELS_DIR / p.train.model_name)
     model_dir = resolve_model(ref, p.promote.registry_dir)
     oracle = get_oracle(p.generate.oracle.calculator, p.generate.oracle.kwargs)
     from mlipops.report import progress as campaign_progress
@@ -399,8 +400,8 @@ app.add_typer(quarantine_app, name="quarantine")
 def quarantine_release(frame_id: str = typer.Argument(..., help="frame_id (or a unique prefix) of a quarantined frame"),
                        why: str = typer.Option(..., "--why", help="why the frame is released (recorded)")):
     """Release a quarantined frame: recorded in data/quarantine_releases.yaml, applied by the next dvc repro."""
-    from mlipops.quality.releases import RELEASES, release
-    from mlipops.quality.validate import QUARANTINE
+    from mlipops.pipeline import QUARANTINE, RELEASES
+    from mlipops.quality.releases import release
 
     e = release(frame_id, why, QUARANTINE)
     typer.echo(f"released {e['frame_id'][:12]} ({e['source']} #{e['source_index']}, checks {','.join(e['checks'])}) "
@@ -412,7 +413,7 @@ def quarantine_list(csv: bool = CsvOpt, as_json: bool = JsonOpt, limit: int = Li
     """The quarantined frames with their checks and reasons."""
     import pandas as pd
 
-    from mlipops.quality.validate import QUARANTINE
+    from mlipops.pipeline import QUARANTINE
 
     if not QUARANTINE.is_file():
         raise MlipopsError("no quarantine: run `dvc repro validate` first", file=str(QUARANTINE))
@@ -453,7 +454,7 @@ app.add_typer(gates_app, name="gates")
 
 @gates_app.command("init")
 def gates_init(params: Path = ParamsOpt,
-               data: Path = typer.Option(Path("data/curated/accepted.extxyz"), help="the curated frames (with split)"),
+               data: Path = typer.Option(ACCEPTED, help="the curated frames (with split)"),
                write: bool = typer.Option(False, "--write", help="replace promote.gates in the params file (every "
                                           "other line kept; where that block cannot be edited: gates.yaml to paste)")):
     """A gate set from the data's own config_types and splits: force bounds from each config_type's force
@@ -474,7 +475,7 @@ def gates_init(params: Path = ParamsOpt,
 @app.command()
 def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"), params: Path = ParamsOpt):
     """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""
-    from mlipops.train.tracking import relocate, tracking_uri
+    from mlipops.tracking import relocate, tracking_uri
 
     p = _params(params).train
     relocate(p.tracking_uri)  # a copied or moved project: its own store's artifact locations

@@ -65,7 +65,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io.extxyz import escape as ase_escape  # the writer's quoting, byte for byte ASE's
 from ase.units import GPa
 
-from mlipops.errors import FrameFormatError, MlipopsError
+from mlipops.errors import FrameFormatError, MlipopsError, StageInputError
+from mlipops.pipeline import ACCEPTED
 
 # mlipops' own info keys; everything else a source carries is kept as it is.
 INFO_KEYS = ("frame_id", "config_type", "source", "source_index", "split", "oracle_name",
@@ -1650,3 +1651,20 @@ __all__ = ["Rejected", "StressField", "stress_to_ase", "iter_ase", "NATIVE_FORMA
            "parse_extxyz_text", "read_extxyz", "read_db", "read_mlearn_json", "read_frames", "source_name",
            "write_extxyz", "to_extxyz_string", "oracle_info", "write_manifest", "verified_manifest", "formula",
            "MlipopsError", "INFO_KEYS", "PROVENANCE_KEYS", "ORACLE_KEYS"]
+
+
+def load_split(path: Path = ACCEPTED) -> dict[str, list[Atoms]]:
+    """The curated frames of ``path`` by their ``split`` (train, val, test; a frame without one is train)."""
+    if not path.is_file():
+        raise StageInputError("curated data missing: run `dvc repro validate` first", file=str(path))
+    frames, rejected = read_extxyz(path)
+    if rejected:
+        raise StageInputError(f"{len(rejected)} unreadable frame(s) in curated data; first: {rejected[0].reason}",
+                              file=str(path))
+    out: dict[str, list[Atoms]] = {"train": [], "val": [], "test": []}
+    for a in frames:
+        out.setdefault(str(a.info.get("split", "train")), []).append(a)
+    if not out["train"]:
+        raise StageInputError("no frames in the train split (check ingest.split)", file=str(path),
+                              field="split")
+    return out

@@ -55,7 +55,8 @@ def curate(new_file: str | Path, prev_accepted: str | Path, prev_quarantine: str
     Returns counts (``n_labelled``, ``n_accepted_new``, ``n_quarantined_new``, ``n_quarantined.<check>``,
     ``n_accepted``, ``n_train``, ``n_new.<split>``) and the paths written."""
     from mlipops.index.build import build_index
-    from mlipops.quality.releases import RELEASES, load_releases
+    from mlipops.pipeline import RELEASES
+    from mlipops.quality.releases import load_releases
     from mlipops.quality.validate import decide
 
     t0 = time.perf_counter()

@@ -54,7 +54,7 @@ def generate(p: ActiveHoldoutParams, crystal: Crystal, oracle) -> list[Atoms]:
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
-    from mlipops.active.loop import build_structure
+    from mlipops.active.structures import build_structure
 
     frames = []
     for run, s in enumerate(p.structures):

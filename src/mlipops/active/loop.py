@@ -46,10 +46,11 @@ from mlipops.active.committee import CommitteeCalculator
 from mlipops.active.dispatch import label_batch
 from mlipops.active.state import ActiveState, load_or_start
 from mlipops.active.trigger import Trigger, committee_stats, deduplicate, fingerprints
-from mlipops.crystal import Crystal, a_from_volume, bulk_cell, resolve, slab, train_frames, unit_cell
-from mlipops.errors import ParamsError, StageInputError
+from mlipops.active.structures import build_structure
+from mlipops.crystal import Crystal, resolve, train_frames
+from mlipops.errors import StageInputError
 from mlipops.frames import file_md5, read_extxyz, write_extxyz, write_manifest
-from mlipops.params import ActiveParams, ActiveStructure, ComputeParams, Params
+from mlipops.params import ActiveParams, ComputeParams, Params
 from mlipops.paths import ensure_writable, safe_move, safe_remove
 
 # statistics used to rank candidates, per trigger mode
@@ -80,33 +81,12 @@ def params_fingerprint(p: ActiveParams, model_dir: str | Path, params: Params | 
 def active_crystal(params: Params) -> Crystal:
     """The crystal the starting structures are built from: the ``crystal`` params (``active.element`` where
     set), their nulls from the training split of ``active.base_data`` (or the curated data)."""
-    from mlipops.train.loop import DATA
+    from mlipops.pipeline import ACCEPTED as DATA
 
     a, cp = params.active, params.crystal
     if a.element is not None and a.element != cp.element:
         cp = cp.model_copy(update={"element": a.element, "a": None, "c": None})
     return resolve(cp, train_frames(a.base_data or DATA))
-
-
-def build_structure(s: ActiveStructure, crystal: Crystal) -> Atoms:
-    """A starting structure (see :class:`~mlipops.params.ActiveStructure`) of ``crystal``; a structure that
-    names another lattice gets that lattice at the crystal's volume per atom."""
-    cr = crystal
-    if s.lattice is not None and s.lattice != crystal.lattice:
-        cell = unit_cell(crystal)
-        cr = Crystal(crystal.element, s.lattice, a_from_volume(s.lattice, cell.get_volume() / len(cell)),
-                     source=f"{s.lattice} at the density of {crystal.source or crystal.lattice}")
-    try:
-        if s.kind == "surface":
-            a = slab(cr, s.miller, s.layers, (s.supercell, s.supercell), s.vacuum)
-        else:
-            a = bulk_cell(cr, s.supercell)
-            if s.kind == "vacancy":
-                del a[0]
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise ParamsError(f"cannot build {s.kind} {cr.lattice} {cr.element}: {exc}", field="active.structures") from None
-    a.info = {"structure": s.kind}
-    return a
 
 
 def _iter_dir(work_dir: Path, it: int) -> Path:
@@ -383,7 +363,7 @@ class _Tracker:
 
     def __init__(self, params: Params, st: ActiveState, fingerprint: str, model_dir: Path):
         from mlipops.params import flatten
-        from mlipops.train import tracking
+        from mlipops import tracking
 
         t = params.train
         self.uri = tracking.tracking_uri(t.tracking_uri)

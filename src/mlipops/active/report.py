@@ -7,8 +7,8 @@ from pathlib import Path
 
 from mlipops.params import Params
 from mlipops.report import write_markdown, write_metrics
+from mlipops.pipeline import ACTIVE_REPORTS as REPORT_DIR
 
-REPORT_DIR = Path("reports/active")
 
 
 def learning_curve(summary: dict) -> tuple[list[int], list[float]]:

@@ -65,11 +65,11 @@ from ase import Atoms
 
 from mlipops.crystal import NN_PER_A, Crystal, resolve, unit_cell
 from mlipops.errors import MlipopsError, StageInputError
-from mlipops.evaluate.errors import predict, spearman
+from mlipops.evaluate.predict import predict, spearman
 from mlipops.frames import frame_id, labels
 from mlipops.params import CrystalParams, DefectParams, DescriptorParams, GenerateParams, IndexParams, TrainParams
+from mlipops.pipeline import DEFECTS_REPORTS as REPORT_DIR
 
-REPORT_DIR = Path("reports/evaluate/defects")
 ELEVATED = 2.0  # an imperfect config_type whose force MAE exceeds ELEVATED x the perfect validation MAE ...
 OUTSIDE = 0.2  # ... or with more than this share of atoms outside the hull needs more data
 VACANCY_LIKE = 1.6  # worst-quarter median vacancy equivalents up to this: vacancy-like, above: surface-like
@@ -717,7 +717,7 @@ def run(params, data: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> d
     """The ``defects`` stage: the curated data (or ``data`` files, e.g. real DFT sets) through
     :func:`transfer`; reports in ``out_dir``."""
     from mlipops.frames import read_extxyz
-    from mlipops.train.loop import DATA
+    from mlipops.pipeline import ACCEPTED as DATA
 
     paths = list(data) if data else [DATA]
     frames = []
@@ -749,7 +749,7 @@ def log_to_mlflow(params, metrics: dict, data: list[Path], out_dir: Path) -> str
 
     from mlipops.frames import file_md5
     from mlipops.params import flatten
-    from mlipops.train import tracking
+    from mlipops import tracking
 
     t = params.train
     c = tracking.client(t.tracking_uri)

@@ -102,11 +102,11 @@ from mlipops.crystal import Crystal, unit_cell
 from mlipops.errors import MlipopsError, ParamsError
 from mlipops.evaluate.melting import (CoexistenceSettings, block_stderr, build_coexistence_cell, calibrate_order,
                                       solid_fraction, sparse_berendsen, stress_with_forces)
+from mlipops.pipeline import MELTING_BRACKET_REPORTS as REPORT_DIR, MELTING_POINT_JSON, MELTING_REFERENCE
 
-REPORT_DIR = Path("reports/evaluate/melting_bracket")
 # where the coexistence reference is looked for (the first that exists with a Tm): melting_reference's output,
 # then the melting stage's report, which carries it under "reference"
-COEXISTENCE_SOURCES = (Path("data/melting/reference.json"), Path("reports/evaluate/melting/melting_point.json"))
+COEXISTENCE_SOURCES = (MELTING_REFERENCE, MELTING_POINT_JSON)
 
 
 @dataclass

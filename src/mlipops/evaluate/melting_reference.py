@@ -30,10 +30,9 @@ from mlipops.evaluate.melting import (STARTS, CoexistenceRun, _unit_cell, clausi
                                       phase_properties, run_coexistence, summarize)
 from mlipops.params import Params
 from mlipops.report import jsonable
+from mlipops.pipeline import MELTING_REFERENCE as REFERENCE_JSON, MELTING_REFERENCE_DIR as REFERENCE_DIR, \
+    MELTING_REFERENCE_PHASES as PHASES
 
-REFERENCE_DIR = Path("data/melting")
-REFERENCE_JSON = REFERENCE_DIR / "reference.json"
-PHASES = REFERENCE_DIR / "reference_phases.extxyz"
 
 
 # ------------------------------------------------------------------------------------------ calculators

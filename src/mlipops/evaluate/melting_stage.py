@@ -50,9 +50,8 @@ from mlipops.evaluate.melting_reference import (PHASES, REFERENCE_JSON, MemberFa
 from mlipops.params import Params
 from mlipops.paths import safe_remove
 from mlipops.report import jsonable, write_markdown, write_metrics
+from mlipops.pipeline import INDEX, MELTING_REPORTS as REPORT_DIR, MELTING_SWEEP_REPORTS as SWEEP_DIR, MODELS_DIR
 
-REPORT_DIR = Path("reports/evaluate/melting")
-SWEEP_DIR = Path("reports/evaluate/melting_sweep")
 
 
 # ------------------------------------------------------------------------------------------ members
@@ -68,7 +67,7 @@ def read_reference() -> dict:
 
 def phase_errors(model, frames: list[Atoms]) -> list[dict]:
     """Per member: the mean energy error per atom on the solid and the liquid snapshots at Tm_ref (eV/atom)."""
-    from mlipops.evaluate.errors import predict_committee
+    from mlipops.evaluate.predict import predict_committee
     from mlipops.models.ensemble import Ensemble
 
     members = list(model.members) if isinstance(model, Ensemble) else [model]
@@ -143,13 +142,12 @@ def model_phases(factory, s, tm_ref: float, m, runs: list[CoexistenceRun]) -> tu
 
 
 def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
-        index_path: Path = Path("data/index.duckdb")) -> dict:
+        index_path: Path = INDEX) -> dict:
     """Every member's Tm against the reference's; reports, plots and MLflow metrics (module doc)."""
     import torch
 
     from mlipops.frames import read_extxyz
     from mlipops.models.ensemble import Ensemble, load_model
-    from mlipops.train.loop import MODELS_DIR
 
     t0 = time.perf_counter()
     m = p.evaluate.melting
@@ -219,10 +217,10 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     from mlipops.provenance import model_identity, write_provenance
 
     write_provenance(REPORT_DIR, "melting", **model_identity(model_dir, model_name))  # data: the model's training data
-    from mlipops.evaluate.errors import _log_to_mlflow
+    from mlipops import tracking
 
     if (model_dir / "run.json").is_file():
-        _log_to_mlflow(model_dir / "run.json", {f"melting.{k}": v for k, v in flat_metrics(result).items()})
+        tracking.log_metrics(model_dir / "run.json", {f"melting.{k}": v for k, v in flat_metrics(result).items()})
     return flat_metrics(result)
 
 

@@ -36,9 +36,8 @@ from mlipops.errors import MlipopsError, StageInputError
 from mlipops.oracles import get_oracle, require_element
 from mlipops.params import Params
 from mlipops.report import progress, write_markdown, write_metrics
+from mlipops.pipeline import ACCEPTED as DATA, MODELS_DIR, NVE_REPORTS as REPORT_DIR  # DATA: its train split gives the crystal
 
-REPORT_DIR = Path("reports/evaluate/nve")
-DATA = Path("data/curated/accepted.extxyz")  # the curated data whose training split gives the crystal
 
 
 def nve_trace(atoms, calc, temperature_K: float, timestep_fs: float, steps: int, seed: int, advance=None) -> dict:
@@ -160,7 +159,6 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR, data: 
 
     from mlipops.models.calculator import MlipopsCalculator
     from mlipops.models.ensemble import load_model
-    from mlipops.train.loop import MODELS_DIR
 
     t0 = time.perf_counter()
     q = p.evaluate.nve

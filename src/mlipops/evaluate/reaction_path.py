@@ -36,7 +36,7 @@ import numpy as np
 from ase import Atoms
 
 from mlipops.errors import FrameFormatError, MlipopsError, StageInputError
-from mlipops.evaluate.errors import spearman
+from mlipops.evaluate.predict import spearman
 from mlipops.frames import labels, read_extxyz, safe_name
 from mlipops.index.hull import INSIDE_TOL
 
@@ -224,7 +224,7 @@ def path_arrays(model, frames: list[Atoms], hull_index, batch_size: int = 16) ->
     """n_atoms, e_ref, e_pred (baseline included), sigma (ensemble energy std; 0 for one potential) and
     max_gamma (per-frame max of the atoms' γ; NaN when ``hull_index`` is None) of a path's frames."""
     from mlipops.descriptors import compute_descriptors
-    from mlipops.evaluate.errors import predict_committee
+    from mlipops.evaluate.predict import predict_committee
 
     if not frames:
         raise MlipopsError("a path with no frames", field="reaction_coordinate")

@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 from ase import Atoms
 
-from mlipops.evaluate.errors import predict_committee, spearman
+from mlipops.evaluate.predict import predict_committee, spearman
 from mlipops.frames import labels
+from mlipops.pipeline import UNCERTAINTY_REPORTS as REPORT_DIR
 
-REPORT_DIR = Path("reports/evaluate/uncertainty")
 P_GRID = np.linspace(0.01, 0.99, 99)
 SIGMA_FLOOR = {"energy": 1e-4, "force": 1e-3}  # eV/atom, eV/Å
 

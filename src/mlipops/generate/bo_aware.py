@@ -60,9 +60,8 @@ from mlipops.oracles import Oracle, get_oracle
 from mlipops.params import BoPathParams, BoScanParams
 from mlipops.paths import ensure_writable
 from mlipops.report import md_table, write_markdown, write_metrics
+from mlipops.pipeline import BO_SCAN_REPORTS as REPORT_DIR, RAW_DIR
 
-RAW_DIR = Path("data/raw")
-REPORT_DIR = Path("reports/generate/bo_scan")
 _DIATOMIC_RANGE = (0.5, 6.0)
 
 

@@ -38,7 +38,6 @@ import json
 import math
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 from ase import Atoms, units
@@ -50,9 +49,8 @@ from mlipops.oracles import Oracle, get_oracle
 from mlipops.params import GenerateParams
 from mlipops.paths import ensure_writable
 from mlipops.report import progress, write_markdown, write_metrics
+from mlipops.pipeline import GENERATE_REPORTS as REPORT_DIR, RAW_DIR
 
-RAW_DIR = Path("data/raw")
-REPORT_DIR = Path("reports/generate")
 
 # lattice constant in units of the nearest-neighbour distance d, and build options
 _SHAPES = {

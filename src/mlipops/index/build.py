@@ -21,12 +21,10 @@ from mlipops.errors import MlipopsError, StageInputError
 from mlipops.frames import file_md5, formula, frame_id, labels
 from mlipops.index.hull import HullIndex, SpeciesHull, fit_hull_index
 from mlipops.params import DescriptorParams, IndexParams
-from mlipops.quality.validate import ACCEPTED, QUARANTINE, TRAINING_DESCRIPTORS
 from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
+from mlipops.pipeline import ACCEPTED, INDEX, INDEX_REPORTS as REPORT_DIR, QUARANTINE, TRAINING_DESCRIPTORS
 
 SCHEMA = Path(__file__).with_name("schema.sql")
-INDEX = Path("data/index.duckdb")
-REPORT_DIR = Path("reports/index")
 NN_PROBE = 6.0  # Å, radius searched for the nearest neighbour
 _INSERT_ROWS = 1 << 18  # atoms rows converted to Arrow and inserted at a time
 _BUILD_MEMORY = "256MB"  # DuckDB's buffer pool while the index is written
@@ -753,7 +751,7 @@ def run(p: IndexParams, descriptors: DescriptorParams) -> dict:
         f"outlier surrogate (`{TRAINING_DESCRIPTORS}`: {stats['descriptors_from_validate_note']}); the others "
         "were computed here.",
         "Query it with `mlipops query \"SELECT * FROM coverage_by_config\"`; "
-        "the method and its limits are in the README's index section.",
+        "the method and its limits are in docs/coverage-index.md.",
     ], extra=["## Hull", table(hull), "## By split and config_type", table(by_config),
               "## By species and coordination number", table(by_z),
               "## By temperature (250 K bins)", table(by_t) if len(by_t) else "_no frame has a temperature_",

@@ -29,11 +29,9 @@ from mlipops.errors import FrameFormatError
 from mlipops.frames import Rejected, StressField, map_frames, source_name, to_extxyz_string, verified_manifest
 from mlipops.params import IngestParams, SourceParams, SplitParams
 from mlipops.report import progress, write_markdown, write_metrics
+from mlipops.pipeline import INGEST_REJECTED as REJECTED, INGEST_REPORTS as REPORT_DIR, INGESTED as FRAMES, \
+    INGESTED_DIR as OUT_DIR
 
-OUT_DIR = Path("data/ingested")
-FRAMES = OUT_DIR / "frames.extxyz"
-REJECTED = OUT_DIR / "rejected.parquet"
-REPORT_DIR = Path("reports/ingest")
 REJECT_COLUMNS = ["frame_id", "source", "source_index", "config_type", "split", "check", "reason", "extxyz"]
 
 

@@ -31,8 +31,9 @@ import numpy as np
 from ase import Atoms
 
 from mlipops.errors import MlipopsError
+from mlipops.pipeline import BASELINE_CACHE
 
-BASELINE_CACHE = Path("data/cache/baseline")
+
 BUILTIN = {"emt": "ase.calculators.emt.EMT", "lj": "ase.calculators.lj.LennardJones",
            "morse": "ase.calculators.morse.MorsePotential"}
 

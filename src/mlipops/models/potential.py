@@ -227,15 +227,3 @@ class Potential(nn.Module):
         cfg = self.config() | (extra or {})
         (directory / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         return directory
-
-    @classmethod
-    def load(cls, directory: str | Path, dtype=torch.float64, device="cpu", trusted_calculators=None) -> "Potential":
-        """A single potential from ``directory`` (see :func:`mlipops.models.ensemble.load_model`: JSON config
-        checked before anything is built, ``torch.load(weights_only=True)``); executes no code."""
-        from mlipops.models.ensemble import load_model
-
-        model = load_model(directory, dtype, device, trusted_calculators)
-        if not isinstance(model, cls):
-            raise MlipopsError("an ensemble, not a single potential: load it with load_model",
-                               file=str(Path(directory) / CONFIG), field="format")
-        return model

@@ -29,8 +29,8 @@ import re
 from pathlib import Path
 
 from mlipops.params import GateBound
+from mlipops.pipeline import EVALUATE_REPORTS as EVAL_DIR
 
-EVAL_DIR = Path("reports/evaluate")
 ALWAYS = {"n_nonfinite_predictions": GateBound(max=0)}
 
 

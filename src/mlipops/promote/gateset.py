@@ -39,9 +39,8 @@ from pathlib import Path
 
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.params import Params, PromoteParams
+from mlipops.pipeline import ACCEPTED as DATA, MELTING_REFERENCE
 
-DATA = Path("data/curated/accepted.extxyz")
-MELTING_REFERENCE = Path("data/melting/reference.json")  # mlipops.evaluate.melting_reference.REFERENCE_JSON
 
 FORCE_FRACTION = 0.25  # of the config_type's RMS force component
 FORCE_FLOOR = 0.1  # eV/Å: below it the error is the model's, not the data's (mlearn Mo relaxed surfaces: RMS 0.02)

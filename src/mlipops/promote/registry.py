@@ -31,18 +31,12 @@ from mlipops.paths import ensure_writable, safe_remove
 from mlipops.promote.gates import check_gates, data_config_types
 from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
 from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
-from mlipops.train import tracking
-from mlipops.train.loop import MODELS_DIR
+from mlipops import tracking
+from mlipops.pipeline import (DEFECTS_REPORTS as DEFECTS_DIR, EVALUATE_REPORTS as EVAL_DIR, INDEX,
+                              MELTING_REPORTS as MELTING_DIR, MODELS_DIR, NVE_REPORTS as NVE_DIR, PATHS_JSON,
+                              PATHS_REPORTS as PATHS_DIR, PROMOTE_REPORTS as REPORT_DIR,
+                              UNCERTAINTY_REPORTS as UNCERTAINTY_DIR)
 
-REPORT_DIR = Path("reports/promote")
-EVAL_DIR = Path("reports/evaluate")
-DEFECTS_DIR = EVAL_DIR / "defects"  # the defects stage: perfect -> imperfect transfer, diagnosed
-PATHS_JSON = EVAL_DIR / "reaction_paths.json"  # the evaluate stage: reaction paths to the hull's exit point
-PATHS_DIR = EVAL_DIR / "paths"
-UNCERTAINTY_DIR = EVAL_DIR / "uncertainty"  # the evaluate stage: ensemble σ ranked and calibrated
-MELTING_DIR = EVAL_DIR / "melting"  # the melting stage: coexistence Tm per member against the reference
-NVE_DIR = EVAL_DIR / "nve"  # the nve stage: energy drift of a short NVE run
-INDEX = Path("data/index.duckdb")
 
 
 UNCERTAINTY_GATE = "uncertainty.val.all.force_spearman (minimum)"

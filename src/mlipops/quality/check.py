@@ -28,9 +28,9 @@ import pandas as pd
 
 from mlipops.errors import MlipopsError
 from mlipops.params import DescriptorParams, IngestParams, ValidateParams
+from mlipops.pipeline import CURATED_DIR as CURATED
 
 COLUMNS = ["file", "frame", "config_type", "split", "n_atoms", "verdict", "checks", "reason"]
-CURATED = Path("data/curated")
 
 
 def _source_entry(path: Path, ingest: IngestParams | None):

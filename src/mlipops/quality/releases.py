@@ -27,8 +27,9 @@ import pandas as pd
 import yaml
 
 from mlipops.errors import MlipopsError
+from mlipops.pipeline import RELEASES
 
-RELEASES = Path("data/quarantine_releases.yaml")
+
 HEADER = ("# Quarantined frames released by hand (`mlipops quarantine release FRAME_ID --why ...`).\n"
           "# The validate stage accepts a released frame despite the checks listed; keep this file in git.\n")
 

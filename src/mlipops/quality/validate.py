@@ -52,21 +52,16 @@ from mlipops.descriptor_store import write_no_saved_descriptors
 from mlipops.neighbors import neighbor_list
 from mlipops.errors import StageInputError
 from mlipops.frames import labels
-from mlipops.ingest import FRAMES as INGESTED, REJECTED as INGEST_REJECTED, REJECT_COLUMNS, made_dirs, remove_empty
+from mlipops.ingest import REJECT_COLUMNS, made_dirs, remove_empty
 from mlipops.params import DescriptorParams, IngestParams, ValidateParams, composition_key
 from mlipops.quality.releases import RELEASES, load_releases
 from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
+from mlipops.pipeline import (ACCEPTED, CURATED_DIR as CURATED, INGEST_REJECTED, INGESTED, QUARANTINE,
+                              TRAINING_DESCRIPTORS, VALIDATE_REPORTS as REPORT_DIR)
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 SUITE = Path(__file__).with_name("suite.json")
-CURATED = Path("data/curated")
-ACCEPTED = CURATED / "accepted.extxyz"
-QUARANTINE = CURATED / "quarantine.parquet"
-# the training frames' per-atom descriptors, which the outlier surrogate is made of, saved for the index
-# (mlipops.descriptors.SavedDescriptorsWriter): keyed to accepted.extxyz's md5, so never taken for other data
-TRAINING_DESCRIPTORS = CURATED / "training_descriptors"
-REPORT_DIR = Path("reports/validate")
 
 
 # dtypes of the frame table (checked by the suite's schema expectations)

@@ -22,15 +22,11 @@ import torch
 from ase import Atoms
 
 from mlipops.errors import MlipopsError, StageInputError
-from mlipops.frames import labels, read_extxyz
+from mlipops.frames import labels
 from mlipops.models.baseline import BASELINE_CACHE, baseline_spec
 from mlipops.models.potential import Graph, Potential
 from mlipops.params import DescriptorParams, TrainParams
 
-DATA = Path("data/curated/accepted.extxyz")
-MODELS_DIR = Path("data/models")
-CHECKPOINT_DIR = Path("data/checkpoints")
-REPORT_DIR = Path("reports/train")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT_FORMAT = "mlipops.checkpoint/1"
 
@@ -498,19 +494,3 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
     if val.graphs:
         result.metrics["val"] = evaluate_split(model, val, dtype, device=device, by_config=True, frozen=fz_va)
     return result
-
-
-def load_split(path: Path = DATA) -> dict[str, list[Atoms]]:
-    if not path.is_file():
-        raise StageInputError("curated data missing: run `dvc repro validate` first", file=str(path))
-    frames, rejected = read_extxyz(path)
-    if rejected:
-        raise StageInputError(f"{len(rejected)} unreadable frame(s) in curated data; first: {rejected[0].reason}",
-                              file=str(path))
-    out: dict[str, list[Atoms]] = {"train": [], "val": [], "test": []}
-    for a in frames:
-        out.setdefault(str(a.info.get("split", "train")), []).append(a)
-    if not out["train"]:
-        raise StageInputError("no frames in the train split (check ingest.split)", file=str(path),
-                              field="split")
-    return out

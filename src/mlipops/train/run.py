@@ -33,11 +33,13 @@ from mlipops.errors import StageInputError
 from mlipops.params import ComputeParams, DescriptorParams, TrainParams, flatten
 from mlipops.paths import safe_remove
 from mlipops.report import parity_plot, progress, write_markdown, write_metrics
-from mlipops.train import tracking
-from mlipops.train.loop import (CHECKPOINT_DIR, DATA, DTYPES, MODELS_DIR, REPORT_DIR, Checkpointer, Prepared,
-                                _cpu_state, evaluate_split, fingerprint, fit, load_split, make_potential, prepare,
+from mlipops import tracking
+from mlipops.frames import load_split
+from mlipops.pipeline import (ACCEPTED as DATA, BASELINE_CACHE, CHECKPOINT_DIR, MODELS_DIR,
+                              TRAIN_REPORTS as REPORT_DIR)
+from mlipops.train.loop import (DTYPES, Checkpointer, Prepared,
+                                _cpu_state, evaluate_split, fingerprint, fit, make_potential, prepare,
                                 feature_statistics, resolve_device, species_of, target_statistics)
-from mlipops.models.baseline import BASELINE_CACHE
 from mlipops.train import curriculum
 
 # params that do not change the numbers: a run may resume across them

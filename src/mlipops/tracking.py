@@ -189,3 +189,27 @@ def git_commit() -> str:
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def log_metrics(run_json: str | Path, metrics: dict, prefix: str = "eval_") -> None:
+    """A stage's numeric, finite ``metrics`` logged into the training run that ``run_json`` (a model's
+    ``run.json``) names, as ``<prefix><key>`` with dots made underscores, in batches of 500. When the run is not
+    in the store (e.g. a ``dvc exp run --temp`` copy) the metrics stay in the reports, and this says so."""
+    import json
+    import time
+
+    import numpy as np
+    from mlflow.entities import Metric
+
+    info = json.loads(Path(run_json).read_text())
+    c = client(info["tracking_uri"])
+    if find_run(c, info["run_id"]) is None:
+        print(f"mlipops: MLflow run {info['run_id']} ({run_json}) is not in the store {c.tracking_uri}: "
+              "the metrics are in the reports only")
+        return
+    ts = int(time.time() * 1000)
+    safe = {prefix + k.replace(".", "_"): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and np.isfinite(v)}
+    batch = [Metric(k, v, ts, 0) for k, v in safe.items()]
+    for k in range(0, len(batch), 500):
+        c.log_batch(info["run_id"], metrics=batch[k:k + 500])

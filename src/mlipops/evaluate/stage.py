@@ -1,129 +1,26 @@
-"""Energy/force MAE and RMSE on the held-out splits, per config_type; parity plots (PNG)."""
+"""The ``evaluate`` stage: energy/force MAE and RMSE on the held-out splits, per config_type, parity plots (PNG),
+the reaction paths followed to the training hull's exit point, and the ensemble's uncertainty
+(``reports/evaluate/``). The prediction and error code is :mod:`mlipops.evaluate.predict`."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from ase import Atoms
 
+from mlipops import tracking
 from mlipops.errors import StageInputError
-from mlipops.frames import labels
-from mlipops.models.baseline import add_baseline
+from mlipops.evaluate.predict import split_metrics
+from mlipops.frames import load_split
 from mlipops.models.ensemble import load_model
-from mlipops.models.potential import Potential
 from mlipops.params import EvaluateParams
 from mlipops.paths import safe_remove
+from mlipops.pipeline import ACCEPTED, EVALUATE_REPORTS as REPORT_DIR, INDEX, MODELS_DIR, PATHS_JSON, PATHS_REPORTS
 from mlipops.report import jsonable, parity_plot, write_markdown, write_metrics
-from mlipops.train.loop import DATA, MODELS_DIR, load_split
-
-REPORT_DIR = Path("reports/evaluate")
-
-
-def predict_committee(model, frames: list[Atoms], forces: bool = True, batch_size: int = 16):
-    """The one batched prediction of the evaluate code, float64 arrays: energies [n_frames] and their
-    committee spread σ_E [n_frames] (0 for a single potential); with ``forces``, forces and σ_F (lists of
-    [n_atoms, 3]), else None. The Δ-learning baseline is added to the means (it has no spread)."""
-    param = next(model.parameters())
-    e, se, f, sf = [], [], [], []
-    with torch.set_grad_enabled(forces):
-        for k in range(0, len(frames), batch_size):
-            chunk = frames[k:k + batch_size]
-            out = model(Potential.collate([model.graph(a) for a in chunk], param.dtype, param.device), forces=forces)
-            e.append(out["energy"].detach().cpu().numpy())
-            std = out.get("energy_std")
-            se.append(np.zeros(len(chunk)) if std is None else std.detach().cpu().numpy())
-            if forces:
-                splits = np.cumsum([len(a) for a in chunk])[:-1]
-                fk = out["forces"].detach().cpu().numpy()
-                f += np.split(fk, splits)
-                fs = out.get("forces_std")
-                sf += np.split(np.zeros_like(fk) if fs is None else fs.detach().cpu().numpy(), splits)
-    energies = np.concatenate(e).astype(np.float64) if e else np.zeros(0)
-    sigma = np.concatenate(se).astype(np.float64) if se else np.zeros(0)
-    energies, f_total = add_baseline(model, frames, energies, f if forces else [np.zeros((len(a), 3)) for a in frames])
-    return energies, sigma, (f_total if forces else None), (sf if forces else None)
-
-
-def predict(model, frames: list[Atoms], batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Energies [n_frames] and forces (list of [n_atoms, 3]), committee means, baseline included."""
-    energies, _, forces, _ = predict_committee(model, frames, True, batch_size)
-    return energies, forces
-
-
-def spearman(x, y) -> float:
-    """Spearman rank correlation over the pairs where both are finite; NaN with fewer than 3 pairs or a
-    constant side."""
-    import warnings
-
-    from scipy.stats import spearmanr
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(spearmanr(x[ok], y[ok]).statistic)
-
-
-def _errors(de: np.ndarray, df: np.ndarray) -> dict[str, float]:
-    return {"energy_mae_per_atom": float(np.mean(np.abs(de))), "energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))),
-            "force_mae": float(np.mean(np.abs(df))) if df.size else float("nan"),
-            "force_rmse": float(np.sqrt(np.mean(df**2))) if df.size else float("nan")}
-
-
-def split_metrics(model, frames: list[Atoms]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """Per-split and per-config_type errors; frame table and force-component table for plots."""
-    e_pred, f_pred = predict(model, frames)
-    rows, frows = [], []
-    for a, e, f in zip(frames, e_pred, f_pred):
-        e_ref, f_ref, _ = labels(a)
-        n = len(a)
-        rows.append({"frame_id": a.info["frame_id"], "config_type": a.info["config_type"], "n_atoms": n,
-                     "e_ref_per_atom": e_ref / n, "e_pred_per_atom": e / n})
-        frows.append(pd.DataFrame({"config_type": a.info["config_type"], "f_ref": f_ref.ravel(), "f_pred": f.ravel()}))
-    ft = pd.DataFrame(rows)
-    fc = pd.concat(frows, ignore_index=True) if frows else pd.DataFrame(columns=["config_type", "f_ref", "f_pred"])
-    out: dict[str, float] = {}
-    nonfinite = int((~np.isfinite(ft["e_pred_per_atom"])).sum() + (~np.isfinite(fc["f_pred"])).sum())
-    out["n_nonfinite_predictions"] = nonfinite
-    out["n_frames"] = len(ft)
-    out |= _errors((ft.e_pred_per_atom - ft.e_ref_per_atom).to_numpy(), (fc.f_pred - fc.f_ref).to_numpy())
-    groups = defaultdict(dict)
-    for ct, g in ft.groupby("config_type"):
-        groups[ct]["frames"] = g
-    for ct, g in fc.groupby("config_type"):
-        groups[ct]["forces"] = g
-    for ct, g in sorted(groups.items()):
-        m = _errors((g["frames"].e_pred_per_atom - g["frames"].e_ref_per_atom).to_numpy(),
-                    (g["forces"].f_pred - g["forces"].f_ref).to_numpy())
-        out |= {f"{ct}.{k}": v for k, v in m.items()} | {f"{ct}.n_frames": len(g["frames"])}
-    return out, ft, fc
-
-
-def _log_to_mlflow(run_json: Path, metrics: dict) -> None:
-    from mlipops.train import tracking
-
-    info = json.loads(run_json.read_text())
-    c = tracking.client(info["tracking_uri"])
-    if tracking.find_run(c, info["run_id"]) is None:  # e.g. a `dvc exp run --temp` copy: reports only
-        print(f"mlipops: MLflow run {info['run_id']} ({run_json}) is not in the store {c.tracking_uri}: "
-              "the metrics are in the reports only")
-        return
-    ts = int(time.time() * 1000)
-    from mlflow.entities import Metric
-
-    safe = {"eval_" + k.replace(".", "_"): float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and np.isfinite(v)}
-    batch = [Metric(k, v, ts, 0) for k, v in safe.items()]
-    for k in range(0, len(batch), 500):
-        c.log_batch(info["run_id"], metrics=batch[k:k + 500])
 
 
 def _uncertainty(p: EvaluateParams, model, splits: dict[str, list[Atoms]]) -> dict:
@@ -144,7 +41,7 @@ def _reaction_paths(p: EvaluateParams, model, curated: list[Atoms]) -> dict:
     """Every configured path (curated config_types and user files) followed along its coordinate;
     plots in reports/evaluate/paths/, the results in reports/evaluate/reaction_paths.json."""
     from mlipops.evaluate.reaction_path import collect_paths, evaluate_paths, read_user_path
-    from mlipops.index.build import INDEX, load_hull_index
+    from mlipops.index.build import load_hull_index
 
     paths = collect_paths(curated, p.paths.config_types)
     for f in p.paths.files:
@@ -153,7 +50,7 @@ def _reaction_paths(p: EvaluateParams, model, curated: list[Atoms]) -> dict:
             raise StageInputError(f"path name {name!r} (the file stem) is also a config_type path", file=str(f),
                                   field="evaluate.paths.files")
         paths[name] = frames
-    plot_dir = REPORT_DIR / "paths"
+    plot_dir = PATHS_REPORTS
     safe_remove(plot_dir)
     plot_dir.mkdir(parents=True)
     results = evaluate_paths(model, paths, load_hull_index(INDEX) if paths else None, p.paths.tolerance_per_atom,
@@ -163,7 +60,7 @@ def _reaction_paths(p: EvaluateParams, model, curated: list[Atoms]) -> dict:
                              "e_pred": r.e_pred.tolist(), "sigma": r.sigma.tolist(),
                              "max_gamma": [float(g) if np.isfinite(g) else None for g in r.max_gamma]}}
            for name, r in results.items()}
-    (REPORT_DIR / "reaction_paths.json").write_text(json.dumps(jsonable(out), indent=2) + "\n")
+    PATHS_JSON.write_text(json.dumps(jsonable(out), indent=2) + "\n")
     return results
 
 
@@ -174,7 +71,7 @@ def _provenance(model_dir: Path, model_name: str) -> None:
     from mlipops.frames import file_md5
     from mlipops.provenance import model_fingerprint, write_provenance
 
-    ids = {"model_name": model_name, "model_weights_sha256": model_fingerprint(model_dir), "data_md5": file_md5(DATA)}
+    ids = {"model_name": model_name, "model_weights_sha256": model_fingerprint(model_dir), "data_md5": file_md5(ACCEPTED)}
     write_provenance(REPORT_DIR, "evaluate", **ids)
     write_provenance(uncertainty.REPORT_DIR, "evaluate", **ids)
 
@@ -213,7 +110,7 @@ def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
     write_metrics(REPORT_DIR, metrics)
     _provenance(model_dir, model_name)
-    _log_to_mlflow(model_dir / "run.json", metrics | {f"uncertainty.{k}": v for k, v in unc.items()})
+    tracking.log_metrics(model_dir / "run.json", metrics | {f"uncertainty.{k}": v for k, v in unc.items()})
     plots = [f"![{s} {q}](parity_{s}_{q}.png)" for s in p.splits if metrics.get(f"{s}.n_frames") for q in ("energy", "forces")]
     if path_results:
         plots += ["## Reaction paths: where the model leaves its training hull",

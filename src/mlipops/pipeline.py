@@ -1,0 +1,202 @@
+"""The pipeline's contract: every stage's data inputs, outputs and params sections, declared once.
+
+A stage's code learns where its inputs lie and where its outputs go from here, never by importing the
+upstream stage that writes them (``evaluate`` reads the models from :data:`MODELS_DIR`, not from
+``mlipops.train``). Paths are relative to the project root, the working directory of every stage.
+
+:data:`STAGES` declares, per DVC stage, its command, the data it reads, the params sections it reads and
+what it writes (cached outputs, uncached reports, metrics, plots). ``tests/test_pipeline_contract.py``
+checks ``dvc.yaml`` against it (every stage, every data dep, out, metric, plot and params key; the code deps
+are checked by ``tests/test_dvc_contract.py`` from each command's import closure), and that no module but
+this one spells a path under ``data/`` or ``reports/``. A ``${section.key}`` in a path is DVC's
+interpolation of params.yaml; :data:`FROM_PARAMS` marks inputs listed by params (``ingest.sources``).
+
+This module imports nothing of the package: every stage may import it without pulling in another's code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------- data and its stages
+
+RAW_DIR = Path("data/raw")  # generate, bo_scan and active write raw frames here; ingest reads ingest.sources
+INGESTED_DIR = Path("data/ingested")
+INGESTED = INGESTED_DIR / "frames.extxyz"  # every frame that parsed, with its split
+INGEST_REJECTED = INGESTED_DIR / "rejected.parquet"  # frames that did not parse, with the reason
+
+CURATED_DIR = Path("data/curated")
+ACCEPTED = CURATED_DIR / "accepted.extxyz"  # the curated frames: what train, index and evaluate read
+QUARANTINE = CURATED_DIR / "quarantine.parquet"  # every frame kept out, with check and reason (never deleted)
+# the training frames' per-atom descriptors, which the outlier surrogate is made of, saved for the index
+# (mlipops.descriptors.SavedDescriptorsWriter): keyed to accepted.extxyz's md5, so never taken for other data
+TRAINING_DESCRIPTORS = CURATED_DIR / "training_descriptors"
+RELEASES = Path("data/quarantine_releases.yaml")  # the user's reviewed releases from quarantine (validate reads)
+
+INDEX = Path("data/index.duckdb")  # the coverage and hull index (DuckDB)
+
+MODELS_DIR = Path("data/models")  # data/models/<train.model_name>: the trained ensemble
+CHECKPOINT_DIR = Path("data/checkpoints")  # the members' checkpoints (a killed training resumes from them)
+BASELINE_CACHE = Path("data/cache/baseline")  # the Δ-learning baseline's energies per frame, by content hash
+
+ACTIVE_WORK_DIR = Path("data/active")  # the campaign's state, snapshots, labels, models (active.work_dir's default)
+
+MELTING_REFERENCE_DIR = Path("data/melting")  # the reference oracle's melting point (expensive, cached by DVC)
+MELTING_REFERENCE = MELTING_REFERENCE_DIR / "reference.json"
+MELTING_REFERENCE_PHASES = MELTING_REFERENCE_DIR / "reference_phases.extxyz"
+
+# ------------------------------------------------------------------------------------------------- reports
+
+REPORTS = Path("reports")
+GENERATE_REPORTS = REPORTS / "generate"
+BO_SCAN_REPORTS = GENERATE_REPORTS / "bo_scan"
+INGEST_REPORTS = REPORTS / "ingest"
+VALIDATE_REPORTS = REPORTS / "validate"
+INDEX_REPORTS = REPORTS / "index"
+TRAIN_REPORTS = REPORTS / "train"
+EVALUATE_REPORTS = REPORTS / "evaluate"
+PATHS_JSON = EVALUATE_REPORTS / "reaction_paths.json"  # reaction paths followed to the hull's exit point
+PATHS_REPORTS = EVALUATE_REPORTS / "paths"
+UNCERTAINTY_REPORTS = EVALUATE_REPORTS / "uncertainty"  # ensemble σ ranked and calibrated (the evaluate stage)
+DEFECTS_REPORTS = EVALUATE_REPORTS / "defects"
+MELTING_REPORTS = EVALUATE_REPORTS / "melting"
+MELTING_POINT_JSON = MELTING_REPORTS / "melting_point.json"
+MELTING_SWEEP_REPORTS = EVALUATE_REPORTS / "melting_sweep"  # `mlipops evaluate melting --sweep` (on demand)
+MELTING_BRACKET_REPORTS = EVALUATE_REPORTS / "melting_bracket"  # `mlipops evaluate melting-bracket` (on demand)
+NVE_REPORTS = EVALUATE_REPORTS / "nve"
+PROMOTE_REPORTS = REPORTS / "promote"
+ACTIVE_REPORTS = REPORTS / "active"
+
+# ------------------------------------------------------------------------------------------------- the stages
+
+FROM_PARAMS = "<ingest.sources>"  # ingest reads each source file of params.yaml's ingest.sources (and its provenance)
+MODEL = f"{MODELS_DIR.as_posix()}/${{train.model_name}}"
+
+
+def _p(*paths: Path | str) -> tuple[str, ...]:
+    return tuple(p.as_posix() if isinstance(p, Path) else p for p in paths)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One DVC stage: ``cmd`` (an ``mlipops`` command), the data it reads (``reads``), its params keys, and what
+    it writes: ``outs`` (cached by DVC), ``persist`` (cached outs DVC keeps in place while the stage runs),
+    ``reports`` (outs with ``cache: false``), ``metrics`` and ``plots`` (uncached). Its code deps are not declared: they are its command's import closure (test_dvc_contract)."""
+
+    cmd: str
+    params: tuple[str, ...]
+    reads: tuple[str, ...] = ()
+    outs: tuple[str, ...] = ()
+    persist: tuple[str, ...] = ()
+    reports: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str, ...] = ()
+
+    def writes(self) -> tuple[str, ...]:
+        return self.outs + self.persist + self.reports + self.metrics + self.plots
+
+
+_E, _U, _D, _M, _N = EVALUATE_REPORTS, UNCERTAINTY_REPORTS, DEFECTS_REPORTS, MELTING_REPORTS, NVE_REPORTS
+
+# the train keys that change a fitted model's result (not epochs, ensemble size, tracking): the defects stage
+# trains its own perfect-crystal model and its control with them
+FIT_KEYS = ("seed", "hidden", "batch_size", "learning_rate", "optimizer", "scheduler", "weight_decay",
+            "energy_weight", "force_weight", "stress_weight", "patience", "dtype", "dispersion", "baseline")
+# the melting keys the oracle's reference reads (not member_seeds, window_K, sweep; not compute)
+MELTING_PRESET_KEYS = ("supercell", "melt_steps", "equilibration_steps", "production_steps",
+                       "max_production_steps", "reference_seeds", "require_agreement")
+MELTING_REFERENCE_KEYS = ("element", "lattice", "reference", "t_guess", "timestep_fs", "q6_solid_threshold",
+                          "calibration_steps", "liquid_volume_change", "min_phase_fraction", "max_retries",
+                          "retry_step_K", "ensemble", "window_fraction", "drift_sigma", "start_offset",
+                          "agree_sigma", "phase_steps", "phase_snapshots", "seed")
+ELEMENT_KEYS = ("generate.element", "crystal.element", "crystal.lattice", "validate.allowed_species")
+
+STAGES: dict[str, Stage] = {
+    "generate": Stage(
+        cmd="mlipops generate", params=("generate",),
+        outs=_p(f"{RAW_DIR.as_posix()}/cu_emt.extxyz", f"{RAW_DIR.as_posix()}/cu_emt.extxyz.provenance.json"),
+        reports=_p(GENERATE_REPORTS / "summary.md"), metrics=_p(GENERATE_REPORTS / "metrics.json")),
+    "bo_scan": Stage(
+        cmd="mlipops generate bo-scan", params=("bo_scan",),
+        outs=_p(f"{RAW_DIR.as_posix()}/bo_scan_${{bo_scan.name}}.extxyz",
+                f"{RAW_DIR.as_posix()}/bo_scan_${{bo_scan.name}}.extxyz.provenance.json"),
+        reports=_p(BO_SCAN_REPORTS / "summary.md", BO_SCAN_REPORTS / "gap_curve.csv"),
+        metrics=_p(BO_SCAN_REPORTS / "metrics.json"), plots=_p(BO_SCAN_REPORTS / "gap.png")),
+    "ingest": Stage(
+        cmd="mlipops ingest", params=("ingest",), reads=(FROM_PARAMS,),
+        outs=_p(INGESTED, INGEST_REJECTED),
+        reports=_p(INGEST_REPORTS / "summary.md"), metrics=_p(INGEST_REPORTS / "metrics.json")),
+    "validate": Stage(
+        cmd="mlipops validate", params=("validate", "descriptors", "ingest.sources"),
+        reads=_p(INGESTED, INGEST_REJECTED, RELEASES),
+        outs=_p(ACCEPTED, QUARANTINE, TRAINING_DESCRIPTORS),
+        reports=_p(VALIDATE_REPORTS / "summary.md", VALIDATE_REPORTS / "validation_result.json",
+                   VALIDATE_REPORTS / "outliers.csv"),
+        metrics=_p(VALIDATE_REPORTS / "metrics.json"), plots=_p(VALIDATE_REPORTS / "cooks_distance.png")),
+    "index": Stage(
+        cmd="mlipops index", params=("index", "descriptors"),
+        reads=_p(ACCEPTED, QUARANTINE, TRAINING_DESCRIPTORS),
+        # the index is built beside the old one and renamed over it: a failed rebuild leaves the old one
+        persist=_p(INDEX), reports=_p(INDEX_REPORTS / "coverage.md"), metrics=_p(INDEX_REPORTS / "metrics.json"),
+        plots=_p(INDEX_REPORTS / "projection.png", INDEX_REPORTS / "gamma_histogram.png")),
+    "train": Stage(
+        cmd="mlipops train", params=("train", "descriptors"), reads=_p(ACCEPTED),
+        outs=(MODEL,), reports=_p(TRAIN_REPORTS / "summary.md"), metrics=_p(TRAIN_REPORTS / "metrics.json"),
+        plots=_p(TRAIN_REPORTS / "learning_curve.png", TRAIN_REPORTS / "parity_energy.png",
+                 TRAIN_REPORTS / "parity_forces.png")),
+    "evaluate": Stage(
+        cmd="mlipops evaluate",
+        params=("evaluate.splits", "evaluate.uncertainty", "evaluate.paths", "train.model_name"),
+        reads=(MODEL, *_p(ACCEPTED, INDEX)),
+        reports=_p(_E / "summary.md", PATHS_JSON, _U / "summary.md", _U / "uncertainty.json",
+                   _E / "provenance.json", _U / "provenance.json"),
+        metrics=_p(_E / "metrics.json", _U / "metrics.json"),
+        plots=_p(_E / "parity_val_energy.png", _E / "parity_val_forces.png", _E / "parity_test_energy.png",
+                 _E / "parity_test_forces.png", PATHS_REPORTS, _U / "sigma_vs_error.png",
+                 _U / "calibration.png")),
+    "defects": Stage(
+        cmd="mlipops evaluate defects",
+        params=("evaluate.defects", "crystal", "descriptors", "index.coordination_cutoff", "index.pca_components",
+                "generate.element", "generate.oracle", "generate.defects", *(f"train.{k}" for k in FIT_KEYS)),
+        reads=_p(ACCEPTED),
+        reports=_p(_D / "summary.md", _D / "defects.json", _D / "provenance.json"),
+        metrics=_p(_D / "metrics.json"),
+        plots=_p(_D / "force_error_vs_geometry.png", _D / "decomposition.png")),
+    "melting_reference": Stage(
+        cmd="mlipops evaluate melting --reference",
+        params=("evaluate.melting.preset",
+                *(f"evaluate.melting.{p}.{k}" for p in ("quick", "production") for k in MELTING_PRESET_KEYS),
+                *(f"evaluate.melting.{k}" for k in MELTING_REFERENCE_KEYS),
+                "generate.element", "crystal.element", "crystal.lattice", "validate.allowed_species",
+                "generate.oracle"),
+        outs=_p(MELTING_REFERENCE, MELTING_REFERENCE_PHASES)),
+    "melting": Stage(
+        cmd="mlipops evaluate melting",
+        params=("evaluate.melting", *ELEMENT_KEYS, "train.model_name"),
+        reads=(MODEL, *_p(MELTING_REFERENCE, MELTING_REFERENCE_PHASES, INDEX)),
+        reports=_p(_M / "summary.md", MELTING_POINT_JSON, _M / "provenance.json"),
+        metrics=_p(_M / "metrics.json"),
+        plots=_p(_M / "distribution.png", _M / "traces_members.png", _M / "traces_reference.png")),
+    "nve": Stage(
+        cmd="mlipops evaluate nve", params=("evaluate.nve", "crystal", "generate.oracle", "train.model_name"),
+        reads=(MODEL, *_p(ACCEPTED)),
+        reports=_p(_N / "summary.md", _N / "provenance.json"), metrics=_p(_N / "metrics.json"),
+        plots=_p(_N / "energy.png")),
+    "promote": Stage(
+        cmd="mlipops promote", params=("promote", "train.model_name"),
+        reads=(MODEL, *_p(_E / "metrics.json", _E / "provenance.json", PATHS_JSON, _U / "uncertainty.json",
+                          _U / "metrics.json", _U / "provenance.json", _D / "defects.json", _D / "metrics.json",
+                          _D / "provenance.json", MELTING_POINT_JSON, _M / "metrics.json", _M / "provenance.json",
+                          _N / "metrics.json", _N / "provenance.json", INDEX)),
+        # the registry folder is promote.registry_dir (default "registry"), written through mlipops.paths' guard
+        persist=("registry",), reports=_p(PROMOTE_REPORTS / "decision.md", PROMOTE_REPORTS / "gates.json"),
+        metrics=_p(PROMOTE_REPORTS / "metrics.json")),
+    "active": Stage(
+        cmd="mlipops active run",
+        params=("active", "crystal", "train", "descriptors", "ingest.split", "validate", "index", "generate.oracle"),
+        reads=(MODEL, *_p(ACCEPTED, QUARANTINE, INDEX)),
+        # active.out_dir and active.work_dir (params; their defaults)
+        persist=_p(RAW_DIR / "active", ACTIVE_WORK_DIR), reports=_p(ACTIVE_REPORTS / "summary.md"),
+        metrics=_p(ACTIVE_REPORTS / "metrics.json"), plots=_p(ACTIVE_REPORTS / "learning_curve.png")),
+}
