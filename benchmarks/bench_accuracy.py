@@ -168,7 +168,8 @@ def metrics_from_predictions(frames, e_pred, f_pred) -> dict:
     from mlipops.frames import labels
 
     def errors(de, df):
-        return {"energy_mae_per_atom": float(np.mean(np.abs(de))), "energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))),
+        return {"energy_mae_per_atom": float(np.mean(np.abs(de))),
+                "energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))),
                 "force_mae": float(np.mean(np.abs(df))), "force_rmse": float(np.sqrt(np.mean(df**2)))}
 
     de, df, cts = [], [], []
@@ -209,7 +210,8 @@ def time_per_atom(call, frames, cell, repeat: int, budget_s: float) -> dict:
     t_test, t_test_med = _time(lambda: [call(a) for a in frames], repeat, budget_s)
     t_cell, t_cell_med = _time(lambda: call(cell), repeat, budget_s)
     return {"test_us_per_atom": 1e6 * t_test / n_test, "cell_us_per_atom": 1e6 * t_cell / len(cell),
-            "test_us_per_atom_median": 1e6 * t_test_med / n_test, "cell_us_per_atom_median": 1e6 * t_cell_med / len(cell),
+            "test_us_per_atom_median": 1e6 * t_test_med / n_test,
+            "cell_us_per_atom_median": 1e6 * t_cell_med / len(cell),
             "test_s_per_pass": t_test, "cell_s_per_call": t_cell, "test_atoms": n_test, "cell_atoms": len(cell),
             "test_structures": len(frames)}
 
@@ -408,8 +410,9 @@ def print_element(element: str, r: dict) -> None:
     cts = [ct for ct in CONFIG_ORDER if f"{ct}.n_frames" in r["ours"]["ensemble"]["metrics"]]
     cts += sorted({k.split(".")[0] for k in r["ours"]["ensemble"]["metrics"] if k.endswith(".n_frames")} - set(cts))
     print("per config_type (E MAE meV/atom / F MAE eV/Å):")
-    print(f"{'model':<28} " + " ".join(f"{ct + ' (' + str(r['ours']['ensemble']['metrics'][ct + '.n_frames']) + ')':>18}"
-                                      for ct in cts))
+    print(f"{'model':<28} "
+          + " ".join(f"{ct + ' (' + str(r['ours']['ensemble']['metrics'][ct + '.n_frames']) + ')':>18}"
+                     for ct in cts))
     for name, m in rows:
         if "error" in m:
             continue
@@ -438,13 +441,15 @@ def goal(r: dict, quick: bool) -> dict:
     if mace is None or "error" in mace:
         return g
     e, m = ours["ensemble"], mace
-    g["energy_mae_ratio_ours_over_mace"] = round(e["metrics"]["energy_mae_per_atom"] / m["metrics"]["energy_mae_per_atom"], 3)
+    g["energy_mae_ratio_ours_over_mace"] = round(e["metrics"]["energy_mae_per_atom"]
+                                                 / m["metrics"]["energy_mae_per_atom"], 3)
     g["force_mae_ratio_ours_over_mace"] = round(e["metrics"]["force_mae"] / m["metrics"]["force_mae"], 3)
     for who in ("single", "ensemble"):
         for where in ("test", "cell"):
             g[f"speedup_{who}_{where}"] = round(m["inference"][f"{where}_us_per_atom"]
                                                 / ours[who]["inference"][f"{where}_us_per_atom"], 1)
-    g["met"] = None if quick else bool(g["energy_mae_ratio_ours_over_mace"] <= 1 and g["force_mae_ratio_ours_over_mace"] <= 1
+    g["met"] = None if quick else bool(g["energy_mae_ratio_ours_over_mace"] <= 1
+                    and g["force_mae_ratio_ours_over_mace"] <= 1
                     and g["speedup_ensemble_test"] >= 10 and g["speedup_ensemble_cell"] >= 10
                     and g["ensemble_train_under_900s"])
     return g
@@ -519,7 +524,8 @@ def main() -> None:
             r = {"n_train": len(train), "n_val": len(val), "n_test": len(test),
                  "n_test_atoms": sum(len(a) for a in test), "train_file": str(train_path), "test_file": str(test_path),
                  "val_frame_ids": sorted(a.info["frame_id"] for a in val)}
-            print(f"\n{element}: training the mlipops ensemble ({len(train)} train / {len(val)} val frames)", flush=True)
+            print(f"\n{element}: training the mlipops ensemble ({len(train)} train / {len(val)} val frames)",
+                  flush=True)
             r["ours"] = run_ours(element, data_path, train, test, ours_settings, args.seed, repeat, budget,
                                  timing_frames)
             if run_mace_too:

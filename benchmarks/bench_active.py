@@ -66,7 +66,8 @@ def train_seed(p, data: Path, out: Path, members: int, epochs: int) -> float:
     if (out / "weights.pt").is_file():
         return 0.0
     t0 = time.perf_counter()
-    tp = p.train.model_copy(update={"epochs": epochs, "ensemble": p.train.ensemble.model_copy(update={"members": members})})
+    tp = p.train.model_copy(update={"epochs": epochs,
+                                    "ensemble": p.train.ensemble.model_copy(update={"members": members})})
     ens, _, _ = train_ensemble(data, ["Cu"], tp, p.descriptors, p.compute)
     ens.save(out, extra={"model_name": "cu_seed", "dtype": tp.dtype})
     return time.perf_counter() - t0
@@ -162,7 +163,8 @@ def main() -> None:
     rows = []
     for mode, r in results.items():
         frac = goal.get(mode, {}).get("fraction_of_random_calls")
-        rows.append((mode, r["oracle_calls"][-1], f"{r['holdout_force_mae'][0]:.4f}", f"{r['holdout_force_mae'][-1]:.4f}",
+        rows.append((mode, r["oracle_calls"][-1], f"{r['holdout_force_mae'][0]:.4f}",
+                     f"{r['holdout_force_mae'][-1]:.4f}",
                      "" if r["holdout_liquid_force_mae"][-1] is None else f"{r['holdout_liquid_force_mae'][-1]:.4f}",
                      "-" if frac is None else f"{frac:.2f}", r["wall_s"]))
     head = ("strategy", "oracle calls", "F MAE seed", "F MAE final", "liquid F MAE final",

@@ -1,4 +1,4 @@
-"""The energy weight of the training loss, measured on real DFT (mlearn Mo) and on the embedded EMT copper.
+r"""The energy weight of the training loss, measured on real DFT (mlearn Mo) and on the embedded EMT copper.
 
 The loss (``mlipops.train.loop.fit``) is ``w_E <(ΔE/N)²> + w_F <ΔF²>``: energy errors per atom (eV/atom)²,
 force errors per Cartesian component (eV/Å)², each averaged over the batch; the validation score that picks the
@@ -14,7 +14,8 @@ val split's (every config_type trained on) and the test crystals/liquid: its gat
 and patience off, energy weight in ``--weights``, force weight ``--force-weight``.
 
     .venv/bin/python benchmarks/bench_energy_weight.py                       # Mo and Cu, 4 weights, 400 epochs: ~30 min
-    .venv/bin/python benchmarks/bench_energy_weight.py --elements Mo --weights 30 100 --seeds 1 2 --out reports/bench/energy_weight_seeds.json
+    .venv/bin/python benchmarks/bench_energy_weight.py --elements Mo --weights 30 100 --seeds 1 2 \
+        --out reports/bench/energy_weight_seeds.json
     .venv/bin/python benchmarks/bench_energy_weight.py --quick               # smoke run: numbers mean nothing
 
 Prints a table; writes reports/bench/energy_weight.json (``--quick``: energy_weight_quick.json).

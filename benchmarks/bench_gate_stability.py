@@ -145,7 +145,8 @@ def analyse() -> dict:
             g = per_gate.setdefault((r["gate"], r["bound"]), {"gate": r["gate"], "bound": r["bound"],
                                                                "threshold": r["threshold"], "values": {}})
             v = r["value"]
-            g["values"][d.name] = v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+            g["values"][d.name] = (v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   else None)
     rows = []
     for g in per_gate.values():
         vals = [v for v in g["values"].values() if v is not None]
@@ -160,7 +161,8 @@ def analyse() -> dict:
               "all_pass": bool(margins) and all(m >= 0 for m in margins) and len(vals) == len(g["values"])}
         g["stable"] = bool(g["all_pass"] and (g["worst_margin_in_spreads"] is None or g["worst_margin_in_spreads"] > 1))
         rows.append(g)
-    rows.sort(key=lambda g: (g["stable"], g["worst_margin_in_spreads"] if g["worst_margin_in_spreads"] is not None else 0))
+    rows.sort(key=lambda g: (g["stable"],
+                             g["worst_margin_in_spreads"] if g["worst_margin_in_spreads"] is not None else 0))
     info = {}
     for key in INFO:  # the numbers behind the melting gate, over the runs
         report, _, metric = key.rpartition(":")
@@ -212,7 +214,8 @@ def main() -> None:
         for s in a.restricted:
             print(run_one(f"seed{s}-restricted", s, True), flush=True)
     res = analyse()
-    print(f"{'gate':58s} {'bound':5s} {'thr':>8s} {'mean':>9s} {'spread':>9s} {'worst margin':>12s} {'/spread':>8s} stable")
+    print(f"{'gate':58s} {'bound':5s} {'thr':>8s} {'mean':>9s} {'spread':>9s} {'worst margin':>12s} "
+          f"{'/spread':>8s} stable")
     for g in res["gates"]:
         print(f"{g['gate'][:58]:58s} {g['bound']:5s} {_fmt(g['threshold']):>8s} {_fmt(g['mean']):>9s} "
               f"{_fmt(g['spread']):>9s} {_fmt(g['worst_margin']):>12s} {_fmt(g['worst_margin_in_spreads'], 3):>8s} "

@@ -331,7 +331,8 @@ def main() -> None:
     print(f"{'stage':<10} {'wall s':>8} {'memory MiB':>11} {'max RSS MiB':>12} {'tree PSS MiB':>13} {'frames':>8} "
           f"{'progress lines':>15}")
     for r in rows:
-        print(f"{r['stage']:<10} {r['wall_s']:>8.1f} {r['memory_mib']:>11.0f} {r.get('peak_rss_mib') or float('nan'):>12.0f} "
+        print(f"{r['stage']:<10} {r['wall_s']:>8.1f} {r['memory_mib']:>11.0f} "
+              f"{r.get('peak_rss_mib') or float('nan'):>12.0f} "
               f"{r.get('tree_peak_pss_mib') or float('nan'):>13.0f} "
               f"{str(r['frames']):>8} {r['progress_lines']:>15}")
     print(f"{'total':<10} {total:>8.1f} {peak:>11.0f}")

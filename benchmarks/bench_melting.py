@@ -65,7 +65,8 @@ def main() -> int:
                  "wall_s": round(wall, 1), "runs": []}
         per_run = {}
         for sp, r in zip(specs, runs):
-            steps = s.calibration_md_steps() + sum(s.melt_steps + s.equilibration_steps + (h.get("production_steps") or 0)
+            steps = s.calibration_md_steps() + sum(s.melt_steps + s.equilibration_steps
+                                                   + (h.get("production_steps") or 0)
                                                    for h in r.history) if r.history else \
                 (s.melt_steps + s.equilibration_steps + s.production_steps) * r.attempts
             ms = 1000 * r.wall_s / max(1, steps * r.n_atoms)
@@ -75,7 +76,8 @@ def main() -> int:
                                   "tm": r.tm, "tm_stderr": r.tm_stderr, "coexisting": r.coexisting,
                                   "rejected_reason": r.rejected_reason})
             per_run.setdefault(sp["name"], []).append(r.wall_s)  # as run: calibration, retries, extensions
-            rows.append((preset, f"{sp['name']} {'above' if sp['start'] > 0 else 'below'}", r.n_atoms, steps, f"{r.wall_s:.0f}", f"{ms:.3f}",
+            rows.append((preset, f"{sp['name']} {'above' if sp['start'] > 0 else 'below'}", r.n_atoms, steps,
+                         f"{r.wall_s:.0f}", f"{ms:.3f}",
                          f"{r.tm:.0f} ± {r.tm_stderr:.0f}" if math.isfinite(r.tm) else "-",
                          "yes" if r.coexisting else r.rejected_reason))
         # the stages: reference seeds (then its two phase runs, ~ phase_steps * 2 * 108 atoms, one worker) and
@@ -92,7 +94,8 @@ def main() -> int:
         results[preset] = entry
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(jsonable(results), indent=2) + "\n")
-    print(md_table(("preset", "calculator", "atoms", "MD steps", "wall s", "ms/atom-step", "Tm (K)", "coexisting"), rows))
+    print(md_table(("preset", "calculator", "atoms", "MD steps", "wall s", "ms/atom-step", "Tm (K)", "coexisting"),
+                   rows))
     for preset, e in results.items():
         print(f"{preset}: stage estimates {e['stage_estimate_s']} (s, {e['workers']} workers)")
     print(f"wrote {out_json}")

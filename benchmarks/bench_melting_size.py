@@ -100,7 +100,8 @@ def main() -> int:
         out["cells"].append(entry)
 
         def f(v, e=None):
-            return "n/a" if v is None or not math.isfinite(v) else (f"{v:.0f} ± {e:.0f}" if e is not None else f"{v:.2f}")
+            return ("n/a" if v is None or not math.isfinite(v)
+                    else (f"{v:.0f} ± {e:.0f}" if e is not None else f"{v:.2f}"))
         rows.append(("x".join(map(str, cell)), entry["n_atoms"], f"{raw['n_accepted']}/{len(seeds)}",
                      f"{p0['n_runs_converged']}/{p0['n_runs']}", f(raw["tm_mean"], raw["tm_stderr"]),
                      f(p0["pressure_zz_GPa"]), f(p0["tm_mean"], p0["tm_stderr"]),

@@ -327,8 +327,8 @@ def part_dispersion(d, args, cache: str) -> dict:
     print(f"{'gap Å':>6} {'oracle':>9} " + " ".join(f"{r['name']:>14}" for r in res))
     for k in range(len(gaps)):
         if gaps[k] in (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0):
-            row = [1000 * (e_ref[k] - e_ref[-1]) / n_surf] + [1000 * (r["curve_energy"][k] - r["curve_energy"][-1]) / n_surf
-                                                           for r in res]
+            row = ([1000 * (e_ref[k] - e_ref[-1]) / n_surf]
+                   + [1000 * (r["curve_energy"][k] - r["curve_energy"][-1]) / n_surf for r in res])
             print(f"{gaps[k]:6.1f} {row[0]:9.2f} " + " ".join(f"{x:14.2f}" for x in row[1:]))
     for r in res:
         err = np.array(r["curve_energy"]) - e_ref
@@ -338,7 +338,8 @@ def part_dispersion(d, args, cache: str) -> dict:
         r["energy_mae_beyond_cutoff_meV_per_atom"] = float(1000 * np.mean(np.abs(err[far])) / len(data["test"][0]))
         print(f"  {r['name']:>14}: binding-curve MAE beyond the {d.cutoff} Å cutoff "
               f"{r['binding_mae_beyond_cutoff_meV_per_surface_atom']:.2f} meV/surface atom, within "
-              f"{r['binding_mae_within_cutoff_meV_per_surface_atom']:.2f}; val E {1000 * r['val']['energy_mae_per_atom']:.2f} "
+              f"{r['binding_mae_within_cutoff_meV_per_surface_atom']:.2f}; "
+              f"val E {1000 * r['val']['energy_mae_per_atom']:.2f} "
               f"meV/atom, F {r['val']['force_mae']:.4f} eV/Å")
     try:
         import matplotlib
@@ -394,7 +395,8 @@ def part_curriculum(element: str, data: dict, d, args, cache: str) -> dict:
               f"{1000 * agg['val.energy_mae_per_atom']['std']:.2f} meV/atom, F {agg['val.force_mae']['mean']:.4f} ± "
               f"{agg['val.force_mae']['std']:.4f} eV/Å | test E {1000 * agg['test.energy_mae_per_atom']['mean']:.2f} ± "
               f"{1000 * agg['test.energy_mae_per_atom']['std']:.2f}, F {agg['test.force_mae']['mean']:.4f} ± "
-              f"{agg['test.force_mae']['std']:.4f} | {agg['train_time_s']['mean']:.0f} ± {agg['train_time_s']['std']:.0f} s")
+              f"{agg['test.force_mae']['std']:.4f} | {agg['train_time_s']['mean']:.0f} ± "
+              f"{agg['train_time_s']['std']:.0f} s")
     return {"phases": phases, "runs": res, "summary": summary}
 
 

@@ -301,7 +301,8 @@ def test_nve_md_with_the_committee_conserves_energy(tmp_path, monkeypatch):
             energies.append(self.results["energy"] + self.atoms.get_kinetic_energy())
 
     p = ActiveParams.model_validate({
-        "model": str(model_dir), "mode": "projected", "index": None, "structures": [{"kind": "vacancy", "supercell": 1}],
+        "model": str(model_dir), "mode": "projected", "index": None,
+        "structures": [{"kind": "vacancy", "supercell": 1}],
         "md": {"dynamics": "nve", "temperatures_K": [600.0], "steps_per_temperature": 20, "timestep_fs": 0.5,
                "checkpoint_every": 20}, "work_dir": "data/w", "out_dir": "data/raw"})
     st = load_or_start(tmp_path / "data/w/state.json", params_fingerprint(p, model_dir))

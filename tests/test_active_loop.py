@@ -81,7 +81,8 @@ def _params(seed_dir: Path, run_dir: Path, **active) -> Params:
     doc["active"] = doc["active"] | {
         "element": "Cu", "iterations": 2, "mode": "force", "sigma_force_eVA": 1e-4, "index": None,
         "structures": [{"kind": "bulk", "supercell": 1}, {"kind": "vacancy", "supercell": 2}],
-        "md": {"temperatures_K": [600.0, 1500.0], "steps_per_temperature": 4, "timestep_fs": 2.0, "checkpoint_every": 4},
+        "md": {"temperatures_K": [600.0, 1500.0], "steps_per_temperature": 4, "timestep_fs": 2.0,
+               "checkpoint_every": 4},
         "dedup_min_distance": 0.0, "max_batch": 3, "retries": 1, "backoff_s": 0.1, "timeout_s": 60.0,
         "out_dir": "data/raw/active", "work_dir": "data/active", "seed": 1,
         "base_data": str(seed_dir / "accepted.extxyz"), "base_quarantine": str(seed_dir / "quarantine.parquet"),
@@ -126,7 +127,8 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
     # labels: one file per iteration, each frame labelled by exactly one completed call
     labelled = [read_extxyz(run / "data/raw/active" / f"active_{i}.extxyz")[0] for i in range(2)]
     ids = [a.info["frame_id"] for fr in labelled for a in fr]
-    assert sorted(ids) == sorted(log_lines(calls, "end")) and len(set(ids)) == len(ids) == sum(h["labelled"] for h in hist)
+    assert (sorted(ids) == sorted(log_lines(calls, "end"))
+            and len(set(ids)) == len(ids) == sum(h["labelled"] for h in hist))
     corrupt = set(log_lines(calls, "corrupt"))
     assert corrupt
 
@@ -145,8 +147,10 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
     assert sum(h["curate.n_accepted_new"] + h["curate.n_quarantined_new"] for h in hist) == len(ids)
     # the campaign's index holds the new frames, queryable in SQL
     con = duckdb.connect(summary["curated"]["index"], read_only=True)
-    n = con.execute("SELECT count(*) FROM frames WHERE config_type = 'active_force' AND status = 'accepted'").fetchone()[0]
-    nq = con.execute("SELECT count(*) FROM frames WHERE frame_id IN (SELECT unnest(?))", [sorted(corrupt)]).fetchone()[0]
+    n = con.execute("SELECT count(*) FROM frames WHERE config_type = 'active_force' "
+                    "AND status = 'accepted'").fetchone()[0]
+    nq = con.execute("SELECT count(*) FROM frames WHERE frame_id IN (SELECT unnest(?))",
+                     [sorted(corrupt)]).fetchone()[0]
     con.close()
     assert n == len(new) and nq == len(corrupt)
     # the pipeline's own files were not touched
@@ -173,7 +177,8 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
     client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
     exp = client.get_experiment_by_name(p.train.experiment)
     runs = client.search_runs([exp.experiment_id], max_results=100)
-    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("mlipops.stage") == "active"]
+    parent = [r for r in runs
+              if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("mlipops.stage") == "active"]
     assert len(parent) == 1
     pid = parent[0].info.run_id
     iters = sorted([r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid], key=lambda r: r.info.run_name)
@@ -245,7 +250,8 @@ def test_a_campaign_of_other_params_is_archived_not_deleted(seed, tmp_path, monk
                            silence_logs=logging.ERROR)
     p = _params(seed, run, iterations=1, base_data=None, mlflow=False, holdout={"enabled": False},
                 md={"temperatures_K": [600.0], "steps_per_temperature": 2, "timestep_fs": 2.0, "checkpoint_every": 2})
-    p = Params.model_validate(p.model_dump(by_alias=True) | {"compute": {"scheduler_address": cluster.scheduler_address}})
+    p = Params.model_validate(p.model_dump(by_alias=True)
+                              | {"compute": {"scheduler_address": cluster.scheduler_address}})
     oracle = get_oracle("emt")
     try:
         first = run_loop(p, oracle, seed / "model", CU)

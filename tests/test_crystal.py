@@ -204,7 +204,8 @@ def test_vacancy_cell_removes_one_atom_drawn_by_the_generator():
     b = C.vacancy_cell(cr, 2, np.random.default_rng(5))
     full = C.bulk_cell(cr, 2)
     assert len(a) == len(full) - 1 == 63 and np.array_equal(a.positions, b.positions)
-    missing = [k for k in range(len(full)) if not np.isclose(np.linalg.norm(a.positions - full.positions[k], axis=1), 0).any()]
+    missing = [k for k in range(len(full))
+               if not np.isclose(np.linalg.norm(a.positions - full.positions[k], axis=1), 0).any()]
     assert len(missing) == 1
     others = {len(C.vacancy_cell(cr, 2, np.random.default_rng(s))) for s in range(3)}
     assert others == {63}

@@ -34,7 +34,8 @@ def _switch(r: torch.Tensor) -> torch.Tensor:
 
 class ToyCalculator(Calculator):
     """Morse pairs + ``three_body`` x Σ_i Σ_{j<k} f f Π_c (cos θ_jik − c)² (zero at every ideal fcc angle)
-    + ``embedding`` x Σ_i −√(Σ_j exp(−2(r_ij − 2.55)) f(r_ij)) (depends on the neighbour count, not on angles). Forces by autograd."""
+    + ``embedding`` x Σ_i −√(Σ_j exp(−2(r_ij − 2.55)) f(r_ij)) (depends on the neighbour count, not on angles).
+    Forces by autograd."""
 
     implemented_properties = ["energy", "forces"]
 
@@ -174,14 +175,17 @@ def _frame(ct, split=None, t=None, seed=0):
 
 def test_select_perfect_imperfect_held_out_and_temperature():
     frames = ([_frame("crystal", "train", seed=k) for k in range(6)] + [_frame("crystal", "val", seed=10)]
-              + [_frame("crystal", "train", t=3000.0, seed=11)] + [_frame("vacancy", "test", seed=20 + k) for k in range(40)])
-    p = DefectParams(perfect_config_types=["crystal"], imperfect_config_types=["vacancy"], perfect_max_temperature_K=500)
+              + [_frame("crystal", "train", t=3000.0, seed=11)]
+              + [_frame("vacancy", "test", seed=20 + k) for k in range(40)])
+    p = DefectParams(perfect_config_types=["crystal"], imperfect_config_types=["vacancy"],
+                     perfect_max_temperature_K=500)
     s = dx.select(frames, p)
     assert len(s.train) == 6 and len(s.val) == 1 and len(s.test) == 40 and not s.pool  # the 3000 K frame left out
     h = dx.select(frames, p.model_copy(update={"control": "held_out"}))
     assert len(h.test) + len(h.pool) == 40 and 10 <= len(h.pool) <= 30
     assert not {id(a) for a in h.test} & {id(a) for a in h.pool}
-    assert [id(a) for a in dx.select(frames, p.model_copy(update={"control": "held_out"})).pool] == [id(a) for a in h.pool]
+    assert ([id(a) for a in dx.select(frames, p.model_copy(update={"control": "held_out"})).pool]
+            == [id(a) for a in h.pool])
     nosplit = [_frame("crystal", seed=k) for k in range(30)] + [_frame("vacancy", seed=99)]
     s2 = dx.select(nosplit, p)
     assert len(s2.train) + len(s2.val) == 30 and len(s2.train) > len(s2.val)
@@ -245,7 +249,8 @@ def test_transfer_end_to_end_on_emt_copper(tmp_path):
     c = rep.control
     assert c["crystal"]["lattice"] == "fcc" and c["crystal"]["element"] == "Cu"  # resolved from the training crystals
     assert c["n_added_frames"] >= 2 and c["force_mae_atom_after"] < c["force_mae_atom_before"]
-    assert c["per_config_type"]["surface_111"]["force_mae_atom_after"] < c["per_config_type"]["surface_111"]["force_mae_atom_before"]
+    assert (c["per_config_type"]["surface_111"]["force_mae_atom_after"]
+            < c["per_config_type"]["surface_111"]["force_mae_atom_before"])
     m = dx.write_report(rep, tmp_path, "tiny")
     for f in ("summary.md", "metrics.json", "defects.json", "force_error_vs_geometry.png", "decomposition.png"):
         assert (tmp_path / f).stat().st_size > 0
@@ -355,7 +360,8 @@ def test_recipes_control_builds_the_resolved_crystal_and_refuses_an_oracle_witho
     kinds = [a.info["config_type"] for a in out]
     assert kinds == ["control_rattled_vacancy"] * 2 + ["control_slab_110", "control_slab_111"]
     assert [len(a) for a in out[:2]] == [15, 15]  # bcc 2 x 2^3 - 1
-    assert all(tuple(a.pbc) == (True, True, False) for a in out[2:]) and all(a.get_chemical_symbols()[0] == "Mo" for a in out)
+    assert (all(tuple(a.pbc) == (True, True, False) for a in out[2:])
+            and all(a.get_chemical_symbols()[0] == "Mo" for a in out))
     assert all(np.isfinite(a.get_potential_energy()) for a in out)
     # EMT has no Mo: the recipes control stops before any training, in one line naming the way out
     rng = np.random.default_rng(0)

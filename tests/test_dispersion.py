@@ -208,7 +208,8 @@ def test_no_double_counting_the_network_learns_exactly_the_short_range_part():
         a2.info.update(at.info)
         full.append(a2)
     kw = dict(hidden=[8], epochs=4, batch_size=2, dtype="float64", device="cpu", learning_rate=0.01)
-    with_d2 = fit(full[:4], full[4:], TrainParams(**kw, dispersion=DispersionParams(enabled=True)), DescriptorParams(**D))
+    with_d2 = fit(full[:4], full[4:], TrainParams(**kw, dispersion=DispersionParams(enabled=True)),
+                  DescriptorParams(**D))
     plain = fit(sr[:4], sr[4:], TrainParams(**kw), DescriptorParams(**D))
     for (k, v), w in zip(plain.model.state_dict().items(), with_d2.model.state_dict().values()):
         torch.testing.assert_close(w, v, rtol=0, atol=1e-9, msg=k)

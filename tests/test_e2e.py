@@ -21,10 +21,11 @@ from pipeline_env import pipeline_env as _env
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["generate", "ingest", "validate", "index", "train", "evaluate", "promote"]  # the main chain, in order
-METRICS = {s: f"reports/{s}/metrics.json" for s in STAGES} | {"defects": "reports/evaluate/defects/metrics.json",
-                                                              "uncertainty": "reports/evaluate/uncertainty/metrics.json",
-                                                              "melting": "reports/evaluate/melting/metrics.json",
-                                                              "nve": "reports/evaluate/nve/metrics.json"}
+METRICS = ({s: f"reports/{s}/metrics.json" for s in STAGES}
+           | {"defects": "reports/evaluate/defects/metrics.json",
+              "uncertainty": "reports/evaluate/uncertainty/metrics.json",
+              "melting": "reports/evaluate/melting/metrics.json",
+              "nve": "reports/evaluate/nve/metrics.json"})
 SIDE = {"defects", "melting_reference", "melting", "nve", "bo_scan"}  # stages off the main chain (not active)
 
 TINY = {
@@ -64,7 +65,8 @@ TINY = {
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (f"{' '.join(cmd)} failed ({res.returncode}):\n"
+                                 f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
 
 
@@ -287,7 +289,8 @@ def test_second_repro_is_noop_and_params_rerun_exactly_dependants(repo: Path):
     assert m["promoted"] == 0 and m["n_gates_failed"] == 1  # a result: the stage succeeded (dvc repro exit 0)
     tags = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}").get_run(
         json.loads((repo / "data/models/cu/run.json").read_text())["run_id"]).data.tags
-    assert tags["mlipops.promotion.decision"] == "rejected" and tags["mlipops.promotion.failed_gates"] == "val.force_mae"
+    assert (tags["mlipops.promotion.decision"] == "rejected"
+            and tags["mlipops.promotion.failed_gates"] == "val.force_mae")
     assert (repo / "registry/cu/v1/weights.pt").is_file()  # persisted, not wiped by DVC
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     assert [int(v.version) for v in client.search_model_versions("name='cu'")] == [1]

@@ -91,7 +91,8 @@ def _subset(src: Path, dst: Path, per_config_type: int) -> int:
 
 def _run(cmd, cwd):
     res = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n"
+                                 f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
 
 

@@ -133,7 +133,8 @@ def test_check_decides_as_validate(tmp_path):
     assert truth[("splits", wrong["val"])] == (False, frozenset())
     assert truth[("splits", wrong["test"])] == (False, frozenset())
     assert "examines the 'train' split only" in {
-        (Path(x["file"]).stem, int(x["frame"])): x for x in json.loads(empty.stdout)}[("splits", wrong["val"])]["reason"]
+        (Path(x["file"]).stem, int(x["frame"])): x
+        for x in json.loads(empty.stdout)}[("splits", wrong["val"])]["reason"]
 
 
 def test_check_names_a_file_ingest_cannot_read_as_ingest_does(tmp_path):
@@ -293,7 +294,8 @@ def test_a_value_holding_the_split_mark_is_kept(tmp_path, monkeypatch):
     from mlipops.params import load_params
 
     _tiny_file(tmp_path / "x.extxyz", 3)
-    text = (tmp_path / "x.extxyz").read_text().replace("config_type=dimer", 'config_type=dimer note="a split=__mlipops_split__"', 1)
+    text = (tmp_path / "x.extxyz").read_text().replace("config_type=dimer",
+                                                       'config_type=dimer note="a split=__mlipops_split__"', 1)
     (tmp_path / "x.extxyz").write_text(text)
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     p["ingest"]["sources"] = [{"path": "x.extxyz"}]
@@ -407,8 +409,8 @@ def test_outlier_test_at_scale_decides_as_in_memory(monkeypatch):
     got = outliers.detect(frames, ["Cu"], settings).frames
     assert list(got.quarantine) == list(ref.quarantine) and {5, 9} <= set(np.flatnonzero(got.quarantine))
     assert list(got.kind) == list(ref.kind)
-    for c in ("energy_cooks", "energy_t", "force_chi2", "atom_chi2"):  # QR vs SVD: rounding of a
-        np.testing.assert_allclose(got[c].astype(float), ref[c].astype(float), rtol=1e-5, err_msg=c)  # near-collinear fit
+    for c in ("energy_cooks", "energy_t", "force_chi2", "atom_chi2"):  # QR vs SVD: rounding of a near-collinear fit
+        np.testing.assert_allclose(got[c].astype(float), ref[c].astype(float), rtol=1e-5, err_msg=c)
 
 
 @pytest.mark.parametrize("spill", [False, True])

@@ -319,7 +319,8 @@ def test_progress_counts_the_calibration_steps():
 # ------------------------------------------------------------------------------ converged protocol (issue 23)
 def test_late_window_converges_on_a_plateau_and_not_on_a_ramp():
     """window_stats: a stationary correlated series passes its drift test about 95 % of the time at 2 σ (the
-    drift's error is ≈ 3.5 block errors, not one; t-distributed with few blocks: somewhat fewer pass); the same noise on a relaxation that still moves 4 K per window
+    drift's error is ≈ 3.5 block errors, not one; t-distributed with few blocks: somewhat fewer pass);
+    the same noise on a relaxation that still moves 4 K per window
     (well beyond the noise) fails it."""
     from scipy.signal import lfilter
 

@@ -179,7 +179,8 @@ def test_keep_in_train_moves_a_stable_share_to_unused_and_leaves_val_test():
         was = [b1 for a, b0, b1 in zip(frames, before, after) if b0 == split and a.info["config_type"] == "liquid"]
         assert abs(was.count(split) / len(was) - 0.25) < 0.07
     assert set(after) == {"train", "val", "test", "unused"}
-    again = [a.info["split"] for a in (assign_splits(frames, base.model_copy(update={"keep_in_train": {"liquid": 0.25}}))
+    again = [a.info["split"] for a in (assign_splits(frames,
+                                                     base.model_copy(update={"keep_in_train": {"liquid": 0.25}}))
                                        or frames)]
     assert again == after  # hashed, not random
     assign_splits(frames, base.model_copy(update={"keep_in_train": {"liquid": 0.0}}))
@@ -204,7 +205,8 @@ def test_sweep_table_and_plot(tmp_path, monkeypatch):
     pts = [melting_stage.sweep_point(f, {"tm_mean": tm, "tm_std": sd, "tm_ref": 1300.0, "bias": tm - 1300.0,
                                          "bias_estimate": est, "p_within_window": p, "liquid_coverage": cov,
                                          "n_liquid_train_frames": n, "coverage_liquid_at_tm": cov - 0.1},
-                                     {"members": [{"member": 0, "tm_mean": tm - 10}, {"member": 1, "tm_mean": tm + 10}]},
+                                     {"members": [{"member": 0, "tm_mean": tm - 10},
+                                                  {"member": 1, "tm_mean": tm + 10}]},
                                      src)
            for f, tm, sd, est, p, cov, n, src in ((1.0, 1290.0, 14.0, -8.0, 0.9, 0.97, 16, "workspace"),
                                                   (0.0, 1160.0, 60.0, -120.0, 0.05, 0.40, 0, "dvc exp liquid-keep-0"))]

@@ -98,17 +98,20 @@ def test_the_report_records_the_model_it_was_computed_for(tmp_path):
 
     torch.manual_seed(0)
     d = {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1}
-    model_dir = Ensemble([Potential(["Cu"], d, [8]) for _ in range(2)]).save(tmp_path / "cu", extra={"model_name": "cu"})
+    model_dir = Ensemble([Potential(["Cu"], d, [8]) for _ in range(2)]).save(tmp_path / "cu",
+                                                                             extra={"model_name": "cu"})
     (model_dir / "run.json").write_text(json.dumps({"run_id": "r", "data_md5": "a" * 32}))
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump({"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]},
                                  "crystal": {"element": "Cu", "lattice": "fcc", "a": 3.61},
-                                 "evaluate": {"nve": {"supercell": 1, "steps": 10, "discard_fs": 0.0, "reference": False}}}))
+                                 "evaluate": {"nve": {"supercell": 1, "steps": 10, "discard_fs": 0.0,
+                                                      "reference": False}}}))
     run(load_params(f), model_dir, out=tmp_path / "nve")
     prov = read_provenance(tmp_path / "nve")
     assert prov["stage"] == "nve" and prov["applies_to"] == "model" and prov["model_name"] == "cu"
     assert prov["model_weights_sha256"] == model_fingerprint(model_dir) and prov["data_md5"] == "a" * 32
-    assert mismatch(tmp_path / "nve", {"model_weights_sha256": model_fingerprint(model_dir), "data_md5": "a" * 32}) is None
+    assert mismatch(tmp_path / "nve", {"model_weights_sha256": model_fingerprint(model_dir),
+                                       "data_md5": "a" * 32}) is None
     assert "was computed for model sha256" in mismatch(tmp_path / "nve", {"model_weights_sha256": "b" * 64,
                                                                           "data_md5": "a" * 32})
     assert "computed for data md5" in mismatch(tmp_path / "nve", {"model_weights_sha256": model_fingerprint(model_dir),

@@ -68,7 +68,8 @@ def test_heartbeat_absolute_position_new_total_note_and_estimate_from_the_first_
     hb.update(completed=400, note="iteration 1")
     assert hb.tick()
     # rate since the first update: 100 steps / 10 s -> 500 steps left ~ 50 s (not 400 steps / 60 s)
-    assert out.getvalue().splitlines()[-1] == "active campaign (MD steps): 400/900 (44 %), 1m00s elapsed, ~50s left, iteration 1"
+    assert out.getvalue().splitlines()[-1] == ("active campaign (MD steps): 400/900 (44 %), 1m00s elapsed, "
+                                               "~50s left, iteration 1")
     hb.update(0, total=1200)  # a rerun added work
     clock.t += 10.0
     assert hb.tick()

@@ -48,7 +48,8 @@ def test_gates_max_min_and_per_config_type_patterns(tmp_path):
                                  "val.fcc.energy_mae_per_atom": 0.001, "n_nonfinite_predictions": 0},
                  melting={"p_within_window": 0.1, "tm_mean": 1300.0})
     gates = PromoteParams(gates={"val.force_mae": 0.1, "val.*.force_mae": 0.1,
-                                 "melting:p_within_window": {"min": 0.2}, "melting:tm_mean": {"min": 1200, "max": 1400}}).gates
+                                 "melting:p_within_window": {"min": 0.2},
+                                 "melting:tm_mean": {"min": 1200, "max": 1400}}).gates
     rows = _by_gate(check_gates(gates, d))
     assert rows["val.force_mae"]["passed"] and rows["val.force_mae"]["bound"] == "max"
     # the pattern matches one dotted part: one gate per config_type, the force key of each
@@ -182,7 +183,8 @@ def _project(root: Path, store: Path, registry: Path, gates: dict, seed: int, re
 
     root.mkdir(parents=True, exist_ok=True)  # a project inside another's data/ may hold the shared registry already
     (root / "params.yaml").write_text(yaml.safe_dump({
-        "ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]}, "train": {"model_name": "cu"},
+        "ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]},
+        "train": {"model_name": "cu"},
         "promote": {"registry_dir": os.path.relpath(registry, root), "gates": gates}}))
     torch.manual_seed(seed)
     members = [Potential(["Cu"], SMALL_D, [8]) for _ in range(2)]
@@ -340,7 +342,8 @@ def test_a_rejection_writes_every_output_exits_0_and_tags_the_run(tmp_path, monk
         gates = json.loads((a / "reports/promote/gates.json").read_text())
         assert sorted(g["gate"] for g in gates if not g["passed"]) == ["test.liquid.force_mae", "val.force_mae"]
         decision = (a / "reports/promote/decision.md").read_text()
-        assert "REJECTED" in decision and "failed 2 of" in decision and "tagged `mlipops.promotion.decision=rejected`" in decision
+        assert ("REJECTED" in decision and "failed 2 of" in decision
+                and "tagged `mlipops.promotion.decision=rejected`" in decision)
     assert "--strict" in r.output and "rejected" in r.output
     decision_tag, version_tag, failed_tag = _tags(store, a)
     assert (decision_tag, version_tag) == ("rejected", None)
@@ -363,7 +366,8 @@ def test_a_promotion_after_a_rejection_retags_the_run_and_keeps_the_registry(tmp
     assert _promote(a, monkeypatch)["version"] == 1
     assert _tags(store, a) == ("promoted", "1", "")
     index = json.loads((registry / "index.json").read_text())
-    (a / "params.yaml").write_text((a / "params.yaml").read_text().replace("val.force_mae: 0.1", "val.force_mae: 1.0e-09"))
+    (a / "params.yaml").write_text((a / "params.yaml").read_text().replace("val.force_mae: 0.1",
+                                                                           "val.force_mae: 1.0e-09"))
     assert _promote(a, monkeypatch)["promoted"] == 0
     assert json.loads((registry / "index.json").read_text()) == index  # the registry unchanged by a rejection
     assert _tags(store, a) == ("rejected", None, "val.force_mae")
@@ -443,8 +447,8 @@ def test_a_gate_not_applicable_is_shown_with_its_reason_and_does_not_block(tmp_p
     assert na["passed"] is None and na["bound"] == "n/a" and na["not_applicable"] == why
     assert rows["n_nonfinite_predictions"]["passed"] is True  # the always-checked gate is checked anyway
     decision = (a / "reports/promote/decision.md").read_text()
-    assert "| melting:bias_significance_excess_K | n/a | None | None | n/a | not applicable: no reference oracle for Si |" \
-        in decision
+    assert ("| melting:bias_significance_excess_K | n/a | None | None | n/a "
+            "| not applicable: no reference oracle for Si |" in decision)
     card = (registry / "cu/v1/model_card.md").read_text()
     assert "| melting:bias_significance_excess_K | n/a | None | None | n/a |" in card
     assert f"`melting:bias_significance_excess_K`: {why}" in card and "Not applicable" in card

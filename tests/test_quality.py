@@ -411,5 +411,6 @@ def test_nearest_short_lattice_vector_found_behind_long_cell_vectors():
                  cell=[[10.0, 0, 0], [10.1, 0.01, 0], [0, 0, 10.0]])
     near = _nearest(skew, 3.0)
     assert np.allclose(near, np.hypot(0.1, 0.01))
-    ordinary = Atoms("Cu4", positions=[[0, 0, 0], [0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]], cell=[3.6] * 3, pbc=True)
+    ordinary = Atoms("Cu4", positions=[[0, 0, 0], [0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]], cell=[3.6] * 3,
+                     pbc=True)
     assert np.allclose(_nearest(ordinary, 3.0), 3.6 / np.sqrt(2))

@@ -156,9 +156,11 @@ def test_experiment_page_and_compare_view_show_both_runs(project, server, browse
     names = [r.info.run_name for r in parents]
     assert len(set(names)) == 2 and all(n.startswith("cu-ensemble-") for n in names)  # told apart by name
     members = client.search_runs([exp.experiment_id], "tags.member != 'ensemble'")
-    assert len(members) == 4 and {r.data.tags["mlflow.parentRunId"] for r in members} == {r.info.run_id for r in parents}
+    assert len(members) == 4 and ({r.data.tags["mlflow.parentRunId"] for r in members}
+                                  == {r.info.run_id for r in parents})
     # the same metric names on both runs (the compare view lines them up)
-    assert set(parents[0].data.metrics) == set(parents[1].data.metrics) >= {"final_val_force_mae", "final_train_energy_mae_per_atom"}
+    assert set(parents[0].data.metrics) == set(parents[1].data.metrics) >= {"final_val_force_mae",
+                                                                            "final_train_energy_mae_per_atom"}
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")}
     assert {"plots/learning_curve.png", "plots/parity_forces.png"} <= arts
 

@@ -98,7 +98,8 @@ def test_calculator_applies_the_stored_scale(ensemble_and_frames, tmp_path):
     b = frames[0].copy()
     b.calc = MlipopsCalculator(tmp_path / "m")
     assert np.allclose(b.get_forces(), raw[0])
-    assert np.allclose(b.calc.results["forces_std"], 3.0 * raw[1]) and b.calc.results["energy_std"] == pytest.approx(2.0 * raw[2])
+    assert (np.allclose(b.calc.results["forces_std"], 3.0 * raw[1])
+            and b.calc.results["energy_std"] == pytest.approx(2.0 * raw[2]))
     assert b.calc.sigma_scale == {"energy": 2.0, "forces": 3.0}
     (tmp_path / "m/uncertainty.json").write_text("{not json")
     from mlipops.errors import MlipopsError

@@ -300,7 +300,8 @@ def active_run(params: Path = ParamsOpt,
           | {v: (round(last[k], 5) if isinstance(last[k], float) else last[k]) for k, v in keep.items() if k in last})
 
 
-registry_app = typer.Typer(no_args_is_help=True, help="The model registry (registry/index.json, MLflow Model Registry).")
+registry_app = typer.Typer(no_args_is_help=True,
+                           help="The model registry (registry/index.json, MLflow Model Registry).")
 app.add_typer(registry_app, name="registry")
 RegistryOpt = typer.Option(None, "--registry", help="registry folder (default: promote.registry_dir of params.yaml)")
 
@@ -330,7 +331,8 @@ def registry_show(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NA
 
 @registry_app.command("load")
 def registry_load(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NAME (= NAME@champion)"),
-                  structure: Path = typer.Option(None, "--structure", "-s", help="structures to evaluate (extxyz, ASE db, mlearn json)"),
+                  structure: Path = typer.Option(None, "--structure", "-s",
+                                                 help="structures to evaluate (extxyz, ASE db, mlearn json)"),
                   registry: Path = RegistryOpt, params: Path = ParamsOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt):
     """Load a registered model (weights_only torch.load + JSON config: no code is executed; a Δ-learning
     baseline only among the built-ins or the one params.yaml names) and, with --structure, print its
@@ -493,7 +495,8 @@ app.add_typer(example_app, name="example")
 
 @example_app.command("sync")
 def example_sync(check: bool = typer.Option(False, "--check", help="only report stale files (exit 1)"),
-                 root: Path = typer.Option(Path("."), help="the project root (holds params.yaml, dvc.yaml, examples/)")):
+                 root: Path = typer.Option(Path("."),
+                                           help="the project root (holds params.yaml, dvc.yaml, examples/)")):
     """Write each example's params.yaml and dvc.yaml from its example.yaml and the project's files."""
     from mlipops import examples
 

@@ -510,7 +510,8 @@ _STR_TO_BOOL = {"T": True, "F": False, "true": True, "false": False, "True": Tru
 
 
 _INT_TOKEN = re.compile(r"[+-]?[0-9]{1,18}")
-_FLOAT_TOKEN = re.compile(r"[+-]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+)")  # a point or an exponent
+# a point or an exponent
+_FLOAT_TOKEN = re.compile(r"[+-]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+)")
 _NUMBER_CHARS = frozenset("0123456789+-.eE_")
 
 

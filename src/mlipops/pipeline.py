@@ -82,7 +82,8 @@ def _p(*paths: Path | str) -> tuple[str, ...]:
 class Stage:
     """One DVC stage: ``cmd`` (an ``mlipops`` command), the data it reads (``reads``), its params keys, and what
     it writes: ``outs`` (cached by DVC), ``persist`` (cached outs DVC keeps in place while the stage runs),
-    ``reports`` (outs with ``cache: false``), ``metrics`` and ``plots`` (uncached). Its code deps are not declared: they are its command's import closure (test_dvc_contract)."""
+    ``reports`` (outs with ``cache: false``), ``metrics`` and ``plots`` (uncached). Its code deps are not
+    declared: they are its command's import closure (tests/test_dvc_contract.py)."""
 
     cmd: str
     params: tuple[str, ...]

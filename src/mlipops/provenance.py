@@ -81,7 +81,8 @@ def mismatch(report_dir: str | Path, expected: dict) -> str | None:
     if prov is None:
         return (f"report {report_dir} has no {FILE}: it cannot be shown to be of the promoted model "
                 "(rerun its stage)")
-    if prov.get("applies_to", "model") == "model" and prov.get("model_weights_sha256") != expected["model_weights_sha256"]:
+    if (prov.get("applies_to", "model") == "model"
+            and prov.get("model_weights_sha256") != expected["model_weights_sha256"]):
         return (f"report {report_dir} was computed for model sha256 {_short(prov.get('model_weights_sha256'))} "
                 f"({prov.get('model_name')}) but the promoted model is {_short(expected['model_weights_sha256'])} "
                 f"({expected.get('model_name')})")

@@ -112,7 +112,8 @@ class Heartbeat:
     the position (start-up, and work done before a resume, do not count)."""
 
     def __init__(self, description: str, total: int, stream, interval_s: float, clock=time.monotonic):
-        self.description, self.total, self.stream, self.interval_s, self.clock = description, total, stream, interval_s, clock
+        self.description, self.total, self.stream, self.interval_s, self.clock = (description, total, stream,
+                                                                                   interval_s, clock)
         self.completed, self.note = 0, ""
         self.t0 = self.last = None
         self.ref = None  # (time, completed) just after the first update that moved the position

@@ -137,7 +137,8 @@ def label_batch(frames: Sequence[Atoms], oracle, client, *, retries: int = 2, ba
         if todo and len(active) < slots:
             wake = min(wake, todo[0][0])
         try:
-            finished = wait(list(active), timeout=max(0.01, wake - time.monotonic()), return_when="FIRST_COMPLETED").done
+            finished = wait(list(active), timeout=max(0.01, wake - time.monotonic()),
+                            return_when="FIRST_COMPLETED").done
         except TimeoutError:  # distributed.wait raises when nothing finished in time
             finished = set()
         now = time.monotonic()

@@ -87,7 +87,8 @@ def generate(p: ActiveHoldoutParams, crystal: Crystal, oracle) -> list[Atoms]:
     return frames
 
 
-def load_or_generate(p: ActiveHoldoutParams, crystal: Crystal, oracle, work_dir: str | Path) -> tuple[list[Atoms], Path]:
+def load_or_generate(p: ActiveHoldoutParams, crystal: Crystal, oracle,
+                     work_dir: str | Path) -> tuple[list[Atoms], Path]:
     """The campaign's held-out frames: ``p.file`` when given, else ``<work_dir>/holdout.extxyz``,
     generated when missing or made with other settings (its fingerprint is in ``holdout.json``)."""
     if p.file:

@@ -372,7 +372,8 @@ class _Tracker:
         self.tags = {"mlipops.stage": "active", "mlipops.model_name": t.model_name, "git.commit": tracking.git_commit(),
                      "mlipops.active_fingerprint": fingerprint, "active.mode": params.active.mode}
         if not st.mlflow.get("parent_run_id"):
-            r = self.client.create_run(self.exp, run_name=f"active-{t.model_name}-{params.active.mode}-{fingerprint[:8]}",
+            r = self.client.create_run(self.exp,
+                                       run_name=f"active-{t.model_name}-{params.active.mode}-{fingerprint[:8]}",
                                        tags=self.tags | {"seed_model": str(model_dir)})
             self._params(r.info.run_id, {f"active.{k}": v for k, v in flatten(params.active).items()})
             st.mlflow["parent_run_id"] = r.info.run_id
@@ -524,7 +525,8 @@ def run_loop(params: Params, oracle, model_dir: str | Path, crystal: Crystal, pr
             _train_phase(params, st, seed_model, work_dir, ml)
         row = {"iteration": st.iteration, "md_steps": st.md_steps_total, "triggers": st.n_candidates,
                "selected": len(st.selected), **st.info, **trigger_summary(st.md_stats),
-               **_score(p, holdout_frames, st.model_dir or seed_model, trusted), "model": st.model_dir or str(seed_model)}
+               **_score(p, holdout_frames, st.model_dir or seed_model, trusted),
+               "model": st.model_dir or str(seed_model)}
         if ml:
             ml.log_iteration(st, row)
         st.history.append(row)

@@ -23,7 +23,8 @@ from mlipops.params import DescriptorParams, Params, TrainParams
 from mlipops.paths import safe_remove
 
 
-def warm_start_settings(model_dir: str | Path, p: Params) -> tuple[TrainParams, DescriptorParams, list[str], list[dict]]:
+def warm_start_settings(model_dir: str | Path,
+                        p: Params) -> tuple[TrainParams, DescriptorParams, list[str], list[dict]]:
     """(train params, descriptor params, species, per-member state dicts) to continue training the
     model in ``model_dir``. Raises :class:`StageInputError` when params.yaml's baseline or dispersion
     term differs from the model's (the warm start would learn another target)."""

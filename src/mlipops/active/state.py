@@ -1,7 +1,8 @@
 """The active-learning loop's persisted state: one JSON file, rewritten atomically after every step.
 
 Fields: ``params_fingerprint`` (a state written with other params is refused), ``iteration``,
-``phase`` of the iteration (``md`` → ``label`` → ``curate`` → ``train`` → ``score`` → next iteration), MD progress (``md_run`` index of the
+``phase`` of the iteration (``md`` → ``label`` → ``curate`` → ``train`` → ``score`` → next iteration),
+MD progress (``md_run`` index of the
 structure, ``md_step`` within it, ``md_snapshot`` extxyz with positions and momenta, ``md_rng`` the
 Langevin generator's state, ``candidates`` file and count, ``md_stats`` running sums and maxima of
 σ_proj and max σ_F), ``selected`` (frame ids, in order, and the

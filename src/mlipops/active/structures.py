@@ -26,6 +26,7 @@ def build_structure(s: ActiveStructure, crystal: Crystal) -> Atoms:
             if s.kind == "vacancy":
                 del a[0]
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise ParamsError(f"cannot build {s.kind} {cr.lattice} {cr.element}: {exc}", field="active.structures") from None
+        raise ParamsError(f"cannot build {s.kind} {cr.lattice} {cr.element}: {exc}",
+                          field="active.structures") from None
     a.info = {"structure": s.kind}
     return a

@@ -4,7 +4,8 @@ The experiment (``mlipops evaluate defects``, the ``defects`` stage):
 
 1. **Perfect-only model.** A single potential (the ``train`` params' architecture, ``evaluate.defects.epochs``
    epochs) is trained on the perfect crystals only: the ``perfect_config_types`` of the train split
-   (for the embedded copper: fcc, bcc, sc, diamond, hcp; for DFT data e.g. its elastic and AIMD cells), optionally below a
+   (for the embedded copper: fcc, bcc, sc, diamond, hcp; for DFT data e.g. its elastic and AIMD cells),
+   optionally below a
    temperature. A convex hull of its training atoms in descriptor space (the index's method,
    :mod:`mlipops.index.hull`) gives every test atom its extrapolation grade γ.
 2. **Imperfect test.** It predicts the ``imperfect_config_types`` (vacancies, slabs, adatoms). Per atom:
@@ -21,7 +22,8 @@ The experiment (``mlipops evaluate defects``, the ``defects`` stage):
    relative to the perfect crystals' validation error, the dominant factor and the share of its atoms
    outside the training hull; config_types whose error is elevated are recommended, with the recipe that
    supplies what is missing: ``high_temperature_md`` (the liquid recipe) for frames hotter than any training
-   crystal (judged as their own group, ``<config_type>_hot``), else ``rattled_vacancy`` (bulk-like atoms missing a neighbour,
+   crystal (judged as their own group, ``<config_type>_hot``),
+   else ``rattled_vacancy`` (bulk-like atoms missing a neighbour,
    with distorted bond angles) or ``slab`` (surface-like atoms: a side of their neighbour sphere missing), from the
    worst quarter of its atoms' *vacancy equivalents* (:func:`neighbour_asymmetry`). The first shell alone
    cannot tell the two apart for every lattice (a diamond atom next to a vacancy and a diamond (111) surface
@@ -191,7 +193,8 @@ def vacancy_asymmetry(frames: list[Atoms], cutoff: float) -> float:
 
 
 def atom_table(frames: list[Atoms], e_pred: np.ndarray, f_pred: list[np.ndarray], hull, coordination_cutoff: float,
-               z_full: int, t_hot: float = float("inf"), vacancy_ref: float = float("nan")) -> tuple[pd.DataFrame, pd.DataFrame]:
+               z_full: int, t_hot: float = float("inf"),
+               vacancy_ref: float = float("nan")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-atom (force error, z, z deficit from the training crystals' bulk z and as a fraction of it, angle
     deviation, neighbours within the descriptor cutoff, their asymmetry and vacancy equivalents (asymmetry /
     ``vacancy_ref``, :func:`vacancy_asymmetry`), γ) and per-frame (energy error, means) tables."""
@@ -309,8 +312,10 @@ def diagnose(at: pd.DataFrame, fr: pd.DataFrame) -> dict[str, dict]:
              "energy_mae_per_atom": float(f.energy_error_per_atom.mean()),
              "fraction_outside_hull": float(1.0 - a.inside_hull.mean()),
              "fraction_outside_hull_worst_quarter": float(1.0 - a.inside_hull[worst].mean()),
-             "force_error_inside_hull": float(a.force_error[a.inside_hull].mean()) if a.inside_hull.any() else float("nan"),
-             "force_error_outside_hull": float(a.force_error[~a.inside_hull].mean()) if (~a.inside_hull).any() else float("nan"),
+             "force_error_inside_hull": (float(a.force_error[a.inside_hull].mean()) if a.inside_hull.any()
+                                         else float("nan")),
+             "force_error_outside_hull": (float(a.force_error[~a.inside_hull].mean()) if (~a.inside_hull).any()
+                                          else float("nan")),
              "spearman_force_error_gamma": spearman(np.where(np.isinf(a.gamma), 1e300, a.gamma), a.force_error),
              "mean_z": float(a.z.mean()), "mean_angle_deviation": float(a.angle_deviation.mean()),
              "worst_quarter_median_z_deficit": float(np.nanmedian(a.z_deficit[worst])) if worst.any() else float("nan"),
@@ -385,7 +390,8 @@ def conclusion(diag: dict[str, dict], perfect_force_mae: float, recs: list[dict]
         dom = dominant(d)
         lines.append(
             f"**{ct}**: force error {d['force_mae_atom']:.3f} eV/Å per atom "
-            f"({d['force_mae_atom'] / perfect_force_mae:.1f}x the perfect crystals'), energy {1000 * d['energy_mae_per_atom']:.1f} meV/atom. "
+            f"({d['force_mae_atom'] / perfect_force_mae:.1f}x the perfect crystals'), energy "
+            f"{1000 * d['energy_mae_per_atom']:.1f} meV/atom. "
             f"Bond-angle deviation explains {_pct(at.get('share_angle'))} of the force-error variance, coordination "
             f"{_pct(at.get('share_z'))} (together {_pct(at.get('r2_full'))}); "
             f"{_pct(d['fraction_outside_hull'])} of its atoms lie outside the training hull "
@@ -393,10 +399,12 @@ def conclusion(diag: dict[str, dict], perfect_force_mae: float, recs: list[dict]
             + (" The error comes mainly from " + {
                 "angle": "angular distortion the perfect crystals never showed.",
                 "z": "coordination numbers between or below those seen.",
-                "outer_shells": "neighbours missing beyond the first shell (a surface or vacancy within the cutoff)."}[dom]
+                "outer_shells": "neighbours missing beyond the first shell "
+                                "(a surface or vacancy within the cutoff)."}[dom]
                if dom else "")
             + (f" Another {_pct(at['r2_gain_beyond_first_shell'])} is explained by the number of neighbours within the "
-               "descriptor cutoff: atoms whose first shell is complete but whose outer shells are cut by a surface or vacancy."
+               "descriptor cutoff: "
+               "atoms whose first shell is complete but whose outer shells are cut by a surface or vacancy."
                if at.get("r2_gain_beyond_first_shell", 0) >= 0.1 else ""))
     a = diag["all"]
     lines.append(
@@ -545,7 +553,8 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
     crystal = None
     if p.control == "recipes":
         if g is None:
-            raise MlipopsError("control: recipes needs the generate params (element, oracle)", field="evaluate.defects.control")
+            raise MlipopsError("control: recipes needs the generate params (element, oracle)",
+                               field="evaluate.defects.control")
         crystal = resolve(cp or CrystalParams(), (a for a in frames if str(a.info.get("split", "train")) == "train"))
         control_oracle(g, crystal)  # fail now, not after training
     species = species_of(s.train + s.val + s.test + s.pool)
@@ -586,7 +595,8 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
                     "added_config_types": sorted({group_of(a, t_hot) for a in added}),
                     "perfect_val_force_mae_atom_after": _perfect_force_mae(model2, s.val or s.train),
                     "per_config_type": {ct: {
-                        "force_mae_atom_before": diag[ct]["force_mae_atom"], "force_mae_atom_after": diag2[ct]["force_mae_atom"],
+                        "force_mae_atom_before": diag[ct]["force_mae_atom"],
+                        "force_mae_atom_after": diag2[ct]["force_mae_atom"],
                         "energy_mae_per_atom_before": diag[ct]["energy_mae_per_atom"],
                         "energy_mae_per_atom_after": diag2[ct]["energy_mae_per_atom"],
                         "fraction_outside_hull_before": diag[ct]["fraction_outside_hull"],
@@ -598,7 +608,8 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
                     "energy_mae_per_atom_after": a_["energy_mae_per_atom"],
                     "energy_error_drop": 1.0 - a_["energy_mae_per_atom"] / b["energy_mae_per_atom"]
                     if b["energy_mae_per_atom"] > 0 else float("nan")}
-        words.append(f"**Control**: retrained with {len(added)} added frames ({', '.join(control['added_config_types'])}): "
+        words.append(f"**Control**: retrained with {len(added)} added frames "
+                     f"({', '.join(control['added_config_types'])}): "
                      f"imperfect force error {b['force_mae_atom']:.3f} → {a_['force_mae_atom']:.3f} eV/Å "
                      f"({_pct(control['force_error_drop'])} lower), energy {1000 * b['energy_mae_per_atom']:.1f} → "
                      f"{1000 * a_['energy_mae_per_atom']:.1f} meV/atom; atoms outside the hull "
@@ -700,7 +711,8 @@ def write_report(rep: DefectReport, out_dir: Path, title: str) -> dict:
         extra += ["## Control", md_table(("config_type", "|ΔF| before", "|ΔF| after", "E before (meV/atom)",
                                           "E after (meV/atom)", "outside hull before", "after"),
                                          [(ct, v["force_mae_atom_before"], v["force_mae_atom_after"],
-                                           1000 * v["energy_mae_per_atom_before"], 1000 * v["energy_mae_per_atom_after"],
+                                           1000 * v["energy_mae_per_atom_before"],
+                                           1000 * v["energy_mae_per_atom_after"],
                                            v["fraction_outside_hull_before"], v["fraction_outside_hull_after"])
                                           for ct, v in pc.items()])]
     extra += ["![force error vs geometry](force_error_vs_geometry.png)", "![decomposition](decomposition.png)"]

@@ -28,7 +28,8 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    equipartition moves half of that kinetic energy into potential energy within a phonon period.
 3. **Equilibrate** (``equilibration_steps``): NPH with ASE's ``Inhomogeneous_NPTBerendsen`` (the three cell
    lengths relax independently to zero stress, time constant ``taup_fs``, acting once per ``sample_interval``
-   steps with that many steps, :func:`sparse_berendsen`; its thermostat is switched off with taut = 10¹² fs). The liquid carries no shear, so this sets the solid's lateral lattice constant at the
+   steps with that many steps, :func:`sparse_berendsen`; its thermostat is switched off with taut = 10¹² fs).
+   The liquid carries no shear, so this sets the solid's lateral lattice constant at the
    coexistence temperature and the z length at zero pressure: the guesses of item 2 need not be exact, but a
    liquid start far from its density can freeze or melt the cell before the barostat has caught up (item 2).
 4. **Production** (``production_steps``): NVE (velocity Verlet; default) in the equilibrated cell, or NPH with the
@@ -92,7 +93,8 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    [f_min, 1 − f_min] (``min_phase_fraction``). Otherwise it is rejected with its reason and rerun (new random
    stream) from shifted start temperatures (:func:`next_attempt`): fully melted → ``t_solid`` and ``t_liquid``
    both lowered by ``retry_step_K`` (default 11.5 % of t_guess; too much energy), fully crystallised → raised;
-   the step halves when the direction flips. The energy balance (3k_B/2)(T_s + T_l) + L/2 = 3k_B Tm + (1 − f)L shows why the defaults
+   the step halves when the direction flips.
+   The energy balance (3k_B/2)(T_s + T_l) + L/2 = 3k_B Tm + (1 − f)L shows why the defaults
    T_s = 0.8 t_guess, T_l = 1.2 t_guess end near f = 1/2 when t_guess ≈ Tm, and that a shift δ of both moves
    f by 3k_B δ/L ≈ δ/500 K for copper (L ≈ 0.13 eV/atom).
    **Bracketing starts.** Every seed runs twice (:data:`STARTS`): both start temperatures shifted by
@@ -860,7 +862,8 @@ def seed_result(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp
 def summarize(runs: Sequence[CoexistenceRun], agree_sigma: float = 2.0, dtm_dp: float | None = None,
               require_agreement: bool = True) -> dict:
     """Statistics over the accepted seeds (see :func:`melting_point`): the runs are grouped by seed
-    (:func:`seed_result`; with ``dtm_dp`` (K/GPa) each run's Tm shifted to P = 0 first), then tm_mean, tm_std (ddof 1) and tm_stderr = sqrt((tm_std² + mean err_k²)/n) over
+    (:func:`seed_result`; with ``dtm_dp`` (K/GPa) each run's Tm shifted to P = 0 first),
+    then tm_mean, tm_std (ddof 1) and tm_stderr = sqrt((tm_std² + mean err_k²)/n) over
     the n accepted seeds (NaN when none). ``n_accepted`` / ``n_rejected`` count seeds, ``gaussians``
     [(tm_k, err_k)] the accepted seeds, ``seeds`` every seed's result, ``runs`` every run (``summary()``)."""
     groups: dict[int, list[CoexistenceRun]] = {}

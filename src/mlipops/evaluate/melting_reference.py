@@ -154,7 +154,8 @@ def run_many(specs: list[dict], compute) -> list[CoexistenceRun]:
 # ------------------------------------------------------------------------------------------ reference
 def _run_json(r: CoexistenceRun) -> dict:
     """A run as JSON, traces included (for plots made by the later stage)."""
-    return r.summary() | {"times_fs": np.asarray(r.times_fs).tolist(), "temperatures": np.asarray(r.temperatures).tolist(),
+    return r.summary() | {"times_fs": np.asarray(r.times_fs).tolist(),
+                          "temperatures": np.asarray(r.temperatures).tolist(),
                           "solid_fraction": np.asarray(r.solid_fraction).tolist(),
                           "production_start_fs": r.production_start_fs}
 

@@ -97,7 +97,8 @@ def liquid_coverage(index_path: Path, config_type: str = "liquid") -> dict:
                "AND status = 'accepted'", index_path)
     inside = df.inside.iloc[0]
     return {"liquid_coverage": None if inside is None or (isinstance(inside, float) and math.isnan(inside))
-            else float(inside), "n_liquid_atoms_assessed": int(df.n.iloc[0]), "n_liquid_train_frames": int(nt.n.iloc[0])}
+            else float(inside), "n_liquid_atoms_assessed": int(df.n.iloc[0]),
+            "n_liquid_train_frames": int(nt.n.iloc[0])}
 
 
 def snapshot_coverage(frames: list[Atoms], index_path: Path) -> dict:
@@ -204,12 +205,14 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     if own is not None:
         result["model_phases"] = own
     result["pressure"]["applied"] = dtm_dp is not None
-    if (ref.get("pressure") or {}).get("correction_K") is not None and result["pressure"].get("correction_K") is not None:
+    if ((ref.get("pressure") or {}).get("correction_K") is not None
+            and result["pressure"].get("correction_K") is not None):
         result["pressure"]["bias_correction_K"] = result["pressure"]["correction_K"] - ref["pressure"]["correction_K"]
     result |= liquid_coverage(index_path, m.sweep.config_type) | snapshot_coverage(frames, index_path)
     result |= {"model": model_name, "preset": m.preset, "settings": s.__dict__, "members": per_member,
                "finite_size": preset.finite_size.model_dump() if preset.finite_size is not None else None,
-               "reference": {k: ref.get(k) for k in ("available", "given", "source", "reason", "phases_reason", "oracle",
+               "reference": {k: ref.get(k) for k in ("available", "given", "source", "reason", "phases_reason",
+                                                    "oracle",
                                                     "tm_mean", "tm_std", "tm_stderr", "n_accepted", "n_rejected",
                                                     "phases", "preset", "element", "lattice")},
                "wall_s": round(time.perf_counter() - t0, 1)}
@@ -229,7 +232,8 @@ def member_stats(member: int, runs: list[CoexistenceRun], ref: dict, agree_sigma
     """A member's Tm and statistical error. Two or more accepted seeds: :func:`summarize` (their scatter and the
     block errors). One: its block error combined with the reference's seed-to-seed scatter (same cell, same
     protocol; one run's block error alone misses the scatter between seeds, see the melting module doc)."""
-    out = {"member": member, **_stats(summarize(runs, agree_sigma, dtm_dp, require_agreement)), "runs": [r.summary() for r in runs]}
+    out = {"member": member, **_stats(summarize(runs, agree_sigma, dtm_dp, require_agreement)),
+           "runs": [r.summary() for r in runs]}
     scatter = ref.get("tm_std") if ref.get("available") and (ref.get("n_accepted") or 0) >= 2 else None
     if out["n_accepted"] == 1 and scatter is not None:
         out["tm_stderr"] = float(math.hypot(out["tm_stderr"], scatter))
@@ -282,7 +286,8 @@ def bias_significance(bias: float, tms: np.ndarray, errs: np.ndarray, ref_err: f
     σ² = se_ens² + se_ref². Both errors are estimated from few runs (the quick preset's reference from 2 seeds:
     one degree of freedom; its se varied 12–41 K between otherwise equal runs), so 2σ is no 95 % bound: the
     bound is Student's t quantile t₀.₉₇₅(ν) · σ with the Welch–Satterthwaite ν = σ⁴ / (se_ens⁴/(n−1) +
-    se_ref⁴/(n_ref−1)) (the floored se_ens has the errors' n_ref − 1). ``bias_significance_excess_K`` = |bias| − max(window, t·σ): positive only when the bias
+    se_ref⁴/(n_ref−1)) (the floored se_ens has the errors' n_ref − 1).
+    ``bias_significance_excess_K`` = |bias| − max(window, t·σ): positive only when the bias
     exceeds both the window and its 95 % bound (the promotion gate: ≤ 0). Unlike P(|Tm − Tm_ref| ≤ window),
     whose quick-preset noise is of the order of any useful threshold, it does not flip on a bias within the
     measurement's error; the price is honesty about what few runs can resolve (``bias_bound_K``)."""
@@ -309,7 +314,8 @@ def bias_significance(bias: float, tms: np.ndarray, errs: np.ndarray, ref_err: f
 
 def flat_metrics(result: dict) -> dict:
     keys = ("tm_mean", "tm_std", "noise_std", "model_spread", "tm_ref", "tm_ref_stderr", "bias", "bias_estimate",
-            "p_within_window", "window_K", "tm_se_ensemble", "bias_combined_se", "bias_dof", "bias_t_factor", "bias_bound_K", "abs_bias",
+            "p_within_window", "window_K", "tm_se_ensemble", "bias_combined_se", "bias_dof", "bias_t_factor",
+            "bias_bound_K", "abs_bias",
             "bias_significance_excess_K",
             "n_members_accepted", "liquid_coverage", "n_liquid_train_frames", "coverage_solid_at_tm",
             "coverage_liquid_at_tm", "coverage_test_atoms", "wall_s")
@@ -362,7 +368,8 @@ def plot_distribution(result: dict, path: Path) -> Path:
                     f"{ok[i]['tm_stderr']:.0f} K")
         ax.plot(x, total, color="k", lw=1.6, label="combined")
         if tm_ref is not None:
-            ax.axvline(tm_ref, color="crimson", lw=1.5, label=f"reference {tm_ref:.0f} ± {result['tm_ref_stderr']:.0f} K")
+            ax.axvline(tm_ref, color="crimson", lw=1.5,
+                       label=f"reference {tm_ref:.0f} ± {result['tm_ref_stderr']:.0f} K")
             ax.axvspan(tm_ref - w, tm_ref + w, color="crimson", alpha=0.12,
                        label=f"±{w:g} K: P = {result['p_within_window']:.2f}" if result.get("p_within_window")
                        is not None else f"±{w:g} K")
@@ -543,15 +550,18 @@ def write_report(result: dict, runs: list[CoexistenceRun], specs: list[dict], re
     s = result["settings"]
     write_markdown(REPORT_DIR / "summary.md", f"Melting point of `{result['model']}` (solid–liquid coexistence)", [
         *result["conclusion"],
-        f"Preset `{result['preset']}`: {s['supercell'][0]}×{s['supercell'][1]}×{s['supercell'][2]} {s['lattice']} cells "
+        f"Preset `{result['preset']}`: "
+        f"{s['supercell'][0]}×{s['supercell'][1]}×{s['supercell'][2]} {s['lattice']} cells "
         f"({runs[0].n_atoms if runs and runs[0].n_atoms else '?'} atoms), {s['timestep_fs']:g} fs steps: melt "
-        f"{s['melt_steps']}, NPH {s['equilibration_steps']}, {s['ensemble'].upper()} production {s['production_steps']} "
+        f"{s['melt_steps']}, NPH {s['equilibration_steps']}, "
+        f"{s['ensemble'].upper()} production {s['production_steps']} "
         f"(extended to at most {s['max_production_steps'] or 2 * s['production_steps']} while the late window drifts). "
         f"Tm is the mean T over the last {100 * s['window_fraction']:.0f} % of production; a run counts only when "
         f"that window's drift is within {s['drift_sigma']:g} x its error ({sum(1 for r in runs if r.converged)}/"
         f"{len(runs)} member runs converged) and both phases remain (solid fraction by {threshold_text(runs, s)}, "
         f"in [{s['min_phase_fraction']}, {1 - s['min_phase_fraction']:.2f}] at the end). Every seed runs twice, from "
-        f"start temperatures {s['start_offset'] * s['t_guess']:g} K above and below the guess; it is accepted when both runs "
+        f"start temperatures {s['start_offset'] * s['t_guess']:g} K above and below the guess; "
+        "it is accepted when both runs "
         f"count and agree within {s['agree_sigma']:g} x their combined error, and its Tm is their mean"
         + ("." if s.get("require_agreement", True) else
            f" (this preset keeps starts that disagree as a bracket, half the gap in the error: "
@@ -573,7 +583,8 @@ def _git(*args: str) -> str:
 
     r = subprocess.run(["git", *args], capture_output=True, text=True)
     if r.returncode:
-        raise MlipopsError(f"git {' '.join(args)} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        raise MlipopsError(f"git {' '.join(args)} failed: "
+                           f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     return r.stdout
 
 
@@ -675,12 +686,14 @@ def write_sweep(out: dict) -> None:
     fig.tight_layout()
     fig.savefig(SWEEP_DIR / "sweep.png", dpi=110)
     plt.close(fig)
-    rows = [(q["fraction"], q.get("n_liquid_train_frames"), _fmt(q.get("liquid_coverage") and 100 * q["liquid_coverage"]),
+    rows = [(q["fraction"], q.get("n_liquid_train_frames"),
+             _fmt(q.get("liquid_coverage") and 100 * q["liquid_coverage"]),
              _fmt(q.get("coverage_liquid_at_tm") and 100 * q["coverage_liquid_at_tm"]),
              f"{_fmt(q.get('tm_mean'))} ± {_fmt(q.get('tm_std'))}", _fmt(q.get("bias")), _fmt(q.get("bias_estimate")),
              _fmt(q.get("p_within_window"), 2), q["source"]) for q in pts]
     write_markdown(SWEEP_DIR / "sweep.md", f"Melting point against {out['config_type']} coverage", [
-        f"Each row trains the ensemble with `{out['param']}` = fraction of its training and validation frames kept (the rest "
+        f"Each row trains the ensemble with `{out['param']}` = "
+        "fraction of its training and validation frames kept (the rest "
         "become split `unused`), then runs the coexistence melting point for every member. Coverage from the "
         "index: the share of the liquid test atoms inside the training hull; at Tm: the share of "
         "the reference's liquid snapshots at Tm_ref inside it.",

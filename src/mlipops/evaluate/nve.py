@@ -36,7 +36,8 @@ from mlipops.errors import MlipopsError, StageInputError
 from mlipops.oracles import get_oracle, require_element
 from mlipops.params import Params
 from mlipops.report import progress, write_markdown, write_metrics
-from mlipops.pipeline import ACCEPTED as DATA, MODELS_DIR, NVE_REPORTS as REPORT_DIR  # DATA: its train split gives the crystal
+# DATA: the curated data whose training split gives the crystal
+from mlipops.pipeline import ACCEPTED as DATA, MODELS_DIR, NVE_REPORTS as REPORT_DIR
 
 
 
@@ -182,7 +183,8 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR, data: 
         traces = {"model": nve_trace(atoms, model, q.temperature_K, q.timestep_fs, q.steps, q.seed, advance)}
     if oracle is not None:
         with progress("NVE MD of the reference (steps)", q.steps) as advance:
-            traces["reference"] = nve_trace(atoms, oracle.calculator(), q.temperature_K, q.timestep_fs, q.steps, q.seed, advance)
+            traces["reference"] = nve_trace(atoms, oracle.calculator(), q.temperature_K, q.timestep_fs, q.steps, q.seed,
+                                            advance)
     stats = {k: drift(tr, q.discard_fs) for k, tr in traces.items()}
     out.mkdir(parents=True, exist_ok=True)
     _plot(traces, out / "energy.png", q.discard_fs)
@@ -195,7 +197,8 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR, data: 
                "model_ms_per_step": 1e3 * traces["model"]["wall_s"] / max(traces["model"]["n_steps_done"], 1)}
     if "reference" in stats:
         r = stats["reference"]
-        metrics |= {"reference.energy_drift_meV_per_atom_per_ps": r["drift"], "reference.energy_rms_meV_per_atom": r["rms"],
+        metrics |= {"reference.energy_drift_meV_per_atom_per_ps": r["drift"],
+                    "reference.energy_rms_meV_per_atom": r["rms"],
                     "reference.mean_temperature_K": r["mean_temperature"]}
     metrics["wall_s"] = round(time.perf_counter() - t0, 2)
     write_metrics(out, metrics)
@@ -210,7 +213,8 @@ def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR, data: 
                + (f" against {stats['reference']['drift']:+.3g} for the reference at the same time step"
                   if "reference" in stats else "") + ".")
     write_markdown(out / "summary.md", "NVE energy conservation", [
-        f"{len(atoms)}-atom {element} {cr.lattice} crystal at {a_source} a = {a_model:.4f} Å (crystal: {cr.source}), Maxwell–Boltzmann velocities at 2 × {q.temperature_K:g} K, "
+        f"{len(atoms)}-atom {element} {cr.lattice} crystal at {a_source} a = {a_model:.4f} Å (crystal: {cr.source}), "
+        f"Maxwell–Boltzmann velocities at 2 × {q.temperature_K:g} K, "
         f"velocity Verlet at {q.timestep_fs:g} fs for {q.steps} steps ({q.steps * q.timestep_fs / 1000:g} ps); drift = "
         f"least-squares slope of E_tot/N after the first {q.discard_fs:g} fs; RMS about that line.",
         verdict, "![E_tot(t)](energy.png)",

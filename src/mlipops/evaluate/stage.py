@@ -71,7 +71,8 @@ def _provenance(model_dir: Path, model_name: str) -> None:
     from mlipops.frames import file_md5
     from mlipops.provenance import model_fingerprint, write_provenance
 
-    ids = {"model_name": model_name, "model_weights_sha256": model_fingerprint(model_dir), "data_md5": file_md5(ACCEPTED)}
+    ids = {"model_name": model_name, "model_weights_sha256": model_fingerprint(model_dir),
+           "data_md5": file_md5(ACCEPTED)}
     write_provenance(REPORT_DIR, "evaluate", **ids)
     write_provenance(uncertainty.REPORT_DIR, "evaluate", **ids)
 
@@ -98,11 +99,13 @@ def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
         parity_plot(REPORT_DIR / f"parity_{split}_forces.png", fc.f_ref, fc.f_pred, fc.config_type,
                     "force component", "eV/Å", f"{model_name}: {split} forces")
         for ct in sorted(ft.config_type.unique()):
-            table.append((split, ct, m[f"{ct}.n_frames"], m[f"{ct}.energy_mae_per_atom"], m[f"{ct}.energy_rmse_per_atom"],
+            table.append((split, ct, m[f"{ct}.n_frames"], m[f"{ct}.energy_mae_per_atom"],
+                          m[f"{ct}.energy_rmse_per_atom"],
                           m[f"{ct}.force_mae"], m[f"{ct}.force_rmse"]))
         table.append((split, "**all**", m["n_frames"], m["energy_mae_per_atom"], m["energy_rmse_per_atom"],
                       m["force_mae"], m["force_rmse"]))
-    metrics["n_nonfinite_predictions"] = int(sum(v for k, v in metrics.items() if k.endswith("n_nonfinite_predictions")))
+    metrics["n_nonfinite_predictions"] = int(sum(v for k, v in metrics.items()
+                                                 if k.endswith("n_nonfinite_predictions")))
     path_results = _reaction_paths(p, model, [a for s in splits.values() for a in s])
     unc = _uncertainty(p, model, {s: splits.get(s, []) for s in p.splits})
     for name, r in path_results.items():
@@ -111,10 +114,12 @@ def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
     write_metrics(REPORT_DIR, metrics)
     _provenance(model_dir, model_name)
     tracking.log_metrics(model_dir / "run.json", metrics | {f"uncertainty.{k}": v for k, v in unc.items()})
-    plots = [f"![{s} {q}](parity_{s}_{q}.png)" for s in p.splits if metrics.get(f"{s}.n_frames") for q in ("energy", "forces")]
+    plots = [f"![{s} {q}](parity_{s}_{q}.png)" for s in p.splits if metrics.get(f"{s}.n_frames")
+             for q in ("energy", "forces")]
     if path_results:
         plots += ["## Reaction paths: where the model leaves its training hull",
-                  f"Tolerance {1000 * p.paths.tolerance_per_atom:g} meV/atom; the ensemble alarm is the first point where "
+                  f"Tolerance {1000 * p.paths.tolerance_per_atom:g} meV/atom; "
+                  "the ensemble alarm is the first point where "
                   f"{p.paths.sigma_k:g} σ_E/N reaches it; γ from the index's hull (`data/index.duckdb`)."]
         for name, r in path_results.items():
             plots += [f"**{name}**: {r.summary()}", f"![{name}](paths/{name}.png)"]

@@ -179,7 +179,8 @@ def run(model, splits: dict[str, list[Atoms]], min_spearman: float, report_dir: 
     metrics = dict(res["metrics"]) | {"scale.energy": res["scale"]["energy"], "scale.force": res["scale"]["force"],
                                       "gate.min_spearman": min_spearman, "gate.passed": int(passed)}
     write_metrics(report_dir, metrics)
-    doc = {"format": "mlipops.uncertainty/1", "scale": {"energy": res["scale"]["energy"], "forces": res["scale"]["force"]},
+    doc = {"format": "mlipops.uncertainty/1",
+           "scale": {"energy": res["scale"]["energy"], "forces": res["scale"]["force"]},
            "fit_split": res["fit_split"], "gate": {"metric": "val.all.force_spearman", "value": rho,
                                                    "min": min_spearman, "passed": passed},
            "metrics": res["metrics"], "curves": res["curves"]}
@@ -194,7 +195,8 @@ def run(model, splits: dict[str, list[Atoms]], min_spearman: float, report_dir: 
                          g("force_miscalibration_area_recalibrated"), g("force_nll"), g("force_nll_recalibrated"),
                          g("force_coverage_1sigma"), g("force_coverage_1sigma_recalibrated")))
     write_markdown(report_dir / "summary.md", "Ensemble uncertainty: ranking and calibration", [
-        f"Recalibration fitted on `{res['fit_split']}`: σ_E × {res['scale']['energy']:.3f}, σ_F × {res['scale']['force']:.3f} "
+        f"Recalibration fitted on `{res['fit_split']}`: σ_E × {res['scale']['energy']:.3f}, "
+        f"σ_F × {res['scale']['force']:.3f} "
         "(stored in `uncertainty.json`, applied by `MlipopsCalculator` to `energy_std` / `forces_std`).",
         f"Gate: Spearman ρ(σ_F, |ΔF|) on validation = {rho:.3f}, minimum {min_spearman:g}: "
         + ("**passed**." if passed else "**FAILED**: σ does not rank the errors."),

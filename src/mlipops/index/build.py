@@ -275,7 +275,8 @@ def _saved_descriptors(directory: str | None):
     if directory not in _SAVED_OPEN:
         _SAVED_OPEN.clear()
         try:  # the parent opened it (build_index): a folder changed since is computed, not an error
-            _SAVED_OPEN[directory] = SavedDescriptors(directory, json.loads((Path(directory) / "meta.json").read_text()))
+            _SAVED_OPEN[directory] = SavedDescriptors(directory,
+                                                      json.loads((Path(directory) / "meta.json").read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             _SAVED_OPEN[directory] = None
     return _SAVED_OPEN[directory]
@@ -370,7 +371,10 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
                 yield res
 
     try:
-        for res in chunk_results(ctx, "index: reading the accepted frames (MiB)", lambda: f"{len(frame_rows)} frames"):
+        # the progress note binds the list itself (a default argument), not the name: ``del frame_rows`` below made
+        # pyflakes read the closure as undefined (F821); the note only runs inside this loop, before that del
+        for res in chunk_results(ctx, "index: reading the accepted frames (MiB)",
+                                 lambda rows=frame_rows: f"{len(rows)} frames"):
             guess = guess or res["species"]
             row_keys = row_keys or res["keys"]
             frame_rows.extend(res["rows"])

@@ -54,7 +54,8 @@ def read_sigma_scale(directory: str | Path) -> dict[str, float]:
         raise MlipopsError(f"unreadable uncertainty scale: {str(exc)[:200]}", file=str(path), field="scale") from None
     for k, v in out.items():  # a factor on σ: finite, ≥ 0 (0 when the validation errors were all 0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-            raise MlipopsError(f"expected a non-negative number, got {str(v)[:60]!r}", file=str(path), field=f"scale.{k}")
+            raise MlipopsError(f"expected a non-negative number, got {str(v)[:60]!r}", file=str(path),
+                               field=f"scale.{k}")
     return {k: float(v) for k, v in out.items()}
 
 

@@ -81,7 +81,8 @@ def resolve_settings(kwargs: dict[str, Any] | None, where: str = "oracle.kwargs"
     out = dict(DEFAULTS)
     for k, v in (kwargs or {}).items():
         if k not in DEFAULTS:
-            raise OracleError(f"unknown PySCF oracle setting {k!r} (known: {', '.join(DEFAULTS)})", field=f"{where}.{k}")
+            raise OracleError(f"unknown PySCF oracle setting {k!r} (known: {', '.join(DEFAULTS)})",
+                              field=f"{where}.{k}")
         out[k] = v
     if out["method"] not in METHODS:
         raise OracleError(f"method {out['method']!r} is not supported (use one of {METHODS}; see "

@@ -61,7 +61,8 @@ def _row(key: str, value, bound: GateBound) -> list[dict]:
             by = value - limit
             rel = f" ({abs(by / limit) * 100:.0f} %)" if limit else ""
             r |= {"passed": ok, "note": "" if ok else
-                  (f"exceeds the maximum by {by:.4g}{rel}" if side == "max" else f"below the minimum by {-by:.4g}{rel}")}
+                  (f"exceeds the maximum by {by:.4g}{rel}" if side == "max"
+                   else f"below the minimum by {-by:.4g}{rel}")}
         rows.append(r)
     return rows
 

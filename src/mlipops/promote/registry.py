@@ -99,14 +99,16 @@ def _validation_reports(target: Path, expect: dict) -> list[str]:
                       f"Ensemble σ recalibrated on {u['fit_split']}: σ_E × {f('energy', 3)}, σ_F × {f('forces', 3)} "
                       f"(applied by `MlipopsCalculator`). Spearman ρ(σ, |error|) on validation: energies "
                       f"{f('val.all.energy_spearman')}, forces {f('val.all.force_spearman')}; test forces "
-                      f"{f('test.all.force_spearman')}. Force 1σ coverage on test {f('test.all.force_coverage_1sigma')} raw, "
+                      f"{f('test.all.force_spearman')}. Force 1σ coverage on test "
+                      f"{f('test.all.force_coverage_1sigma')} raw, "
                       f"{f('test.all.force_coverage_1sigma_recalibrated')} recalibrated (0.68 ideal)."]
     if skip := foreign(DEFECTS_DIR, "Trained on perfect crystals, tested on defects"):
         lines += skip
     elif (DEFECTS_DIR / "defects.json").is_file():
         d = target / "defects"
         d.mkdir()
-        for f in ["defects.json", "summary.md", "metrics.json", PROVENANCE, *[q.name for q in DEFECTS_DIR.glob("*.png")]]:
+        for f in ["defects.json", "summary.md", "metrics.json", PROVENANCE,
+                  *[q.name for q in DEFECTS_DIR.glob("*.png")]]:
             if (DEFECTS_DIR / f).is_file():
                 shutil.copy2(DEFECTS_DIR / f, d / f)
         rep = json.loads((DEFECTS_DIR / "defects.json").read_text())
@@ -140,7 +142,8 @@ def _validation_reports(target: Path, expect: dict) -> list[str]:
         m = read_metrics(NVE_DIR)
         ref = m.get("reference.energy_drift_meV_per_atom_per_ps")
         lines += ["## Energy conservation (`nve/`)",
-                  f"NVE velocity Verlet, {m.get('n_atoms')} atoms at ~{m.get('mean_temperature_K', float('nan')):.0f} K, "
+                  f"NVE velocity Verlet, {m.get('n_atoms')} atoms at "
+                  f"~{m.get('mean_temperature_K', float('nan')):.0f} K, "
                   f"{m.get('timestep_fs')} fs × {m.get('steps')} steps: drift "
                   f"{m.get('energy_drift_meV_per_atom_per_ps', float('nan')):+.3g} meV/atom/ps"
                   + (f" (reference oracle at the same time step: {ref:+.3g})." if ref is not None else ".")]
@@ -192,7 +195,8 @@ def _version_entry(registry_dir: Path, name: str, mv) -> dict:
     gates = json.loads((d / "gates.json").read_text()) if (d / "gates.json").is_file() else []
     applicable = [g for g in gates if not g.get("not_applicable")]
     return {"version": int(mv.version), "path": f"{name}/v{mv.version}", "run_id": mv.run_id,
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000,
+                                              timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "data_md5": (mv.tags or {}).get("data.dvc_md5"), "git_commit": (mv.tags or {}).get("git.commit"),
             "n_gates": len(applicable), "n_gates_passed": sum(bool(g.get("passed")) for g in applicable),
             "n_gates_not_applicable": len(gates) - len(applicable)}
@@ -260,7 +264,8 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
         "## Known limits", limits,
         *validation,
         "## Load", f"```python\nfrom mlipops.models import MlipopsCalculator\n"
-        f"atoms.calc = MlipopsCalculator(\"registry/{name}/v{version}\")  # or MlipopsCalculator.from_registry(\"{name}@champion\")\n```",
+        f"atoms.calc = MlipopsCalculator(\"registry/{name}/v{version}\")  "
+        f"# or MlipopsCalculator.from_registry(\"{name}@champion\")\n```",
     ])
 
 
@@ -391,7 +396,8 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
         existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_info['run_id']}'")
         n_ok = f"{len(applicable)}/{len(applicable)}"
         tags = {"gates": json.dumps({g["gate"]: g["value"] for g in applicable}), "data.dvc_md5": run_info["data_md5"],
-                "git.commit": tracking.git_commit(), "gates.passed": n_ok, "weights.sha256": expect["model_weights_sha256"]}
+                "git.commit": tracking.git_commit(), "gates.passed": n_ok,
+                "weights.sha256": expect["model_weights_sha256"]}
         if len(gates) > len(applicable):
             tags["gates.not_applicable"] = json.dumps({g["gate"]: g["not_applicable"] for g in gates
                                                        if g.get("not_applicable")})
@@ -422,7 +428,8 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
     tag_error = _tag_training_run(run_info, True, [], version)
     write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: PROMOTED as v{version}", [
         f"MLflow run `{run_info['run_id']}` passed all {len(applicable)} gates; registered model `{model_name}` "
-        f"version {version} has alias `champion`" + (f"; v{previous} is now `previous`." if previous and int(previous) != version else "."),
+        f"version {version} has alias `champion`"
+        + (f"; v{previous} is now `previous`." if previous and int(previous) != version else "."),
         *_not_applicable(gates),
         f"Files: `{target}`.",
         *([f"The MLflow training run was NOT tagged with this decision: {tag_error}."] if tag_error else []),

@@ -594,7 +594,8 @@ def design(frames, species: list[str], settings: dict, forces: bool = True,
         out |= {"x_forces": store if store is not None else xf,
                 "y_forces": pool.forces.reshape(-1).astype(np.float64),
                 "force_frame": np.repeat(frame_of_atom, 3),
-                "force_atom": np.repeat((np.arange(n_atoms, dtype=np.int64) - np.repeat(starts, counts)).astype(small), 3),
+                "force_atom": np.repeat((np.arange(n_atoms, dtype=np.int64)
+                                         - np.repeat(starts, counts)).astype(small), 3),
                 "force_axis": np.tile(np.arange(3, dtype=np.int8), n_atoms),
                 "force_start": np.concatenate([3 * starts, [3 * n_atoms]]).astype(np.int64)}
     return out

@@ -666,8 +666,8 @@ def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int | No
         with progress("validate: reading the ingested frames (MiB)", max(1, round(size / 2**20)),
                       quiet_start=True) as advance:
             for res in map_extxyz(path, _validate_chunk, {"params": p, "probe": distance_probe(p)},
-                                  chunk_frames=chunk or _CHUNK_FRAMES, progress=lambda pos: advance(completed=round(pos / 2**20),
-                                                                                   note=f"{n} frames")):
+                                  chunk_frames=chunk or _CHUNK_FRAMES,
+                                  progress=lambda pos: advance(completed=round(pos / 2**20), note=f"{n} frames")):
                 if "error" in res:
                     raise StageInputError(f"ingest output is corrupt: {res['error']}", file=str(path))
                 tables.append(res["table"])
@@ -678,7 +678,8 @@ def _stream_tables(path: Path, p: ValidateParams, spool: _Spool, chunk: int | No
                     pools.append(res["pool"])
                     train_rows.extend(n + q for q in res["train"])
                 for text in res["texts"]:
-                    spool.add(text)  # ingest wrote it: the frame's own text (ASE writes a read frame back to these bytes)
+                    # ingest wrote it: the frame's own text (ASE writes a read frame back to these bytes)
+                    spool.add(text)
                 info.extend(res["info"])
                 n += len(res["info"])
             advance(completed=max(1, round(size / 2**20)), note=f"{n} frames")

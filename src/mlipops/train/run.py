@@ -6,7 +6,8 @@ params, the ensemble's final metrics, plots and the model files (artifact path `
 weights.pt + config.json the registry uses), and one nested run ``<model>-member-<k>`` per member with
 its per-epoch metrics (overall and per ``config_type``, train and val). With ``train.curriculum`` each
 member run holds one nested run ``<model>-member-<k>-phase-<i>`` per phase (tag ``curriculum_phase: i``,
-the phase's own epoch numbers; the member run has all phases on one cumulative epoch axis). Tags: ``stage``, ``dataset``,
+the phase's own epoch numbers; the member run has all phases on one cumulative epoch axis).
+Tags: ``stage``, ``dataset``,
 ``member``, ``curriculum_phase``, ``model_name``, ``data.dvc_md5``, ``git.commit``.
 
 Resume: ``data/checkpoints/<model>/`` holds ``state.json`` (the run's fingerprint and MLflow run ids)
@@ -408,7 +409,8 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     safe_remove(ckpt_dir, ignore_errors=True)
     timing["finalize"] = time.perf_counter() - t1
     timing["member_fit_max"] = max(r["wall_time_s"] for r in members)
-    metrics = final | target_stats | {f"time.{k}_s": round(v, 2) for k, v in timing.items()} | {"n_members": M, "epochs": p.epochs, "wall_time_s": round(wall, 2), "device": device,
+    metrics = final | target_stats | {f"time.{k}_s": round(v, 2) for k, v in timing.items()} | {"n_members": M,
+                       "epochs": p.epochs, "wall_time_s": round(wall, 2), "device": device,
                        "n_train": len(splits["train"]), "n_val": len(splits["val"]),
                        "members_resumed": sum(1 for r in members if r["resumed_from_epoch"] or r.get("skipped")),
                        "best_epochs": [r["best_epoch"] for r in members]}
