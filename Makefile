@@ -41,8 +41,9 @@ active: $(STAMP)
 	dvc repro active
 	@cat reports/active/summary.md
 
-# the browser test (tests/test_ui_browser.py) drives Debian's headless chromium + chromedriver; install
-# them when missing (as root, or through sudo); without them that one test is skipped with the reason
+# the browser test (tests/test_ui_browser.py) drives Debian's headless chromium + chromedriver: `make browser`
+# installs them when missing (as root, or through sudo; .ci/run calls it); without them that one test is skipped
+# with the reason. `make test` itself never installs system packages.
 browser:
 	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=none; fi; \
@@ -62,10 +63,10 @@ PYTEST := $(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WO
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-test: $(STAMP) browser
+test: $(STAMP)
 	$(PYTEST)
 
-test-all: $(STAMP) browser
+test-all: $(STAMP)
 	$(PYTEST) -m ''
 
 bench: $(STAMP)

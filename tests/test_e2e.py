@@ -19,6 +19,8 @@ import yaml
 from pipeline_env import merge_params as _merge
 from pipeline_env import pipeline_env as _env
 
+pytestmark = pytest.mark.e2e  # the whole pipeline, `dvc repro` in a temporary git + DVC repository
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["generate", "ingest", "validate", "index", "train", "evaluate", "promote"]  # the main chain, in order
 METRICS = ({s: f"reports/{s}/metrics.json" for s in STAGES}

@@ -131,6 +131,7 @@ def mo_example(tmp_path_factory):
     return {"dir": ex, "log": res.stdout, "n": n_train + n_test, "n_test": n_test}
 
 
+@pytest.mark.e2e
 def test_mo_example_runs_every_stage(mo_example):
     ex, log = mo_example["dir"], mo_example["log"]
     for stage in ("ingest", "validate", "index", "train", "evaluate", "defects", "melting_reference", "melting",
@@ -143,6 +144,7 @@ def test_mo_example_runs_every_stage(mo_example):
     assert validate["n_accepted"] + validate["n_quarantined"] == mo_example["n"]
 
 
+@pytest.mark.e2e
 def test_mo_example_test_split_is_the_test_file(mo_example):
     import duckdb
 
@@ -151,6 +153,7 @@ def test_mo_example_test_split_is_the_test_file(mo_example):
     assert n == mo_example["n_test"]
 
 
+@pytest.mark.e2e
 def test_mo_example_melting_runs_the_models_own_phases_at_the_given_reference(mo_example):
     """No DFT solid and liquid at Tm: the model's own at 2896 K give the coverage and the pressure slope."""
     out = mo_example["dir"] / "reports/evaluate/melting"
@@ -168,6 +171,7 @@ def test_mo_example_melting_runs_the_models_own_phases_at_the_given_reference(mo
     assert "coverage_liquid_at_tm" in metrics and "model.latent_heat_eV_per_atom" in metrics
 
 
+@pytest.mark.e2e
 def test_mo_example_registry_card(mo_example):
     ex = mo_example["dir"]
     card = (ex / "registry/mo/v1/model_card.md").read_text() if (ex / "registry/mo/v1").is_dir() else None

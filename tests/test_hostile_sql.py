@@ -230,6 +230,7 @@ def test_build_clears_what_a_killed_build_left(tmp_path):
     assert query("SELECT count(*) AS n FROM frames", db).loc[0, "n"] == 4
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_index_survives_a_failed_dvc_repro(tmp_path):
     """`dvc repro index` with the repository's stage: a rebuild on broken input fails, the old index stays."""

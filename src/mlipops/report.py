@@ -249,13 +249,21 @@ def trim_memory() -> None:
         pass
 
 
-def parity_plot(path: str | Path, ref: np.ndarray, pred: np.ndarray, groups: Sequence[str],
-                quantity: str, unit: str, title: str = "") -> Path:
-    """Predicted vs reference, one colour per group (config_type), with the y=x line."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (figures go to files; no display is needed or opened): the one
+    figure set-up of every report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def parity_plot(path: str | Path, ref: np.ndarray, pred: np.ndarray, groups: Sequence[str],
+                quantity: str, unit: str, title: str = "") -> Path:
+    """Predicted vs reference, one colour per group (config_type), with the y=x line."""
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

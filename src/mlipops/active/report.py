@@ -25,10 +25,9 @@ def learning_curve(summary: dict) -> tuple[list[int], list[float]]:
 
 
 def write_report(summary: dict, p: Params, report_dir: Path = REPORT_DIR) -> dict:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     report_dir.mkdir(parents=True, exist_ok=True)
     hist = summary["history"]

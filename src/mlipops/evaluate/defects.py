@@ -625,10 +625,9 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
 
 # ---------------------------------------------------------------------------------------- plots
 def plot_geometry(at: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     cts = sorted(at.config_type.unique())
@@ -656,10 +655,9 @@ def plot_geometry(at: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_decomposition(diag: dict, control: dict, path: Path) -> Path:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(diag)
     sz = [diag[n]["atoms"].get("share_z", np.nan) for n in names]

@@ -1019,10 +1019,9 @@ def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "
     """Temperature and solid fraction vs time, one colour per run (or ``colors``), production shaded, Tm dashed
     (PNG). ``labels`` name the runs (default: their seeds); runs without a trace (failed) are left out; with no
     trace at all the figure says ``empty_note``."""
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -512,10 +512,9 @@ def summary_md(result: dict, coex: dict | None) -> str:
 def plot(result: dict, path: str | Path) -> Path:
     """Potential energy per atom against time per temperature (left) and the growth rate against T with the
     fitted line and Tm (right); PNG."""
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

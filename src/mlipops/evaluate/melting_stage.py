@@ -344,10 +344,9 @@ def flat_metrics(result: dict) -> dict:
 # ------------------------------------------------------------------------------------------ reports
 def plot_distribution(result: dict, path: Path) -> Path:
     """The members' Tm (each a Gaussian of its error), their mixture, the reference with ±window."""
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from scipy.stats import norm
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -651,10 +650,9 @@ def run_sweep(p: Params, fractions: list[float] | None = None, run_experiments: 
 
 
 def write_sweep(out: dict) -> None:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     SWEEP_DIR.mkdir(parents=True, exist_ok=True)
     pts = sorted(out["points"], key=lambda q: q["fraction"])

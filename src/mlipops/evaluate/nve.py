@@ -104,10 +104,9 @@ def drift(trace: dict, discard_fs: float) -> dict:
 
 
 def _plot(traces: dict[str, dict], path: Path, discard_fs: float) -> None:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, tr in traces.items():

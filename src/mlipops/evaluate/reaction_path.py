@@ -343,10 +343,9 @@ def evaluate_paths(model, paths: dict[str, list[Atoms]], hull_index, tolerance_p
 
 def plot_path(result: PathResult, path: Path) -> Path:
     """Energies (±σ), |error| with the tolerance and growth fit, and max γ against the coordinate (PNG)."""
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     r, path = result, Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

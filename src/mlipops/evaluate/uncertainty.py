@@ -127,10 +127,9 @@ def analyse(model, splits: dict[str, list[Atoms]], fit_split: str = "val") -> di
 
 
 def plot(result: dict, report_dir: Path) -> list[Path]:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -208,10 +207,9 @@ def run(model, splits: dict[str, list[Atoms]], min_spearman: float, report_dir: 
 
 def unavailable(reason: str, report_dir: Path = REPORT_DIR) -> None:
     """The same files, saying why there is no uncertainty report (the promotion gate then fails)."""
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from mlipops.report import write_markdown, write_metrics
 

@@ -378,10 +378,9 @@ def bo_scan(p: BoScanParams, path: ScanPath | None = None, oracle: Oracle | None
 
 # -------------------------------------------------------------------------------------- report
 def _plot(res: BoScan, path: Path, margin: float) -> None:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sc = res.scan
     floor = max(1e-12, 0.5 * float(np.nanmin(sc.gap[sc.gap > 0]))) if np.any(sc.gap > 0) else 1e-12

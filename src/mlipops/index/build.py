@@ -667,10 +667,9 @@ def query(sql: str, path: Path = INDEX, *, limit: int | None = None, timeout_s: 
 
 def _plots(db: Path, report_dir: Path) -> list[str]:
     """PC1-PC2 projection (training vs the other splits, by inside_hull) and γ histograms per split."""
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     con = connect_read_only(db)
     try:

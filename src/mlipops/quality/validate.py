@@ -491,10 +491,9 @@ def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | Non
 
 
 def _cooks_plot(rep, path: Path, threshold: float | None) -> None:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     df = rep.frames
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -865,10 +864,9 @@ def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: Va
 
 
 def _empty_plot(path: Path, note: str) -> None:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 2))
     ax.text(0.5, 0.5, note or "no outlier analysis", ha="center", va="center", wrap=True)

@@ -433,10 +433,9 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
 
 
 def _plots(ensemble: Ensemble, tr: Prepared, va: Prepared, members: list[dict], dtype) -> list[Path]:
-    import matplotlib
+    from mlipops.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     paths = []
