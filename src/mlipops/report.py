@@ -260,6 +260,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """``fig`` laid out tight, written to ``path`` (PNG at ``dpi``) and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def parity_plot(path: str | Path, ref: np.ndarray, pred: np.ndarray, groups: Sequence[str],
                 quantity: str, unit: str, title: str = "") -> Path:
     """Predicted vs reference, one colour per group (config_type), with the y=x line."""
@@ -281,7 +291,5 @@ def parity_plot(path: str | Path, ref: np.ndarray, pred: np.ndarray, groups: Seq
     ax.set_ylabel(f"predicted {quantity} ({unit})")
     ax.set_title(title or f"{quantity} parity")
     ax.legend(fontsize=6, markerscale=2, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path

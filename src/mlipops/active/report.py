@@ -25,7 +25,7 @@ def learning_curve(summary: dict) -> tuple[list[int], list[float]]:
 
 
 def write_report(summary: dict, p: Params, report_dir: Path = REPORT_DIR) -> dict:
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -56,9 +56,7 @@ def write_report(summary: dict, p: Params, report_dir: Path = REPORT_DIR) -> dic
         ax.set_ylabel("hold-out force MAE (eV/Å)")
         ax.set_title("active learning: error on the held-out trajectory")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(report_dir / "learning_curve.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, report_dir / "learning_curve.png", dpi=110)
         plots.append("![learning curve](learning_curve.png)")
     cols = ("iteration", "MD steps", "triggers", "oracle calls", "labelled", "failed", "quarantined",
             "hold-out F MAE (eV/Å)", "liquid F MAE", "max σ_proj (eV)", "max σ_F (eV/Å)")

@@ -625,7 +625,7 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
 
 # ---------------------------------------------------------------------------------------- plots
 def plot_geometry(at: pd.DataFrame, path: Path) -> Path:
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -648,14 +648,12 @@ def plot_geometry(at: pd.DataFrame, path: Path) -> Path:
         ax.set_yscale("log")
     ax1.legend(fontsize=6, ncol=2)
     fig.suptitle("Perfect-only model on imperfect atoms: force error vs coordination and bond angles")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 
 def plot_decomposition(diag: dict, control: dict, path: Path) -> Path:
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -684,9 +682,7 @@ def plot_decomposition(diag: dict, control: dict, path: Path) -> Path:
         ax.set_ylabel("mean |ΔF_i| (eV/Å)")
         ax.legend(fontsize=8)
         ax.set_title("Control: error before and after adding the recommendation")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 

@@ -1019,7 +1019,7 @@ def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "
     """Temperature and solid fraction vs time, one colour per run (or ``colors``), production shaded, Tm dashed
     (PNG). ``labels`` name the runs (default: their seeds); runs without a trace (failed) are left out; with no
     trace at all the figure says ``empty_note``."""
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -1056,7 +1056,5 @@ def plot_traces(runs: Sequence[CoexistenceRun], path: str | Path, title: str = "
     ax.set_title(title or "solid–liquid coexistence")
     if shaded:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path

@@ -512,7 +512,7 @@ def summary_md(result: dict, coex: dict | None) -> str:
 def plot(result: dict, path: str | Path) -> Path:
     """Potential energy per atom against time per temperature (left) and the growth rate against T with the
     fitted line and Tm (right); PNG."""
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -555,9 +555,7 @@ def plot(result: dict, path: str | Path) -> Path:
     ax2.set_ylabel("growth rate −dE/dt (meV/atom/ps)")
     ax2.set_title("bracket (dashed) and Tm")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 

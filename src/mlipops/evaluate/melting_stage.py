@@ -344,7 +344,7 @@ def flat_metrics(result: dict) -> dict:
 # ------------------------------------------------------------------------------------------ reports
 def plot_distribution(result: dict, path: Path) -> Path:
     """The members' Tm (each a Gaussian of its error), their mixture, the reference with ±window."""
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
     from scipy.stats import norm
@@ -377,9 +377,7 @@ def plot_distribution(result: dict, path: Path) -> Path:
     ax.set_title(f"{result['model']}: Tm = {result['tm_mean']:.0f} ± {result['tm_std']:.0f} K (ensemble)"
                  if result.get("tm_mean") is not None else f"{result['model']}: no member run coexisted")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -650,7 +648,7 @@ def run_sweep(p: Params, fractions: list[float] | None = None, run_experiments: 
 
 
 def write_sweep(out: dict) -> None:
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -681,9 +679,7 @@ def write_sweep(out: dict) -> None:
     ax.set_ylabel("melting point (K)")
     ax.set_title("melting point against liquid coverage")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(SWEEP_DIR / "sweep.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, SWEEP_DIR / "sweep.png", dpi=110)
     rows = [(q["fraction"], q.get("n_liquid_train_frames"),
              _fmt(q.get("liquid_coverage") and 100 * q["liquid_coverage"]),
              _fmt(q.get("coverage_liquid_at_tm") and 100 * q["coverage_liquid_at_tm"]),

@@ -104,7 +104,7 @@ def drift(trace: dict, discard_fs: float) -> dict:
 
 
 def _plot(traces: dict[str, dict], path: Path, discard_fs: float) -> None:
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -118,9 +118,7 @@ def _plot(traces: dict[str, dict], path: Path, discard_fs: float) -> None:
     ax.set_ylabel("E_tot − E_tot(0) (meV/atom)")
     ax.set_title("NVE energy conservation (velocity Verlet)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def nve_crystal(p: Params, data: Path) -> Crystal:

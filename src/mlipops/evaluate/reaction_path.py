@@ -343,7 +343,7 @@ def evaluate_paths(model, paths: dict[str, list[Atoms]], hull_index, tolerance_p
 
 def plot_path(result: PathResult, path: Path) -> Path:
     """Energies (±σ), |error| with the tolerance and growth fit, and max γ against the coordinate (PNG)."""
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -389,7 +389,5 @@ def plot_path(result: PathResult, path: Path) -> Path:
     for ax in (ax_e, ax_err, ax_g):
         ax.legend(fontsize=7)
     ax_e.set_title(r.name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path

@@ -378,7 +378,7 @@ def bo_scan(p: BoScanParams, path: ScanPath | None = None, oracle: Oracle | None
 
 # -------------------------------------------------------------------------------------- report
 def _plot(res: BoScan, path: Path, margin: float) -> None:
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -417,9 +417,7 @@ def _plot(res: BoScan, path: Path, margin: float) -> None:
     ax2.set_ylabel("total energy (eV)")
     ax2.set_title("State energies")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def run(p: BoScanParams) -> dict:

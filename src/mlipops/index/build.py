@@ -667,7 +667,7 @@ def query(sql: str, path: Path = INDEX, *, limit: int | None = None, timeout_s: 
 
 def _plots(db: Path, report_dir: Path) -> list[str]:
     """PC1-PC2 projection (training vs the other splits, by inside_hull) and γ histograms per split."""
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -698,9 +698,7 @@ def _plots(db: Path, report_dir: Path) -> list[str]:
         ax.set_ylabel(f"PC2 ({100 * evr[1]:.1f} % of variance)")
         ax.set_title(f"{s}: descriptor space (first 2 of k PCs)")
         ax.legend(fontsize=7, markerscale=2)
-    fig.tight_layout()
-    fig.savefig(report_dir / "projection.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, report_dir / "projection.png", dpi=110)
     made.append("projection.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -717,9 +715,7 @@ def _plots(db: Path, report_dir: Path) -> list[str]:
     ax.set_ylabel("density of atoms")
     ax.set_title("extrapolation grade per split")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(report_dir / "gamma_histogram.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, report_dir / "gamma_histogram.png", dpi=110)
     made.append("gamma_histogram.png")
     return made
 

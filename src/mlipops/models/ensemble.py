@@ -12,7 +12,6 @@ registry handles both alike. :func:`load_model` reads either.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from ase import Atoms
 from torch import nn
 
 from mlipops.errors import MlipopsError
-from mlipops.models.potential import CONFIG, WEIGHTS, Graph, Potential
+from mlipops.models.potential import CONFIG, WEIGHTS, Graph, Potential, save_model
 from mlipops.models.schema import ENSEMBLE_FORMAT, load_weights, read_config_file
 
 
@@ -121,12 +120,7 @@ class Ensemble(nn.Module):
                 "n_members": len(self.members)}
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, directory / WEIGHTS)
-        cfg = self.config() | (extra or {})
-        (directory / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        return directory
+        return save_model(self, directory, extra)
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Ensemble":

@@ -221,9 +221,16 @@ class Potential(nn.Module):
                 "hidden": self.hidden, "dispersion": self.dispersion_params, "baseline": self.baseline_spec}
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, directory / WEIGHTS)
-        cfg = self.config() | (extra or {})
-        (directory / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        return directory
+        return save_model(self, directory, extra)
+
+
+def save_model(model: torch.nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
+    """``model``'s tensors (``weights.pt``, loaded back with ``weights_only=True``) and its JSON config
+    (``model.config()`` with ``extra`` merged, ``config.json``) written into ``directory``: a potential's or an
+    ensemble's folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, directory / WEIGHTS)
+    cfg = model.config() | (extra or {})
+    (directory / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return directory

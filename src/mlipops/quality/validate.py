@@ -491,7 +491,7 @@ def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | Non
 
 
 def _cooks_plot(rep, path: Path, threshold: float | None) -> None:
-    from mlipops.report import pyplot
+    from mlipops.report import pyplot, save_figure
 
     plt = pyplot()
 
@@ -514,9 +514,7 @@ def _cooks_plot(rep, path: Path, threshold: float | None) -> None:
         ax.set_ylabel("Cook's distance")
         ax.set_title(f"Cook's distance: {title}")
     axes[0].legend(fontsize=6, markerscale=1.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 @dataclass
