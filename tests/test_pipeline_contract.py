@@ -284,3 +284,24 @@ def test_the_checks_catch_what_they_should(tmp_path):
     assert len(lits) == 1 and "'data/models'" in lits[0]
     assert len(ups) == 1 and "MODELS from mlipops.train.loop" in ups[0]
     assert cycles(import_graph(mods)) == [["mlipops.evaluate.a", "mlipops.train.loop"]]
+
+
+def test_no_module_prints_and_the_log_has_one_handler(capsys):
+    """Modules log through ``logging`` (mlipops.log's one handler), never ``print``; the CLI's own output goes
+    through typer/rich. :func:`mlipops.log.setup` twice is still one handler, on the current stderr."""
+    import logging
+
+    from mlipops.log import setup
+
+    prints = []
+    for mod, f in _modules().items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                prints.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert not prints, "print() in the package (use logging.getLogger(__name__)): " + ", ".join(prints)
+    setup()
+    logger = setup()
+    assert len(logger.handlers) == 1 and not logger.propagate
+    logging.getLogger("mlipops.some.module").warning("half the frames lack stress")
+    logging.getLogger("mlipops.some.module").info("resuming")
+    assert capsys.readouterr().err == "mlipops: warning: half the frames lack stress\nmlipops: resuming\n"

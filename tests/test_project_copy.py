@@ -133,7 +133,7 @@ def test_a_copied_project_promotes_into_its_own_store_and_leaves_the_original_un
 
     rc, out, err = _cli(b, monkeypatch, capsys, "promote")
     assert rc == 0, out + err
-    assert f"copied or moved from {a}" in out
+    assert f"copied or moved from {a}" in err  # logged (mlipops.log: standard error)
     assert json.loads((b / "reports/promote/metrics.json").read_text())["promoted"]
 
     # the original: byte-identical store, no new artifact, no registry
@@ -155,7 +155,7 @@ def test_a_copied_project_promotes_into_its_own_store_and_leaves_the_original_un
 
     # promoting again: the store is already this project's (no second relocation), the version is the same one
     rc, out, err = _cli(b, monkeypatch, capsys, "promote")
-    assert rc == 0 and "copied or moved" not in out, out + err
+    assert rc == 0 and "copied or moved" not in out + err, out + err
     assert [v.version for v in client.search_model_versions("name='cu'")] == [mv.version]
     assert _md5(a / "mlflow.db") == md5_a
 

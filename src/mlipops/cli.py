@@ -513,6 +513,9 @@ def example_sync(check: bool = typer.Option(False, "--check", help="only report 
 
 def main() -> None:
     """Entry point: user errors print one line and exit 2; no tracebacks unless MLIPOPS_DEBUG=1."""
+    from mlipops.log import setup
+
+    setup()
     try:
         app(standalone_mode=False)
     except MlipopsError as exc:

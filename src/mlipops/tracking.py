@@ -20,6 +20,7 @@ or shared sqlite path and any tracking server are left alone.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import subprocess
@@ -38,6 +39,8 @@ LOCATION_COLUMNS = (("experiments", "artifact_location", ""), ("runs", "artifact
                     ("model_versions", "source", ""), ("model_versions", "storage_location", ""),
                     ("logged_models", "artifact_location", ""), ("workspaces", "default_artifact_root", ""),
                     ("trace_tags", "value", "key = 'mlflow.artifactLocation'"))
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(uri: str) -> str:
@@ -126,7 +129,7 @@ def relocate(uri: str) -> list[Path]:
             mlflow_utils._artifact_repos_cache.clear()
         except (ImportError, AttributeError):  # another MLflow: no such cache
             pass
-        print(f"mlipops: this project was copied or moved from {', '.join(map(str, old))}: its MLflow store "
+        log.info(f"this project was copied or moved from {', '.join(map(str, old))}: its MLflow store "
               f"{db.name} now points at {root} ({n} artifact locations rewritten)")
     return old
 
@@ -204,7 +207,7 @@ def log_metrics(run_json: str | Path, metrics: dict, prefix: str = "eval_") -> N
     info = json.loads(Path(run_json).read_text())
     c = client(info["tracking_uri"])
     if find_run(c, info["run_id"]) is None:
-        print(f"mlipops: MLflow run {info['run_id']} ({run_json}) is not in the store {c.tracking_uri}: "
+        log.info(f"MLflow run {info['run_id']} ({run_json}) is not in the store {c.tracking_uri}: "
               "the metrics are in the reports only")
         return
     ts = int(time.time() * 1000)

@@ -35,6 +35,7 @@ a few, all), then Tm bias and spread against liquid coverage (``reports/evaluate
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import time
@@ -63,6 +64,8 @@ def read_reference() -> dict:
         return json.loads(REFERENCE_JSON.read_text())
     except json.JSONDecodeError as exc:
         raise StageInputError(f"unreadable: {exc}", file=str(REFERENCE_JSON)) from None
+
+log = logging.getLogger(__name__)
 
 
 def phase_errors(model, frames: list[Atoms]) -> list[dict]:
@@ -632,7 +635,7 @@ def run_sweep(p: Params, fractions: list[float] | None = None, run_experiments: 
         if run_experiments:
             env = os.environ | {"PYTHONPATH": str(Path("src").resolve())}
             cmd = ["dvc", "exp", "run", "--temp", "--force", "-n", name, "-S", f"{key}={f}", "melting"]
-            print("$ " + " ".join(cmd), flush=True)
+            log.info("$ " + " ".join(cmd))
             r = subprocess.run(cmd, env=env)
             if r.returncode:
                 raise MlipopsError(f"`{' '.join(cmd)}` failed with exit code {r.returncode}", field=key)

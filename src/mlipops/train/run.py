@@ -19,6 +19,7 @@ afresh. The directory is removed when the ensemble is saved.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import time
@@ -46,6 +47,8 @@ from mlipops.train import curriculum
 # params that do not change the numbers: a run may resume across them
 _NON_NUMERIC = {"experiment", "tracking_uri", "artifact_location", "device", "checkpoint_every"}
 
+log = logging.getLogger(__name__)
+
 
 def run_fingerprint(p: TrainParams, d: DescriptorParams, data_md5: str) -> str:
     train = {k: v for k, v in p.model_dump().items() if k not in _NON_NUMERIC}
@@ -67,7 +70,7 @@ def _retrying(fn, *args, tries: int = 6, **kwargs):
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             if attempt == tries - 1:
-                print(f"mlipops: MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on")
+                log.warning(f"MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on")
                 return None
             time.sleep(0.1 * 2**attempt)
 
@@ -76,6 +79,10 @@ def train_member(spec: dict) -> dict:
     """One ensemble member, run in a Dask worker (or in-process). Logs to its own MLflow run."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
+
+    from mlipops.log import setup
+
+    setup()  # a worker process has no handler of its own
 
     torch.set_num_threads(spec["threads"])
     p = TrainParams.model_validate(spec["train"]).model_copy(update={"seed": spec["train"]["seed"] + spec["member"]})
@@ -362,7 +369,7 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     device = resolve_device(p.device)
     M = p.ensemble.members
     if resume is not None:
-        print(f"mlipops: resuming training of {p.model_name} from {ckpt_dir} (MLflow run {state['parent_run_id']})")
+        log.info(f"resuming training of {p.model_name} from {ckpt_dir} (MLflow run {state['parent_run_id']})")
     timing = {"setup": time.perf_counter() - t0}
     t1 = time.perf_counter()
     ensemble, members, t_dask = train_ensemble(data_path, species, p, d, c, checkpoint_dir=ckpt_dir, key=key,
