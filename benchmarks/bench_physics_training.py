@@ -153,7 +153,7 @@ def run_job(job: dict) -> dict:
     from mlipops.frames import write_extxyz
     from mlipops.params import DescriptorParams, TrainParams
     from mlipops.train.loop import make_potential
-    from mlipops.train.run import train_member
+    from mlipops.train.run import MemberSpec, train_member
 
     p = TrainParams.model_validate(job["train"])
     d = DescriptorParams.model_validate(job["descriptors"])
@@ -166,10 +166,9 @@ def run_job(job: dict) -> dict:
             a.info["split"] = "train" if k < len(job["train_frames"]) else "val"
             frames.append(a)
         write_extxyz(data, frames)
-        spec = {"member": 0, "n_members": 1, "train": p.model_dump(), "descriptors": d.model_dump(),
-                "species": job["species"], "data_path": str(data), "key": "bench", "checkpoint_dir": tmp + "/ckpt",
-                "tracking_uri": None, "run_id": None, "bootstrap": False, "threads": 1, "device": "cpu",
-                "queue": None, "baseline_cache": job["cache"]}
+        spec = MemberSpec(member=0, n_members=1, train=p.model_dump(), descriptors=d.model_dump(),
+                          species=job["species"], data_path=str(data), key="bench", checkpoint_dir=tmp + "/ckpt",
+                          bootstrap=False, threads=1, device="cpu", baseline_cache=job["cache"])
         t0 = time.perf_counter()
         out = train_member(spec)
         wall = time.perf_counter() - t0

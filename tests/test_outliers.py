@@ -10,7 +10,7 @@ from ase.build import bulk
 
 from mlipops.frames import frame_id, labels, set_labels
 from mlipops.oracles import get_oracle
-from mlipops.params import DescriptorParams
+from mlipops.params import DescriptorParams, OutlierParams
 from mlipops.quality.outliers import (
     added_influence,
     detect,
@@ -257,7 +257,7 @@ def test_swapped_forces_and_a_displaced_atom_are_found_by_the_frame_tests(u_fram
     a.positions[6] += [0.3, 0.0, 0.1]  # moved, not relabelled
     a.info["frame_id"] = frame_id(a)
     set_labels(a, e, f, s)
-    rep = detect(frames, ["Cu"], SETTINGS, force_residual_threshold=1e9)
+    rep = detect(frames, ["Cu"], SETTINGS, OutlierParams(force_residual_threshold=1e9))
     df = rep.frames
     assert set(np.flatnonzero(df["quarantine"])) == {30, 40}, df.loc[df.quarantine, "reason"].tolist()
     assert df.loc[30, "frame_flag"] and "forces of the whole frame" in df.loc[30, "reason"]
@@ -339,7 +339,7 @@ def test_last_round_flagging_frames_does_not_break_the_recheck(u_frames):
     frames = _copy(u_frames)
     e, f, s = labels(frames[10])
     set_labels(frames[10], e, -f, s)  # sign-flipped forces, flagged in round 1
-    rep = detect(frames, ["Cu"], SETTINGS, max_rounds=1)
+    rep = detect(frames, ["Cu"], SETTINGS, OutlierParams(max_rounds=1))
     assert rep.rounds == 1 and bool(rep.frames.loc[10, "quarantine"])
     assert rep.forces.n < sum(len(a) * 3 for a in frames)  # the final force fit leaves the flagged frame out
 

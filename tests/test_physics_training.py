@@ -181,10 +181,10 @@ def test_curriculum_member_resumes_between_phases(frames, tmp_path, monkeypatch)
     p = _tp(epochs=1, hidden=[12], curriculum=[{"epochs": 3, "cutoff": 3.0, "hidden": [6]}, {"epochs": 3}])
 
     def spec(ckpt):
-        return {"member": 0, "n_members": 1, "train": p.model_dump(), "descriptors": SMALL_D.model_dump(),
-                "species": ["Cu"], "data_path": str(tmp_path / "data.extxyz"), "key": "k",
-                "checkpoint_dir": str(ckpt), "tracking_uri": None, "run_id": None, "bootstrap": True,
-                "threads": 1, "device": "cpu", "queue": None, "baseline_cache": str(tmp_path / "cache")}
+        return run_mod.MemberSpec(member=0, n_members=1, train=p.model_dump(), descriptors=SMALL_D.model_dump(),
+                                  species=["Cu"], data_path=str(tmp_path / "data.extxyz"), key="k",
+                                  checkpoint_dir=str(ckpt), bootstrap=True, threads=1, device="cpu",
+                                  baseline_cache=str(tmp_path / "cache"))
 
     ref = run_mod.train_member(spec(tmp_path / "ref"))
     assert ref["n_phases"] == 2 and [h["phase"] for h in ref["history"]] == [0, 0, 0, 1, 1, 1]

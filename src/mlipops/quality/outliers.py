@@ -56,6 +56,7 @@ import torch
 from ase import Atoms
 
 from mlipops.descriptors import AtomCentredDescriptor, frame_edges
+from mlipops.params import OutlierParams
 from mlipops.quality.pool import FramePool  # noqa: F401  (re-exported)
 from mlipops.report import trim_memory
 
@@ -891,13 +892,11 @@ def _first_max_per_run(values: np.ndarray, key: np.ndarray) -> np.ndarray:
     return hit[first]
 
 
-def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_threshold: float | None = None,
-           energy_residual_threshold: float = 12.0, force_residual_threshold: float = 25.0,
-           forces: bool = True, max_rounds: int = 5, frame_z_threshold: float | None = 5.0,
-           atom_z_threshold: float | None = 4.0, min_group_frames: int = 5,
-           energy_gross_threshold: float | None = 200.0, frame_min_relative_residual: float = 0.25,
+def detect(frames: list[Atoms], species: list[str], settings: dict, o: OutlierParams | None = None, *,
            spill_dir: str | Path | None = None, save_descriptors: str | Path | None = None) -> OutlierReport:
-    """Examine ``frames`` (the training split, all labelled) and decide which are influential outliers.
+    """Examine ``frames`` (the training split, all labelled) and decide which are influential outliers, with the
+    thresholds of ``o`` (``validate.outliers`` of params.yaml; None: :class:`~mlipops.params.OutlierParams`'
+    defaults, which equal params.yaml's).
 
     A frame is quarantined when
 
@@ -922,6 +921,13 @@ def detect(frames: list[Atoms], species: list[str], settings: dict, cooks_thresh
     None for a threshold switches that test off. ``save_descriptors``: see :func:`design` (the writer is
     ``report.saved``, None when no design was made).
     """
+    o = o if o is not None else OutlierParams()
+    cooks_threshold, energy_residual_threshold, force_residual_threshold = \
+        o.cooks_threshold, o.energy_residual_threshold, o.force_residual_threshold
+    forces, max_rounds, frame_z_threshold, atom_z_threshold = o.forces, o.max_rounds, o.frame_z_threshold, \
+        o.atom_z_threshold
+    min_group_frames, energy_gross_threshold, frame_min_relative_residual = \
+        o.min_group_frames, o.energy_gross_threshold, o.frame_min_relative_residual
     pool = FramePool.from_atoms(frames)
     n = len(pool)
     cts = np.array([str(c) for c in pool.info["config_type"]], dtype=object)

@@ -478,12 +478,7 @@ def find_outliers(frames, p: ValidateParams, descriptors: DescriptorParams | Non
             f"no two frames of one config_type in the {o.training_split!r} split"
         return {}, None, f"{what}: nothing to examine", lone
     sub = pool.take(idx)
-    rep = detect(sub, sub.species(), descriptors.model_dump(), cooks_threshold=o.cooks_threshold,
-                 energy_residual_threshold=o.energy_residual_threshold,
-                 force_residual_threshold=o.force_residual_threshold, forces=o.forces, max_rounds=o.max_rounds,
-                 frame_z_threshold=o.frame_z_threshold, atom_z_threshold=o.atom_z_threshold,
-                 min_group_frames=o.min_group_frames, energy_gross_threshold=o.energy_gross_threshold,
-                 frame_min_relative_residual=o.frame_min_relative_residual, spill_dir=spill_dir,
+    rep = detect(sub, sub.species(), descriptors.model_dump(), o, spill_dir=spill_dir,
                  save_descriptors=save_descriptors)
     flagged = {int(idx[int(r.frame)]): r.reason for r in rep.frames.itertuples() if r.quarantine}
     at = rep.frames.frame.to_numpy(dtype=np.int64)

@@ -75,74 +75,119 @@ def _retrying(fn, *args, tries: int = 6, **kwargs):
             time.sleep(0.1 * 2**attempt)
 
 
-def train_member(spec: dict) -> dict:
-    """One ensemble member, run in a Dask worker (or in-process). Logs to its own MLflow run."""
-    from mlflow import MlflowClient
+@dataclasses.dataclass(frozen=True)
+class MemberSpec:
+    """What one ensemble member's training needs, sent to a Dask worker (plain data: it is pickled there)."""
+
+    member: int
+    n_members: int
+    train: dict  # TrainParams.model_dump() of the ensemble (the member's seed is train["seed"] + member)
+    descriptors: dict  # DescriptorParams.model_dump()
+    species: list[str]
+    data_path: str  # the curated extxyz (absolute: the worker's cwd may differ)
+    key: str  # the run fingerprint: checkpoints of other settings or data are ignored
+    checkpoint_dir: str
+    bootstrap: bool
+    threads: int
+    device: str
+    baseline_cache: str
+    tracking_uri: str | None = None
+    run_id: str | None = None  # the member's MLflow run (None: no MLflow, e.g. benchmarks)
+    phase_run_ids: list[str] | None = None  # one MLflow run per curriculum phase
+    queue: str | None = None  # the Dask queue of per-epoch progress
+    init_state: dict | None = None  # warm start (active learning): the member's last weights
+
+    def params(self) -> tuple[TrainParams, DescriptorParams]:
+        p = TrainParams.model_validate(self.train).model_copy(update={"seed": self.train["seed"] + self.member})
+        return p, DescriptorParams.model_validate(self.descriptors)
+
+
+class _EpochLog:
+    """Per-epoch metrics to MLflow, sent in batches at each checkpoint epoch (one sqlite write per run every
+    ``checkpoint_every`` epochs instead of every epoch: with fast epochs the writes dominated), and the
+    epoch to the progress queue. Epochs after the last checkpoint are re-run, and re-logged, after a kill."""
+
+    def __init__(self, client, run_ids: list[str], offset: int, every: int, queue, member: int):
+        self.client, self.run_ids, self.offset, self.every = client, run_ids, offset, every
+        self.queue, self.member = queue, member
+        self.pending: dict[str, list] = {rid: [] for rid in run_ids}
+
+    def __call__(self, row):
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for rid, step in zip(self.run_ids, (self.offset + row["epoch"], row["epoch"])):
+            self.pending[rid] += [Metric(key, float(v), ts, step) for key, v in row.items()
+                                  if key != "epoch" and np.isfinite(v)]
+        if row["epoch"] % self.every == 0:
+            self.flush()
+        if self.queue is not None:
+            _retrying(self.queue.put, (self.member, self.offset + row["epoch"]), tries=2)
+
+    def flush(self):
+        for rid, batch in self.pending.items():
+            for s in range(0, len(batch) if self.client is not None else 0, 1000):
+                _retrying(self.client.log_batch, rid, metrics=batch[s:s + 1000])
+            batch.clear()
+
+
+def _progress_queue(name: str | None):
+    """The Dask queue ``name`` of per-epoch progress, or None (none asked, or not in a Dask worker)."""
+    if not name:
+        return None
+    try:
+        from distributed import Queue
+
+        return Queue(name)
+    except Exception:  # noqa: BLE001 - not in a Dask worker: no progress channel
+        return None
+
+
+def _log_final(client, run_id: str, metrics: dict, best_epoch: int, wall: float) -> None:
+    """A finished run's final metrics (per split, ``by_config`` left to the reports), best epoch and wall time;
+    the run marked FINISHED."""
     from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    _retrying(client.log_batch, run_id, metrics=[
+        Metric(f"final_{s}_{m}", float(v), ts, 0) for s, ms in metrics.items()
+        for m, v in ms.items() if m != "by_config" and np.isfinite(v)]
+        + [Metric("best_epoch", best_epoch, ts, 0), Metric("wall_time_s", wall, ts, 0)])
+    _retrying(client.set_terminated, run_id, "FINISHED")
+
+
+def train_member(spec: MemberSpec) -> dict:
+    """One ensemble member, run in a Dask worker (or in-process): its curriculum's phases in turn (one phase
+    without a curriculum), each resumable from its checkpoints. Logs to its own MLflow run."""
+    from mlflow import MlflowClient
 
     from mlipops.log import setup
 
     setup()  # a worker process has no handler of its own
-
-    torch.set_num_threads(spec["threads"])
-    p = TrainParams.model_validate(spec["train"]).model_copy(update={"seed": spec["train"]["seed"] + spec["member"]})
-    d = DescriptorParams.model_validate(spec["descriptors"])
-    k, species = spec["member"], spec["species"]
-    ckpt_dir = Path(spec["checkpoint_dir"])
-    done = Checkpointer(ckpt_dir / f"member_{k}.done.pt", spec["key"], 1)
+    torch.set_num_threads(spec.threads)
+    p, d = spec.params()
+    k, species = spec.member, spec.species
+    ckpt_dir = Path(spec.checkpoint_dir)
+    done = Checkpointer(ckpt_dir / f"member_{k}.done.pt", spec.key, 1)
     finished = done.load()
     if finished is not None:  # trained before an interruption of another member: do not redo it
         return finished["result"] | {"skipped": True}
-    splits = load_split(Path(spec["data_path"]))
-    cache = spec.get("baseline_cache", BASELINE_CACHE)
-    run_id = spec.get("run_id")  # None: no MLflow (benchmarks)
-    client = MlflowClient(tracking_uri=spec["tracking_uri"]) if run_id else None
-    queue = None
-    if spec.get("queue"):
-        try:
-            from distributed import Queue
-
-            queue = Queue(spec["queue"])
-        except Exception:  # noqa: BLE001 - not in a Dask worker: no progress channel
-            queue = None
-
-    class Logger:
-        """Per-epoch metrics to MLflow, sent in batches at each checkpoint epoch (one sqlite write per
-        run every ``checkpoint_every`` epochs instead of every epoch: with fast epochs the writes
-        dominated). Epochs after the last checkpoint are re-run, and re-logged, after a kill."""
-
-        def __init__(self, run_ids: list[str], offset: int, every: int):
-            self.run_ids, self.offset, self.every = run_ids, offset, every
-            self.pending: dict[str, list] = {rid: [] for rid in run_ids}
-
-        def __call__(self, row):
-            ts = int(time.time() * 1000)
-            for rid, step in zip(self.run_ids, (self.offset + row["epoch"], row["epoch"])):
-                self.pending[rid] += [Metric(key, float(v), ts, step) for key, v in row.items()
-                                      if key != "epoch" and np.isfinite(v)]
-            if row["epoch"] % self.every == 0:
-                self.flush()
-            if queue is not None:
-                _retrying(queue.put, (k, self.offset + row["epoch"]), tries=2)
-
-        def flush(self):
-            for rid, batch in self.pending.items():
-                for s in range(0, len(batch) if client is not None else 0, 1000):
-                    _retrying(client.log_batch, rid, metrics=batch[s:s + 1000])
-                batch.clear()
-
+    splits = load_split(Path(spec.data_path))
+    cache = spec.baseline_cache
+    client = MlflowClient(tracking_uri=spec.tracking_uri) if spec.run_id else None
+    queue = _progress_queue(spec.queue)
     plan = curriculum.phases(p, d)
     multi = len(plan) > 1
-    phase_runs = spec.get("phase_run_ids") or [None] * len(plan)
+    phase_runs = spec.phase_run_ids or [None] * len(plan)
     history, model, offset, walls, resumed, prev_d, last = [], None, 0, 0.0, 0, None, {}
     idx = None
     for i, (pp, dd) in enumerate(plan):
         proto = make_potential(species, pp, dd)
         tr_all, va = prepare(proto, splits["train"], cache), prepare(proto, splits["val"], cache)
         if idx is None:  # the same resample in every phase
-            idx = bootstrap_indices(len(tr_all.graphs), spec["train"]["seed"], k, spec["bootstrap"], spec["n_members"])
+            idx = bootstrap_indices(len(tr_all.graphs), spec.train["seed"], k, spec.bootstrap, spec.n_members)
         tr = tr_all.subset(idx)
-        phase_done = Checkpointer(ckpt_dir / f"member_{k}_phase_{i}.done.pt", spec["key"], 1) if multi else None
+        phase_done = Checkpointer(ckpt_dir / f"member_{k}_phase_{i}.done.pt", spec.key, 1) if multi else None
         st = phase_done.load() if phase_done is not None else None
         if st is not None:  # this phase finished before an interruption
             model = proto.to(DTYPES[pp.dtype])
@@ -155,22 +200,23 @@ def train_member(spec: dict) -> dict:
             prev_d = dd
             continue
         init = None
-        if i == 0 and spec.get("init_state") is not None:  # warm start (active learning): the member's last weights
+        if i == 0 and spec.init_state is not None:  # warm start (active learning): the member's last weights
             init = proto.to(DTYPES[pp.dtype])
-            init.load_state_dict(spec["init_state"])
+            init.load_state_dict(spec.init_state)
         if model is not None:
             init = curriculum.grow(model, pp.hidden, dd.model_dump(), seed=pp.seed * 1009 + i)
             if dd != prev_d:  # new cutoff: new descriptors, standardised on the new values
-                mean, std = feature_statistics(init, tr, DTYPES[pp.dtype], spec["device"])
+                mean, std = feature_statistics(init, tr, DTYPES[pp.dtype], spec.device)
                 init.feature_mean.copy_(mean)
                 init.feature_std.copy_(std)
-        ckpt = Checkpointer(ckpt_dir / (f"member_{k}_phase_{i}.pt" if multi else f"member_{k}.pt"), spec["key"],
+        ckpt = Checkpointer(ckpt_dir / (f"member_{k}_phase_{i}.pt" if multi else f"member_{k}.pt"), spec.key,
                             pp.checkpoint_every)
-        rids = [r for r in (run_id, phase_runs[i]) if r] if client is not None else []
+        rids = [r for r in (spec.run_id, phase_runs[i]) if r] if client is not None else []
         t0 = time.perf_counter()
-        log = Logger(rids, offset, pp.checkpoint_every)
-        result = fit(tr, va, pp, dd, log=log, checkpoint=ckpt, species=species, device=spec["device"], init=init)
-        log.flush()
+        epoch_log = _EpochLog(client, rids, offset, pp.checkpoint_every, queue, k)
+        result = fit(tr, va, pp, dd, log=epoch_log, checkpoint=ckpt, species=species, device=spec.device,
+                     init=init)
+        epoch_log.flush()
         wall = time.perf_counter() - t0
         rows = [h | {"epoch": offset + h["epoch"], "phase": i, "phase_epoch": h["epoch"]} for h in result.history]
         model, walls, prev_d = result.model, walls + wall, dd
@@ -179,26 +225,16 @@ def train_member(spec: dict) -> dict:
         last = {"metrics": result.metrics, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
         if multi:
             if client is not None and phase_runs[i]:
-                ts = int(time.time() * 1000)
-                _retrying(client.log_batch, phase_runs[i], metrics=[
-                    Metric(f"final_{s}_{m}", float(v), ts, 0) for s, ms in result.metrics.items()
-                    for m, v in ms.items() if m != "by_config" and np.isfinite(v)]
-                    + [Metric("best_epoch", result.best_epoch, ts, 0), Metric("wall_time_s", wall, ts, 0)])
-                _retrying(client.set_terminated, phase_runs[i], "FINISHED")
+                _log_final(client, phase_runs[i], result.metrics, result.best_epoch, wall)
             phase_done.save({"state": _cpu_state(model), "history": rows, "wall": wall, "last": last})
         ckpt.remove()
         history += rows
         offset += pp.epochs
-    final = {f"final_{s}_{m}": v for s, ms in last["metrics"].items() for m, v in ms.items() if m != "by_config"}
+    best = offset - plan[-1][0].epochs + last["best_epoch"]
     if client is not None:
-        ts = int(time.time() * 1000)
-        _retrying(client.log_batch, run_id, metrics=[Metric(key, float(v), ts, 0) for key, v in final.items()
-                                                     if np.isfinite(v)]
-                  + [Metric("best_epoch", offset - plan[-1][0].epochs + last["best_epoch"], ts, 0),
-                     Metric("wall_time_s", walls, ts, 0)])
-        _retrying(client.set_terminated, run_id, "FINISHED")
+        _log_final(client, spec.run_id, last["metrics"], best, walls)
     out = {"member": k, "state": _cpu_state(model), "history": history,
-           "best_epoch": offset - plan[-1][0].epochs + last["best_epoch"], "stopped_early": last["stopped_early"],
+           "best_epoch": best, "stopped_early": last["stopped_early"],
            "resumed_from_epoch": resumed, "metrics": last["metrics"], "n_phases": len(plan),
            "n_train": len(tr.graphs), "n_train_unique": int(len(np.unique(idx))), "wall_time_s": walls}
     done.save({"result": out})
@@ -232,13 +268,13 @@ def train_ensemble(data_path: str | Path, species: list[str], p: TrainParams, d:
     if p.baseline.calculator:  # Δ-learning: label every frame with the baseline once, here, not in each member
         splits = load_split(Path(data_path))
         make_potential(species, p, d).baseline.labels(splits["train"] + splits["val"], cache)
-    specs = [{"member": k, "n_members": M, "train": p.model_dump(), "descriptors": d.model_dump(),
-              "species": list(species), "data_path": str(Path(data_path).resolve()), "key": key,
-              "checkpoint_dir": str(Path(checkpoint_dir).resolve()), "tracking_uri": tracking_uri,
-              "run_id": run_ids[k] if run_ids else None, "bootstrap": p.ensemble.bootstrap,
-              "threads": c.threads_per_worker, "device": resolve_device(p.device), "queue": queue_name,
-              "baseline_cache": str(cache), "phase_run_ids": phase_run_ids[k] if phase_run_ids else None,
-              "init_state": init_states[k] if init_states else None}
+    specs = [MemberSpec(member=k, n_members=M, train=p.model_dump(), descriptors=d.model_dump(),
+                        species=list(species), data_path=str(Path(data_path).resolve()), key=key,
+                        checkpoint_dir=str(Path(checkpoint_dir).resolve()), tracking_uri=tracking_uri,
+                        run_id=run_ids[k] if run_ids else None, bootstrap=p.ensemble.bootstrap,
+                        threads=c.threads_per_worker, device=resolve_device(p.device), queue=queue_name,
+                        baseline_cache=str(cache), phase_run_ids=phase_run_ids[k] if phase_run_ids else None,
+                        init_state=init_states[k] if init_states else None)
              for k in range(M)]
     if init_states is not None and len(init_states) != M:
         raise StageInputError(f"{len(init_states)} initial states for {M} ensemble members",
