@@ -462,3 +462,19 @@ def test_frozen_forward_equals_the_model_and_trains_identically(frames):
     for (k, v), w in zip(r_fast.model.state_dict().items(), r_slow.model.state_dict().values()):
         torch.testing.assert_close(v, w, rtol=0, atol=1e-9, msg=k)
     assert r_fast.history[-1]["val_force_mae"] == pytest.approx(r_slow.history[-1]["val_force_mae"], rel=1e-8)
+
+
+def test_jacobians_over_the_memory_cap_train_through_autograd_and_say_so(frames, monkeypatch, capsys):
+    """Descriptor Jacobians beyond FROZEN_MAX_BYTES: the same training through autograd, one log line."""
+    from mlipops.log import setup
+    from mlipops.train import loop
+
+    setup()
+    tr, va = _split(frames)
+    ref = fit(tr, va, _tp(epochs=2, precompute_descriptors=False), SMALL_D)
+    monkeypatch.setattr(loop, "FROZEN_MAX_BYTES", 0)
+    capsys.readouterr()
+    r = fit(tr, va, _tp(epochs=2), SMALL_D)
+    assert "descriptor Jacobians would take" in capsys.readouterr().err
+    for (k, v), w in zip(r.model.state_dict().items(), ref.model.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)

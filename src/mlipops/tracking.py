@@ -40,7 +40,7 @@ LOCATION_COLUMNS = (("experiments", "artifact_location", ""), ("runs", "artifact
                     ("logged_models", "artifact_location", ""), ("workspaces", "default_artifact_root", ""),
                     ("trace_tags", "value", "key = 'mlflow.artifactLocation'"))
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def tracking_uri(uri: str) -> str:
@@ -129,7 +129,7 @@ def relocate(uri: str) -> list[Path]:
             mlflow_utils._artifact_repos_cache.clear()
         except (ImportError, AttributeError):  # another MLflow: no such cache
             pass
-        log.info(f"this project was copied or moved from {', '.join(map(str, old))}: its MLflow store "
+        logger.info(f"this project was copied or moved from {', '.join(map(str, old))}: its MLflow store "
               f"{db.name} now points at {root} ({n} artifact locations rewritten)")
     return old
 
@@ -207,7 +207,7 @@ def log_metrics(run_json: str | Path, metrics: dict, prefix: str = "eval_") -> N
     info = json.loads(Path(run_json).read_text())
     c = client(info["tracking_uri"])
     if find_run(c, info["run_id"]) is None:
-        log.info(f"MLflow run {info['run_id']} ({run_json}) is not in the store {c.tracking_uri}: "
+        logger.info(f"MLflow run {info['run_id']} ({run_json}) is not in the store {c.tracking_uri}: "
               "the metrics are in the reports only")
         return
     ts = int(time.time() * 1000)

@@ -59,7 +59,7 @@ _SCORE = {"projected": "sigma_projected", "force": "max_sigma_f", "gamma": "gamm
 # knobs that do not change what the loop computes: a state written with other values is still valid
 _OPERATIONAL = {"retries", "backoff_s", "timeout_s", "iterations", "mlflow"}
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def params_fingerprint(p: ActiveParams, model_dir: str | Path, params: Params | None = None) -> str:
@@ -489,7 +489,7 @@ def run_loop(params: Params, oracle, model_dir: str | Path, crystal: Crystal, pr
         if exc.field != "params_fingerprint":
             raise
         archive = archive_campaign(work_dir, out_dir)
-        log.warning(f"{work_dir / 'state.json'} belongs to a campaign of other params or another seed model; "
+        logger.warning(f"{work_dir / 'state.json'} belongs to a campaign of other params or another seed model; "
               f"it is kept, with its labels, in {archive}; starting a new campaign")
         st = load_or_start(work_dir / "state.json", fp)
     if p.mode == "gamma" and _current_index(p, st) is None:

@@ -65,7 +65,7 @@ def read_reference() -> dict:
     except json.JSONDecodeError as exc:
         raise StageInputError(f"unreadable: {exc}", file=str(REFERENCE_JSON)) from None
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def phase_errors(model, frames: list[Atoms]) -> list[dict]:
@@ -635,7 +635,7 @@ def run_sweep(p: Params, fractions: list[float] | None = None, run_experiments: 
         if run_experiments:
             env = os.environ | {"PYTHONPATH": str(Path("src").resolve())}
             cmd = ["dvc", "exp", "run", "--temp", "--force", "-n", name, "-S", f"{key}={f}", "melting"]
-            log.info("$ " + " ".join(cmd))
+            logger.info("$ " + " ".join(cmd))
             r = subprocess.run(cmd, env=env)
             if r.returncode:
                 raise MlipopsError(f"`{' '.join(cmd)}` failed with exit code {r.returncode}", field=key)

@@ -76,7 +76,7 @@ FRAME_DTYPES = {
 }
 _DEGENERATE = 1e-9  # a cell measure below this fraction of the product of its vector lengths is zero
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def _cell_measure(a: Atoms) -> tuple[float, int]:
@@ -823,7 +823,7 @@ def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: Va
     (REPORT_DIR / "validation_result.json").write_text(json.dumps(gx_result, indent=1, default=str))
     dataset_failed = gx_result["dataset_checks_failed"]
     for d in dataset_failed:  # dataset-level: a warning, nothing quarantined, the stage goes on
-        log.warning(f"dataset check {d['check']}: {d['reason']}")
+        logger.warning(f"dataset check {d['check']}: {d['reason']}")
     n_in = len(info) + len(earlier)
     by_check = Counter(c for cs in quarantine["check"].fillna("") for c in cs.split(",") if c)
     metrics = {"n_ingested": n_in, "n_accepted": n_accepted, "n_quarantined": len(quarantine),

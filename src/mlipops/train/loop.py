@@ -31,7 +31,7 @@ from mlipops.params import DescriptorParams, TrainParams
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT_FORMAT = "mlipops.checkpoint/1"
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -308,10 +308,10 @@ class Checkpointer:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a torn or foreign file: start afresh, say so
-            log.warning(f"ignoring unreadable checkpoint {self.path}: {str(exc).splitlines()[0][:200]}")
+            logger.warning(f"ignoring unreadable checkpoint {self.path}: {str(exc).splitlines()[0][:200]}")
             return None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("key") != self.key:
-            log.info(f"ignoring checkpoint {self.path}: made with other settings or data")
+            logger.info(f"ignoring checkpoint {self.path}: made with other settings or data")
             return None
         return state
 
@@ -432,7 +432,7 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
         if need <= FROZEN_MAX_BYTES:
             fz_tr, fz_va = freeze(model, train, dtype, device), freeze(model, val, dtype, device)
         else:
-            log.info(f"descriptor Jacobians would take {need / 1e9:.1f} GB: training through autograd instead")
+            logger.info(f"descriptor Jacobians would take {need / 1e9:.1f} GB: training through autograd instead")
     for epoch in range(start, p.epochs + 1):
         t0 = time.perf_counter()
         model.train()

@@ -47,7 +47,7 @@ from mlipops.train import curriculum
 # params that do not change the numbers: a run may resume across them
 _NON_NUMERIC = {"experiment", "tracking_uri", "artifact_location", "device", "checkpoint_every"}
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def run_fingerprint(p: TrainParams, d: DescriptorParams, data_md5: str) -> str:
@@ -70,7 +70,7 @@ def _retrying(fn, *args, tries: int = 6, **kwargs):
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             if attempt == tries - 1:
-                log.warning(f"MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on")
+                logger.warning(f"MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on")
                 return None
             time.sleep(0.1 * 2**attempt)
 
@@ -405,7 +405,7 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     device = resolve_device(p.device)
     M = p.ensemble.members
     if resume is not None:
-        log.info(f"resuming training of {p.model_name} from {ckpt_dir} (MLflow run {state['parent_run_id']})")
+        logger.info(f"resuming training of {p.model_name} from {ckpt_dir} (MLflow run {state['parent_run_id']})")
     timing = {"setup": time.perf_counter() - t0}
     t1 = time.perf_counter()
     ensemble, members, t_dask = train_ensemble(data_path, species, p, d, c, checkpoint_dir=ckpt_dir, key=key,
