@@ -380,6 +380,86 @@ def species_of(frames: list[Atoms]) -> list[str]:
     return sorted({s for a in frames for s in a.get_chemical_symbols()}, key=lambda s: Atoms(s).numbers[0])
 
 
+def _optimizer(model: Potential, p: TrainParams):
+    """The optimizer (Adam or AdamW) and learning-rate scheduler (cosine, plateau or None) of ``p``."""
+    opt_cls = torch.optim.AdamW if p.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
+    if p.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs, eta_min=p.learning_rate / 20)
+    elif p.scheduler == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, (p.patience or 10) // 3))
+    else:
+        sched = None
+    return opt, sched
+
+
+@dataclass
+class _Progress:
+    """Where a training stands: the best validation score and weights so far, epochs without improvement, and
+    the epoch to start from (after a resume: the checkpoint's + 1)."""
+
+    best: float = float("inf")
+    best_state: dict | None = None
+    bad_epochs: int = 0
+    start: int = 1
+
+
+def _resume(checkpoint: Checkpointer | None, model: Potential, opt, sched, rng: np.random.Generator,
+            result: TrainResult) -> _Progress:
+    """The checkpoint's model, optimizer, scheduler and random states restored (a fresh start without one)."""
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is None:
+        return _Progress()
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None and state.get("scheduler") is not None:
+        sched.load_state_dict(state["scheduler"])
+    rng.bit_generator.state = json.loads(state["np_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    result.best_epoch, result.history = state["best_epoch"], list(state["history"])
+    result.resumed_from_epoch = state["epoch"] + 1
+    return _Progress(state["best"], state["best_state"], state["bad_epochs"], state["epoch"] + 1)
+
+
+def _train_epoch(model: Potential, train: Prepared, p: TrainParams, opt, rng: np.random.Generator, frozen,
+                 use_stress: bool, dtype, device) -> dict:
+    """One pass over ``train`` in shuffled batches: the weighted energy, force (and stress) loss, one optimizer
+    step per batch; the epoch's training errors, overall and per config_type, as a metrics row."""
+    model.train()
+    sums = _ErrorSums()
+    for idx in _batches(len(train.graphs), p.batch_size, rng):
+        b = Potential.collate([train.graphs[k] for k in idx], dtype, device)
+        e, f, n, s, has_s = _targets(train, idx, dtype, device)
+        want_s = use_stress and s is not None
+        out = _forward(model, b, frozen, idx, stress=want_s, create_graph=True)
+        de = (out["energy"] - e) / n
+        dfor = out["forces"] - f
+        loss = p.energy_weight * (de**2).mean() + p.force_weight * (dfor**2).mean()
+        if want_s:
+            ds = (out["stress"] - s)[has_s]
+            loss = loss + p.stress_weight * (ds**2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sums.add(train.config_type[idx], de.detach().cpu().numpy(),
+                 _split_forces(dfor.detach().cpu().numpy(), train.n_atoms[idx]))
+    tm = sums.metrics()
+    row = {f"train_{k}": v for k, v in tm.pop("__all__").items() if k != "n_frames"}
+    return row | {f"train_by_config/{ct}/{k}": v for ct, m in tm.items() for k, v in m.items() if k != "n_frames"}
+
+
+def _validate(model: Potential, val: Prepared, p: TrainParams, epoch: int, frozen, dtype, device) -> tuple[dict, float]:
+    """The validation errors as a metrics row, and the score the best epoch is chosen by (the loss's weighting
+    of the squared RMSEs; without a validation split, -epoch: the last epoch is kept)."""
+    if not val.graphs:
+        return {}, -epoch
+    m = evaluate_split(model, val, dtype, device=device, by_config=True, frozen=frozen)
+    row = {f"val_{k}": v for k, v in m.items() if k != "by_config"}
+    row |= {f"val_by_config/{ct}/{k}": v for ct, mm in m["by_config"].items() for k, v in mm.items()
+            if k != "n_frames"}
+    return row, float(p.energy_weight * m["energy_rmse_per_atom"] ** 2 + p.force_weight * m["force_rmse"] ** 2)
+
+
 def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainParams, d: DescriptorParams,
         log: Callable[[dict], None] | None = None, checkpoint: Checkpointer | None = None,
         species: list[str] | None = None, device: str | None = None, progress_cb=None,
@@ -404,27 +484,9 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
     if not train.graphs:
         raise StageInputError("no training frames", field="split")
     model = init.to(dtype=dtype, device=device) if init is not None else init_model(train, species, p, d, dtype, device)
-    opt_cls = torch.optim.AdamW if p.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
-    if p.scheduler == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs, eta_min=p.learning_rate / 20)
-    elif p.scheduler == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, (p.patience or 10) // 3))
-    else:
-        sched = None
+    opt, sched = _optimizer(model, p)
     result = TrainResult(model)
-    best, best_state, bad_epochs, start = float("inf"), None, 0, 1
-    state = checkpoint.load() if checkpoint is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler") is not None:
-            sched.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = json.loads(state["np_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        best, best_state, bad_epochs = state["best"], state["best_state"], state["bad_epochs"]
-        result.best_epoch, result.history = state["best_epoch"], list(state["history"])
-        start = result.resumed_from_epoch = state["epoch"] + 1
+    run = _resume(checkpoint, model, opt, sched, rng, result)
     use_stress = p.stress_weight > 0 and any(s is not None for s in train.stress)
     fz_tr = fz_va = None
     if p.precompute_descriptors:
@@ -433,65 +495,39 @@ def fit(train: list[Atoms] | Prepared, val: list[Atoms] | Prepared, p: TrainPara
             fz_tr, fz_va = freeze(model, train, dtype, device), freeze(model, val, dtype, device)
         else:
             logger.info(f"descriptor Jacobians would take {need / 1e9:.1f} GB: training through autograd instead")
-    for epoch in range(start, p.epochs + 1):
+    for epoch in range(run.start, p.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        sums = _ErrorSums()
-        for idx in _batches(len(train.graphs), p.batch_size, rng):
-            b = Potential.collate([train.graphs[k] for k in idx], dtype, device)
-            e, f, n, s, has_s = _targets(train, idx, dtype, device)
-            want_s = use_stress and s is not None
-            out = _forward(model, b, fz_tr, idx, stress=want_s, create_graph=True)
-            de = (out["energy"] - e) / n
-            dfor = out["forces"] - f
-            loss = p.energy_weight * (de**2).mean() + p.force_weight * (dfor**2).mean()
-            if want_s:
-                ds = (out["stress"] - s)[has_s]
-                loss = loss + p.stress_weight * (ds**2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sums.add(train.config_type[idx], de.detach().cpu().numpy(),
-                     _split_forces(dfor.detach().cpu().numpy(), train.n_atoms[idx]))
-        tm = sums.metrics()
-        row = {"epoch": epoch, "lr": float(opt.param_groups[0]["lr"])}
-        row |= {f"train_{k}": v for k, v in tm.pop("__all__").items() if k != "n_frames"}
-        row |= {f"train_by_config/{ct}/{k}": v for ct, m in tm.items() for k, v in m.items() if k != "n_frames"}
-        if val.graphs:
-            m = evaluate_split(model, val, dtype, device=device, by_config=True, frozen=fz_va)
-            row |= {f"val_{k}": v for k, v in m.items() if k != "by_config"}
-            row |= {f"val_by_config/{ct}/{k}": v for ct, mm in m["by_config"].items() for k, v in mm.items()
-                    if k != "n_frames"}
-            score = float(p.energy_weight * m["energy_rmse_per_atom"] ** 2 + p.force_weight * m["force_rmse"] ** 2)
-        else:
-            score = -epoch  # no validation split: keep the last epoch
+        train_row = _train_epoch(model, train, p, opt, rng, fz_tr, use_stress, dtype, device)
+        row = {"epoch": epoch, "lr": float(opt.param_groups[0]["lr"])} | train_row
+        val_row, score = _validate(model, val, p, epoch, fz_va, dtype, device)
+        row |= val_row
         if sched is not None:
             sched.step(score) if p.scheduler == "plateau" else sched.step()
         row["epoch_time_s"] = float(time.perf_counter() - t0)
         if not np.isfinite(score):
             raise StageInputError(f"training diverged at epoch {epoch} (non-finite validation loss); "
                                   "lower train.learning_rate", field="train.learning_rate")
-        if score < best:
-            best, result.best_epoch, bad_epochs = score, epoch, 0
-            best_state = _cpu_state(model)
+        if score < run.best:
+            run.best, result.best_epoch, run.bad_epochs = score, epoch, 0
+            run.best_state = _cpu_state(model)
         else:
-            bad_epochs += 1
+            run.bad_epochs += 1
         result.history.append(row)
         if log is not None:
             log(row)
         if progress_cb is not None:
             progress_cb(epoch, row)
-        stop = p.patience is not None and bad_epochs >= p.patience
+        stop = p.patience is not None and run.bad_epochs >= p.patience
         if checkpoint is not None and (epoch % checkpoint.every == 0) and epoch < p.epochs and not stop:
             checkpoint.save({"epoch": epoch, "model": _cpu_state(model), "optimizer": _cpu_state(opt),
                              "scheduler": sched.state_dict() if sched is not None else None,
                              "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
-                             "best": best, "best_state": best_state, "bad_epochs": bad_epochs,
+                             "best": run.best, "best_state": run.best_state, "bad_epochs": run.bad_epochs,
                              "best_epoch": result.best_epoch, "history": result.history})
         if stop:
             result.stopped_early = True
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(run.best_state)
     model.eval()
     result.metrics = {"train": evaluate_split(model, train, dtype, device=device, by_config=True, frozen=fz_tr)}
     if val.graphs:
