@@ -231,7 +231,8 @@ def bench_pipeline(data: Path, run_dir: Path) -> dict:
         out["rss_after_ingest_mib"] = peak_rss_mib()
 
         t0 = time.perf_counter()
-        m = quality.run(ValidateParams(allowed_species=["Cu"], min_interatomic_distance=1.5, max_abs_force=50.0))
+        m = quality.run(ValidateParams(allowed_species=["Cu"], min_interatomic_distance=1.5, max_abs_force=50.0,
+                                       expected_test_config_types=[]))
         out["validate_s"] = time.perf_counter() - t0
         out["validate_metrics"] = m
         out["rss_after_validate_mib"] = peak_rss_mib()

@@ -76,7 +76,8 @@ def test_resolve_the_embedded_emt_copper_is_fcc_at_emts_lattice_constant():
     from mlipops.params import GenerateParams
 
     g = GenerateParams.model_validate({
-        "crystals": {"rattles_per_strain": 1}, "defects": {"vacancy_cells": 1, "slab_rattles": 0},
+        "crystals": {"rattles_per_strain": 1},
+        "defects": {"vacancy_cells": 1, "vacancy_supercell": 2, "slab_rattles": 0},
         "liquid": {"snapshots": 2, "equilibration_steps": 10, "interval": 5, "supercell": 2},
         "paths": {"adatom_points": 2, "dimer_points": 2}})
     frames, meta = build_dataset(g)

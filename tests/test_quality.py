@@ -35,7 +35,8 @@ from mlipops.quality.validate import (
 REPO = Path(__file__).resolve().parents[1]
 
 P = ValidateParams(allowed_species=["Cu"], min_interatomic_distance=1.5, max_abs_force=50.0,
-                   energy_per_atom_range={"Cu": (-1.0, 5.0)}, net_force_tolerance=0.05, box_margin=5.0)
+                   energy_per_atom_range={"Cu": (-1.0, 5.0)}, net_force_tolerance=0.05, box_margin=5.0,
+                   expected_test_config_types=[])
 
 
 # ------------------------------------------------------------------------------------ building

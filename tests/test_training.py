@@ -280,9 +280,9 @@ def _stage_dir(root: Path, frames) -> Path:
     write_extxyz(root / "data/curated/accepted.extxyz", frames)
     params = {"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]},
               "descriptors": SMALL_D.model_dump(),
-              "train": {"epochs": STAGE_EPOCHS, "hidden": [8], "batch_size": 4, "dtype": "float64",
-                        "learning_rate": 0.01,
-                        "checkpoint_every": 1, "device": "cpu", "ensemble": {"members": 2}},
+              "train": {"epochs": STAGE_EPOCHS, "patience": None, "hidden": [8], "batch_size": 4,
+                        "dtype": "float64", "learning_rate": 0.01, "checkpoint_every": 1, "device": "cpu",
+                        "ensemble": {"members": 2}},
               "compute": {"n_workers": 2}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
