@@ -65,8 +65,8 @@ TINY = {
 }
 
 
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+def _run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=_env() | env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (f"{' '.join(cmd)} failed ({res.returncode}):\n"
                                  f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
@@ -95,10 +95,33 @@ def repo(tmp_path_factory) -> Path:
     _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(d.parent / "dvc-storage")], d)
     _run(["git", "add", "-A"], d)
     _run(["git", "commit", "-qm", "tiny pipeline"], d)
-    res = _run([sys.executable, "-m", "dvc", "repro", "promote", "bo_scan"], d)  # = `make repro`: all but active
+    # = `make repro`: all but active; each stage command records the params keys it reads (mlipops.params)
+    res = _run([sys.executable, "-m", "dvc", "repro", "promote", "bo_scan"], d,
+               MLIPOPS_PARAMS_TRACE=str(d.parent / "params_read"))
     ran = _ran_stages(res.stdout)
     assert set(ran) == set(STAGES) | SIDE and [s for s in ran if s in STAGES] == STAGES, ran
     return d
+
+
+def test_every_stage_reads_only_the_params_it_declares(repo: Path):
+    """Each stage command, run by dvc repro, read only params keys its declaration in mlipops.pipeline.STAGES
+    (hence its dvc.yaml params) covers: a key read but not declared would not re-run the stage when it changes."""
+    from mlipops.pipeline import STAGES
+
+    by_cmd = {s.cmd: name for name, s in STAGES.items()}
+    seen, problems = set(), []
+    for f in sorted((repo.parent / "params_read").glob("*.json")):
+        trace = json.loads(f.read_text())
+        cmd = " ".join(["mlipops", *trace["argv"]])
+        name = by_cmd.get(cmd)
+        assert name is not None, f"{cmd!r} is no stage command"
+        seen.add(name)
+        declared = STAGES[name].params + STAGES[name].untracked
+        problems += [f"stage {name!r} reads {key}, which neither its params nor its untracked keys cover "
+                     f"({', '.join(declared)})"
+                     for key in trace["read"] if not any(key == d or key.startswith(d + ".") for d in declared)]
+    assert seen == set(STAGES) - {"active"}, seen
+    assert not problems, "\n".join(problems)
 
 
 def test_outputs_exist(repo: Path):

@@ -221,6 +221,14 @@ def test_dvc_yaml_is_the_declared_pipeline():
     assert not problems, "dvc.yaml and mlipops.pipeline.STAGES disagree:\n" + "\n".join(problems)
 
 
+def test_every_untracked_key_has_its_reason():
+    from mlipops.pipeline import UNTRACKED
+
+    for name, stage in STAGES.items():
+        assert set(stage.untracked) <= set(UNTRACKED), (name, stage.untracked)
+        assert not set(stage.untracked) & set(stage.params), name
+
+
 def test_only_the_contract_spells_data_and_report_paths():
     problems = path_literals(_modules())
     assert not problems, "paths outside mlipops/pipeline.py:\n" + "\n".join(problems)

@@ -20,8 +20,10 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params fil
 
 
 def _params(path: Path):
-    from mlipops.params import load_params
+    from mlipops.params import TRACE_ENV, load_params, trace_reads
 
+    if os.environ.get(TRACE_ENV):  # tests: which params keys this command reads (see mlipops.params)
+        trace_reads(os.environ[TRACE_ENV])
     return load_params(path)
 
 

@@ -77,8 +77,61 @@ Name = Annotated[str, AfterValidator(_name)]
 OutputDir = Annotated[str, AfterValidator(_output_dir(strict=True))]
 
 
+# Tracing which params keys a command reads (MLIPOPS_PARAMS_TRACE=<folder>: tests/test_e2e.py checks each stage's
+# reads against its declaration in mlipops.pipeline.STAGES): None unless tracing. "paths" maps id(section) to its
+# dotted prefix, "read" collects the keys read (a scalar, list or mapping field; a whole section's dump: the
+# section's key; the whole params: "*").
+TRACE_ENV = "MLIPOPS_PARAMS_TRACE"
+_TRACE: dict | None = None
+_WHOLE = frozenset({"model_dump", "model_dump_json", "model_copy"})
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __getattribute__(self, name: str):
+        t = _TRACE
+        if t is None or name[0] == "_":
+            return BaseModel.__getattribute__(self, name)
+        prefix = t["paths"].get(id(self))
+        if prefix is not None:
+            field = type(self).model_fields.get(name)
+            if field is not None:
+                value = BaseModel.__getattribute__(self, name)
+                if not isinstance(value, _Section):
+                    t["read"].add(prefix + (field.alias or name))
+                return value
+            if name in _WHOLE:
+                t["read"].add(prefix[:-1] or "*")
+        return BaseModel.__getattribute__(self, name)
+
+
+def trace_reads(folder: str | Path) -> None:
+    """From now on, record the params keys this process reads from what :func:`load_params` returns; at exit,
+    write them with the command line to ``<folder>/<pid>.json``."""
+    import atexit
+    import json
+    import os
+    import sys
+
+    global _TRACE
+    if _TRACE is not None:  # already tracing (a second load in this process): one record
+        return
+    _TRACE = {"paths": {}, "read": set()}
+
+    def write():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{os.getpid()}.json").write_text(
+            json.dumps({"argv": sys.argv[1:], "read": sorted(_TRACE["read"])}))
+    atexit.register(write)
+
+
+def _tag(section: BaseModel, prefix: str) -> None:
+    _TRACE["paths"][id(section)] = prefix
+    for name, field in type(section).model_fields.items():
+        value = BaseModel.__getattribute__(section, name)
+        if isinstance(value, _Section):
+            _tag(value, f"{prefix}{field.alias or name}.")
 
 
 # --------------------------------------------------------------------------------------- generate
@@ -1015,11 +1068,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not isinstance(raw, dict):
         raise ParamsError("top level must be a mapping of stage sections", file=str(path))
     try:
-        return Params.model_validate(raw, context={"root": path.resolve().parent})
+        params = Params.model_validate(raw, context={"root": path.resolve().parent})
     except ValidationError as exc:
         raise ParamsError(_format_error(path, exc)) from None
     except RecursionError:
         raise ParamsError("nested too deeply", file=str(path)) from None
+    if _TRACE is not None:
+        _tag(params, "")
+    return params
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

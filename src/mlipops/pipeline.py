@@ -8,7 +8,8 @@ upstream stage that writes them (``evaluate`` reads the models from :data:`MODEL
 what it writes (cached outputs, uncached reports, metrics, plots). ``tests/test_pipeline_contract.py``
 checks ``dvc.yaml`` against it (every stage, every data dep, out, metric, plot and params key; the code deps
 are checked by ``tests/test_dvc_contract.py`` from each command's import closure), and that no module but
-this one spells a path under ``data/`` or ``reports/``. A ``${section.key}`` in a path is DVC's
+this one spells a path under ``data/`` or ``reports/``; ``tests/test_e2e.py`` traces the params keys each stage
+command reads and fails on one its params (or its :data:`UNTRACKED` keys, each with a reason) do not cover. A ``${section.key}`` in a path is DVC's
 interpolation of params.yaml; :data:`FROM_PARAMS` marks inputs listed by params (``ingest.sources``).
 
 This module imports nothing of the package: every stage may import it without pulling in another's code.
@@ -88,6 +89,7 @@ class Stage:
     cmd: str
     params: tuple[str, ...]
     reads: tuple[str, ...] = ()
+    untracked: tuple[str, ...] = ()  # params keys read that are not deps, each for a reason of UNTRACKED
     outs: tuple[str, ...] = ()
     persist: tuple[str, ...] = ()
     reports: tuple[str, ...] = ()
@@ -97,6 +99,23 @@ class Stage:
     def writes(self) -> tuple[str, ...]:
         return self.outs + self.persist + self.reports + self.metrics + self.plots
 
+
+# params keys a stage reads that are, by design, not its DVC params (changing one does not re-run it): the
+# reason of each. tests/test_e2e.py traces the keys every stage command reads (mlipops.params.trace_reads) and
+# fails on one neither its params nor this list cover.
+UNTRACKED = {
+    "compute": "where Dask runs the work (a local cluster's size, a scheduler address): not what it computes",
+    "train.device": "where a fit runs (CPU or CUDA): the same model to rounding",
+    "train.precompute_descriptors": "how the descriptor Jacobians are had (precomputed or by autograd): the same "
+                                    "model to rounding (tests/test_training.py)",
+    "train.tracking_uri": "where MLflow records the run",
+    "train.experiment": "where MLflow records the run",
+    "train.artifact_location": "where MLflow records the run",
+    "train.baseline.calculator": "the allowlist of calculators a model folder may name (models.schema."
+                                 "trusted_calculators): whether a model loads, not what it predicts; train, which "
+                                 "uses it, tracks it",
+}
+_TRACKING = ("train.tracking_uri", "train.experiment", "train.artifact_location")
 
 _E, _U, _D, _M, _N = EVALUATE_REPORTS, UNCERTAINTY_REPORTS, DEFECTS_REPORTS, MELTING_REPORTS, NVE_REPORTS
 
@@ -142,13 +161,14 @@ STAGES: dict[str, Stage] = {
         persist=_p(INDEX), reports=_p(INDEX_REPORTS / "coverage.md"), metrics=_p(INDEX_REPORTS / "metrics.json"),
         plots=_p(INDEX_REPORTS / "projection.png", INDEX_REPORTS / "gamma_histogram.png")),
     "train": Stage(
-        cmd="mlipops train", params=("train", "descriptors"), reads=_p(ACCEPTED),
+        cmd="mlipops train", params=("train", "descriptors"), untracked=("compute",), reads=_p(ACCEPTED),
         outs=(MODEL,), reports=_p(TRAIN_REPORTS / "summary.md"), metrics=_p(TRAIN_REPORTS / "metrics.json"),
         plots=_p(TRAIN_REPORTS / "learning_curve.png", TRAIN_REPORTS / "parity_energy.png",
                  TRAIN_REPORTS / "parity_forces.png")),
     "evaluate": Stage(
         cmd="mlipops evaluate",
         params=("evaluate.splits", "evaluate.uncertainty", "evaluate.paths", "train.model_name"),
+        untracked=("train.baseline.calculator",),
         reads=(MODEL, *_p(ACCEPTED, INDEX)),
         reports=_p(_E / "summary.md", PATHS_JSON, _U / "summary.md", _U / "uncertainty.json",
                    _E / "provenance.json", _U / "provenance.json"),
@@ -159,7 +179,9 @@ STAGES: dict[str, Stage] = {
     "defects": Stage(
         cmd="mlipops evaluate defects",
         params=("evaluate.defects", "crystal", "descriptors", "index.coordination_cutoff", "index.pca_components",
-                "generate.element", "generate.oracle", "generate.defects", *(f"train.{k}" for k in FIT_KEYS)),
+                "generate.element", "generate.oracle", "generate.defects", "generate.liquid",
+                *(f"train.{k}" for k in FIT_KEYS)),
+        untracked=("train.device", "train.precompute_descriptors", *_TRACKING),
         reads=_p(ACCEPTED),
         reports=_p(_D / "summary.md", _D / "defects.json", _D / "provenance.json"),
         metrics=_p(_D / "metrics.json"),
@@ -171,21 +193,24 @@ STAGES: dict[str, Stage] = {
                 *(f"evaluate.melting.{k}" for k in MELTING_REFERENCE_KEYS),
                 "generate.element", "crystal.element", "crystal.lattice", "validate.allowed_species",
                 "generate.oracle"),
+        untracked=("compute",),
         outs=_p(MELTING_REFERENCE, MELTING_REFERENCE_PHASES)),
     "melting": Stage(
         cmd="mlipops evaluate melting",
         params=("evaluate.melting", *ELEMENT_KEYS, "train.model_name"),
+        untracked=("compute", "train.baseline.calculator"),
         reads=(MODEL, *_p(MELTING_REFERENCE, MELTING_REFERENCE_PHASES, INDEX)),
         reports=_p(_M / "summary.md", MELTING_POINT_JSON, _M / "provenance.json"),
         metrics=_p(_M / "metrics.json"),
         plots=_p(_M / "distribution.png", _M / "traces_members.png", _M / "traces_reference.png")),
     "nve": Stage(
         cmd="mlipops evaluate nve", params=("evaluate.nve", "crystal", "generate.oracle", "train.model_name"),
+        untracked=("train.baseline.calculator",),
         reads=(MODEL, *_p(ACCEPTED)),
         reports=_p(_N / "summary.md", _N / "provenance.json"), metrics=_p(_N / "metrics.json"),
         plots=_p(_N / "energy.png")),
     "promote": Stage(
-        cmd="mlipops promote", params=("promote", "train.model_name"),
+        cmd="mlipops promote", params=("promote", "train.model_name"), untracked=("train.baseline.calculator",),
         reads=(MODEL, *_p(_E / "metrics.json", _E / "provenance.json", PATHS_JSON, _U / "uncertainty.json",
                           _U / "metrics.json", _U / "provenance.json", _D / "defects.json", _D / "metrics.json",
                           _D / "provenance.json", MELTING_POINT_JSON, _M / "metrics.json", _M / "provenance.json",

@@ -70,7 +70,7 @@ from mlipops.errors import MlipopsError, StageInputError
 from mlipops.evaluate.predict import predict, spearman
 from mlipops.frames import frame_id, labels
 from mlipops.params import CrystalParams, DefectParams, DescriptorParams, GenerateParams, IndexParams, TrainParams
-from mlipops.pipeline import DEFECTS_REPORTS as REPORT_DIR
+from mlipops.pipeline import DEFECTS_REPORTS as REPORT_DIR, FIT_KEYS
 
 ELEVATED = 2.0  # an imperfect config_type whose force MAE exceeds ELEVATED x the perfect validation MAE ...
 OUTSIDE = 0.2  # ... or with more than this share of atoms outside the hull needs more data
@@ -473,7 +473,8 @@ def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams, cr: C
 
         cell = unit_cell(co)  # the recipe starts from fcc at the crystal's density
         a_fcc = co.a if co.lattice == "fcc" else a_from_volume("fcc", cell.get_volume() / len(cell))
-        for a in liquid(g.model_copy(update={"element": cr.element}), oracle, a_fcc, rng):  # the oracle's own MD
+        # the oracle's own MD, with generate.liquid's settings (the recipe reads those and the element only)
+        for a in liquid(GenerateParams(element=cr.element, liquid=g.liquid), oracle, a_fcc, rng):
             a.info["config_type"] = "control_high_temperature_md"
             out.append(a)
     if "slab" in recipes:
@@ -493,7 +494,10 @@ def _train(train: list[Atoms], val: list[Atoms], species: list[str], p: DefectPa
     from mlipops.report import progress
     from mlipops.train.loop import fit
 
-    q = tp.model_copy(update={"epochs": p.epochs, "curriculum": []})
+    # the train keys that change a fitted model (the stage's declared params), where it runs, and this study's
+    # epochs; no curriculum (mlipops.pipeline.FIT_KEYS, UNTRACKED)
+    q = TrainParams(**{k: getattr(tp, k) for k in (*FIT_KEYS, "device", "precompute_descriptors")},
+                    epochs=p.epochs)
     with progress(f"defects: training the {what} potential (epochs)", p.epochs) as advance:
         return fit(train, val, q, d, species=species, progress_cb=lambda epoch, row: advance(completed=epoch)).model
 
@@ -764,8 +768,8 @@ def log_to_mlflow(params, metrics: dict, data: list[Path], out_dir: Path) -> str
         "stage": "defects", "git.commit": tracking.git_commit(),
         "data": ", ".join(str(x) for x in data), "data.md5": ", ".join(file_md5(x) for x in data)})
     ts = int(time.time() * 1000)
-    settings = flatten(params.evaluate.defects, "defects.") | {f"train.{k}": v for k, v in flatten(t).items()
-                                                               if k in ("hidden", "learning_rate", "seed")}
+    settings = flatten(params.evaluate.defects, "defects.") | {f"train.{k}": getattr(t, k)
+                                                               for k in ("seed", "hidden", "learning_rate")}
     batch = [Metric(k.replace(".", "_"), float(v), ts, 0) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     c.log_batch(run.info.run_id, metrics=batch[:1000], params=[Param(k, str(v)[:6000]) for k, v in settings.items()],
