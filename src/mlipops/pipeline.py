@@ -8,9 +8,10 @@ upstream stage that writes them (``evaluate`` reads the models from :data:`MODEL
 what it writes (cached outputs, uncached reports, metrics, plots). ``tests/test_pipeline_contract.py``
 checks ``dvc.yaml`` against it (every stage, every data dep, out, metric, plot and params key; the code deps
 are checked by ``tests/test_dvc_contract.py`` from each command's import closure), and that no module but
-this one spells a path under ``data/`` or ``reports/``; ``tests/test_e2e.py`` traces the params keys each stage
-command reads and fails on one its params (or its :data:`UNTRACKED` keys, each with a reason) do not cover. A ``${section.key}`` in a path is DVC's
-interpolation of params.yaml; :data:`FROM_PARAMS` marks inputs listed by params (``ingest.sources``).
+this one spells a path under ``data/`` or ``reports/``; ``tests/test_e2e.py`` traces the params keys each
+stage command reads and fails on one its params (or its :data:`UNTRACKED` keys, each with a reason) do not
+cover. A ``${section.key}`` in a path is DVC's interpolation of params.yaml; :data:`FROM_PARAMS` marks inputs
+listed by params (``ingest.sources``).
 
 This module imports nothing of the package: every stage may import it without pulling in another's code.
 """
