@@ -311,50 +311,96 @@ def clear_build_leftovers(out: Path = INDEX) -> None:
             shutil.rmtree(d)
 
 
-def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = ACCEPTED,
-                quarantine: Path = QUARANTINE, out: Path = INDEX, saved: Path | None = None) -> dict:
-    """Build the whole index into a new file, then rename it over ``out`` (readers never see half). ``saved``:
-    the training frames' descriptors validate saved (:mod:`mlipops.descriptor_store`), taken where they belong to
-    ``accepted`` as it is now, with this descriptor's settings and species; None: compute every frame."""
-    import duckdb
-
-    from mlipops.descriptor_store import SavedDescriptors
-
-    t0 = time.perf_counter()
+def _check_inputs(accepted: Path, quarantine: Path, training_split: str) -> None:
+    """The curated files exist, and some frame was accepted (else the hull would have no training atoms)."""
     for path in (accepted, quarantine):
         if not path.is_file():
             raise StageInputError("curated data missing: run `dvc repro validate` first", file=str(path))
     if accepted.stat().st_size == 0:
-        raise StageInputError(f"no accepted frames, so the {p.training_split!r} split is empty and the hull has "
+        raise StageInputError(f"no accepted frames, so the {training_split!r} split is empty and the hull has "
                               f"no training atoms (every frame is quarantined: see {quarantine})",
                               file=str(accepted))
-    q = pd.read_parquet(quarantine)
-    dataset_id = file_md5(accepted)
-    # one pass, streaming the accepted frames (one chunk of Atoms in memory): frame rows, geometry columns and
-    # descriptors from one neighbour list per frame (to max(cutoff, coordination_cutoff)). The descriptors'
-    # species channels are the training split's species, known only at the end: they are taken from the
-    # training frames read before the first descriptor chunk, and confirmed at the end; should a later
-    # training frame bring another species, a second pass over the file recomputes the descriptors
-    from mlipops.frames import map_extxyz
 
-    settings = descriptors.model_dump()
-    meta, saved_note = SavedDescriptors.check(saved, dataset_id, None, settings)
+
+def _usable_saved_descriptors(saved: Path | None, dataset_id: str, settings: dict) -> tuple[dict | None, str | None]:
+    """The saved descriptors' meta where they can be taken for ``dataset_id`` and ``settings`` (the rows file's
+    header checked against it, once, here), else None; and the note saying why not."""
+    from mlipops.descriptor_store import SavedDescriptors
+
+    meta, note = SavedDescriptors.check(saved, dataset_id, None, settings)
     if meta is not None:
-        try:  # the rows file's header against its meta, once here: a damaged folder is computed, with the note
+        try:  # the rows file's header against its meta: a damaged folder is computed, with the note
             SavedDescriptors(saved, meta)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            meta, saved_note = None, f"{Path(saved) / 'rows.npy'} unreadable ({exc})"
-    ctx = {"radius": max(descriptors.cutoff, p.coordination_cutoff), "coordination_cutoff": p.coordination_cutoff,
-           "training_split": p.training_split, "dataset_id": dataset_id, "settings": settings, "species": None,
-           "geometry": True, "saved": None if meta is None else str(saved),
-           "saved_species": None if meta is None else meta["species"]}
-    if meta is not None:  # the training species as validate saw them: the likely channels, no first chunk alone
-        ctx["species"] = meta["species"]
+            meta, note = None, f"{Path(saved) / 'rows.npy'} unreadable ({exc})"
+    return meta, note
+
+
+def _write_index(out: Path, tables: dict) -> None:
+    """The tables (name -> DataFrames or Arrow tables, inserted in turn) into a new DuckDB file beside ``out``,
+    renamed over it when complete: readers (and a failed or killed build) see the old index or the new, never
+    half."""
+    import duckdb
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = build_path(out)
+    clear_build_leftovers(out)
+    # a bounded buffer pool: the inserted atoms rows (3M rows: ~1 GB in DuckDB's blocks) are written out to the
+    # database file as the pool fills, instead of being held until the checkpoint
+    con = duckdb.connect(str(tmp), config={"temp_directory": str(_spill_dir(tmp)), "memory_limit": _BUILD_MEMORY})
+    try:
+        con.execute(SCHEMA.read_text())
+        for name, dfs in tables.items():
+            for df in dfs:
+                con.register("df_in", df)
+                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM df_in")
+                con.unregister("df_in")
+                del df
+        con.execute("CHECKPOINT")
+        con.close()
+        _wal(out).unlink(missing_ok=True)  # a WAL beside the old index would be replayed into the new one
+        tmp.replace(out)  # atomic: readers (and a failed or killed build) see the old index or the new, never half
+    finally:
+        con.close()
+        clear_build_leftovers(out)
+
+
+def _split_shares(split: np.ndarray, inside: np.ndarray) -> dict:
+    """Atoms per split and the share of each split's atoms outside the hull."""
+    by_split = {}
+    for sname in sorted(set(split.tolist())):
+        m = split == sname
+        by_split[f"n_{sname}_atoms"] = int(m.sum())
+        by_split[f"fraction_{sname}_atoms_outside_hull"] = round(float((~inside[m]).mean()), 4)
+    return by_split
+
+
+def _hull_stats(hidx: HullIndex) -> dict:
+    """Per species: the hull's extreme points, the variance its projection explains, the LPs solved."""
+    hull_stats = {}
+    for s, sh in hidx.hulls.items():
+        hull_stats[f"hull.{s}.n_extreme_points"] = len(sh.points)
+        hull_stats[f"hull.{s}.explained_variance"] = round(float(sh.explained_variance_ratio.sum()), 4)
+        hull_stats[f"hull.{s}.n_lp_solves"] = sh.solver().n_lp
+    return hull_stats
+
+
+def _read_accepted(accepted: Path, ctx: dict, training_split: str, spill_dir: Path) -> tuple:
+    """One streaming pass over the accepted frames (a chunk of Atoms in memory at a time, in worker processes):
+    frame rows, the atoms' geometry columns, descriptors and unseen-species flags, from one neighbour list per
+    frame. The descriptors' species channels are the training split's species, known only at the end: taken
+    from ``ctx["species"]`` (the saved descriptors' species) or the first chunk's training frames, and confirmed
+    at the end; should a later training frame bring another species, a second pass recomputes the descriptors.
+
+    Returns (frame_rows, row_keys, atom_df, g, unseen, species, clock, t_read, t1): t1, when the columns
+    started to be joined (its time counts as geometry)."""
+    from mlipops.frames import map_extxyz
+
     clock = {"nl": 0.0, "geometry": 0.0, "descriptors": 0.0, "saved_atoms": 0}
     parts, frame_rows, unseen_parts = [], [], []
     train_species: set[str] = set()
     row_keys = None
-    spool = _RowSpool(out.parent)
+    spool = _RowSpool(spill_dir)
     guess: list[str] | None = None
 
     def chunk_results(context, label, progress_note):
@@ -371,8 +417,7 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
                 yield res
 
     try:
-        # the progress note binds the list itself (a default argument), not the name: ``del frame_rows`` below made
-        # pyflakes read the closure as undefined (F821); the note only runs inside this loop, before that del
+        # the progress note: the number of frames read so far (the list, bound as a default argument)
         for res in chunk_results(ctx, "index: reading the accepted frames (MiB)",
                                  lambda rows=frame_rows: f"{len(rows)} frames"):
             guess = guess or res["species"]
@@ -384,12 +429,12 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
             unseen_parts.append(res["unseen"])
         t_read = time.perf_counter()
         if not train_species:
-            raise StageInputError(f"the {p.training_split!r} split is empty: the hull needs training atoms "
+            raise StageInputError(f"the {training_split!r} split is empty: the hull needs training atoms "
                                   "(check ingest.split and the quarantine)", file=str(accepted), field="split")
         species = sorted(train_species)
         if species != guess:  # a training species appeared after the first chunk: descriptors again, every channel
             spool.close()
-            spool, unseen_parts = _RowSpool(out.parent), []
+            spool, unseen_parts = _RowSpool(spill_dir), []
             for res in chunk_results(ctx | {"species": species, "geometry": False},
                                      "index: descriptors again, with every training species (MiB)", lambda: ""):
                 spool.add(res["g"])
@@ -408,6 +453,29 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
     atom_df = pd.DataFrame(columns, copy=False)
     del columns
     trim_memory()
+    return frame_rows, row_keys, atom_df, g, unseen, species, clock, t_read, t1
+
+
+def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = ACCEPTED,
+                quarantine: Path = QUARANTINE, out: Path = INDEX, saved: Path | None = None) -> dict:
+    """Build the whole index into a new file, then rename it over ``out`` (readers never see half). ``saved``:
+    the training frames' descriptors validate saved (:mod:`mlipops.descriptor_store`), taken where they belong to
+    ``accepted`` as it is now, with this descriptor's settings and species; None: compute every frame."""
+    t0 = time.perf_counter()
+    _check_inputs(accepted, quarantine, p.training_split)
+    q = pd.read_parquet(quarantine)
+    dataset_id = file_md5(accepted)
+    # one pass, streaming the accepted frames (_read_accepted), to max(cutoff, coordination_cutoff)
+    settings = descriptors.model_dump()
+    meta, saved_note = _usable_saved_descriptors(saved, dataset_id, settings)
+    ctx = {"radius": max(descriptors.cutoff, p.coordination_cutoff), "coordination_cutoff": p.coordination_cutoff,
+           "training_split": p.training_split, "dataset_id": dataset_id, "settings": settings, "species": None,
+           "geometry": True, "saved": None if meta is None else str(saved),
+           "saved_species": None if meta is None else meta["species"]}
+    if meta is not None:  # the training species as validate saw them: the likely channels, no first chunk alone
+        ctx["species"] = meta["species"]
+    frame_rows, row_keys, atom_df, g, unseen, species, clock, t_read, t1 = _read_accepted(
+        accepted, ctx, p.training_split, out.parent)
     t_desc = time.perf_counter()
     clock["geometry"] += t_desc - t1
     split = atom_df["split"].to_numpy().astype(str)
@@ -456,39 +524,10 @@ def build_index(p: IndexParams, descriptors: DescriptorParams, accepted: Path = 
                 .append_column("descriptor", _list_array(desc32[lo:hi])) \
                 .append_column("projection", _list_array(proj32[lo:hi], proj_null[lo:hi]))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = build_path(out)
-    clear_build_leftovers(out)
-    # a bounded buffer pool: the inserted atoms rows (3M rows: ~1 GB in DuckDB's blocks) are written out to the
-    # database file as the pool fills, instead of being held until the checkpoint
-    con = duckdb.connect(str(tmp), config={"temp_directory": str(_spill_dir(tmp)), "memory_limit": _BUILD_MEMORY})
-    try:
-        con.execute(SCHEMA.read_text())
-        for name, dfs in (("datasets", [datasets]), ("frames", [frame_df]), ("hull", [hull_df]),
-                          ("hull_points", [points_df]), ("atoms", atom_slices())):
-            for df in dfs:
-                con.register("df_in", df)
-                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM df_in")
-                con.unregister("df_in")
-                del df
-        con.execute("CHECKPOINT")
-        con.close()
-        _wal(out).unlink(missing_ok=True)  # a WAL beside the old index would be replayed into the new one
-        tmp.replace(out)  # atomic: readers (and a failed or killed build) see the old index or the new, never half
-    finally:
-        con.close()
-        clear_build_leftovers(out)
+    _write_index(out, {"datasets": [datasets], "frames": [frame_df], "hull": [hull_df], "hull_points": [points_df],
+                       "atoms": atom_slices()})
     t_end = time.perf_counter()
-    by_split = {}
-    for sname in sorted(set(split.tolist())):
-        m = split == sname
-        by_split[f"n_{sname}_atoms"] = int(m.sum())
-        by_split[f"fraction_{sname}_atoms_outside_hull"] = round(float((~inside[m]).mean()), 4)
-    hull_stats = {}
-    for s, sh in hidx.hulls.items():
-        hull_stats[f"hull.{s}.n_extreme_points"] = len(sh.points)
-        hull_stats[f"hull.{s}.explained_variance"] = round(float(sh.explained_variance_ratio.sum()), 4)
-        hull_stats[f"hull.{s}.n_lp_solves"] = sh.solver().n_lp
+    by_split, hull_stats = _split_shares(split, inside), _hull_stats(hidx)
     return {"n_frames": len(frame_df), "n_accepted": n_accepted, "n_quarantined": len(q),
             "n_atoms": n_atoms, "n_features": n_features, "k": k_proj,
             "dataset_id": dataset_id, **by_split, **hull_stats,
