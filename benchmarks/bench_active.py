@@ -10,7 +10,7 @@ Setup (the embedded copper, EMT as the oracle):
 - held-out trajectory: the oracle's own Langevin MD of a 32-atom fcc cell and a 36-atom fcc(111) slab
   through 800, 1600 and 3000 K (``active.holdout`` defaults; the 3000 K part melts, Lindemann ratio
   > 0.15), generated once and shared by every strategy;
-- each strategy runs ``mlipops.active.loop.run_loop`` (the same code as ``mlipops active run``): per
+- each strategy runs ``mlipops.active.loop.run`` (the same code as ``mlipops active run``): per
   iteration, Langevin MD of a 32-atom bulk, a 31-atom vacancy cell and a 16-atom fcc(111) slab through
   600/1200/1800 K with the current committee, the trigger, de-duplication (descriptor distance 0.05),
   at most ``--batch`` oracle calls through Dask, curation (ingest split, validate, index) and a warm-started
@@ -102,7 +102,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mlipops.active.holdout import load_or_generate
-    from mlipops.active.loop import run_loop
+    from mlipops.active.loop import run
     from mlipops.active.report import learning_curve
     from mlipops.frames import read_extxyz
     from mlipops.oracles import get_oracle
@@ -134,7 +134,7 @@ def main() -> None:
         doc["compute"] = {"scheduler_address": None, "n_workers": 2, "threads_per_worker": 1}
         p = type(base).model_validate(doc)
         t1 = time.perf_counter()
-        summary = run_loop(p, oracle, seed_model, "Cu")
+        summary = run(p, oracle, seed_model, "Cu")
         wall = time.perf_counter() - t1
         calls, mae = learning_curve(summary)
         liquid = [summary["initial"].get("holdout.phase.liquid.force_mae")] + \

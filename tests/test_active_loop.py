@@ -106,7 +106,7 @@ def test_two_iterations_curate_retrain_warm_score_and_log(seed, tmp_path, counti
     """Two iterations end to end; the 2nd oracle call returns a label 1000 eV off."""
     from mlflow import MlflowClient
 
-    from mlipops.active.loop import run_loop
+    from mlipops.active.loop import run as run_loop
 
     from mlipops.active.holdout import load_or_generate
 
@@ -241,7 +241,7 @@ def test_a_campaign_of_other_params_is_archived_not_deleted(seed, tmp_path, monk
 
     from distributed import LocalCluster
 
-    from mlipops.active.loop import run_loop
+    from mlipops.active.loop import run as run_loop
 
     run = tmp_path / "run"
     run.mkdir()

@@ -63,7 +63,7 @@ EXCUSED_IMPORTS: list[Excused] = [
             "call it, and they import evaluate.melting themselves. Followed, it would make every stage (generate "
             "included) depend on all of evaluate/ and on everything evaluate/__init__.py imports."),
     Excused("cli.evaluate_melting()", "mlipops.evaluate.melting_stage",
-            "`evaluate melting --reference` runs melting_reference.run_reference only; the command imports "
+            "`evaluate melting --reference` runs melting_reference.run only; the command imports "
             "melting_stage in the same line for the members' branch (melting_stage defines functions and "
             "constants, runs nothing at import). Listed, every change to the members' evaluation would re-run the "
             "expensive cached reference.", stages=("melting_reference",)),

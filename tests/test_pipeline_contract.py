@@ -313,3 +313,32 @@ def test_no_module_prints_and_the_log_has_one_handler(capsys):
     logging.getLogger("mlipops.some.module").warning("half the frames lack stress")
     logging.getLogger("mlipops.some.module").info("resuming")
     assert capsys.readouterr().err == "mlipops: warning: half the frames lack stress\nmlipops: resuming\n"
+
+
+def test_every_stage_command_runs_its_declared_entry_point():
+    """The CLI function of each stage's command (tests/test_dvc_contract.py's map of cli.py) imports the declared
+    ``module:run`` (``from module import run``, or the module, then ``module.run``), which exists."""
+    from test_dvc_contract import Cli, Package, _commands
+
+    pkg = Package(ROOT / "src")
+    cli = Cli(pkg)
+    problems = []
+    for name, stage in STAGES.items():
+        module, func = stage.entry.split(":")
+        if func != "run" or not callable(getattr(importlib.import_module(module), func, None)):
+            problems.append(f"stage {name!r}: entry {stage.entry} is not a function named run")
+            continue
+        (argv,) = _commands(stage.cmd)
+        called = False
+        for f in cli.resolve(argv[1:]):
+            for node in ast.walk(f):
+                if isinstance(node, ast.ImportFrom) and node.module == module and \
+                        any(a.name == func for a in node.names):
+                    called = True
+                if isinstance(node, ast.ImportFrom) and any(f"{node.module}.{a.name}" == module for a in node.names):
+                    alias = next(a.asname or a.name for a in node.names if f"{node.module}.{a.name}" == module)
+                    called |= any(isinstance(c, ast.Attribute) and c.attr == func and isinstance(c.value, ast.Name)
+                                  and c.value.id == alias for c in ast.walk(f))
+        if not called:
+            problems.append(f"stage {name!r}: `{stage.cmd}` does not import {stage.entry}")
+    assert not problems, "\n".join(problems)

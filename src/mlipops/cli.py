@@ -44,7 +44,7 @@ def generate(ctx: typer.Context, params: Path = ParamsOpt):
     """Build the embedded default dataset (recipes in params.yaml), labelled by the oracle."""
     if ctx.invoked_subcommand is not None:
         return
-    from mlipops.generate import run
+    from mlipops.generate.recipes import run
 
     _done("generate", run(_params(params).generate))
 
@@ -72,7 +72,7 @@ def ingest(params: Path = ParamsOpt):
 @app.command()
 def validate(params: Path = ParamsOpt):
     """Run the great-expectations suite; quarantine failing frames with their reason."""
-    from mlipops.quality import run
+    from mlipops.quality.validate import run
 
     p = _params(params)
     _done("validate", run(p.validate_, p.descriptors, p.ingest))
@@ -90,7 +90,7 @@ def index(params: Path = ParamsOpt):
 @app.command()
 def train(params: Path = ParamsOpt):
     """Train the ensemble on the curated train split (Dask, MLflow); resumes an interrupted run."""
-    from mlipops.train import run
+    from mlipops.train.run import run
 
     p = _params(params)
     _done("train", run(p.train, p.descriptors, p.compute))
@@ -140,7 +140,7 @@ def evaluate_melting(
 
     p = _params(params)
     if reference:
-        _done("evaluate melting --reference", melting_reference.run_reference(p))
+        _done("evaluate melting --reference", melting_reference.run(p))
     else:
         _done("evaluate melting", melting_stage.run(p))
 
@@ -191,7 +191,7 @@ def promote(params: Path = ParamsOpt, strict: bool = typer.Option(
     """Check the gates; register a passing model (MLflow registry + registry/). A rejected model is a result:
     every output is written (reports/promote/decision.md says why) and the exit status is 0, unless --strict."""
     from mlipops.models.schema import trusted_calculators
-    from mlipops.promote import run
+    from mlipops.promote.registry import run
 
     p = _params(params)
     metrics = run(p.promote, p.train.model_name, trusted_calculators(p))
@@ -267,7 +267,7 @@ def active_run(params: Path = ParamsOpt,
     Dask; writes data/raw/active/active_<iteration>.extxyz, curates it (ingest, validate, index), retrains
     the committee warm-started and scores it on a fixed held-out trajectory; reports in reports/active/.
     Interrupted, it resumes from data/active/state.json."""
-    from mlipops.active.loop import active_crystal, run_loop
+    from mlipops.active.loop import active_crystal, run
     from mlipops.models.calculator import resolve_model
     from mlipops.oracles import get_oracle
 
@@ -291,7 +291,7 @@ def active_run(params: Path = ParamsOpt,
                     note=f"iteration {st.iteration} MD: σ_proj {stats['sigma_projected']:.3g} eV, "
                          f"max σ_F {stats['max_sigma_f']:.3g} eV/Å, {fired[0]} triggers")
 
-        summary = run_loop(p, oracle, model_dir, active_crystal(p), progress=progress)
+        summary = run(p, oracle, model_dir, active_crystal(p), progress=progress)
     from mlipops.active.report import write_report
 
     write_report(summary, p)

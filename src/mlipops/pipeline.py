@@ -88,6 +88,7 @@ class Stage:
     declared: they are its command's import closure (tests/test_dvc_contract.py)."""
 
     cmd: str
+    entry: str  # "module:function" the command runs: the stage's code starts there (always a ``run``)
     params: tuple[str, ...]
     reads: tuple[str, ...] = ()
     untracked: tuple[str, ...] = ()  # params keys read that are not deps, each for a reason of UNTRACKED
@@ -135,39 +136,42 @@ ELEMENT_KEYS = ("generate.element", "crystal.element", "crystal.lattice", "valid
 
 STAGES: dict[str, Stage] = {
     "generate": Stage(
-        cmd="mlipops generate", params=("generate",),
+        cmd="mlipops generate", entry="mlipops.generate.recipes:run", params=("generate",),
         outs=_p(f"{RAW_DIR.as_posix()}/cu_emt.extxyz", f"{RAW_DIR.as_posix()}/cu_emt.extxyz.provenance.json"),
         reports=_p(GENERATE_REPORTS / "summary.md"), metrics=_p(GENERATE_REPORTS / "metrics.json")),
     "bo_scan": Stage(
-        cmd="mlipops generate bo-scan", params=("bo_scan",),
+        cmd="mlipops generate bo-scan", entry="mlipops.generate.bo_aware:run", params=("bo_scan",),
         outs=_p(f"{RAW_DIR.as_posix()}/bo_scan_${{bo_scan.name}}.extxyz",
                 f"{RAW_DIR.as_posix()}/bo_scan_${{bo_scan.name}}.extxyz.provenance.json"),
         reports=_p(BO_SCAN_REPORTS / "summary.md", BO_SCAN_REPORTS / "gap_curve.csv"),
         metrics=_p(BO_SCAN_REPORTS / "metrics.json"), plots=_p(BO_SCAN_REPORTS / "gap.png")),
     "ingest": Stage(
-        cmd="mlipops ingest", params=("ingest",), reads=(FROM_PARAMS,),
+        cmd="mlipops ingest", entry="mlipops.ingest:run", params=("ingest",), reads=(FROM_PARAMS,),
         outs=_p(INGESTED, INGEST_REJECTED),
         reports=_p(INGEST_REPORTS / "summary.md"), metrics=_p(INGEST_REPORTS / "metrics.json")),
     "validate": Stage(
-        cmd="mlipops validate", params=("validate", "descriptors", "ingest.sources"),
+        cmd="mlipops validate", entry="mlipops.quality.validate:run",
+        params=("validate", "descriptors", "ingest.sources"),
         reads=_p(INGESTED, INGEST_REJECTED, RELEASES),
         outs=_p(ACCEPTED, QUARANTINE, TRAINING_DESCRIPTORS),
         reports=_p(VALIDATE_REPORTS / "summary.md", VALIDATE_REPORTS / "validation_result.json",
                    VALIDATE_REPORTS / "outliers.csv"),
         metrics=_p(VALIDATE_REPORTS / "metrics.json"), plots=_p(VALIDATE_REPORTS / "cooks_distance.png")),
     "index": Stage(
-        cmd="mlipops index", params=("index", "descriptors"),
+        cmd="mlipops index", entry="mlipops.index.build:run", params=("index", "descriptors"),
         reads=_p(ACCEPTED, QUARANTINE, TRAINING_DESCRIPTORS),
         # the index is built beside the old one and renamed over it: a failed rebuild leaves the old one
         persist=_p(INDEX), reports=_p(INDEX_REPORTS / "coverage.md"), metrics=_p(INDEX_REPORTS / "metrics.json"),
         plots=_p(INDEX_REPORTS / "projection.png", INDEX_REPORTS / "gamma_histogram.png")),
     "train": Stage(
-        cmd="mlipops train", params=("train", "descriptors"), untracked=("compute",), reads=_p(ACCEPTED),
+        cmd="mlipops train", entry="mlipops.train.run:run", params=("train", "descriptors"), untracked=("compute",),
+        reads=_p(ACCEPTED),
         outs=(MODEL,), reports=_p(TRAIN_REPORTS / "summary.md"), metrics=_p(TRAIN_REPORTS / "metrics.json"),
         plots=_p(TRAIN_REPORTS / "learning_curve.png", TRAIN_REPORTS / "parity_energy.png",
                  TRAIN_REPORTS / "parity_forces.png")),
     "evaluate": Stage(
         cmd="mlipops evaluate",
+        entry="mlipops.evaluate.stage:run",
         params=("evaluate.splits", "evaluate.uncertainty", "evaluate.paths", "train.model_name"),
         untracked=("train.baseline.calculator",),
         reads=(MODEL, *_p(ACCEPTED, INDEX)),
@@ -179,6 +183,7 @@ STAGES: dict[str, Stage] = {
                  _U / "calibration.png")),
     "defects": Stage(
         cmd="mlipops evaluate defects",
+        entry="mlipops.evaluate.defects:run",
         params=("evaluate.defects", "crystal", "descriptors", "index.coordination_cutoff", "index.pca_components",
                 "generate.element", "generate.oracle", "generate.defects", "generate.liquid",
                 *(f"train.{k}" for k in FIT_KEYS)),
@@ -189,6 +194,7 @@ STAGES: dict[str, Stage] = {
         plots=_p(_D / "force_error_vs_geometry.png", _D / "decomposition.png")),
     "melting_reference": Stage(
         cmd="mlipops evaluate melting --reference",
+        entry="mlipops.evaluate.melting_reference:run",
         params=("evaluate.melting.preset",
                 *(f"evaluate.melting.{p}.{k}" for p in ("quick", "production") for k in MELTING_PRESET_KEYS),
                 *(f"evaluate.melting.{k}" for k in MELTING_REFERENCE_KEYS),
@@ -198,6 +204,7 @@ STAGES: dict[str, Stage] = {
         outs=_p(MELTING_REFERENCE, MELTING_REFERENCE_PHASES)),
     "melting": Stage(
         cmd="mlipops evaluate melting",
+        entry="mlipops.evaluate.melting_stage:run",
         params=("evaluate.melting", *ELEMENT_KEYS, "train.model_name"),
         untracked=("compute", "train.baseline.calculator"),
         reads=(MODEL, *_p(MELTING_REFERENCE, MELTING_REFERENCE_PHASES, INDEX)),
@@ -205,13 +212,15 @@ STAGES: dict[str, Stage] = {
         metrics=_p(_M / "metrics.json"),
         plots=_p(_M / "distribution.png", _M / "traces_members.png", _M / "traces_reference.png")),
     "nve": Stage(
-        cmd="mlipops evaluate nve", params=("evaluate.nve", "crystal", "generate.oracle", "train.model_name"),
+        cmd="mlipops evaluate nve", entry="mlipops.evaluate.nve:run",
+        params=("evaluate.nve", "crystal", "generate.oracle", "train.model_name"),
         untracked=("train.baseline.calculator",),
         reads=(MODEL, *_p(ACCEPTED)),
         reports=_p(_N / "summary.md", _N / "provenance.json"), metrics=_p(_N / "metrics.json"),
         plots=_p(_N / "energy.png")),
     "promote": Stage(
-        cmd="mlipops promote", params=("promote", "train.model_name"), untracked=("train.baseline.calculator",),
+        cmd="mlipops promote", entry="mlipops.promote.registry:run", params=("promote", "train.model_name"),
+        untracked=("train.baseline.calculator",),
         reads=(MODEL, *_p(_E / "metrics.json", _E / "provenance.json", PATHS_JSON, _U / "uncertainty.json",
                           _U / "metrics.json", _U / "provenance.json", _D / "defects.json", _D / "metrics.json",
                           _D / "provenance.json", MELTING_POINT_JSON, _M / "metrics.json", _M / "provenance.json",
@@ -221,6 +230,7 @@ STAGES: dict[str, Stage] = {
         metrics=_p(PROMOTE_REPORTS / "metrics.json")),
     "active": Stage(
         cmd="mlipops active run",
+        entry="mlipops.active.loop:run",
         params=("active", "crystal", "train", "descriptors", "ingest.split", "validate", "index", "generate.oracle"),
         reads=(MODEL, *_p(ACCEPTED, QUARANTINE, INDEX)),
         # active.out_dir and active.work_dir (params; their defaults)

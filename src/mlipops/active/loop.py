@@ -466,7 +466,7 @@ def archive_campaign(work_dir: Path, out_dir: Path) -> Path:
     return dest
 
 
-def run_loop(params: Params, oracle, model_dir: str | Path, crystal: Crystal, progress=None) -> dict:
+def run(params: Params, oracle, model_dir: str | Path, crystal: Crystal, progress=None) -> dict:
     """Run (or resume) ``active.iterations`` iterations; returns a summary (per-iteration ``history``).
 
     Each iteration: MD with the current committee → trigger → de-duplicated batch → oracle (Dask) →

@@ -263,7 +263,7 @@ def given_reference(p: Params, element: str, lattice: str) -> dict:
             "phases_reason": "n/a: given reference (no oracle runs, so no latent heat and no phase snapshots)"}
 
 
-def run_reference(p: Params) -> dict:
+def run(p: Params) -> dict:
     """The reference oracle's Tm over seeds, then its solid and liquid at Tm (latent heat, snapshots); or the
     given reference (module doc)."""
     from mlipops.frames import write_extxyz
