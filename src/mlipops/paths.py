@@ -18,6 +18,9 @@ What is trusted, and what is not:
   said, any path that does not resolve strictly inside ``data/``, ``registry/`` or ``reports/`` of the
   current project (the folders themselves included): even with validation bypassed, ``rm -rf /`` cannot
   happen.
+* **Files** are replaced whole: written to a hidden temporary sibling, then renamed over the old one
+  (:func:`atomic_path`, :func:`atomic_write_text`): a reader, or a run killed half-way, sees the old file or
+  the new one, never a part.
 * **Registry references** (``NAME``, ``NAME@alias``, ``NAME@vN``) resolve only to ``<registry>/NAME/vN``
   folders that hold a registry version's files (:func:`registry_version`); a path given instead must be
   such a folder.
@@ -27,8 +30,12 @@ Error messages quote at most :data:`SHOWN` characters of what the user wrote (:f
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from mlipops.errors import MlipopsError
@@ -149,6 +156,34 @@ def safe_move(src: str | Path, dst: str | Path) -> None:
     ensure_writable(src, what="move", follow=False)
     ensure_writable(dst, what="move to")
     shutil.move(str(src), str(dst))
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """Replace the file ``path`` whole or not at all: yields a temporary sibling to write (same folder, a hidden
+    name with the pid and a random part: concurrent writers, processes or threads, never share one), renamed
+    over ``path`` (``os.replace``) when the block ends, removed when it raises. ``fsync``: its bytes reach the
+    disk before the rename. The folder must exist."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> None:
+    """``Path(path).write_text(text)``, atomically (:func:`atomic_path`)."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text(text)
 
 
 def registry_version(ref: str | Path, registry_dir: str | Path) -> Path:

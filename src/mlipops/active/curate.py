@@ -32,6 +32,7 @@ from mlipops.errors import StageInputError
 from mlipops.frames import Rejected, read_extxyz, read_frames, to_extxyz_string, write_extxyz
 from mlipops.ingest import REJECT_COLUMNS, assign_splits, rejected_frame
 from mlipops.params import Params
+from mlipops.paths import atomic_path
 
 
 def _read_accepted(path: Path):
@@ -100,9 +101,8 @@ def curate(new_file: str | Path, prev_accepted: str | Path, prev_quarantine: str
     accepted = prev + accepted_new
     acc_path, q_path, idx_path = out_dir / "accepted.extxyz", out_dir / "quarantine.parquet", out_dir / "index.duckdb"
     write_extxyz(acc_path, accepted)
-    tmp = q_path.with_name(q_path.name + ".tmp")
-    quarantine.to_parquet(tmp, index=False)
-    tmp.replace(q_path)
+    with atomic_path(q_path) as tmp:
+        quarantine.to_parquet(tmp, index=False)
     index_stats = build_index(p.index, p.descriptors, accepted=acc_path, quarantine=q_path, out=idx_path)
     by_check = Counter(c for cs in new_q["check"].fillna("") for c in cs.split(",") if c)
     by_split = Counter(a.info["split"] for a in accepted_new)

@@ -28,6 +28,7 @@ from ase import Atoms
 from mlipops.errors import FrameFormatError
 from mlipops.frames import Rejected, StressField, map_frames, source_name, to_extxyz_string, verified_manifest
 from mlipops.params import IngestParams, SourceParams, SplitParams
+from mlipops.paths import atomic_path
 from mlipops.report import progress, write_markdown, write_metrics
 from mlipops.pipeline import INGEST_REJECTED as REJECTED, INGEST_REPORTS as REPORT_DIR, INGESTED as FRAMES, \
     INGESTED_DIR as OUT_DIR
@@ -187,21 +188,15 @@ class _Spool:
     def write(self, path: Path, splits: list[str]) -> None:
         self.fh.flush()
         self.fh.seek(0)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        try:
-            with tmp.open("wb") as out:
-                for k, (size, split) in enumerate(zip(self.sizes, splits)):
-                    if k in self.kept:
-                        self.kept[k].info["split"] = split
-                        text = to_extxyz_string(self.kept[k])
-                    else:
-                        head, comment, body = self.fh.read(size).decode("utf-8").split("\n", 2)
-                        text = "\n".join((head, _MARK_RE.sub("split=" + split, comment), body))
-                    out.write(text.encode("utf-8"))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(path)
+        with atomic_path(path) as tmp, tmp.open("wb") as out:
+            for k, (size, split) in enumerate(zip(self.sizes, splits)):
+                if k in self.kept:
+                    self.kept[k].info["split"] = split
+                    text = to_extxyz_string(self.kept[k])
+                else:
+                    head, comment, body = self.fh.read(size).decode("utf-8").split("\n", 2)
+                    text = "\n".join((head, _MARK_RE.sub("split=" + split, comment), body))
+                out.write(text.encode("utf-8"))
 
     def close(self) -> None:
         self.fh.close()

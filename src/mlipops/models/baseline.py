@@ -24,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 
 from mlipops.errors import MlipopsError
+from mlipops.paths import atomic_path
 from mlipops.pipeline import BASELINE_CACHE
 
 
@@ -143,9 +143,8 @@ class Baseline:
                     pass
             res = self.compute(a)
             if path is not None:
-                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-                np.savez(tmp, **res)
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp, tmp.open("wb") as fh:
+                    np.savez(fh, **res)
             out.append(res)
         return out
 

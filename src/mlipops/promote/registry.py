@@ -27,7 +27,7 @@ from filelock import FileLock
 
 from mlipops.errors import StageInputError
 from mlipops.params import PromoteParams
-from mlipops.paths import ensure_writable, safe_remove
+from mlipops.paths import atomic_write_text, ensure_writable, safe_remove
 from mlipops.promote.gates import check_gates, data_config_types
 from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
 from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
@@ -217,9 +217,7 @@ def _update_index(registry_dir: Path, name: str, client) -> dict:
                      if (registry_dir / name / f"v{mv.version}").is_dir()],
         "aliases": {a: int(v) for a, v in (rm.aliases or {}).items()},
     }
-    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
 
 
@@ -288,9 +286,7 @@ def _ensure_registry(registry_dir: Path) -> None:
         return
     with FileLock(str(registry_dir / ".lock"), timeout=600):
         if not path.exists():
-            tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"models": {}}, indent=2) + "\n")
-            tmp.replace(path)
+            atomic_write_text(path, json.dumps({"models": {}}, indent=2) + "\n")
 
 
 def _join_limited(items: list[str], limit: int) -> str:

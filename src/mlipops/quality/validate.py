@@ -54,6 +54,7 @@ from mlipops.errors import StageInputError
 from mlipops.frames import labels
 from mlipops.ingest import REJECT_COLUMNS, made_dirs, remove_empty
 from mlipops.params import DescriptorParams, IngestParams, ValidateParams, composition_key
+from mlipops.paths import atomic_path
 from mlipops.quality.releases import RELEASES, load_releases
 from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
 from mlipops.pipeline import (ACCEPTED, CURATED_DIR as CURATED, INGEST_REJECTED, INGESTED, QUARANTINE,
@@ -797,26 +798,20 @@ def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: Va
     quarantined = []
     n_accepted = 0
     md5 = hashlib.md5()  # of the bytes written: accepted.extxyz's md5 (mlipops.frames.file_md5) without reading it
-    tmp = ACCEPTED.with_suffix(ACCEPTED.suffix + ".tmp")
-    try:
-        with tmp.open("wb") as out:
-            for k, text in spool.texts():
-                if k in failures:
-                    checks, a = failures[k], info[k]
-                    quarantined.append({
-                        "frame_id": a.frame_id, "source": a.source,
-                        "source_index": int(a.source_index if a.source_index is not None else -1),
-                        "config_type": a.config_type, "split": a.split, "check": ",".join(c for c, _ in checks),
-                        "reason": "; ".join(r for _, r in checks), "extxyz": text})
-                else:
-                    data = text.encode("utf-8")
-                    out.write(data)
-                    md5.update(data)
-                    n_accepted += 1
-        tmp.replace(ACCEPTED)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(ACCEPTED) as tmp, tmp.open("wb") as out:
+        for k, text in spool.texts():
+            if k in failures:
+                checks, a = failures[k], info[k]
+                quarantined.append({
+                    "frame_id": a.frame_id, "source": a.source,
+                    "source_index": int(a.source_index if a.source_index is not None else -1),
+                    "config_type": a.config_type, "split": a.split, "check": ",".join(c for c, _ in checks),
+                    "reason": "; ".join(r for _, r in checks), "extxyz": text})
+            else:
+                data = text.encode("utf-8")
+                out.write(data)
+                md5.update(data)
+                n_accepted += 1
     earlier = pd.read_parquet(INGEST_REJECTED) if INGEST_REJECTED.is_file() else pd.DataFrame(columns=REJECT_COLUMNS)
     quarantine = pd.concat([earlier, pd.DataFrame(quarantined, columns=REJECT_COLUMNS)], ignore_index=True)
     quarantine["stage"] = ["ingest"] * len(earlier) + ["validate"] * len(quarantined)

@@ -11,7 +11,6 @@ import logging
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from mlipops.frames import labels
 from mlipops.models.baseline import BASELINE_CACHE, baseline_spec
 from mlipops.models.potential import Graph, Potential
 from mlipops.params import DescriptorParams, TrainParams
+from mlipops.paths import atomic_path
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT_FORMAT = "mlipops.checkpoint/1"
@@ -317,9 +317,8 @@ class Checkpointer:
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        torch.save(state | {"format": CHECKPOINT_FORMAT, "key": self.key}, tmp)
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save(state | {"format": CHECKPOINT_FORMAT, "key": self.key}, tmp)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
