@@ -30,6 +30,7 @@ Error messages quote at most :data:`SHOWN` characters of what the user wrote (:f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -186,14 +187,26 @@ def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> No
         tmp.write_text(text)
 
 
+def read_registry_index(registry_dir: str | Path, *, missing: str = "promote a model first") -> dict:
+    """The registry's ``index.json`` (``{"models": {NAME: {"versions": [...], "aliases": {...}}}}``), checked to
+    be JSON with a ``models`` mapping; a one-line error when it is missing (``missing``: what to do) or not."""
+    path = Path(registry_dir) / "index.json"
+    if not path.is_file():
+        raise MlipopsError(f"registry index missing ({missing})", file=str(path))
+    try:
+        index = json.loads(path.read_text())
+        index["models"].items()
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise MlipopsError(f"unreadable registry index: {cut(exc)}", file=str(path)) from None
+    return index
+
+
 def registry_version(ref: str | Path, registry_dir: str | Path) -> Path:
     """The folder ``<registry_dir>/NAME/vN`` of a registry reference: ``NAME@alias``, ``NAME@vN`` (a
     ``registry:`` prefix is optional), a bare ``NAME`` (= ``NAME@champion``), or the path of such a
     folder. Names and aliases are :data:`NAME`\\ s; the version comes from ``index.json``, the folder from
     the name and version alone (never from a path written in the index), must resolve inside the registry
     and hold a version's files (:data:`REGISTRY_VERSION_FILES`). Anything else is a one-line error."""
-    import json
-
     registry_dir = Path(registry_dir)
     text = str(ref)
     index_path = registry_dir / "index.json"
@@ -204,15 +217,9 @@ def registry_version(ref: str | Path, registry_dir: str | Path) -> Path:
     if NAME.fullmatch(name) is None or NAME.fullmatch(alias) is None:
         raise MlipopsError(f"{clip(text)} is not a registry reference NAME@alias, NAME@vN or NAME (letters, digits, "
                            "'_' and '-')")
-    if not index_path.is_file():
-        raise MlipopsError("registry index missing (promote a model first)", file=str(index_path))
-    try:
-        models = json.loads(index_path.read_text())["models"]
-        entry = models.get(name)
-        if entry is not None and not isinstance(entry, dict):
-            raise TypeError("a model entry is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise MlipopsError(f"unreadable registry index: {cut(exc)}", file=str(index_path)) from None
+    entry = read_registry_index(registry_dir)["models"].get(name)
+    if entry is not None and not isinstance(entry, dict):
+        raise MlipopsError("unreadable registry index: a model entry is not a mapping", file=str(index_path))
     if entry is None:
         raise MlipopsError(f"model {name!r} is not in the registry", file=str(index_path))
     m = _VERSION.fullmatch(alias)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from mlipops.errors import StageInputError
+from mlipops.errors import MlipopsError, StageInputError
 from mlipops.params import PromoteParams
-from mlipops.paths import atomic_write_text, ensure_writable, safe_remove
+from mlipops.paths import atomic_write_text, ensure_writable, read_registry_index, safe_remove
 from mlipops.promote.gates import check_gates, data_config_types
 from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
 from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
@@ -207,9 +207,9 @@ def _update_index(registry_dir: Path, name: str, client) -> dict:
     versions without their folder are left out. Written to a temporary file and renamed (atomic)."""
     path = registry_dir / "index.json"
     try:
-        index = json.loads(path.read_text()) if path.is_file() else {"models": {}}
-    except ValueError:
-        index = {"models": {}}  # rebuilt from MLflow below (other models: re-added on their next promotion)
+        index = read_registry_index(registry_dir)
+    except MlipopsError:  # missing or unreadable: rebuilt from MLflow below
+        index = {"models": {}}  # (other models: re-added on their next promotion)
     rm = client.get_registered_model(name)
     mvs = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     index.setdefault("models", {})[name] = {
@@ -449,6 +449,6 @@ def _training_params(client, run_info: dict) -> dict:
 
 def _champion(registry_dir: Path, name: str) -> int | None:
     try:
-        return json.loads((registry_dir / "index.json").read_text())["models"][name]["aliases"].get("champion")
-    except (OSError, ValueError, KeyError):
+        return read_registry_index(registry_dir)["models"][name]["aliases"].get("champion")
+    except (MlipopsError, KeyError):
         return None
