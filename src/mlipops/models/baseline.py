@@ -22,13 +22,13 @@ Phys. Rev. 114, 687 (1959); ASE's ``rho0`` = α r0)::
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 
+from mlipops.calculators import calculator_version, import_calculator, unknown_keywords
 from mlipops.errors import MlipopsError
 from mlipops.paths import atomic_path
 from mlipops.pipeline import BASELINE_CACHE
@@ -38,14 +38,6 @@ BUILTIN = {"emt": "ase.calculators.emt.EMT", "lj": "ase.calculators.lj.LennardJo
            "morse": "ase.calculators.morse.MorsePotential"}
 
 
-def _package_version(import_path: str) -> str:
-    top = import_path.split(".")[0]
-    try:
-        return f"{top}-{importlib.import_module(top).__version__}"
-    except Exception:  # noqa: BLE001 - a package without __version__
-        return top
-
-
 def baseline_spec(calculator: str, kwargs: dict | None = None) -> dict:
     """The model-config dict of a baseline (validated: the calculator can be built)."""
     name = str(calculator).strip()
@@ -53,7 +45,7 @@ def baseline_spec(calculator: str, kwargs: dict | None = None) -> dict:
     if "." not in path:
         raise MlipopsError(f"baseline calculator {calculator!r} is neither one of {sorted(BUILTIN)} nor an import "
                            "path 'package.module.Class'", field="train.baseline.calculator")
-    spec = {"calculator": path, "kwargs": dict(kwargs or {}), "version": _package_version(path)}
+    spec = {"calculator": path, "kwargs": dict(kwargs or {}), "version": calculator_version(path)}
     Baseline(spec).calculator()  # fail now, with the settings named, not in a Dask worker later
     return spec
 
@@ -72,7 +64,7 @@ class Baseline:
 
     def __init__(self, spec: dict):
         self.spec = {"calculator": spec["calculator"], "kwargs": dict(spec.get("kwargs") or {}),
-                     "version": spec.get("version") or _package_version(spec["calculator"])}
+                     "version": spec.get("version") or calculator_version(spec["calculator"])}
         self.key = hashlib.sha256(json.dumps(self.spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.n_computed = 0  # frames actually sent to the calculator (cache misses)
         self._calc = None
@@ -85,17 +77,12 @@ class Baseline:
 
     def calculator(self):
         if self._calc is None:
-            module, _, attr = self.spec["calculator"].rpartition(".")
-            try:
-                factory = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError, ValueError) as exc:
-                raise MlipopsError(f"cannot import baseline calculator {self.spec['calculator']!r}: {exc}",
-                                   field="train.baseline.calculator") from None
-            known = getattr(factory, "default_parameters", None)
-            unknown = sorted(set(self.spec["kwargs"]) - set(known)) if isinstance(known, dict) and known else []
-            if unknown:  # ASE calculators store unknown keywords silently: a typo would change nothing
+            factory = import_calculator(self.spec["calculator"], what="baseline calculator",
+                                        field="train.baseline.calculator")
+            unknown, known = unknown_keywords(factory, self.spec["kwargs"])
+            if unknown:
                 raise MlipopsError(f"cannot build baseline {self.spec['calculator']}: unknown parameter(s) {unknown} "
-                                   f"(known: {sorted(known)})", field="train.baseline.kwargs")
+                                   f"(known: {known})", field="train.baseline.kwargs")
             try:
                 self._calc = factory(**self.spec["kwargs"])
             except Exception as exc:  # noqa: BLE001
