@@ -68,6 +68,13 @@ def load_releases(path: Path = RELEASES) -> dict[str, dict]:
     return {str(e["frame_id"]): e for e in entries}
 
 
+def covering_release(releases: dict[str, dict], frame_id: str, checks) -> dict | None:
+    """The release of ``frame_id`` (``releases``: :func:`load_releases`) when it names every check the frame
+    failed (``checks``: (check, reason) pairs), else None: a release covers the checks it names, nothing else."""
+    entry = releases.get(frame_id)
+    return entry if entry and {c for c, _ in checks} <= set(entry["checks"]) else None
+
+
 def release(frame_id: str, why: str, quarantine: Path, path: Path = RELEASES) -> dict:
     """Record the release of one quarantined frame; returns the entry written."""
     if not why or not why.strip():
