@@ -136,12 +136,24 @@ class Baseline:
         return out
 
 
+def plus_baseline(pred: dict, base: dict) -> dict:
+    """The totals of a Δ-learning model (the network predicts what the baseline leaves): each quantity of the
+    network's ``pred`` plus the baseline's in ``base`` (energy, forces, stress, per-atom energies; of one frame,
+    or of several: an array of energies, lists of per-frame arrays added pairwise), the network's first. A
+    quantity the baseline lacks is left out (no per-atom split of the baseline: no per-atom energies rather
+    than wrong ones)."""
+    return {k: [p + b for p, b in zip(v, base[k])] if isinstance(v, (list, tuple)) else v + base[k]
+            for k, v in pred.items() if k in base}
+
+
 def add_baseline(model, frames: list[Atoms], energies: np.ndarray, forces: list[np.ndarray],
                  cache_dir: str | Path | None = BASELINE_CACHE) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Total predictions: the network's ``energies``/``forces`` of ``frames`` plus the model's baseline."""
+    """Total predictions: the network's ``energies``/``forces`` of ``frames`` plus the model's baseline
+    (:func:`plus_baseline`, its labels from the cache in ``cache_dir``)."""
     base = getattr(model, "baseline", None)
     if base is None:
         return energies, forces
     labs = base.labels(frames, cache_dir)
-    return (np.asarray(energies) + np.array([x["energy"] for x in labs]),
-            [f + x["forces"] for f, x in zip(forces, labs)])
+    total = plus_baseline({"energy": np.asarray(energies), "forces": forces},
+                          {"energy": np.array([x["energy"] for x in labs]), "forces": [x["forces"] for x in labs]})
+    return total["energy"], total["forces"]

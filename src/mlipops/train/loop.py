@@ -23,7 +23,7 @@ from ase import Atoms
 
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.frames import labels
-from mlipops.models.baseline import BASELINE_CACHE, baseline_spec
+from mlipops.models.baseline import BASELINE_CACHE, baseline_spec, plus_baseline
 from mlipops.models.potential import Graph, Potential
 from mlipops.params import DescriptorParams, TrainParams
 from mlipops.paths import atomic_path
@@ -57,7 +57,9 @@ class Prepared:
         """Reference energies and forces with the baseline added back (what the oracle said)."""
         if self.base_energy is None:
             return self.energy, self.forces
-        return self.energy + self.base_energy, [f + b for f, b in zip(self.forces, self.base_forces)]
+        total = plus_baseline({"energy": self.energy, "forces": self.forces},
+                              {"energy": self.base_energy, "forces": self.base_forces})
+        return total["energy"], total["forces"]
 
 
 @dataclass
