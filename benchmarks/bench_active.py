@@ -46,7 +46,7 @@ def seed_data(workdir: Path) -> tuple[Path, Path]:
     import pandas as pd
 
     from mlipops.frames import read_extxyz, write_extxyz
-    from mlipops.ingest import rejected_frame
+    from mlipops.quarantine import rejected_frame
 
     frames, _ = read_extxyz(ROOT / "data/curated/accepted.extxyz")
     seed = [a for a in frames if a.info["config_type"] in ("crystal_fcc", "crystal_hcp")

@@ -317,8 +317,8 @@ def test_gamma_mode_fires_outside_the_training_hull(tmp_path, monkeypatch):
     bulk at 300 K stays near it; selected frames carry their largest per-atom γ."""
     from mlipops.active.loop import _Hull, _load_candidates, _md_phase, _select_phase, params_fingerprint
     from mlipops.index.build import build_index
-    from mlipops.ingest import rejected_frame
     from mlipops.params import ActiveParams, IndexParams
+    from mlipops.quarantine import rejected_frame
 
     train = []
     for k in range(4):

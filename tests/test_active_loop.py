@@ -24,9 +24,9 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from active_oracles import log_lines
 from mlipops.crystal import Crystal
 from mlipops.frames import file_md5, read_extxyz, write_extxyz
-from mlipops.ingest import rejected_frame
 from mlipops.oracles import get_oracle
 from mlipops.params import Params, load_params
+from mlipops.quarantine import rejected_frame
 
 CU = Crystal("Cu", "fcc", 3.61)  # ASE's reference fcc copper, as the structures were built before
 

@@ -96,7 +96,7 @@ def test_extxyz_round_trip_keeps_labels_and_provenance(tmp_path, u_rng):
     frames = [_labelled_frame(u_rng) for _ in range(3)]
     path = tmp_path / "sub" / "frames.extxyz"
     assert write_extxyz(path, frames) == 3
-    assert not path.with_suffix(".extxyz.tmp").exists()
+    assert [p.name for p in path.parent.iterdir()] == ["frames.extxyz"]  # no temporary file left
     back, rejected = read_extxyz(path)
     assert rejected == []
     assert len(back) == 3
@@ -119,6 +119,26 @@ def test_extxyz_round_trip_keeps_labels_and_provenance(tmp_path, u_rng):
         assert b.info["source_index"] == k
         assert b.info["frame_id"] == a.info["frame_id"] == frame_id(b)
         assert isinstance(b.calc, SinglePointCalculator)
+
+
+def test_atomic_path_replaces_a_file_whole_or_not_at_all(tmp_path):
+    from mlipops.paths import atomic_path, atomic_write_text
+
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed half-way")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # the temporary file is gone
+    with atomic_path(target) as one, atomic_path(target, fsync=True) as two:
+        assert one != two and one.parent == two.parent == tmp_path and one.name.startswith(".f.txt.")
+        one.write_text("first")
+        two.write_text("second")
+    assert target.read_text() == "first"  # the outer block ends last: its file is the one left
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
 def test_extxyz_without_config_type_gets_default_or_unknown(tmp_path):

@@ -172,7 +172,7 @@ def test_thirty_synchronized_pairs_of_releases_keep_all_sixty(tmp_path):
     """Issue 30 item 5: two processes release different frames in 30 synchronized rounds; every release
     exits 0 and all 60 entries are kept (file lock + a temporary file per process)."""
     from mlipops.frames import Rejected
-    from mlipops.ingest import rejected_frame
+    from mlipops.quarantine import rejected_frame
 
     ids = [f"{k:02d}" + "ab" * 31 for k in range(60)]
     q = rejected_frame([Rejected("hot", k, "max_force", f"atom 0: |F| = {60 + k} eV/Å above 50.0 eV/Å",
@@ -358,7 +358,7 @@ def test_cyrillic_element_symbol_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory) -> Path:
     from mlipops.index.build import build_index
-    from mlipops.ingest import rejected_frame
+    from mlipops.quarantine import rejected_frame
     from mlipops.params import DescriptorParams, IndexParams
 
     d = tmp_path_factory.mktemp("index")

@@ -21,8 +21,8 @@ import yaml
 from mlipops.errors import MlipopsError
 from mlipops.frames import write_extxyz
 from mlipops.index.build import build_index, connect_read_only, query
-from mlipops.ingest import rejected_frame
 from mlipops.params import DescriptorParams, IndexParams
+from mlipops.quarantine import rejected_frame
 from test_bad_input import error_line, mlipops
 from test_index import _frames
 

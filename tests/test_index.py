@@ -12,9 +12,9 @@ from ase.build import bulk, fcc111
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.frames import Rejected, file_md5, frame_id, to_extxyz_string, write_extxyz
 from mlipops.index.build import atom_rows, build_index, query
-from mlipops.ingest import rejected_frame
 from mlipops.oracles import get_oracle
 from mlipops.params import DescriptorParams, IndexParams
+from mlipops.quarantine import rejected_frame
 
 A = 3.61  # Å, fcc Cu lattice constant used throughout
 

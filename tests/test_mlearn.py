@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from mlipops.frames import labels, read_frames
-from mlipops.ingest import REJECT_COLUMNS, ingest
+from mlipops.ingest import ingest
 from mlipops.params import IngestParams, SourceParams, SplitParams
+from mlipops.quarantine import REJECT_COLUMNS
 
 N_FRAMES, N_ATOMS = 23, 1189  # the dataset README's table
 

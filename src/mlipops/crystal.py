@@ -78,6 +78,14 @@ def vacancy_cell(cr: Crystal, repeat, rng) -> Atoms:
     return a
 
 
+def rattle(atoms: Atoms, stdev: float, rng) -> Atoms:
+    """``atoms`` with every position component displaced by a normal draw of ``rng`` (a numpy Generator; σ =
+    ``stdev`` Å), in place; returned. Generate's rattled crystals, vacancy cells and slabs and the defects
+    control's are rattled by this."""
+    atoms.positions += rng.normal(0.0, stdev, atoms.positions.shape)
+    return atoms
+
+
 _FCC_BUILDERS = {"100": "fcc100", "110": "fcc110", "111": "fcc111"}
 
 

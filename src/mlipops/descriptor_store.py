@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlipops.paths import atomic_write_text
+
 SAVED_FORMAT = "mlipops.saved_descriptors/1"
 _SAVED_ROWS, _SAVED_META = "rows.npy", "meta.json"
 
@@ -73,9 +75,7 @@ class SavedDescriptorsWriter:
                 "settings": self.settings, "n_features": self.shape[1], "n_rows": self.shape[0],
                 "frame_id": [self.frame_ids[q] for q in k.tolist()], "start": self.starts[k].tolist(),
                 "count": self.counts[k].tolist()}
-        tmp = self.dir / (_SAVED_META + ".tmp")
-        tmp.write_text(json.dumps(meta, default=str))
-        tmp.replace(self.dir / _SAVED_META)
+        atomic_write_text(self.dir / _SAVED_META, json.dumps(meta, default=str))
 
 
 def write_no_saved_descriptors(directory: str | Path, why: str) -> None:

@@ -108,6 +108,19 @@ class AtomCentredDescriptor(nn.Module):
             cols.append(cols[parent] * comp[axis])
         return torch.stack(cols, dim=1)
 
+    def moment_terms(self, radial: torch.Tensor, unweighted: torch.Tensor) -> torch.Tensor:
+        """Each edge's contribution m_{e,n,k} = R_n(r_e) μ_k(û_e) [E, n_angular, n_mono] to the moments M_{i,s,n,k}:
+        ``radial`` the angular basis R_n(r_e) [E, n_angular], ``unweighted`` the monomials of û_e
+        (:meth:`monomials`), μ_k = √(multiplicity) x^a y^b z^c."""
+        weight = torch.tensor(self._mono_weight, dtype=unweighted.dtype, device=unweighted.device)
+        return radial[:, :, None] * (unweighted * weight)[:, None, :]
+
+    def angular_features(self, M: torch.Tensor) -> torch.Tensor:
+        """The angular invariants of the moments M [n_atoms, S, n_angular, n_mono], G_{i,ab,n,l} = Σ_{k of order l}
+        M_{i,a,n,k} M_{i,b,n,k}, as [n_atoms, (L+1) · pairs · n_angular], l-major (as the features are documented)."""
+        inv = (M[:, self.pair_a] * M[:, self.pair_b]) @ self.mono_group.to(M.dtype)  # [n, pairs, n_ang, L+1]
+        return inv.permute(0, 3, 1, 2).reshape(M.shape[0], -1)
+
     @property
     def n_features(self) -> int:
         n_pairs = self.n_species * (self.n_species + 1) // 2
@@ -138,12 +151,9 @@ class AtomCentredDescriptor(nn.Module):
             ra = self.angular(r[keep])  # [n_ang_edges, n_angular]
             u = vec[keep] / r[keep, None]  # [n_ang_edges, 3]
             # monomials by repeated products (pow(0, 0) would have a NaN gradient)
-            weight = torch.tensor(self._mono_weight, dtype=u.dtype, device=u.device)
-            mono = self.monomials(u) * weight
-            m = ra[:, :, None] * mono[:, None, :]  # [n_ang_edges, n_angular, n_mono]
+            m = self.moment_terms(ra, self.monomials(u))  # [n_ang_edges, n_angular, n_mono]
             M = per_slot(slot[keep], m).view(n_atoms, S, *m.shape[1:])
-            inv = (M[:, self.pair_a] * M[:, self.pair_b]) @ self.mono_group.to(u.dtype)  # [n, pairs, n_ang, L+1]
-            feats.append(inv.permute(0, 3, 1, 2).reshape(n_atoms, -1))  # l-major, as the features are documented
+            feats.append(self.angular_features(M))
         return torch.cat(feats, dim=1)
 
 
@@ -187,13 +197,10 @@ def descriptor_with_jacobian(desc: "AtomCentredDescriptor", species: torch.Tenso
     feats = [g_rad.view(n_atoms, S * desc.n_radial)]
     if desc.angular is not None:
         keep = torch.linalg.norm(vec, dim=1) < desc.angular_cutoff
-        weight = torch.tensor(desc._mono_weight, dtype=vec.dtype, device=vec.device)
 
         def moment(v):  # [E_ang, n_angular, n_mono]
             r = torch.linalg.norm(v, dim=1)
-            u = v / r[:, None]
-            mono = desc.monomials(u) * weight
-            return desc.angular(r)[:, :, None] * mono[:, None, :]
+            return desc.moment_terms(desc.angular(r), desc.monomials(v / r[:, None]))
 
         m, dm = _edge_jacobian(moment, vec[keep])  # [Ea, na, k], [Ea, na, k, 3]
         M = vec.new_zeros(n_atoms * S, *m.shape[1:]).index_add_(0, slot[keep], m).view(n_atoms, S, *m.shape[1:])
@@ -230,13 +237,13 @@ def _incidence(rows: torch.Tensor, n_rows: int, weight: float, dtype: torch.dtyp
                                        (n_rows, len(rows)))
 
 
-def _gradient_tables(desc: "AtomCentredDescriptor", dtype: torch.dtype, device) -> tuple:
-    """Constants of :func:`summed_descriptor_gradient`: the monomial weights w, and the table T [K, 4K] that maps
-    the unweighted monomials U [E, K] to (μ_k, ∂μ_k/∂u_x, ∂μ_k/∂u_y, ∂μ_k/∂u_z) per monomial, U @ T: for monomial
-    k = w x^a y^b z^c, μ_k = w U_k and ∂μ_k/∂u_d = w (a, b, c)_d U_{lower(k, d)}, lower(k, d) the monomial of one
-    order less in d. Each column of T has at most one nonzero entry."""
+def _gradient_table(desc: "AtomCentredDescriptor", dtype: torch.dtype, device) -> torch.Tensor:
+    """The constant of :func:`summed_descriptor_gradient`: the table T [K, 4K] that maps the unweighted monomials
+    U [E, K] to (μ_k, ∂μ_k/∂u_x, ∂μ_k/∂u_y, ∂μ_k/∂u_z) per monomial, U @ T: for monomial k = w x^a y^b z^c,
+    μ_k = w U_k and ∂μ_k/∂u_d = w (a, b, c)_d U_{lower(k, d)}, lower(k, d) the monomial of one order less in d.
+    Each column of T has at most one nonzero entry."""
     key = (dtype, str(device))
-    cache = desc.__dict__.setdefault("_gradient_tables", {})
+    cache = desc.__dict__.setdefault("_gradient_table", {})
     if key not in cache:
         expo = desc.mono_expo.tolist()
         index = {tuple(e): k for k, e in enumerate(expo)}
@@ -246,7 +253,7 @@ def _gradient_tables(desc: "AtomCentredDescriptor", dtype: torch.dtype, device) 
             for d in range(3):
                 if e[d] > 0:
                     table[index[tuple(e[:d] + [e[d] - 1] + e[d + 1:])], 4 * k + 1 + d] = desc._mono_weight[k] * e[d]
-        cache[key] = (torch.tensor(desc._mono_weight, dtype=dtype, device=device), table.to(dtype=dtype, device=device))
+        cache[key] = table.to(dtype=dtype, device=device)
     return cache[key]
 
 
@@ -299,20 +306,18 @@ def summed_descriptor_gradient(desc: "AtomCentredDescriptor", species: torch.Ten
         ia, ja, sa, ra_, ua = edge_i[keep], edge_j[keep], sj[keep], r[keep], u[keep]
         rb, drb = basis_and_slope(desc.angular, ra_)  # [Ea, na]
         L = desc.max_l
-        weight, table = _gradient_tables(desc, dt, u.device)
+        table = _gradient_table(desc, dt, u.device)
         U = desc.monomials(ua)  # [Ea, K]: x^a y^b z^c
         n_mono = U.shape[1]
-        mono = U * weight
         # [Ea, K, 4]: μ_k and ∇_u μ_k (∂μ_k/∂u_d = coef · a lower-order monomial): one product with the table,
         # each entry one monomial times its coefficient (plus exact zeros), so the same numbers as a gather
         Z = (U @ table).view(-1, n_mono, 4)
-        m = rb[:, :, None] * mono[:, None, :]  # [Ea, na, K]
+        m = desc.moment_terms(rb, U)  # [Ea, na, K]
         rows = ia * S + sa
         M = (_incidence(rows, n_atoms * S, 1.0, dt) @ m.reshape(len(m), -1)).view(n_atoms, S, *m.shape[1:])
         a, b = desc.pair_a, desc.pair_b
         if with_descriptors:
-            inv = (M[:, a] * M[:, b]) @ desc.mono_group.to(dt)  # [n, pairs, n_ang, L+1]
-            feats.append(inv.permute(0, 3, 1, 2).reshape(n_atoms, -1))  # l-major, as forward()
+            feats.append(desc.angular_features(M))  # as forward()
         if S == 1:  # one pair (0, 0): C = 2 M_i (the 2 is applied to D below)
             C, two = M.view(n_atoms, -1)[ia].view(len(ia), 1, *m.shape[1:]), 2.0
         else:

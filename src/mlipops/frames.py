@@ -66,6 +66,7 @@ from ase.io.extxyz import escape as ase_escape  # the writer's quoting, byte for
 from ase.units import GPa
 
 from mlipops.errors import FrameFormatError, MlipopsError, StageInputError
+from mlipops.paths import atomic_path, atomic_write_text
 from mlipops.pipeline import ACCEPTED
 
 # mlipops' own info keys; everything else a source carries is kept as it is.
@@ -1483,9 +1484,7 @@ def write_manifest(path: str | Path, frames: Iterable[Atoms], writer: str) -> Pa
     doc = {"format": MANIFEST_FORMAT, "file": Path(path).name, "md5": file_md5(path), "writer": writer,
            "n_frames": len(frames), "oracles": [dict(zip(ORACLE_KEYS, o)) for o in oracles]}
     out = manifest_path(path)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return out
 
 
@@ -1515,11 +1514,9 @@ def write_extxyz(path: str | Path, frames: Iterable[Atoms]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = list(frames)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as fh:
+    with atomic_path(path) as tmp, tmp.open("w") as fh:
         for atoms in frames:
             fh.write(to_extxyz_string(atoms))
-    tmp.replace(path)
     return len(frames)
 
 

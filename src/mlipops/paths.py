@@ -18,6 +18,9 @@ What is trusted, and what is not:
   said, any path that does not resolve strictly inside ``data/``, ``registry/`` or ``reports/`` of the
   current project (the folders themselves included): even with validation bypassed, ``rm -rf /`` cannot
   happen.
+* **Files** are replaced whole: written to a hidden temporary sibling, then renamed over the old one
+  (:func:`atomic_path`, :func:`atomic_write_text`): a reader, or a run killed half-way, sees the old file or
+  the new one, never a part.
 * **Registry references** (``NAME``, ``NAME@alias``, ``NAME@vN``) resolve only to ``<registry>/NAME/vN``
   folders that hold a registry version's files (:func:`registry_version`); a path given instead must be
   such a folder.
@@ -27,8 +30,13 @@ Error messages quote at most :data:`SHOWN` characters of what the user wrote (:f
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from mlipops.errors import MlipopsError
@@ -151,14 +159,54 @@ def safe_move(src: str | Path, dst: str | Path) -> None:
     shutil.move(str(src), str(dst))
 
 
+@contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """Replace the file ``path`` whole or not at all: yields a temporary sibling to write (same folder, a hidden
+    name with the pid and a random part: concurrent writers, processes or threads, never share one), renamed
+    over ``path`` (``os.replace``) when the block ends, removed when it raises. ``fsync``: its bytes reach the
+    disk before the rename. The folder must exist."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> None:
+    """``Path(path).write_text(text)``, atomically (:func:`atomic_path`)."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text(text)
+
+
+def read_registry_index(registry_dir: str | Path, *, missing: str = "promote a model first") -> dict:
+    """The registry's ``index.json`` (``{"models": {NAME: {"versions": [...], "aliases": {...}}}}``), checked to
+    be JSON with a ``models`` mapping; a one-line error when it is missing (``missing``: what to do) or not."""
+    path = Path(registry_dir) / "index.json"
+    if not path.is_file():
+        raise MlipopsError(f"registry index missing ({missing})", file=str(path))
+    try:
+        index = json.loads(path.read_text())
+        index["models"].items()
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise MlipopsError(f"unreadable registry index: {cut(exc)}", file=str(path)) from None
+    return index
+
+
 def registry_version(ref: str | Path, registry_dir: str | Path) -> Path:
     """The folder ``<registry_dir>/NAME/vN`` of a registry reference: ``NAME@alias``, ``NAME@vN`` (a
     ``registry:`` prefix is optional), a bare ``NAME`` (= ``NAME@champion``), or the path of such a
     folder. Names and aliases are :data:`NAME`\\ s; the version comes from ``index.json``, the folder from
     the name and version alone (never from a path written in the index), must resolve inside the registry
     and hold a version's files (:data:`REGISTRY_VERSION_FILES`). Anything else is a one-line error."""
-    import json
-
     registry_dir = Path(registry_dir)
     text = str(ref)
     index_path = registry_dir / "index.json"
@@ -169,15 +217,9 @@ def registry_version(ref: str | Path, registry_dir: str | Path) -> Path:
     if NAME.fullmatch(name) is None or NAME.fullmatch(alias) is None:
         raise MlipopsError(f"{clip(text)} is not a registry reference NAME@alias, NAME@vN or NAME (letters, digits, "
                            "'_' and '-')")
-    if not index_path.is_file():
-        raise MlipopsError("registry index missing (promote a model first)", file=str(index_path))
-    try:
-        models = json.loads(index_path.read_text())["models"]
-        entry = models.get(name)
-        if entry is not None and not isinstance(entry, dict):
-            raise TypeError("a model entry is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise MlipopsError(f"unreadable registry index: {cut(exc)}", file=str(index_path)) from None
+    entry = read_registry_index(registry_dir)["models"].get(name)
+    if entry is not None and not isinstance(entry, dict):
+        raise MlipopsError("unreadable registry index: a model entry is not a mapping", file=str(index_path))
     if entry is None:
         raise MlipopsError(f"model {name!r} is not in the registry", file=str(index_path))
     m = _VERSION.fullmatch(alias)

@@ -30,8 +30,10 @@ import pandas as pd
 
 from mlipops.errors import StageInputError
 from mlipops.frames import Rejected, read_extxyz, read_frames, to_extxyz_string, write_extxyz
-from mlipops.ingest import REJECT_COLUMNS, assign_splits, rejected_frame
+from mlipops.ingest import assign_splits
 from mlipops.params import Params
+from mlipops.paths import atomic_path
+from mlipops.quarantine import REJECT_COLUMNS, quarantine_row, rejected_frame, typed
 
 
 def _read_accepted(path: Path):
@@ -56,7 +58,7 @@ def curate(new_file: str | Path, prev_accepted: str | Path, prev_quarantine: str
     ``n_accepted``, ``n_train``, ``n_new.<split>``) and the paths written."""
     from mlipops.index.build import build_index
     from mlipops.pipeline import RELEASES
-    from mlipops.quality.releases import load_releases
+    from mlipops.quality.releases import covering_release, load_releases
     from mlipops.quality.validate import decide
 
     t0 = time.perf_counter()
@@ -82,27 +84,21 @@ def curate(new_file: str | Path, prev_accepted: str | Path, prev_quarantine: str
     accepted_new, rows = [], []
     for j, a in enumerate(fresh):
         checks = decision.failures.get(n_prev + j)
-        entry = releases.get(a.info["frame_id"]) if checks else None
-        if checks and not (entry and {c for c, _ in checks} <= set(entry["checks"])):
-            rows.append({"frame_id": a.info["frame_id"], "source": a.info.get("source"),
-                         "source_index": int(a.info.get("source_index", -1)),
-                         "config_type": a.info.get("config_type"), "split": a.info.get("split"),
-                         "check": ",".join(c for c, _ in checks), "reason": "; ".join(r for _, r in checks),
-                         "extxyz": to_extxyz_string(a)})
+        if checks and not covering_release(releases, a.info["frame_id"], checks):
+            rows.append(quarantine_row(a.info["frame_id"], a.info.get("source"), a.info.get("source_index", -1),
+                                       a.info.get("config_type"), a.info.get("split"), checks, to_extxyz_string(a)))
         else:
             accepted_new.append(a)
     new_q = pd.concat([rejected_frame(rejected), pd.DataFrame(rows, columns=REJECT_COLUMNS)], ignore_index=True)
     new_q["stage"] = "active"
     quarantine = pd.concat([q_prev, new_q], ignore_index=True) if len(new_q) else q_prev.copy()
-    quarantine = quarantine.astype({c: "string" for c in REJECT_COLUMNS if c != "source_index"} | {"stage": "string"})
-    quarantine["source_index"] = quarantine["source_index"].astype("int64")
+    quarantine = typed(quarantine)
     out_dir.mkdir(parents=True, exist_ok=True)
     accepted = prev + accepted_new
     acc_path, q_path, idx_path = out_dir / "accepted.extxyz", out_dir / "quarantine.parquet", out_dir / "index.duckdb"
     write_extxyz(acc_path, accepted)
-    tmp = q_path.with_name(q_path.name + ".tmp")
-    quarantine.to_parquet(tmp, index=False)
-    tmp.replace(q_path)
+    with atomic_path(q_path) as tmp:
+        quarantine.to_parquet(tmp, index=False)
     index_stats = build_index(p.index, p.descriptors, accepted=acc_path, quarantine=q_path, out=idx_path)
     by_check = Counter(c for cs in new_q["check"].fillna("") for c in cs.split(",") if c)
     by_split = Counter(a.info["split"] for a in accepted_new)

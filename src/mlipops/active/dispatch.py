@@ -22,9 +22,7 @@ returns, its label file is still written, and a later run reuses it).
 from __future__ import annotations
 
 import heapq
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,9 +62,9 @@ def read_label(path: Path) -> Atoms:
 def _label_one(oracle, atoms: Atoms, out: str) -> str:
     """Worker task: label ``atoms`` with ``oracle`` and write it atomically to ``out``."""
     labelled = oracle.label([atoms])[0]
-    tmp = Path(f"{out}.{uuid.uuid4().hex}.part")  # unique: a retry may run while a timed-out call finishes
-    write_extxyz(tmp, [labelled])
-    os.replace(tmp, out)  # atomic: the label file is complete or absent
+    # atomic, through a temporary file of its own (a retry may run while a timed-out call finishes): the label
+    # file is complete or absent
+    write_extxyz(out, [labelled])
     return out
 
 

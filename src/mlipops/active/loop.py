@@ -52,7 +52,7 @@ from mlipops.crystal import Crystal, resolve, train_frames
 from mlipops.errors import StageInputError
 from mlipops.frames import file_md5, read_extxyz, write_extxyz, write_manifest
 from mlipops.params import ActiveParams, ComputeParams, Params
-from mlipops.paths import ensure_writable, safe_move, safe_remove
+from mlipops.paths import atomic_path, ensure_writable, safe_move, safe_remove
 
 # statistics used to rank candidates, per trigger mode
 _SCORE = {"projected": "sigma_projected", "force": "max_sigma_f", "gamma": "gamma_max", "random": "random_score"}
@@ -231,9 +231,8 @@ def _checkpoint(st: ActiveState, atoms: Atoms, rng, cands: list[Atoms], cand_pat
     a = atoms.copy()  # positions and momenta, without the calculator and the constraint
     a.calc = None
     a.set_constraint()
-    tmp = snap.with_name(snap.name + ".tmp")
-    ase.io.write(str(tmp), a, format="extxyz")
-    tmp.replace(snap)
+    with atomic_path(snap) as tmp:
+        ase.io.write(str(tmp), a, format="extxyz")
     old = st.md_snapshot
     st.md_snapshot, st.md_rng = str(snap), rng.bit_generator.state
     st.candidates_file, st.n_candidates = str(cand_path), len(cands)

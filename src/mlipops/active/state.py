@@ -16,11 +16,11 @@ file holding the frames), ``pending`` (submitted to the oracle, no result record
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlipops.errors import StageInputError
+from mlipops.paths import atomic_path
 
 FORMAT = "mlipops.active_state/1"
 
@@ -58,12 +58,8 @@ class ActiveState:
         path = Path(self.path)
         path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"format": FORMAT} | {k: v for k, v in asdict(self).items() if k != "path"}
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w") as fh:
+        with atomic_path(path, fsync=True) as tmp, tmp.open("w") as fh:
             json.dump(doc, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
 
     def new_iteration(self) -> None:
         """Clear the per-iteration fields and advance ``iteration`` (the caller saves)."""

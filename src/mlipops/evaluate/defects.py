@@ -454,7 +454,7 @@ def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams, cr: C
     conventional cells), slabs (:func:`control_slab_millers`, ``generate.defects.slab_size`` [nx, ny, layers],
     ``vacuum``: :func:`mlipops.crystal.slab`), the liquid recipe (``generate.liquid``, started at the crystal's
     density)."""
-    from mlipops.crystal import a_from_volume, slab, vacancy_cell
+    from mlipops.crystal import a_from_volume, rattle, slab, vacancy_cell
     from mlipops.generate.recipes import equilibrium_nn_distance
 
     oracle = control_oracle(g, cr)
@@ -464,8 +464,7 @@ def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams, cr: C
     out = []
     if "rattled_vacancy" in recipes:
         for _ in range(p.control_vacancy_cells):
-            v = vacancy_cell(co, g.defects.vacancy_supercell, rng)
-            v.positions += rng.normal(0.0, p.control_rattle_stdev, v.positions.shape)
+            v = rattle(vacancy_cell(co, g.defects.vacancy_supercell, rng), p.control_rattle_stdev, rng)
             v.info["config_type"] = "control_rattled_vacancy"
             out.append(v)
     if "high_temperature_md" in recipes:
@@ -482,8 +481,7 @@ def control_recipes(recipes: set[str], p: DefectParams, g: GenerateParams, cr: C
         for hkl in control_slab_millers(p, g, co.lattice):
             base = slab(co, hkl, size[2], size[:2], g.defects.vacuum)
             for _ in range(p.control_slabs):
-                s = base.copy()
-                s.positions += rng.normal(0.0, p.control_rattle_stdev, s.positions.shape)
+                s = rattle(base.copy(), p.control_rattle_stdev, rng)
                 s.info["config_type"] = f"control_slab_{hkl}"
                 out.append(s)
     return oracle.label(out)

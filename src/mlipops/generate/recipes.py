@@ -44,6 +44,7 @@ from ase import Atoms, units
 from ase.build import add_adsorbate, bulk, fcc100, fcc110, fcc111
 from ase.data import atomic_numbers, covalent_radii
 
+from mlipops.crystal import Crystal, bulk_cell, rattle, vacancy_cell
 from mlipops.frames import write_extxyz, write_manifest
 from mlipops.oracles import Oracle, get_oracle
 from mlipops.params import GenerateParams
@@ -135,9 +136,7 @@ def crystals(p: GenerateParams, oracle: Oracle, rng: np.random.Generator) -> tup
             a = base.copy()
             a.set_cell(base.cell.array @ (np.eye(3) + eps), scale_atoms=True)
             for k in range(1 + r.rattles_per_strain):
-                b = a.copy()
-                if k:
-                    b.positions += rng.normal(0.0, r.rattle_stdev, b.positions.shape)
+                b = rattle(a.copy(), r.rattle_stdev, rng) if k else a.copy()
                 frames.append(_tag(b, f"crystal_{s}", strain_kind=kind, strain=float(e)))
     return frames, nn
 
@@ -150,28 +149,18 @@ def _slab(element: str, hkl: str, a: float, size, vacuum: float) -> Atoms:
 def defects(p: GenerateParams, a_fcc: float, rng: np.random.Generator) -> list[Atoms]:
     r = p.defects
     frames = []
-    n = r.vacancy_supercell
-    perfect = bulk(p.element, "fcc", a=a_fcc, cubic=True).repeat((n, n, n))
+    fcc = Crystal(p.element, "fcc", a_fcc)
     for k in range(r.vacancy_cells):
-        v = perfect.copy()
-        del v[int(rng.integers(len(v)))]
-        v.positions += rng.normal(0.0, r.rattle_stdev, v.positions.shape)
-        frames.append(_tag(v, "vacancy"))
+        frames.append(_tag(rattle(vacancy_cell(fcc, r.vacancy_supercell, rng), r.rattle_stdev, rng), "vacancy"))
     for hkl in r.slabs:
         slab = _slab(p.element, hkl, a_fcc, r.slab_size, r.vacuum)
         for k in range(1 + r.slab_rattles):
-            s = slab.copy()
-            if k:
-                s.positions += rng.normal(0.0, r.rattle_stdev, s.positions.shape)
-            frames.append(_tag(s, f"surface_{hkl}"))
+            frames.append(_tag(rattle(slab.copy(), r.rattle_stdev, rng) if k else slab.copy(), f"surface_{hkl}"))
     if r.adatom:
         slab = _slab(p.element, "111", a_fcc, r.slab_size, r.vacuum)
         add_adsorbate(slab, p.element, height=a_fcc / math.sqrt(6.0), position="fcc")
         for k in range(1 + r.slab_rattles):
-            s = slab.copy()
-            if k:
-                s.positions += rng.normal(0.0, r.rattle_stdev, s.positions.shape)
-            frames.append(_tag(s, "adatom"))
+            frames.append(_tag(rattle(slab.copy(), r.rattle_stdev, rng) if k else slab.copy(), "adatom"))
     return frames
 
 
@@ -185,8 +174,8 @@ def liquid(p: GenerateParams, oracle: Oracle, a_fcc: float, rng: np.random.Gener
         return []
     n = r.supercell
     # ~5 % lower density than the crystal, as a liquid metal
-    atoms = bulk(p.element, "fcc", a=a_fcc * 1.05 ** (1 / 3), cubic=True).repeat((n, n, n))
-    atoms.positions += rng.normal(0.0, 0.25, atoms.positions.shape)  # break the lattice at once
+    atoms = bulk_cell(Crystal(p.element, "fcc", a_fcc * 1.05 ** (1 / 3)), n)
+    rattle(atoms, 0.25, rng)  # break the lattice at once
     atoms.calc = oracle.calculator()
     MaxwellBoltzmannDistribution(atoms, temperature_K=2 * r.temperature_K, rng=rng)
     Stationary(atoms)

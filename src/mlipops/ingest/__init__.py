@@ -28,21 +28,11 @@ from ase import Atoms
 from mlipops.errors import FrameFormatError
 from mlipops.frames import Rejected, StressField, map_frames, source_name, to_extxyz_string, verified_manifest
 from mlipops.params import IngestParams, SourceParams, SplitParams
+from mlipops.paths import atomic_path
+from mlipops.quarantine import rejected_frame
 from mlipops.report import progress, write_markdown, write_metrics
 from mlipops.pipeline import INGEST_REJECTED as REJECTED, INGEST_REPORTS as REPORT_DIR, INGESTED as FRAMES, \
     INGESTED_DIR as OUT_DIR
-
-REJECT_COLUMNS = ["frame_id", "source", "source_index", "config_type", "split", "check", "reason", "extxyz"]
-
-
-def rejected_frame(records: list[Rejected]) -> pd.DataFrame:
-    rows = [{"frame_id": r.frame_id, "source": r.source, "source_index": r.source_index,
-             "config_type": r.config_type, "split": None, "check": r.check, "reason": r.reason,
-             "extxyz": r.raw} for r in records]
-    return pd.DataFrame(rows, columns=REJECT_COLUMNS).astype(
-        {"source_index": "int64", "frame_id": "string", "source": "string", "config_type": "string",
-         "split": "string", "check": "string", "reason": "string", "extxyz": "string"})
-
 
 def _stable_unit(frame_id: str, seed: int) -> float:
     """A number in [0, 1) fixed by the frame's content and the seed (splits stable under reordering)."""
@@ -187,21 +177,15 @@ class _Spool:
     def write(self, path: Path, splits: list[str]) -> None:
         self.fh.flush()
         self.fh.seek(0)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        try:
-            with tmp.open("wb") as out:
-                for k, (size, split) in enumerate(zip(self.sizes, splits)):
-                    if k in self.kept:
-                        self.kept[k].info["split"] = split
-                        text = to_extxyz_string(self.kept[k])
-                    else:
-                        head, comment, body = self.fh.read(size).decode("utf-8").split("\n", 2)
-                        text = "\n".join((head, _MARK_RE.sub("split=" + split, comment), body))
-                    out.write(text.encode("utf-8"))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(path)
+        with atomic_path(path) as tmp, tmp.open("wb") as out:
+            for k, (size, split) in enumerate(zip(self.sizes, splits)):
+                if k in self.kept:
+                    self.kept[k].info["split"] = split
+                    text = to_extxyz_string(self.kept[k])
+                else:
+                    head, comment, body = self.fh.read(size).decode("utf-8").split("\n", 2)
+                    text = "\n".join((head, _MARK_RE.sub("split=" + split, comment), body))
+                out.write(text.encode("utf-8"))
 
     def close(self) -> None:
         self.fh.close()

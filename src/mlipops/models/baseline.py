@@ -22,28 +22,20 @@ Phys. Rev. 114, 687 (1959); ASE's ``rho0`` = α r0)::
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 
+from mlipops.calculators import calculator_version, import_calculator, unknown_keywords
 from mlipops.errors import MlipopsError
+from mlipops.paths import atomic_path
 from mlipops.pipeline import BASELINE_CACHE
 
 
 BUILTIN = {"emt": "ase.calculators.emt.EMT", "lj": "ase.calculators.lj.LennardJones",
            "morse": "ase.calculators.morse.MorsePotential"}
-
-
-def _package_version(import_path: str) -> str:
-    top = import_path.split(".")[0]
-    try:
-        return f"{top}-{importlib.import_module(top).__version__}"
-    except Exception:  # noqa: BLE001 - a package without __version__
-        return top
 
 
 def baseline_spec(calculator: str, kwargs: dict | None = None) -> dict:
@@ -53,7 +45,7 @@ def baseline_spec(calculator: str, kwargs: dict | None = None) -> dict:
     if "." not in path:
         raise MlipopsError(f"baseline calculator {calculator!r} is neither one of {sorted(BUILTIN)} nor an import "
                            "path 'package.module.Class'", field="train.baseline.calculator")
-    spec = {"calculator": path, "kwargs": dict(kwargs or {}), "version": _package_version(path)}
+    spec = {"calculator": path, "kwargs": dict(kwargs or {}), "version": calculator_version(path)}
     Baseline(spec).calculator()  # fail now, with the settings named, not in a Dask worker later
     return spec
 
@@ -72,7 +64,7 @@ class Baseline:
 
     def __init__(self, spec: dict):
         self.spec = {"calculator": spec["calculator"], "kwargs": dict(spec.get("kwargs") or {}),
-                     "version": spec.get("version") or _package_version(spec["calculator"])}
+                     "version": spec.get("version") or calculator_version(spec["calculator"])}
         self.key = hashlib.sha256(json.dumps(self.spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.n_computed = 0  # frames actually sent to the calculator (cache misses)
         self._calc = None
@@ -85,17 +77,12 @@ class Baseline:
 
     def calculator(self):
         if self._calc is None:
-            module, _, attr = self.spec["calculator"].rpartition(".")
-            try:
-                factory = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError, ValueError) as exc:
-                raise MlipopsError(f"cannot import baseline calculator {self.spec['calculator']!r}: {exc}",
-                                   field="train.baseline.calculator") from None
-            known = getattr(factory, "default_parameters", None)
-            unknown = sorted(set(self.spec["kwargs"]) - set(known)) if isinstance(known, dict) and known else []
-            if unknown:  # ASE calculators store unknown keywords silently: a typo would change nothing
+            factory = import_calculator(self.spec["calculator"], what="baseline calculator",
+                                        field="train.baseline.calculator")
+            unknown, known = unknown_keywords(factory, self.spec["kwargs"])
+            if unknown:
                 raise MlipopsError(f"cannot build baseline {self.spec['calculator']}: unknown parameter(s) {unknown} "
-                                   f"(known: {sorted(known)})", field="train.baseline.kwargs")
+                                   f"(known: {known})", field="train.baseline.kwargs")
             try:
                 self._calc = factory(**self.spec["kwargs"])
             except Exception as exc:  # noqa: BLE001
@@ -143,19 +130,30 @@ class Baseline:
                     pass
             res = self.compute(a)
             if path is not None:
-                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-                np.savez(tmp, **res)
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp, tmp.open("wb") as fh:
+                    np.savez(fh, **res)
             out.append(res)
         return out
 
 
+def plus_baseline(pred: dict, base: dict) -> dict:
+    """The totals of a Δ-learning model (the network predicts what the baseline leaves): each quantity of the
+    network's ``pred`` plus the baseline's in ``base`` (energy, forces, stress, per-atom energies; of one frame,
+    or of several: an array of energies, lists of per-frame arrays added pairwise), the network's first. A
+    quantity the baseline lacks is left out (no per-atom split of the baseline: no per-atom energies rather
+    than wrong ones)."""
+    return {k: [p + b for p, b in zip(v, base[k])] if isinstance(v, (list, tuple)) else v + base[k]
+            for k, v in pred.items() if k in base}
+
+
 def add_baseline(model, frames: list[Atoms], energies: np.ndarray, forces: list[np.ndarray],
                  cache_dir: str | Path | None = BASELINE_CACHE) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Total predictions: the network's ``energies``/``forces`` of ``frames`` plus the model's baseline."""
+    """Total predictions: the network's ``energies``/``forces`` of ``frames`` plus the model's baseline
+    (:func:`plus_baseline`, its labels from the cache in ``cache_dir``)."""
     base = getattr(model, "baseline", None)
     if base is None:
         return energies, forces
     labs = base.labels(frames, cache_dir)
-    return (np.asarray(energies) + np.array([x["energy"] for x in labs]),
-            [f + x["forces"] for f, x in zip(forces, labs)])
+    total = plus_baseline({"energy": np.asarray(energies), "forces": forces},
+                          {"energy": np.array([x["energy"] for x in labs]), "forces": [x["forces"] for x in labs]})
+    return total["energy"], total["forces"]

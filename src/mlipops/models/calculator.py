@@ -17,6 +17,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from mlipops.errors import MlipopsError
+from mlipops.models.baseline import plus_baseline
 from mlipops.models.ensemble import Ensemble, load_model
 from mlipops.models.potential import Potential
 from mlipops.models.schema import MAX_CONFIG_BYTES
@@ -128,16 +129,11 @@ class MlipopsCalculator(Calculator):
             self.results["stress"] = np_("stress")[0]
         base = getattr(self.model, "baseline", None)
         if base is not None:  # Δ-learning: the network predicts what the baseline leaves
-            b = base.compute(self.atoms, stress=want_stress, energies=True)
-            for key in ("energy", "free_energy"):
-                self.results[key] += b["energy"]
-            self.results["forces"] = self.results["forces"] + b["forces"]
-            if want_stress:
-                self.results["stress"] = self.results["stress"] + b["stress"]
-            if "energies" in b:
-                self.results["energies"] = self.results["energies"] + b["energies"]
-            else:  # no per-atom split of the baseline: no per-atom energies rather than wrong ones
+            net = {k: self.results[k] for k in ("energy", "forces", "stress", "energies") if k in self.results}
+            total = plus_baseline(net, base.compute(self.atoms, stress=want_stress, energies=True))
+            if "energies" not in total:  # no per-atom split of the baseline: no wrong per-atom energies
                 del self.results["energies"]
+            self.results.update(total, free_energy=total["energy"])
         if self.is_ensemble:
             self.results["energy_std"] = self.sigma_scale["energy"] * float(out["energy_std"][0].detach().cpu())
             self.results["forces_std"] = self.sigma_scale["forces"] * np_("forces_std")

@@ -149,18 +149,12 @@ def check_baseline(spec, file, trusted=None) -> dict:
     if version is not None and (not isinstance(version, str) or len(version) > 100):
         raise _expected(file, "baseline.version", "a version string", version)
     # allowed: import it now (its unknown-keyword check, with the file named, before the first frame)
-    import importlib
+    from mlipops.calculators import import_calculator, unknown_keywords
 
-    module, _, attr = path.rpartition(".")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise MlipopsError(f"cannot import baseline calculator {path!r}: {exc}", file=str(file),
-                           field="baseline.calculator") from None
-    known = getattr(factory, "default_parameters", None)
-    unknown = sorted(set(kwargs) - set(known)) if isinstance(known, dict) and known else []
+    factory = import_calculator(path, what="baseline calculator", file=str(file), field="baseline.calculator")
+    unknown, known = unknown_keywords(factory, kwargs)
     if unknown:
-        raise MlipopsError(f"unknown parameter(s) {unknown} of {path} (known: {sorted(known)})", file=str(file),
+        raise MlipopsError(f"unknown parameter(s) {unknown} of {path} (known: {known})", file=str(file),
                            field="baseline.kwargs")
     return {"calculator": path, "kwargs": dict(kwargs)} | ({"version": version} if version is not None else {})
 

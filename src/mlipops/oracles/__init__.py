@@ -23,13 +23,13 @@ the validate stage checks against ``validate.bo_gap_min_eV``, whatever the oracl
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Iterable
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
+from mlipops.calculators import calculator_version, import_calculator
 from mlipops.errors import OracleError
 from mlipops.frames import oracle_info, set_labels
 
@@ -126,16 +126,11 @@ def require_element(oracle: Oracle, element: str, *, field: str, remedy: str, pr
 
 
 def _import(path: str):
-    module, _, attr = path.rpartition(".")
-    if not module:
+    if not path.rpartition(".")[0]:
         raise OracleError(f"calculator {path!r} is neither 'emt', 'pyscf' nor an import path "
                           "'package.module.Class'",
                           field="generate.oracle.calculator")
-    try:
-        return getattr(importlib.import_module(module), attr), module
-    except (ImportError, AttributeError) as exc:
-        raise OracleError(f"cannot import calculator {path!r}: {exc}",
-                          field="generate.oracle.calculator") from None
+    return import_calculator(path, error=OracleError, field="generate.oracle.calculator")
 
 
 def get_oracle(calculator: str = "emt", kwargs: dict[str, Any] | None = None) -> Oracle:
@@ -153,10 +148,4 @@ def get_oracle(calculator: str = "emt", kwargs: dict[str, Any] | None = None) ->
         version = pyscf_version()
         # the full settings (defaults filled in) are the provenance: method, basis, active space, states
         return Oracle("pyscf", PySCF, resolve_settings(kwargs), f"pyscf-{version}")
-    factory, module = _import(calculator)
-    top = module.split(".")[0]
-    try:
-        version = f"{top}-{importlib.import_module(top).__version__}"
-    except Exception:
-        version = top
-    return Oracle(calculator, factory, kwargs, version)
+    return Oracle(calculator, _import(calculator), kwargs, calculator_version(calculator))

@@ -9,26 +9,17 @@ without a version's files (:func:`mlipops.paths.registry_version`).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pandas as pd
 
 from mlipops.errors import MlipopsError
-from mlipops.paths import NAME, cut, registry_version
+from mlipops.paths import NAME, read_registry_index, registry_version
 
 
 def read_index(registry_dir: Path) -> dict:
-    path = Path(registry_dir) / "index.json"
-    if not path.is_file():
-        raise MlipopsError("registry index missing (promote a model first: `dvc repro promote`)", file=str(path))
-    try:
-        index = json.loads(path.read_text())
-        index["models"].items()
-    except (ValueError, KeyError, AttributeError, TypeError) as exc:
-        raise MlipopsError(f"unreadable registry index: {cut(exc)}", file=str(path)) from None
-    return index
+    return read_registry_index(registry_dir, missing="promote a model first: `dvc repro promote`")
 
 
 def versions_table(registry_dir: Path) -> pd.DataFrame:

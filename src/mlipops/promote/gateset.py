@@ -39,6 +39,7 @@ from pathlib import Path
 
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.params import Params, PromoteParams
+from mlipops.paths import atomic_path
 from mlipops.pipeline import ACCEPTED as DATA, MELTING_REFERENCE
 
 
@@ -359,17 +360,13 @@ def write_into_params(params_path: Path, text: str) -> Path:
 
     new = splice_gates(params_path.read_text(), text)
     if new is not None:
-        tmp = params_path.with_name(f".{params_path.name}.gates.tmp")
-        tmp.write_text(new)
         try:
-            load_params(tmp)
-        except MlipopsError:
-            new = None
-        if new is None:
-            tmp.unlink()
-        else:
-            tmp.replace(params_path)
+            with atomic_path(params_path) as tmp:  # replaced only once the new text validates
+                tmp.write_text(new)
+                load_params(tmp)
             return params_path
+        except MlipopsError:
+            pass
     out = params_path.parent / "gates.yaml"
     out.write_text(f"# paste in place of promote.gates in {params_path.name} (its gates block could not be "
                    "replaced in place)\n" + fragment(text))

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from mlipops.errors import StageInputError
+from mlipops.errors import MlipopsError, StageInputError
 from mlipops.params import PromoteParams
-from mlipops.paths import ensure_writable, safe_remove
+from mlipops.paths import atomic_write_text, ensure_writable, read_registry_index, safe_remove
 from mlipops.promote.gates import check_gates, data_config_types
 from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
 from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
@@ -207,9 +207,9 @@ def _update_index(registry_dir: Path, name: str, client) -> dict:
     versions without their folder are left out. Written to a temporary file and renamed (atomic)."""
     path = registry_dir / "index.json"
     try:
-        index = json.loads(path.read_text()) if path.is_file() else {"models": {}}
-    except ValueError:
-        index = {"models": {}}  # rebuilt from MLflow below (other models: re-added on their next promotion)
+        index = read_registry_index(registry_dir)
+    except MlipopsError:  # missing or unreadable: rebuilt from MLflow below
+        index = {"models": {}}  # (other models: re-added on their next promotion)
     rm = client.get_registered_model(name)
     mvs = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     index.setdefault("models", {})[name] = {
@@ -217,9 +217,7 @@ def _update_index(registry_dir: Path, name: str, client) -> dict:
                      if (registry_dir / name / f"v{mv.version}").is_dir()],
         "aliases": {a: int(v) for a, v in (rm.aliases or {}).items()},
     }
-    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
 
 
@@ -288,9 +286,7 @@ def _ensure_registry(registry_dir: Path) -> None:
         return
     with FileLock(str(registry_dir / ".lock"), timeout=600):
         if not path.exists():
-            tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"models": {}}, indent=2) + "\n")
-            tmp.replace(path)
+            atomic_write_text(path, json.dumps({"models": {}}, indent=2) + "\n")
 
 
 def _join_limited(items: list[str], limit: int) -> str:
@@ -453,6 +449,6 @@ def _training_params(client, run_info: dict) -> dict:
 
 def _champion(registry_dir: Path, name: str) -> int | None:
     try:
-        return json.loads((registry_dir / "index.json").read_text())["models"][name]["aliases"].get("champion")
-    except (OSError, ValueError, KeyError):
+        return read_registry_index(registry_dir)["models"][name]["aliases"].get("champion")
+    except (MlipopsError, KeyError):
         return None

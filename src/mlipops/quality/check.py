@@ -94,7 +94,7 @@ def check_files(paths: list[Path], p: ValidateParams, descriptors: DescriptorPar
     ``ingest``: the project's ingest params (split rule, sources order); ``curated``: the current dataset."""
     from mlipops.frames import Rejected, iter_frames, source_name
     from mlipops.ingest import draw_splits, stress_field
-    from mlipops.quality.releases import RELEASES, load_releases
+    from mlipops.quality.releases import RELEASES, covering_release, load_releases
     from mlipops.quality.validate import build_tables, decide_tables
 
     rows, frames, where, modes = [], [], [], []
@@ -175,8 +175,8 @@ def check_files(paths: list[Path], p: ValidateParams, descriptors: DescriptorPar
         if a.info.get("split") != p.outliers.training_split and p.outliers.enabled and descriptors is not None:
             note = (f"split {a.info.get('split')!r}: the outlier test examines the "
                     f"{p.outliers.training_split!r} split only")
-        entry = releases.get(a.info["frame_id"])
-        if checks and entry and {c for c, _ in checks} <= set(entry["checks"]):
+        entry = covering_release(releases, a.info["frame_id"], checks) if checks else None
+        if entry:
             note = f"released by hand from {','.join(c for c, _ in checks)}: {entry['why']}"
             checks = []
         rows.append({"file": where[k][0], "frame": where[k][1], "config_type": a.info.get("config_type"),

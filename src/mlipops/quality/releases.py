@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import getpass
 import os
-import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +26,7 @@ import pandas as pd
 import yaml
 
 from mlipops.errors import MlipopsError
+from mlipops.paths import atomic_write_text
 from mlipops.pipeline import RELEASES
 
 
@@ -49,16 +49,7 @@ def _locked(path: Path):
 def _write(path: Path, releases: dict[str, dict]) -> None:
     """Atomic: a temporary file of this process next to ``path``, flushed to disk, then renamed."""
     text = HEADER + yaml.safe_dump({"releases": list(releases.values())}, sort_keys=False, allow_unicode=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    try:
-        os.replace(fh.name, path)
-    except BaseException:
-        Path(fh.name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text, fsync=True)
 
 
 def load_releases(path: Path = RELEASES) -> dict[str, dict]:
@@ -75,6 +66,13 @@ def load_releases(path: Path = RELEASES) -> dict[str, dict]:
         raise MlipopsError("expected 'releases:' as a list of entries with frame_id and checks", file=str(path),
                            field="releases")
     return {str(e["frame_id"]): e for e in entries}
+
+
+def covering_release(releases: dict[str, dict], frame_id: str, checks) -> dict | None:
+    """The release of ``frame_id`` (``releases``: :func:`load_releases`) when it names every check the frame
+    failed (``checks``: (check, reason) pairs), else None: a release covers the checks it names, nothing else."""
+    entry = releases.get(frame_id)
+    return entry if entry and {c for c, _ in checks} <= set(entry["checks"]) else None
 
 
 def release(frame_id: str, why: str, quarantine: Path, path: Path = RELEASES) -> dict:

@@ -52,9 +52,11 @@ from mlipops.descriptor_store import write_no_saved_descriptors
 from mlipops.neighbors import neighbor_list
 from mlipops.errors import StageInputError
 from mlipops.frames import labels
-from mlipops.ingest import REJECT_COLUMNS, made_dirs, remove_empty
+from mlipops.ingest import made_dirs, remove_empty
 from mlipops.params import DescriptorParams, IngestParams, ValidateParams, composition_key
-from mlipops.quality.releases import RELEASES, load_releases
+from mlipops.paths import atomic_path
+from mlipops.quality.releases import RELEASES, covering_release, load_releases
+from mlipops.quarantine import REJECT_COLUMNS, quarantine_row, typed
 from mlipops.report import md_table, progress, trim_memory, write_markdown, write_metrics
 from mlipops.pipeline import (ACCEPTED, CURATED_DIR as CURATED, INGEST_REJECTED, INGESTED, QUARANTINE,
                               TRAINING_DESCRIPTORS, VALIDATE_REPORTS as REPORT_DIR)
@@ -783,8 +785,8 @@ def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: Va
     released = []  # frames released by hand: accepted despite the checks their release names
     releases = load_releases(RELEASES)
     for k in list(failures):
-        entry = releases.get(info[k].frame_id)
-        if entry and {c for c, _ in failures[k]} <= set(entry["checks"]):
+        entry = covering_release(releases, info[k].frame_id, failures[k])
+        if entry:
             released.append({"source": info[k].source, "source_index": info[k].source_index,
                              "checks": ",".join(c for c, _ in failures[k]), "why": entry["why"],
                              "released_by": entry.get("released_by"), "released_at": entry.get("released_at")})
@@ -792,31 +794,21 @@ def _write_outputs(decision: Decision, info: list["_Info"], spool: _Spool, p: Va
     quarantined = []
     n_accepted = 0
     md5 = hashlib.md5()  # of the bytes written: accepted.extxyz's md5 (mlipops.frames.file_md5) without reading it
-    tmp = ACCEPTED.with_suffix(ACCEPTED.suffix + ".tmp")
-    try:
-        with tmp.open("wb") as out:
-            for k, text in spool.texts():
-                if k in failures:
-                    checks, a = failures[k], info[k]
-                    quarantined.append({
-                        "frame_id": a.frame_id, "source": a.source,
-                        "source_index": int(a.source_index if a.source_index is not None else -1),
-                        "config_type": a.config_type, "split": a.split, "check": ",".join(c for c, _ in checks),
-                        "reason": "; ".join(r for _, r in checks), "extxyz": text})
-                else:
-                    data = text.encode("utf-8")
-                    out.write(data)
-                    md5.update(data)
-                    n_accepted += 1
-        tmp.replace(ACCEPTED)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(ACCEPTED) as tmp, tmp.open("wb") as out:
+        for k, text in spool.texts():
+            if k in failures:
+                a = info[k]
+                quarantined.append(quarantine_row(a.frame_id, a.source, a.source_index, a.config_type, a.split,
+                                                  failures[k], text))
+            else:
+                data = text.encode("utf-8")
+                out.write(data)
+                md5.update(data)
+                n_accepted += 1
     earlier = pd.read_parquet(INGEST_REJECTED) if INGEST_REJECTED.is_file() else pd.DataFrame(columns=REJECT_COLUMNS)
     quarantine = pd.concat([earlier, pd.DataFrame(quarantined, columns=REJECT_COLUMNS)], ignore_index=True)
     quarantine["stage"] = ["ingest"] * len(earlier) + ["validate"] * len(quarantined)
-    quarantine = quarantine.astype({c: "string" for c in REJECT_COLUMNS if c != "source_index"} | {"stage": "string"})
-    quarantine["source_index"] = quarantine["source_index"].astype("int64")
+    quarantine = typed(quarantine)
     QUARANTINE.parent.mkdir(parents=True, exist_ok=True)
     quarantine.to_parquet(QUARANTINE, index=False)
     REPORT_DIR.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ import logging
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,9 +23,10 @@ from ase import Atoms
 
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.frames import labels
-from mlipops.models.baseline import BASELINE_CACHE, baseline_spec
+from mlipops.models.baseline import BASELINE_CACHE, baseline_spec, plus_baseline
 from mlipops.models.potential import Graph, Potential
 from mlipops.params import DescriptorParams, TrainParams
+from mlipops.paths import atomic_path
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT_FORMAT = "mlipops.checkpoint/1"
@@ -57,7 +57,9 @@ class Prepared:
         """Reference energies and forces with the baseline added back (what the oracle said)."""
         if self.base_energy is None:
             return self.energy, self.forces
-        return self.energy + self.base_energy, [f + b for f, b in zip(self.forces, self.base_forces)]
+        total = plus_baseline({"energy": self.energy, "forces": self.forces},
+                              {"energy": self.base_energy, "forces": self.base_forces})
+        return total["energy"], total["forces"]
 
 
 @dataclass
@@ -317,9 +319,8 @@ class Checkpointer:
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        torch.save(state | {"format": CHECKPOINT_FORMAT, "key": self.key}, tmp)
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save(state | {"format": CHECKPOINT_FORMAT, "key": self.key}, tmp)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
