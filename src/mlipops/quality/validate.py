@@ -321,33 +321,25 @@ def _reason(template: str, row: dict, p: ValidateParams, extra: dict | None = No
         return template
 
 
-def validate_frames(table: pd.DataFrame, p: ValidateParams, atoms: pd.DataFrame | None = None
-                    ) -> tuple[dict[int, list[tuple[str, str]]], dict]:
-    """Run the suites through great-expectations; return {row: [(check, reason)]} and the results.
+class _Suites:
+    """The great-expectations suites of :data:`SUITE` run on pandas frames in one ephemeral context: each
+    suite's success and statistics, and every expectation's result as a JSON record (``results``)."""
 
-    ``table``: :func:`frame_table` rows; ``atoms``: :func:`atom_table` rows of the same frames
-    (its ``frame`` column is a row of ``table``), or None to skip the per-atom suite. A failing
-    frame-level expectation quarantines the row, a failing atom its frame (one reason per check
-    naming the first failing atom), a failing table-level (schema) expectation raises
-    :class:`StageInputError`; dataset-level expectations run on the rows that passed and are only
-    reported (``result["dataset_checks_failed"]``). Each check appears once per row.
-    """
-    context = _context()
-    source = context.data_sources.add_pandas("mlipops")
-    specs = _suite_spec()
-    params = _suite_parameters(p)
-    table = bo_bounds(energy_bounds(table.reset_index(drop=True), p), p)
-    failures: dict[int, list[tuple[str, str]]] = {}
-    results: list[dict] = []
-    suites: dict[str, dict] = {}
+    def __init__(self, p: ValidateParams):
+        self.context = _context()
+        self.source = self.context.data_sources.add_pandas("mlipops")
+        self.specs = _suite_spec()
+        self.params = _suite_parameters(p)
+        self.suites: dict[str, dict] = {}
+        self.results: list[dict] = []
 
-    def run_suite(kind: str, df: pd.DataFrame):
-        spec = specs[kind]
-        batch = source.add_dataframe_asset(name=kind).add_batch_definition_whole_dataframe("all").get_batch(
+    def run(self, kind: str, df: pd.DataFrame):
+        spec = self.specs[kind]
+        batch = self.source.add_dataframe_asset(name=kind).add_batch_definition_whole_dataframe("all").get_batch(
             batch_parameters={"dataframe": df})
-        res = batch.validate(_suite(context, spec), expectation_parameters=params,
+        res = batch.validate(_suite(self.context, spec), expectation_parameters=self.params,
                              result_format={"result_format": "COMPLETE"})
-        suites[spec["name"]] = {"success": bool(res.success), "statistics": res.statistics}
+        self.suites[spec["name"]] = {"success": bool(res.success), "statistics": res.statistics}
         # a schema failure first: it explains any expectation that could not run on a bad column
         for r in res.results:
             cfg = r.expectation_config
@@ -363,47 +355,56 @@ def validate_frames(table: pd.DataFrame, p: ValidateParams, atoms: pd.DataFrame 
                                       f"{_describe(cfg)}: {r.exception_info.get('exception_message')}")
         return res
 
-    def record(kind: str, r, n_rows: int, n_frames: int | None, extra: dict | None = None) -> None:
+    def record(self, kind: str, r, n_rows: int, n_frames: int | None, extra: dict | None = None) -> None:
         d = r.to_json_dict()
         cfg = r.expectation_config
         d["mlipops"] = {"table": kind, "level": cfg.meta.get("level"), "check": cfg.meta.get("check"),
                         "target": _describe(cfg), "failing_rows": n_rows, "failing_frames": n_frames,
                         **(extra or {})}
-        results.append(d)
+        self.results.append(d)
 
-    # frames: each failing row is quarantined
-    res = run_suite("frames", table)
+    def close(self) -> None:
+        _release_batches(self.context, self.source)
+
+
+def _frame_failures(suites: _Suites, table: pd.DataFrame, p: ValidateParams, failures: dict) -> None:
+    """The frames suite: each failing row is quarantined (its check and reason added to ``failures``)."""
+    res = suites.run("frames", table)
     for r in res.results:
         m = r.expectation_config.meta
         idx = sorted(int(i) for i in (r.result.get("unexpected_index_list") or []))
         if m.get("level") == "frame":
             for i in idx:
                 failures.setdefault(i, []).append((m["check"], _reason(m["reason"], table.iloc[i].to_dict(), p)))
-        record("frames", r, len(idx), len(idx) if m.get("level") == "frame" else None)
+        suites.record("frames", r, len(idx), len(idx) if m.get("level") == "frame" else None)
 
-    # atoms: a failing atom quarantines its frame; one reason per (frame, check) naming the first atom
-    if atoms is not None and len(atoms):
-        atoms = atoms.reset_index(drop=True)
-        res = run_suite("atoms", atoms)
-        for r in res.results:
-            m = r.expectation_config.meta
-            idx = np.sort(np.asarray(r.result.get("unexpected_index_list") or [], dtype=np.int64))
-            n_frames = 0
-            if m.get("level") == "frame" and len(idx):
-                frame_of = atoms["frame"].to_numpy()[idx]
-                rows, first, count = np.unique(frame_of, return_index=True, return_counts=True)
-                n_frames = len(rows)
-                for row, k, n in zip(rows.tolist(), first.tolist(), count.tolist()):
-                    text = _reason(m["reason"], atoms.iloc[int(idx[k])].to_dict(), p)
-                    if n > 1:
-                        text += f" (+{n - 1} more atom{'s' if n > 2 else ''})"
-                    failures.setdefault(int(row), []).append((m["check"], text))
-            record("atoms", r, len(idx), n_frames if m.get("level") == "frame" else None)
 
-    # dataset: on the frames that passed; reported, never quarantined
+def _atom_failures(suites: _Suites, atoms: pd.DataFrame, p: ValidateParams, failures: dict) -> None:
+    """The atoms suite: a failing atom quarantines its frame; one reason per (frame, check), naming the first
+    failing atom and how many more there are."""
+    atoms = atoms.reset_index(drop=True)
+    res = suites.run("atoms", atoms)
+    for r in res.results:
+        m = r.expectation_config.meta
+        idx = np.sort(np.asarray(r.result.get("unexpected_index_list") or [], dtype=np.int64))
+        n_frames = 0
+        if m.get("level") == "frame" and len(idx):
+            frame_of = atoms["frame"].to_numpy()[idx]
+            rows, first, count = np.unique(frame_of, return_index=True, return_counts=True)
+            n_frames = len(rows)
+            for row, k, n in zip(rows.tolist(), first.tolist(), count.tolist()):
+                text = _reason(m["reason"], atoms.iloc[int(idx[k])].to_dict(), p)
+                if n > 1:
+                    text += f" (+{n - 1} more atom{'s' if n > 2 else ''})"
+                failures.setdefault(int(row), []).append((m["check"], text))
+        suites.record("atoms", r, len(idx), n_frames if m.get("level") == "frame" else None)
+
+
+def _dataset_checks(suites: _Suites, accepted: pd.DataFrame, p: ValidateParams) -> list[dict]:
+    """The dataset suite on the frames that passed: its failed checks with their reasons (reported, never
+    quarantined)."""
     dataset_failed: list[dict] = []
-    accepted = table.drop(index=list(failures)).reset_index(drop=True)
-    res = run_suite("accepted_frames", accepted)
+    res = suites.run("accepted_frames", accepted)
     for r in res.results:
         m = r.expectation_config.meta
         extra = {}
@@ -415,19 +416,39 @@ def validate_frames(table: pd.DataFrame, p: ValidateParams, atoms: pd.DataFrame 
                                                 + (f" and {more} more" if more > 0 else "")})
             dataset_failed.append({"check": m["check"], "reason": text})
             extra = {"reason": text}
-        record("accepted_frames", r, 0 if r.success else 1, None, extra)
+        suites.record("accepted_frames", r, 0 if r.success else 1, None, extra)
+    return dataset_failed
 
+
+def validate_frames(table: pd.DataFrame, p: ValidateParams, atoms: pd.DataFrame | None = None
+                    ) -> tuple[dict[int, list[tuple[str, str]]], dict]:
+    """Run the suites through great-expectations; return {row: [(check, reason)]} and the results.
+
+    ``table``: :func:`frame_table` rows; ``atoms``: :func:`atom_table` rows of the same frames
+    (its ``frame`` column is a row of ``table``), or None to skip the per-atom suite. A failing
+    frame-level expectation quarantines the row, a failing atom its frame (one reason per check
+    naming the first failing atom), a failing table-level (schema) expectation raises
+    :class:`StageInputError`; dataset-level expectations run on the rows that passed and are only
+    reported (``result["dataset_checks_failed"]``). Each check appears once per row.
+    """
+    suites = _Suites(p)
+    table = bo_bounds(energy_bounds(table.reset_index(drop=True), p), p)
+    failures: dict[int, list[tuple[str, str]]] = {}
+    _frame_failures(suites, table, p, failures)
+    if atoms is not None and len(atoms):
+        _atom_failures(suites, atoms, p, failures)
+    dataset_failed = _dataset_checks(suites, table.drop(index=list(failures)).reset_index(drop=True), p)
     merged: dict[int, list[tuple[str, str]]] = {}
     for row in sorted(failures):
         by_check: dict[str, list[str]] = {}
         for check, text in failures[row]:
             by_check.setdefault(check, []).append(text)
         merged[row] = [(c, "; ".join(t)) for c, t in by_check.items()]
-    quarantining = [s for s in suites if s != specs["accepted_frames"]["name"]]
-    result = {"success": all(suites[s]["success"] for s in quarantining),
+    quarantining = [s for s in suites.suites if s != suites.specs["accepted_frames"]["name"]]
+    result = {"success": all(suites.suites[s]["success"] for s in quarantining),
               "dataset_success": not dataset_failed, "dataset_checks_failed": dataset_failed,
-              "suites": suites, "results": results}
-    _release_batches(context, source)
+              "suites": suites.suites, "results": suites.results}
+    suites.close()
     return merged, result
 
 
