@@ -543,40 +543,15 @@ def _perfect_force_mae(model, val: list[Atoms]) -> float:
     return float(np.mean([np.linalg.norm(fp - labels(a)[1], axis=1).mean() for a, fp in zip(val, f)]))
 
 
-def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: DescriptorParams, ip: IndexParams,
-             g: GenerateParams | None = None, cp: CrystalParams | None = None) -> DefectReport:
-    """The whole experiment on labelled frames: train perfect-only, diagnose, recommend, control. ``cp``: the
-    crystal params (``control: recipes`` builds from :func:`mlipops.crystal.resolve` of them and the
-    training frames; its oracle is checked on the element before any training)."""
-    from mlipops.train.loop import species_of
-
-    t0 = time.perf_counter()
-    s = select(frames, p)
-    crystal = None
-    if p.control == "recipes":
-        if g is None:
-            raise MlipopsError("control: recipes needs the generate params (element, oracle)",
-                               field="evaluate.defects.control")
-        crystal = resolve(cp or CrystalParams(), (a for a in frames if str(a.info.get("split", "train")) == "train"))
-        control_oracle(g, crystal)  # fail now, not after training
-    species = species_of(s.train + s.val + s.test + s.pool)
+def _control(s: Sets, p: DefectParams, tp: TrainParams, d: DescriptorParams, ip: IndexParams,
+             g: GenerateParams | None, crystal: Crystal | None, species: list[str], diag: dict, recs: list[dict],
+             z_full: int, t_hot: float, vac_ref: float) -> tuple[dict, pd.DataFrame | None, list[str]]:
+    """The control: the perfect-only model retrained with the recommended structures added (built by the
+    oracle from the crystal, ``recipes``, or taken from the held-out pool, ``held_out``), the test set diagnosed
+    again. Returns the control's numbers, its atom table (None when skipped) and its sentence for the
+    conclusion."""
+    words: list[str] = []
     descriptor = d.model_dump()
-    model = _train(s.train, s.val, species, p, tp, d)
-    t_train = time.perf_counter()
-    hull = hull_of(s.train, species, descriptor, ip.pca_components)
-    e, f = _predict(model, s.test)
-    z_full = full_coordination(s.train, ip.coordination_cutoff)
-    temps = [float(a.info["temperature_K"]) for a in s.train if a.info.get("temperature_K") is not None]
-    t_max = max(temps, default=0.0)  # 0 K: static crystals
-    t_hot = t_max + HOTTER_K
-    vac_ref = vacancy_asymmetry(s.train, float(d.cutoff))
-    at, fr = atom_table(s.test, e, f, hull, ip.coordination_cutoff, z_full, t_hot, vac_ref)
-    perfect_mae = _perfect_force_mae(model, s.val or s.train)
-    diag = diagnose(at, fr)
-    diag["all"] |= {"bulk_z": z_full, "perfect_max_temperature_K": t_max, "vacancy_neighbour_asymmetry": vac_ref}
-    recs = recommend(diag, perfect_mae)
-    words = conclusion(diag, perfect_mae, recs)
-    t_diag = time.perf_counter()
     control: dict = {"mode": p.control}
     control_at = None
     added: list[Atoms] = []
@@ -619,6 +594,46 @@ def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: Descripto
     else:
         control["skipped"] = ("control disabled" if p.control == "none" else "nothing recommended" if not recs
                               else "no frames of the recommended config_types in the held-out pool")
+    return control, control_at, words
+
+
+def transfer(frames: list[Atoms], p: DefectParams, tp: TrainParams, d: DescriptorParams, ip: IndexParams,
+             g: GenerateParams | None = None, cp: CrystalParams | None = None) -> DefectReport:
+    """The whole experiment on labelled frames: train perfect-only, diagnose, recommend, control. ``cp``: the
+    crystal params (``control: recipes`` builds from :func:`mlipops.crystal.resolve` of them and the
+    training frames; its oracle is checked on the element before any training)."""
+    from mlipops.train.loop import species_of
+
+    t0 = time.perf_counter()
+    s = select(frames, p)
+    crystal = None
+    if p.control == "recipes":
+        if g is None:
+            raise MlipopsError("control: recipes needs the generate params (element, oracle)",
+                               field="evaluate.defects.control")
+        crystal = resolve(cp or CrystalParams(), (a for a in frames if str(a.info.get("split", "train")) == "train"))
+        control_oracle(g, crystal)  # fail now, not after training
+    species = species_of(s.train + s.val + s.test + s.pool)
+    descriptor = d.model_dump()
+    model = _train(s.train, s.val, species, p, tp, d)
+    t_train = time.perf_counter()
+    hull = hull_of(s.train, species, descriptor, ip.pca_components)
+    e, f = _predict(model, s.test)
+    z_full = full_coordination(s.train, ip.coordination_cutoff)
+    temps = [float(a.info["temperature_K"]) for a in s.train if a.info.get("temperature_K") is not None]
+    t_max = max(temps, default=0.0)  # 0 K: static crystals
+    t_hot = t_max + HOTTER_K
+    vac_ref = vacancy_asymmetry(s.train, float(d.cutoff))
+    at, fr = atom_table(s.test, e, f, hull, ip.coordination_cutoff, z_full, t_hot, vac_ref)
+    perfect_mae = _perfect_force_mae(model, s.val or s.train)
+    diag = diagnose(at, fr)
+    diag["all"] |= {"bulk_z": z_full, "perfect_max_temperature_K": t_max, "vacancy_neighbour_asymmetry": vac_ref}
+    recs = recommend(diag, perfect_mae)
+    words = conclusion(diag, perfect_mae, recs)
+    t_diag = time.perf_counter()
+    control, control_at, control_words = _control(s, p, tp, d, ip, g, crystal, species, diag, recs, z_full, t_hot,
+                                                  vac_ref)
+    words += control_words
     t_end = time.perf_counter()
     timings = {"train_s": round(t_train - t0, 1), "diagnose_s": round(t_diag - t_train, 1),
                "control_s": round(t_end - t_diag, 1)}
