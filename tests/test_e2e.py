@@ -45,7 +45,7 @@ TINY = {
     "evaluate": {"defects": {"epochs": 5, "control_vacancy_cells": 1, "control_slabs": 1},
                  "uncertainty": {"min_spearman": -1.0},
                  # 64 atoms, 0.4 ps: the plumbing, not a melting point (runs may well be rejected)
-                 "melting": {"quick": {"supercell": [2, 2, 4], "melt_steps": 15, "equilibration_steps": 20,
+                 "melting": {"quick": {"supercell": [2, 2, 4], "melt_steps": 60, "equilibration_steps": 20,
                                        "production_steps": 40, "max_production_steps": 60,
                                        "reference_seeds": 2, "member_seeds": 1},
                              "max_retries": 0, "phase_steps": 40, "phase_snapshots": 3,

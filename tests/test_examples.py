@@ -64,7 +64,7 @@ TINY = {
     "evaluate": {"defects": {"epochs": 5},
                  "uncertainty": {"min_spearman": -1.0},
                  # 32 atoms, a few hundred fs: the plumbing, not a melting point (runs may well be rejected)
-                 "melting": {"quick": {"supercell": [2, 2, 4], "melt_steps": 10, "equilibration_steps": 10,
+                 "melting": {"quick": {"supercell": [2, 2, 4], "melt_steps": 60, "equilibration_steps": 10,
                                        "production_steps": 40, "max_production_steps": 40,
                                        "reference_seeds": 1, "member_seeds": 1},
                              "max_retries": 0, "calibration_steps": 10, "phase_steps": 20, "phase_snapshots": 2,

@@ -290,7 +290,7 @@ def test_run_carries_its_calibrated_threshold(quick_run):
 
 
 def test_given_threshold_skips_the_calibration():
-    s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=10, equilibration_steps=10, production_steps=40,
+    s = CoexistenceSettings(supercell=(2, 2, 4), melt_steps=60, equilibration_steps=10, production_steps=40,
                             max_retries=0, q6_solid_threshold=0.32, a=3.59, window_fraction=1.0,
                             max_production_steps=40)
     assert not s.calibrating() and s.calibration_md_steps() == 0
@@ -457,3 +457,65 @@ def test_nph_step_costs_one_force_call_and_the_cell_moves_once_per_sample():
     assert melting.stress_with_forces(plain) is plain and not getattr(plain, "_stress_with_forces", False)
     wrapped = atoms.calc
     assert melting.stress_with_forces(wrapped).calculate is wrapped.calculate
+
+
+# ------------------------------------------------------------------------------ a liquid that will not stay one
+def test_liquid_ordering_flags_a_rising_or_solid_like_liquid_and_not_a_stationary_one():
+    """liquid_ordering on made-up samples of q̄ (30 samples of 200 atoms): a stationary liquid at 0.15 is not
+    crystallising; one whose mean rises 0.15 → 0.25 is (significant and more than a tenth of its gap to the
+    solid's 0.45); one whose mean is stationary but holds a crystallite (8 % of its atoms at 0.45) is too."""
+    from mlipops.evaluate.melting import liquid_ordering
+
+    rng = np.random.default_rng(0)
+    flat = [rng.normal(0.15, 0.03, 200) for _ in range(30)]
+    rising = [rng.normal(0.15 + 0.1 * i / 29, 0.03, 200) for i in range(30)]
+    seeded = [np.concatenate([rng.normal(0.15, 0.03, 184), rng.normal(0.45, 0.01, 16)]) for _ in range(30)]
+    solid_like = 0.45 - 3 * 0.03
+    assert not liquid_ordering(flat, 0.45, solid_like)["crystallising"]
+    r = liquid_ordering(rising, 0.45, solid_like)
+    assert r["crystallising"] and r["rise"] == pytest.approx(0.1, abs=0.02) and r["solid_like_fraction"] < 0.05
+    r = liquid_ordering(seeded, 0.45, solid_like)
+    assert r["crystallising"] and r["solid_like_fraction"] == pytest.approx(0.08, abs=0.01)
+
+
+def test_calibration_remelts_a_liquid_that_crystallises_at_t_guess():
+    """LJ argon's pure liquid (108 atoms, commensurate with the crystal) at t_guess = 85 K, 2 ps: seed 0
+    crystallises after a melt at 2.5 t_guess (measured: 38 % of its atoms above the solid's μ − 3σ, mean q̄
+    rising 0.057 ± 0.008), so the liquid is melted again 1.5 times hotter and sampled at t_liquid = 102 K, where
+    it stays liquid (q̄6 0.27 ± 0.06); the record says where it crystallised and the threshold (0.43) falls
+    between the two phases."""
+    from mlipops.evaluate.melting import calibrate_order
+
+    s = CoexistenceSettings(element="Ar", lattice="fcc", supercell=(3, 3, 6), t_guess=85.0, timestep_fs=10.0,
+                            melt_steps=150, calibration_steps=200, expansion_guess=0.04, liquid_volume_change=0.13)
+    cal = calibrate_order(lambda: _argon_cut3(), s, np.random.default_rng([0, 0]))
+    rec = cal["liquid"]["recrystallised"]
+    assert [(r["temperature_K"], r["t_melt_K"]) for r in rec] == [(85.0, 212.5)] and rec[0]["crystallising"]
+    assert abs(cal["liquid"]["temperature_K"] - 102.0) < 15.0  # sampled at t_liquid (instantaneous T of 108 atoms)
+    assert cal["liquid"]["mean"] + 2 * cal["liquid"]["std"] < cal["threshold"] < cal["solid"]["mean"]
+
+
+def _argon_cut3():
+    """test_melting_bracket's argon: smooth cutoff between 2.5 σ and 3 σ."""
+    from ase.calculators.lj import LennardJones
+
+    return LennardJones(epsilon=0.0104, sigma=3.40, rc=3.0 * 3.40, ro=2.5 * 3.40, smooth=True)
+
+
+def test_liquid_half_that_did_not_melt_is_melted_hotter():
+    """t_melt near Tm (1400 K for EMT Cu, Tm ~1300 K, 100 steps of 5 fs): the middle of the liquid half is still
+    crystal after the first pass (a superheated crystal melts slowly; measured 99 % solid-like), so it is melted
+    again 1.5 times hotter (measured 13 %); the log of passes travels with the attempt. With
+    too few steps to melt at all, the run is rejected with the reason, not crashed."""
+    from mlipops.evaluate.melting import MELT_MAX_SOLID, build_coexistence_cell
+
+    s = CoexistenceSettings(supercell=(3, 3, 8), melt_steps=150, t_melt=1400.0, q6_solid_threshold=0.32, a=3.59)
+    atoms = build_coexistence_cell(s, EMT(), np.random.default_rng(0))
+    log = atoms.info["melt"]
+    assert log[0]["t_melt_K"] == 1400.0 and log[0]["middle_solid_fraction"] > 0.5
+    assert len(log) >= 2 and log[1]["t_melt_K"] == pytest.approx(2100.0)
+    assert log[-1]["middle_solid_fraction"] <= MELT_MAX_SOLID
+    s = CoexistenceSettings(supercell=(3, 3, 8), melt_steps=3, t_melt=300.0, q6_solid_threshold=0.32, a=3.59,
+                            equilibration_steps=10, production_steps=40, window_fraction=1.0, max_production_steps=40)
+    r = run_coexistence(EMT, s, seed=0)
+    assert not r.accepted and "did not melt" in r.rejected_reason and r.history[-1]["rejected_reason"]

@@ -23,7 +23,12 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    still at −0.7 GPa): give the potential's own ΔV_m/V_s to within a few %. The solid half is frozen
    (``FixAtoms``); the other half gets Maxwell–Boltzmann velocities at ``t_melt`` and is melted by Langevin
    (100 fs friction) at ``t_melt`` = 2.5 t_guess (2/3 of ``melt_steps``; at 2 t_guess a 3-cell slab next to the
-   frozen crystal stayed ~50 % ordered after 400 fs) and cooled to ``t_liquid`` (last 1/3). The constraint goes,
+   frozen crystal stayed ~50 % ordered after 400 fs) and cooled to ``t_liquid`` (last 1/3). Before cooling, the
+   middle of the liquid half (a quarter of its length from either interface) is checked: more than
+   :data:`MELT_MAX_SOLID` of it solid-like and the hot phase is repeated 1.5 times hotter, up to 3 passes, else
+   the attempt is rejected "did not melt" (a superheated crystal melts slowly, and how slowly at 2.5 t_guess
+   depends on the element, the time step and the slab: EMT Cu 4x4x8, 100 steps at 3250 K: 0 and 0.8 %; at 1400
+   K 99 %, then 13 % at 2100 K; a 2x2x4 cell after 40 steps at 3250 K often 100 %). The constraint goes,
    and the solid gets Maxwell–Boltzmann velocities at 2 ``t_solid``: it starts on its perfect lattice, and
    equipartition moves half of that kinetic energy into potential energy within a phonon period.
 3. **Equilibrate** (``equilibration_steps``): NPH with ASE's ``Inhomogeneous_NPTBerendsen`` (the three cell
@@ -79,21 +84,23 @@ orthorhombic 4-atom cell, c along z, ideal c/a to start), built by :mod:`mlipops
    atoms, diamond at 2230 K against the liquid at 2680 K): q̄₄ with 16 neighbours 0.235 ± 0.008 (min 0.212)
    against 0.055 ± 0.018 (max 0.129), separation 6.8; q̄₃ with 4: 0.428 ± 0.006 against 0.204 ± 0.057,
    separation 3.5 (its liquid keeps much tetrahedral order).
-   Solid-like: q̄_l > a threshold calibrated per run (``q6_solid_threshold`` None; a given value overrides it)
-   on the calculator's own pure solid and pure liquid at ``t_guess`` (:func:`calibrate_order`): the point
-   equally many standard deviations from both means, so a potential whose liquid is more or less ordered than
-   EMT's gets its own. EMT Cu (256 atoms), where the old fixed 0.32 was measured: perfect fcc 0.567; fcc at
-   1300 K mean 0.471, sd 0.029, min 0.373; liquid at 1300 K mean 0.158, sd 0.032, max 0.254 (equal-σ point
-   0.322); liquid at 1600 K mean 0.153, sd 0.040, max 0.262. The calibration of the quick preset (144 + 144
-   atoms, 100 + 150 + 100 steps: ~10 % of a run) gave 0.319 and 0.336 for seeds 0 and 1 (seed 0: solid
-   0.459 ± 0.029, liquid 0.155 ± 0.034, separation 4.8) and the same two reference runs, Tm bit for bit, as the
-   fixed 0.32 (1290.0 ± 6.7 and 1269.7 ± 11.8 K). Tersoff Si at 2500 K (64 + 64 atoms, 2 fs, melt 400 and 150
-   steps): solid 0.239 ± 0.006, liquid 0.045 ± 0.011, threshold 0.169, separation 11.4. The run is
-   accepted when the mean solid fraction over the last 10 % of the production samples lies in
-   [f_min, 1 − f_min] (``min_phase_fraction``). Otherwise it is rejected with its reason and rerun (new random
-   stream) from shifted start temperatures (:func:`next_attempt`): fully melted → ``t_solid`` and ``t_liquid``
-   both lowered by ``retry_step_K`` (default 11.5 % of t_guess; too much energy), fully crystallised → raised;
-   the step halves when the direction flips.
+   Solid-like: q̄_l > a threshold calibrated per run (``q6_solid_threshold`` None; a given value overrides it) on the
+   calculator's own pure solid and pure liquid at ``t_guess`` (:func:`calibrate_order`): the point equally many
+   standard deviations from both means, so a potential whose liquid is more or less ordered than EMT's gets its own.
+   At t_guess below the model's Tm the small pure liquid may crystallise while it is sampled (mlearn Li, t_guess 450
+   K against the members' ~560 K: one member's liquid read 0.26 against the others' 0.13-0.18, and its threshold
+   moved with it; LJ argon's 108 atoms at 85 K); :func:`liquid_ordering` detects it and the liquid is melted hotter
+   and sampled at t_liquid, then 1.4 t_guess. EMT Cu (256 atoms), where the old fixed 0.32 was measured: perfect fcc
+   0.567; fcc at 1300 K mean 0.471, sd 0.029, min 0.373; liquid at 1300 K mean 0.158, sd 0.032, max 0.254 (equal-σ
+   point 0.322); liquid at 1600 K mean 0.153, sd 0.040, max 0.262. The calibration of the quick preset (144 + 144
+   atoms, 100 + 150 + 100 steps: ~10 % of a run) gave 0.319 and 0.336 for seeds 0 and 1 (seed 0: solid 0.459 ± 0.029,
+   liquid 0.155 ± 0.034, separation 4.8) and the same two reference runs, Tm bit for bit, as the fixed 0.32 (1290.0 ±
+   6.7 and 1269.7 ± 11.8 K). Tersoff Si at 2500 K (64 + 64 atoms, 2 fs, melt 400 and 150 steps): solid 0.239 ± 0.006,
+   liquid 0.045 ± 0.011, threshold 0.169, separation 11.4. The run is accepted when the mean solid fraction over the
+   last 10 % of the production samples lies in [f_min, 1 − f_min] (``min_phase_fraction``). Otherwise it is rejected
+   with its reason and rerun (new random stream) from shifted start temperatures (:func:`next_attempt`): fully melted
+   → ``t_solid`` and ``t_liquid`` both lowered by ``retry_step_K`` (default 11.5 % of t_guess; too much energy),
+   fully crystallised → raised; the step halves when the direction flips.
    The energy balance (3k_B/2)(T_s + T_l) + L/2 = 3k_B Tm + (1 − f)L shows why the defaults
    T_s = 0.8 t_guess, T_l = 1.2 t_guess end near f = 1/2 when t_guess ≈ Tm, and that a shift δ of both moves
    f by 3k_B δ/L ≈ δ/500 K for copper (L ≈ 0.13 eV/atom).
@@ -154,6 +161,18 @@ ORDER_PARAMETER = {"fcc": (6, 12), "hcp": (6, 12), "bcc": (6, 14), "sc": (4, 6),
 # 1300 K, the step that moved an EMT Cu run from fully melted to coexisting; Mo 333 K, Li 52 K
 RETRY_STEP_FRACTION = 0.115
 MIN_WINDOW_SAMPLES = 8  # late-window samples window_stats needs for a drift error (4 blocks of 2)
+# the liquid half after melting (module doc, item 2): at most this share of the atoms in its middle (a quarter of
+# its length away from either interface) solid-like, else it is melted again MELT_HOTTER times hotter, at most
+# MELT_PASSES passes in all. Measured after one pass at 2.5 t_guess: EMT Cu 4x4x8 0.0 and 0.8 %, LJ argon 3x3x6
+# 3-6 %; with the interface layers (q̄ averaged over crystal neighbours) the whole half reads 27-40 %
+MELT_MAX_SOLID = 0.25
+MELT_HOTTER = 1.5
+MELT_PASSES = 3
+# calibrate_order's pure liquid has begun to crystallise when more than this share of its atoms in one sample
+# lies above mu_s - 3 sigma_s of the pure solid (a liquid has none there: EMT Cu's lies 6 of its own sd below);
+# it is then melted MELT_HOTTER times hotter and sampled at t_liquid, the coexistence cell's liquid start
+RECRYSTALLISED = 0.05
+LIQUID_RISE = 0.1  # ... or when its mean q̄ rises by more than this share of its gap to the solid (liquid_ordering)
 
 
 @dataclass
@@ -405,14 +424,51 @@ def build_coexistence_cell(s: CoexistenceSettings, calc: Calculator, rng: np.ran
     p = np.zeros((len(atoms), 3))
     p[~solid] = _maxwell_boltzmann(atoms.get_masses()[~solid], t_melt, rng)
     atoms.set_momenta(p)
-    _melt(atoms, s, t_melt, t_liquid, rng)
+    melt_log = _melt_until_molten(atoms, s, solid, z_split, t_melt, t_liquid, rng)
     atoms.set_constraint()
     p = atoms.get_momenta()
     p[solid] = _maxwell_boltzmann(atoms.get_masses()[solid], 2.0 * t_solid, rng)  # equipartition: half -> PE
     p -= atoms.get_masses()[:, None] * (p.sum(axis=0) / atoms.get_masses().sum())  # no centre-of-mass drift
     atoms.set_momenta(p)
-    atoms.info.update(solid_mask=solid, a0=a0, bulk_modulus=bulk_modulus, t_solid=t_solid, t_liquid=t_liquid)
+    atoms.info.update(solid_mask=solid, a0=a0, bulk_modulus=bulk_modulus, t_solid=t_solid, t_liquid=t_liquid,
+                      melt=melt_log)
     return atoms
+
+
+def liquid_middle_solid_fraction(atoms: Atoms, solid: np.ndarray, z_split: float, s: CoexistenceSettings) -> float:
+    """Share of the atoms in the middle of the liquid half (farther than a quarter of its length from both
+    interfaces: those next to the crystal average q̄ over crystal neighbours) that read solid-like."""
+    l, n_nb = s.order()
+    q = order_parameter(atoms, l, n_nb)
+    z = atoms.positions[:, 2] % atoms.cell[2, 2]
+    w = atoms.cell[2, 2] - z_split
+    middle = ~solid & (z > z_split + 0.25 * w) & (z < z_split + 0.75 * w)
+    return float(np.mean(q[middle] > s.q6_solid_threshold)) if middle.any() else 0.0
+
+
+def _melt_until_molten(atoms: Atoms, s: CoexistenceSettings, solid: np.ndarray, z_split: float, t_melt: float,
+                       t_end: float, rng: np.random.Generator) -> list[dict]:
+    """:func:`_melt` the liquid half, checking it at the end of the hot phase (:func:`liquid_middle_solid_fraction`
+    at most :data:`MELT_MAX_SOLID`; needs the threshold) and repeating the hot phase :data:`MELT_HOTTER` times
+    hotter while it has not melted, up to :data:`MELT_PASSES` passes (a superheated crystal melts slowly: how
+    fast at 2.5 t_guess depends on the element and the time step), then cooling it to ``t_end``. Returns one
+    entry per pass; MlipopsError when the last pass still has not melted it."""
+    log, t = [], t_melt
+    while True:
+        _melt(atoms, s, t, None, rng)
+        if s.q6_solid_threshold is None:
+            break
+        f = liquid_middle_solid_fraction(atoms, solid, z_split, s)
+        log.append({"t_melt_K": float(t), "middle_solid_fraction": f})
+        if f <= MELT_MAX_SOLID:
+            break
+        if len(log) == MELT_PASSES:
+            raise MlipopsError(f"the liquid half did not melt: {f:.0%} of its middle still solid-like after "
+                               f"{MELT_PASSES} passes of {(2 * s.melt_steps) // 3} steps up to {t:.0f} K (raise "
+                               "t_melt or melt_steps)", field="melting.t_melt")
+        t *= MELT_HOTTER
+    _melt(atoms, s, None, t_end, rng)
+    return log
 
 
 def order_parameter(atoms: Atoms, l: int = 6, num_neighbors: int = 12) -> np.ndarray:
@@ -485,17 +541,33 @@ def sparse_berendsen(atoms: Atoms, timestep_fs: float, temperature_K: float, tau
                   pressure_au=0.0, taup=taup_fs * units.fs, compressibility_au=1.0 / bulk_modulus, **kw)
 
 
-def _melt(atoms: Atoms, s: CoexistenceSettings, t_melt: float, t_end: float, rng: np.random.Generator) -> None:
+def _melt(atoms: Atoms, s: CoexistenceSettings, t_melt: float | None, t_end: float | None,
+          rng: np.random.Generator) -> None:
     """The melting protocol of the liquid half (module doc, item 2): Langevin (100 fs friction) at ``t_melt`` for
-    2/3 of ``melt_steps``, then at ``t_end`` for the rest; momenta start from Maxwell–Boltzmann at ``t_melt``
-    for the atoms that are not fixed."""
+    2/3 of ``melt_steps``, then at ``t_end`` for the rest (a None temperature skips its phase); momenta start
+    from Maxwell–Boltzmann at ``t_melt`` for the atoms that are not fixed."""
     from ase.md.langevin import Langevin
 
     n_hot = (2 * s.melt_steps) // 3
     for temp, steps in ((t_melt, n_hot), (t_end, s.melt_steps - n_hot)):
-        if steps > 0:
+        if steps > 0 and temp is not None:
             Langevin(atoms, s.timestep_fs * units.fs, temperature_K=temp, friction=0.01 / units.fs, fixcm=False,
                      rng=rng).run(steps)
+
+
+def liquid_ordering(samples: list[np.ndarray], solid_mean: float, solid_like: float) -> dict:
+    """Is a pure liquid's q̄ (one array per sample, equally spaced) crystallising? Yes when more than
+    :data:`RECRYSTALLISED` of its atoms in one sample lie above ``solid_like`` (μ_s − 3σ_s), or when its mean
+    rises over the samples both significantly (the drift of :func:`window_stats`, more than 3 times its error)
+    and materially (more than :data:`LIQUID_RISE` of the way from its start to ``solid_mean``). A liquid's is
+    stationary (EMT Cu 0.15 ± 0.01 over 1 ps); LJ argon's 108 atoms at 85 K rose 0.27 → 0.33 in 2 ps."""
+    means = np.array([float(x.mean()) for x in samples])
+    fraction = max(float(np.mean(x > solid_like)) for x in samples)
+    w = window_stats(np.arange(len(means), dtype=float), means)
+    gap = max(solid_mean - float(means[: max(1, len(means) // 3)].mean()), 1e-9)
+    rising = w["drift_K"] > 3.0 * w["drift_se_K"] and w["drift_K"] > LIQUID_RISE * gap
+    return {"solid_like_fraction": fraction, "rise": w["drift_K"], "rise_se": w["drift_se_K"], "gap": gap,
+            "crystallising": bool(fraction > RECRYSTALLISED or rising)}
 
 
 def calibrate_order(calc_factory: Callable[[], Calculator], s: CoexistenceSettings, rng: np.random.Generator,
@@ -510,29 +582,35 @@ def calibrate_order(calc_factory: Callable[[], Calculator], s: CoexistenceSettin
     gives mean μ and standard deviation σ per phase; the threshold is the point equally many σ from both means,
     θ = (μ_l σ_s + μ_s σ_l)/(σ_s + σ_l) (the midpoint when σ_s = σ_l), and ``separation`` = (μ_s − μ_l)/(σ_s +
     σ_l) is that number of σ. Below 1 (a sixth of each phase misread) the order parameter cannot tell the
-    model's phases apart at t_guess (a solid that melted: t_guess far above the model's Tm): MlipopsError."""
+    model's phases apart at t_guess (a solid that melted: t_guess far above the model's Tm): MlipopsError.
+    A liquid that begins to crystallise (more than :data:`RECRYSTALLISED` of its atoms in one sample above
+    μ_s − 3σ_s, or its mean q̄ rising: :func:`liquid_ordering`; LJ argon's 108-atom box at 85 K within 2 ps)
+    is melted again :data:`MELT_HOTTER` times hotter and sampled at ``t_liquid`` (1.2 t_guess), the coexistence
+    cell's liquid start, then once more at 1.4 t_guess; ``liquid.recrystallised`` records where it did; one that
+    crystallises at all three is a MlipopsError (give ``q6_solid_threshold``)."""
     from ase.md.langevin import Langevin
 
     l, n_nb = s.order()
     calc = calc_factory()
     a0, _ = lattice_constant(s.element, s.lattice, calc, s.a)
     t = s.t_guess
-    _, _, t_melt = s.temperatures()
+    _, t_retry, t_melt = s.temperatures()
     reps = (s.supercell[0], s.supercell[1], max(1, s.supercell[2] // 2))
     dt = s.timestep_fs * units.fs
     done = [0]
     out: dict = {"l": l, "neighbors": n_nb, "temperature_K": t}
-    for phase in ("solid", "liquid"):
+
+    def sample(phase: str, temp: float, t_melt: float = t_melt) -> tuple[list[np.ndarray], dict]:
         atoms = bulk_cell(Crystal(s.element, s.lattice, a0 * (1.0 + s.expansion_guess)), reps)
         atoms.calc = calc
         if phase == "liquid":
             atoms.set_cell(atoms.cell * (1.0 + s.liquid_volume_change) ** (1.0 / 3.0), scale_atoms=True)
             atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), t_melt, rng))
-            _melt(atoms, s, t_melt, t, rng)
+            _melt(atoms, s, t_melt, temp, rng)
             done[0] += s.melt_steps
         else:
-            atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), 2.0 * t, rng))
-        dyn = Langevin(atoms, dt, temperature_K=t, friction=0.01 / units.fs, fixcm=False, rng=rng)
+            atoms.set_momenta(_maxwell_boltzmann(atoms.get_masses(), 2.0 * temp, rng))
+        dyn = Langevin(atoms, dt, temperature_K=temp, friction=0.01 / units.fs, fixcm=False, rng=rng)
         k = s.sample_interval
         q = []
         for i in range(s.calibration_steps // k):
@@ -542,12 +620,32 @@ def calibrate_order(calc_factory: Callable[[], Calculator], s: CoexistenceSettin
                 on_steps(done[0])
             if (i + 1) * k > s.calibration_steps // 2:
                 q.append(order_parameter(atoms, l, n_nb))
-        q = np.concatenate(q)
-        if not np.all(np.isfinite(q)) or not np.all(np.isfinite(atoms.positions)):
-            raise MlipopsError(f"the pure {phase} at t_guess = {t:.0f} K blew up (non-finite positions)",
+        if not all(np.all(np.isfinite(x)) for x in q) or not np.all(np.isfinite(atoms.positions)):
+            raise MlipopsError(f"the pure {phase} at {temp:.0f} K blew up (non-finite positions)",
                                field="melting.t_guess")
-        out[phase] = {"mean": float(q.mean()), "std": float(q.std()), "n_atoms": len(atoms),
-                      "temperature_K": float(atoms.get_temperature())}
+        return q, {"n_atoms": len(atoms), "temperature_K": float(atoms.get_temperature())}
+
+    samples, info = sample("solid", t)
+    q = np.concatenate(samples)
+    out["solid"] = {"mean": float(q.mean()), "std": float(q.std())} | info
+    solid_like = out["solid"]["mean"] - 3.0 * out["solid"]["std"]
+    recrystallised = []
+    temps = (t, t_retry, 2.0 * t_retry - t)  # t_guess, t_liquid, then as far again above it
+    for i, temp in enumerate(temps):  # a small liquid box commensurate with the crystal, below the model's Tm,
+        hot = t_melt * MELT_HOTTER**i  # crystallises; one melted too cool never was a liquid (LJ argon)
+        samples, info = sample("liquid", temp, hot)
+        q = np.concatenate(samples)
+        if (out["solid"]["mean"] - q.mean()) < out["solid"]["std"] + q.std():
+            break  # no solid to crystallise into: the two do not separate (raised below)
+        check = liquid_ordering(samples, out["solid"]["mean"], solid_like)
+        if not check["crystallising"]:
+            break
+        recrystallised.append({"temperature_K": float(temp), "t_melt_K": float(hot)} | check)
+    else:
+        raise MlipopsError(f"the calculator's pure liquid crystallised at {', '.join(f'{x:.0f}' for x in temps)} K "
+                           f"(at the last: {check['solid_like_fraction']:.0%} of its atoms solid-like, its mean "
+                           f"q̄ rose {check['rise']:.3f}): give q6_solid_threshold", field="melting.q6_solid_threshold")
+    out["liquid"] = {"mean": float(q.mean()), "std": float(q.std())} | info | {"recrystallised": recrystallised}
     ms, ss = out["solid"]["mean"], out["solid"]["std"]
     ml, sl = out["liquid"]["mean"], out["liquid"]["std"]
     width = max(ss + sl, 1e-9)
@@ -723,7 +821,7 @@ def _one_attempt(calc_factory, s: CoexistenceSettings, rng: np.random.Generator,
                 pressure_GPa=float(np.mean(press[-n_win:])), pressure_zz_GPa=float(pzz_w.mean()),
                 pressure_zz_stderr=block_stderr(pzz_w)[0], volume_start=volume_start,
                 volume_per_atom=float(np.mean(vols[-n_win:])), production_start_fs=n_eq * k * s.timestep_fs,
-                production_steps_run=done, n_atoms=len(atoms))
+                production_steps_run=done, n_atoms=len(atoms), melt=atoms.info["melt"])
 
 
 def start_temperatures(s: CoexistenceSettings, start: int) -> tuple[float, float]:
@@ -765,13 +863,20 @@ def run_coexistence(calc_factory: Callable[[], Calculator], s: CoexistenceSettin
         rng = np.random.default_rng([seed, attempt] if start == 0 else [seed, attempt, start + 2])
         trial = CoexistenceSettings(**{**s.__dict__, "t_solid": t_solid, "t_liquid": t_liquid, "seed": seed,
                                        "q6_solid_threshold": threshold})
-        out = _one_attempt(calc_factory, trial, rng, on_steps and (
-            lambda n, extra, b=base: on_steps(b + n, b + per + max(0, extra))))
+        try:
+            out = _one_attempt(calc_factory, trial, rng, on_steps and (
+                lambda n, extra, b=base: on_steps(b + n, b + per + max(0, extra))))
+        except MlipopsError as exc:  # the liquid half would not melt (_melt_until_molten)
+            run = failed_run(seed, exc.detail, time.perf_counter() - t0)
+            run.start, run.attempts, run.order_calibration, run.order_threshold = start, attempt, calibration, threshold
+            run.history = history + [{"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid,
+                                      "rejected_reason": exc.detail}]
+            return run
         base += s.equilibration_steps + out["production_steps_run"]
         entry = {"attempt": attempt, "t_start_solid": t_solid, "t_start_liquid": t_liquid, "tm": out["tm"],
                  "tm_stderr": out["tm_stderr"], "converged": out["converged"], "drift_K": out["drift_K"],
                  "production_steps": out["production_steps_run"],
-                 "final_solid_fraction": out["final_solid_fraction"]}
+                 "final_solid_fraction": out["final_solid_fraction"], "melt": out.pop("melt")}
         if not (np.all(np.isfinite(out["temperatures"])) and math.isfinite(out["tm"])):
             reason = "MD unstable: non-finite temperature (the calculator's forces blew up)"
             history.append(entry | {"tm": None, "final_solid_fraction": None, "rejected_reason": reason})
