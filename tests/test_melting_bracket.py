@@ -31,9 +31,10 @@ class ArgonLJ:
 
 def argon(supercell=(3, 3, 6), **kw) -> mb.BracketSettings:
     """A small argon cell (216 atoms), 10 fs steps, the bracket's barostat (100 fs). The liquid half is melted
-    at 340 K (4 × t_guess: at 2.5 × t_guess a 3-cell slab kept q̄6 ≈ 0.23 after 2 ps). The threshold is given:
-    calibrate_order's liquid (108 atoms in the commensurate 3×3×3 box) recrystallised at 85 K within 2 ps (q̄6
-    0.16 -> 0.34). Measured: fcc at 85 K q̄6 = 0.48 ± 0.02, the melted liquid 0.16 ± 0.04; equal-σ point 0.37."""
+    at 340 K (4 × t_guess: at 2.5 × t_guess a 3-cell slab kept q̄6 ≈ 0.23 after 2 ps). The threshold is given,
+    which saves the calibration's MD: its liquid (108 atoms in the commensurate 3×3×3 box) crystallises at 85 K
+    within 2 ps (q̄6 0.16 -> 0.34), which calibrate_order detects and redoes hotter (test_melting). Measured: fcc
+    at 85 K q̄6 = 0.48 ± 0.02, the melted liquid 0.16 ± 0.04; equal-σ point 0.37."""
     cell = CoexistenceSettings(element="Ar", lattice="fcc", supercell=supercell, t_guess=85.0, timestep_fs=10.0,
                                melt_steps=150, t_melt=340.0, expansion_guess=0.04, liquid_volume_change=0.13,
                                q6_solid_threshold=0.37)
