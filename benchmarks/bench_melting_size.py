@@ -36,11 +36,28 @@ def _cell(text: str) -> tuple[int, int, int]:
     return parts
 
 
+def _stored_run(d: dict):
+    """A run of an earlier invocation (its ``summary()``) as a :class:`CoexistenceRun` without traces: enough
+    for :func:`~mlipops.evaluate.melting.summarize`."""
+    import numpy as np
+
+    from mlipops.evaluate.melting import CoexistenceRun
+
+    nan = float("nan")
+    fields = set(CoexistenceRun.__dataclass_fields__)
+    return CoexistenceRun(**{k: (nan if v is None and k not in ("rejected_reason", "converged", "order_calibration")
+                                 else v) for k, v in d.items() if k in fields},
+                          temperatures=np.zeros(0), times_fs=np.zeros(0), solid_fraction=np.zeros(0))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=_cell, nargs="+", default=[(4, 4, 8), (5, 5, 8), (6, 6, 8), (4, 4, 12),
                                                               (4, 4, 16)])
     ap.add_argument("--seeds", type=int, default=2, help="seeds per cell (each runs above and below the guess)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="index of the first seed (seed = evaluate.melting.seed + 700 + index): with --append, "
+                         "--first-seed 1 adds a second seed to a cell measured with one")
     ap.add_argument("--preset", choices=["quick", "production"], default="production")
     ap.add_argument("--production-steps", type=int, default=None, help="override (smoke runs)")
     ap.add_argument("--append", action="store_true",
@@ -65,7 +82,7 @@ def main() -> int:
         base = replace(base, production_steps=args.production_steps,
                        max_production_steps=2 * args.production_steps).validate()
     factory = OracleFactory(p.generate.oracle.calculator, p.generate.oracle.kwargs)
-    seeds = [m.seed + 700 + k for k in range(args.seeds)]
+    seeds = [m.seed + 700 + k for k in range(args.first_seed, args.first_seed + args.seeds)]
     rows, out, dtm_dp = [], {"element": element, "lattice": lattice, "preset": args.preset,
                              "production_steps": base.production_steps, "cells": []}, None
     path = ROOT / "reports/bench/melting_size.json"
@@ -80,6 +97,16 @@ def main() -> int:
         s = replace(base, supercell=cell).validate()
         t0 = time.perf_counter()
         runs = run_many(coexistence_specs(factory, s, seeds), p.compute)
+        wall = time.perf_counter() - t0
+        earlier = [c for c in out["cells"] if c["supercell"] == list(cell)]
+        if earlier:  # --append to a measured cell: its stored runs (scalars, no traces) join the new seeds
+            done = {r["seed"] for c in earlier for r in c["runs"]}
+            if done & set(seeds):
+                raise SystemExit(f"--append: cell {cell} already has seeds {sorted(done & set(seeds))}; "
+                                 "choose --first-seed past them")
+            runs = [_stored_run(r) for c in earlier for r in c["runs"]] + list(runs)
+            wall += sum(c["wall_s"] for c in earlier)
+            out["cells"] = [c for c in out["cells"] if c["supercell"] != list(cell)]
         raw = summarize(runs, s.agree_sigma, require_agreement=s.require_agreement)
         if dtm_dp is None and any(r.accepted for r in runs):
             tm = float(np.mean([r.tm for r in runs if r.accepted]))
@@ -90,11 +117,11 @@ def main() -> int:
                     "delta_v_A3_per_atom": ph["delta_v_A3_per_atom"], "phases_at_K": tm}
         p0 = summarize(runs, s.agree_sigma, dtm_dp, s.require_agreement) if dtm_dp is not None else raw
         diffs = [sd.get("difference_K") for sd in p0["seeds"] if sd.get("difference_K") is not None]
-        wall = time.perf_counter() - t0
         entry = {"supercell": list(cell), "n_atoms": runs[0].n_atoms, "wall_s": round(wall, 1),
                  "tm_raw": raw["tm_mean"], "tm_raw_stderr": raw["tm_stderr"], "n_accepted_raw": raw["n_accepted"],
                  "tm_p0": p0["tm_mean"], "tm_p0_stderr": p0["tm_stderr"], "n_accepted": p0["n_accepted"],
-                 "n_seeds": len(seeds), "n_runs_converged": p0["n_runs_converged"], "n_runs": p0["n_runs"],
+                 "n_seeds": len({r.seed for r in runs}), "n_runs_converged": p0["n_runs_converged"],
+                 "n_runs": p0["n_runs"],
                  "pressure_zz_GPa": p0["pressure_zz_GPa"], "start_difference_K": diffs,
                  "runs": [r.summary() for r in runs]}
         out["cells"].append(entry)
@@ -102,7 +129,7 @@ def main() -> int:
         def f(v, e=None):
             return ("n/a" if v is None or not math.isfinite(v)
                     else (f"{v:.0f} ± {e:.0f}" if e is not None else f"{v:.2f}"))
-        rows.append(("x".join(map(str, cell)), entry["n_atoms"], f"{raw['n_accepted']}/{len(seeds)}",
+        rows.append(("x".join(map(str, cell)), entry["n_atoms"], f"{raw['n_accepted']}/{entry['n_seeds']}",
                      f"{p0['n_runs_converged']}/{p0['n_runs']}", f(raw["tm_mean"], raw["tm_stderr"]),
                      f(p0["pressure_zz_GPa"]), f(p0["tm_mean"], p0["tm_stderr"]),
                      " ".join(f"{d:+.0f}" for d in diffs) or "-", f"{wall:.0f}"))
