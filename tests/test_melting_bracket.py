@@ -58,6 +58,18 @@ def test_solid_grows_well_below_and_melts_well_above_tm():
     assert out["bracket"] == [65.0, 115.0] and out["bracket_consistent"]
 
 
+def test_a_point_whose_liquid_half_does_not_melt_fails_alone():
+    """Three hot passes of 2 steps cannot melt the liquid half: that temperature is a failed point with the
+    reason, the others still run, and the bracket reports what it has (no exception)."""
+    s = argon(supercell=(3, 3, 4), relax_steps=10, steps=40, sample_interval=5, min_fit_samples=3)
+    s = mb.BracketSettings(**{**s.__dict__, "cell": mb.dataclasses.replace(s.cell, melt_steps=3, t_melt=90.0)})
+    out = mb.bracket(ArgonLJ(), s, [65.0, 115.0], seed=0)
+    assert [p["temperature_K"] for p in out["points"]] == [65.0, 115.0]
+    for p in out["points"]:
+        assert p["failed"] and "did not melt" in p["failed"] and p["direction"] == 0, p
+    assert out["bracket"] == [None, None] and "no temperature decided" in out["bracket_reason"]
+
+
 @pytest.mark.slow
 def test_bracket_contains_tm_and_two_seeds_agree():
     """A grid around Tm: the sign change brackets the fitted Tm, and a second seed's Tm agrees within errors."""

@@ -203,7 +203,8 @@ def test_presets_validate_and_build_settings():
 def test_sweep_table_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(melting_stage, "SWEEP_DIR", tmp_path / "sweep")
     pts = [melting_stage.sweep_point(f, {"tm_mean": tm, "tm_std": sd, "tm_ref": 1300.0, "bias": tm - 1300.0,
-                                         "bias_estimate": est, "p_within_window": p, "liquid_coverage": cov,
+                                         "bias_estimate": est, "p_within_window": p, "window_K": 120.0,
+                                         "liquid_coverage": cov,
                                          "n_liquid_train_frames": n, "coverage_liquid_at_tm": cov - 0.1},
                                      {"members": [{"member": 0, "tm_mean": tm - 10},
                                                   {"member": 1, "tm_mean": tm + 10}]},
@@ -217,6 +218,7 @@ def test_sweep_table_and_plot(tmp_path, monkeypatch):
     rows = [line for line in md.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert len(rows) == 2 and rows[0].startswith("| 0 | 0 | 40 | 30 |")  # sorted by fraction
     assert "1160 ± 60" in rows[0] and "| -140 | -120 | 0.05 |" in rows[0]
+    assert "| P(±120 K) |" in md  # the window the points were judged with, not a fixed one
     assert (tmp_path / "sweep/sweep.png").stat().st_size > 5000
     assert np.isfinite(out["points"][0]["tm_mean"])
 

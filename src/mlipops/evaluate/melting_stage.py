@@ -598,7 +598,7 @@ def _exp_file(ref: str, path: Path) -> dict | None:
 def sweep_point(fraction: float, metrics: dict, result: dict | None, source: str) -> dict:
     return {"fraction": fraction, "source": source, **{k: metrics.get(k) for k in (
         "tm_mean", "tm_std", "tm_ref", "tm_ref_stderr", "bias", "bias_estimate", "p_within_window",
-        "liquid_coverage", "n_liquid_train_frames", "coverage_liquid_at_tm", "coverage_solid_at_tm",
+        "window_K", "liquid_coverage", "n_liquid_train_frames", "coverage_liquid_at_tm", "coverage_solid_at_tm",
         "n_members_accepted")},
         "members": [{k: pm.get(k) for k in ("member", "tm_mean", "tm_stderr", "bias_estimate")}
                     for pm in (result or {}).get("members", [])]}
@@ -661,9 +661,12 @@ def write_sweep(out: dict) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ok = [q for q in pts if q.get("tm_mean") is not None and q.get("liquid_coverage") is not None]
     tm_ref = next((q["tm_ref"] for q in pts if q.get("tm_ref") is not None), None)
+    windows = sorted({q["window_K"] for q in pts if q.get("window_K") is not None})
+    window = f"{windows[0]:g}" if len(windows) == 1 else "window"  # older points may lack it
     if tm_ref is not None:
         ax.axhline(tm_ref, color="crimson", lw=1.2, label=f"reference {tm_ref:.0f} K")
-        ax.axhspan(tm_ref - 50, tm_ref + 50, color="crimson", alpha=0.1, label="±50 K")
+        if len(windows) == 1:
+            ax.axhspan(tm_ref - windows[0], tm_ref + windows[0], color="crimson", alpha=0.1, label=f"±{window} K")
     if ok:
         x = [100 * q["liquid_coverage"] for q in ok]
         ax.errorbar(x, [q["tm_mean"] for q in ok], yerr=[q["tm_std"] or 0 for q in ok], fmt="o", color="k",
@@ -695,5 +698,5 @@ def write_sweep(out: dict) -> None:
         "index: the share of the liquid test atoms inside the training hull; at Tm: the share of "
         "the reference's liquid snapshots at Tm_ref inside it.",
     ], table=(("fraction kept", "liquid train frames", "liquid coverage (%)", "liquid at Tm inside (%)",
-               "Tm ± std (K)", "bias (K)", "δE/ΔS_m (K)", "P(±50 K)", "source"), rows),
+               "Tm ± std (K)", "bias (K)", "δE/ΔS_m (K)", f"P(±{window} K)", "source"), rows),
         extra=["![sweep](sweep.png)"])
