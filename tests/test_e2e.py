@@ -224,7 +224,7 @@ def test_mlflow_run_and_registry(repo: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mlipops")
     runs = client.search_runs([exp.experiment_id])
-    studies = [r for r in runs if r.data.tags.get("stage") == "defects"]
+    studies = [r for r in runs if r.data.tags.get("mlipops.stage") == "defects"]
     assert len(studies) == 1  # the defects stage's perfect -> imperfect study, with its report
     assert "all_force_mae_atom" in studies[0].data.metrics and studies[0].data.params["defects.epochs"] == "5"
     assert "defects/defects.json" in {a.path for a in client.list_artifacts(studies[0].info.run_id, "defects")}
@@ -236,7 +236,7 @@ def test_mlflow_run_and_registry(repo: Path):
     for r in members:
         assert r.data.tags["mlflow.parentRunId"] == run.info.run_id
         assert len(client.get_metric_history(r.info.run_id, "val_force_mae")) == 3
-        assert r.data.tags["stage"] == "train" and r.data.tags["dataset"].startswith("data/curated/accepted.extxyz@")
+        assert r.data.tags["mlipops.stage"] == "train" and "stage" not in r.data.tags  # one tag per fact
     assert "final_val_force_mae" in run.data.metrics
     assert run.data.tags["data.dvc_md5"] == json.loads((repo / "data/models/cu/run.json").read_text())["data_md5"]
     assert len(run.data.tags["git.commit"]) == 40
@@ -246,6 +246,41 @@ def test_mlflow_run_and_registry(repo: Path):
     assert {"model/weights.pt", "model/config.json"} <= arts
     index = json.loads((repo / "registry/index.json").read_text())
     assert index["models"]["cu"]["aliases"] == {"champion": 1}
+    # what the MLflow UI shows (issue 25): the model-training view, the dataset, the headline metrics
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (ds,) = run.inputs.dataset_inputs
+    md5 = json.loads((repo / "data/models/cu/run.json").read_text())["data_md5"]
+    assert ds.dataset.name == "accepted.extxyz" and ds.dataset.digest == md5[:8]
+    profile = json.loads(ds.dataset.profile)
+    assert profile["dvc_md5"] == md5 and profile["train"]["frames"] > 0 and profile["val"]["species"] == ["Cu"]
+    head = json.loads((repo / "reports/promote/headline.json").read_text())
+    assert {"val_force_mae_meV_per_A", "test_force_mae_meV_per_A", "force_miscalibration_area", "promoted",
+            "nve_energy_drift_meV_per_atom_per_ps"} <= set(head) and head["promoted"] == 1
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert {k: metrics[k] for k in head} == pytest.approx(head)
+    assert head["val_force_mae_meV_per_A"] == pytest.approx(1000 * metrics["final_val_force_mae"], rel=1e-3)
+    assert client.get_run(run.info.run_id).data.tags["promotion"] == "promoted"
+    mv = client.get_model_version("cu", "1")
+    assert mv.description.startswith("# Model card: cu v1") and mv.tags["gate.val.force_mae"].startswith("pass")
+
+
+def test_the_registered_model_is_an_mlflow_model(repo: Path, monkeypatch):
+    import mlflow
+    import pandas as pd
+    from ase.build import bulk
+
+    from mlipops.models import MlipopsCalculator
+
+    monkeypatch.chdir(repo)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/cu@champion")
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+    atoms.rattle(0.02, seed=1)
+    out = model.predict(pd.DataFrame({"numbers": [atoms.numbers.tolist()], "positions": [atoms.positions.tolist()],
+                                      "cell": [atoms.cell.array.tolist()], "pbc": [[True] * 3]}))
+    atoms.calc = MlipopsCalculator(repo / "registry/cu/v1")
+    assert out["energy"][0] == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+    assert out["energy_std"][0] == pytest.approx(atoms.calc.results["energy_std"], rel=1e-9)
 
 
 def test_registry_model_is_usable(repo: Path):
@@ -314,7 +349,7 @@ def test_second_repro_is_noop_and_params_rerun_exactly_dependants(repo: Path):
     assert m["promoted"] == 0 and m["n_gates_failed"] == 1  # a result: the stage succeeded (dvc repro exit 0)
     tags = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}").get_run(
         json.loads((repo / "data/models/cu/run.json").read_text())["run_id"]).data.tags
-    assert (tags["mlipops.promotion.decision"] == "rejected"
+    assert (tags["promotion"] == "rejected"
             and tags["mlipops.promotion.failed_gates"] == "val.force_mae")
     assert (repo / "registry/cu/v1/weights.pt").is_file()  # persisted, not wiped by DVC
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")

@@ -145,9 +145,11 @@ def test_a_copied_project_promotes_into_its_own_store_and_leaves_the_original_un
     (mv,) = client.search_model_versions("name='cu'")
     run_id = json.loads((b / "data/models/cu/run.json").read_text())["run_id"]
     assert mv.run_id == run_id and client.get_registered_model("cu").aliases == {"champion": mv.version}
-    assert mv.source == f"{client.get_run(run_id).info.artifact_uri}/model"
-    assert mv.source.startswith((b / "mlartifacts").as_uri() + "/")
-    assert (b / "mlartifacts" / mv.source.split("/mlartifacts/", 1)[1] / "weights.pt").is_file()
+    assert mv.source.startswith("models:/m-")  # the MLflow pyfunc logged into the copy's training run
+    logged = client.get_logged_model(mv.source.removeprefix("models:/"))
+    assert logged.source_run_id == run_id and logged.artifact_location.startswith((b / "mlartifacts").as_uri() + "/")
+    loc = logged.artifact_location.split("/mlartifacts/", 1)[1]
+    assert (b / "mlartifacts" / loc / "artifacts/model/weights.pt").is_file()
     locs = _locations(b / "mlflow.db")
     assert locs and not [loc for loc in locs if str(a) in loc]
     for r in (a / "data/models/cu/run.json", b / "data/models/cu/run.json", b / "registry/cu/v1/run.json"):

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -107,7 +108,7 @@ def _eval_reports(root: Path, model_dir: Path, main: dict | None = None, melting
     ids = model_identity(model_dir, "cu")
     write_metrics(d, {"val.force_mae": 0.05, "val.energy_mae_per_atom": 0.004, "val.liquid.energy_mae_per_atom": 0.006,
                       "val.crystal_fcc.energy_mae_per_atom": 0.002, "test.vacancy.force_mae": 0.06,
-                      "test.liquid.force_mae": 0.07, "n_nonfinite_predictions": 0,
+                      "test.liquid.force_mae": 0.07, "test.force_mae": 0.03, "n_nonfinite_predictions": 0,
                       "path.path_adatom.exit_coordinate": 1.47} | (main or {}))
     (d / "reaction_paths.json").write_text(json.dumps({"path_adatom": {"summary": "leaves its hull at 1.47 Å"}}))
     for s in ("val", "test"):
@@ -279,8 +280,7 @@ def test_promotion_files_aliases_and_a_failed_gate(tmp_path, monkeypatch):
     assert model_identity(a / "data/models/cu")["model_weights_sha256"] in card
     assert _assert_mlflow_agrees(store, registry)["aliases"] == {"champion": 1}
     assert _tags(store, a)[:2] == ("promoted", "1")
-    mv = _client(store).get_model_version("cu", "1")  # registered from the run's own artifact location
-    assert mv.source == _client(store).get_run(mv.run_id).info.artifact_uri + "/model"
+    _assert_version_explains_itself(store, registry, a)
 
     b = _project(at["b"], store, registry, GOOD, seed=2)
     assert _promote(b, monkeypatch)["version"] == 2
@@ -304,6 +304,62 @@ def test_promotion_files_aliases_and_a_failed_gate(tmp_path, monkeypatch):
     assert _tags(store, c) == ("rejected", None, "val.force_mae")
 
 
+def _assert_version_explains_itself(store: Path, registry: Path, project: Path) -> None:
+    """v1 in MLflow: an MLflow pyfunc (the registry folder's weights and σ recalibration, loaded and predicting
+    what MlipopsCalculator predicts), the model card as description, one tag per gate with value and bound, the
+    version folder and the decision as the run's artifacts, the headline metrics in the run and headline.json."""
+    import io
+
+    import mlflow
+    import pandas as pd
+    from ase.build import bulk
+    from ase.io import write
+
+    from mlipops.models.calculator import MlipopsCalculator
+
+    c = _client(store)
+    mv = c.get_model_version("cu", "1")
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    logged = mlflow.get_logged_model(mv.source.removeprefix("models:/")) if mv.source.startswith("models:/m-") \
+        else None  # the pyfunc logged from code into the training run (mlflow.set_tracking_uri below)
+    assert logged is not None and logged.source_run_id == mv.run_id
+    model = mlflow.pyfunc.load_model("models:/cu@champion")
+    assert [s.name for s in model.metadata.get_input_schema().inputs] == ["extxyz", "numbers", "positions", "cell",
+                                                                           "pbc"]
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.05, seed=3)
+    text = io.StringIO()
+    write(text, atoms, format="extxyz")
+    pred = model.predict(pd.DataFrame({"extxyz": [text.getvalue()]}))
+    arrays = model.predict(pd.DataFrame({"numbers": [atoms.numbers.tolist()], "positions": [atoms.positions.tolist()],
+                                         "cell": [atoms.cell.array.tolist()], "pbc": [[True, True, True]]}))
+    atoms.calc = MlipopsCalculator(registry / "cu/v1")
+    e = atoms.get_potential_energy()
+    for out in (pred, arrays):
+        assert out["energy"][0] == pytest.approx(e, abs=1e-9) and out["n_atoms"][0] == len(atoms)
+        assert np.allclose(np.array(out["forces"][0]), atoms.get_forces(), atol=1e-9)
+        assert out["energy_std"][0] == pytest.approx(atoms.calc.results["energy_std"], rel=1e-9)  # recalibrated
+    assert atoms.calc.sigma_scale["energy"] == pytest.approx(1.2)  # the folder's uncertainty.json, not 1
+    with pytest.raises(Exception, match="row 0, field extxyz"):
+        model.predict(pd.DataFrame({"extxyz": ["not a structure"]}))
+
+    assert mv.description.startswith("# Model card: cu v1") and len(mv.description) <= 5000
+    assert "## Gates" in mv.description
+    gates = json.loads((registry / "cu/v1/gates.json").read_text())
+    assert mv.tags["gate.val.force_mae"].startswith("pass: ") and "≤ 0.1" in mv.tags["gate.val.force_mae"]
+    assert mv.tags["gate.uncertainty.val.all.force_spearman minimum"].startswith("pass: ")
+    assert sum(k.startswith("gate.") for k in mv.tags) == len(gates) and "gates" not in mv.tags
+    run = c.get_run(mv.run_id)
+    arts = {a.path for a in c.list_artifacts(mv.run_id, "registry/v1")}
+    assert {"registry/v1/model_card.md", "registry/v1/gates.json", "registry/v1/melting"} <= arts
+    assert {a.path for a in c.list_artifacts(mv.run_id, "promotion")} == {"promotion/decision.md",
+                                                                          "promotion/gates.json"}
+    head = json.loads((project / "reports/promote/headline.json").read_text())
+    assert head["promoted"] == 1 and head["gates_failed"] == 0 and head["tm_bias_K"] == pytest.approx(20.0)
+    assert head["test_force_mae_meV_per_A"] == pytest.approx(1000 * 0.03)
+    assert {k: run.data.metrics[k] for k in head} == pytest.approx(head)  # the same numbers in the run
+
+
 def _client(store: Path):
     from mlflow import MlflowClient
 
@@ -314,7 +370,7 @@ def _tags(store: Path, project: Path) -> tuple:
     """The promotion tags of the project's training run: decision, version, failed gates."""
     run_id = json.loads((project / "data/models/cu/run.json").read_text())["run_id"]
     t = _client(store).get_run(run_id).data.tags
-    return tuple(t.get(f"mlipops.promotion.{k}") for k in ("decision", "version", "failed_gates"))
+    return (t.get("promotion"), *(t.get(f"mlipops.promotion.{k}") for k in ("version", "failed_gates")))
 
 
 def test_a_rejection_writes_every_output_exits_0_and_tags_the_run(tmp_path, monkeypatch):
@@ -335,7 +391,8 @@ def test_a_rejection_writes_every_output_exits_0_and_tags_the_run(tmp_path, monk
         r = CliRunner().invoke(app, args)
         assert r.exit_code == code, r.output
         assert json.loads((registry / "index.json").read_text()) == {"models": {}}
-        assert {f.name for f in (a / "reports/promote").iterdir()} == {"decision.md", "gates.json", "metrics.json"}
+        assert {f.name for f in (a / "reports/promote").iterdir()} == {"decision.md", "gates.json", "metrics.json",
+                                                                        "headline.json"}
         m = json.loads((a / "reports/promote/metrics.json").read_text())
         assert m["promoted"] == 0 and type(m["promoted"]) is int and m["version"] is None
         assert m["n_gates_failed"] == 2 and m["n_gates_passed"] == m["n_gates"] - 2
@@ -343,7 +400,7 @@ def test_a_rejection_writes_every_output_exits_0_and_tags_the_run(tmp_path, monk
         assert sorted(g["gate"] for g in gates if not g["passed"]) == ["test.liquid.force_mae", "val.force_mae"]
         decision = (a / "reports/promote/decision.md").read_text()
         assert ("REJECTED" in decision and "failed 2 of" in decision
-                and "tagged `mlipops.promotion.decision=rejected`" in decision)
+                and "tagged `promotion=rejected`" in decision)
     assert "--strict" in r.output and "rejected" in r.output
     decision_tag, version_tag, failed_tag = _tags(store, a)
     assert (decision_tag, version_tag) == ("rejected", None)

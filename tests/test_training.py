@@ -348,7 +348,7 @@ def test_train_stage_killed_mid_training_resumes_its_runs_and_result(frames, tmp
     for rid in state["member_run_ids"]:
         r = client.get_run(rid)
         assert r.data.tags["mlflow.parentRunId"] == state["parent_run_id"] and r.info.status == "FINISHED"
-        assert {"stage", "dataset", "member", "curriculum_phase"} <= set(r.data.tags)
+        assert {"mlipops.stage", "mlipops.model_name", "member", "curriculum_phase"} <= set(r.data.tags)
         steps = sorted({mm.step for mm in client.get_metric_history(rid, "val_force_mae")})
         assert steps == list(range(1, STAGE_EPOCHS + 1))
     arts = {a.path for a in client.list_artifacts(state["parent_run_id"], "model")}

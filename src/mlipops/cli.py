@@ -477,7 +477,9 @@ def gates_init(params: Path = ParamsOpt,
 
 
 @app.command()
-def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"), params: Path = ParamsOpt):
+def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"),
+       workers: int = typer.Option(1, min=1, help="server processes (MLflow's default is 4; one user needs one)"),
+       params: Path = ParamsOpt):
     """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""
     from mlipops.tracking import relocate, tracking_uri
 
@@ -486,9 +488,25 @@ def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"), params: Path = 
     art = p.artifact_location
     art_uri = art if "://" in art else Path(art).resolve().as_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(p.tracking_uri),
-           "--default-artifact-root", art_uri, "--host", "127.0.0.1", "--port", str(port)]
+           "--default-artifact-root", art_uri, "--host", "127.0.0.1", "--port", str(port), "--app-name", "mlipops",
+           "--workers", str(workers)]
     typer.echo(f"MLflow UI on http://127.0.0.1:{port}  ({' '.join(cmd[3:])})")
+    typer.echo(f"the training runs, headline metrics as columns: {ui_runs_url(port, p)}")
     os.execv(sys.executable, cmd)
+
+
+def ui_runs_url(port: int, p) -> str:
+    """The page that opens the experiment's runs in MLflow's model-training view with the headline metrics as
+    columns (:mod:`mlipops.ui_app`), or the experiment list when there is no experiment yet."""
+    from mlipops.tracking import KIND, KIND_TAG, client
+
+    c = client(p.tracking_uri)
+    exp = c.get_experiment_by_name(p.experiment)
+    if exp is None:
+        return f"http://127.0.0.1:{port}/#/experiments"
+    if KIND_TAG not in exp.tags:  # a store from before the tag
+        c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    return f"http://127.0.0.1:{port}/mlipops/runs/{exp.experiment_id}"
 
 
 example_app = typer.Typer(no_args_is_help=True, help="Shipped examples on real data (examples/<name>/).")

@@ -68,6 +68,7 @@ MELTING_SWEEP_REPORTS = EVALUATE_REPORTS / "melting_sweep"  # `mlipops evaluate 
 MELTING_BRACKET_REPORTS = EVALUATE_REPORTS / "melting_bracket"  # `mlipops evaluate melting-bracket` (on demand)
 NVE_REPORTS = EVALUATE_REPORTS / "nve"
 PROMOTE_REPORTS = REPORTS / "promote"
+HEADLINE_JSON = PROMOTE_REPORTS / "headline.json"  # the headline metrics of every stage (mlipops.headline), flat
 ACTIVE_REPORTS = REPORTS / "active"
 
 # ------------------------------------------------------------------------------------------------- the stages
@@ -221,13 +222,14 @@ STAGES: dict[str, Stage] = {
     "promote": Stage(
         cmd="mlipops promote", entry="mlipops.promote.registry:run", params=("promote", "train.model_name"),
         untracked=("train.baseline.calculator",),
-        reads=(MODEL, *_p(_E / "metrics.json", _E / "provenance.json", PATHS_JSON, _U / "uncertainty.json",
+        reads=(MODEL, *_p(TRAIN_REPORTS / "metrics.json", _E / "metrics.json", _E / "provenance.json", PATHS_JSON,
+                          _U / "uncertainty.json",
                           _U / "metrics.json", _U / "provenance.json", _D / "defects.json", _D / "metrics.json",
                           _D / "provenance.json", MELTING_POINT_JSON, _M / "metrics.json", _M / "provenance.json",
                           _N / "metrics.json", _N / "provenance.json", INDEX)),
         # the registry folder is promote.registry_dir (default "registry"), written through mlipops.paths' guard
         persist=("registry",), reports=_p(PROMOTE_REPORTS / "decision.md", PROMOTE_REPORTS / "gates.json"),
-        metrics=_p(PROMOTE_REPORTS / "metrics.json")),
+        metrics=_p(PROMOTE_REPORTS / "metrics.json", HEADLINE_JSON)),
     "active": Stage(
         cmd="mlipops active run",
         entry="mlipops.active.loop:run",

@@ -33,6 +33,10 @@ from mlipops.frames import file_md5  # noqa: F401  (re-exported: the DVC hash of
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 ARTIFACT_TAG = "mlipops.artifact_location"  # experiment tag: its artifact location as configured (relative)
+# MLflow 3's UI shows an experiment as GenAI (traces, judges, prompts) or as model training (runs, metrics); the
+# experiment tag says which, and `mlipops ui` opens its runs with ?workflowType=machine_learning (3.17 reads the
+# view from that URL parameter, or the user's last choice, before the tag)
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 DEFAULT_ARTIFACT_LOCATION = "mlartifacts"  # TrainParams' default: what a store without the tag was made with
 # MLflow's columns that hold artifact locations (table, column, row filter); those this MLflow lacks are skipped
 LOCATION_COLUMNS = (("experiments", "artifact_location", ""), ("runs", "artifact_uri", ""),
@@ -159,9 +163,11 @@ def experiment_id(uri: str, name: str, artifact_location: str) -> str:
         if (relative and ARTIFACT_TAG not in exp.tags
                 and _local_path(exp.artifact_location) == Path(artifact_location).resolve()):
             c.set_experiment_tag(exp.experiment_id, ARTIFACT_TAG, artifact_location)  # a store made before the tag
+        if KIND_TAG not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
     return c.create_experiment(name, artifact_location=loc,
-                               tags={ARTIFACT_TAG: artifact_location} if relative else None)
+                               tags={KIND_TAG: KIND} | ({ARTIFACT_TAG: artifact_location} if relative else {}))
 
 
 def find_run(c, run_id: str):
@@ -194,10 +200,17 @@ def git_commit() -> str:
         return "unknown"
 
 
-def log_metrics(run_json: str | Path, metrics: dict, prefix: str = "eval_") -> None:
-    """A stage's numeric, finite ``metrics`` logged into the training run that ``run_json`` (a model's
-    ``run.json``) names, as ``<prefix><key>`` with dots made underscores, in batches of 500. When the run is not
-    in the store (e.g. a ``dvc exp run --temp`` copy) the metrics stay in the reports, and this says so."""
+EVALUATION = "evaluation"  # the nested run of a training run that holds its detailed evaluation metrics
+
+
+def log_metrics(run_json: str | Path, metrics: dict, prefix: str = "", into: str | None = EVALUATION) -> None:
+    """A stage's numeric, finite ``metrics`` logged for the training run that ``run_json`` (a model's
+    ``run.json``) names, in batches of 500: by default (``into`` = ``"evaluation"``) into its nested run
+    ``<training run>-evaluation`` (created once, tagged ``mlipops.stage=evaluate``) as ``<prefix><key>`` with dots
+    made ``/`` (MLflow groups a run's charts by the part before the first ``/``: ``test/…``, ``uncertainty/…``,
+    ``melting/…``), so that the training run itself keeps a short list a compare view can show; with ``into``
+    None into the training run itself, dots made ``_``. When the run is not in the store (e.g. a ``dvc exp run
+    --temp`` copy) the metrics stay in the reports, and this says so."""
     import json
     import time
 
@@ -206,13 +219,79 @@ def log_metrics(run_json: str | Path, metrics: dict, prefix: str = "eval_") -> N
 
     info = json.loads(Path(run_json).read_text())
     c = client(info["tracking_uri"])
-    if find_run(c, info["run_id"]) is None:
+    parent = find_run(c, info["run_id"])
+    if parent is None:
         logger.info(f"MLflow run {info['run_id']} ({run_json}) is not in the store {c.tracking_uri}: "
-              "the metrics are in the reports only")
+                    "the metrics are in the reports only")
         return
+    run_id, sep = info["run_id"], "_"
+    if into is not None:
+        run_id, sep = _nested_run(c, parent, into), "/"
     ts = int(time.time() * 1000)
-    safe = {prefix + k.replace(".", "_"): float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and np.isfinite(v)}
+    safe = {prefix + k.replace(".", sep): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
     batch = [Metric(k, v, ts, 0) for k, v in safe.items()]
     for k in range(0, len(batch), 500):
-        c.log_batch(info["run_id"], metrics=batch[k:k + 500])
+        c.log_batch(run_id, metrics=batch[k:k + 500])
+    if into is not None:
+        c.set_terminated(run_id)
+
+
+def _nested_run(c, parent, name: str) -> str:
+    """The id of ``parent``'s nested run ``<parent name>-<name>`` (``mlipops.stage=evaluate``), created once."""
+    found = c.search_runs([parent.info.experiment_id],
+                          f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`mlipops.nested` = '{name}'")
+    if found:
+        return found[0].info.run_id
+    tags = {"mlflow.parentRunId": parent.info.run_id, "mlipops.nested": name, "mlipops.stage": "evaluate"}
+    if "mlipops.model_name" in parent.data.tags:
+        tags["mlipops.model_name"] = parent.data.tags["mlipops.model_name"]
+    return c.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}-{name}", tags=tags).info.run_id
+
+
+def log_headline(run_json: str | Path, metrics_by_source: dict) -> None:
+    """The headline numbers (:mod:`mlipops.headline`) among a stage's flat metrics (``{metrics.json path: its
+    metrics}``) logged into the training run that ``run_json`` names under their own names (no prefix: the
+    MLflow runs list's columns)."""
+    from mlipops.headline import pick
+
+    values = {k: v for source, metrics in metrics_by_source.items() for k, v in pick(source, metrics).items()}
+    if values:
+        log_metrics(run_json, values, into=None)
+
+
+def log_dataset(c, run_id: str, data_path: str | Path, data_md5: str, splits: dict) -> None:
+    """The training data as the run's input dataset (the runs list's Dataset column): named after the file, its
+    digest the DVC md5's first 8 hex, its source the project-relative path, its profile the frames, atoms,
+    species and config_types per split. Metadata only: the frames stay in DVC."""
+    import json
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    class _Curated(MetaDataset):
+        @property
+        def profile(self):
+            return prof
+
+        def to_dict(self):
+            return super().to_dict() | {"profile": json.dumps(prof)}
+
+    prof: dict = {"dvc_md5": data_md5}
+    for name, frames in splits.items():
+        if frames:
+            cts: dict[str, int] = {}
+            for a in frames:
+                ct = str(a.info.get("config_type", "unknown"))
+                cts[ct] = cts.get(ct, 0) + 1
+            prof[name] = {"frames": len(frames), "atoms": int(sum(len(a) for a in frames)),
+                          "species": sorted({s for a in frames for s in a.get_chemical_symbols()}),
+                          "config_types": dict(sorted(cts.items()))}
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways: LocalArtifactDatasetSource, Local…"
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(data_path).as_posix())
+    ds = _Curated(source, name=Path(data_path).name, digest=data_md5[:8])
+    c.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(),
+                                             tags=[InputTag("mlflow.data.context", "training")])])

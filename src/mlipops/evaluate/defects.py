@@ -778,7 +778,7 @@ def log_to_mlflow(params, metrics: dict, data: list[Path], out_dir: Path) -> str
     c = tracking.client(t.tracking_uri)
     exp = tracking.experiment_id(t.tracking_uri, t.experiment, t.artifact_location)
     run = c.create_run(exp, run_name="defects-transfer", tags={
-        "stage": "defects", "git.commit": tracking.git_commit(),
+        "mlipops.stage": "defects", "git.commit": tracking.git_commit(),
         "data": ", ".join(str(x) for x in data), "data.md5": ", ".join(file_md5(x) for x in data)})
     ts = int(time.time() * 1000)
     settings = flatten(params.evaluate.defects, "defects.") | {f"train.{k}": getattr(t, k)

@@ -226,7 +226,8 @@ def run(p: Params, model_name: str | None = None, model_dir: Path | None = None,
     from mlipops import tracking
 
     if (model_dir / "run.json").is_file():
-        tracking.log_metrics(model_dir / "run.json", {f"melting.{k}": v for k, v in flat_metrics(result).items()})
+        tracking.log_metrics(model_dir / "run.json", flat_metrics(result), prefix="melting/")
+        tracking.log_headline(model_dir / "run.json", {REPORT_DIR / "metrics.json": flat_metrics(result)})
     return flat_metrics(result)
 
 

@@ -19,7 +19,8 @@ from mlipops.frames import load_split
 from mlipops.models.ensemble import load_model
 from mlipops.params import EvaluateParams
 from mlipops.paths import safe_remove
-from mlipops.pipeline import ACCEPTED, EVALUATE_REPORTS as REPORT_DIR, INDEX, MODELS_DIR, PATHS_JSON, PATHS_REPORTS
+from mlipops.pipeline import (ACCEPTED, EVALUATE_REPORTS as REPORT_DIR, INDEX, MODELS_DIR, PATHS_JSON, PATHS_REPORTS,
+                              UNCERTAINTY_REPORTS)
 from mlipops.report import jsonable, parity_plot, write_markdown, write_metrics
 
 
@@ -114,6 +115,8 @@ def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
     write_metrics(REPORT_DIR, metrics)
     _provenance(model_dir, model_name)
     tracking.log_metrics(model_dir / "run.json", metrics | {f"uncertainty.{k}": v for k, v in unc.items()})
+    tracking.log_headline(model_dir / "run.json", {REPORT_DIR / "metrics.json": metrics,
+                                                   UNCERTAINTY_REPORTS / "metrics.json": unc})
     plots = [f"![{s} {q}](parity_{s}_{q}.png)" for s in p.splits if metrics.get(f"{s}.n_frames")
              for q in ("energy", "forces")]
     if path_results:

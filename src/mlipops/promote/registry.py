@@ -8,16 +8,27 @@ model is not registered; ``reports/promote/decision.md`` says which gates failed
 
 A rejection is a result, not an error: every declared output is written either way (``registry/``, created
 with an empty ``index.json`` when missing; ``decision.md``, ``gates.json``, ``metrics.json`` with
-``promoted`` 0 or 1) and the training run in MLflow gets tags ``mlipops.promotion.decision``
-(``promoted``/``rejected``), ``mlipops.promotion.failed_gates`` and ``mlipops.promotion.version``. The
-gates only read reports computed for this model and data version (``provenance.json``, see
-:mod:`mlipops.provenance`).
+``promoted`` 0 or 1, and ``headline.json``: the headline metrics of :mod:`mlipops.headline`) and the training
+run in MLflow gets tags ``promotion`` (``promoted``/``rejected``), ``mlipops.promotion.failed_gates`` and
+``mlipops.promotion.version``, the ``promoted``/``gates_failed`` headline metrics, and the decision and gates
+as artifacts (``promotion/``). The gates only read reports computed for this model and data version
+(``provenance.json``, see :mod:`mlipops.provenance`).
+
+In MLflow a promoted version is the model itself, not a folder of files: an MLflow pyfunc
+(:mod:`mlipops.models.pyfunc`, models-from-code, weights loaded with ``weights_only``) logged into the training
+run with its σ recalibration, so ``mlflow.pyfunc.load_model("models:/<name>@champion")`` predicts and ``mlflow
+models serve`` serves it. The version's description is the model card (cut at a section to MLflow's 5,000
+characters, the full card an artifact); one tag per gate, ``gate.<gate>`` = ``pass: value ≤ bound`` (``FAIL``,
+``n/a: reason``); the version folder (card, gates, every validation report and plot) is logged into the run as
+``registry/v<N>/``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from datetime import datetime, timezone
@@ -25,6 +36,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from mlipops import headline
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.params import PromoteParams
 from mlipops.paths import atomic_write_text, ensure_writable, read_registry_index, safe_remove
@@ -35,12 +47,15 @@ from mlipops import tracking
 from mlipops.pipeline import (DEFECTS_REPORTS as DEFECTS_DIR, EVALUATE_REPORTS as EVAL_DIR, INDEX,
                               MELTING_REPORTS as MELTING_DIR, MODELS_DIR, NVE_REPORTS as NVE_DIR, PATHS_JSON,
                               PATHS_REPORTS as PATHS_DIR, PROMOTE_REPORTS as REPORT_DIR,
-                              UNCERTAINTY_REPORTS as UNCERTAINTY_DIR)
+                              UNCERTAINTY_REPORTS as UNCERTAINTY_DIR, HEADLINE_JSON)
 
 
 
 UNCERTAINTY_GATE = "uncertainty.val.all.force_spearman (minimum)"
-TAG = "mlipops.promotion."  # tags on the training run: decision, failed_gates, version
+logger = logging.getLogger(__name__)
+TAG = "mlipops.promotion."  # tags on the training run: failed_gates, version
+DECISION_TAG = "promotion"  # the training run's decision: promoted / rejected (a column of the runs list)
+DESCRIPTION_LIMIT = 5000  # characters: MLflow's model-version description column (String(5000) on SQL servers)
 
 
 def uncertainty_gate(expect: dict | None = None) -> dict:
@@ -239,8 +254,17 @@ def _not_applicable(gates: list[dict]) -> list[str]:
             + "; ".join(f"`{g['gate']}`: {g['not_applicable']}" for g in na) + "."] if na else []
 
 
+def headline_values(expect: dict, skip: tuple[Path, ...] = ()) -> dict[str, float]:
+    """The headline metrics (:func:`mlipops.headline.collect`) of the reports computed for this model and data
+    version: a report whose ``provenance.json`` names another (:func:`~mlipops.provenance.mismatch`) is left out."""
+    stale = tuple(h.source for h in headline.HEADLINE
+                  if (h.source.parent / PROVENANCE).is_file() and mismatch(h.source.parent, expect))
+    return headline.collect(skip=skip + stale)
+
+
 def _model_card(path: Path, name: str, version: int, run_info: dict, config: dict, gates: list[dict],
-                metrics: dict, coverage: str, limits: str, validation: list[str], training: dict) -> None:
+                metrics: dict, coverage: str, limits: str, validation: list[str], training: dict,
+                expect: dict) -> None:
     per_ct = sorted({k.split(".")[1] for k in metrics if k.startswith("test.") and k.count(".") == 2})
     ct_rows = [(ct, metrics.get(f"test.{ct}.energy_mae_per_atom"), metrics.get(f"test.{ct}.force_mae"))
                for ct in per_ct]
@@ -254,6 +278,10 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
         f"hidden layers {config['hidden']}; "
         + (f"an ensemble of {config['n_members']} members (mean prediction; `energy_std`/`forces_std` in the "
            "calculator's results)." if config.get("n_members") else "a single potential (no uncertainty)."),
+        "## Headline metrics (`reports/promote/headline.json`; the same names in the MLflow run)",
+        md_table(("metric", "value", "meaning"), [(name, _num(values[name]), meaning)
+                                                  for name, meaning in headline.meanings() if name in values])
+        if (values := headline_values(expect, skip=(REPORT_DIR / "metrics.json",))) else "_none produced_",
         "## Training settings (`train.*` params of the MLflow run)",
         md_table(("param", "value"), sorted(training.items())) if training else "_not recorded in MLflow_",
         "## Gates", md_table(*_gate_rows(gates, note=False)), *_not_applicable(gates),
@@ -264,6 +292,10 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
         "## Load", f"```python\nfrom mlipops.models import MlipopsCalculator\n"
         f"atoms.calc = MlipopsCalculator(\"registry/{name}/v{version}\")  "
         f"# or MlipopsCalculator.from_registry(\"{name}@champion\")\n```",
+        "As an MLflow model (a pyfunc: one structure per row, `extxyz` text or `numbers`/`positions`/`cell`/`pbc`; "
+        "energy, forces and their σ out):",
+        f"```python\nimport mlflow\nmodel = mlflow.pyfunc.load_model(\"models:/{name}/{version}\")  "
+        f"# or \"models:/{name}@champion\"\npred = model.predict(pandas.DataFrame({{\"extxyz\": [text]}}))\n```",
     ])
 
 
@@ -302,6 +334,58 @@ def _join_limited(items: list[str], limit: int) -> str:
     return ",".join(kept + [f"…(+{len(items) - len(kept)} more)"])
 
 
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def tag_key(name: str) -> str:
+    """An MLflow tag key from a gate's name: alphanumerics, ``_ - . : /`` and spaces only."""
+    return re.sub(r"\s+", " ", re.sub(r"[^A-Za-z0-9_\-.:/ ]", " ", name)).strip()
+
+
+def gate_tags(gates: list[dict]) -> dict[str, str]:
+    """One model-version tag per gate: ``gate.<gate>`` = ``pass: 0.00345 ≤ 0.1`` / ``FAIL: …`` / ``n/a: why``."""
+    out = {}
+    for g in gates:
+        if g.get("not_applicable"):
+            value = f"n/a: {g['not_applicable']}"
+        else:
+            op = "≥" if g.get("bound") == "min" else "≤"
+            value = f"{'pass' if g['passed'] else 'FAIL'}: {_num(g['value'])} {op} {_num(g['threshold'])}"
+            value += f" ({g['note']})" if g.get("note") else ""
+        out[f"gate.{tag_key(g['gate'])}"] = value[:DESCRIPTION_LIMIT]
+    return out
+
+
+def card_description(card: str, full: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """The model card as an MLflow description: whole when it fits ``limit`` characters, else its sections in
+    order while they fit, then a line naming the sections left out and where the full card is (``full``)."""
+    if len(card) <= limit:
+        return card
+    parts = re.split(r"(?m)^(?=## )", card)
+    tail = "\n\n_Cut to MLflow's {n:,}-character description; left out: {left}. Full card: {full}._\n"
+    kept, left = [], []
+    for part in parts:
+        title = part.splitlines()[0].lstrip("# ").strip() if part.strip() else ""
+        budget = limit - len(tail.format(n=limit, left=", ".join(left + [title]), full=full)) - 50
+        if not left and sum(map(len, kept)) + len(part) <= budget:
+            kept.append(part)
+        else:
+            left.append(title)
+    return "".join(kept).rstrip() + tail.format(n=limit, left=", ".join(left), full=full)
+
+
+def _log_run_files(client, run_id: str, folder: Path, artifact_path: str) -> str | None:
+    """``folder`` into the run's artifacts; None when done, else why not."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+    except (MlflowException, OSError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
 def _tag_training_run(run_info: dict, promoted: bool, failed: list[str], version: int | None) -> str | None:
     """The decision as tags of the MLflow training run; None when set, else why not (for decision.md)."""
     from mlflow.entities import RunTag
@@ -313,11 +397,11 @@ def _tag_training_run(run_info: dict, promoted: bool, failed: list[str], version
         MAX_TAG_VAL_LENGTH = 5000
     try:
         client = tracking.client(run_info["tracking_uri"])
-        tags = {"decision": "promoted" if promoted else "rejected",
-                "failed_gates": _join_limited(failed, MAX_TAG_VAL_LENGTH)}
+        tags = {TAG + "failed_gates": _join_limited(failed, MAX_TAG_VAL_LENGTH),
+                DECISION_TAG: "promoted" if promoted else "rejected"}
         if version is not None:
-            tags["version"] = str(version)
-        client.log_batch(run_info["run_id"], tags=[RunTag(TAG + k, v) for k, v in tags.items()])
+            tags[TAG + "version"] = str(version)
+        client.log_batch(run_info["run_id"], tags=[RunTag(k, v) for k, v in tags.items()])
         if version is None:  # a rejected run no longer names the version an earlier promotion gave it
             try:
                 client.delete_tag(run_info["run_id"], TAG + "version")
@@ -373,68 +457,98 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
             "A rejection is a result: every output is written and the stage exits 0 (`mlipops promote --strict` "
             "exits 3).",
             (f"The MLflow training run was NOT tagged with this decision: {tag_error}." if tag_error else
-             f"The MLflow training run is tagged `{TAG}decision=rejected` with its failed gates."),
+             f"The MLflow training run is tagged `{DECISION_TAG}=rejected` with its failed gates "
+             f"(`{TAG}failed_gates`); this decision and the gates are its artifacts `promotion/`."),
         ], table=(header, gate_rows))
         metrics["version"] = None
         metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
-        write_metrics(REPORT_DIR, metrics)
-        (REPORT_DIR / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
+        _finish(run_json, metrics, gates, expect)
         return metrics
 
     client = tracking.client(run_info["tracking_uri"])
+    run_id = run_info["run_id"]
     with FileLock(str(registry_dir / ".lock"), timeout=600):
         from mlflow.exceptions import MlflowException
+
+        from mlipops.models.pyfunc import log_pyfunc
 
         try:
             client.get_registered_model(model_name)
         except MlflowException:
             client.create_registered_model(model_name, description="mlipops potential")
-        existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_info['run_id']}'")
+        existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
         n_ok = f"{len(applicable)}/{len(applicable)}"
-        tags = {"gates": json.dumps({g["gate"]: g["value"] for g in applicable}), "data.dvc_md5": run_info["data_md5"],
-                "git.commit": tracking.git_commit(), "gates.passed": n_ok,
-                "weights.sha256": expect["model_weights_sha256"]}
-        if len(gates) > len(applicable):
-            tags["gates.not_applicable"] = json.dumps({g["gate"]: g["not_applicable"] for g in gates
-                                                       if g.get("not_applicable")})
-        if existing:
-            mv = existing[0]
-        else:  # the run's own artifact location (not a path stored in run.json: the project may have moved)
-            source = tracking.get_run(client, run_info["run_id"], run_json).info.artifact_uri.rstrip("/") + "/model"
-            mv = client.create_model_version(model_name, source=source, run_id=run_info["run_id"], tags=tags,
-                                             description=f"promoted by mlipops; gates {n_ok} passed")
-        version = int(mv.version)
-        # the files first (into a temporary folder, renamed), the aliases last: an alias never points at a
-        # version whose folder is incomplete, even if this process dies in between
-        target = registry_dir / model_name / f"v{version}"
-        tmp = registry_dir / model_name / f".v{version}.{os.getpid()}.tmp"
+        tags = {"data.dvc_md5": run_info["data_md5"], "git.commit": tracking.git_commit(), "gates.passed": n_ok,
+                "weights.sha256": expect["model_weights_sha256"]} | gate_tags(gates)
+        # the version's files first (into a temporary folder, renamed once the version number is known), the
+        # aliases last: an alias never points at a version whose folder is incomplete, even if this dies between
+        tmp = registry_dir / model_name / f".new.{os.getpid()}.tmp"
         safe_remove(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         validation = _write_version(tmp, model_dir, gates, expect)
-        _model_card(tmp / "model_card.md", model_name, version, run_info, config, gates, eval_metrics,
-                    _coverage_summary(INDEX), _known_limits(INDEX), validation, _training_params(client, run_info))
+        tracking.get_run(client, run_id, run_json)  # a run this store does not hold: a clear error, not MLflow's
+        if existing:
+            mv = existing[0]
+            for k, v in tags.items():
+                client.set_model_version_tag(model_name, mv.version, k, v)
+        else:  # the model as an MLflow pyfunc of the training run (with the σ recalibration the folder holds)
+            info = log_pyfunc(tmp, tmp / "uncertainty.json", run_id=run_id,
+                              tags={"mlipops.model_name": model_name, "weights.sha256": tags["weights.sha256"]})
+            mv = client.create_model_version(model_name, source=f"models:/{info.model_id}", run_id=run_id,
+                                             tags=tags, model_id=info.model_id,
+                                             description=f"promoted by mlipops; gates {n_ok} passed")
+        version = int(mv.version)
+        target = registry_dir / model_name / f"v{version}"
+        card = tmp / "model_card.md"
+        _model_card(card, model_name, version, run_info, config, gates, eval_metrics,
+                    _coverage_summary(INDEX), _known_limits(INDEX), validation, _training_params(client, run_info),
+                    expect)
         safe_remove(target)
         tmp.rename(target)
+        client.update_model_version(model_name, version, description=card_description(
+            (target / "model_card.md").read_text(), f"`registry/{model_name}/v{version}/model_card.md`, also the "
+            f"training run's artifact `registry/v{version}/model_card.md`"))
         aliases = client.get_registered_model(model_name).aliases or {}
         previous = aliases.get("champion")
         if previous is not None and int(previous) != version:
             client.set_registered_model_alias(model_name, "previous", str(previous))
         client.set_registered_model_alias(model_name, "champion", str(version))
         index = _update_index(registry_dir, model_name, client)
+    artifact_error = _log_run_files(client, run_id, target, f"registry/v{version}")
     tag_error = _tag_training_run(run_info, True, [], version)
     write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: PROMOTED as v{version}", [
-        f"MLflow run `{run_info['run_id']}` passed all {len(applicable)} gates; registered model `{model_name}` "
+        f"MLflow run `{run_id}` passed all {len(applicable)} gates; registered model `{model_name}` "
         f"version {version} has alias `champion`"
         + (f"; v{previous} is now `previous`." if previous and int(previous) != version else "."),
         *_not_applicable(gates),
-        f"Files: `{target}`.",
+        f"Files: `{target}` (also the training run's artifacts `registry/v{version}/`"
+        + (f": NOT logged, {artifact_error})." if artifact_error else ")."),
+        f"Load: `mlflow.pyfunc.load_model(\"models:/{model_name}@champion\")` or "
+        f"`MlipopsCalculator.from_registry(\"{model_name}@champion\")`.",
         *([f"The MLflow training run was NOT tagged with this decision: {tag_error}."] if tag_error else []),
     ], table=(header, gate_rows))
     metrics |= {"version": version, "wall_time_s": round(time.perf_counter() - t0, 2),
                 "n_versions": len(index["models"][model_name]["versions"])}
+    _finish(run_json, metrics, gates, expect)
+    return metrics
+
+
+def _finish(run_json: Path, metrics: dict, gates: list[dict], expect: dict) -> None:
+    """The stage's metrics, gates and headline files; every headline metric (those of stages that do not log to
+    MLflow too: defects, nve), the decision and the gates into the training run."""
     write_metrics(REPORT_DIR, metrics)
     (REPORT_DIR / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
-    return metrics
+    values = headline_values(expect)
+    atomic_write_text(HEADLINE_JSON, json.dumps(values, indent=2) + "\n")
+    tracking.log_metrics(run_json, values, into=None)
+    info = json.loads(Path(run_json).read_text())
+    try:
+        c = tracking.client(info["tracking_uri"])
+        if tracking.find_run(c, info["run_id"]) is not None:
+            for f in ("decision.md", "gates.json"):
+                c.log_artifact(info["run_id"], str(REPORT_DIR / f), artifact_path="promotion")
+    except Exception as exc:  # noqa: BLE001 - the decision stands in the reports; MLflow is told when it can be
+        logger.warning(f"the decision was not logged into MLflow run {info['run_id']}: {type(exc).__name__}: {exc}")
 
 
 def _training_params(client, run_info: dict) -> dict:

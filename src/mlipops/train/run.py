@@ -393,15 +393,15 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     uri = tracking.tracking_uri(p.tracking_uri)
     client = tracking.client(p.tracking_uri)
     exp_id = tracking.experiment_id(p.tracking_uri, p.experiment, p.artifact_location)
-    dataset = f"{data_path}@{data_md5[:8]}"
-    tags = {"stage": "train", "dataset": dataset, "curriculum_phase": "all" if p.curriculum else "none",
-            "model_name": p.model_name,
+    tags = {"curriculum_phase": "all" if p.curriculum else "none",
             "mlipops.stage": "train", "mlipops.model_name": p.model_name, "data.path": str(data_path),
             "data.dvc_md5": data_md5, "git.commit": tracking.git_commit(),
             "data.n_train": str(len(splits["train"])), "data.n_val": str(len(splits["val"]))}
     params = ({f"train.{k}": v for k, v in flatten(p).items()} | {f"descriptors.{k}": v for k, v in flatten(d).items()}
               | {f"compute.{k}": v for k, v in flatten(c).items()})
     state = _start_runs(client, exp_id, p, ckpt_dir, key, tags, params, resume)
+    if resume is None:
+        tracking.log_dataset(client, state["parent_run_id"], data_path, data_md5, splits)
     device = resolve_device(p.device)
     M = p.ensemble.members
     if resume is not None:
@@ -458,6 +458,7 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
                        "members_resumed": sum(1 for r in members if r["resumed_from_epoch"] or r.get("skipped")),
                        "best_epochs": [r["best_epoch"] for r in members]}
     write_metrics(REPORT_DIR, metrics | {"by_config": by_config})
+    tracking.log_headline(out_dir / "run.json", {REPORT_DIR / "metrics.json": metrics})
     member_rows = [(f"member {r['member']}", r["best_epoch"], r["n_train_unique"],
                     r["metrics"].get("val", r["metrics"]["train"])["energy_mae_per_atom"],
                     r["metrics"].get("val", r["metrics"]["train"])["force_mae"]) for r in members]
