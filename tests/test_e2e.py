@@ -228,7 +228,8 @@ def test_mlflow_run_and_registry(repo: Path):
     assert len(studies) == 1  # the defects stage's perfect -> imperfect study, with its report
     assert "all_force_mae_atom" in studies[0].data.metrics and studies[0].data.params["defects.epochs"] == "5"
     assert "defects/defects.json" in {a.path for a in client.list_artifacts(studies[0].info.run_id, "defects")}
-    runs = [r for r in runs if r not in studies]
+    evaluation = [r for r in runs if r.data.tags.get("mlipops.nested") == "evaluation"]
+    runs = [r for r in runs if r not in studies and r not in evaluation]
     assert len(runs) == 3  # the ensemble's parent run and its two members, nested
     run = next(r for r in runs if r.data.tags.get("member") == "ensemble")
     members = [r for r in runs if r is not run]
@@ -238,6 +239,9 @@ def test_mlflow_run_and_registry(repo: Path):
         assert len(client.get_metric_history(r.info.run_id, "val_force_mae")) == 3
         assert r.data.tags["mlipops.stage"] == "train" and "stage" not in r.data.tags  # one tag per fact
     assert "final_val_force_mae" in run.data.metrics
+    (ev,) = evaluation  # the detailed evaluation numbers: one run nested under the training run
+    assert ev.data.tags["mlflow.parentRunId"] == run.info.run_id and "test/force_mae" in ev.data.metrics
+    assert not any(k.startswith(("eval_", "test/")) for k in run.data.metrics)
     assert run.data.tags["data.dvc_md5"] == json.loads((repo / "data/models/cu/run.json").read_text())["data_md5"]
     assert len(run.data.tags["git.commit"]) == 40
     mv = client.get_model_version_by_alias("cu", "champion")
