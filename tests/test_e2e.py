@@ -175,6 +175,25 @@ def test_dvc_metrics_show(repo: Path):
         assert rel in shown
 
 
+def test_dvc_plots_diff_overlays_learning_curves_and_parity(repo: Path):
+    """The data plots of dvc.yaml (mlipops.pipeline.DATA_PLOTS) render from the CSVs the stages wrote, and
+    `dvc plots diff` reads them from a commit as well as from the workspace (two revisions in one plot)."""
+    from mlipops.pipeline import DATA_PLOTS, LEARNING_CURVE_COLUMNS
+
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-q", "--allow-empty", "-m", "reproduced"], repo)
+    lc = (repo / "reports/train/plots/learning_curve.csv").read_text().splitlines()
+    assert lc[0].split(",") == list(LEARNING_CURVE_COLUMNS) and len(lc) == 1 + 3  # train.epochs: 3
+    out = json.loads(_run([sys.executable, "-m", "dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
+    for pid, plot in DATA_PLOTS.items():
+        (spec,) = out[pid]
+        values = spec["content"]["data"]["values"]
+        assert {v["rev"] for v in values} == {"HEAD", "workspace"}, pid
+        assert all(v[plot.x] != "" for v in values), pid
+        assert {v.get("field", plot.y[0]) for v in values} == set(plot.y), pid  # "field": with several y
+        assert all(v[y] != "" for v in values for y in plot.y if v.get("field", y) == y), pid
+
+
 def test_nothing_lost(repo: Path):
     from mlipops.frames import read_extxyz
 
@@ -310,7 +329,7 @@ def test_melting_sweep_runs_a_dvc_experiment_per_fraction(repo: Path):
     `dvc exp run --temp` (liquid frames moved to split `unused`, ensemble retrained, members melted) that leaves
     the workspace untouched."""
     _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "reproduced"], repo)
+    _run(["git", "commit", "-q", "--allow-empty", "-m", "reproduced"], repo)
     lock = (repo / "dvc.lock").read_text()
     _run([sys.executable, "-m", "mlipops.cli", "evaluate", "melting-sweep"], repo)
     out = json.loads((repo / "reports/evaluate/melting_sweep/sweep.json").read_text())

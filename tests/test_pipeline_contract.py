@@ -19,7 +19,7 @@ from pathlib import Path, PurePath
 
 import yaml
 
-from mlipops.pipeline import FROM_PARAMS, STAGES
+from mlipops.pipeline import DATA_PLOTS, FROM_PARAMS, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "mlipops"
@@ -87,6 +87,15 @@ def contract_problems(dvc: dict, params: dict) -> list[str]:
             d = {_interpolate(p, params): c for p, c in declared.items()}
             if g != d:
                 problems.append(f"stage {name!r}: {kind} {g}, declared {d}")
+    got_plots = {k: v for item in dvc.get("plots") or [] for k, v in (item.items() if isinstance(item, dict)
+                                                                      else [(item, None)])}
+    want_plots = {k: v.dvc() for k, v in DATA_PLOTS.items()}
+    for pid in sorted(set(got_plots) | set(want_plots)):
+        if got_plots.get(pid) != want_plots.get(pid):
+            problems.append(f"top-level plot {pid!r}: {got_plots.get(pid)}, declared {want_plots.get(pid)}")
+    reports = {r for s in STAGES.values() for r in s.reports}
+    problems += [f"data plot {pid!r}: {p.file} is no stage's uncached report" for pid, p in DATA_PLOTS.items()
+                 if p.file not in reports]
     return problems
 
 
@@ -257,8 +266,10 @@ def test_the_checks_catch_what_they_should(tmp_path):
     dvc["stages"]["index"]["deps"].append("data/elsewhere.extxyz")
     dvc["stages"]["nve"]["params"].append("train.epochs")
     del dvc["stages"]["bo_scan"]
+    dvc["plots"][0]["learning_curve_forces"]["x"] = "step"
     problems = "\n".join(contract_problems(dvc, params))
-    for expected in ("'train': outs", "'index': data deps", "'nve': params", "'bo_scan' is declared"):
+    for expected in ("'train': outs", "'index': data deps", "'nve': params", "'bo_scan' is declared",
+                     "top-level plot 'learning_curve_forces'"):
         assert expected in problems
 
     pkg = tmp_path / "mlipops"

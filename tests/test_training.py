@@ -478,3 +478,27 @@ def test_jacobians_over_the_memory_cap_train_through_autograd_and_say_so(frames,
     assert "descriptor Jacobians would take" in capsys.readouterr().err
     for (k, v), w in zip(r.model.state_dict().items(), ref.model.state_dict().values()):
         torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
+
+
+def test_learning_curve_csv_is_the_members_mean_per_epoch(tmp_path):
+    """The DVC plot data: per epoch the mean over the members that reached it, in meV; a member that stopped
+    earlier does not drag the later epochs, and a value no member has is an empty cell."""
+    import csv
+
+    from mlipops.pipeline import LEARNING_CURVE_COLUMNS
+    from mlipops.train.run import learning_curve_csv
+
+    def row(e, f, en, val=True):
+        r = {"epoch": e, "train_force_mae": f, "train_energy_mae_per_atom": en}
+        return r | ({"val_force_mae": 2 * f, "val_energy_mae_per_atom": 2 * en} if val else {})
+
+    members = [{"member": 0, "history": [row(1, 0.1, 0.01), row(2, 0.05, 0.004)]},
+               {"member": 1, "history": [row(1, 0.3, 0.03), row(2, 0.07, 0.002), row(3, 0.02, 0.001, val=False)]}]
+    path = learning_curve_csv(members, tmp_path / "lc.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert tuple(rows[0]) == LEARNING_CURVE_COLUMNS
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert float(rows[0]["train_force_mae_meV_per_A"]) == pytest.approx(200.0)
+    assert float(rows[1]["val_energy_mae_meV_per_atom"]) == pytest.approx(6.0)
+    assert float(rows[2]["train_force_mae_meV_per_A"]) == pytest.approx(20.0)
+    assert rows[2]["val_force_mae_meV_per_A"] == ""

@@ -57,7 +57,9 @@ INGEST_REPORTS = REPORTS / "ingest"
 VALIDATE_REPORTS = REPORTS / "validate"
 INDEX_REPORTS = REPORTS / "index"
 TRAIN_REPORTS = REPORTS / "train"
+LEARNING_CURVE_CSV = TRAIN_REPORTS / "plots" / "learning_curve.csv"  # per epoch, the members' mean MAEs (DVC plot)
 EVALUATE_REPORTS = REPORTS / "evaluate"
+PARITY_CSV_DIR = EVALUATE_REPORTS / "parity"  # <split>_energy.csv, <split>_forces.csv: parity data (DVC plots)
 PATHS_JSON = EVALUATE_REPORTS / "reaction_paths.json"  # reaction paths followed to the hull's exit point
 PATHS_REPORTS = EVALUATE_REPORTS / "paths"
 UNCERTAINTY_REPORTS = EVALUATE_REPORTS / "uncertainty"  # ensemble σ ranked and calibrated (the evaluate stage)
@@ -167,7 +169,8 @@ STAGES: dict[str, Stage] = {
     "train": Stage(
         cmd="mlipops train", entry="mlipops.train.run:run", params=("train", "descriptors"), untracked=("compute",),
         reads=_p(ACCEPTED),
-        outs=(MODEL,), reports=_p(TRAIN_REPORTS / "summary.md"), metrics=_p(TRAIN_REPORTS / "metrics.json"),
+        outs=(MODEL,), reports=_p(TRAIN_REPORTS / "summary.md", LEARNING_CURVE_CSV),
+        metrics=_p(TRAIN_REPORTS / "metrics.json"),
         plots=_p(TRAIN_REPORTS / "learning_curve.png", TRAIN_REPORTS / "parity_energy.png",
                  TRAIN_REPORTS / "parity_forces.png")),
     "evaluate": Stage(
@@ -177,7 +180,8 @@ STAGES: dict[str, Stage] = {
         untracked=("train.baseline.calculator",),
         reads=(MODEL, *_p(ACCEPTED, INDEX)),
         reports=_p(_E / "summary.md", PATHS_JSON, _U / "summary.md", _U / "uncertainty.json",
-                   _E / "provenance.json", _U / "provenance.json"),
+                   _E / "provenance.json", _U / "provenance.json",
+                   *(PARITY_CSV_DIR / f"{s}_{q}.csv" for s in ("val", "test") for q in ("energy", "forces"))),
         metrics=_p(_E / "metrics.json", _U / "metrics.json"),
         plots=_p(_E / "parity_val_energy.png", _E / "parity_val_forces.png", _E / "parity_test_energy.png",
                  _E / "parity_test_forces.png", PATHS_REPORTS, _U / "sigma_vs_error.png",
@@ -238,4 +242,53 @@ STAGES: dict[str, Stage] = {
         # active.out_dir and active.work_dir (params; their defaults)
         persist=_p(RAW_DIR / "active", ACTIVE_WORK_DIR), reports=_p(ACTIVE_REPORTS / "summary.md"),
         metrics=_p(ACTIVE_REPORTS / "metrics.json"), plots=_p(ACTIVE_REPORTS / "learning_curve.png")),
+}
+
+
+# ------------------------------------------------------------------------------------- DVC data plots (CSV)
+
+
+@dataclass(frozen=True)
+class DataPlot:
+    """One plot of ``dvc.yaml``'s top-level ``plots``: a CSV a stage writes (one of its uncached ``reports``),
+    its x column and y columns, so that ``dvc plots show`` draws it and ``dvc plots diff A B`` overlays two
+    commits. The stage writes exactly these columns (their names carry the units);
+    ``tests/test_pipeline_contract.py`` checks ``dvc.yaml`` against this declaration."""
+
+    file: str
+    x: str
+    y: tuple[str, ...]
+    template: str
+    title: str
+    x_label: str
+    y_label: str
+
+    def dvc(self) -> dict:
+        """The plot's definition as ``dvc.yaml`` spells it."""
+        return {"template": self.template, "title": self.title, "x": self.x,
+                "y": {self.file: list(self.y) if len(self.y) > 1 else self.y[0]},
+                "x_label": self.x_label, "y_label": self.y_label}
+
+
+LEARNING_CURVE_COLUMNS = ("epoch", "train_force_mae_meV_per_A", "val_force_mae_meV_per_A",
+                          "train_energy_mae_meV_per_atom", "val_energy_mae_meV_per_atom")
+PARITY_COLUMNS = {"energy": ("reference_eV_per_atom", "predicted_eV_per_atom"),
+                  "forces": ("reference_eV_per_A", "predicted_eV_per_A")}
+
+
+def _parity(split: str, q: str) -> DataPlot:
+    ref, pred = PARITY_COLUMNS[q]
+    what = "energy per atom (eV/atom)" if q == "energy" else "force component (eV/Å)"
+    return DataPlot((PARITY_CSV_DIR / f"{split}_{q}.csv").as_posix(), ref, (pred,), "scatter",
+                    f"{split} {q}: predicted vs reference (ensemble mean)", f"reference {what}",
+                    f"predicted {what}")
+
+
+DATA_PLOTS = {
+    "learning_curve_forces": DataPlot(LEARNING_CURVE_CSV.as_posix(), "epoch", LEARNING_CURVE_COLUMNS[1:3], "linear",
+                                      "force MAE per epoch (mean over the members)", "epoch", "force MAE (meV/Å)"),
+    "learning_curve_energy": DataPlot(LEARNING_CURVE_CSV.as_posix(), "epoch", LEARNING_CURVE_COLUMNS[3:5], "linear",
+                                      "energy MAE per epoch (mean over the members)", "epoch",
+                                      "energy MAE (meV/atom)"),
+    **{f"parity_{s}_{q}": _parity(s, q) for s in ("val", "test") for q in ("energy", "forces")},
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -15,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from mlipops.errors import MlipopsError
+from mlipops.paths import atomic_write_text
 
 
 def _clean(v):
@@ -49,6 +52,28 @@ def write_metrics(report_dir: str | Path, metrics: dict) -> Path:
 def read_metrics(report_dir: str | Path) -> dict:
     path = Path(report_dir) / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_csv(path: str | Path, columns: dict[str, Sequence]) -> Path:
+    """A data table as CSV (6 significant digits, empty cell for a missing or non-finite value), written
+    atomically: the data of a DVC plot (mlipops.pipeline.DATA_PLOTS)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(columns)
+    n = {len(v) for v in columns.values()}
+    if len(n) > 1:
+        raise ValueError(f"{path}: columns of different lengths {sorted(n)}")
+
+    def cell(v):
+        v = _clean(v)
+        return "" if v is None else f"{v:.6g}" if isinstance(v, float) else v
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(names)
+    w.writerows([cell(columns[c][i]) for c in names] for i in range(n.pop() if n else 0))
+    atomic_write_text(path, buf.getvalue())
+    return path
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:

@@ -19,9 +19,9 @@ from mlipops.frames import load_split
 from mlipops.models.ensemble import load_model
 from mlipops.params import EvaluateParams
 from mlipops.paths import safe_remove
-from mlipops.pipeline import (ACCEPTED, EVALUATE_REPORTS as REPORT_DIR, INDEX, MODELS_DIR, PATHS_JSON, PATHS_REPORTS,
-                              UNCERTAINTY_REPORTS)
-from mlipops.report import jsonable, parity_plot, write_markdown, write_metrics
+from mlipops.pipeline import (ACCEPTED, EVALUATE_REPORTS as REPORT_DIR, INDEX, MODELS_DIR, PARITY_COLUMNS,
+                              PARITY_CSV_DIR, PATHS_JSON, PATHS_REPORTS, UNCERTAINTY_REPORTS)
+from mlipops.report import jsonable, parity_plot, write_csv, write_markdown, write_metrics
 
 
 def _uncertainty(p: EvaluateParams, model, splits: dict[str, list[Atoms]]) -> dict:
@@ -78,6 +78,24 @@ def _provenance(model_dir: Path, model_name: str) -> None:
     write_provenance(uncertainty.REPORT_DIR, "evaluate", **ids)
 
 
+MAX_PARITY_FORCES = 4000  # force components per parity CSV: every k-th, so a DVC plot stays light
+
+
+def parity_csv(split: str, e_ref, e_pred, e_ct, f_ref, f_pred, f_ct) -> list[Path]:
+    """The parity data of a split as the CSVs of the DVC plots ``parity_<split>_energy|forces``
+    (mlipops.pipeline.DATA_PLOTS), with the config_type of each point: every frame's energy per atom, and every
+    k-th force component (k = ceil(n / MAX_PARITY_FORCES), the same components in two commits of the same data,
+    so ``dvc plots diff`` overlays like with like)."""
+    f_ref, f_pred, f_ct = np.asarray(f_ref), np.asarray(f_pred), np.asarray(f_ct)
+    k = max(1, -(-len(f_ref) // MAX_PARITY_FORCES))
+    out = []
+    for q, (ref, pred, ct) in (("energy", (np.asarray(e_ref), np.asarray(e_pred), np.asarray(e_ct))),
+                               ("forces", (f_ref[::k], f_pred[::k], f_ct[::k]))):
+        cols = dict(zip(PARITY_COLUMNS[q], (ref, pred))) | {"config_type": ct}
+        out.append(write_csv(PARITY_CSV_DIR / f"{split}_{q}.csv", cols))
+    return out
+
+
 def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
     """``trusted_calculators``: the params' baseline calculator (:func:`mlipops.models.schema.trusted_calculators`)."""
     t0 = time.perf_counter()
@@ -92,6 +110,7 @@ def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
         frames = splits.get(split, [])
         if not frames:
             metrics[f"{split}.n_frames"] = 0
+            parity_csv(split, [], [], [], [], [], [])  # a DVC plot of no points, not a missing output
             continue
         m, ft, fc = split_metrics(model, frames)
         metrics |= {f"{split}.{k}": v for k, v in m.items()}
@@ -99,6 +118,7 @@ def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
                     ft.config_type, "energy per atom", "eV/atom", f"{model_name}: {split} energies")
         parity_plot(REPORT_DIR / f"parity_{split}_forces.png", fc.f_ref, fc.f_pred, fc.config_type,
                     "force component", "eV/Å", f"{model_name}: {split} forces")
+        parity_csv(split, ft.e_ref_per_atom, ft.e_pred_per_atom, ft.config_type, fc.f_ref, fc.f_pred, fc.config_type)
         for ct in sorted(ft.config_type.unique()):
             table.append((split, ct, m[f"{ct}.n_frames"], m[f"{ct}.energy_mae_per_atom"],
                           m[f"{ct}.energy_rmse_per_atom"],

@@ -34,11 +34,11 @@ from mlipops.models.potential import Potential
 from mlipops.errors import StageInputError
 from mlipops.params import ComputeParams, DescriptorParams, TrainParams, flatten
 from mlipops.paths import safe_remove
-from mlipops.report import parity_plot, progress, write_markdown, write_metrics
+from mlipops.report import parity_plot, progress, write_csv, write_markdown, write_metrics
 from mlipops import tracking
 from mlipops.frames import load_split
-from mlipops.pipeline import (ACCEPTED as DATA, BASELINE_CACHE, CHECKPOINT_DIR, MODELS_DIR,
-                              TRAIN_REPORTS as REPORT_DIR)
+from mlipops.pipeline import (ACCEPTED as DATA, BASELINE_CACHE, CHECKPOINT_DIR, LEARNING_CURVE_COLUMNS,
+                              LEARNING_CURVE_CSV, MODELS_DIR, TRAIN_REPORTS as REPORT_DIR)
 from mlipops.train.loop import (DTYPES, Checkpointer, Prepared,
                                 _cpu_state, evaluate_split, fingerprint, fit, make_potential, prepare,
                                 feature_statistics, resolve_device, species_of, target_statistics)
@@ -476,6 +476,27 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
     return metrics
 
 
+def learning_curve_csv(members: list[dict], path: Path = LEARNING_CURVE_CSV) -> Path:
+    """Per epoch, the mean over the members that reached it of their train and val MAEs (meV/Å, meV/atom): the
+    data of the DVC plots ``learning_curve_forces`` and ``learning_curve_energy`` (mlipops.pipeline.DATA_PLOTS),
+    so ``dvc plots diff`` overlays two commits' learning curves. An empty cell: no member has that value."""
+    keys = {"train_force_mae_meV_per_A": "train_force_mae", "val_force_mae_meV_per_A": "val_force_mae",
+            "train_energy_mae_meV_per_atom": "train_energy_mae_per_atom",
+            "val_energy_mae_meV_per_atom": "val_energy_mae_per_atom"}
+    by_epoch: dict[int, list[dict]] = {}
+    for r in members:
+        for h in r["history"]:
+            by_epoch.setdefault(int(h["epoch"]), []).append(h)
+    epochs = sorted(by_epoch)
+
+    def mean(rows: list[dict], key: str) -> float | None:
+        v = [float(h[key]) for h in rows if h.get(key) is not None and np.isfinite(h[key])]
+        return 1000.0 * float(np.mean(v)) if v else None
+
+    cols = {"epoch": epochs} | {name: [mean(by_epoch[e], k) for e in epochs] for name, k in keys.items()}
+    return write_csv(path, {c: cols[c] for c in LEARNING_CURVE_COLUMNS})
+
+
 def _plots(ensemble: Ensemble, tr: Prepared, va: Prepared, members: list[dict], dtype) -> list[Path]:
     from mlipops.report import pyplot
 
@@ -500,6 +521,7 @@ def _plots(ensemble: Ensemble, tr: Prepared, va: Prepared, members: list[dict], 
     paths.append(REPORT_DIR / "learning_curve.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    learning_curve_csv(members)
     data = va if va.graphs else tr
     e_tot, f_tot = data.totals()  # with a Δ-learning baseline: plot totals, not what the network learnt
     e_base = e_tot - data.energy
