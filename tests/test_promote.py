@@ -228,6 +228,7 @@ GOOD = {"val.force_mae": 0.1, "val.*.energy_mae_per_atom": 0.02, "melting:bias_s
 
 # the files a promoted version holds, given _eval_reports (defects, paths, uncertainty, melting, nve)
 EXPECTED = {"weights.pt", "config.json", "run.json", "gates.json", "model_card.md", "uncertainty.json",
+            "coverage.json", "report.html",
             "melting_point.json", "reaction_paths.json",
             *[f"parity_{s}_{q}.png" for s in ("val", "test") for q in ("energy", "forces")],
             *[f"uncertainty/{f}" for f in ("calibration.png", "sigma_vs_error.png", "summary.md", "metrics.json",
@@ -278,6 +279,11 @@ def test_promotion_files_aliases_and_a_failed_gate(tmp_path, monkeypatch):
         assert section in card, section
     assert "| epochs | 3 |" in card  # from the MLflow run's params
     assert model_identity(a / "data/models/cu")["model_weights_sha256"] in card
+    page = (registry / "cu/v1/report.html").read_text()  # the version's own page (tests/test_report_html.py)
+    assert "<title>cu v1: model report</title>" in page and page.count('<tr class="pass">') == len(gates)
+    n_png = len([f for f in EXPECTED if f.endswith(".png")])  # each a figure; the card's Tm distribution again
+    assert page.count("<figure ") == n_png and page.count('src="data:image/png;base64,') == n_png + 1
+    assert json.loads((registry / "cu/v1/coverage.json").read_text())["available"] is False  # no index here
     assert _assert_mlflow_agrees(store, registry)["aliases"] == {"champion": 1}
     assert _tags(store, a)[:2] == ("promoted", "1")
     _assert_version_explains_itself(store, registry, a)
@@ -351,7 +357,8 @@ def _assert_version_explains_itself(store: Path, registry: Path, project: Path) 
     assert sum(k.startswith("gate.") for k in mv.tags) == len(gates) and "gates" not in mv.tags
     run = c.get_run(mv.run_id)
     arts = {a.path for a in c.list_artifacts(mv.run_id, "registry/v1")}
-    assert {"registry/v1/model_card.md", "registry/v1/gates.json", "registry/v1/melting"} <= arts
+    assert {"registry/v1/model_card.md", "registry/v1/gates.json", "registry/v1/melting",
+            "registry/v1/report.html"} <= arts
     assert {a.path for a in c.list_artifacts(mv.run_id, "promotion")} == {"promotion/decision.md",
                                                                           "promotion/gates.json"}
     head = json.loads((project / "reports/promote/headline.json").read_text())

@@ -1,5 +1,6 @@
 """The ``mlipops`` command line: one command per pipeline stage (the ``dvc.yaml`` stage commands),
-plus ``query`` (read-only SQL on the coverage index) and ``ui`` (the MLflow UI)."""
+plus ``query`` (read-only SQL on the coverage index), ``report`` (a registered version's HTML page) and ``ui`` (the
+MLflow UI)."""
 
 from __future__ import annotations
 
@@ -350,6 +351,24 @@ def registry_load(ref: str = typer.Argument(..., help="NAME@alias, NAME@vN or NA
 
 
 @app.command()
+def report(model: str = typer.Option(None, "--model", help="registered model (default: train.model_name of params)"),
+           version: int = typer.Option(None, "--version", min=1, help="version (default: champion, else the latest)"),
+           registry: Path = typer.Option(None, "--registry-dir", "--registry",
+                                         help="registry folder (default: promote.registry_dir of params.yaml)"),
+           params: Path = ParamsOpt):
+    """(Re)write a registered version's report.html (one self-contained page: model card, gates, plots, coverage
+    tables, provenance) in its registry folder; print its path. `promote` writes it for every new version."""
+    from mlipops.promote.html_report import version_folder, write_report
+
+    p = _params(params) if params.is_file() and (model is None or registry is None) else None
+    name = model or (p.train.model_name if p is not None else None)
+    if name is None:
+        raise MlipopsError(f"no --model given and no {params} to take train.model_name from", field="--model")
+    registry_dir = registry or (Path(p.promote.registry_dir) if p is not None else Path("registry"))
+    typer.echo(str(write_report(version_folder(registry_dir, name, version))))
+
+
+@app.command()
 def query(sql: str = typer.Argument(None, help="one SQL statement (read-only)"),
           file: Path = typer.Option(None, "--file", "-f", help="read the SQL from this file"),
           db: Path = DbOpt, csv: bool = CsvOpt, as_json: bool = JsonOpt,
@@ -547,12 +566,12 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors come here too
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        # click's, or those of the click Typer >= 0.2x vendors (typer._click: not click's classes)
+        names = {c.__name__ for c in type(exc).__mro__}
+        if "ClickException" in names:
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if "Abort" in names:
             sys.exit(1)
         if os.environ.get("MLIPOPS_DEBUG"):
             traceback.print_exc()

@@ -3,7 +3,9 @@
 A passing model becomes a new version of the registered model in the MLflow Model Registry (tags:
 gates, data hash, git commit), gets alias ``champion`` (the previous champion keeps its version and
 gets alias ``previous``) and is copied to ``registry/<model>/v<N>/`` with its weights, JSON config,
-``model_card.md`` and ``gates.json``; ``registry/index.json`` lists versions and aliases. A failing
+``model_card.md``, ``gates.json``, ``coverage.json`` (the coverage index's tables) and ``report.html`` (one
+self-contained page: card, gates, plots, coverage; :mod:`mlipops.promote.html_report`); ``registry/index.json``
+lists versions and aliases. A failing
 model is not registered; ``reports/promote/decision.md`` says which gates failed and by how much.
 
 A rejection is a result, not an error: every declared output is written either way (``registry/``, created
@@ -41,8 +43,9 @@ from mlipops.errors import MlipopsError, StageInputError
 from mlipops.params import PromoteParams
 from mlipops.paths import atomic_write_text, ensure_writable, read_registry_index, safe_remove
 from mlipops.promote.gates import check_gates, data_config_types
+from mlipops.promote.html_report import COVERAGE, write_report
 from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
-from mlipops.report import md_table, read_metrics, write_markdown, write_metrics
+from mlipops.report import jsonable, md_table, read_metrics, write_markdown, write_metrics
 from mlipops import tracking
 from mlipops.pipeline import (DEFECTS_REPORTS as DEFECTS_DIR, EVALUATE_REPORTS as EVAL_DIR, INDEX,
                               MELTING_REPORTS as MELTING_DIR, MODELS_DIR, NVE_REPORTS as NVE_DIR, PATHS_JSON,
@@ -187,6 +190,34 @@ def _coverage_summary(index_path: Path) -> str:
     return md_table(tuple(df.columns), df.itertuples(index=False))
 
 
+# the index's coverage tables a version keeps in coverage.json (its report.html shows them)
+COVERAGE_TABLES = {
+    "By split and config_type": "SELECT * FROM coverage_by_config",
+    "By species and coordination number": "SELECT * FROM coverage_by_species_coordination",
+    "By temperature (MD snapshots)": "SELECT * FROM coverage_by_temperature",
+    "Training hull per species": "SELECT species, method, k, rank, n_train_atoms, n_extreme_points, "
+                                 "explained_variance, training_split FROM hull ORDER BY species",
+}
+
+
+def _coverage_tables(index_path: Path) -> dict:
+    """What the data covered when the model was promoted (the index changes with the data): the tables of
+    :data:`COVERAGE_TABLES` and the index's dataset id, for the version's ``coverage.json``."""
+    if not index_path.is_file():
+        return {"available": False, "reason": f"the coverage index {index_path} was missing at promotion"}
+    from mlipops.index.build import query
+
+    ids = query("SELECT dataset_id FROM datasets", index_path)["dataset_id"].tolist()
+    tables = {}
+    for title, sql in COVERAGE_TABLES.items():
+        df = query(sql, index_path, limit=10_000)
+        cells = df.astype(object).where(df.notna(), None)  # NULL, NaN, pd.NA -> null
+        tables[title] = {"columns": list(df.columns), "rows": jsonable(cells.values.tolist()),
+                         "truncated": bool(df.attrs.get("truncated"))}
+    return {"available": True, "index": index_path.as_posix(), "dataset_id": ids[0] if len(ids) == 1 else ids,
+            "tables": tables}
+
+
 def _known_limits(index_path: Path, threshold: float = 0.2) -> str:
     """The config_types whose atoms lie outside the training hull (the model extrapolates there)."""
     if not index_path.is_file():
@@ -304,6 +335,7 @@ def _write_version(target: Path, model_dir: Path, gates: list[dict], expect: dic
     for f in ("weights.pt", "config.json", "run.json"):
         shutil.copy2(model_dir / f, target / f)
     (target / "gates.json").write_text(json.dumps(gates, indent=2) + "\n")
+    (target / COVERAGE).write_text(json.dumps(_coverage_tables(INDEX), indent=2) + "\n")
     for png in sorted(EVAL_DIR.glob("parity_*.png")):
         shutil.copy2(png, target / png.name)
     return _validation_reports(target, expect)
@@ -514,6 +546,7 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
             client.set_registered_model_alias(model_name, "previous", str(previous))
         client.set_registered_model_alias(model_name, "champion", str(version))
         index = _update_index(registry_dir, model_name, client)
+        html_error = _write_html(target)
     artifact_error = _log_run_files(client, run_id, target, f"registry/v{version}")
     tag_error = _tag_training_run(run_info, True, [], version)
     write_markdown(REPORT_DIR / "decision.md", f"Promotion of `{model_name}`: PROMOTED as v{version}", [
@@ -522,7 +555,9 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
         + (f"; v{previous} is now `previous`." if previous and int(previous) != version else "."),
         *_not_applicable(gates),
         f"Files: `{target}` (also the training run's artifacts `registry/v{version}/`"
-        + (f": NOT logged, {artifact_error})." if artifact_error else ")."),
+        + (f": NOT logged, {artifact_error})." if artifact_error else ").")
+        + (f" Its page `report.html` was NOT written: {html_error}." if html_error else
+           f" Its page: `{target / 'report.html'}` (self-contained HTML: card, gates, plots, coverage)."),
         f"Load: `mlflow.pyfunc.load_model(\"models:/{model_name}@champion\")` or "
         f"`MlipopsCalculator.from_registry(\"{model_name}@champion\")`.",
         *([f"The MLflow training run was NOT tagged with this decision: {tag_error}."] if tag_error else []),
@@ -531,6 +566,17 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
                 "n_versions": len(index["models"][model_name]["versions"])}
     _finish(run_json, metrics, gates, expect)
     return metrics
+
+
+def _write_html(target: Path) -> str | None:
+    """The version's ``report.html`` (:mod:`mlipops.promote.html_report`); None when written, else why not: the
+    version is registered by now, and ``mlipops report`` rewrites the page."""
+    try:
+        write_report(target)
+    except (MlipopsError, OSError, ValueError) as exc:
+        logger.warning(f"{target}/report.html not written: {type(exc).__name__}: {exc}")
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
 def _finish(run_json: Path, metrics: dict, gates: list[dict], expect: dict) -> None:
