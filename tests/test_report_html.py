@@ -321,3 +321,31 @@ def test_the_page_in_a_browser(tmp_path):
         assert driver.save_screenshot(str(shots / "report.png"))
     finally:
         driver.quit()
+
+
+def test_a_coverage_table_the_index_cannot_give_is_noted_not_fatal(tmp_path):
+    """An index whose temperature view cannot convert a value (a NaN temperature, written by an older version)
+    costs that table only: promotion goes on, the page says which table and why. The index stores a NaN or
+    non-numeric temperature as NULL now."""
+    import duckdb
+    from ase import Atoms
+
+    from mlipops.index.build import SCHEMA, _frame_row
+    from mlipops.promote.registry import _coverage_tables
+
+    db = tmp_path / "index.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute(SCHEMA.read_text())
+    con.execute(f"INSERT INTO datasets VALUES ('{'d' * 32}', 'accepted.extxyz', 1, 0, now(), '0.1.0')")
+    con.execute("INSERT INTO frames (frame_id, dataset_id, status, split, config_type, n_atoms, temperature_K) "
+                "VALUES ('f1', ?, 'accepted', 'train', 'liquid', 2, 'NaN'::DOUBLE)", ["d" * 32])
+    con.close()
+    cov = _coverage_tables(db)
+    assert "error" in cov["tables"]["By temperature (MD snapshots)"]
+    assert "rows" in cov["tables"]["By split and config_type"]
+    v1 = _registry(tmp_path / "p") / "cu/v1"
+    (v1 / "coverage.json").write_text(json.dumps(cov))
+    assert "not read from the index at promotion" in render(v1)
+    for t in (float("nan"), "hot", None):
+        a = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]], info={"frame_id": "x", "temperature_K": t})
+        assert _frame_row(a, "d", "accepted")["temperature_K"] is None

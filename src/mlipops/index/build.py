@@ -41,6 +41,15 @@ def _bo_gap(a: Atoms) -> float | None:
     return g if np.isfinite(g) else None
 
 
+def _finite(v) -> float | None:
+    """A number as a float; None for a missing, non-numeric or non-finite one (NULL in the index, never NaN)."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
 def _frame_row(a: Atoms, dataset_id: str, status: str) -> dict:
     e, f, _ = labels(a)
     periodic = bool(a.pbc.all() and a.cell.rank == 3)
@@ -53,7 +62,7 @@ def _frame_row(a: Atoms, dataset_id: str, status: str) -> dict:
         "energy_per_atom": None if e is None else e / len(a),
         "max_force": None if f is None or not len(f) else float(np.linalg.norm(f, axis=1).max()),
         "volume_per_atom": a.get_volume() / len(a) if periodic else None,
-        "temperature_K": None if t is None else float(t), "periodic": periodic, "bo_gap": _bo_gap(a),
+        "temperature_K": _finite(t), "periodic": periodic, "bo_gap": _bo_gap(a),
         "quarantine_check": None, "quarantine_reason": None,
     }
 

@@ -212,7 +212,10 @@ def _coverage(folder: Path, data_md5) -> str:
         out.append(f'<p class="bad">The index was built for data {escape(str(cov["dataset_id"]))}, the model '
                    f"trained on {escape(str(data_md5))}.</p>")
     for title, t in (cov.get("tables") or {}).items():
-        if isinstance(t, dict):
+        if isinstance(t, dict) and "error" in t:
+            out.append(f"<h3>{escape(str(title))}</h3>"
+                       f'<p class="bad">not read from the index at promotion: {escape(str(t["error"]))}</p>')
+        elif isinstance(t, dict):
             out.append(f"<h3>{escape(str(title))}</h3>" + _table(list(t.get("columns", [])), list(t.get("rows", [])))
                        + ('<p class="note">(first rows only)</p>' if t.get("truncated") else ""))
     return "".join(out)

@@ -210,7 +210,11 @@ def _coverage_tables(index_path: Path) -> dict:
     ids = query("SELECT dataset_id FROM datasets", index_path)["dataset_id"].tolist()
     tables = {}
     for title, sql in COVERAGE_TABLES.items():
-        df = query(sql, index_path, limit=10_000)
+        try:
+            df = query(sql, index_path, limit=10_000)
+        except Exception as exc:  # an index of another version (a view missing, a value it cannot convert)
+            tables[title] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            continue
         cells = df.astype(object).where(df.notna(), None)  # NULL, NaN, pd.NA -> null
         tables[title] = {"columns": list(df.columns), "rows": jsonable(cells.values.tolist()),
                          "truncated": bool(df.attrs.get("truncated"))}
