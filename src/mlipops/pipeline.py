@@ -140,7 +140,8 @@ ELEMENT_KEYS = ("generate.element", "crystal.element", "crystal.lattice", "valid
 STAGES: dict[str, Stage] = {
     "generate": Stage(
         cmd="mlipops generate", entry="mlipops.generate.recipes:run", params=("generate",),
-        outs=_p(f"{RAW_DIR.as_posix()}/cu_emt.extxyz", f"{RAW_DIR.as_posix()}/cu_emt.extxyz.provenance.json"),
+        outs=_p(f"{RAW_DIR.as_posix()}/${{generate.name}}.extxyz",
+                f"{RAW_DIR.as_posix()}/${{generate.name}}.extxyz.provenance.json"),
         reports=_p(GENERATE_REPORTS / "summary.md"), metrics=_p(GENERATE_REPORTS / "metrics.json")),
     "bo_scan": Stage(
         cmd="mlipops generate bo-scan", entry="mlipops.generate.bo_aware:run", params=("bo_scan",),

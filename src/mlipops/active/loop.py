@@ -53,6 +53,7 @@ from mlipops.errors import StageInputError
 from mlipops.frames import file_md5, read_extxyz, write_extxyz, write_manifest
 from mlipops.params import ActiveParams, ComputeParams, Params
 from mlipops.paths import atomic_path, ensure_writable, safe_move, safe_remove
+from mlipops.pipeline import ACCEPTED as DATA
 
 # statistics used to rank candidates, per trigger mode
 _SCORE = {"projected": "sigma_projected", "force": "max_sigma_f", "gamma": "gamma_max", "random": "random_score"}
@@ -84,8 +85,6 @@ def params_fingerprint(p: ActiveParams, model_dir: str | Path, params: Params | 
 def active_crystal(params: Params) -> Crystal:
     """The crystal the starting structures are built from: the ``crystal`` params (``active.element`` where
     set), their nulls from the training split of ``active.base_data`` (or the curated data)."""
-    from mlipops.pipeline import ACCEPTED as DATA
-
     a, cp = params.active, params.crystal
     if a.element is not None and a.element != cp.element:
         cp = cp.model_copy(update={"element": a.element, "a": None, "c": None})

@@ -70,7 +70,7 @@ from mlipops.errors import MlipopsError, StageInputError
 from mlipops.evaluate.predict import predict, spearman
 from mlipops.frames import frame_id, labels
 from mlipops.params import CrystalParams, DefectParams, DescriptorParams, GenerateParams, IndexParams, TrainParams
-from mlipops.pipeline import DEFECTS_REPORTS as REPORT_DIR, FIT_KEYS
+from mlipops.pipeline import ACCEPTED as DATA, DEFECTS_REPORTS as REPORT_DIR, FIT_KEYS
 
 ELEVATED = 2.0  # an imperfect config_type whose force MAE exceeds ELEVATED x the perfect validation MAE ...
 OUTSIDE = 0.2  # ... or with more than this share of atoms outside the hull needs more data
@@ -740,7 +740,6 @@ def run(params, data: list[Path] | None = None, out_dir: Path = REPORT_DIR) -> d
     """The ``defects`` stage: the curated data (or ``data`` files, e.g. real DFT sets) through
     :func:`transfer`; reports in ``out_dir``."""
     from mlipops.frames import read_extxyz
-    from mlipops.pipeline import ACCEPTED as DATA
 
     paths = list(data) if data else [DATA]
     frames = []

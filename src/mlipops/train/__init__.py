@@ -1,7 +1,6 @@
 """The ``train`` stage: an ensemble of torch potentials fitted to the curated training split in
-parallel through Dask, tracked in MLflow, resumable from checkpoints."""
+parallel through Dask, tracked in MLflow, resumable from checkpoints.
 
-from mlipops.train.loop import TrainResult, fit
-from mlipops.train.run import run
-
-__all__ = ["fit", "run", "TrainResult"]
+The stage's entry point is :func:`mlipops.train.run.run`; the fitting library (one potential, one split) is
+:mod:`mlipops.train.loop`. Nothing is imported here, so that importing the library does not pull in the stage
+(Dask, MLflow) nor make it a code dep of every stage that fits a model."""
