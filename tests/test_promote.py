@@ -108,7 +108,8 @@ def _eval_reports(root: Path, model_dir: Path, main: dict | None = None, melting
     ids = model_identity(model_dir, "cu")
     write_metrics(d, {"val.force_mae": 0.05, "val.energy_mae_per_atom": 0.004, "val.liquid.energy_mae_per_atom": 0.006,
                       "val.crystal_fcc.energy_mae_per_atom": 0.002, "test.vacancy.force_mae": 0.06,
-                      "test.liquid.force_mae": 0.07, "test.force_mae": 0.03, "n_nonfinite_predictions": 0,
+                      "test.liquid.force_mae": 0.07, "test.force_mae": 0.03, "test.without_paths.force_mae": 0.03,
+                      "n_nonfinite_predictions": 0,
                       "path.path_adatom.exit_coordinate": 1.47} | (main or {}))
     (d / "reaction_paths.json").write_text(json.dumps({"path_adatom": {"summary": "leaves its hull at 1.47 Å"}}))
     for s in ("val", "test"):

@@ -113,3 +113,22 @@ def test_not_an_ensemble_writes_an_explicit_report(tmp_path):
     doc = json.loads((tmp_path / "uncertainty.json").read_text())
     assert doc["available"] is False and doc["gate"]["passed"] is False
     assert json.loads((tmp_path / "metrics.json").read_text())["gate.passed"] == 0
+
+
+def test_the_headline_test_error_leaves_out_the_reaction_paths():
+    """Reaction-path frames (followed out of the hull on purpose) do not enter the split's headline errors; with
+    none, the numbers are the whole split's."""
+    import pandas as pd
+
+    from mlipops.evaluate.stage import without_paths
+
+    ft = pd.DataFrame({"config_type": ["crystal", "crystal", "path_dimer"], "e_ref_per_atom": [0.0, 0.0, 0.0],
+                       "e_pred_per_atom": [0.001, -0.003, 5.0]})
+    fc = pd.DataFrame({"config_type": ["crystal"] * 3 + ["path_dimer"] * 3, "f_ref": [0.0] * 6,
+                       "f_pred": [0.1, -0.1, 0.1, 9.0, 9.0, 9.0]})
+    m = without_paths(ft, fc, ["path_dimer", "path_adatom"])
+    assert m["without_paths.n_frames"] == 2
+    assert m["without_paths.energy_mae_per_atom"] == pytest.approx(0.002)
+    assert m["without_paths.force_mae"] == pytest.approx(0.1)
+    assert without_paths(ft, fc, [])["without_paths.energy_mae_per_atom"] == pytest.approx(5.004 / 3)
+    assert without_paths(ft[ft.config_type == "path_dimer"], fc, ["path_dimer"]) == {"without_paths.n_frames": 0}

@@ -14,7 +14,7 @@ from ase import Atoms
 
 from mlipops import tracking
 from mlipops.errors import StageInputError
-from mlipops.evaluate.predict import split_metrics
+from mlipops.evaluate.predict import errors, split_metrics
 from mlipops.frames import load_split
 from mlipops.models.ensemble import load_model
 from mlipops.params import EvaluateParams
@@ -78,6 +78,19 @@ def _provenance(model_dir: Path, model_name: str) -> None:
     write_provenance(uncertainty.REPORT_DIR, "evaluate", **ids)
 
 
+def without_paths(ft, fc, path_types) -> dict:
+    """The split's errors without its reaction-path frames (``evaluate.paths.config_types``: followed out of the
+    training hull on purpose, so their errors grow without bound and would dominate the split's MAE), under
+    ``without_paths.``: the test error a user compares between models (the headline). No path frames: the same
+    numbers as the whole split."""
+    keep_f, keep_c = ~ft.config_type.isin(list(path_types)), ~fc.config_type.isin(list(path_types))
+    if not keep_f.any():
+        return {"without_paths.n_frames": 0}
+    f, c = ft[keep_f], fc[keep_c]
+    m = errors((f.e_pred_per_atom - f.e_ref_per_atom).to_numpy(), (c.f_pred - c.f_ref).to_numpy())
+    return {f"without_paths.{k}": v for k, v in m.items()} | {"without_paths.n_frames": int(keep_f.sum())}
+
+
 MAX_PARITY_FORCES = 4000  # force components per parity CSV: every k-th, so a DVC plot stays light
 
 
@@ -113,6 +126,7 @@ def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
             parity_csv(split, [], [], [], [], [], [])  # a DVC plot of no points, not a missing output
             continue
         m, ft, fc = split_metrics(model, frames)
+        m |= without_paths(ft, fc, p.paths.config_types)
         metrics |= {f"{split}.{k}": v for k, v in m.items()}
         parity_plot(REPORT_DIR / f"parity_{split}_energy.png", ft.e_ref_per_atom, ft.e_pred_per_atom,
                     ft.config_type, "energy per atom", "eV/atom", f"{model_name}: {split} energies")
@@ -125,6 +139,10 @@ def run(p: EvaluateParams, model_name: str, trusted_calculators=None) -> dict:
                           m[f"{ct}.force_mae"], m[f"{ct}.force_rmse"]))
         table.append((split, "**all**", m["n_frames"], m["energy_mae_per_atom"], m["energy_rmse_per_atom"],
                       m["force_mae"], m["force_rmse"]))
+        if 0 < m["without_paths.n_frames"] < m["n_frames"]:
+            table.append((split, "**all but the reaction paths** (headline)", m["without_paths.n_frames"],
+                          *(m[f"without_paths.{k}"] for k in ("energy_mae_per_atom", "energy_rmse_per_atom",
+                                                              "force_mae", "force_rmse"))))
     metrics["n_nonfinite_predictions"] = int(sum(v for k, v in metrics.items()
                                                  if k.endswith("n_nonfinite_predictions")))
     path_results = _reaction_paths(p, model, [a for s in splits.values() for a in s])
