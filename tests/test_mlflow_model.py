@@ -7,23 +7,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from httpwait import free_port, stop, wait_http
+
 SMALL_D = {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +108,17 @@ def test_load_model_by_alias_predicts_energy_forces_and_recalibrated_sigma(regis
 
 def test_mlflow_models_serve_answers_a_request(registered, tmp_path):
     """The real `mlflow models serve` (local environment) of models:/cu@champion on a free loopback port."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=registered["uri"])
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/cu@champion",
-                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/cu@champion",
+                                 "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"mlflow models serve did not come up: {(tmp_path / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_http(url + "/ping", proc, log, "mlflow models serve", timeout=180)
         atoms = _structure()
         body = {"dataframe_split": {"columns": ["numbers", "positions", "cell", "pbc"],
                                     "data": [[atoms.numbers.tolist(), atoms.positions.tolist(),
@@ -143,8 +128,7 @@ def test_mlflow_models_serve_answers_a_request(registered, tmp_path):
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.loads(r.read())
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        stop(proc)
     pred = answer["predictions"][0]
     e, f, s = _expected(registered["model_dir"], atoms)
     assert pred["energy"] == pytest.approx(e, abs=1e-9) and pred["n_atoms"] == len(atoms)

@@ -16,17 +16,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 import pytest
 import yaml
+
+from httpwait import free_port, stop, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -66,12 +66,6 @@ def _env() -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """Two real models in one MLflow sqlite store, each `mlipops train`, `evaluate`, `promote` (2-member
@@ -98,28 +92,19 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(project):
+def server(project, tmp_path_factory):
     """`mlipops ui` (mlflow ui on 127.0.0.1) on a free port."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlipops.cli", "ui", "--port", str(port)], cwd=project,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    port = free_port()
+    log = tmp_path_factory.mktemp("ui-server") / "ui.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlipops.cli", "ui", "--port", str(port)], cwd=project,
+                                env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"mlipops ui did not come up: {proc.stdout.read()[-2000:]}")
-        time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    try:
+        wait_http(url + "/health", proc, log, "mlipops ui", timeout=120)
+        yield url
+    finally:
+        stop(proc)
 
 
 @pytest.fixture(scope="module")

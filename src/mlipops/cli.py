@@ -499,10 +499,14 @@ def gates_init(params: Path = ParamsOpt,
 def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"),
        workers: int = typer.Option(1, min=1, help="server processes (MLflow's default is 4; one user needs one)"),
        params: Path = ParamsOpt):
-    """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""
-    from mlipops.tracking import relocate, tracking_uri
+    """Start the MLflow UI on 127.0.0.1 over the project's tracking store; with a tracking server
+    (MLFLOW_TRACKING_URI or train.tracking_uri http(s)://), print that server's runs page instead."""
+    from mlipops.tracking import is_server, relocate, tracking_uri
 
     p = _params(params).train
+    if is_server(tracking_uri(p.tracking_uri)):
+        _team_server_ui(p, params)
+        return
     relocate(p.tracking_uri)  # a copied or moved project: its own store's artifact locations
     art = p.artifact_location
     art_uri = art if "://" in art else Path(art).resolve().as_uri()
@@ -510,22 +514,52 @@ def ui(port: int = typer.Option(5000, help="port on 127.0.0.1"),
            "--default-artifact-root", art_uri, "--host", "127.0.0.1", "--port", str(port), "--app-name", "mlipops",
            "--workers", str(workers)]
     typer.echo(f"MLflow UI on http://127.0.0.1:{port}  ({' '.join(cmd[3:])})")
-    typer.echo(f"the training runs, headline metrics as columns: {ui_runs_url(port, p)}")
+    exp_id = _experiment_id(p)
+    typer.echo("the training runs, headline metrics as columns: " + (
+        f"http://127.0.0.1:{port}/mlipops/runs/{exp_id}" if exp_id else f"http://127.0.0.1:{port}/#/experiments"))
     os.execv(sys.executable, cmd)
 
 
-def ui_runs_url(port: int, p) -> str:
-    """The page that opens the experiment's runs in MLflow's model-training view with the headline metrics as
-    columns (:mod:`mlipops.ui_app`), or the experiment list when there is no experiment yet."""
+def _experiment_id(p) -> str | None:
+    """The id of the experiment ``train.experiment`` in the tracking store (None: none yet), tagged as a
+    model-training experiment (MLflow's runs view, see :mod:`mlipops.tracking`)."""
     from mlipops.tracking import KIND, KIND_TAG, client
 
     c = client(p.tracking_uri)
     exp = c.get_experiment_by_name(p.experiment)
     if exp is None:
-        return f"http://127.0.0.1:{port}/#/experiments"
+        return None
     if KIND_TAG not in exp.tags:  # a store from before the tag
         c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
-    return f"http://127.0.0.1:{port}/mlipops/runs/{exp.experiment_id}"
+    return exp.experiment_id
+
+
+def _team_server_ui(p, params: Path) -> None:
+    """A team's tracking server already serves MLflow's UI: print its runs page, start nothing."""
+    from mlflow.exceptions import MlflowException
+
+    from mlipops.tracking import tracking_uri, without_credentials
+
+    uri = without_credentials(tracking_uri(p.tracking_uri))
+    env = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    # a server that does not answer: an error in seconds, not after MLflow's default 7 retries of 120 s each
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    try:
+        exp_id = _experiment_id(p)
+    except MlflowException as exc:
+        raise StageInputError(f"the MLflow tracking server {uri} did not answer: {str(exc).splitlines()[0][:300]}",
+                              file=None if env else str(params),
+                              field="MLFLOW_TRACKING_URI" if env else "train.tracking_uri") from None
+    base = uri.rstrip("/")
+    typer.echo(f"MLflow tracking server {uri} (from {'MLFLOW_TRACKING_URI' if env else 'train.tracking_uri'}): "
+               "it serves the UI, no local `mlflow ui` is started")
+    if exp_id is None:
+        typer.echo(f"no experiment {p.experiment!r} there yet (train a model first): {base}/#/experiments")
+        return
+    typer.echo(f"the training runs: {base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+    typer.echo(f"the same with the headline metrics as columns: {base}/mlipops/runs/{exp_id} (only when that server "
+               "runs with `--app-name mlipops`, mlipops installed in its environment)")
 
 
 example_app = typer.Typer(no_args_is_help=True, help="Shipped examples on real data (examples/<name>/).")

@@ -6,6 +6,12 @@ when a stage runs; what the pipeline writes (``data/models/<name>/run.json``, th
 it) holds that configured URI and run ids, never an absolute path. ``MLFLOW_TRACKING_URI`` overrides
 the params (a user's tracking server).
 
+A tracking server (``http(s)://``, from ``MLFLOW_TRACKING_URI`` or ``train.tracking_uri``: :func:`is_server`) keeps
+its own artifact store: an experiment mlipops creates there gets the server's default artifact root (served
+artifacts: ``mlflow-artifacts:/``, uploaded and downloaded through the server), never a folder of this project
+(a project-relative ``train.artifact_location`` is ignored; a remote store's URI is kept), and ``run.json``
+records the server's URI, the same from every project (:func:`recorded_uri`).
+
 MLflow itself records absolute artifact locations in its sqlite file (experiments, runs, model
 versions, logged models, trace tags, the workspace's default root). A project copied or moved with its
 ``mlflow.db`` and ``mlartifacts/`` would therefore log artifacts into, and register models from, the
@@ -24,7 +30,9 @@ import logging
 import os
 import sqlite3
 import subprocess
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path, PurePosixPath
 
 from mlipops.errors import StageInputError
@@ -55,6 +63,29 @@ def tracking_uri(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server (``http://``, ``https://``, ``databricks``), not a store this process opens itself."""
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    return scheme in ("http", "https", "databricks") or uri.strip().lower() == "databricks"
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` without a ``user:password@`` part (written to files and messages; MLflow also reads
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``)."""
+    u = urllib.parse.urlsplit(uri)
+    if "@" not in u.netloc:
+        return uri
+    return urllib.parse.urlunsplit(u._replace(netloc=u.netloc.rsplit("@", 1)[1]))
+
+
+def recorded_uri(uri: str) -> str:
+    """The store as a model's ``run.json`` records it: the tracking server that ``MLFLOW_TRACKING_URI`` names (a
+    URL, the same from every project, so a later stage finds the run there without the variable; no
+    credentials), else the configured ``uri`` (project-relative: no absolute path)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return without_credentials(env) if env and is_server(env) else uri
 
 
 def project_store(uri: str) -> Path | None:
@@ -138,14 +169,39 @@ def relocate(uri: str) -> list[Path]:
     return old
 
 
+_ANSWERED: set[str] = set()  # the tracking servers this process has reached
+
+
+def check_server(resolved: str) -> None:
+    """An ``http(s)://`` tracking server that does not answer is an error of the settings, said at once (MLflow
+    would retry each request for minutes, then fail with its own exception); checked once per process."""
+    if resolved in _ANSWERED or urllib.parse.urlparse(resolved).scheme.lower() not in ("http", "https"):
+        return
+    shown = without_credentials(resolved)
+    try:
+        with urllib.request.urlopen(shown.rstrip("/") + "/health", timeout=15):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered (a server without /health, or one that wants a login first)
+    except (OSError, ValueError) as exc:
+        env = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+        raise StageInputError(f"the MLflow tracking server {shown} does not answer ({getattr(exc, 'reason', exc)}):"
+                              " start it, or point " + ("MLFLOW_TRACKING_URI" if env else
+                                                        "train.tracking_uri (or MLFLOW_TRACKING_URI)")
+                              + " at one that runs",
+                              field="MLFLOW_TRACKING_URI" if env else "train.tracking_uri") from None
+    _ANSWERED.add(resolved)
+
+
 def client(uri: str):
     """The MLflow client of the store ``uri`` (also the fluent API's), relocated first when the project
-    was copied or moved (:func:`relocate`)."""
+    was copied or moved (:func:`relocate`); a tracking server is checked to answer first (:func:`check_server`)."""
     import mlflow
     from mlflow import MlflowClient
 
     relocate(uri)
     resolved, env = tracking_uri(uri), os.environ.get("MLFLOW_TRACKING_URI")
+    check_server(resolved)
     mlflow.set_tracking_uri(resolved)  # the fluent API's store (mlflow.start_run) in this process; MLflow also
     if env is None:  # exports it as MLFLOW_TRACKING_URI: keep that variable the user's (an override), so that a
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # later store, subprocess or copy is not sent to this one
@@ -154,8 +210,18 @@ def client(uri: str):
 
 def experiment_id(uri: str, name: str, artifact_location: str) -> str:
     """The experiment ``name``, created with ``artifact_location`` (relative: under the project root)
-    when missing; a relative location is recorded in the tag ``mlipops.artifact_location``."""
+    when missing; a relative location is recorded in the tag ``mlipops.artifact_location``. On a tracking
+    server a local location means nothing (it is the client's disk): the server chooses (its served
+    artifacts), and only a remote store's URI (``s3://``...) is passed on."""
     c = client(uri)
+    local = "://" not in artifact_location or artifact_location.lower().startswith("file:")
+    if local and is_server(tracking_uri(uri)):
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            if KIND_TAG not in exp.tags:
+                c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+            return exp.experiment_id
+        return c.create_experiment(name, tags={KIND_TAG: KIND})
     relative = "://" not in artifact_location and not Path(artifact_location).is_absolute()
     loc = Path(artifact_location).resolve().as_uri() if "://" not in artifact_location else artifact_location
     exp = c.get_experiment_by_name(name)

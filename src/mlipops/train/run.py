@@ -444,10 +444,11 @@ def run(p: TrainParams, d: DescriptorParams, c: ComputeParams | None = None, dat
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
         for png in plots:
             mlflow.log_artifact(str(png), artifact_path="plots")
-        # the store as configured (relative to the project root) and run ids: no absolute path, so a copied
-        # or moved project reads its own store (tracking.relocate); the artifact URI is the store's to say
-        run_info = {"run_id": parent, "experiment_id": exp_id, "tracking_uri": p.tracking_uri, "data_md5": data_md5,
-                    "member_run_ids": state["member_run_ids"]}
+        # the store as configured (relative to the project root; a tracking server: its URL) and run ids: no
+        # absolute path, so a copied or moved project reads its own store (tracking.relocate); the artifact URI
+        # is the store's to say
+        run_info = {"run_id": parent, "experiment_id": exp_id, "tracking_uri": tracking.recorded_uri(p.tracking_uri),
+                    "data_md5": data_md5, "member_run_ids": state["member_run_ids"]}
     (out_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     safe_remove(ckpt_dir, ignore_errors=True)
     timing["finalize"] = time.perf_counter() - t1
