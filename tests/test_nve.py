@@ -106,7 +106,8 @@ def test_the_report_records_the_model_it_was_computed_for(tmp_path):
                                  "crystal": {"element": "Cu", "lattice": "fcc", "a": 3.61},
                                  "evaluate": {"nve": {"supercell": 1, "steps": 10, "discard_fs": 0.0,
                                                       "reference": False}}}))
-    run(load_params(f), model_dir, out=tmp_path / "nve")
+    p = load_params(f)
+    run(p.evaluate.nve, p.crystal, p.generate.oracle, "cu", model_dir=model_dir, out=tmp_path / "nve")
     prov = read_provenance(tmp_path / "nve")
     assert prov["stage"] == "nve" and prov["applies_to"] == "model" and prov["model_name"] == "cu"
     assert prov["model_weights_sha256"] == model_fingerprint(model_dir) and prov["data_md5"] == "a" * 32
@@ -161,13 +162,15 @@ def test_the_crystal_is_the_datas_own_at_the_calculators_lattice_constant(tmp_pa
     write_extxyz(tmp_path / "accepted.extxyz", frames)
     nve = {"supercell": 2, "steps": 10, "discard_fs": 0.0, "reference": False}
     p = _params(tmp_path / "params.yaml", evaluate={"nve": nve})
-    cr = nve_crystal(p, tmp_path / "accepted.extxyz")
+    cr = nve_crystal(p.evaluate.nve, p.crystal, tmp_path / "accepted.extxyz")
     assert (cr.element, cr.lattice, cr.a) == ("Mo", "bcc", pytest.approx(3.16, rel=1e-9))
-    m = run(p, _tiny_model(tmp_path / "mo", "Mo"), out=tmp_path / "nve", data=tmp_path / "accepted.extxyz")
+    m = run(p.evaluate.nve, p.crystal, p.generate.oracle, "mo", model_dir=_tiny_model(tmp_path / "mo", "Mo"),
+            out=tmp_path / "nve", data=tmp_path / "accepted.extxyz")
     assert m["n_atoms"] == 16 and m["lattice_constant_A"] > 0  # 2 x 2^3: bcc, not fcc's 32
     assert "16-atom Mo bcc crystal" in (tmp_path / "nve/summary.md").read_text()
     q = _params(tmp_path / "p2.yaml", evaluate={"nve": nve | {"structure": "fcc"}})
-    assert nve_crystal(q, tmp_path / "accepted.extxyz").lattice == "fcc"  # params override the data
+    # params override the data
+    assert nve_crystal(q.evaluate.nve, q.crystal, tmp_path / "accepted.extxyz").lattice == "fcc"
     emt = EMT()
     assert model_lattice_constant(Crystal("Cu", "fcc", 3.8), emt)[0] == pytest.approx(
         equilibrium_nn_distance("Cu", "fcc", get_oracle("emt")) * math.sqrt(2.0), rel=2e-3)

@@ -179,8 +179,11 @@ def evaluate_melting_bracket(
 def evaluate_nve(params: Path = ParamsOpt):
     """Energy conservation: drift of E_tot in a short NVE run of the trained model (and of the reference)."""
     from mlipops.evaluate.nve import run
+    from mlipops.models.schema import trusted_calculators
 
-    _done("evaluate nve", run(_params(params)))
+    p = _params(params)
+    _done("evaluate nve", run(p.evaluate.nve, p.crystal, p.generate.oracle, p.train.model_name,
+                              trusted_calculators(p)))
 
 
 STRICT_EXIT = 3  # `mlipops promote --strict` on a rejected model (2: a user error, 1: an internal one)

@@ -34,7 +34,7 @@ import numpy as np
 from mlipops.crystal import Crystal, bulk_cell, resolve, train_frames, unit_cell
 from mlipops.errors import MlipopsError, StageInputError
 from mlipops.oracles import get_oracle, require_element
-from mlipops.params import Params
+from mlipops.params import CrystalParams, NveParams, OracleParams
 from mlipops.report import progress, write_markdown, write_metrics
 # DATA: the curated data whose training split gives the crystal
 from mlipops.pipeline import ACCEPTED as DATA, MODELS_DIR, NVE_REPORTS as REPORT_DIR
@@ -121,10 +121,9 @@ def _plot(traces: dict[str, dict], path: Path, discard_fs: float) -> None:
     save_figure(fig, path, dpi=120)
 
 
-def nve_crystal(p: Params, data: Path) -> Crystal:
-    """The crystal of the run: ``crystal`` params with ``evaluate.nve.element``/``structure`` where set (a given
-    ``crystal.a``/``c`` is dropped when they name another element or lattice), nulls from ``data``."""
-    q, cp = p.evaluate.nve, p.crystal
+def nve_crystal(q: NveParams, cp: CrystalParams, data: Path) -> Crystal:
+    """The crystal of the run: ``crystal`` params ``cp`` with ``evaluate.nve.element``/``structure`` (``q``) where
+    set (a given ``crystal.a``/``c`` is dropped when they name another element or lattice), nulls from ``data``."""
     upd = {}
     if q.element is not None and q.element != cp.element:
         upd |= {"element": q.element, "a": None, "c": None}
@@ -152,27 +151,28 @@ def model_lattice_constant(cr: Crystal, calc) -> tuple[float, str]:
         return cr.a, f"the crystal's ({exc.detail.split(' (curvature')[0]} for the model)"
 
 
-def run(p: Params, model_dir: Path | None = None, out: Path = REPORT_DIR, data: Path | None = None) -> dict:
+def run(q: NveParams, crystal: CrystalParams, reference: OracleParams, model_name: str, trusted_calculators=None,
+        model_dir: Path | None = None, out: Path = REPORT_DIR, data: Path | None = None) -> dict:
+    """The ``nve`` stage: ``evaluate.nve`` (``q``), ``crystal``, the reference oracle (``generate.oracle``), the
+    model ``train.model_name`` and the calculators its config may name (:func:`mlipops.models.schema.
+    trusted_calculators`)."""
     import torch
 
     from mlipops.models.calculator import MlipopsCalculator
     from mlipops.models.ensemble import load_model
 
     t0 = time.perf_counter()
-    q = p.evaluate.nve
-    model_dir = Path(model_dir or MODELS_DIR / p.train.model_name)
+    model_dir = Path(model_dir or MODELS_DIR / model_name)
     if not (model_dir / "config.json").is_file():
         raise StageInputError("trained model missing: run `dvc repro train` first", file=str(model_dir))
-    cr = nve_crystal(p, Path(data or DATA))
+    cr = nve_crystal(q, crystal, Path(data or DATA))
     element = cr.element
     oracle = None
     if q.reference:
-        oracle = get_oracle(p.generate.oracle.calculator, p.generate.oracle.kwargs)
+        oracle = get_oracle(reference.calculator, reference.kwargs)
         require_element(oracle, element, probe=unit_cell(cr), field="evaluate.nve.reference",
                         remedy="set evaluate.nve.reference: false or name an oracle that can")
-    from mlipops.models.schema import trusted_calculators
-
-    model = MlipopsCalculator(load_model(model_dir, dtype=torch.float64, trusted_calculators=trusted_calculators(p)),
+    model = MlipopsCalculator(load_model(model_dir, dtype=torch.float64, trusted_calculators=trusted_calculators),
                               dtype=torch.float64, skin=q.skin)
     a_model, a_source = model_lattice_constant(cr, model)
     atoms = bulk_cell(cr.with_a(a_model), q.supercell)
