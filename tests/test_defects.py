@@ -382,3 +382,32 @@ def test_recipes_control_builds_the_resolved_crystal_and_refuses_an_oracle_witho
     assert e.value.field == "evaluate.defects.control" and len(str(e.value).splitlines()) == 1
     assert "the control's oracle emt cannot compute Mo: NotImplementedError: No EMT-potential for Mo; set " \
            "evaluate.defects.control: held_out" in str(e.value)
+
+
+def test_the_perfect_only_fit_is_the_same_bits_whatever_the_threads():
+    """The study's own fit runs on one thread (torch's float32 sums depend on the thread count): the process's
+    thread setting does not change the model, and is restored afterwards."""
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for k in range(6):  # cells and batches big enough that torch splits its kernels across threads
+        a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(3)
+        a.rattle(0.05, seed=k)
+        a.calc = EMT()
+        e, f = a.get_potential_energy(), a.get_forces()
+        a.calc = SinglePointCalculator(a, energy=e, forces=f)
+        a.info.update(config_type="crystal_fcc", frame_id=f"f{k}")
+        frames.append(a)
+    rng.shuffle(frames)
+    d = DescriptorParams()
+    tp = TrainParams(batch_size=4)
+    before = torch.get_num_threads()
+    weights = []
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        model = dx._train(frames[:4], frames[4:], ["Cu"], DefectParams(epochs=3), tp, d)
+        assert torch.get_num_threads() == threads
+        weights.append(torch.cat([w.detach().flatten() for w in model.parameters()]))
+    torch.set_num_threads(before)
+    assert torch.equal(weights[0], weights[1])

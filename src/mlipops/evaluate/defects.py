@@ -496,8 +496,20 @@ def _train(train: list[Atoms], val: list[Atoms], species: list[str], p: DefectPa
     # epochs; no curriculum (mlipops.pipeline.FIT_KEYS, UNTRACKED)
     q = TrainParams(**{k: getattr(tp, k) for k in (*FIT_KEYS, "device", "precompute_descriptors")},
                     epochs=p.epochs)
-    with progress(f"defects: training the {what} potential (epochs)", p.epochs) as advance:
-        return fit(train, val, q, d, species=species, progress_cb=lambda epoch, row: advance(completed=epoch)).model
+    import torch
+
+    # one thread: torch's multi-threaded float32 kernels sum in an order that depends on the thread count (and
+    # varied from run to run: the study's numbers moved at 1e-6, on mlearn Mo 1e-3); single-threaded the fit is
+    # the same bits on every machine, and on these small models barely slower (measured: 4.7-4.9 s vs 4.4-4.9 s
+    # for 15 epochs of the embedded data's perfect crystals)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with progress(f"defects: training the {what} potential (epochs)", p.epochs) as advance:
+            return fit(train, val, q, d, species=species,
+                       progress_cb=lambda epoch, row: advance(completed=epoch)).model
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _predict(model, frames):
