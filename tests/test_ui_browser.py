@@ -256,6 +256,10 @@ def test_the_rejected_run_says_so(store, server, browser, tmp_path):
     assert [int(v.version) for v in client.search_model_versions("name='cu'")] == [1]  # no version for it
     assert {a.path for a in client.list_artifacts(rejected.info.run_id, "promotion")} == {
         "promotion/decision.md", "promotion/gates.json"}
-    browser.get(f"{server}/#/experiments/{exp.experiment_id}/runs/{rejected.info.run_id}")
-    _wait_text(browser, [rejected.info.run_name, "promotion", "rejected", "val.force_mae"])
+    browser.get(f"{server}/#/experiments/{exp.experiment_id}/runs/{rejected.info.run_id}")  # no workflowType
+    body = _wait_text(browser, [rejected.info.run_name, "promotion", "rejected", "val.force_mae"])
+    # the page `mlipops ui` prints made model training the browser's workflow: no GenAI sidebar on a run page
+    assert browser.execute_script("return window.localStorage.getItem('mlflow.workflowType_v1')") == \
+        '"machine_learning"'
+    assert "Judges" not in body and "Prompts" not in body, body[:1500]
     browser.save_screenshot(str(_shots(tmp_path) / "rejected.png"))

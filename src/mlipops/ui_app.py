@@ -6,7 +6,9 @@ experiment with Source, Models and Dataset only: no metric column, and no server
 ``/mlipops/runs/<experiment_id>`` (the URL ``mlipops ui`` prints) adds the headline metrics
 (:mod:`mlipops.headline`) to that experiment's columns when the browser holds no column choice of the user's (the
 default three), keeps a user's own choice, marks MLflow's assistant panel as already shown (it opens over a third
-of the window on a browser's first visit), and redirects to the runs in MLflow's model-training view. It is an
+of the window on a browser's first visit), makes the model-training view the browser's workflow (so run and
+model-version pages opened later show its sidebar, not GenAI's traces and judges), and redirects to the runs in
+MLflow's model-training view. It is an
 MLflow app plugin (entry point ``mlflow.app: mlipops``, as MLflow's own ``basic-auth``): ``mlflow ui --app-name
 mlipops``.
 """
@@ -20,6 +22,9 @@ from mlipops.headline import HEADLINE
 DEFAULT_COLUMNS = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`"]  # MLflow 3.17's default
 ASSISTANT_SEEN = "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1"  # MLflow 3.17: the assistant was auto-opened once
 STATE_KEY = 'MLflowLocalStorage-1.1-ExperimentPage-["{id}"]-ReactComponentState'  # MLflow 3.17's storage key
+# MLflow 3.17: the workflow a page opens in when its URL names none (run and model-version pages, the sidebar);
+# GenAI (traces, judges, prompts) by default
+WORKFLOW_KEY = "mlflow.workflowType_v1"
 
 
 def columns() -> list[str]:
@@ -49,6 +54,8 @@ def open_runs_page(experiment_id: str) -> str:
   if (untouched) {{ state.selectedColumns = wanted; window.localStorage.setItem(key, JSON.stringify(state)); }}
   // MLflow 3.17 opens its assistant panel (a third of the window) on a browser's first visit: not over the runs
   if (window.localStorage.getItem(ASSISTANT) === null) {{ window.localStorage.setItem(ASSISTANT, "true"); }}
+  // this page opens the model-training view: so do the run and model-version pages linked from it afterwards
+  window.localStorage.setItem({json.dumps(WORKFLOW_KEY)}, JSON.stringify("machine_learning"));
   window.location.replace({json.dumps(target)});
 }})();
 </script></body></html>"""
