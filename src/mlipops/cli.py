@@ -321,7 +321,7 @@ def active_graduate(params: Path = ParamsOpt,
     from mlipops.active.graduate import graduate
 
     g = graduate(params, iteration, name)
-    c, out = g.campaign, Console(stderr=True)
+    c, out = g.campaign, Console(stderr=True, soft_wrap=True)  # paths unbroken
     out.print(f"[bold green]active graduate[/] campaign {c['id']} (iterations {c['iterations']}): {c['n_frames']} "
               f"frames -> {g.data}" + ("" if g.changed else " (unchanged: graduated before)"))
     out.print(f"  provenance: {g.manifest}; DVC-tracked: {', '.join(g.dvc_files)}")
