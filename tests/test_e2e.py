@@ -416,3 +416,45 @@ def test_active_stage_on_demand_resumes_and_grows(repo: Path):
     assert len(parents) == 1
     iters = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.run_name for r in iters) == ["active-iter-0", "active-iter-1"]
+
+
+# ~90 s on 2 cores (ingest to promote re-run on the grown data; the repo fixture and the active test before it
+# are shared): kept in the default run
+def test_graduated_campaign_is_curated_indexed_trained_and_named_on_the_card(repo: Path):
+    """`mlipops active graduate` then `dvc repro promote bo_scan`: the campaign's labels are a DVC-tracked source
+    (ingest.sources, ingest deps), the index counts them under that source, the model's data hash changes, and
+    the new registered version's card names the campaign."""
+    import duckdb
+
+    from mlipops.frames import read_extxyz
+
+    if not (repo / "data/active/state.json").is_file():  # run alone: the campaign first
+        _run([sys.executable, "-m", "dvc", "repro", "active"], repo)
+    fp = json.loads((repo / "data/active/state.json").read_text())["params_fingerprint"]
+    before = json.loads((repo / "data/models/cu/run.json").read_text())["data_md5"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["promote"]["gates"]["val.force_mae"] = 5.0  # an earlier test left an impossible gate
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    res = _run([sys.executable, "-m", "mlipops.cli", "active", "graduate"], repo)
+    name = f"active_{fp[:8]}"
+    src = f"data/raw/{name}.extxyz"
+    assert src in res.stderr and "dvc repro" in res.stderr
+    labels = sum(len(read_extxyz(f)[0]) for f in sorted((repo / "data/raw/active").glob("active_*.extxyz")))
+    frames, _ = read_extxyz(repo / src)
+    assert len(frames) == labels > 0 and (repo / f"{src}.dvc").is_file()
+    assert {"path": src, "split": "train"} in yaml.safe_load((repo / "params.yaml").read_text())["ingest"]["sources"]
+
+    ran = _ran_stages(_run([sys.executable, "-m", "dvc", "repro", "promote", "bo_scan"], repo).stdout)
+    assert [s for s in ran if s in STAGES] == STAGES[1:], ran  # generate is up to date; the rest re-runs
+    con = duckdb.connect(str(repo / "data/index.duckdb"), read_only=True)
+    try:
+        n = con.execute("SELECT count(*) FROM frames WHERE source = ?", [name]).fetchone()[0]
+    finally:
+        con.close()
+    assert n == labels  # every graduated frame is in the index (accepted or quarantined with its reason)
+    assert json.loads((repo / "data/models/cu/run.json").read_text())["data_md5"] != before
+    index = json.loads((repo / "registry/index.json").read_text())["models"]["cu"]
+    new = max(v["version"] for v in index["versions"])
+    assert new >= 2 and index["aliases"]["champion"] == new
+    card = (repo / f"registry/cu/v{new}/model_card.md").read_text()
+    assert "## Training data sources" in card and f"| {name} |" in card and f"active campaign `{fp}`" in card

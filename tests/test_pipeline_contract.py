@@ -1,8 +1,9 @@
 """The stage contract of :mod:`mlipops.pipeline` against ``dvc.yaml`` and the code.
 
 * ``dvc.yaml`` has exactly the declared stages, each with the declared cmd, params keys (in order), data deps
-  (every dep outside ``src/``), outs, metrics and plots, ``cache: false`` exactly on the declared reports,
-  metrics and plots. ``${...}`` is interpolated from params.yaml on both sides.
+  (every dep outside ``src/``; ingest's: each of ``ingest.sources`` and its ``.provenance.json`` where a stage
+  writes that or DVC tracks it, a ``.dvc`` file beside it), outs, metrics and plots, ``cache: false`` exactly
+  on the declared reports, metrics and plots. ``${...}`` is interpolated from params.yaml on both sides.
 * No module of the package but ``pipeline.py`` spells a path under ``data/`` or ``reports/`` (params.py's
   defaults are params values, and params.yaml is their source); no module imports a path constant from
   another stage's package.
@@ -53,7 +54,7 @@ def _entries(items) -> dict[str, str]:
     return out
 
 
-def contract_problems(dvc: dict, params: dict) -> list[str]:
+def contract_problems(dvc: dict, params: dict, root: Path = ROOT) -> list[str]:
     stages = dvc.get("stages") or {}
     problems = [f"stage {n!r} is in dvc.yaml but not declared in mlipops.pipeline.STAGES"
                 for n in stages if n not in STAGES]
@@ -71,8 +72,10 @@ def contract_problems(dvc: dict, params: dict) -> list[str]:
             if r == FROM_PARAMS:
                 for src in params["ingest"]["sources"]:
                     reads.append(src["path"])
-                    if src["path"] + ".provenance.json" in outs_anywhere:
-                        reads.append(src["path"] + ".provenance.json")
+                    # its manifest, where a stage writes it or DVC tracks it (`mlipops active graduate`)
+                    sidecar = src["path"] + ".provenance.json"
+                    if sidecar in outs_anywhere or (root / (sidecar + ".dvc")).is_file():
+                        reads.append(sidecar)
             else:
                 reads.append(r)
         deps = [d for d in _entries(got.get("deps")) if not d.startswith("src/")]
@@ -228,6 +231,22 @@ def test_dvc_yaml_is_the_declared_pipeline():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     problems = contract_problems(dvc, params)
     assert not problems, "dvc.yaml and mlipops.pipeline.STAGES disagree:\n" + "\n".join(problems)
+
+
+def test_a_dvc_tracked_source_manifest_is_an_ingest_dep(tmp_path):
+    """A graduated campaign's source (`mlipops active graduate`): its DVC-tracked manifest (a ``.dvc`` file beside
+    it) must be an ingest dep, as a stage-written one is; without the ``.dvc`` file it need not be."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    src = "data/raw/active_0123abcd.extxyz"
+    params["ingest"]["sources"].append({"path": src, "split": "train"})
+    dvc["stages"]["ingest"]["deps"].append(src)
+    assert not contract_problems(dvc, params, tmp_path)
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / f"{src}.provenance.json.dvc").write_text("outs: []\n")
+    assert any("'ingest': data deps" in p for p in contract_problems(dvc, params, tmp_path))
+    dvc["stages"]["ingest"]["deps"].append(f"{src}.provenance.json")
+    assert not contract_problems(dvc, params, tmp_path)
 
 
 def test_every_untracked_key_has_its_reason():

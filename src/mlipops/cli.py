@@ -306,6 +306,32 @@ def active_run(params: Path = ParamsOpt,
           | {v: (round(last[k], 5) if isinstance(last[k], float) else last[k]) for k, v in keep.items() if k in last})
 
 
+@active_app.command("graduate")
+def active_graduate(params: Path = ParamsOpt,
+                    iteration: int = typer.Option(None, "--iteration", help="graduate iterations 0..N (default: "
+                                                  "the last labelled one)"),
+                    name: str = typer.Option(None, "--name", help="the source's file name under data/raw/ "
+                                             "(default: active_<campaign id>)")):
+    """Turn the campaign's labelled frames (iterations 0..N) into a DVC-tracked source of the pipeline's
+    dataset: data/raw/<name>.extxyz and its provenance manifest (with the campaign's record), `dvc add`ed,
+    added to ingest.sources (split train) in params.yaml and to the ingest stage's deps in dvc.yaml. The next
+    `dvc repro` re-curates, re-indexes and retrains on them; a promoted version's card names the campaign."""
+    from rich.console import Console
+
+    from mlipops.active.graduate import graduate
+
+    g = graduate(params, iteration, name)
+    c, out = g.campaign, Console(stderr=True, soft_wrap=True)  # paths unbroken
+    out.print(f"[bold green]active graduate[/] campaign {c['id']} (iterations {c['iterations']}): {c['n_frames']} "
+              f"frames -> {g.data}" + ("" if g.changed else " (unchanged: graduated before)"))
+    out.print(f"  provenance: {g.manifest}; DVC-tracked: {', '.join(g.dvc_files)}")
+    out.print(f"  {params}: ingest.sources " + ("+= " if g.params_added else "already has ")
+              + f"{{path: {g.data.as_posix()}, split: train}}")
+    out.print("  dvc.yaml: ingest deps " + (f"+= {', '.join(g.deps_added)}" if g.deps_added else "already listed"))
+    out.print(f"next: git add {params} dvc.yaml {' '.join(g.dvc_files)} {g.data.parent.as_posix()}/.gitignore"
+              " && dvc repro   (re-curates, re-indexes, retrains; promote gates the new version)")
+
+
 registry_app = typer.Typer(no_args_is_help=True,
                            help="The model registry (registry/index.json, MLflow Model Registry).")
 app.add_typer(registry_app, name="registry")

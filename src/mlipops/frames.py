@@ -1475,14 +1475,17 @@ def manifest_path(path: str | Path) -> Path:
     return Path(str(path) + MANIFEST_SUFFIX)
 
 
-def write_manifest(path: str | Path, frames: Iterable[Atoms], writer: str) -> Path:
+def write_manifest(path: str | Path, frames: Iterable[Atoms], writer: str, extra: dict | None = None) -> Path:
     """``<path>.provenance.json`` for a file of labelled frames mlipops has just written (module doc):
-    the md5 of its bytes, the command that wrote it, the frame count and the oracle(s) of its frames."""
+    the md5 of its bytes, the command that wrote it, the frame count and the oracle(s) of its frames;
+    ``extra``: more keys the writer records (e.g. ``campaign``: where ``mlipops active graduate`` took the
+    frames from), never in place of those."""
     frames = list(frames)
     oracles = sorted({tuple(str(a.info[k]) for k in ORACLE_KEYS) for a in frames
                       if all(k in a.info for k in ORACLE_KEYS)})
-    doc = {"format": MANIFEST_FORMAT, "file": Path(path).name, "md5": file_md5(path), "writer": writer,
-           "n_frames": len(frames), "oracles": [dict(zip(ORACLE_KEYS, o)) for o in oracles]}
+    doc = dict(extra or {}) | {
+        "format": MANIFEST_FORMAT, "file": Path(path).name, "md5": file_md5(path), "writer": writer,
+        "n_frames": len(frames), "oracles": [dict(zip(ORACLE_KEYS, o)) for o in oracles]}
     out = manifest_path(path)
     atomic_write_text(out, json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return out

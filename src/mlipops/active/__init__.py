@@ -14,6 +14,8 @@ What exists (``mlipops active run``, params section ``active``):
 - :mod:`mlipops.active.loop`: iterations of MD → trigger → de-duplicated batch → oracle →
   ``data/raw/active_<iteration>.extxyz``; killed at any point and restarted, it resumes with no
   duplicate oracle call and no lost label.
+- :mod:`mlipops.active.graduate`: ``mlipops active graduate``: a campaign's labels become a DVC-tracked
+  source of the pipeline's dataset (``ingest.sources``, the ingest stage's deps), with the campaign's record.
 
 Not yet here: retraining warm-started between iterations, the validate + index rerun on the new
 frames, the ``dvc.yaml`` stage, MLflow logging of the iterations and the held-out trajectory error.

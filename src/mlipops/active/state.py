@@ -80,6 +80,23 @@ def load_or_start(path: str | Path, params_fingerprint: str) -> ActiveState:
         s = ActiveState(params_fingerprint=params_fingerprint, path=str(path))
         s.save()
         return s
+    doc = _read_doc(path)
+    if doc.get("params_fingerprint") != params_fingerprint:
+        raise StageInputError("the state was written with other active-learning params; delete it (or restore "
+                              "the params) to go on", file=str(path), field="params_fingerprint")
+    return _state(doc, path)
+
+
+def read_state(path: str | Path) -> ActiveState:
+    """The state in ``path`` whatever params wrote it (read only: ``mlipops active graduate``);
+    :class:`StageInputError` if it is missing or is no state."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageInputError("no active-learning state", file=str(path))
+    return _state(_read_doc(path), path)
+
+
+def _read_doc(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -87,9 +104,10 @@ def load_or_start(path: str | Path, params_fingerprint: str) -> ActiveState:
     if not isinstance(doc, dict) or doc.pop("format", None) != FORMAT:
         raise StageInputError(f"not an active-learning state (expected format {FORMAT})", file=str(path),
                               field="format")
-    if doc.get("params_fingerprint") != params_fingerprint:
-        raise StageInputError("the state was written with other active-learning params; delete it (or restore "
-                              "the params) to go on", file=str(path), field="params_fingerprint")
+    return doc
+
+
+def _state(doc: dict, path: Path) -> ActiveState:
     try:
         return ActiveState(**doc, path=str(path))
     except TypeError as exc:

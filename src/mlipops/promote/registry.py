@@ -16,6 +16,11 @@ run in MLflow gets tags ``promotion`` (``promoted``/``rejected``), ``mlipops.pro
 as artifacts (``promotion/``). The gates only read reports computed for this model and data version
 (``provenance.json``, see :mod:`mlipops.provenance`).
 
+The card's "Training data sources" table counts the index's frames per source file and split; a source that
+``mlipops active graduate`` wrote names its campaign (id, iterations, MLflow run, date), read from the source's
+DVC-tracked manifest ``data/raw/<source>.extxyz.provenance.json`` (where it verifies). That manifest is no DVC dep
+of promote: it changes only with its file, whose frames reach promote through the index.
+
 In MLflow a promoted version is the model itself, not a folder of files: an MLflow pyfunc
 (:mod:`mlipops.models.pyfunc`, models-from-code, weights loaded with ``weights_only``) logged into the training
 run with its σ recalibration, so ``mlflow.pyfunc.load_model("models:/<name>@champion")`` predicts and ``mlflow
@@ -47,7 +52,7 @@ from mlipops.promote.html_report import COVERAGE, write_report
 from mlipops.provenance import FILE as PROVENANCE, mismatch, model_fingerprint
 from mlipops.report import jsonable, md_table, read_metrics, write_markdown, write_metrics
 from mlipops import tracking
-from mlipops.pipeline import (DEFECTS_REPORTS as DEFECTS_DIR, EVALUATE_REPORTS as EVAL_DIR, INDEX,
+from mlipops.pipeline import (DEFECTS_REPORTS as DEFECTS_DIR, EVALUATE_REPORTS as EVAL_DIR, INDEX, RAW_DIR,
                               MELTING_REPORTS as MELTING_DIR, MODELS_DIR, NVE_REPORTS as NVE_DIR, PATHS_JSON,
                               PATHS_REPORTS as PATHS_DIR, PROMOTE_REPORTS as REPORT_DIR,
                               UNCERTAINTY_REPORTS as UNCERTAINTY_DIR, HEADLINE_JSON)
@@ -222,6 +227,36 @@ def _coverage_tables(index_path: Path) -> dict:
             "tables": tables}
 
 
+def _campaign(source: str) -> str:
+    """The active-learning campaign a graduated source came from (``mlipops active graduate``): the ``campaign``
+    of its manifest ``data/raw/<source>.extxyz.provenance.json`` where that verifies; "" for any other source."""
+    from mlipops.frames import verified_manifest
+
+    c = (verified_manifest(RAW_DIR / f"{source}.extxyz") or {}).get("campaign")
+    if not isinstance(c, dict):
+        return ""
+    its = c.get("iterations") or []
+    return (f"active campaign `{c.get('id')}`, iterations {its[0]}..{its[-1]}" if its else
+            f"active campaign `{c.get('id')}`") + (f", MLflow run `{c['mlflow_run_id']}`" if c.get("mlflow_run_id")
+                                                   else "") + f", graduated {c.get('graduated', '?')}"
+
+
+def _data_sources(index_path: Path) -> str:
+    """Frames per source (the file a frame was ingested from) by split, quarantined apart, from the index; a
+    graduated source names its campaign."""
+    if not index_path.is_file():
+        return "_coverage index missing_"
+    from mlipops.index.build import query
+
+    df = query("SELECT source, count(*) FILTER (WHERE status = 'accepted' AND split = 'train') AS train, "
+               "count(*) FILTER (WHERE status = 'accepted' AND split = 'val') AS val, "
+               "count(*) FILTER (WHERE status = 'accepted' AND split = 'test') AS test, "
+               "count(*) FILTER (WHERE status = 'quarantined') AS quarantined "
+               "FROM frames GROUP BY source ORDER BY source", index_path)
+    return md_table(("source", "train", "val", "test", "quarantined", "from"),
+                    [(*row, _campaign(str(row[0]))) for row in df.itertuples(index=False)])
+
+
 def _known_limits(index_path: Path, threshold: float = 0.2) -> str:
     """The config_types whose atoms lie outside the training hull (the model extrapolates there)."""
     if not index_path.is_file():
@@ -299,7 +334,7 @@ def headline_values(expect: dict, skip: tuple[Path, ...] = ()) -> dict[str, floa
 
 def _model_card(path: Path, name: str, version: int, run_info: dict, config: dict, gates: list[dict],
                 metrics: dict, coverage: str, limits: str, validation: list[str], training: dict,
-                expect: dict) -> None:
+                expect: dict, sources: str = "_not recorded_") -> None:
     per_ct = sorted({k.split(".")[1] for k in metrics if k.startswith("test.") and k.count(".") == 2})
     ct_rows = [(ct, metrics.get(f"test.{ct}.energy_mae_per_atom"), metrics.get(f"test.{ct}.force_mae"))
                for ct in per_ct]
@@ -319,6 +354,7 @@ def _model_card(path: Path, name: str, version: int, run_info: dict, config: dic
         if (values := headline_values(expect, skip=(REPORT_DIR / "metrics.json",))) else "_none produced_",
         "## Training settings (`train.*` params of the MLflow run)",
         md_table(("param", "value"), sorted(training.items())) if training else "_not recorded in MLflow_",
+        "## Training data sources (frames per source file and split, from the coverage index)", sources,
         "## Gates", md_table(*_gate_rows(gates, note=False)), *_not_applicable(gates),
         "## Test errors per config_type", md_table(("config_type", "E MAE (eV/atom)", "F MAE (eV/Å)"), ct_rows),
         "## Data coverage (accepted frames; hull = convex hull of the training atoms in descriptor space)", coverage,
@@ -538,7 +574,7 @@ def run(p: PromoteParams, model_name: str, trusted_calculators=None) -> dict:
         card = tmp / "model_card.md"
         _model_card(card, model_name, version, run_info, config, gates, eval_metrics,
                     _coverage_summary(INDEX), _known_limits(INDEX), validation, _training_params(client, run_info),
-                    expect)
+                    expect, _data_sources(INDEX))
         safe_remove(target)
         tmp.rename(target)
         client.update_model_version(model_name, version, description=card_description(
