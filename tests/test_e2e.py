@@ -418,8 +418,9 @@ def test_active_stage_on_demand_resumes_and_grows(repo: Path):
     assert sorted(r.info.run_name for r in iters) == ["active-iter-0", "active-iter-1"]
 
 
-# ~90 s on 2 cores (ingest to promote re-run on the grown data; the repo fixture and the active test before it
-# are shared): kept in the default run
+# 139 s in CI's fresh clone on 2 cores (ingest to promote re-run on the grown data): out of CI to keep the suite
+# well inside 20 minutes (it passed there at b324391); `make test-all` runs it
+@pytest.mark.slow
 def test_graduated_campaign_is_curated_indexed_trained_and_named_on_the_card(repo: Path):
     """`mlipops active graduate` then `dvc repro promote bo_scan`: the campaign's labels are a DVC-tracked source
     (ingest.sources, ingest deps), the index counts them under that source, the model's data hash changes, and

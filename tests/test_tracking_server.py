@@ -205,6 +205,26 @@ def test_ui_points_at_the_team_server(server, projects, store):
         assert not (root / "mlflow.db").exists()
 
 
+def test_an_experiment_created_meanwhile_by_another_process_is_taken(server, tmp_path, monkeypatch):
+    """Two trainings of a team start at once: both look, find no experiment, both create it; the second gets
+    RESOURCE_ALREADY_EXISTS from the server and takes the first's (found by CI: one of the two projects above
+    failed with that error). The same on a sqlite store."""
+    from mlflow import MlflowClient
+
+    from mlipops.tracking import _create_experiment, experiment_id
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for uri in (server["url"], f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        c = MlflowClient(uri)
+        first = c.create_experiment("race")  # the other process, between our look and our create
+        assert _create_experiment(c, "race") == first
+        assert experiment_id(uri, "race", "mlartifacts") == first
+        c.delete_experiment(first)  # a deleted one is not taken: that stays MLflow's error
+        with pytest.raises(Exception, match="(?i)already exists|deleted"):
+            _create_experiment(c, "race")
+
+
 def test_a_server_uri_is_nothing_to_relocate(tmp_path, monkeypatch):
     from mlipops.tracking import is_server, project_store, recorded_uri, relocate, tracking_uri
 

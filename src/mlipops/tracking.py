@@ -221,7 +221,7 @@ def experiment_id(uri: str, name: str, artifact_location: str) -> str:
             if KIND_TAG not in exp.tags:
                 c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
             return exp.experiment_id
-        return c.create_experiment(name, tags={KIND_TAG: KIND})
+        return _create_experiment(c, name, tags={KIND_TAG: KIND})
     relative = "://" not in artifact_location and not Path(artifact_location).is_absolute()
     loc = Path(artifact_location).resolve().as_uri() if "://" not in artifact_location else artifact_location
     exp = c.get_experiment_by_name(name)
@@ -232,8 +232,23 @@ def experiment_id(uri: str, name: str, artifact_location: str) -> str:
         if KIND_TAG not in exp.tags:
             c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=loc,
-                               tags={KIND_TAG: KIND} | ({ARTIFACT_TAG: artifact_location} if relative else {}))
+    return _create_experiment(c, name, artifact_location=loc,
+                              tags={KIND_TAG: KIND} | ({ARTIFACT_TAG: artifact_location} if relative else {}))
+
+
+def _create_experiment(c, name: str, **kwargs) -> str:
+    """Create the experiment ``name``; when another process created it since we looked (two trainings of a team
+    starting at once against one server, or two stages on one sqlite store), take that one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.create_experiment(name, **kwargs)
+    except MlflowException as exc:
+        exp = c.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage != "active":
+            raise
+        logger.info(f"experiment {name!r} was created by another process meanwhile ({exc.error_code}): using it")
+        return exp.experiment_id
 
 
 def find_run(c, run_id: str):
