@@ -26,6 +26,10 @@ from httpwait import free_port, stop, wait_http
 from pipeline_env import pipeline_env
 from test_ui_browser import _frames
 
+# the two projects' train -> evaluate -> promote take ~90 s on 2 cores (CI's fresh clone at ba2dea9, where they
+# passed): out of CI to keep the suite well inside 20 minutes; `make test-all` runs them. The server itself, the
+# concurrent-creation race, the URI rules and a dead server stay in CI.
+TWO_TRAININGS = pytest.mark.slow
 HEADLINE_SHOWN = ("gates_failed", "promoted", "test_energy_mae_meV_per_atom", "val_force_mae_meV_per_A")
 
 
@@ -104,6 +108,7 @@ def store(server, projects):
     return client, exp, runs
 
 
+@TWO_TRAININGS
 def test_the_runs_and_their_numbers_are_on_the_server(server, projects, store):
     client, exp, runs = store
     assert exp is not None and exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -131,6 +136,7 @@ def test_the_runs_and_their_numbers_are_on_the_server(server, projects, store):
         assert not (projects[route] / "mlflow.db").exists() and not (projects[route] / "mlartifacts").exists()
 
 
+@TWO_TRAININGS
 def test_the_promoted_version_is_registered_with_alias_champion(store):
     client, exp, runs = store
     info, run = runs["env"]
@@ -142,6 +148,7 @@ def test_the_promoted_version_is_registered_with_alias_champion(store):
     assert mv.tags["gate.val.force_mae"].startswith("pass: ")
 
 
+@TWO_TRAININGS
 def test_the_rejected_run_has_no_version(store):
     client, exp, runs = store
     info, run = runs["params"]
@@ -154,6 +161,7 @@ def test_the_rejected_run_has_no_version(store):
         "promotion/decision.md", "promotion/gates.json"}
 
 
+@TWO_TRAININGS
 def test_artifacts_are_served_by_the_server(server, projects, store, tmp_path):
     client, exp, runs = store
     run_id = runs["env"][1].info.run_id
@@ -169,6 +177,7 @@ def test_artifacts_are_served_by_the_server(server, projects, store, tmp_path):
     assert any(s.endswith(f"{runs['params'][1].info.run_id}/artifacts/promotion/decision.md") for s in stored)
 
 
+@TWO_TRAININGS
 def test_load_model_by_alias_predicts_through_the_server(server, projects, monkeypatch):
     import io
 
@@ -192,6 +201,7 @@ def test_load_model_by_alias_predicts_through_the_server(server, projects, monke
     assert np.allclose(np.array(out["forces"][0]), ref.get_forces(), atol=1e-9)
 
 
+@TWO_TRAININGS
 def test_ui_points_at_the_team_server(server, projects, store):
     """`mlipops ui` against a server starts no local `mlflow ui`: it prints the server's runs page (and says that the
     column preset page needs `--app-name mlipops` there), from the params or from MLFLOW_TRACKING_URI."""
