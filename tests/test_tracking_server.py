@@ -24,7 +24,7 @@ import yaml
 
 from httpwait import free_port, stop, wait_http
 from pipeline_env import pipeline_env
-from test_ui_browser import _frames
+from test_ui_browser import _frames, tiny_params
 
 # the two projects' train -> evaluate -> promote take ~90 s on 2 cores (CI's fresh clone at ba2dea9, where they
 # passed): out of CI to keep the suite well inside 20 minutes; `make test-all` runs them. The server itself, the
@@ -63,13 +63,7 @@ def _project(root: Path, server_url: str | None, force_gate: float) -> Path:
     from mlipops.frames import write_extxyz
 
     write_extxyz(root / "data/curated/accepted.extxyz", _frames())
-    params = {"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]},
-              "descriptors": {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1},
-              "train": {"epochs": 3, "hidden": [8], "batch_size": 4, "learning_rate": 0.01, "device": "cpu",
-                        "ensemble": {"members": 2}},
-              "evaluate": {"uncertainty": {"min_spearman": -1.0}},  # a 3-epoch σ ranks nothing yet
-              "promote": {"gates": {"val.force_mae": force_gate}},
-              "compute": {"n_workers": 2}}
+    params = tiny_params(3, [8], force_gate)
     if server_url is not None:
         params["train"]["tracking_uri"] = server_url
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -59,6 +59,18 @@ def _frames(n: int = 16):
     return out
 
 
+def tiny_params(epochs: int, hidden: list[int], force_gate: float) -> dict:
+    """params.yaml of a tiny project over _frames() (2-member ensembles, a few epochs): the σ ranking gate off
+    (a few epochs' σ ranks nothing yet), ``promote.gates.val.force_mae`` = ``force_gate`` (1e-6: rejected)."""
+    return {"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]},
+            "descriptors": {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1},
+            "train": {"epochs": epochs, "hidden": hidden, "batch_size": 4, "learning_rate": 0.01, "device": "cpu",
+                      "ensemble": {"members": 2}},
+            "evaluate": {"uncertainty": {"min_spearman": -1.0}},
+            "promote": {"gates": {"val.force_mae": force_gate}},
+            "compute": {"n_workers": 2}}
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -74,16 +86,8 @@ def project(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("ui")
     write_extxyz(root / "data/curated/accepted.extxyz", _frames())
-    params = {"ingest": {"sources": [{"path": "x.extxyz"}]}, "validate": {"allowed_species": ["Cu"]},
-              "descriptors": {"cutoff": 4.0, "n_radial": 3, "n_angular": 2, "max_l": 1},
-              "train": {"epochs": 4, "hidden": [8], "batch_size": 4, "learning_rate": 0.01, "device": "cpu",
-                        "ensemble": {"members": 2}},
-              "evaluate": {"uncertainty": {"min_spearman": -1.0}},  # a 4-epoch σ ranks nothing yet
-              "compute": {"n_workers": 2}}
     for epochs, hidden, force_gate in ((4, [8], 10.0), (6, [12], 1e-6)):
-        params["train"] |= {"epochs": epochs, "hidden": hidden}
-        params["promote"] = {"gates": {"val.force_mae": force_gate}}
-        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(epochs, hidden, force_gate)))
         for cmd in ("train", "evaluate", "promote"):
             r = subprocess.run([sys.executable, "-m", "mlipops.cli", cmd], cwd=root, env=_env(),
                                capture_output=True, text=True, timeout=600)
