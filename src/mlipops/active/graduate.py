@@ -36,6 +36,7 @@ from pathlib import Path
 
 from mlipops.active.state import ActiveState, read_state
 from mlipops.errors import MlipopsError
+from mlipops.examples import round_trip_yaml
 from mlipops.frames import manifest_path, read_extxyz, source_name, verified_manifest, write_extxyz, write_manifest
 from mlipops.params import load_params
 from mlipops.pipeline import RAW_DIR
@@ -89,19 +90,8 @@ def _accepted_by_campaign(st: ActiveState, upto: int) -> int | None:
     return sum(int(h["curate.n_accepted_new"]) for h in rows) if rows else None
 
 
-def _yaml():
-    from ruamel.yaml import YAML
-
-    y = YAML()  # round trip: comments, order, anchors and quoting stay
-    y.preserve_quotes = True
-    y.width = 4096  # no re-wrapping of long lines
-    y.indent(mapping=2, sequence=4, offset=2)  # the project's layout: "  key:\n    - item"
-    y.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    return y
-
-
 def _load_yaml(path: Path):
-    y = _yaml()
+    y = round_trip_yaml(width=4096)  # no re-wrapping of long lines
     return y, y.load(path.read_text())
 
 
